@@ -1,0 +1,1 @@
+"""Thin typer front end of diffit-pipe: parses arguments and calls `pipeline`."""

@@ -1,0 +1,255 @@
+"""Building blocks shared by the latent and the image-space DiffiT models.
+
+* `TMSA`: time-dependent multi-head self-attention (paper Eq. 3-6) with a Swin-style learnable relative
+  position bias, computed by `F.scaled_dot_product_attention` with the bias as the float mask.
+* `window_partition` / `window_reverse`: non-overlapping local windows for the image-space model.
+* `TimestepEmbedder`: sinusoidal (or Gaussian-Fourier, paper Table 7) features -> MLP with Swish, the
+  "time token" x_t of the paper (Sec. 3.2).
+* `LabelEmbedder`: class embedding with one extra "null" row used by classifier-free guidance.
+* `get_2d_sincos_pos_embed`: the fixed 2-D sin-cos position embedding of MAE / DiT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------------------------
+# Position embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[M] positions -> [M, embed_dim] as (sin | cos) with frequencies 1 / 10000^(2i/D), computed in float64."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = positions.double().reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, [grid_size**2, embed_dim] (row-major tokens).
+
+    Half of the channels encode the column (w) coordinate and half the row (h) coordinate, in the order used
+    by MAE / DiT / the released DiffiT, so weights trained with those embeddings load unchanged.
+    """
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")  # grid_w varies along columns
+    emb_w = _sincos_1d(embed_dim // 2, grid_w.reshape(-1))
+    emb_h = _sincos_1d(embed_dim // 2, grid_h.reshape(-1))
+    return torch.cat([emb_w, emb_h], dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time and class embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) noise labels, [N] -> [N, dim], ordered (cos | sin) as in
+    ADM / DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().reshape(-1, 1) * freqs.reshape(1, -1)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class FourierFeatures(nn.Module):
+    """Random Gaussian Fourier features [cos(2 pi B t), sin(2 pi B t)] (NCSN++ / EDM "fourier" embedding).
+
+    B is drawn once at construction and stored as a buffer so that a saved model reproduces it exactly.
+    """
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"Fourier features need an even dimension, got {dim}")
+        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = 2 * math.pi * t.float().reshape(-1, 1) * self.freqs.reshape(1, -1)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise label -> time token x_t: frequency features followed by Linear -> Swish -> Linear (paper Sec. 3.2).
+
+    `embedding="positional"` uses the transformer sinusoids of DDPM/ADM (the default, used by the released
+    latent DiffiT); `embedding="fourier"` uses random Fourier features, the alternative compared in Table 7.
+    """
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, embedding: str = "positional",
+                 fourier_scale: float = 16.0):
+        super().__init__()
+        if embedding not in ("positional", "fourier"):
+            raise ValueError(f"unknown time embedding {embedding!r}; use 'positional' or 'fourier'")
+        self.frequency_size = frequency_size
+        self.embedding = embedding
+        self.fourier = FourierFeatures(frequency_size, fourier_scale) if embedding == "fourier" else None
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, noise_labels: torch.Tensor) -> torch.Tensor:
+        if self.fourier is not None:
+            features = self.fourier(noise_labels)
+        else:
+            features = timestep_embedding(noise_labels, self.frequency_size)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector. Row `num_classes` is the null class that classifier-free guidance uses for the
+    unconditional branch; training replaces labels by it with probability `dropout_prob` (done by the
+    trainer, which owns the randomness, not inside the forward pass)."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.table(class_labels)
+
+
+def drop_labels(class_labels: torch.Tensor, null_class: int, dropout_prob: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by `null_class` with probability `dropout_prob` (classifier-free guidance training)."""
+    if dropout_prob <= 0:
+        return class_labels
+    drop = torch.rand(class_labels.shape, generator=generator, device=class_labels.device) < dropout_prob
+    return torch.where(drop, torch.full_like(class_labels, null_class), class_labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Windows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """[B, H, W, C] -> [B * (H/ws) * (W/ws), ws * ws, C], windows in row-major order."""
+    batch, height, width, channels = x.shape
+    if height % window_size or width % window_size:
+        raise ValueError(f"feature map {height}x{width} is not divisible by window size {window_size}")
+    x = x.reshape(batch, height // window_size, window_size, width // window_size, window_size, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, channels)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of `window_partition`: [B * nW, ws * ws, C] -> [B, H, W, C]."""
+    channels = windows.shape[-1]
+    n_h, n_w = height // window_size, width // window_size
+    x = windows.reshape(-1, n_h, n_w, window_size, window_size, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """[ws*ws, ws*ws] index into a ((2ws-1)^2)-row bias table; entry (i, j) depends only on the offset of
+    token i from token j (Swin Transformer)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+    coords = coords.flatten(1)  # [2, N]
+    offsets = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [N, N, 2], each in [-(ws-1), ws-1]
+    offsets = offsets + (window_size - 1)
+    return offsets[..., 0] * (2 * window_size - 1) + offsets[..., 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time-dependent multi-head self-attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TMSA(nn.Module):
+    """Time-dependent multi-head self-attention (paper Eq. 3-6).
+
+    q = x_s W_qs + x_t W_qt (likewise k, v): the spatial tokens and the time token are projected into the same
+    space and summed, so the attention pattern itself changes with the noise level. Attention is
+    softmax(Q K^T / sqrt(d) + B) V with B a learnable relative position bias over a `window_size` x
+    `window_size` token grid (the whole latent grid for latent DiffiT, a local window for the image model).
+
+    Input tokens: [B * nW, window_size**2, dim]; time token: [B, time_dim] (repeated over the nW windows of
+    each image), or None for an attention without time dependence.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, time_dim: int | None = None,
+                 qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.qkv_spatial = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # [W_qs | W_ks | W_vs]
+        self.qkv_time = nn.Linear(time_dim, 3 * dim) if time_dim is not None else None  # [W_qt | W_kt | W_vt]
+        self.relative_position_bias = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias, std=0.02)
+        # Derived from window_size; not saved so that checkpoints hold only learned values.
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def attention_bias(self) -> torch.Tensor:
+        """B of Eq. 6 as [heads, N, N]."""
+        n = self.window_size**2
+        bias = self.relative_position_bias[self.relative_position_index.reshape(-1)]
+        return bias.reshape(n, n, self.num_heads).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor | None) -> torch.Tensor:
+        batch_windows, tokens, dim = x.shape
+        if tokens != self.window_size**2:
+            raise ValueError(f"TMSA built for {self.window_size}x{self.window_size} windows got {tokens} tokens")
+        qkv = self.qkv_spatial(x)
+        if self.qkv_time is not None:
+            if time_token is None:
+                raise ValueError("this TMSA layer is time-dependent: pass the time token")
+            qkv_t = self.qkv_time(time_token).to(qkv.dtype)  # [B, 3*dim]
+            qkv_t = qkv_t.repeat_interleave(batch_windows // qkv_t.shape[0], dim=0)
+            qkv = qkv + qkv_t[:, None, :]
+        head_dim = dim // self.num_heads
+        qkv = qkv.reshape(batch_windows, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B*nW, heads, N, head_dim]
+        bias = self.attention_bias().to(q.dtype).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(batch_windows, tokens, dim)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiffiTTransformerBlock(nn.Module):
+    """x = x + TMSA(LN(x), x_t); x = x + MLP(LN(x))  (paper Eq. 7-8). LayerNorms carry no affine parameters,
+    as in the released model: the time token conditions the block only through TMSA."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, time_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = TMSA(dim, num_heads, window_size, time_dim=time_dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), time_token)
+        return x + self.mlp(self.norm2(x))

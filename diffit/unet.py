@@ -1,0 +1,322 @@
+"""Image-space DiffiT: a U-shaped denoiser built from DiffiT ResBlocks (paper Sec. 3.2.2, Fig. 4, supp. H.1, I.1).
+
+Layout (K stages, stage i at resolution img_resolution / 2^i with `channels[i]` feature maps):
+
+    input conv 3x3 (in_channels -> channels[0])                       "tokenizer" of Table S.2
+    encoder stage 0:   blocks_per_stage[0] x DiffiT ResBlock
+    encoder stage i>0: stride-2 conv 3x3 (channels[i-1] -> channels[i]), blocks_per_stage[i] x ResBlock
+    decoder stage i = K-2 .. 0:
+        nearest x2 + conv 3x3 (channels[i+1] -> channels[i+1])          "upsampler" of Table S.3
+        concat(skip of encoder stage i) -> conv 3x3 (-> channels[i])     matches the number of feature maps
+        blocks_per_stage[i] x DiffiT ResBlock
+    head: GroupNorm -> Swish -> conv 3x3 (channels[0] -> in_channels), zero-initialised
+
+The decoder mirrors Table S.3: it starts with an upsampler, so the ResBlocks of the deepest encoder stage are
+the bottleneck and every shallower resolution has a skip connection and its own decoder stage.
+
+DiffiT ResBlock (Eq. 9-10): x_hat = Conv3x3(Swish(GN(x))); x = DiffiT-Block(x_hat, x_t) + x, where DiffiT-Block
+(Eq. 7-8, `diffit.layers.DiffiTTransformerBlock`) runs TMSA on local non-overlapping windows ("Local Attention"
+of Sec. 3.2.2). The time token x_t = MLP(sinusoidal(noise_labels)) (+ class embedding) reaches every block.
+
+Block counts: supplementary Sec. H lists L = 4 ResBlocks per stage, but Sec. I.1 states the trained
+configurations (CIFAR-10: 3 stages x 2 blocks, window 4; FFHQ-64: 4 stages with 1, 2, 2, 2 blocks, window 8;
+channels 128 then a constant 256). Sec. I is the default in `diffit.models` (`DiffiT-CIFAR10`, `DiffiT-FFHQ64`);
+pass `blocks_per_stage=[4, 4, 4]` for the Sec. H variant.
+
+Noise labels follow EDM: the network is called inside `EDMPrecond` with c_noise = ln(sigma) / 4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .layers import DiffiTTransformerBlock, LabelEmbedder, TimestepEmbedder, window_partition, window_reverse
+
+
+def group_count(channels: int, num_groups: int = 32, min_channels_per_group: int = 4) -> int:
+    """Number of GroupNorm groups for `channels` feature maps: at most `num_groups`, at least
+    `min_channels_per_group` channels per group (EDM's rule, so that tiny test models do not degrade to
+    per-channel instance norm), and a divisor of `channels` (GroupNorm requires it)."""
+    groups = max(1, min(num_groups, channels // min_channels_per_group))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def normalization(channels: int, num_groups: int) -> nn.GroupNorm:
+    """GroupNorm with eps 1e-6 (DDPM / ADM)."""
+    return nn.GroupNorm(group_count(channels, num_groups), channels, eps=1e-6)
+
+
+class DiffiTResBlock(nn.Module):
+    """DiffiT residual cell (paper Eq. 9-10) with the transformer block on local windows.
+
+    x_hat = Conv3x3(Swish(GN(x))); x = DiffiT-Block(x_hat, x_t) + x. The DiffiT-Block attends within
+    non-overlapping `window_size` x `window_size` windows (`window_partition` / `window_reverse`); the caller
+    passes the effective window (the whole map when the map is smaller than the configured window).
+    `dropout` (default 0, i.e. exactly Eq. 10) drops elements of the residual branch before the addition.
+    """
+
+    def __init__(self, channels: int, num_heads: int, window_size: int, time_dim: int, mlp_ratio: float = 4.0,
+                 num_groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.window_size = window_size
+        self.norm = normalization(channels, num_groups)
+        self.act = nn.SiLU()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.transformer = DiffiTTransformerBlock(channels, num_heads, window_size, time_dim, mlp_ratio)
+        self.dropout = nn.Dropout(dropout)
+
+    def windowed_transformer(self, x_hat: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        """Apply the DiffiT transformer block to each window of `x_hat` [N, C, H, W] independently."""
+        batch, channels, height, width = x_hat.shape
+        windows = window_partition(x_hat.permute(0, 2, 3, 1), self.window_size)  # [N * nW, ws^2, C]
+        windows = self.transformer(windows, time_token)  # TMSA repeats x_t over the nW windows of each image
+        return window_reverse(windows, self.window_size, height, width).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        x_hat = self.conv(self.act(self.norm(x)))
+        return x + self.dropout(self.windowed_transformer(x_hat, time_token))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (DDPM / ADM "conv resample"); also changes the width to the next stage's."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 convolution. Chosen over a transposed convolution because its
+    kernel overlap is uniform, so it does not produce checkerboard artefacts (Odena et al. 2016; DDPM/ADM)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class EncoderStage(nn.Module):
+    """Optional downsampler, then ResBlocks at one resolution."""
+
+    def __init__(self, downsample: nn.Module | None, blocks: list[DiffiTResBlock]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+
+
+class DecoderStage(nn.Module):
+    """Upsampler, skip concatenation + 3x3 conv to this stage's width, then ResBlocks at one resolution."""
+
+    def __init__(self, upsample: Upsample, fuse: nn.Conv2d, blocks: list[DiffiTResBlock]):
+        super().__init__()
+        self.upsample = upsample
+        self.fuse = fuse
+        self.blocks = nn.ModuleList(blocks)
+
+
+class OutputHead(nn.Module):
+    """GroupNorm -> Swish -> Conv3x3 back to image channels."""
+
+    def __init__(self, channels: int, out_channels: int, num_groups: int):
+        super().__init__()
+        self.norm = normalization(channels, num_groups)
+        self.act = nn.SiLU()
+        self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.norm(x)))
+
+
+class DiffiTUNet(nn.Module):
+    """Image-space DiffiT U-Net (unconditional when `num_classes == 0`).
+
+    forward(x [N, C, H, W], noise_labels [N] (EDM c_noise = ln(sigma)/4), class_labels [N] long | None)
+    -> [N, C, H, W]. For conditional models the class embedding is added to the time token; label
+    `num_classes` (= `null_class`) is the null class of classifier-free guidance (label dropout is done by the
+    trainer).
+
+    Arguments: `channels[i]` / `blocks_per_stage[i]` are the width / ResBlock count of stage i (resolution
+    halves between stages); `window_size` is the TMSA window at every stage, or the whole feature map where the
+    map is smaller than the window; `time_dim` is the width of the time token (default 4 * channels[0], the
+    DDPM / DDPM++ convention); `time_embedding` is "positional" (paper Sec. 3.2) or "fourier" (Table 7);
+    `num_groups` caps the GroupNorm groups (see `group_count`); `dropout` is residual-branch dropout.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int = 32,
+        in_channels: int = 3,
+        channels: list[int] | tuple[int, ...] = (128, 256, 256),
+        blocks_per_stage: list[int] | tuple[int, ...] = (2, 2, 2),
+        window_size: int = 4,
+        num_heads: int = 4,
+        num_classes: int = 0,
+        mlp_ratio: float = 4.0,
+        time_embedding: str = "positional",
+        time_dim: int | None = None,
+        num_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        channels, blocks_per_stage = list(channels), list(blocks_per_stage)
+        stage_windows = self._check_config(img_resolution, channels, blocks_per_stage, window_size, num_heads,
+                                           num_classes)
+        self.img_resolution = img_resolution
+        self.input_size = img_resolution
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.learn_sigma = False
+        self.channels = channels
+        self.stage_windows = stage_windows
+        self.time_dim = time_dim if time_dim is not None else 4 * channels[0]
+
+        # Sinusoid width = channels[0] and token width = 4 * channels[0], as DDPM++ in EDM (noise_channels =
+        # model_channels, emb_channels = 4 * model_channels).
+        self.time_embed = TimestepEmbedder(self.time_dim, frequency_size=channels[0], embedding=time_embedding)
+        self.label_embed = LabelEmbedder(num_classes, self.time_dim) if num_classes > 0 else None
+
+        def res_blocks(stage: int) -> list[DiffiTResBlock]:
+            return [DiffiTResBlock(channels[stage], num_heads, stage_windows[stage], self.time_dim, mlp_ratio,
+                                   num_groups, dropout) for _ in range(blocks_per_stage[stage])]
+
+        self.input_conv = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
+        self.encoder = nn.ModuleList(
+            EncoderStage(Downsample(channels[i - 1], channels[i]) if i > 0 else None, res_blocks(i))
+            for i in range(len(channels))
+        )
+        # Decoder stages from the deepest skip resolution up to full resolution.
+        self.decoder = nn.ModuleList(
+            DecoderStage(
+                Upsample(channels[i + 1]),
+                nn.Conv2d(channels[i + 1] + channels[i], channels[i], kernel_size=3, padding=1),
+                res_blocks(i),
+            )
+            for i in reversed(range(len(channels) - 1))
+        )
+        self.head = OutputHead(channels[0], in_channels, num_groups)
+        # Recompute ResBlock activations in the backward pass to save memory; set by the trainer.
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    @staticmethod
+    def _check_config(img_resolution: int, channels: list[int], blocks_per_stage: list[int], window_size: int,
+                      num_heads: int, num_classes: int) -> list[int]:
+        """Validate the configuration; return the effective attention window of each stage."""
+        if not channels or len(channels) != len(blocks_per_stage):
+            raise ValueError(f"channels {channels} and blocks_per_stage {blocks_per_stage} must be non-empty lists "
+                             "of the same length (one entry per stage)")
+        if any(b < 0 for b in blocks_per_stage):
+            raise ValueError(f"blocks_per_stage must be >= 0, got {blocks_per_stage}")
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        if img_resolution % 2 ** (len(channels) - 1):
+            raise ValueError(f"img_resolution {img_resolution} cannot be halved {len(channels) - 1} times "
+                             f"for {len(channels)} stages")
+        for width in channels:
+            if width % num_heads:
+                raise ValueError(f"stage width {width} is not divisible by num_heads {num_heads}")
+        windows = []
+        for stage in range(len(channels)):
+            resolution = img_resolution // 2**stage
+            window = min(window_size, resolution)  # a map smaller than the window is one window
+            if resolution % window:
+                raise ValueError(f"stage {stage} feature map {resolution}x{resolution} is not divisible by the "
+                                 f"attention window {window}")
+            windows.append(window)
+        return windows
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def initialize_weights(self) -> None:
+        """Initialise the weights; each choice and why:
+
+        * Convolutions and linear layers: Xavier-uniform weights, zero biases (as EDM's DDPM++ and DiT). Xavier
+          keeps activation and gradient variance roughly constant through each layer, and the pre-norm
+          residual cells (GN / LN at the start of each branch) keep the trunk from drifting.
+        * Time MLP and class table: N(0, 0.02) as in DiT and the latent DiffiT here, so the time/class
+          contribution to q, k, v starts as a small perturbation and grows as it is learned.
+        * Relative position bias: truncated N(0, 0.02) (Swin), drawn by `TMSA` itself.
+        * GroupNorm: unit scale, zero shift (PyTorch default).
+        * Output head conv: zero. Then F(x) = 0 and the EDM-preconditioned denoiser starts as
+          D(x; sigma) = c_skip(sigma) * x, which is already right in both limits (D ~ 0, the data mean, at
+          large sigma; D ~ x at small sigma), and the initial EDM loss is E[target^2] = 1 per element, because
+          the preconditioning scales F's target to unit variance. Gradients reach every other layer from the
+          first update on, once the head weights are non-zero.
+        """
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.table.weight, std=0.02)
+        nn.init.zeros_(self.head.conv.weight)
+        nn.init.zeros_(self.head.conv.bias)
+
+    def time_token(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """x_t of the paper: embedding of the noise label, plus the class embedding for conditional models."""
+        token = self.time_embed(noise_labels)
+        if self.label_embed is not None:
+            if class_labels is None:
+                raise ValueError(f"class-conditional model (num_classes={self.num_classes}): pass class_labels "
+                                 f"(use null_class={self.null_class} for the unconditional branch)")
+            if class_labels.shape != noise_labels.shape:
+                raise ValueError(f"class_labels must have shape {list(noise_labels.shape)}, "
+                                 f"got {list(class_labels.shape)}")
+            token = token + self.label_embed(class_labels)
+        elif class_labels is not None:
+            raise ValueError("this model is unconditional (num_classes=0) but class_labels were given")
+        return token
+
+    def _run_blocks(self, blocks: nn.ModuleList, h: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, time_token, use_reentrant=False)
+            else:
+                h = block(h, time_token)
+        return h
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        expected = (self.in_channels, self.img_resolution, self.img_resolution)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected input [N, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        if noise_labels.numel() == 1:
+            noise_labels = noise_labels.reshape(1).expand(x.shape[0])
+        if noise_labels.shape != (x.shape[0],):
+            raise ValueError(f"noise_labels must have shape [{x.shape[0]}] (or be a scalar), "
+                             f"got {list(noise_labels.shape)}")
+        time_token = self.time_token(noise_labels, class_labels)
+
+        h = self.input_conv(x)
+        skips = []
+        for stage in self.encoder:
+            if stage.downsample is not None:
+                h = stage.downsample(h)
+            h = self._run_blocks(stage.blocks, h, time_token)
+            skips.append(h)
+        skips.pop()  # the deepest stage's output is the decoder's input, not a skip
+        for stage in self.decoder:
+            h = stage.upsample(h)
+            h = stage.fuse(torch.cat([h, skips.pop()], dim=1))
+            h = self._run_blocks(stage.blocks, h, time_token)
+        return self.head(h)

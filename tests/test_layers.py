@@ -1,0 +1,150 @@
+"""TMSA, windows, relative position bias and embeddings (diffit/layers.py)."""
+
+import math
+
+import pytest
+import torch
+
+from diffit.layers import (TMSA, LabelEmbedder, TimestepEmbedder, drop_labels, get_2d_sincos_pos_embed,
+                           relative_position_index, timestep_embedding, window_partition, window_reverse)
+
+
+def explicit_attention(layer: TMSA, x: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d) + B) V written out by hand, from the spatial projection only."""
+    batch, tokens, dim = x.shape
+    heads, head_dim = layer.num_heads, dim // layer.num_heads
+    q, k, v = layer.qkv_spatial(x).split(dim, dim=-1)
+    q, k, v = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    index = relative_position_index(layer.window_size)
+    bias = torch.stack([layer.relative_position_bias[index, h] for h in range(heads)])  # [heads, N, N]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + bias
+    out = torch.softmax(scores, dim=-1) @ v
+    return layer.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def test_tmsa_with_zero_time_weights_equals_plain_attention_with_bias():
+    torch.manual_seed(0)
+    layer = TMSA(dim=32, num_heads=4, window_size=4, time_dim=16)
+    torch.nn.init.normal_(layer.relative_position_bias, std=1.0)  # a bias large enough to matter
+    torch.nn.init.zeros_(layer.qkv_time.weight)
+    torch.nn.init.zeros_(layer.qkv_time.bias)
+    x = torch.randn(3, 16, 32)
+    time_token = torch.randn(3, 16)
+    expected = explicit_attention(layer, x)
+    torch.testing.assert_close(layer(x, time_token), expected, rtol=1e-5, atol=1e-5)
+    # And the bias really enters: dropping it changes the result.
+    with torch.no_grad():
+        layer.relative_position_bias.zero_()
+    assert not torch.allclose(layer(x, time_token), expected, atol=1e-3)
+
+
+def test_tmsa_time_token_enters_q_k_v_as_a_linear_term():
+    """q = x_s W_qs + x_t W_qt: TMSA(x, x_t) equals plain attention on projections shifted by x_t W_*t."""
+    torch.manual_seed(1)
+    layer = TMSA(dim=16, num_heads=2, window_size=2, time_dim=8)
+    x, time_token = torch.randn(2, 4, 16), torch.randn(2, 8)
+    shift = layer.qkv_time(time_token)  # [2, 48]
+    plain = TMSA(dim=16, num_heads=2, window_size=2, time_dim=None)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("qkv_time")})
+    with torch.no_grad():  # fold the per-image time shift into the spatial bias, one image at a time
+        outputs = []
+        for i in range(2):
+            plain.qkv_spatial.bias.copy_(layer.qkv_spatial.bias + shift[i])
+            outputs.append(plain(x[i : i + 1], None))
+    torch.testing.assert_close(layer(x, time_token), torch.cat(outputs), rtol=1e-5, atol=1e-5)
+
+
+def test_tmsa_output_changes_with_time_token():
+    torch.manual_seed(2)
+    layer = TMSA(dim=16, num_heads=2, window_size=2, time_dim=8)
+    x = torch.randn(1, 4, 16)
+    assert not torch.allclose(layer(x, torch.zeros(1, 8)), layer(x, torch.ones(1, 8)))
+
+
+def test_tmsa_repeats_time_token_over_windows():
+    torch.manual_seed(3)
+    layer = TMSA(dim=16, num_heads=2, window_size=2, time_dim=8)
+    x, time_token = torch.randn(2 * 3, 4, 16), torch.randn(2, 8)  # 2 images x 3 windows
+    out = layer(x, time_token)
+    for image in range(2):
+        for window in range(3):
+            row = image * 3 + window
+            single = layer(x[row : row + 1], time_token[image : image + 1])
+            torch.testing.assert_close(out[row : row + 1], single, rtol=1e-5, atol=1e-5)
+
+
+def test_tmsa_rejects_wrong_token_count_and_missing_time():
+    layer = TMSA(dim=16, num_heads=2, window_size=2, time_dim=8)
+    with pytest.raises(ValueError, match="windows got 9 tokens"):
+        layer(torch.randn(1, 9, 16), torch.randn(1, 8))
+    with pytest.raises(ValueError, match="time token"):
+        layer(torch.randn(1, 4, 16), None)
+
+
+@pytest.mark.parametrize("window_size", [1, 2, 3, 5])
+def test_relative_position_index_depends_only_on_offset(window_size):
+    index = relative_position_index(window_size)
+    coords = [(r, c) for r in range(window_size) for c in range(window_size)]
+    by_offset = {}
+    for i, (ri, ci) in enumerate(coords):
+        for j, (rj, cj) in enumerate(coords):
+            offset = (ri - rj, ci - cj)
+            by_offset.setdefault(offset, set()).add(int(index[i, j]))
+    assert all(len(values) == 1 for values in by_offset.values())  # same offset -> same table row
+    rows = [next(iter(v)) for v in by_offset.values()]
+    assert len(set(rows)) == len(rows) == (2 * window_size - 1) ** 2  # distinct offsets -> distinct rows
+    assert min(rows) == 0 and max(rows) == (2 * window_size - 1) ** 2 - 1
+
+
+def test_window_partition_then_reverse_is_identity_and_windows_are_contiguous_blocks():
+    x = torch.arange(2 * 8 * 12 * 3, dtype=torch.float32).reshape(2, 8, 12, 3)
+    windows = window_partition(x, 4)
+    assert windows.shape == (2 * 2 * 3, 16, 3)
+    torch.testing.assert_close(window_reverse(windows, 4, 8, 12), x)
+    # window 1 of image 0 is rows 0-3, columns 4-7
+    torch.testing.assert_close(windows[1].reshape(4, 4, 3), x[0, 0:4, 4:8])
+    with pytest.raises(ValueError, match="not divisible"):
+        window_partition(torch.zeros(1, 6, 6, 1), 4)
+
+
+def test_sincos_pos_embed_matches_closed_form():
+    dim, grid = 8, 3
+    emb = get_2d_sincos_pos_embed(dim, grid)
+    assert emb.shape == (9, 8)
+    token = 1 * grid + 2  # row 1, column 2
+    omega = [1.0, 1.0 / 100.0]  # 1 / 10000^(2i / (dim/2)) for i = 0, 1 with dim/2 = 4
+    expected_w = [math.sin(2 * o) for o in omega] + [math.cos(2 * o) for o in omega]
+    expected_h = [math.sin(1 * o) for o in omega] + [math.cos(1 * o) for o in omega]
+    torch.testing.assert_close(emb[token], torch.tensor(expected_w + expected_h), rtol=1e-6, atol=1e-6)
+
+
+def test_timestep_embedding_closed_form_and_odd_dim():
+    t = torch.tensor([0.0, 3.0])
+    emb = timestep_embedding(t, 4)
+    freqs = [1.0, math.exp(-math.log(10000.0) / 2)]
+    expected = [[math.cos(3 * f) for f in freqs] + [math.sin(3 * f) for f in freqs]]
+    torch.testing.assert_close(emb[1:], torch.tensor(expected))
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert timestep_embedding(t, 5).shape == (2, 5)
+
+
+@pytest.mark.parametrize("embedding", ["positional", "fourier"])
+def test_timestep_embedder_variants(embedding):
+    torch.manual_seed(0)
+    embedder = TimestepEmbedder(32, frequency_size=16, embedding=embedding)
+    out = embedder(torch.tensor([0.1, 0.5]))
+    assert out.shape == (2, 32)
+    assert not torch.allclose(out[0], out[1])
+    with pytest.raises(ValueError, match="unknown time embedding"):
+        TimestepEmbedder(32, embedding="learned")
+
+
+def test_label_dropout_uses_null_class_at_the_requested_rate():
+    embedder = LabelEmbedder(num_classes=10, hidden_size=4)
+    assert embedder.table.num_embeddings == 11 and embedder.null_class == 10
+    labels = torch.zeros(20000, dtype=torch.long)
+    dropped = drop_labels(labels, embedder.null_class, 0.1, generator=torch.Generator().manual_seed(0))
+    rate = (dropped == 10).float().mean().item()
+    assert abs(rate - 0.1) < 0.01
+    assert set(dropped.unique().tolist()) == {0, 10}
+    assert torch.equal(drop_labels(labels, 10, 0.0), labels)
