@@ -115,7 +115,12 @@ class EncoderStage(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Upsampler, skip concatenation + 3x3 conv to this stage's width, then ResBlocks at one resolution."""
+    """Upsampler, skip concatenation + 3x3 conv to this stage's width, then ResBlocks at one resolution.
+
+    The skip is concatenated rather than added: the upsampled path has channels[i+1] maps and the skip
+    channels[i] (256 vs 128 at full resolution), so addition would need a projection anyway, and the fusion
+    conv -- the paper's "convolutional layer at the beginning of each path to match the number of feature
+    maps" -- learns how to weigh the two instead of fixing their sum."""
 
     def __init__(self, upsample: Upsample, fuse: nn.Conv2d, blocks: list[DiffiTResBlock]):
         super().__init__()
@@ -253,9 +258,10 @@ class DiffiTUNet(nn.Module):
         * GroupNorm: unit scale, zero shift (PyTorch default).
         * Output head conv: zero. Then F(x) = 0 and the EDM-preconditioned denoiser starts as
           D(x; sigma) = c_skip(sigma) * x, which is already right in both limits (D ~ 0, the data mean, at
-          large sigma; D ~ x at small sigma), and the initial EDM loss is E[target^2] = 1 per element, because
-          the preconditioning scales F's target to unit variance. Gradients reach every other layer from the
-          first update on, once the head weights are non-zero.
+          large sigma; D ~ x at small sigma), and the initial EDM loss is E[F_target^2], about 1 per element
+          when the data's std equals sigma_data (the preconditioning scales F's target to unit variance).
+          Every parameter still gets a gradient tensor (DDP needs that); the gradients are non-zero from
+          the second update on, once the head weights are.
         """
 
         def basic_init(module: nn.Module) -> None:
