@@ -108,8 +108,10 @@ def randn_per_sample(generators: Sequence[torch.Generator] | None, shape: Sequen
     """
     if generators is None:
         return torch.randn(tuple(shape), device=device, dtype=dtype)
-    rows = [torch.randn(tuple(shape), generator=gen, device=gen.device, dtype=dtype) for gen in generators]
-    return torch.stack(rows).to(device)
+    noise = torch.empty((len(generators), *shape), dtype=dtype, device=generators[0].device if generators else None)
+    for row, gen in zip(noise, generators):
+        torch.randn(tuple(shape), generator=gen, out=row)  # fills the batch row in place, no extra copy
+    return noise.to(device)
 
 
 def _extract(table: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -168,7 +170,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = as_tensor(posterior_mean_coef1)
         self.posterior_mean_coef2 = as_tensor(posterior_mean_coef2)
         # "fixed_large" uses beta_t but beta~_1 at t=0 (as ADM) so the decoder step is not too noisy.
-        self.fixed_large_variance = as_tensor(np.append(posterior_variance[1:2], betas[1:]))
+        self.fixed_large_log_variance = as_tensor(np.log(np.append(posterior_variance[1:2], betas[1:])))
         self.log_betas = as_tensor(np.log(betas))
 
     @property
@@ -230,28 +232,24 @@ class GaussianDiffusion:
 
     def output_to_distribution(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                                clip_denoised: bool = False) -> dict[str, torch.Tensor]:
-        """Network output -> p(x_{t-1} | x_t): mean, variance, log_variance, pred_xstart, eps."""
+        """Network output -> p(x_{t-1} | x_t) as a dict: mean, log_variance, pred_xstart, eps."""
         channels = x_t.shape[1]
         eps = model_output[:, :channels]
         if self.model_var_type == "learned_range":
             # v in [-1, 1] interpolates between the two analytic bounds, in log space (improved DDPM Eq. 15).
-            frac = (model_output[:, channels:] + 1.0) / 2.0
+            # frac = (v + 1) / 2; log_var = frac * max_log + (1 - frac) * min_log, written with fewer full-size ops.
             min_log = _extract(self.posterior_log_variance_clipped, t, x_t)
-            max_log = _extract(self.log_betas, t, x_t)
-            log_variance = frac * max_log + (1.0 - frac) * min_log
-            variance = torch.exp(log_variance)
+            half_range = 0.5 * (_extract(self.log_betas, t, x_t) - min_log)
+            log_variance = torch.addcmul(min_log, model_output[:, channels:] + 1.0, half_range)
         else:
-            table = self.fixed_large_variance if self.model_var_type == "fixed_large" else self.posterior_variance
-            log_table = torch.log(table) if self.model_var_type == "fixed_large" \
+            log_table = self.fixed_large_log_variance if self.model_var_type == "fixed_large" \
                 else self.posterior_log_variance_clipped
-            variance = _extract(table, t, x_t).expand_as(x_t)
             log_variance = _extract(log_table, t, x_t).expand_as(x_t)
         pred_xstart = self._predict_xstart_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance,
-                "pred_xstart": pred_xstart, "eps": eps}
+        return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
     def p_mean_variance(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
                         model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
@@ -263,7 +261,7 @@ class GaussianDiffusion:
         """One ancestral DDPM step x_t -> x_{t-1} = mean + sigma * noise (no noise added at t = 0)."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+        sample = torch.addcmul(out["mean"], nonzero_mask * torch.exp(0.5 * out["log_variance"]), noise)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(self, model: Callable, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
@@ -357,7 +355,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
         if not 1 <= section_count <= size:
             raise ValueError(f"cannot take {section_count} steps from a section of {size} timesteps")
         frac_stride = 1.0 if section_count <= 1 else (size - 1) / (section_count - 1)
-        kept += [start_idx + round(k * frac_stride) for k in range(section_count)]
+        # Accumulate the fractional stride (rather than k * stride) so ties round exactly as ADM's respace.py.
+        position = 0.0
+        for _ in range(section_count):
+            kept.append(start_idx + round(position))
+            position += frac_stride
         start_idx += size
     return set(kept)
 

@@ -1,0 +1,229 @@
+"""EDM (Karras et al. 2022) preconditioning, loss and Heun sampler, used by the image-space DiffiT (paper Sec. 4.1).
+
+* `EDMPrecond` wraps a raw network F into the denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)
+  with the coefficients of Karras et al. Table 1 (c_noise = ln(sigma) / 4).
+* `EDMLoss`: sigma ~ logNormal(P_mean, P_std), weight lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2.
+* `edm_sigma_steps` / `edm_heun_sampler`: Algorithm 2 (deterministic Heun; optional stochastic churn).
+* `ADMDenoiser`: presents an ADM eps-network (discrete VP timesteps) as a VE denoiser D(x; sigma) so the same
+  Heun sampler runs on latent DiffiT models (the idea of EDM's iDDPMPrecond, with ADM's own abar table).
+
+A denoiser here is any callable `denoise_fn(x, sigma, class_labels) -> D` with sigma a float tensor [N].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .diffusion import randn_per_sample
+
+
+def _sigma_as_batch(sigma, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or [N] sigma -> [N, 1, ..., 1] in the dtype/device of x."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.numel() != x.shape[0]:
+        raise ValueError(f"sigma has {sigma.numel()} values for a batch of {x.shape[0]}")
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def preconditioning_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. Table 1) for a tensor of sigmas."""
+    sigma_sq, sigma_data_sq = sigma ** 2, sigma_data ** 2
+    c_skip = sigma_data_sq / (sigma_sq + sigma_data_sq)
+    c_out = sigma * sigma_data / torch.sqrt(sigma_sq + sigma_data_sq)
+    c_in = 1.0 / torch.sqrt(sigma_data_sq + sigma_sq)
+    c_noise = torch.log(sigma) / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out net(c_in x, c_noise, class_labels), the EDM denoiser around a raw network.
+
+    The raw network's attributes used by sampling (`num_classes`, `null_class`, `in_channels`) are exposed.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.0,
+                 sigma_max: float = float("inf")):
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the wrapped network (0 = unconditional)."""
+        return int(getattr(self.net, "num_classes", 0))
+
+    @property
+    def null_class(self) -> int | None:
+        """Label index of the unconditional ("null") class, None for unconditional networks."""
+        return getattr(self.net, "null_class", self.num_classes if self.num_classes else None)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoised estimate D(x; sigma), same shape and dtype as x."""
+        sigma = _sigma_as_batch(sigma, x)
+        c_skip, c_out, c_in, c_noise = preconditioning_coefficients(sigma, self.sigma_data)
+        net_out = self.net(c_in * x, c_noise.flatten(), class_labels)
+        if net_out.shape != x.shape:
+            raise ValueError(f"EDM network output {tuple(net_out.shape)} must match its input {tuple(x.shape)} "
+                             "(a learned-Sigma latent model needs kind='adm')")
+        return c_skip * x + c_out * net_out.to(x.dtype)
+
+    def round_sigma(self, sigma):
+        """Continuous-sigma model: no rounding."""
+        return torch.as_tensor(sigma)
+
+
+class EDMLoss:
+    """EDM training loss: per-element lambda(sigma) ||D(y + n; sigma) - y||^2 with ln sigma ~ N(P_mean, P_std^2)."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        self.P_mean = float(P_mean)
+        self.P_std = float(P_std)
+        self.sigma_data = float(sigma_data)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2: unit effective weight on F."""
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+    def __call__(self, precond: Callable, images: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-element weighted loss, shape of `images`. sigma is drawn first, then the noise, from `generator`."""
+        def randn(shape):
+            if generator is None:
+                return torch.randn(shape, device=images.device, dtype=images.dtype)
+            return torch.randn(shape, generator=generator, device=generator.device,
+                               dtype=images.dtype).to(images.device)
+
+        rnd_normal = randn([images.shape[0]] + [1] * (images.ndim - 1))
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        noise = randn(images.shape) * sigma
+        denoised = precond(images + noise, sigma.flatten(), class_labels)
+        return self.weight(sigma) * (denoised - images) ** 2
+
+
+def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                    round_sigma: Callable | None = None) -> torch.Tensor:
+    """Karras time steps: num_steps sigmas from sigma_max to sigma_min (uniform in sigma^(1/rho)), then a final 0.
+
+    Returns a float64 tensor of length num_steps + 1.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    step_indices = torch.arange(num_steps, dtype=torch.float64)
+    denominator = max(num_steps - 1, 1)
+    t_steps = (sigma_max ** (1 / rho)
+               + step_indices / denominator * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if round_sigma is not None:
+        t_steps = torch.as_tensor(round_sigma(t_steps), dtype=torch.float64)
+    return torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
+
+
+def edm_heun_sampler(denoise_fn: Callable, latents: torch.Tensor, class_labels: torch.Tensor | None = None, *,
+                     num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                     generators: Sequence[torch.Generator] | None = None, round_sigma: Callable | None = None,
+                     progress: bool = False) -> torch.Tensor:
+    """EDM Algorithm 2: Heun's 2nd-order ODE solver with optional churn; 2*num_steps - 1 denoiser calls.
+
+    `latents` is standard normal noise [N, ...] (scaled by sigma_max here). With S_churn = 0 (default) the
+    sampler is deterministic and draws no further noise; otherwise churn noise for sample i comes from
+    `generators[i]`. The state is kept in float64 as in EDM; the denoiser sees float32 (latents' dtype).
+    """
+    round_sigma = round_sigma or (lambda sigma: torch.as_tensor(sigma))
+    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, round_sigma)
+    batch = latents.shape[0]
+    work_dtype = latents.dtype
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma_batch = torch.full((batch,), float(sigma), dtype=work_dtype, device=latents.device)
+        return denoise_fn(x.to(work_dtype), sigma_batch, class_labels).to(torch.float64)
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    steps = list(zip(t_steps[:-1], t_steps[1:]))
+    for i, (t_cur, t_next) in enumerate(tqdm(steps, desc="edm-heun", disable=not progress)):
+        x_cur = x_next
+        # Churn: temporarily raise the noise level to t_hat by adding fresh noise (gamma = 0 -> deterministic).
+        gamma = min(S_churn / num_steps, math.sqrt(2.0) - 1.0) if S_min <= float(t_cur) <= S_max else 0.0
+        t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)
+        x_hat = x_cur
+        if gamma > 0:
+            noise = randn_per_sample(generators, latents.shape[1:] if generators is not None else latents.shape,
+                                     device=latents.device, dtype=torch.float64)
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * noise
+        # Euler step on dx/dsigma = (x - D(x; sigma)) / sigma.
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        # Heun correction, skipped on the last step where sigma_next = 0.
+        if i < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next.to(work_dtype)
+
+
+class ADMDenoiser(nn.Module):
+    """VE denoiser view D(x; sigma) of an ADM eps-network trained on discrete VP timesteps.
+
+    VP x_t = sqrt(abar_t) (x_0 + sigma_t n) with sigma_t = sqrt((1 - abar_t) / abar_t), so the VE state x is
+    fed to the network as x / sqrt(1 + sigma^2), at the timestep t whose sigma_t matches: log sigma_t is
+    interpolated linearly between the integer timesteps (or rounded to the nearest one with
+    `round_timesteps`, then `round_sigma` snaps the sampler's sigmas to the table as EDM's iDDPMPrecond
+    does). D = x - sigma eps; learned-Sigma channels of the output are ignored.
+    """
+
+    def __init__(self, eps_model: Callable, alphas_cumprod, round_timesteps: bool = False):
+        super().__init__()
+        self.eps_model = eps_model
+        alphas_cumprod = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
+        sigmas = torch.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+        if not bool((sigmas[1:] > sigmas[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self.register_buffer("log_sigmas", torch.log(sigmas), persistent=False)
+        self.round_timesteps = round_timesteps
+        self.sigma_min = float(sigmas[0])
+        self.sigma_max = float(sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous ADM timestep whose sigma_t equals sigma (log-linear interpolation, clamped to the table)."""
+        log_sigmas = self.log_sigmas.to(torch.float64)
+        log_sigma = torch.log(torch.as_tensor(sigma, dtype=torch.float64).cpu()).clamp(
+            float(log_sigmas[0]), float(log_sigmas[-1]))
+        upper = torch.searchsorted(log_sigmas.cpu(), log_sigma).clamp(1, len(log_sigmas) - 1)
+        lower = upper - 1
+        frac = (log_sigma - log_sigmas.cpu()[lower]) / (log_sigmas.cpu()[upper] - log_sigmas.cpu()[lower])
+        t = lower.to(torch.float64) + frac.clamp(0.0, 1.0)
+        return t.round() if self.round_timesteps else t
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma at a (possibly fractional) timestep, interpolating log sigma linearly."""
+        t = torch.as_tensor(t, dtype=torch.float64).cpu()
+        log_sigmas = self.log_sigmas.to(torch.float64).cpu()
+        lower = t.floor().long().clamp(0, len(log_sigmas) - 1)
+        upper = (lower + 1).clamp(max=len(log_sigmas) - 1)
+        frac = t - lower.to(torch.float64)
+        return torch.exp(log_sigmas[lower] * (1 - frac) + log_sigmas[upper] * frac)
+
+    def round_sigma(self, sigma):
+        """Snap sigma to the discrete table when `round_timesteps`, else leave it unchanged."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return self.t_to_sigma(self.sigma_to_t(sigma)).to(sigma.device) if self.round_timesteps else sigma
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma))."""
+        sigma_b = _sigma_as_batch(sigma, x)
+        t = self.sigma_to_t(sigma_b.flatten()).to(device=x.device, dtype=torch.float32)
+        output = self.eps_model(x / torch.sqrt(1.0 + sigma_b ** 2), t, class_labels)
+        channels = x.shape[1]
+        if output.shape[1] not in (channels, 2 * channels):
+            raise ValueError(f"eps-model output has {output.shape[1]} channels for a {channels}-channel input")
+        return x - sigma_b * output[:, :channels].to(x.dtype)

@@ -1,0 +1,142 @@
+"""Classifier-free guidance as DiffiT uses it on ImageNet (paper Sec. 4.1, released `forward_with_cfg`).
+
+out = uncond + s (cond - uncond) on the first `channels` output channels only (3 of the 4 latent eps
+channels, the DiT/DiffiT convention); every other channel (4th eps channel, Sigma channels) is taken from the
+conditional half. The scale s is constant (ImageNet-512, 1.49) or follows MDT's power-cosine schedule
+(ImageNet-256, 4.6): with progress p in [0, 1] (0 at the start of sampling, t = T; 1 at the end, t = 0)
+
+    s(p) = (scale - 1) * 0.5 * (1 - cos(pi * p^power)) + 1,     p = 1 - t / diffusion_steps for ADM.
+
+Conditional and unconditional predictions come from ONE forward pass on a doubled batch (labels then the null
+class), so guidance doubles the batch, not the number of network calls. A scale of exactly 1 skips the
+unconditional half and returns the conditional model's output unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+SCHEDULES = ("constant", "power-cosine")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Classifier-free guidance settings: final scale, schedule, schedule power, number of guided channels."""
+
+    scale: float = 1.0
+    schedule: str = "constant"
+    power: float = 4.0
+    channels: int | None = 3  # None: guide all eps channels
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown guidance schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"guidance scale must be a finite number >= 0, got {self.scale}")
+        if self.power <= 0:
+            raise ValueError(f"power-cosine power must be > 0, got {self.power}")
+        if self.channels is not None and self.channels < 1:
+            raise ValueError(f"guided channels must be >= 1 or None (all), got {self.channels}")
+
+    @property
+    def enabled(self) -> bool:
+        """False when the scale is exactly 1, i.e. guidance is the conditional model itself."""
+        return self.scale != 1.0
+
+
+def power_cosine_weight(progress, power: float = 4.0):
+    """0.5 (1 - cos(pi p^power)): 0 at p = 0 (start of sampling), 1 at p = 1 (end)."""
+    if isinstance(progress, torch.Tensor):
+        return 0.5 * (1.0 - torch.cos(math.pi * progress.clamp(0.0, 1.0) ** power))
+    return 0.5 * (1.0 - math.cos(math.pi * min(max(float(progress), 0.0), 1.0) ** power))
+
+
+def guidance_scale(config: GuidanceConfig, progress):
+    """Guidance scale at sampling progress p (float or tensor in [0, 1]; 0 = t=T, 1 = t=0)."""
+    if config.schedule == "constant":
+        if isinstance(progress, torch.Tensor):
+            return torch.full_like(progress, config.scale, dtype=torch.float64)
+        return config.scale
+    return (config.scale - 1.0) * power_cosine_weight(progress, config.power) + 1.0
+
+
+def timestep_progress(t, diffusion_steps: int = 1000):
+    """Sampling progress of an ADM timestep: 1 - t / diffusion_steps (t = T-1 -> ~0, t = 0 -> 1)."""
+    return 1.0 - t / diffusion_steps
+
+
+def guidance_scale_at_timestep(config: GuidanceConfig, t, diffusion_steps: int = 1000):
+    """Scale at ADM timestep t, exactly the released DiffiT formula with phase = (1 - t/T)^power * pi."""
+    return guidance_scale(config, timestep_progress(t, diffusion_steps))
+
+
+def sigma_progress(sigma, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    """Sampling progress of an EDM noise level: its position on the Karras grid (sigma^(1/rho) linear), so the
+    i-th of N Heun steps has progress i / (N - 1)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return ((top - sigma ** (1 / rho)) / (top - bottom)).clamp(0.0, 1.0)
+
+
+def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale, guided_channels: int) -> torch.Tensor:
+    """uncond + scale (cond - uncond) on the first `guided_channels` channels, `cond` elsewhere.
+
+    `scale` is a float or a per-sample tensor [N].
+    """
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(device=cond.device, dtype=cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
+    guided = uncond[:, :guided_channels] + scale * (cond[:, :guided_channels] - uncond[:, :guided_channels])
+    return torch.cat([guided, cond[:, guided_channels:]], dim=1)
+
+
+def guided_forward(model: Callable, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor,
+                   *, scale, null_class: int, channels: int | None = 3) -> torch.Tensor:
+    """Classifier-free guided output of `model(x, noise_labels, class_labels)` in one doubled-batch call.
+
+    `channels` counts guided channels from the start of the output (None: all x.shape[1] eps channels; the
+    extra learned-Sigma channels are never guided). A python scale of exactly 1 calls the model once on the
+    plain batch, so it returns the conditional output bit for bit.
+    """
+    if class_labels is None:
+        raise ValueError("classifier-free guidance needs class_labels (the model must be class-conditional)")
+    if not isinstance(scale, torch.Tensor) and scale == 1.0:
+        return model(x, noise_labels, class_labels)
+    guided_channels = x.shape[1] if channels is None else min(channels, x.shape[1])
+    null_labels = torch.full_like(class_labels, null_class)
+    output = model(torch.cat([x, x]), torch.cat([noise_labels, noise_labels]),
+                   torch.cat([class_labels, null_labels]))
+    cond, uncond = output.chunk(2)
+    return combine_guidance(cond, uncond, scale, guided_channels)
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """Wraps `model(x, noise_labels, class_labels)` into its guided version (same call signature).
+
+    `progress_fn(noise_labels) -> [N] progress in [0, 1]` feeds the scale schedule: `timestep_progress` for
+    ADM timesteps, `sigma_progress` for EDM sigmas.
+    """
+
+    def __init__(self, model: Callable, config: GuidanceConfig, null_class: int,
+                 progress_fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.null_class = int(null_class)
+        self.progress_fn = progress_fn
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Guided output; the plain conditional output when the configured scale is 1."""
+        if not self.config.enabled:
+            return self.model(x, noise_labels, class_labels)
+        if self.config.schedule == "constant":
+            scale = self.config.scale
+        else:
+            scale = guidance_scale(self.config, self.progress_fn(noise_labels))
+        return guided_forward(self.model, x, noise_labels, class_labels, scale=scale,
+                              null_class=self.null_class, channels=self.config.channels)

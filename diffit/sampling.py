@@ -1,0 +1,267 @@
+"""The one sampling entry point used by training previews and evaluation: `sample(...)`.
+
+    images = sample(model, (4, 32, 32), class_labels, seeds, sampler="ddpm", steps=250,
+                    guidance=GuidanceConfig(scale=4.6, schedule="power-cosine"), kind="adm")
+
+Model kinds
+* kind="adm": `model` is the raw latent eps/Sigma network, `model(x, t, class_labels)` with t the ADM timestep
+  as float [N]. Samplers: "ddpm" (ancestral, ADM/DiT p_sample with the learned Sigma), "ddim" (eta
+  configurable) -- both on `steps` evenly respaced timesteps of the `diffusion_steps`-step chain, as DiT's and
+  DiffiT's sample.py (`timestep_respacing=str(steps)`, first and last timestep kept) -- and "edm-heun" (EDM's
+  Heun solver through `ADMDenoiser`, sigma range clipped to the chain's [sigma_1..sigma_T] and EDM's
+  [0.002, 80]).
+* kind="edm": `model` is the raw image-space network `model(c_in x, c_noise, class_labels)`; `sample` wraps it
+  in `EDMPrecond(model, sigma_data)`. An `EDMPrecond` instance is also accepted and used as it is. Sampler:
+  "edm-heun" only (deterministic unless `S_churn > 0`).
+
+Determinism: sample i draws ALL its randomness (initial noise, every DDPM / DDIM(eta>0) / churn noise) from a
+`torch.Generator` seeded with `seeds[i]`, so it does not depend on batch composition or order. By default the
+generators live on the CPU, so a seed gives the same noise whatever device the network runs on (up to
+floating-point differences of the network itself); `generator_device=None` puts them on the sampling device
+instead (saves the CPU normal draws -- ~7 ns per element per step on the 2-core dev CPU -- on GPU runs; seeds are then reproducible only on
+the same device type).
+
+Guidance: `GuidanceConfig` (see `diffit.guidance`); the conditional and unconditional halves run in one
+batched call, so guidance doubles the batch, never the number of network calls. For ADM models the schedule's
+progress is 1 - t/diffusion_steps (exactly the released DiffiT code); for EDM models it is the position on the
+Karras sigma grid. The model is put in eval mode for the run (label dropout off) and restored afterwards.
+
+`sample_with_stats` returns the same tensor plus `SamplingStats` (network calls, time inside the network,
+wall time), used by `bench/sampler_overhead.py`; for kind="edm" the counted call is the preconditioned
+denoiser, whose few elementwise ops are counted as network time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .diffusion import create_diffusion, randn_per_sample
+from .edm import ADMDenoiser, EDMPrecond, edm_heun_sampler
+from .guidance import ClassifierFreeGuidance, GuidanceConfig, sigma_progress, timestep_progress
+
+SAMPLERS = ("ddpm", "ddim", "edm-heun")
+KINDS = ("adm", "edm")
+
+
+@dataclass
+class SamplingStats:
+    """Counters of one sampling run: network calls (one per batched forward), time in them, wall time."""
+
+    num_samples: int
+    network_calls: int
+    network_time_s: float
+    total_time_s: float
+
+    @property
+    def overhead_time_s(self) -> float:
+        """Wall time not spent inside network evaluations."""
+        return self.total_time_s - self.network_time_s
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Overhead as a fraction of the total wall time."""
+        return self.overhead_time_s / self.total_time_s if self.total_time_s > 0 else 0.0
+
+
+class CountingModel(nn.Module):
+    """Counts forward calls of the wrapped callable and the wall time spent in them.
+
+    With `synchronize` (CUDA), the device is synchronised around each call so the time is the real compute time.
+    """
+
+    def __init__(self, model: Callable, synchronize: bool = False):
+        super().__init__()
+        self.model = model
+        self.synchronize = synchronize
+        self.calls = 0
+        self.time_s = 0.0
+
+    def forward(self, *args, **kwargs):
+        """Call the wrapped model, counting the call and its duration."""
+        if self.synchronize:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        output = self.model(*args, **kwargs)
+        if self.synchronize:
+            torch.cuda.synchronize()
+        self.time_s += time.perf_counter() - start
+        self.calls += 1
+        return output
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Temporarily switch a module to eval mode (e.g. label dropout off), restoring its mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _resolve_device(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _prepare_labels(class_labels, num_samples: int, device: torch.device) -> torch.Tensor | None:
+    if class_labels is None:
+        return None
+    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.numel() != num_samples:
+        raise ValueError(f"got {labels.numel()} class labels for {num_samples} seeds; pass one label per seed")
+    return labels
+
+
+def _null_class(model: nn.Module) -> int:
+    null_class = getattr(model, "null_class", None)
+    if null_class is None:
+        num_classes = getattr(model, "num_classes", 0)
+        if not num_classes:
+            raise ValueError("guidance needs a class-conditional model (num_classes > 0 / a null_class "
+                             f"attribute); {type(model).__name__} has neither")
+        null_class = num_classes
+    return int(null_class)
+
+
+def sample(model: nn.Module, shape: Sequence[int], class_labels, seeds: Sequence[int], *, sampler: str = "ddpm",
+           steps: int = 250, guidance: GuidanceConfig | None = None, kind: str = "adm", eta: float = 0.0,
+           diffusion_steps: int = 1000, noise_schedule: str = "linear", device=None, progress: bool = False,
+           learn_sigma: bool | None = None, clip_denoised: bool = False, sigma_min: float = 0.002,
+           sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, sigma_data: float = 0.5,
+           generator_device: str | None = "cpu") -> torch.Tensor:
+    """Generate len(seeds) samples of per-sample `shape` (C, H, W); returns float32 [N, C, H, W] on `device`.
+
+    `class_labels`: [N] ints or None (unconditional). `seeds`: one int per sample. `learn_sigma` defaults to
+    the model's `learn_sigma` attribute (kind="adm", ddpm/ddim only). `clip_denoised` clamps x_0 predictions
+    to [-1, 1] (image space; keep False for latents, as DiT/DiffiT). `generator_device`: "cpu" (default) or
+    None for the sampling device. See the module docstring.
+    """
+    samples, _ = sample_with_stats(
+        model, shape, class_labels, seeds, sampler=sampler, steps=steps, guidance=guidance, kind=kind, eta=eta,
+        diffusion_steps=diffusion_steps, noise_schedule=noise_schedule, device=device, progress=progress,
+        learn_sigma=learn_sigma, clip_denoised=clip_denoised, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+        S_churn=S_churn, sigma_data=sigma_data, generator_device=generator_device)
+    return samples
+
+
+def sample_with_stats(model: nn.Module, shape: Sequence[int], class_labels, seeds: Sequence[int], *,
+                      sampler: str = "ddpm", steps: int = 250, guidance: GuidanceConfig | None = None,
+                      kind: str = "adm", eta: float = 0.0, diffusion_steps: int = 1000,
+                      noise_schedule: str = "linear", device=None, progress: bool = False,
+                      learn_sigma: bool | None = None, clip_denoised: bool = False, sigma_min: float = 0.002,
+                      sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0,
+                      sigma_data: float = 0.5, generator_device: str | None = "cpu"
+                      ) -> tuple[torch.Tensor, SamplingStats]:
+    """`sample(...)` that also returns `SamplingStats` (network calls and time, wall time)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    if kind == "edm" and sampler != "edm-heun":
+        raise ValueError(f"kind='edm' models are sampled with sampler='edm-heun', got {sampler!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if sampler != "edm-heun" and steps < 2:
+        raise ValueError(f"{sampler} needs steps >= 2: respacing to one step keeps only t=0, not a denoising chain")
+    if len(seeds) == 0:
+        raise ValueError("seeds is empty: pass one seed per sample")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise ValueError(f"shape is per sample (C, H, W), got {shape}")
+
+    start = time.perf_counter()
+    device = _resolve_device(model, device)
+    generator_device = device if generator_device is None else torch.device(generator_device)
+    generators = [torch.Generator(device=generator_device).manual_seed(int(seed)) for seed in seeds]
+    labels = _prepare_labels(class_labels, len(seeds), device)
+    guidance = guidance or GuidanceConfig()
+    if guidance.enabled and labels is None:
+        raise ValueError("guidance scale != 1 needs class_labels")
+    initial_noise = randn_per_sample(generators, shape, device=device)
+
+    if kind == "edm":
+        denoiser = model if isinstance(model, EDMPrecond) else EDMPrecond(model, sigma_data=sigma_data)
+        counted = CountingModel(denoiser, synchronize=device.type == "cuda")
+    else:
+        counted = CountingModel(model, synchronize=device.type == "cuda")
+
+    with _eval_mode(model), torch.no_grad():
+        if kind == "edm":
+            sigma_min = max(sigma_min, denoiser.sigma_min)
+            sigma_max = min(sigma_max, denoiser.sigma_max)
+            guided = _guided(counted, guidance, denoiser,
+                             lambda sigma: sigma_progress(sigma, sigma_min, sigma_max, rho))
+            samples = edm_heun_sampler(guided, initial_noise, labels, num_steps=steps, sigma_min=sigma_min,
+                                       sigma_max=sigma_max, rho=rho, S_churn=S_churn, generators=generators,
+                                       round_sigma=denoiser.round_sigma, progress=progress)
+        else:
+            guided = _guided(counted, guidance, model,
+                             lambda t: timestep_progress(t.to(torch.float64), diffusion_steps))
+            if sampler == "edm-heun":
+                base = create_diffusion(None, noise_schedule, learn_sigma=True, diffusion_steps=diffusion_steps)
+                adm_denoiser = ADMDenoiser(guided, base.alphas_cumprod)
+                samples = edm_heun_sampler(
+                    adm_denoiser, initial_noise, labels, num_steps=steps,
+                    sigma_min=max(sigma_min, adm_denoiser.sigma_min), sigma_max=min(sigma_max, adm_denoiser.sigma_max),
+                    rho=rho, S_churn=S_churn, generators=generators, round_sigma=adm_denoiser.round_sigma,
+                    progress=progress)
+            else:
+                samples = _sample_adm_chain(guided, initial_noise, labels, generators, sampler=sampler, steps=steps,
+                                            eta=eta, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule,
+                                            learn_sigma=_learn_sigma(model, learn_sigma),
+                                            clip_denoised=clip_denoised, progress=progress)
+    stats = SamplingStats(num_samples=len(seeds), network_calls=counted.calls, network_time_s=counted.time_s,
+                          total_time_s=time.perf_counter() - start)
+    return samples.float(), stats
+
+
+def _learn_sigma(model: nn.Module, learn_sigma: bool | None) -> bool:
+    if learn_sigma is not None:
+        return learn_sigma
+    if not hasattr(model, "learn_sigma"):
+        raise ValueError(f"{type(model).__name__} has no learn_sigma attribute: pass learn_sigma=True/False")
+    return bool(model.learn_sigma)
+
+
+def _guided(counted: CountingModel, guidance: GuidanceConfig, labelled_model: nn.Module,
+            progress_fn: Callable) -> Callable:
+    """The counted network, wrapped in classifier-free guidance when the scale is not 1."""
+    if not guidance.enabled:
+        return counted
+    return ClassifierFreeGuidance(counted, guidance, _null_class(labelled_model), progress_fn)
+
+
+def _sample_adm_chain(model: Callable, initial_noise: torch.Tensor, labels: torch.Tensor | None,
+                      generators: Sequence[torch.Generator], *, sampler: str, steps: int, eta: float,
+                      diffusion_steps: int, noise_schedule: str, learn_sigma: bool, clip_denoised: bool,
+                      progress: bool) -> torch.Tensor:
+    """DDPM / DDIM loop over `steps` respaced timesteps, noise for sample i from generators[i]."""
+    diffusion = create_diffusion(str(steps), noise_schedule, learn_sigma=learn_sigma,
+                                 diffusion_steps=diffusion_steps)
+    model_kwargs = {"class_labels": labels}
+    x = initial_noise
+    per_sample_shape = initial_noise.shape[1:]
+    batch = initial_noise.shape[0]
+    for index in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc=sampler, disable=not progress):
+        t = torch.full((batch,), index, dtype=torch.long, device=x.device)
+        if sampler == "ddpm":
+            # Drawn at t=0 too (and masked there) so every sample consumes its generator identically.
+            noise = randn_per_sample(generators, per_sample_shape, device=x.device)
+            out = diffusion.p_sample(model, x, t, noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        else:
+            noise = randn_per_sample(generators, per_sample_shape, device=x.device) if eta > 0 else None
+            out = diffusion.ddim_sample(model, x, t, noise, eta=eta, clip_denoised=clip_denoised,
+                                        model_kwargs=model_kwargs)
+        x = out["sample"]
+    return x

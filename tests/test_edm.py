@@ -1,0 +1,221 @@
+"""EDM preconditioning, loss, sigma grid, Heun sampler and the ADM->EDM adapter (diffit/edm.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffit.edm import (ADMDenoiser, EDMLoss, EDMPrecond, edm_heun_sampler, edm_sigma_steps,
+                        preconditioning_coefficients)
+
+
+class ConstantNet(torch.nn.Module):
+    """F = 1 everywhere; records the scaled input and c_noise it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs, self.noise_labels = [], []
+
+    def forward(self, x, noise_labels, class_labels=None):
+        self.inputs.append(x.clone())
+        self.noise_labels.append(noise_labels.clone())
+        return torch.ones_like(x)
+
+
+# Hand-computed with sigma_data = 0.5:
+#   sigma = 1:   c_skip = .25/1.25 = 0.2, c_out = .5/sqrt(1.25), c_in = 1/sqrt(1.25), c_noise = 0
+#   sigma = 0.5: c_skip = 0.5, c_out = .25/sqrt(.5), c_in = 1/sqrt(.5), c_noise = ln(.5)/4
+#   sigma = 2:   c_skip = .25/4.25, c_out = 1/sqrt(4.25), c_in = 1/sqrt(4.25), c_noise = ln(2)/4
+HAND_COEFFICIENTS = {
+    1.0: (0.2, 0.4472135955, 0.8944271910, 0.0),
+    0.5: (0.5, 0.3535533906, 1.4142135624, -0.1732867951),
+    2.0: (0.0588235294, 0.4850712501, 0.4850712501, 0.1732867951),
+}
+
+
+@pytest.mark.parametrize("sigma", sorted(HAND_COEFFICIENTS))
+def test_preconditioning_coefficients_hand_values(sigma):
+    c_skip, c_out, c_in, c_noise = (v.item() for v in preconditioning_coefficients(
+        torch.tensor(sigma, dtype=torch.float64), sigma_data=0.5))
+    for got, want in zip((c_skip, c_out, c_in, c_noise), HAND_COEFFICIENTS[sigma]):
+        assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_edm_precond_applies_coefficients_to_the_network():
+    net = ConstantNet()
+    precond = EDMPrecond(net, sigma_data=0.5)
+    sigmas = sorted(HAND_COEFFICIENTS)
+    x = torch.ones(len(sigmas), 3, 2, 2, dtype=torch.float64)
+    denoised = precond(x, torch.tensor(sigmas, dtype=torch.float64))
+    for i, sigma in enumerate(sigmas):
+        c_skip, c_out, c_in, c_noise = HAND_COEFFICIENTS[sigma]
+        # D = c_skip * 1 + c_out * F with F = 1; the network saw c_in * x and c_noise.
+        torch.testing.assert_close(denoised[i], torch.full((3, 2, 2), c_skip + c_out, dtype=torch.float64))
+        torch.testing.assert_close(net.inputs[0][i], torch.full((3, 2, 2), c_in, dtype=torch.float64))
+        assert net.noise_labels[0][i].item() == pytest.approx(c_noise, abs=1e-9)
+    assert net.noise_labels[0].shape == (len(sigmas),)
+    # A scalar sigma is broadcast to the batch.
+    assert precond(x, 1.0).shape == x.shape
+
+
+def test_edm_precond_rejects_learned_sigma_output():
+    precond = EDMPrecond(lambda x, c, y=None: torch.cat([x, x], 1))
+    with pytest.raises(ValueError, match="must match its input"):
+        precond(torch.zeros(1, 3, 2, 2), 1.0)
+
+
+def test_edm_loss_weighting_and_determinism():
+    loss_fn = EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    # Hand values: lambda(1) = (1 + .25) / .25 = 5, lambda(.5) = (.25 + .25) / .0625 = 8.
+    assert loss_fn.weight(torch.tensor(1.0)).item() == pytest.approx(5.0)
+    assert loss_fn.weight(torch.tensor(0.5)).item() == pytest.approx(8.0)
+    sigma = torch.logspace(-3, 2, 11, dtype=torch.float64)
+    _, c_out, _, _ = preconditioning_coefficients(sigma, 0.5)
+    torch.testing.assert_close(loss_fn.weight(sigma) * c_out ** 2, torch.ones_like(sigma))  # unit weight on F
+
+    # D = 0 and y = 1 -> loss = lambda(sigma_i) exactly; sigma_i replayed from the same seed (drawn first).
+    images = torch.ones(5, 2, 3, 3, dtype=torch.float64)
+    zero_precond = lambda x, sigma, class_labels=None: torch.zeros_like(x)
+    loss = loss_fn(zero_precond, images, generator=torch.Generator().manual_seed(3))
+    assert loss.shape == images.shape
+    replay = torch.randn(5, 1, 1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected_sigma = torch.exp(replay * 1.2 - 1.2)
+    torch.testing.assert_close(loss, ((expected_sigma ** 2 + 0.25) / (expected_sigma * 0.5) ** 2).expand_as(loss))
+
+    conv = torch.nn.Conv2d(2, 2, 1).double()
+    precond = EDMPrecond(lambda x, noise_labels, class_labels=None: conv(x) * noise_labels.reshape(-1, 1, 1, 1))
+    first = loss_fn(precond, images, generator=torch.Generator().manual_seed(11))
+    second = loss_fn(precond, images, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(first, second)
+
+
+def test_edm_loss_log_normal_sigma_distribution():
+    loss_fn = EDMLoss()
+    seen = []
+    record = lambda x, sigma, class_labels=None: (seen.append(sigma), torch.zeros_like(x))[1]
+    loss_fn(record, torch.zeros(20000, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    log_sigma = seen[0].double().log()
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.05)
+    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.05)
+
+
+def test_edm_sigma_steps_hand_values():
+    steps = edm_sigma_steps(2, 0.002, 80.0, 7.0)
+    torch.testing.assert_close(steps, torch.tensor([80.0, 0.002, 0.0], dtype=torch.float64))
+    steps = edm_sigma_steps(3, 0.002, 80.0, 7.0)
+    # ((80^(1/7) + 0.002^(1/7)) / 2)^7 = ((1.870153 + 0.411549) / 2)^7 = 1.140851^7 = 2.51522
+    assert steps[1].item() == pytest.approx(2.51522, abs=1e-5)
+    steps18 = edm_sigma_steps(18)
+    assert len(steps18) == 19 and steps18[0] == 80.0 and steps18[17].item() == pytest.approx(0.002)
+    assert (steps18[1:] < steps18[:-1]).all()
+
+
+class CountingDenoiser:
+    """Wraps a denoiser function, counting calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls += 1
+        return self.fn(x, sigma)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 18, 40])
+def test_heun_uses_2n_minus_1_evaluations(num_steps):
+    denoiser = CountingDenoiser(lambda x, sigma: 0.5 * x)
+    edm_heun_sampler(denoiser, torch.randn(2, 1, 2, 2), num_steps=num_steps)
+    assert denoiser.calls == 2 * num_steps - 1
+
+
+def _scalar_heun_on_gaussian(s: float, num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> float:
+    """Independent scalar transcription of EDM Algorithm 2 for D(x; sigma) = x s^2 / (s^2 + sigma^2), x_0 = 1."""
+    sigmas = [(sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+              for i in range(num_steps)] + [0.0]
+    slope = lambda sigma: sigma / (s ** 2 + sigma ** 2)  # (x - D) / (sigma x)
+    x = sigma_max
+    for i in range(num_steps):
+        d_cur = x * slope(sigmas[i])
+        x_euler = x + (sigmas[i + 1] - sigmas[i]) * d_cur
+        if i < num_steps - 1:
+            x = x + (sigmas[i + 1] - sigmas[i]) * 0.5 * (d_cur + x_euler * slope(sigmas[i + 1]))
+        else:
+            x = x_euler
+    return x
+
+
+@pytest.mark.parametrize("num_steps", [18, 40])
+def test_heun_on_gaussian_data_matches_hand_recursion_and_converges(num_steps):
+    # Data N(0, s^2): D is linear, so the sampler output is latents * k with k from the scalar recursion.
+    s = 0.5
+    denoiser = lambda x, sigma, class_labels=None: x * s ** 2 / (s ** 2 + sigma.reshape(-1, 1, 1, 1) ** 2)
+    latents = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = edm_heun_sampler(denoiser, latents, num_steps=num_steps)
+    torch.testing.assert_close(out, latents * _scalar_heun_on_gaussian(s, num_steps), rtol=1e-6, atol=1e-6)
+
+
+def test_heun_is_second_order_on_gaussian_data():
+    # Exact probability-flow ODE solution: x(0) = x(sigma_max) s / sqrt(s^2 + sigma_max^2).
+    s = 0.5
+    exact = 80.0 * s / math.sqrt(s ** 2 + 80.0 ** 2)
+    errors = {n: abs(_scalar_heun_on_gaussian(s, n) - exact) / exact for n in (18, 40, 100, 400)}
+    # Measured: 5.5% (18 steps), 0.98% (40), 0.15% (100), 0.008% (400).
+    assert errors[18] < 0.06 and errors[40] < 0.011 and errors[400] < 1e-4
+    assert errors[100] / errors[400] > 12  # ~(400/100)^2 = 16 for a 2nd-order method
+
+
+def test_heun_churn_draws_from_per_sample_generators():
+    denoiser = lambda x, sigma, class_labels=None: 0.5 * x
+    latents = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    run = lambda seeds: edm_heun_sampler(denoiser, latents[: len(seeds)], num_steps=6, S_churn=40.0,
+                                         generators=[torch.Generator().manual_seed(s) for s in seeds])
+    first, second = run([5, 6, 7]), run([5, 6, 7])
+    assert torch.equal(first, second)
+    deterministic = edm_heun_sampler(denoiser, latents, num_steps=6)
+    assert not torch.allclose(first, deterministic)
+    torch.testing.assert_close(run([5])[0], first[0])  # sample 0 does not depend on the rest of the batch
+
+
+def _adm_alphas_cumprod():
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+
+
+def test_adm_denoiser_sigma_timestep_mapping():
+    adapter = ADMDenoiser(lambda x, t, y=None: torch.zeros_like(x), _adm_alphas_cumprod())
+    alphas_cumprod = _adm_alphas_cumprod()
+    sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    assert adapter.sigma_min == pytest.approx(sigmas[0]) and adapter.sigma_min == pytest.approx(0.01, rel=1e-3)
+    assert adapter.sigma_max == pytest.approx(sigmas[-1]) and adapter.sigma_max > 80
+    t = adapter.sigma_to_t(torch.tensor(sigmas[[0, 17, 500, 999]]))
+    torch.testing.assert_close(t, torch.tensor([0.0, 17.0, 500.0, 999.0], dtype=torch.float64))
+    # Halfway in log sigma between two table entries -> halfway timestep.
+    between = torch.tensor(np.sqrt(sigmas[300] * sigmas[301]))
+    assert adapter.sigma_to_t(between).item() == pytest.approx(300.5, abs=1e-9)
+    torch.testing.assert_close(adapter.t_to_sigma(torch.tensor([300.5])), between.reshape(1))
+    # Out-of-range sigmas clamp to the table ends.
+    assert adapter.sigma_to_t(torch.tensor([1e-5, 1e5])).tolist() == [0.0, 999.0]
+    rounding = ADMDenoiser(lambda x, t, y=None: torch.zeros_like(x), alphas_cumprod, round_timesteps=True)
+    assert rounding.sigma_to_t(between * 1.0001).item() == 301.0
+    assert rounding.round_sigma(between * 1.0001).item() == pytest.approx(sigmas[301])
+
+
+def test_adm_denoiser_scales_input_and_ignores_sigma_channels():
+    alphas_cumprod = _adm_alphas_cumprod()
+    seen = {}
+
+    def eps_model(x, t, class_labels=None):
+        seen["x"], seen["t"], seen["labels"] = x, t, class_labels
+        return torch.cat([torch.full_like(x, 0.25), torch.full_like(x, 9.0)], dim=1)  # eps then Sigma
+
+    adapter = ADMDenoiser(eps_model, alphas_cumprod)
+    timestep = 250
+    sigma = math.sqrt((1 - alphas_cumprod[timestep]) / alphas_cumprod[timestep])
+    x = torch.full((2, 3, 1, 1), 2.0, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    denoised = adapter(x, torch.full((2,), sigma, dtype=torch.float64), labels)
+    # The network sees the VP state sqrt(abar) x at timestep t; D = x - sigma * eps.
+    torch.testing.assert_close(seen["x"], x * math.sqrt(alphas_cumprod[timestep]))
+    torch.testing.assert_close(seen["t"], torch.full((2,), float(timestep)))
+    assert seen["labels"] is labels
+    torch.testing.assert_close(denoised, x - sigma * 0.25)
