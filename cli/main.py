@@ -32,6 +32,8 @@ def _root() -> None:
 # a command appears in `--help` only once it really works.
 COMMAND_MODULES = [
     "cli.models_cmd",
+    "cli.encode_cmd",
+    "cli.evaluate_cmd",
 ]
 
 for _name in COMMAND_MODULES:

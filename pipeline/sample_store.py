@@ -112,6 +112,17 @@ def sample_class_labels(seed: int, indices: Sequence[int] | np.ndarray, num_clas
 # The store
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by `mkstemp` / `mkdtemp` (private, 0600/0700) the usual permissions before renaming it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _normalise(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings as they read back from JSON (tuples become lists, ...), so that comparisons are exact."""
     return json.loads(json.dumps(settings, sort_keys=True))
@@ -157,6 +168,7 @@ class SampleStore:
             group.create_array("done", shape=(layout.num_chunks,), chunks=(1,), dtype="bool", fill_value=False)
             group.attrs.update({"format_version": FORMAT_VERSION, "layout": asdict(layout),
                                 "settings": _normalise(settings)})
+            publish_mode(tmp, directory=True)
             os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -224,10 +236,6 @@ class SampleStore:
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
 
-    def num_done_samples(self) -> int:
-        mask = self.done_mask()
-        return sum(self.layout.chunk_range(k)[1] - self.layout.chunk_range(k)[0] for k in np.flatnonzero(mask))
-
     # -- writing --------------------------------------------------------------------------------------------------
 
     def write_chunk(self, chunk: int, images: np.ndarray, labels: np.ndarray) -> None:
@@ -292,6 +300,7 @@ def export_npz(store: SampleStore, path: str | os.PathLike, batch: int | None = 
                     member.write(np.ascontiguousarray(store.read_images(start, stop)).tobytes())
             with archive.open("arr_1.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, store.read_labels().astype(np.int64))
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,621 @@
+"""The encode / pack job: source images → center crops → (SD-VAE latents | PNG) → WebDataset shards, on Dask.
+
+The driver (`run_job`) scans the source, checks the VAE before any work, plans one task per output shard
+(items `k * shard_size ... (k + 1) * shard_size - 1` in sorted order go to shard `k`), runs the tasks on a Dask
+cluster and, once every shard is done, writes `failures.jsonl` and then `manifest.json` (the manifest is the
+"dataset complete" marker, so it is removed when a job starts and written last).
+
+A task (`encode_shard`) first checks whether its shard is already done: sidecar present, same fingerprint (the
+items with their sizes and modification times, the resolution, transform, VAE hash and dtype) and the tar's
+sha256 matches. If so it returns the sidecar (resume after a kill); otherwise it decodes, crops and encodes its
+items in batches, streams the samples into a temporary tar and commits it with its sidecar. Bad items become
+failure records; they never stop the task. The VAE is fetched with `pipeline.vae.get_vae`, cached per worker
+process.
+
+Dask: by default a `LocalCluster` of `workers` processes with one thread each (torch limited to
+cores // workers threads), or an existing cluster via `scheduler="tcp://host:port"` (the source, the output and
+the VAE directory must then be visible at the same paths on every worker). A worker that dies takes its task
+with it; the scheduler runs the task again elsewhere (`retries` covers exceptions inside a task too). Shards
+whose task still fails are reported by name and the job ends without a manifest; re-running redoes just them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.shards import (
+    FAILURES_NAME,
+    FORMAT_VERSION,
+    IMAGE_MEMBERS,
+    LATENT_MEMBERS,
+    MANIFEST_NAME,
+    ShardWriter,
+    image_sample,
+    json_bytes,
+    latent_sample,
+    read_sidecar,
+    remove_temporary_files,
+    shard_name,
+    shard_problems,
+    sidecar_name,
+    write_json_atomic,
+    write_lines_atomic,
+)
+from pipeline.sources import Source, SourceItem, read_item_bytes, scan_source
+from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, compose_crop_box, prepare_image, transform_spec
+from pipeline.vae import DEFAULT_VAE, VAESpec, resolve_vae
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".diffit-pipe.lock"
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
+
+class JobError(RuntimeError):
+    """The job cannot start (bad settings, output in use) or could not finish every shard."""
+
+
+@dataclass
+class JobConfig:
+    """Settings of one encode (kind="latents") or pack (kind="images") job."""
+
+    source: str
+    out: str
+    kind: str = "latents"
+    resolution: int = 256
+    vae: str = DEFAULT_VAE
+    vae_revision: str | None = None
+    shard_size: int = 1000
+    batch_size: int = 32
+    workers: int = 1  # 0: run the tasks inside this process (Dask threads, no worker processes)
+    scheduler: str | None = None
+    dtype: str = "fp32"
+    torch_threads: int | None = None  # torch intra-op threads per worker; None: cores // workers
+    device: str = "auto"
+    max_failure_rate: float = 0.001
+    limit: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    retries: int = 2
+    progress: bool = True
+    command: str = ""
+
+
+@dataclass
+class ShardTask:
+    """Everything one worker needs to produce one shard (pickled to the worker)."""
+
+    index: int
+    items: list[SourceItem]
+    root: str
+    out: str
+    kind: str
+    resolution: int
+    max_pixels: int
+    batch_size: int
+    fingerprint: str
+    vae_path: str | None
+    dtype: str
+    device: str
+    torch_threads: int | None
+    progress_topic: str | None
+
+
+@dataclass
+class JobResult:
+    """What a job did: the manifest (None when some shard failed), shard tallies and the failure rate."""
+
+    out: str
+    manifest: dict[str, Any] | None
+    shards_total: int
+    shards_written: int = 0
+    shards_skipped: int = 0
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    failure_rate: float = 0.0
+    max_failure_rate: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def failure_rate_exceeded(self) -> bool:
+        """True when more items failed than `--max-failure-rate` allows."""
+        return self.failure_rate > self.max_failure_rate
+
+    @property
+    def ok(self) -> bool:
+        """True when every shard was produced and the failure rate is within the limit."""
+        return not self.failed_shards and not self.failure_rate_exceeded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _report_progress(topic: str | None, index: int, done: int) -> None:
+    """Tell the driver how many items of shard `index` are done (a Dask event; no-op outside a worker)."""
+    if topic is None:
+        return
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(topic, {"shard": index, "done": done})
+    except ValueError:  # not running inside a Dask worker (direct call in tests or benchmarks)
+        return
+
+
+def _default_torch_threads() -> int:
+    """cores // Dask threads of this worker: what a task may use without oversubscribing its machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        from distributed import get_worker
+
+        nthreads = get_worker().state.nthreads
+    except (ValueError, AttributeError):
+        nthreads = 1
+    return max(1, cores // max(1, nthreads))
+
+
+def _sample_meta(item: SourceItem, record: dict[str, Any]) -> dict[str, Any]:
+    """The `json` member of a sample: source path, original size, crop box (in the original's pixels)."""
+    if item.packed_meta is None:
+        return {"source": item.path, **record}
+    packed = item.packed_meta
+    box = record["crop_box"]
+    if "crop_box" in packed and "original_size" in packed:
+        box = compose_crop_box(packed["crop_box"], record["crop_box"], tuple(record["original_size"]))
+    return {
+        "source": packed.get("source", item.path),
+        "packed_from": item.path,
+        "original_size": packed.get("original_size", record["original_size"]),
+        "crop_box": box,
+        "mode": packed.get("mode", record["mode"]),
+        "format": packed.get("format", record["format"]),
+        "orientation": packed.get("orientation", record["orientation"]),
+        "frames": packed.get("frames", record["frames"]),
+    }
+
+
+def _failure(item: SourceItem, root: str, reason: str) -> dict[str, Any]:
+    """A failures.jsonl record: item index, its path (absolute for files), the sample key and the reason."""
+    if item.shard_file is not None:
+        path = f"{item.shard_file}#{item.key}"
+    else:
+        path = os.path.join(root, item.path)
+    return {"index": item.index, "path": path, "key": item.key, "reason": reason}
+
+
+def _prepare(item: SourceItem, task: ShardTask) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read and crop one item; raises ImageDecodeError with the reason when the item cannot be used."""
+    try:
+        data = read_item_bytes(item, task.root)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ImageDecodeError(f"cannot read the file: {reason}") from error
+    pixels, record = prepare_image(data, task.resolution, task.max_pixels)
+    return pixels, _sample_meta(item, record)
+
+
+def _existing_shard(task: ShardTask) -> dict[str, Any] | None:
+    """The sidecar of this shard when a previous run already produced it with the same fingerprint, intact."""
+    sidecar = read_sidecar(task.out, task.index)
+    if sidecar is None or sidecar.get("fingerprint") != task.fingerprint:
+        return None
+    if shard_problems(task.out, sidecar):
+        return None
+    return sidecar
+
+
+def encode_shard(task: ShardTask) -> dict[str, Any]:
+    """Produce (or find already done) shard `task.index`; returns its sidecar plus `"skipped": bool`."""
+    existing = _existing_shard(task)
+    if existing is not None:
+        _report_progress(task.progress_topic, task.index, len(task.items))
+        return {**existing, "skipped": True}
+
+    vae = None
+    if task.kind == "latents":
+        from pipeline.vae import get_vae, pick_device, set_torch_threads
+
+        set_torch_threads(task.torch_threads or _default_torch_threads())
+        vae = get_vae(task.vae_path, task.dtype, pick_device(task.device))
+
+    failures: list[dict[str, Any]] = []
+    done = 0
+    with ShardWriter(task.out, task.index) as writer:
+        for start in range(0, len(task.items), task.batch_size):
+            batch = task.items[start : start + task.batch_size]
+            ready = []
+            for item in batch:
+                try:
+                    pixels, meta = _prepare(item, task)
+                except ImageDecodeError as error:
+                    failures.append(_failure(item, task.root, str(error)))
+                    continue
+                ready.append((item, pixels, meta))
+            _write_batch(writer, vae, ready, failures, task)
+            done += len(batch)
+            _report_progress(task.progress_topic, task.index, done)
+        sidecar = writer.commit(
+            {
+                "fingerprint": task.fingerprint,
+                "items": len(task.items),
+                "first_item": task.items[0].index if task.items else None,
+                "failures": failures,
+            }
+        )
+    return {**sidecar, "skipped": False}
+
+
+def _write_batch(writer: ShardWriter, vae, ready: list, failures: list, task: ShardTask) -> None:
+    """Encode one batch of crops (latents) or PNG-compress them (images) and append the samples in item order."""
+    if not ready:
+        return
+    if task.kind == "images":
+        for item, pixels, meta in ready:
+            writer.write(image_sample(item.key, pixels, item.label, meta))
+        return
+    from pipeline.vae import encode_pixels
+
+    mean, std = encode_pixels(vae, np.stack([pixels for _, pixels, _ in ready]))
+    mean16, std16 = mean.astype(np.float16), std.astype(np.float16)
+    for j, (item, _, meta) in enumerate(ready):
+        if not (np.isfinite(mean16[j]).all() and np.isfinite(std16[j]).all()):
+            failures.append(_failure(item, task.root, "VAE output is not finite in float16 (NaN or overflow)"))
+            continue
+        writer.write(latent_sample(item.key, mean16[j], std16[j], item.label, meta))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def plan_shards(items: list[SourceItem], shard_size: int) -> list[list[SourceItem]]:
+    """Split the ordered items into consecutive shards of `shard_size` (the last one may be shorter)."""
+    if shard_size < 1:
+        raise JobError(f"--shard-size must be at least 1, got {shard_size}")
+    return [items[start : start + shard_size] for start in range(0, len(items), shard_size)]
+
+
+def shard_fingerprint(settings: dict[str, Any], index: int, items: list[SourceItem]) -> str:
+    """sha256 of what determines a shard's content: job settings, shard index and its items' identities."""
+    digest = hashlib.sha256(json_bytes(settings))
+    digest.update(json_bytes([index, [item.fingerprint_fields() for item in items]]))
+    return digest.hexdigest()
+
+
+@contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output directory so two jobs never write the same shards."""
+    import fcntl
+
+    handle = open(out / LOCK_NAME, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        raise JobError(f"another diffit-pipe job is writing to {out} (lock {out / LOCK_NAME} is held)") from error
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _prepare_output(out: Path, num_shards: int) -> None:
+    """Clear what a previous run left that is not a reusable shard: temp files, the manifest, stale shards."""
+    removed = remove_temporary_files(out)
+    if removed:
+        logger.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
+    for name in (MANIFEST_NAME, FAILURES_NAME):
+        # The manifest marks a complete dataset; it is written again at the end of this run.
+        (out / name).unlink(missing_ok=True)
+    stale = []
+    for path in sorted(out.glob("shard-*.*")):
+        stem = path.name.split(".")[0]
+        number = stem.removeprefix("shard-")
+        if number.isdigit() and int(number) >= num_shards and path.suffix in (".tar", ".json"):
+            stale.append(path)
+    if stale:
+        logger.warning(
+            "removing %d shard file(s) of a previous, larger run in %s (first: %s)", len(stale), out, stale[0].name
+        )
+        for path in stale:
+            path.unlink()
+
+
+def _local_cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def _dask_client(cfg: JobConfig, client=None) -> Iterator[Any]:
+    """A Dask client: the one given, a running cluster (`scheduler`), or a LocalCluster started here."""
+    from distributed import Client, LocalCluster
+
+    if client is not None:
+        yield client
+        return
+    if cfg.scheduler:
+        logger.info("connecting to the Dask scheduler at %s", cfg.scheduler)
+        try:
+            remote = Client(cfg.scheduler, timeout="30s")
+        except OSError as error:
+            raise JobError(f"cannot connect to the Dask scheduler at {cfg.scheduler}: {error}") from error
+        with remote:
+            yield remote
+        return
+    import dask
+
+    processes = cfg.workers > 0
+    n_workers = max(1, cfg.workers)
+    logger.info("starting a local Dask cluster: %d worker(s) x 1 thread (%s)", n_workers, "processes" if processes else "in-process")
+    # Without a dashboard nobody reads the statistical profiler (a stack sample every 10 ms) or frequent system
+    # samples; turned off they stop taking CPU and the GIL from the encoding thread (an idle worker: 3% → 0.4%).
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=processes,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        try:
+            with Client(cluster) as local:
+                yield local
+        finally:
+            cluster.close()
+
+
+class _Progress:
+    """Items/s progress bar fed by per-batch events from the workers (and corrected when a shard completes)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+        self.done: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def update(self, shard: int, done: int) -> None:
+        """Record that `done` items of `shard` are finished (events may repeat when a task is retried)."""
+        with self.lock:
+            previous = self.done.get(shard, 0)
+            if done > previous:
+                self.done[shard] = done
+                self.bar.update(done - previous)
+
+    def on_event(self, event) -> None:
+        """Handler for Dask events `(timestamp, {"shard", "done"})`."""
+        _, message = event
+        self.update(int(message["shard"]), int(message["done"]))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _settings_for_fingerprint(cfg: JobConfig, vae_spec: VAESpec | None) -> dict[str, Any]:
+    """Job settings that change shard bytes (the batch size and worker count do not)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": cfg.kind,
+        "resolution": cfg.resolution,
+        "transform": transform_spec(cfg.resolution, cfg.max_pixels),
+        "vae_hash": vae_spec.path_hash if vae_spec else None,
+        "dtype": cfg.dtype if vae_spec else None,
+    }
+
+
+def check_config(cfg: JobConfig) -> None:
+    """Refuse settings that cannot work, with the flag to change."""
+    if cfg.kind not in ("latents", "images"):
+        raise JobError(f"unknown job kind {cfg.kind!r}")
+    if cfg.resolution < 8:
+        raise JobError(f"--resolution must be at least 8, got {cfg.resolution}")
+    if cfg.batch_size < 1:
+        raise JobError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.workers < 0:
+        raise JobError(f"--workers must be 0 (in-process) or more, got {cfg.workers}")
+    if not 0.0 <= cfg.max_failure_rate <= 1.0:
+        raise JobError(f"--max-failure-rate must be within [0, 1], got {cfg.max_failure_rate}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise JobError(f"--limit must be at least 1, got {cfg.limit}")
+    if cfg.max_pixels < 1:
+        raise JobError(f"--max-pixels must be positive, got {cfg.max_pixels}")
+    if cfg.dtype not in ("fp32", "fp16", "bf16"):
+        raise JobError(f"--dtype must be fp32, fp16 or bf16, got {cfg.dtype!r}")
+
+
+def run_job(cfg: JobConfig, client=None) -> JobResult:
+    """Run an encode or pack job end to end (see the module docstring); `client`: use this Dask client."""
+    started = time.perf_counter()
+    check_config(cfg)
+    vae_spec = None
+    if cfg.kind == "latents":
+        vae_spec = resolve_vae(cfg.vae, cfg.vae_revision)  # first of all: a bad --vae fails before any work
+        factor = vae_spec.downsample_factor
+        if cfg.resolution % factor:
+            raise JobError(f"--resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        if cfg.dtype != "fp32" and cfg.device == "cpu":
+            logger.warning("--dtype %s on CPU: half-precision convolutions are usually slower than fp32", cfg.dtype)
+
+    source = scan_source(cfg.source)
+    items = source.items[: cfg.limit] if cfg.limit else source.items
+    if source.layout == "shards" and source.packed_manifest and cfg.resolution > source.packed_manifest["resolution"]:
+        logger.warning(
+            "encoding at %d px from shards packed at %d px: images are upsampled",
+            cfg.resolution, source.packed_manifest["resolution"],
+        )
+
+    out = Path(cfg.out).expanduser().resolve()
+    if out == Path(source.root) or Path(source.root) in out.parents:
+        # Shards inside the source tree would be read as images (or a class folder) by the next run.
+        raise JobError(f"the output directory {out} is inside the source {source.root}; choose another OUT")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = plan_shards(items, cfg.shard_size)
+    settings = _settings_for_fingerprint(cfg, vae_spec)
+    run_id = uuid.uuid4().hex[:8]
+    topic = f"diffit-pipe-progress-{run_id}"
+
+    torch_threads = cfg.torch_threads
+    if torch_threads is None and not cfg.scheduler and client is None:
+        torch_threads = max(1, _local_cores() // max(1, cfg.workers))
+    tasks = [
+        ShardTask(
+            index=index,
+            items=shard_items,
+            root=source.root,
+            out=str(out),
+            kind=cfg.kind,
+            resolution=cfg.resolution,
+            max_pixels=cfg.max_pixels,
+            batch_size=cfg.batch_size,
+            fingerprint=shard_fingerprint(settings, index, shard_items),
+            vae_path=vae_spec.local_path if vae_spec else None,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            torch_threads=torch_threads,
+            progress_topic=topic,
+        )
+        for index, shard_items in enumerate(shards)
+    ]
+
+    result = JobResult(out=str(out), manifest=None, shards_total=len(tasks), max_failure_rate=cfg.max_failure_rate)
+    with _output_lock(out):
+        _prepare_output(out, len(tasks))
+        logger.info("%s: %d items from %s in %d shard(s) → %s", cfg.kind, len(items), source.root, len(tasks), out)
+        sidecars = _execute(cfg, tasks, topic, result, client)
+        remove_temporary_files(out)  # leftovers of attempts whose worker died
+        if result.failed_shards:
+            result.elapsed_s = time.perf_counter() - started
+            return result
+        manifest, failures = _build_manifest(cfg, source, items, tasks, sidecars, vae_spec)
+        write_lines_atomic(out / FAILURES_NAME, failures)
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+    result.manifest = manifest
+    result.counts = manifest["counts"]
+    result.failure_rate = manifest["failure_rate"]
+    result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+def _execute(cfg: JobConfig, tasks: list[ShardTask], topic: str, result: JobResult, client) -> dict[int, dict]:
+    """Run the shard tasks on Dask; returns the sidecars by shard index and fills the tallies of `result`."""
+    from distributed import as_completed
+
+    sidecars: dict[int, dict[str, Any]] = {}
+    progress = _Progress(sum(len(t.items) for t in tasks), cfg.progress, desc=cfg.kind)
+    try:
+        with _dask_client(cfg, client) as dask_client:
+            dask_client.subscribe_topic(topic, progress.on_event)
+            futures = {
+                dask_client.submit(
+                    encode_shard, task, key=f"{cfg.kind}-{shard_name(task.index)}-{topic[-8:]}", pure=False,
+                    retries=cfg.retries,
+                ): task
+                for task in tasks
+            }
+            for future in as_completed(futures):
+                task = futures[future]
+                try:
+                    sidecar = future.result()
+                except Exception as error:  # the task failed on every attempt, or its workers kept dying
+                    result.failed_shards[shard_name(task.index)] = f"{type(error).__name__}: {error}"
+                    logger.error("shard %s failed: %s: %s", shard_name(task.index), type(error).__name__, error)
+                    continue
+                progress.update(task.index, len(task.items))
+                if sidecar.pop("skipped"):
+                    result.shards_skipped += 1
+                else:
+                    result.shards_written += 1
+                sidecars[task.index] = sidecar
+            dask_client.unsubscribe_topic(topic)
+    finally:
+        progress.close()
+    if result.shards_skipped:
+        logger.info("%d shard(s) were already complete and verified; %d written now", result.shards_skipped, result.shards_written)
+    return sidecars
+
+
+def _build_manifest(
+    cfg: JobConfig,
+    source: Source,
+    items: list[SourceItem],
+    tasks: list[ShardTask],
+    sidecars: dict[int, dict[str, Any]],
+    vae_spec: VAESpec | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The manifest and the failure records of a finished job (checking that the sidecars add up)."""
+    entries, failures = [], []
+    for task in tasks:
+        sidecar = sidecars[task.index]
+        if sidecar["items"] != len(task.items) or sidecar["count"] + len(sidecar["failures"]) != len(task.items):
+            raise JobError(f"sidecar {sidecar_name(task.index)} does not add up: {sidecar['count']} written + "
+                           f"{len(sidecar['failures'])} failed != {len(task.items)} items")
+        entries.append(
+            {
+                "name": sidecar["name"],
+                "count": sidecar["count"],
+                "sha256": sidecar["sha256"],
+                "bytes": sidecar["bytes"],
+                "failures": len(sidecar["failures"]),
+            }
+        )
+        failures.extend(sidecar["failures"])
+    written = sum(entry["count"] for entry in entries)
+    seen = len(items)
+    counts = {"seen": seen, "written": written, "failed": len(failures)}
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "kind": cfg.kind,
+        "resolution": cfg.resolution,
+        "num_classes": source.num_classes,
+        "label_map": source.label_map,
+        "counts": counts,
+        "failure_rate": round(len(failures) / seen, 6) if seen else 0.0,
+        "shard_size": cfg.shard_size,
+        "shards": entries,
+        "members": list(LATENT_MEMBERS if cfg.kind == "latents" else IMAGE_MEMBERS),
+        "source": source.describe(),
+        "transform": transform_spec(cfg.resolution, cfg.max_pixels),
+        "failures_file": FAILURES_NAME,
+        "job_fingerprint": hashlib.sha256("".join(t.fingerprint for t in tasks).encode()).hexdigest(),
+        "command": cfg.command,
+        "package_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if vae_spec is not None:
+        latent_size = cfg.resolution // vae_spec.downsample_factor
+        manifest["latent_channels"] = vae_spec.latent_channels
+        manifest["latent_size"] = latent_size
+        manifest["latent_shape"] = [2, vae_spec.latent_channels, latent_size, latent_size]
+        manifest["latent_dtype"] = "float16"
+        manifest["flip"] = "index 0 = image, index 1 = horizontally flipped image"
+        manifest["vae"] = vae_spec.manifest_entry(cfg.dtype)
+    else:
+        manifest["image_format"] = "png"
+        manifest["image_shape"] = [cfg.resolution, cfg.resolution, 3]
+    return manifest, failures
+
+
+def command_line() -> str:
+    """The command line of this process, quoted so it can be pasted back into a shell."""
+    return shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])

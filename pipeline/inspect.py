@@ -1,0 +1,179 @@
+"""`diffit-pipe inspect`: summarise, verify and preview a dataset written by `encode` or `pack`.
+
+- `summarize(dir)` reads the manifest, the failures file and the shard sizes (no shard is opened);
+- `verify_dataset(dir)` (from `pipeline.shards`) re-hashes every shard against the manifest and sidecars;
+- `write_preview(dir, png)` decodes the first few latents through the VAE recorded in the manifest (raw image
+  datasets: the images themselves) and saves them as one PNG grid.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.shards import FAILURES_NAME, decode_sample, iter_samples, load_manifest, shard_urls
+
+
+class PreviewError(ValueError):
+    """A preview cannot be made (no samples, or the recorded VAE is not available / not the same)."""
+
+
+def _reason_group(reason: str) -> str:
+    """The general part of a failure reason (`corrupt or truncated image data (...)` → `corrupt or truncated image data`)."""
+    return reason.split(" (")[0].split(": ")[0]
+
+
+def read_failures(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of `failures.jsonl` (empty when every item was written)."""
+    path = Path(directory) / FAILURES_NAME
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def summarize(directory: str | os.PathLike) -> dict[str, Any]:
+    """Facts about a dataset: counts, classes, shards, bytes, failure reasons, VAE."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    failures = read_failures(directory)
+    reasons = collections.Counter(_reason_group(f["reason"]) for f in failures)
+    examples = {}
+    for failure in failures:
+        examples.setdefault(_reason_group(failure["reason"]), failure["path"])
+    return {
+        "directory": str(directory.resolve()),
+        "kind": manifest["kind"],
+        "format_version": manifest["format_version"],
+        "resolution": manifest["resolution"],
+        "counts": manifest["counts"],
+        "failure_rate": manifest.get("failure_rate"),
+        "num_classes": manifest["num_classes"],
+        "label_map": manifest["label_map"],
+        "shards": len(manifest["shards"]),
+        "empty_shards": sum(1 for entry in manifest["shards"] if entry["count"] == 0),
+        "bytes": sum(entry["bytes"] for entry in manifest["shards"]),
+        "failure_reasons": [(reason, count, examples[reason]) for reason, count in reasons.most_common()],
+        "vae": manifest.get("vae"),
+        "sample_shape": manifest.get("latent_shape") or manifest.get("image_shape"),
+        "source": manifest.get("source", {}).get("root"),
+        "created": manifest.get("created"),
+        "command": manifest.get("command"),
+    }
+
+
+def _human_bytes(count: int) -> str:
+    """1234567 → `1.2 MB`."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1000
+    return f"{count} B"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable lines for `summarize` output."""
+    counts = summary["counts"]
+    rate = counts["failed"] / counts["seen"] if counts["seen"] else 0.0
+    names = list(summary["label_map"])
+    classes = f"{summary['num_classes']}" + (f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else " (unlabelled, class -1)")
+    lines = [
+        f"dataset    {summary['directory']}",
+        f"kind       {summary['kind']} (format {summary['format_version']}), resolution {summary['resolution']}, sample {summary['sample_shape']}",
+        f"items      {counts['written']} written / {counts['seen']} seen / {counts['failed']} failed ({rate:.2%})",
+        f"classes    {classes}",
+        f"shards     {summary['shards']} ({summary['empty_shards']} empty), {_human_bytes(summary['bytes'])}",
+        f"source     {summary['source']}",
+    ]
+    vae = summary["vae"]
+    if vae:
+        identity = f"revision {vae['revision']}" if vae.get("revision") else f"sha256 {vae['path_hash'][:16]}"
+        lines.append(
+            f"vae        {vae['id']} ({identity}), scaling_factor {vae['scaling_factor']}, dtype {vae['dtype']}, "
+            f"stored {vae['convention']}"
+        )
+    if summary["failure_reasons"]:
+        lines.append("failures   " + "; ".join(f"{count} x {reason} (e.g. {example})" for reason, count, example in summary["failure_reasons"][:6]))
+    lines.append(f"created    {summary['created']} by: {summary['command']}")
+    return "\n".join(lines)
+
+
+def first_samples(directory: str | os.PathLike, count: int) -> list[dict[str, Any]]:
+    """The first `count` decoded samples in shard order."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    samples = []
+    for url in shard_urls(directory, manifest):
+        for sample in iter_samples(url):
+            samples.append(decode_sample(sample))
+            if len(samples) >= count:
+                return samples
+    return samples
+
+
+def _recorded_vae(manifest: dict[str, Any], override: str | None):
+    """Load the VAE the latents were made with (or `override`), refusing a local VAE whose files changed."""
+    from pipeline.vae import VAEError, get_vae, resolve_vae
+
+    recorded = manifest["vae"]
+    if override:
+        spec = resolve_vae(override)
+    elif recorded.get("source") == "hub":
+        spec = resolve_vae(recorded["id"], recorded.get("revision"))
+    else:
+        try:
+            spec = resolve_vae(recorded["path"])
+        except VAEError as error:
+            raise PreviewError(f"the VAE recorded in the manifest is not available ({error}); pass --vae PATH") from error
+        if spec.path_hash != recorded["path_hash"]:
+            raise PreviewError(
+                f"the VAE at {recorded['path']} is not the one the latents were made with (sha256 differs); "
+                "pass the right one with --vae PATH"
+            )
+    return get_vae(spec.local_path, "fp32", "cpu")
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile uint8 [N, H, W, 3] images into one [rows*H', cols*W', 3] grid with white padding."""
+    count, height, width, _ = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        top = pad + (i // columns) * (height + pad)
+        left = pad + (i % columns) * (width + pad)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def write_preview(directory: str | os.PathLike, png_path: str | os.PathLike, count: int = 16, vae: str | None = None) -> int:
+    """Save a grid of the first `count` samples (latents decoded through the VAE) to `png_path`; returns the number shown."""
+    from PIL import Image
+
+    manifest = load_manifest(directory)
+    samples = first_samples(directory, count)
+    if not samples:
+        raise PreviewError(f"{directory} holds no samples to preview")
+    if manifest["kind"] == "latents":
+        from pipeline.vae import decode_latents
+
+        model = _recorded_vae(manifest, vae)
+        latents = np.stack([s["mean.npy"][0].astype(np.float32) for s in samples])
+        images = decode_latents(model, latents)
+    else:
+        images = np.stack([s["png"] for s in samples])
+    buffer = io.BytesIO()
+    Image.fromarray(image_grid(images)).save(buffer, format="PNG")
+    png_path = Path(png_path)
+    temp = png_path.with_name(png_path.name + f".tmp-{os.getpid()}")
+    temp.write_bytes(buffer.getvalue())
+    os.replace(temp, png_path)
+    return len(samples)
+

@@ -1,0 +1,245 @@
+"""Builders for the evaluate-stage tests: random Inception weights, tiny VAE and models, reference sets.
+
+Also a small command-line entry used by tests that need real separate processes:
+
+    python tests/eval_fixtures.py cli evaluate --model ...        # the evaluate/sample commands, as typer runs them
+    python tests/eval_fixtures.py slow-sample STORE_ARGS_JSON      # sampling with a delay per network call
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception weights (plumbing only)
+
+
+def make_random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """torch-fidelity's Inception-v3 architecture with random weights, saved as a state dict (~95 MB).
+
+    torch-fidelity loads its weights inside the constructor, so loading is patched out for construction.
+    The default init makes features collapse (FID 0, IS 1); Kaiming-normal convs (fan_in, relu) keep them
+    informative enough for plumbing tests. These weights are NOT the official ones.
+    """
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    generator = torch.Generator().manual_seed(seed)
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu", generator=generator)
+    torch.save(network.state_dict(), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def make_tiny_vae(path: Path, latent_channels: int = 4, seed: int = 0) -> Path:
+    """A random diffusers AutoencoderKL with a /2 downsampling factor (two blocks), saved to `path`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32)
+    vae.save_pretrained(str(path))
+    return path
+
+
+def _randomise_head(model, seed: int) -> None:
+    """Give the zero-initialised output layer random weights so the untrained network predicts something."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(("final_layer", "head")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def make_latent_model_dir(path: Path, vae_path: Path | str | None, num_classes: int = 10, seed: int = 0,
+                          vae_entry: dict[str, Any] | None = None, **overrides) -> Path:
+    """`DiffiT-Tiny/2` (8x8x4 latents -> 16x16 images with the tiny VAE), exported with an ADM diffusion entry."""
+    import torch
+
+    import diffit
+
+    torch.manual_seed(seed)
+    model = diffit.create_model("DiffiT-Tiny/2", num_classes=num_classes, **overrides)
+    _randomise_head(model, seed)
+    if vae_entry is None:
+        from pipeline.vae import resolve_vae
+
+        vae_entry = resolve_vae(str(vae_path)).manifest_entry("fp32")  # what `encode` writes into the manifest
+    vae = vae_entry
+    extra = {"diffusion": {"type": "adm", "noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
+             "vae": vae}
+    diffit.save_pretrained(model, path, extra)
+    return path
+
+
+def make_image_model_dir(path: Path, seed: int = 0) -> Path:
+    """`DiffiT-UNet-Tiny` (16x16 RGB, unconditional), exported with an EDM diffusion entry."""
+    import torch
+
+    import diffit
+
+    torch.manual_seed(seed)
+    model = diffit.create_model("DiffiT-UNet-Tiny")
+    _randomise_head(model, seed)
+    diffit.save_pretrained(model, path, {"diffusion": {"type": "edm", "sigma_data": 0.5}})
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference sets
+
+
+def smooth_images(count: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    """uint8 [count, size, size, 3] images of random colour gradients (structured, unlike white noise)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.0, 1.0, size)
+    images = np.empty((count, size, size, 3), dtype=np.float64)
+    for i in range(count):
+        start, slope_y, slope_x = rng.uniform(0, 255, 3), rng.uniform(-120, 120, 3), rng.uniform(-120, 120, 3)
+        images[i] = start + slope_y * ramp[:, None, None] + slope_x * ramp[None, :, None]
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def write_npz_reference(path: Path, images: np.ndarray) -> Path:
+    """An ADM-style reference batch: `arr_0` uint8 [N, H, W, 3]."""
+    np.savez(path, arr_0=images)
+    return path
+
+
+def write_folder_reference(path: Path, images: np.ndarray) -> Path:
+    """One PNG per image in `path` (two sub-folders, to exercise the recursive listing)."""
+    from PIL import Image
+
+    for index, image in enumerate(images):
+        folder = path / f"part{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index:05d}.png")
+    return path
+
+
+def write_shard_reference(path: Path, images: np.ndarray, per_shard: int = 8) -> Path:
+    """Raw image shards in the `pack` format (tar + sidecar per shard, manifest.json last)."""
+    from pipeline import shards
+
+    path.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, start in enumerate(range(0, len(images), per_shard)):
+        with shards.ShardWriter(path, index) as writer:
+            for offset, image in enumerate(images[start:start + per_shard]):
+                writer.write(shards.image_sample(f"{start + offset:08d}", image, 0, {"source": "synthetic"}))
+            sidecar = writer.commit({"failures": 0})
+        entries.append({key: sidecar[key] for key in ("name", "count", "sha256", "bytes")})
+    manifest = {"format_version": shards.FORMAT_VERSION, "kind": "images", "resolution": int(images.shape[1]),
+                "num_classes": 1, "label_map": {"synthetic": 0},
+                "counts": {"seen": len(images), "written": len(images), "failed": 0}, "shards": entries}
+    shards.write_json_atomic(path / shards.MANIFEST_NAME, manifest)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Session-wide artefacts shared by several test modules (built once per pytest process)
+
+_SESSION: dict[str, Path] = {}
+
+
+def session_artifact(name: str, tmp_path_factory, build) -> Path:
+    """`build(directory)` once per test session; later calls (from any test module) return the same path."""
+    if name not in _SESSION:
+        directory = tmp_path_factory.mktemp(name.replace("/", "-"))
+        _SESSION[name] = build(directory)
+    return _SESSION[name]
+
+
+def session_inception_weights(tmp_path_factory) -> Path:
+    """Random-init Inception weights file (plumbing only), made once per session."""
+    return session_artifact("inception", tmp_path_factory,
+                            lambda d: make_random_inception_weights(d / "inception-random.pth"))
+
+
+def session_vae(tmp_path_factory) -> Path:
+    return session_artifact("vae", tmp_path_factory, lambda d: make_tiny_vae(d / "vae"))
+
+
+def session_latent_model(tmp_path_factory) -> Path:
+    vae = session_vae(tmp_path_factory)
+    return session_artifact("latent-model", tmp_path_factory, lambda d: make_latent_model_dir(d / "model", vae))
+
+
+def session_image_model(tmp_path_factory) -> Path:
+    return session_artifact("image-model", tmp_path_factory, lambda d: make_image_model_dir(d / "model"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points for subprocess tests
+
+
+def _run_cli(arguments: list[str]) -> None:
+    """Run the evaluate-stage commands exactly as `diffit-pipe` would (a typer app with `register`)."""
+    import typer
+
+    from cli.evaluate_cmd import register
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+    register(app)
+    app(arguments, prog_name="diffit-pipe")
+
+
+def _slow_sample(spec_path: str) -> None:
+    """Sample into a store like `evaluate` does, sleeping after each network call (so a test can kill it)."""
+    import time
+
+    import torch
+
+    from pipeline import evaluate as ev
+    from pipeline.sample_store import STORE_NAME, SampleStore
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(1)
+    loaded = ev.load_model(Path(spec["model"]))
+    forward = loaded.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(spec["delay_s"])
+        return forward(*args, **kwargs)
+
+    loaded.model.forward = slow_forward
+    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(**spec["sampling"]))
+    settings = ev.store_settings(loaded, sampling, spec["num_samples"])
+    layout = ev.StoreLayout(spec["num_samples"], *loaded.resolution, spec["batch_size"])
+    store = SampleStore.open_or_create(Path(spec["out"]) / STORE_NAME, layout, settings)
+    print("started", flush=True)
+    ev.sample_into_store(store, loaded, sampling, 0, 1, spec["batch_size"], "cpu")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    command, rest = sys.argv[1], sys.argv[2:]
+    if command == "cli":
+        _run_cli(rest)
+    elif command == "slow-sample":
+        _slow_sample(rest[0])
+    else:
+        raise SystemExit(f"unknown command {command!r}; expected cli or slow-sample")

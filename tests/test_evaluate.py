@@ -1,0 +1,424 @@
+"""The evaluate stage end to end with tiny models: store determinism, multi-process and resume equivalence,
+paper defaults, guidance wiring, and the errors that must stop a run before any sampling.
+
+Inception weights are random (plumbing only) and FID/KID/PRC use the 64-channel layer to stay fast.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eval_fixtures import (REPO_ROOT, make_latent_model_dir, make_tiny_vae, session_image_model,
+                           session_inception_weights, session_latent_model, session_vae, smooth_images,
+                           write_npz_reference)
+from pipeline import evaluate as ev
+from pipeline import metrics as M
+from pipeline.sample_store import STORE_NAME, SampleStore, SampleStoreMismatchError
+
+FIXTURES = str(REPO_ROOT / "tests" / "eval_fixtures.py")
+NUM_SAMPLES, BATCH, STEPS = 8, 2, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads per op are far slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    return session_inception_weights(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def latent_model(tmp_path_factory):
+    return session_latent_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return write_npz_reference(tmp_path_factory.mktemp("reference") / "ref.npz", smooth_images(8, size=16))
+
+
+def _options(model, out, reference=None, weights=None, metrics=("fid", "prc"), **changes) -> ev.EvaluateOptions:
+    sampling = {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine", **changes.pop("sampling", {})}
+    settings = dict(model_dir=model, out_dir=out, num_samples=NUM_SAMPLES, batch_size=BATCH,
+                    sampling=ev.SamplingOptions(**sampling),
+                    reference=reference, inception_weights=weights, metrics=metrics, feature_layer="64",
+                    feature_batch_size=8, device="cpu")
+    settings.update(changes)
+    return ev.EvaluateOptions(**settings)
+
+
+def _cli_arguments(options: ev.EvaluateOptions) -> list[str]:
+    """The `diffit-pipe evaluate` arguments equivalent to `options` (as built by `_options`)."""
+    return ["evaluate", "--model", str(options.model_dir), "--out", str(options.out_dir),
+            "--num-samples", str(options.num_samples), "--batch-size", str(options.batch_size),
+            "--steps", str(options.sampling.steps), "--cfg-scale", str(options.sampling.cfg_scale),
+            "--cfg-schedule", options.sampling.cfg_schedule, "--reference", str(options.reference),
+            "--inception-weights", str(options.inception_weights), "--metrics", ",".join(options.metrics),
+            "--feature-layer", options.feature_layer, "--feature-batch-size", str(options.feature_batch_size),
+            "--device", "cpu"]
+
+
+def _images(out: Path) -> np.ndarray:
+    store = SampleStore.open(out / STORE_NAME, mode="r")
+    assert store.is_complete()
+    return store.read_images(0, store.layout.num_samples)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, latent_model, reference, inception_weights):
+    """One uninterrupted single-process evaluation that the other runs are compared with."""
+    out = tmp_path_factory.mktemp("baseline")
+    options = _options(latent_model, out, reference, inception_weights, export_npz=True)
+    record = ev.evaluate(options)
+    return SimpleNamespace(out=out, record=record, options=options, images=_images(out))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_evaluate_writes_store_metrics_json_and_npz(baseline, inception_weights, capsys):
+    record = json.loads((baseline.out / "metrics.json").read_text())
+    assert record == json.loads(json.dumps(baseline.record))
+    assert record["num_samples"] == NUM_SAMPLES and record["num_processes"] == 1
+    # Random Inception weights: the values exist, but only under the plumbing-only key, never as "metrics".
+    assert record["official_inception_weights"] is False and record["metrics"] == {}
+    assert record["reportable"] is False and record["label"].startswith(M.PLUMBING_ONLY_LABEL)
+    assert "non-standard Inception feature layers" in record["label"]
+    values = record["plumbing_only_metrics"]
+    assert set(values) == {"fid", "precision", "recall", "f_score"}
+    assert values["fid"] > 0 and 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
+    assert record["inception_weights"]["sha256"] == M.sha256_file(inception_weights)
+    sampling = record["sampling"]
+    assert (sampling["sampler"], sampling["steps"], sampling["guidance_scale"], sampling["guidance_schedule"],
+            sampling["guidance_channels"]) == ("ddpm", STEPS, 4.6, "power-cosine", 3)
+    assert record["model"]["weights_sha256"] == M.sha256_file(Path(baseline.options.model_dir) / "model.safetensors")
+    assert record["reference"]["kind"] == "npz" and len(record["reference"]["content_sha256"]) == 64
+    assert record["feature_extractor"]["layers"] == {"fid": "64", "prc": "64"}
+    assert {"rank0_sampling", "total", "metrics_sample_features"} <= set(record["timings_s"])
+
+    images = baseline.images
+    assert images.shape == (NUM_SAMPLES, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 1
+    with np.load(baseline.out / "samples.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], images)
+        labels = data["arr_1"]
+    assert labels.min() >= 0 and labels.max() < 10
+    store = SampleStore.open(baseline.out / STORE_NAME, mode="r")
+    assert store.settings["sampling"]["seed"] == 0 and store.settings["package_version"] == ev.__version__
+
+
+def test_same_seed_same_samples_whatever_the_batch_size(baseline, tmp_path):
+    batch3 = ev.evaluate(_options(baseline.options.model_dir, tmp_path / "b3", metrics=(), batch_size=3))
+    np.testing.assert_array_equal(_images(tmp_path / "b3"), baseline.images)
+    assert batch3["sample_store"]["chunk_size"] == 3
+    ev.evaluate(_options(baseline.options.model_dir, tmp_path / "seed1", metrics=(), sampling={"seed": 1}))
+    assert not np.array_equal(_images(tmp_path / "seed1"), baseline.images)
+
+
+def test_rerun_reuses_store_and_refuses_other_settings(baseline, tmp_path):
+    out = tmp_path / "again"
+    ev.evaluate(_options(baseline.options.model_dir, out, metrics=()))
+    record = ev.evaluate(_options(baseline.options.model_dir, out, metrics=()))
+    assert record["sample_store"]["chunks_sampled_this_run"] == 0
+    with pytest.raises(SampleStoreMismatchError, match="seed"):
+        ev.evaluate(_options(baseline.options.model_dir, out, metrics=(), sampling={"seed": 5}))
+    with pytest.raises(SampleStoreMismatchError, match="steps"):
+        ev.evaluate(_options(baseline.options.model_dir, out, metrics=(), sampling={"steps": 2}))
+    np.testing.assert_array_equal(_images(out), baseline.images)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_store_and_metrics(baseline, tmp_path):
+    options = _options(baseline.options.model_dir, tmp_path / "two", baseline.options.reference,
+                       baseline.options.inception_weights)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", FIXTURES, "cli",
+               *_cli_arguments(options)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert record["num_processes"] == 2
+    np.testing.assert_array_equal(_images(tmp_path / "two"), baseline.images)
+    assert record["plumbing_only_metrics"] == baseline.record["plumbing_only_metrics"]
+    assert "PLUMBING-ONLY" in result.stdout
+
+
+@pytest.mark.slow
+def test_killed_sampling_resumes_to_the_same_store_and_metrics(baseline, tmp_path):
+    out = tmp_path / "killed"
+    spec = {"model": str(baseline.options.model_dir), "out": str(out), "num_samples": NUM_SAMPLES,
+            "batch_size": BATCH, "delay_s": 0.25,
+            "sampling": {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine"}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    worker = subprocess.Popen([sys.executable, FIXTURES, "slow-sample", str(tmp_path / "spec.json")], cwd=REPO_ROOT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        done = 0
+        while time.monotonic() < deadline and worker.poll() is None:
+            if (out / STORE_NAME / "zarr.json").exists():
+                done = int(SampleStore.open(out / STORE_NAME, mode="r").done_mask().sum())
+                if done >= 1:
+                    break
+            time.sleep(0.05)
+        assert worker.poll() is None, f"sampling ended before it could be killed:\n{worker.communicate()[0]}"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    interrupted = SampleStore.open(out / STORE_NAME, mode="r")
+    assert 1 <= interrupted.done_mask().sum() < interrupted.layout.num_chunks
+
+    record = ev.evaluate(_options(baseline.options.model_dir, out, baseline.options.reference,
+                                  baseline.options.inception_weights))
+    assert 0 < record["sample_store"]["chunks_sampled_this_run"] < record["sample_store"]["num_chunks"]
+    np.testing.assert_array_equal(_images(out), baseline.images)
+    assert record["plumbing_only_metrics"] == baseline.record["plumbing_only_metrics"]
+
+
+def test_image_space_edm_model(tmp_path_factory, tmp_path):
+    model = session_image_model(tmp_path_factory)
+    record = ev.evaluate(ev.EvaluateOptions(model_dir=model, out_dir=tmp_path, num_samples=3, batch_size=2,
+                                            sampling=ev.SamplingOptions(steps=3), metrics=(), device="cpu"))
+    assert record["sampling"]["sampler"] == "edm-heun" and record["sampling"]["guidance_scale"] == 1.0
+    images = _images(tmp_path)
+    assert images.shape == (3, 16, 16, 3) and images.std() > 1
+    np.testing.assert_array_equal(SampleStore.open(tmp_path / STORE_NAME, mode="r").read_labels(), [-1, -1, -1])
+
+
+def test_only_official_weights_with_standard_layers_are_reported_as_metrics(inception_weights):
+    """The labelling rule, on hand-made results: official hash + standard layers -> "metrics", else plumbing-only."""
+    values = {"frechet_inception_distance": 3.5, "inception_score_mean": 200.0, "inception_score_std": 2.0}
+    cases = [("6726825d" + "0" * 56, {"fid": "2048", "is": "logits_unbiased"}, True),
+             ("6726825d" + "0" * 56, {"fid": "64", "is": "logits_unbiased"}, False),
+             ("0" * 64, {"fid": "2048", "is": "logits_unbiased"}, False)]
+    for sha256, layers, reportable in cases:
+        config = M.FeatureConfig(weights=M.InceptionWeights(Path(inception_weights), sha256))
+        checks = SimpleNamespace(feature_config=config, reference=None, metrics=("fid", "is"))
+        record = {"num_samples": 10, "num_processes": 1,
+                  "sampling": {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.6,
+                               "guidance_schedule": "power-cosine"}}
+        ev.fill_metrics(record, {"values": values, "feature_layers": layers, "reference_cache": {}}, checks)
+        assert record["reportable"] is reportable
+        if reportable:
+            assert record["metrics"] == {"fid": 3.5, "is_mean": 200.0, "is_std": 2.0}
+            assert "plumbing_only_metrics" not in record and "PLUMBING" not in ev.format_summary(record)
+        else:
+            assert record["metrics"] == {} and record["plumbing_only_metrics"]["fid"] == 3.5
+            assert "PLUMBING-ONLY, NOT REPORTABLE" in ev.format_summary(record)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors before sampling
+
+
+def test_missing_inception_weights_stop_before_sampling(latent_model, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(M.MissingInceptionWeightsError, match="--inception-weights"):
+        ev.evaluate(_options(latent_model, tmp_path / "out", reference, None))
+    assert not (tmp_path / "out" / STORE_NAME).exists()
+
+    # Through the CLI: one clear line and exit code 2, no traceback.
+    import typer
+
+    from cli.evaluate_cmd import register
+
+    app = typer.Typer()
+    register(app)
+    options = _options(latent_model, tmp_path / "cli-out", reference, None)
+    arguments = [a for a in _cli_arguments(options) if a != "None"]
+    arguments.remove("--inception-weights")
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2
+    assert M.INCEPTION_WEIGHTS_FILENAME in result.output and "--inception-weights" in result.output
+    assert not (tmp_path / "cli-out" / STORE_NAME).exists()
+
+
+def test_wrong_reference_resolution_stops_before_sampling(latent_model, inception_weights, tmp_path):
+    reference = write_npz_reference(tmp_path / "ref32.npz", smooth_images(4, size=32))
+    with pytest.raises(M.ReferenceInputError, match="wrong reference resolution"):
+        ev.evaluate(_options(latent_model, tmp_path / "out", reference, inception_weights))
+    assert not (tmp_path / "out" / STORE_NAME).exists()
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+def test_model_vae_mismatch_and_offline_hub_vae_stop_before_sampling(tmp_path):
+    vae8 = make_tiny_vae(tmp_path / "vae8", latent_channels=8)
+    mismatched = make_latent_model_dir(tmp_path / "mismatched", vae8)
+    with pytest.raises(ev.EvaluateInputError, match="model/VAE mismatch"):
+        ev.evaluate(_options(mismatched, tmp_path / "out", metrics=()))
+    hub = make_latent_model_dir(tmp_path / "hub", None, vae_entry={"id": "stabilityai/sd-vae-ft-ema",
+                                                                    "scaling_factor": 0.18215})
+    with pytest.raises(ev.EvaluateInputError, match="--vae PATH"):
+        ev.evaluate(_options(hub, tmp_path / "out", metrics=()))
+    gone = str(tmp_path / "no-such-vae")
+    missing_path = make_latent_model_dir(tmp_path / "gone", None, vae_entry={"id": gone, "path": gone,
+                                                                            "scaling_factor": 0.18215})
+    with pytest.raises(ev.EvaluateInputError, match="no-such-vae"):
+        ev.evaluate(_options(missing_path, tmp_path / "out", metrics=()))
+    assert not (tmp_path / "out" / STORE_NAME).exists()
+
+
+def test_vae_files_differing_from_training_are_refused_unless_chosen(tmp_path_factory, tmp_path):
+    from pipeline.vae import resolve_vae
+
+    vae = session_vae(tmp_path_factory)
+    entry = {**resolve_vae(str(vae)).manifest_entry("fp32"), "path_hash": "0" * 64}  # latents encoded elsewhere
+    model = make_latent_model_dir(tmp_path / "model", None, vae_entry=entry)
+    with pytest.raises(ev.EvaluateInputError, match="not the VAE the training latents were encoded with"):
+        ev.evaluate(_options(model, tmp_path / "out", metrics=()))
+    assert not (tmp_path / "out" / STORE_NAME).exists()
+    chosen = ev.load_model(model, vae_override=vae)  # --vae: decoding with another VAE on purpose
+    assert chosen.identity["vae"]["differs_from_training_vae"] is True
+    assert chosen.resolution == (16, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling settings
+
+
+def _stand_in(family="latent", kind="adm", resolution=256, num_classes=1000) -> ev.LoadedModel:
+    network = SimpleNamespace(num_classes=num_classes)
+    return ev.LoadedModel(model_dir=Path("stand-in"), model=network, config={}, kind=kind, family=family,
+                          sample_shape=(4, resolution // 8, resolution // 8), resolution=(resolution, resolution))
+
+
+def test_paper_defaults_per_model_kind():
+    in256 = ev.resolve_sampling(_stand_in(resolution=256), ev.SamplingOptions())
+    assert (in256.sampler, in256.steps, in256.guidance_scale, in256.guidance_schedule, in256.guidance_channels) == \
+        ("ddpm", 250, 4.6, "power-cosine", 3)
+    in512 = ev.resolve_sampling(_stand_in(resolution=512), ev.SamplingOptions())
+    assert (in512.sampler, in512.steps, in512.guidance_scale, in512.guidance_schedule) == \
+        ("ddpm", 250, 1.49, "constant")
+    cifar = ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions())
+    ffhq = ev.resolve_sampling(_stand_in("image", "edm", 64, 0), ev.SamplingOptions())
+    assert (cifar.sampler, cifar.steps, cifar.guidance_scale) == ("edm-heun", 18, 1.0)
+    assert (ffhq.sampler, ffhq.steps, ffhq.guidance_scale) == ("edm-heun", 40, 1.0)
+    explicit = ev.resolve_sampling(_stand_in(), ev.SamplingOptions(sampler="ddim", steps=50, cfg_scale=1.5,
+                                                                   cfg_schedule="constant", cfg_channels="all"))
+    assert (explicit.sampler, explicit.steps, explicit.guidance_channels, explicit.defaults_used) == \
+        ("ddim", 50, None, [])
+
+    with pytest.raises(ev.EvaluateInputError, match="unconditional"):
+        ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions(cfg_scale=2.0))
+    with pytest.raises(ev.EvaluateInputError, match="edm-heun"):
+        ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions(sampler="ddpm"))
+    with pytest.raises(ev.EvaluateInputError, match="classes"):
+        ev.resolve_sampling(_stand_in(), ev.SamplingOptions(classes=[3, 1000]))
+
+
+def test_power_cosine_schedule_end_points_and_midpoint():
+    from diffit.guidance import guidance_scale, guidance_scale_at_timestep
+
+    config = ev.resolve_sampling(_stand_in(resolution=256), ev.SamplingOptions()).guidance()
+    assert guidance_scale(config, 0.0) == pytest.approx(1.0)       # start of sampling: no guidance
+    assert guidance_scale(config, 1.0) == pytest.approx(4.6)       # end of sampling: full scale
+    # p^4 = 1/2 puts the cosine at pi/2: halfway between 1 and 4.6.
+    assert guidance_scale(config, 0.5 ** 0.25) == pytest.approx(2.8)
+    assert guidance_scale_at_timestep(config, 1000.0) == pytest.approx(1.0)
+    assert guidance_scale_at_timestep(config, 0.0) == pytest.approx(4.6)
+
+
+class _StandInEps(torch.nn.Module):
+    """Outputs fixed per-channel values: `cond` for real labels, `uncond` for the null class (8 = 4 eps + 4 Sigma)."""
+
+    num_classes = 10
+    null_class = 10
+
+    def __init__(self):
+        super().__init__()
+        self.cond = torch.tensor([2.0, 4.0, 6.0, 8.0, 11.0, 21.0, 31.0, 41.0])
+        self.uncond = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0])
+
+    def forward(self, x, noise_labels, class_labels):
+        values = torch.where((class_labels == self.null_class)[:, None], self.uncond, self.cond)
+        return values[:, :, None, None].expand(x.shape[0], 8, *x.shape[2:])
+
+
+def test_cfg_channels_three_guides_only_the_first_three_latent_channels():
+    from diffit.guidance import ClassifierFreeGuidance
+
+    network = _StandInEps()
+    x, t, y = torch.zeros(2, 4, 2, 2), torch.full((2,), 500.0), torch.tensor([1, 7])
+    for channels, expected in (("3", [5.6, 11.2, 16.8, 8.0, 11.0, 21.0, 31.0, 41.0]),
+                               ("all", [5.6, 11.2, 16.8, 22.4, 11.0, 21.0, 31.0, 41.0])):
+        sampling = ev.resolve_sampling(_stand_in(resolution=512, num_classes=10),
+                                       ev.SamplingOptions(cfg_scale=4.6, cfg_schedule="constant",
+                                                          cfg_channels=channels))
+        guided = ClassifierFreeGuidance(network, sampling.guidance(), network.null_class, lambda n: n)(x, t, y)
+        # uncond + 4.6 (cond - uncond) on the guided eps channels; the conditional output elsewhere.
+        torch.testing.assert_close(guided[:, :, 0, 0], torch.tensor([expected, expected]))
+
+
+def test_generate_passes_the_resolved_guidance_to_the_sampler(monkeypatch):
+    import diffit.sampling
+
+    captured = {}
+
+    def fake_sample_with_stats(model, shape, class_labels, seeds, **kwargs):
+        captured.update(kwargs, class_labels=class_labels, seeds=seeds)
+        return torch.zeros(len(seeds), *shape), diffit.sampling.SamplingStats(len(seeds), 1, 0.0, 0.0)
+
+    monkeypatch.setattr(diffit.sampling, "sample_with_stats", fake_sample_with_stats)
+    loaded = _stand_in("image", "adm", 16, 10)
+    loaded.sample_shape, loaded.config = (3, 16, 16), {"diffusion": {"type": "adm"}}
+    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(cfg_scale=3.0, cfg_channels="3", steps=7))
+    images, _ = ev.generate(loaded, sampling, np.arange(5, 8), np.array([1, 2, 3]), batch_size=8, device="cpu")
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    assert captured["guidance"].scale == 3.0 and captured["guidance"].channels == 3
+    assert captured["steps"] == 7 and captured["sampler"] == "ddpm"
+    assert list(captured["class_labels"]) == [1, 2, 3]
+    from pipeline.sample_store import sample_noise_seeds
+
+    assert captured["seeds"] == sample_noise_seeds(0, [5, 6, 7])
+
+
+def test_uint8_conversion_rounds_and_clamps():
+    images = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
+    pixels = ev.to_uint8_images(images)
+    assert pixels.shape == (1, 1, 6, 3)
+    np.testing.assert_array_equal(pixels[0, 0, :, 0], [0, 0, 128, 255, 255, 255])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `sample` command
+
+
+def test_sample_command_writes_a_grid(latent_model, tmp_path):
+    import typer
+    from PIL import Image
+
+    from cli.evaluate_cmd import register
+
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(app, ["sample", "--model", str(latent_model), "--grid", str(out), "--classes",
+                                      "1,2,3", "--per-class", "2", "--steps", "3", "--cfg-scale", "2",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as grid:
+        assert grid.size == (2 * 16, 3 * 16)
+        pixels = np.asarray(grid)
+    assert pixels.std() > 1
+    bad = CliRunner().invoke(app, ["sample", "--model", str(latent_model), "--grid", str(out), "--classes", "x"])
+    assert bad.exit_code == 2 and "--classes" in bad.output
