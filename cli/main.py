@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "cli.models_cmd",
     "cli.encode_cmd",
     "cli.evaluate_cmd",
+    "cli.train_cmd",
 ]
 
 for _name in COMMAND_MODULES:

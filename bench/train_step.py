@@ -1,0 +1,256 @@
+"""Benchmark of one training step (forward + backward + AdamW + EMA) on this machine's CPU.
+
+    python bench/train_step.py                      # DiffiT-XL/2 (32x32 latents, batch 2) and DiffiT-S/2
+    python bench/train_step.py --xl-steps 2 --small-steps 8 --threads 2   # more timed steps
+
+What it measures, in one run:
+1. the matmul peak of each dtype (fp32 always, bf16 too) with square matmuls, so that the dtype of the model
+   rows is chosen by measurement: bf16 rows are added only when bf16 matmuls beat fp32 on this CPU (with
+   AVX-512 BF16 they can; with AVX2 only they are ~100x slower);
+2. images/s and peak resident memory of a full training step (the trainer's own `Objective` -- ADM hybrid
+   loss with learned Sigma -- AdamW, gradient-norm, EMA update) for DiffiT-XL/2 and a small config, each in a
+   fresh child process so that its peak RSS is its own;
+3. for the small config, the share of step time spent waiting for data when batches stream from latent shards
+   through the trainer's DataLoader (`pipeline.data`, resampled mode, 1 worker), the step time of streamed vs
+   in-memory batches (alternating steps in one process, so both see the same background load), and the CPU
+   cost of decoding one batch; the target is a loader overhead of at most 5%;
+4. model FLOPs utilisation: training FLOPs = 3 x forward FLOPs (`diffit.models.count_flops`, one multiply-add
+   = one FLOP as the paper counts, attention products included, doubled here to compare with the matmul peak
+   in real FLOP/s) x images/s, divided by the measured matmul peak of the same dtype.
+
+The output is a markdown table. The machine may be shared with other work: step times are medians (best also
+shown), and every ratio (MFU, loader overhead) compares measurements taken in the same process at the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matmul peak
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def matmul_peak(dtype_name: str, size: int, budget_s: float = 3.0) -> dict:
+    """Best GFLOP/s of size x size matmuls in `dtype` (2 n^3 FLOPs each). A small probe first: a dtype with no
+    fast kernels (bf16 without AVX-512 BF16) would otherwise take minutes."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    probe = 256
+    a, b = torch.randn(probe, probe, dtype=dtype), torch.randn(probe, probe, dtype=dtype)
+    start = time.perf_counter()
+    a @ b
+    probe_s = time.perf_counter() - start
+    probe_gflops = 2 * probe**3 / probe_s / 1e9
+    if probe_s > 0.05:  # < ~0.7 GFLOP/s: no usable kernel, do not try the large size
+        return {"dtype": dtype_name, "size": probe, "gflops": probe_gflops, "note": "slow probe, large size skipped"}
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best, deadline = float("inf"), time.perf_counter() + budget_s
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return {"dtype": dtype_name, "size": size, "gflops": 2 * size**3 / best / 1e9, "note": ""}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Child: one model, one dtype, one data source
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_latent_shards(out_dir: Path, num_samples: int, num_shards: int, latent_size: int,
+                        num_classes: int) -> list[str]:
+    """Synthetic latent shards in the encode format (float16 mean/std [2, 4, s, s], labels)."""
+    import numpy as np
+
+    from pipeline.shards import ShardWriter, latent_sample
+
+    rng = np.random.default_rng(0)
+    urls = []
+    per_shard = num_samples // num_shards
+    for index in range(num_shards):
+        with ShardWriter(out_dir, index) as writer:
+            for i in range(per_shard):
+                mean = rng.standard_normal((2, 4, latent_size, latent_size)).astype(np.float16) * 5
+                std = np.full_like(mean, 0.1)
+                writer.write(latent_sample(f"{index:04d}{i:06d}", mean, std, int(rng.integers(num_classes)), {}))
+            writer.commit({"failures": 0})
+        urls.append(str(out_dir / f"shard-{index:06d}.tar"))
+    return urls
+
+
+def child(spec: dict) -> dict:
+    """Time training steps of one model in one dtype; report step times per data source, data wait, the matmul
+    peak measured in this process just before (same machine load), the loader's decode cost, and peak RSS.
+
+    With `compare_loader`, steps alternate between an in-memory batch and a batch streamed from shards, so that
+    both see the same background load; otherwise every step uses in-memory batches.
+    """
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from diffit.models import count_flops, create_model
+    from pipeline.config import Config
+    from pipeline.data import StreamSpec, infinite, make_loader
+    from pipeline.train import Objective, update_ema
+
+    torch.manual_seed(0)
+    model = create_model(spec["model"])
+    # Forward multiply-adds per image, attention products included (the hardware does them too).
+    flops = count_flops(model)["total"]
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+    objective = Objective(Config(), model.null_class)
+    batch, size = spec["batch"], model.input_size
+
+    fixed = [(torch.randn(batch, 4, size, size), torch.randint(0, model.num_classes, (batch,))) for _ in range(4)]
+    sources = {"memory": (fixed[i % 4] for i in range(10**9))}
+    decode_s = None
+    if spec["compare_loader"]:
+        data_dir = Path(tempfile.mkdtemp(prefix="bench-shards-"))
+        urls = write_latent_shards(data_dir, num_samples=64 * batch, num_shards=4, latent_size=size,
+                                   num_classes=model.num_classes)
+        stream = StreamSpec(urls=tuple(urls), kind="latents", batch_size=batch, resampled=True, shuffle_buffer=64,
+                            scaling_factor=0.18215, conditional=True, num_classes=model.num_classes)
+        # CPU cost of reading + decoding one batch (no worker process): an upper bound on what the loader takes
+        # from the training threads when it runs beside them.
+        inline = infinite(make_loader(stream, num_workers=0))
+        next(inline)
+        start = time.perf_counter()
+        for _ in range(10):
+            next(inline)
+        decode_s = (time.perf_counter() - start) / 10
+        sources["shards"] = infinite(make_loader(stream, num_workers=1))
+
+    peak = matmul_peak(spec["dtype"], spec["matmul_size"], budget_s=1.5)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec["dtype"] == "bf16"
+                else torch.autocast("cpu", enabled=False))
+    order = list(sources) * (spec["warmup"] + spec["steps"])
+    times = {name: [] for name in sources}
+    waits = {name: [] for name in sources}
+    model.train()
+    for index, name in enumerate(order):
+        start = time.perf_counter()
+        x, labels = next(sources[name])
+        waited = time.perf_counter() - start
+        with autocast:
+            loss = objective(model, x, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, 0.9999)
+        elapsed = time.perf_counter() - start
+        if index >= spec["warmup"] * len(sources):
+            times[name].append(elapsed)
+            waits[name].append(waited)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    results = {name: {"best_step_s": min(times[name]), "median_step_s": statistics.median(times[name]),
+                      "wait_fraction": sum(waits[name]) / sum(times[name])} for name in sources}
+    return {**spec, "forward_gmacs": flops / 1e9, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "matmul_gflops": peak["gflops"], "decode_s": decode_s, "sources": results, "peak_rss_gib": peak_gib}
+
+
+def run_child(spec: dict) -> dict:
+    """Run `child(spec)` in a fresh interpreter (own peak RSS); return its JSON result."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                            env=env, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark child {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    parser.add_argument("--xl-batch", type=int, default=2)
+    parser.add_argument("--xl-steps", type=int, default=1, help="timed XL/2 steps after one warm-up step")
+    parser.add_argument("--small-model", default="DiffiT-S/2")
+    parser.add_argument("--small-batch", type=int, default=8)
+    parser.add_argument("--small-steps", type=int, default=4, help="timed steps per data source")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child:
+        print(json.dumps(child(json.loads(options.child))))
+        return
+
+    import torch
+
+    torch.set_num_threads(options.threads)
+    started = time.perf_counter()
+    peaks = {name: matmul_peak(name, options.matmul_size) for name in ("fp32", "bf16")}
+    dtypes = ["fp32"] + (["bf16"] if peaks["bf16"]["gflops"] > peaks["fp32"]["gflops"] else [])
+
+    results = []
+    for dtype in dtypes:
+        base = {"threads": options.threads, "dtype": dtype, "matmul_size": options.matmul_size}
+        results.append(run_child({**base, "model": "DiffiT-XL/2", "batch": options.xl_batch, "warmup": 1,
+                                  "steps": options.xl_steps, "compare_loader": False}))
+        results.append(run_child({**base, "model": options.small_model, "batch": options.small_batch,
+                                  "warmup": 2, "steps": options.small_steps, "compare_loader": True}))
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"\n### Training step on CPU ({cpu}, {options.threads} threads, torch {torch.__version__}; "
+          f"machine shared with other work)\n")
+    print("| dtype | matmul peak GFLOP/s (n), first probe |")
+    print("|---|---|")
+    for name, peak in peaks.items():
+        note = f" -- {peak['note']}" if peak["note"] else ""
+        print(f"| {name} | {peak['gflops']:.1f} ({peak['size']}){note} |")
+    print(f"\nmodel rows use: {', '.join(dtypes)} (bf16 only where its matmul peak beats fp32)\n")
+    print("| model | params (M) | batch | dtype | data | step s (best / median) | images/s | data wait | "
+          "peak RSS GiB | fwd GFLOPs/img | train GFLOP/s | matmul peak GFLOP/s (same process) | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        for source, timing in row["sources"].items():
+            images_per_s = row["batch"] / timing["median_step_s"]
+            # Training = 3 x forward; x2 turns multiply-adds into FLOPs to compare with the matmul peak.
+            train_flops = 3 * 2 * row["forward_gmacs"] * 1e9 * images_per_s
+            mfu = train_flops / (row["matmul_gflops"] * 1e9)
+            print(f"| {row['model']} | {row['params_m']:.1f} | {row['batch']} | {row['dtype']} | {source} | "
+                  f"{timing['best_step_s']:.3f} / {timing['median_step_s']:.3f} | {images_per_s:.2f} | "
+                  f"{timing['wait_fraction']:.1%} | {row['peak_rss_gib']:.2f} | {row['forward_gmacs']:.2f} | "
+                  f"{train_flops / 1e9:.1f} | {row['matmul_gflops']:.1f} | {mfu:.1%} |")
+    print()
+    for row in results:
+        if "shards" not in row["sources"]:
+            continue
+        memory, shards = row["sources"]["memory"], row["sources"]["shards"]
+        overhead = shards["median_step_s"] / memory["median_step_s"] - 1
+        decode_share = row["decode_s"] / memory["median_step_s"]
+        verdict = "meets" if max(overhead, shards["wait_fraction"]) <= 0.05 else "misses"
+        print(f"loader ({row['model']}, {row['dtype']}, batch {row['batch']}): waiting for data "
+              f"{shards['wait_fraction']:.1%} of step time; streamed vs in-memory median step "
+              f"{shards['median_step_s']:.3f} / {memory['median_step_s']:.3f} s ({overhead:+.1%}, steps alternated); "
+              f"decoding a batch costs {row['decode_s'] * 1000:.1f} ms of CPU = {decode_share:.1%} of a step "
+              f"-> {verdict} the <= 5% target")
+    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Training configuration: dataclasses, strict YAML loading and `--set key=value` overrides.
+
+A preset (`manifests/*.yaml`) is a nested mapping whose sections mirror the dataclasses below. Loading is strict:
+an unknown section or key is an error naming it (and the file), and every value is type-checked against the
+field's annotation (ints are accepted for floats; strings such as "3e-4", which YAML 1.1 reads as text, are
+accepted for float fields when they parse as numbers). `--set optim.lr=1e-4` overrides one leaf; the value is
+read with `yaml.safe_load` and checked the same way.
+
+The resolved configuration is written into the run directory (`config.yaml`) so that a run can be resumed and
+exported without the original preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train (`diffit.models.create_model` name) and its overrides."""
+
+    name: str = "DiffiT-Tiny/2"
+    # None: from the dataset manifest (its num_classes, 0 for unlabelled data). An explicit value must cover the
+    # dataset's labels; a conditional model on unlabelled data is an error.
+    num_classes: Optional[int] = None
+    # Latent grid / image size the network is built for; None keeps the registry value. Must match the data.
+    input_size: Optional[int] = None
+    # Any other `create_model` keyword (e.g. `dropout` of the image U-Net).
+    kwargs: dict = field(default_factory=dict)
+    # Recompute activations in the backward pass (LatentDiffiT supports it; memory for ~30% more compute).
+    gradient_checkpointing: bool = False
+    # torch.compile the training network (the EMA copy and sampling stay eager).
+    compile: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """Training objective: ADM hybrid loss with learned Sigma ("adm") or EDM preconditioning + loss ("edm")."""
+
+    type: Literal["adm", "edm"] = "adm"
+    noise_schedule: Literal["linear", "cosine"] = "linear"
+    diffusion_steps: int = 1000
+    learn_sigma: bool = True
+    sigma_data: float = 0.5
+    P_mean: float = -1.2
+    P_std: float = 1.2
+
+
+@dataclass
+class DataConfig:
+    """How shards are streamed (see `pipeline.data`)."""
+
+    # True: shards drawn with replacement, infinite stream, shuffle buffer (training). False: fixed order, fixed
+    # epochs, no shuffle buffer -- deterministic and exactly resumable (tests, debugging).
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    # Latents: pick the stored flipped latent with probability 0.5; images: flip with probability 0.5.
+    hflip: bool = True
+    # Probability of replacing a class label by the null class (classifier-free guidance training).
+    label_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate ramp."""
+
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Linear learning-rate ramp over this many thousand training images (EDM: 10000 = 10 Mimg); 0 = none.
+    warmup_kimg: float = 0.0
+    # Clip the global gradient norm to this value; None reports the norm without clipping.
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the fp32 weights (what gets exported and sampled)."""
+
+    decay: float = 0.9999
+    # EDM style: half-life in thousands of images (overrides `decay`), optionally ramped up as
+    # min(halflife, images_seen * rampup_ratio).
+    halflife_kimg: Optional[float] = None
+    rampup_ratio: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    """Batching, length, precision and logging of the run."""
+
+    global_batch_size: int = 256
+    # Per process and micro-step; None = global / processes (no accumulation). Accumulation steps =
+    # global / (per_device x processes), which must be a whole number.
+    per_device_batch_size: Optional[int] = None
+    max_steps: int = 400_000
+    # "auto": bf16 on CUDA, fp32 ("no") on CPU.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every: int = 100
+    tracker: Literal["tensorboard", "none"] = "tensorboard"
+
+
+@dataclass
+class CheckpointConfig:
+    """Training-state checkpoints (`accelerator.save_state` + EMA) in `RUN/checkpoints/`."""
+
+    every: int = 5000
+    keep: int = 3
+
+
+@dataclass
+class SampleConfig:
+    """EMA sample grids written to `RUN/samples/step-XXXXXXX.png` while training."""
+
+    every: int = 10_000  # 0 disables
+    count: int = 16
+    sampler: Literal["ddpm", "ddim", "edm-heun"] = "ddim"
+    steps: int = 25
+    guidance_scale: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """The whole training configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# Sections whose change would make a resumed run a different experiment (checked by the trainer on resume).
+FROZEN_ON_RESUME = ("model", "diffusion", "data", "optim", "ema")
+# ... except these performance settings, which do not change what is learned (another machine may need them).
+FREE_ON_RESUME = ("data.num_workers", "data.prefetch_factor", "model.compile", "model.gradient_checkpointing")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Type checking
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """`value` checked (and lightly converted) against a field annotation; ConfigError naming `where`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for option in non_none:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)] if args else value
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got a boolean {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept it when it is a number.
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got the string {value!r}") from None
+            if math.isnan(number):
+                raise ConfigError(f"{where}: NaN is not a valid value")
+            return number
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {annotation!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_mapping(cls: type, mapping: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and checking every value's type."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(mapping).__name__}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(mapping) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}"
+                          + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else "")
+                          + f"; known keys: {', '.join(types_)}")
+    values = {}
+    for name, annotation in types_.items():
+        if name not in mapping:
+            continue
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _from_mapping(annotation, mapping[name], key)
+        else:
+            values[name] = _coerce(mapping[name], annotation, key)
+    return cls(**values)
+
+
+def config_from_dict(mapping: dict, source: str = "<config>") -> Config:
+    """A `Config` from a nested mapping; errors name `source` and the offending key."""
+    try:
+        config = _from_mapping(Config, mapping, "")
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    validate(config, source)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    """A plain nested dict (YAML/JSON-serialisable)."""
+    return dataclasses.asdict(config)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset with `yaml.safe_load`, apply `key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        mapping = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(mapping).__name__}")
+    for override in overrides:
+        apply_override(mapping, override)
+    return config_from_dict(mapping, str(path))
+
+
+def apply_override(mapping: dict, override: str) -> None:
+    """Apply one `a.b=value` override in place; the value is parsed as YAML ("1e-4" stays a number for floats).
+
+    Keys are checked against the schema here so that a typo names the override, not the merged file.
+    """
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {override!r}: the key must be SECTION.FIELD (e.g. train.max_steps)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML ({error})") from None
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        # `model.kwargs.<name>` is a free-form mapping of create_model overrides.
+        if cls is dict:
+            break
+        types_ = _field_types(cls)
+        if part not in types_:
+            raise ConfigError(f"--set {override!r}: unknown key {'.'.join(parts[:depth + 1])!r}; "
+                              f"known: {', '.join(types_)}")
+        cls = types_[part] if (dataclasses.is_dataclass(types_[part]) or types_[part] is dict) else None
+        if cls is None and depth < len(parts) - 1:
+            raise ConfigError(f"--set {override!r}: {'.'.join(parts[:depth + 1])!r} is not a section")
+    node = mapping
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is not a mapping in the config")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(config: Config, source: str = "<config>") -> None:
+    """Range checks that the type system does not express."""
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{source}: {message}")
+
+    train, data, optim, ema = config.train, config.data, config.optim, config.ema
+    need(train.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {train.global_batch_size}")
+    need(train.per_device_batch_size is None or train.per_device_batch_size >= 1,
+         f"train.per_device_batch_size must be >= 1, got {train.per_device_batch_size}")
+    need(train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}")
+    need(train.log_every >= 1, f"train.log_every must be >= 1, got {train.log_every}")
+    need(config.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
+    need(config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {config.checkpoint.keep}")
+    need(config.sample.every >= 0, f"sample.every must be >= 0, got {config.sample.every}")
+    need(config.sample.count >= 1 and config.sample.steps >= 1, "sample.count and sample.steps must be >= 1")
+    need(0.0 <= data.label_dropout < 1.0, f"data.label_dropout must be in [0, 1), got {data.label_dropout}")
+    need(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    need(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
+    need(data.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
+    need(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
+    need(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+         f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
+    need(optim.warmup_kimg >= 0, f"optim.warmup_kimg must be >= 0, got {optim.warmup_kimg}")
+    need(optim.grad_clip is None or optim.grad_clip > 0, f"optim.grad_clip must be > 0, got {optim.grad_clip}")
+    need(0.0 <= ema.decay < 1.0, f"ema.decay must be in [0, 1), got {ema.decay}")
+    need(ema.halflife_kimg is None or ema.halflife_kimg > 0,
+         f"ema.halflife_kimg must be > 0, got {ema.halflife_kimg}")
+    need(ema.rampup_ratio is None or ema.rampup_ratio > 0, f"ema.rampup_ratio must be > 0, got {ema.rampup_ratio}")
+    need(config.diffusion.diffusion_steps >= 1, "diffusion.diffusion_steps must be >= 1")
+    need(config.diffusion.sigma_data > 0, "diffusion.sigma_data must be > 0")
+    if config.diffusion.type == "edm":
+        need(not config.diffusion.learn_sigma, "diffusion.learn_sigma must be false for EDM training")
+        need(config.sample.sampler == "edm-heun",
+             f"sample.sampler must be 'edm-heun' for EDM models, got {config.sample.sampler!r}")
+    else:
+        need(config.sample.sampler in ("ddpm", "ddim", "edm-heun"), "sample.sampler: unknown sampler")
+    from diffit.models import MODEL_CONFIGS, model_family
+
+    need(config.model.name in MODEL_CONFIGS,
+         f"model.name {config.model.name!r} is not a known model; known: {', '.join(MODEL_CONFIGS)}")
+    family = model_family(config.model.name)
+    expected = "adm" if family == "latent" else "edm"
+    need(config.diffusion.type == expected,
+         f"model {config.model.name!r} is a {family} model, trained with diffusion.type={expected!r} "
+         f"(got {config.diffusion.type!r})")
+
+
+def dump_config(config: Config) -> str:
+    """The resolved configuration as YAML text (what `config.yaml` in the run directory holds)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
