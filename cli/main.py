@@ -35,6 +35,8 @@ COMMAND_MODULES = [
     "cli.encode_cmd",
     "cli.evaluate_cmd",
     "cli.train_cmd",
+    "cli.vae_cmd",
+    "cli.demo_cmd",
 ]
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,308 @@
+"""The embedded default: every stage of diffit-pipe, offline, on data the project makes itself.
+
+`diffit-pipe demo` runs, in order, with the same functions the stage commands call:
+
+ 1. `synth`   a procedural, class-labelled image dataset (10 classes of coloured shapes and patterns, 64 px,
+              deterministic from the seed) written as an image folder in the ImageNet layout, plus held-out
+              images;
+ 2. `pack`    raw image shards (64 px for the VAE and the FID reference, 32 px for the image-space model);
+    `vae fit` a small AutoencoderKL fitted on the 64 px shards (no SD VAE can be downloaded here; `--vae` uses
+              a local one instead), saved with `save_pretrained`;
+    `encode`  Dask -> that VAE -> latent shards;
+ 3. `train`   a tiny latent DiffiT (ADM, learned sigma, CFG label dropout) on the latents and a tiny image-space
+              DiffiT U-Net (EDM) on the 32 px shards, with checkpoints, EMA and tensorboard logs; `export` both;
+ 4. `evaluate` samples of both models into zarr stores, a labelled grid PNG per model, FID / IS / precision /
+              recall when Inception weights are given (`--inception-weights`), otherwise a line saying they
+              were skipped and why; and always the class consistency of the latent model's samples, measured by
+              a small classifier trained on the procedural images, reported next to that classifier's accuracy
+              on held-out real images (so the number means something).
+ 5. a summary of where everything is.
+
+Every step is resumable: run the same command again after an interruption and finished steps are skipped by
+the stages' own resume logic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger("pipeline.demo")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of one demo run. `quick()` is the ~3 minute variant used by the test suite."""
+
+    classes: int = 10
+    per_class: int = 300
+    holdout_per_class: int = 30
+    resolution: int = 64
+    image_model_resolution: int = 32
+    vae_steps: int = 1500
+    vae_time_budget_s: float = 200.0
+    vae_block_out_channels: tuple[int, ...] = (32, 64, 64, 64)
+    latent_steps: int = 1500
+    latent_batch: int = 32
+    image_steps: int = 1000
+    image_batch: int = 32
+    classifier_steps: int = 300
+    num_samples: int = 100
+    sample_steps: int = 50
+    image_sample_steps: int = 18
+    cfg_scale: float = 2.0
+    encode_workers: int = 2
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(per_class=24, holdout_per_class=6, vae_steps=60, vae_time_budget_s=25.0, latent_steps=60,
+                   latent_batch=16, image_steps=40, image_batch=16, classifier_steps=60, num_samples=20,
+                   sample_steps=10, image_sample_steps=6, encode_workers=2)
+
+
+def _step(name: str, log: Callable[[str], None], timings: dict[str, float]):
+    """Context manager that logs a step and records its wall time."""
+
+    class _Timer:
+        def __enter__(self):
+            log(f"[demo] {name} ...")
+            self.start = time.perf_counter()
+            return self
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.start, 1)
+            if exc[0] is None:
+                log(f"[demo] {name} done in {timings[name]:.1f} s")
+            return False
+
+    return _Timer()
+
+
+def _train_config(kind: str, settings: DemoSettings, latent_size: int | None) -> dict[str, Any]:
+    """Configuration of one demo training run, in the same schema as the presets in `manifests/`."""
+    common_train = {"mixed_precision": "no", "seed": settings.seed, "log_every": 20, "tracker": "tensorboard"}
+    if kind == "latent":
+        steps = settings.latent_steps
+        return {
+            "model": {"name": "DiffiT-Tiny/2", "num_classes": None, "input_size": latent_size},
+            "diffusion": {"type": "adm", "noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
+            "data": {"resampled": True, "shuffle_buffer": 500, "num_workers": 1, "hflip": True,
+                     "label_dropout": 0.1},
+            "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0},
+            "ema": {"decay": 0.995},
+            "train": {**common_train, "global_batch_size": settings.latent_batch, "max_steps": steps},
+            "checkpoint": {"every": max(steps // 3, 1), "keep": 2},
+            "sample": {"every": max(steps // 2, 1), "count": 16, "sampler": "ddim", "steps": 25,
+                       "guidance_scale": 1.0},
+        }
+    steps = settings.image_steps
+    return {
+        "model": {"name": "DiffiT-UNet-Tiny", "num_classes": 0, "input_size": settings.image_model_resolution},
+        "diffusion": {"type": "edm", "learn_sigma": False, "sigma_data": 0.5},
+        "data": {"resampled": True, "shuffle_buffer": 500, "num_workers": 1, "hflip": True, "label_dropout": 0.0},
+        "optim": {"name": "adam", "lr": 2e-3, "weight_decay": 0.0},
+        "ema": {"decay": 0.995},
+        "train": {**common_train, "global_batch_size": settings.image_batch, "max_steps": steps},
+        "checkpoint": {"every": max(steps // 3, 1), "keep": 2},
+        "sample": {"every": max(steps // 2, 1), "count": 16, "sampler": "edm-heun", "steps": 18,
+                   "guidance_scale": 1.0},
+    }
+
+
+def _write_yaml(path: Path, mapping: dict[str, Any]) -> Path:
+    from .config import config_from_dict, dump_config
+
+    config = config_from_dict(mapping, str(path))  # validated before it is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(config))
+    tmp.replace(path)
+    return path
+
+
+def _run_shards(source: Path, out: Path, kind: str, resolution: int, settings: DemoSettings,
+                vae: str | None = None) -> dict[str, Any]:
+    from .encode import JobConfig, JobError, run_job
+
+    config = JobConfig(source=str(source), out=str(out), kind=kind, resolution=resolution,
+                       shard_size=max(settings.classes * settings.per_class // 4, 16),
+                       batch_size=32, workers=settings.encode_workers, progress=False,
+                       command=f"diffit-pipe demo ({kind} {resolution}px)")
+    if vae is not None:
+        config.vae = vae
+    result = run_job(config)
+    if not result.ok:
+        raise JobError(f"{out}: the demo's {kind} job did not finish cleanly: failed shards "
+                       f"{result.failed_shards}, failure rate {result.failure_rate:.4f}")
+    return result.manifest
+
+
+def _grid_png(images: np.ndarray, labels: np.ndarray, names: list[str] | None, path: Path, columns: int) -> Path:
+    """A grid of uint8 HWC images with each image's class name written under it."""
+    from PIL import Image, ImageDraw
+
+    count, height, width = images.shape[:3]
+    scale = max(1, 64 // width)
+    cell_w, cell_h = width * scale, height * scale + 12
+    rows = (count + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(count):
+        tile = Image.fromarray(images[i]).resize((width * scale, height * scale), Image.NEAREST)
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        canvas.paste(tile, (x, y))
+        if names is not None and labels[i] >= 0:
+            draw.text((x + 1, y + height * scale), names[int(labels[i])][:10], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def _read_store(eval_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    import zarr
+
+    from .evaluate import STORE_NAME
+
+    group = zarr.open_group(str(eval_dir / STORE_NAME), mode="r")
+    return np.asarray(group["samples"][:]), np.asarray(group["labels"][:])
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, vae: str | None = None,
+             inception_weights: str | None = None, settings: DemoSettings | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole pipeline under `out`; returns (and writes to `out/summary.json`) what every step produced."""
+    from . import classifier as classifier_lib
+    from .evaluate import EvaluateOptions, SamplingOptions, evaluate
+    from .export import export_checkpoint
+    from .procedural import generate_dataset
+    from .train import TrainArgs, run as train_run
+    from .vae_fit import fit_vae
+
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    paths = {name: out / sub for name, sub in {
+        "images": "data/images", "raw_shards": f"data/raw-{settings.resolution}",
+        "raw_shards_small": f"data/raw-{settings.image_model_resolution}", "vae": "models/vae",
+        "latent_shards": "data/latents", "latent_run": "runs/latent", "image_run": "runs/image",
+        "latent_model": "models/latent", "image_model": "models/image", "classifier": "models/classifier",
+        "latent_eval": "eval/latent", "image_eval": "eval/image"}.items()}
+    started = time.perf_counter()
+
+    with _step("1/5 synth: procedural dataset", log, timings):
+        dataset = generate_dataset(paths["images"], num_classes=settings.classes, per_class=settings.per_class,
+                                   resolution=settings.resolution, seed=settings.seed,
+                                   holdout_per_class=settings.holdout_per_class, progress=False)
+    class_names = dataset["classes"]
+    train_images, holdout_images = paths["images"] / "train", paths["images"] / "holdout"
+
+    with _step("2/5 pack: raw image shards", log, timings):
+        raw_manifest = _run_shards(train_images, paths["raw_shards"], "images", settings.resolution, settings)
+        _run_shards(train_images, paths["raw_shards_small"], "images", settings.image_model_resolution, settings)
+    if vae is None:
+        with _step("2/5 vae fit: domain AutoencoderKL", log, timings):
+            vae_report = fit_vae(paths["raw_shards"], paths["vae"], resolution=settings.resolution,
+                                 block_out_channels=settings.vae_block_out_channels, steps=settings.vae_steps,
+                                 time_budget_s=settings.vae_time_budget_s, seed=settings.seed, progress=False,
+                                 holdout=holdout_images)
+        vae = str(paths["vae"])
+    else:
+        vae_report = {"skipped": True, "reason": f"--vae {vae} given"}
+    with _step("2/5 encode: Dask -> VAE -> latent shards", log, timings):
+        latent_manifest = _run_shards(train_images, paths["latent_shards"], "latents", settings.resolution,
+                                      settings, vae=vae)
+    latent_size = int(latent_manifest["latent_size"])
+
+    runs = {}
+    for kind, data_key in (("latent", "latent_shards"), ("image", "raw_shards_small")):
+        with _step(f"3/5 train: {kind} DiffiT", log, timings):
+            config_path = _write_yaml(out / "configs" / f"{kind}.yaml", _train_config(kind, settings, latent_size))
+            runs[kind] = train_run(TrainArgs(run_dir=paths[f"{kind}_run"], config_path=config_path,
+                                             data_dir=paths[data_key], resume="auto"))
+            export_checkpoint(paths[f"{kind}_run"], paths[f"{kind}_model"])
+
+    with _step("4/5 classifier for class consistency", log, timings):
+        classifier_report = classifier_lib.train_classifier(
+            train_images, paths["classifier"], resolution=settings.image_model_resolution,
+            steps=settings.classifier_steps, seed=settings.seed, holdout=holdout_images, progress=False)
+
+    metrics = ("fid", "is", "prc") if inception_weights else ()
+    if not inception_weights:
+        log("[demo] FID / IS / precision / recall skipped: no Inception weights (pass --inception-weights "
+            "PATH to weights-inception-2015-12-05-6726825d.pth; they cannot be downloaded here)")
+    evaluations = {}
+    for kind, steps, reference in (("latent", settings.sample_steps, paths["raw_shards"]),
+                                   ("image", settings.image_sample_steps, paths["raw_shards_small"])):
+        with _step(f"4/5 evaluate: {kind} model", log, timings):
+            sampling = SamplingOptions(steps=steps, seed=settings.seed,
+                                       cfg_scale=settings.cfg_scale if kind == "latent" else None,
+                                       cfg_schedule="constant" if kind == "latent" else None,
+                                       cfg_channels="all")
+            options = EvaluateOptions(model_dir=paths[f"{kind}_model"], out_dir=paths[f"{kind}_eval"],
+                                      num_samples=settings.num_samples, sampling=sampling, batch_size=20,
+                                      reference=reference if metrics else None,
+                                      inception_weights=Path(inception_weights) if inception_weights else None,
+                                      metrics=metrics, kid_subset_size=min(1000, settings.num_samples))
+            record = evaluate(options)
+            samples, labels = _read_store(paths[f"{kind}_eval"])
+            grid = _grid_png(samples[:40], labels[:40], class_names if kind == "latent" else None,
+                             out / f"samples_{kind}.png", columns=10)
+            entry = {"metrics_json": str(paths[f"{kind}_eval"] / "metrics.json"), "grid": str(grid),
+                     "num_samples": int(len(samples)), "reportable_metrics": record.get("metrics", {}),
+                     "plumbing_only_metrics": record.get("plumbing_only_metrics", {})}
+            model = classifier_lib.load_classifier(paths["classifier"])
+            predictions = classifier_lib.predict(model, samples)
+            if kind == "latent":
+                entry["class_consistency"] = float(np.mean(predictions == labels))
+            # Unconditional model: how its samples spread over the classes (a mode-collapse check).
+            entry["predicted_class_histogram"] = np.bincount(predictions, minlength=settings.classes).tolist()
+            evaluations[kind] = entry
+
+    summary = {
+        "out": str(out), "quick": quick, "settings": asdict(settings), "timings_s": timings,
+        "total_s": round(time.perf_counter() - started, 1), "paths": {k: str(v) for k, v in paths.items()},
+        "dataset": {"classes": class_names, "train_images": raw_manifest["counts"]["written"]},
+        "vae": vae_report, "latent_size": latent_size, "latent_shards": latent_manifest["counts"],
+        "training": runs, "classifier": {"train_acc": classifier_report.get("train_acc"),
+                                         "holdout_acc": classifier_report.get("holdout_acc")},
+        "evaluation": evaluations, "inception_weights": inception_weights,
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(out / "summary.json")
+    log(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The table printed at the end of a demo run."""
+    lines = ["", "diffit-pipe demo: summary", "-" * 60]
+    lines.append(f"{'step':<42} {'seconds':>8}")
+    for name, seconds in summary["timings_s"].items():
+        lines.append(f"{name:<42} {seconds:>8.1f}")
+    lines.append(f"{'total':<42} {summary['total_s']:>8.1f}")
+    lines.append("-" * 60)
+    classifier = summary["classifier"]
+    lines.append(f"classifier accuracy on held-out real images: {classifier['holdout_acc']:.3f}")
+    for kind, entry in summary["evaluation"].items():
+        if "class_consistency" in entry:
+            lines.append(f"{kind} model: class consistency of {entry['num_samples']} samples: "
+                         f"{entry['class_consistency']:.3f} (chance {1 / len(summary['dataset']['classes']):.2f})")
+        lines.append(f"{kind} model: predicted classes of samples {entry['predicted_class_histogram']}")
+        for name, value in entry["reportable_metrics"].items():
+            lines.append(f"{kind} model: {name} = {value:.4g}")
+        for name, value in entry["plumbing_only_metrics"].items():
+            lines.append(f"{kind} model: {name} = {value:.4g} (PLUMBING-ONLY: non-official Inception weights)")
+        lines.append(f"{kind} model: samples grid {entry['grid']}")
+    lines.append(f"everything is under {summary['out']} (summary.json lists every path)")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""The embedded default: `diffit-pipe demo --quick` end to end, and the README's two set-up commands."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    """The shell lines of the README's set-up section (fenced bash blocks under '## Set up')."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+            for line in block.strip().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_has_exactly_two_setup_commands_that_exist():
+    commands = readme_commands()
+    assert len(commands) == 2, commands
+    demo, tests = commands
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # 1: install, then the console script's demo command
+    assert demo.startswith("pip install .") and demo.endswith("diffit-pipe demo")
+    assert pyproject["project"]["scripts"]["diffit-pipe"] == "cli.main:main"
+    from cli.main import app
+    from typer.main import get_command
+
+    assert "demo" in get_command(app).commands
+    # 2: install with the test extra, then pytest; .ci/run runs the same command
+    assert tests == 'pip install -e ".[test]" && python -m pytest -q'
+    assert "test" in pyproject["project"]["optional-dependencies"]
+    assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_help_lists_every_stage_and_no_placeholders():
+    result = subprocess.run([sys.executable, "-m", "cli.main", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    for command in ("encode", "pack", "inspect", "train", "export", "evaluate", "sample", "models", "demo",
+                    "vae", "synth"):
+        assert re.search(rf"\b{command}\b", result.stdout), command
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FID / IS / precision / recall skipped" in result.stdout  # no Inception weights: said, not faked
+    summary = json.loads((out / "summary.json").read_text())
+    settings = summary["settings"]
+    images = settings["classes"] * settings["per_class"]
+
+    # synth + pack + encode: every image accounted for in both shard sets, through the fitted VAE
+    for shards in ("raw_shards", "raw_shards_small", "latent_shards"):
+        manifest = json.loads((Path(summary["paths"][shards]) / "manifest.json").read_text())
+        assert manifest["counts"] == {"seen": images, "written": images, "failed": 0}, shards
+        assert sum(s["count"] for s in manifest["shards"]) == images
+        assert manifest["num_classes"] == settings["classes"]
+    latents = json.loads((Path(summary["paths"]["latent_shards"]) / "manifest.json").read_text())
+    assert latents["vae"]["path"] == summary["paths"]["vae"]
+    assert (Path(summary["paths"]["vae"]) / "config.json").is_file()
+
+    # train + export: both runs reached their step budget, with checkpoints, tensorboard logs and exports
+    for kind, steps in (("latent", settings["latent_steps"]), ("image", settings["image_steps"])):
+        run = Path(summary["paths"][f"{kind}_run"])
+        assert summary["training"][kind]["step"] == steps
+        assert (run / "checkpoints" / "latest").exists()
+        assert list(run.rglob("events.out.tfevents.*")), f"{kind}: no tensorboard events"
+        model_dir = Path(summary["paths"][f"{kind}_model"])
+        assert (model_dir / "model.safetensors").is_file() and (model_dir / "config.json").is_file()
+
+    # evaluate: complete zarr stores, metrics.json, grids, and the class-consistency measurement
+    import zarr
+
+    for kind in ("latent", "image"):
+        entry = summary["evaluation"][kind]
+        store = zarr.open_group(str(Path(summary["paths"][f"{kind}_eval"]) / "samples.zarr"), mode="r")
+        assert store["samples"].shape[0] == settings["num_samples"] and np.asarray(store["done"][:]).all()
+        record = json.loads(Path(entry["metrics_json"]).read_text())
+        assert record["num_samples"] == settings["num_samples"]
+        assert Path(entry["grid"]).is_file()
+        assert sum(entry["predicted_class_histogram"]) == settings["num_samples"]
+    assert 0.0 <= summary["evaluation"]["latent"]["class_consistency"] <= 1.0
+    assert summary["classifier"]["holdout_acc"] >= 0.9  # the yardstick itself must be trustworthy
