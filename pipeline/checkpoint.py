@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -45,22 +47,6 @@ class CheckpointError(RuntimeError):
 def checkpoint_name(step: int) -> str:
     """Directory name of the checkpoint taken after `step` optimizer steps."""
     return f"step-{step:07d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def is_complete(path: Path) -> bool:
@@ -163,13 +149,13 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, ema_model: nn.Module,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_ema(ema_model, tmp / EMA_WEIGHTS)
-        atomic_write_text(tmp / CONFIG_COPY, config_text)
-        atomic_write_text(tmp / TRAIN_STATE, json.dumps(train_state, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(tmp / CONFIG_COPY, config_text)
+        write_text_atomic(tmp / TRAIN_STATE, json.dumps(train_state, indent=2, sort_keys=True) + "\n")
         if final.exists():
             # Only after resuming from an older checkpoint: the new one replaces the abandoned branch.
             shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write_text(root / LATEST_POINTER, final.name + "\n")
+        write_text_atomic(root / LATEST_POINTER, final.name + "\n")
         rotate_checkpoints(run_dir, keep)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .atomic import replace_directory
 from .procedural import LabelledImages, load_labelled_images
 
 logger = logging.getLogger(__name__)
@@ -196,22 +197,11 @@ def save_classifier(model: SmallCNN, out_path: str | os.PathLike, report: dict[s
         save_file(state, str(temp / WEIGHTS_NAME), metadata={"model_type": MODEL_TYPE})
         config = {"model_type": MODEL_TYPE, **asdict(model.config), "report": report or {}}
         (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _replace_directory(temp, out)
+        replace_directory(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return out
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Put directory `new` in place of `target` (which may exist): two renames, the old one removed after."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def load_classifier(path: str | os.PathLike) -> SmallCNN:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomic import write_json_atomic
 from .sample_store import (STORE_NAME, SampleStore, SampleStoreMismatchError, StoreLayout, assign_chunks,
                            export_npz, publish_mode, sample_class_labels, sample_noise_seeds)
 
@@ -531,9 +532,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
         timings.update({f"metrics_{k}": v for k, v in result["timings_s"].items()})
     timings["total"] = time.perf_counter() - began
     record["timings_s"] = timings
-    from .metrics import atomic_write_json
-
-    atomic_write_json(out_dir / METRICS_FILE, record)
+    write_json_atomic(out_dir / METRICS_FILE, record)
     print(format_summary(record), flush=True)
     return record
 

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .sample_store import publish_mode
+from .atomic import write_json_atomic
 from .shards import load_manifest, shard_problems, sha256_file, shard_urls
 
 logger = logging.getLogger(__name__)
@@ -68,24 +69,6 @@ class ReferenceInputError(ValueError):
 def sha256_json(value: Any) -> str:
     """Hex SHA-256 of a JSON-serialisable value in canonical form (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def atomic_write_json(path: str | os.PathLike, value: Any) -> Path:
-    """Write `value` as indented JSON to `path` through a temporary file and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(value, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,7 +538,7 @@ def _memoised(cache_dir: Path, fingerprint: str, compute) -> str:
         return memo[fingerprint]
     value = compute()
     memo[fingerprint] = value
-    atomic_write_json(memo_path, memo)
+    write_json_atomic(memo_path, memo)
     return value
 
 

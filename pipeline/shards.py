@@ -29,13 +29,13 @@ import hashlib
 import io
 import json
 import os
-import socket
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from .atomic import temp_suffix, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -60,47 +60,14 @@ def sidecar_name(index: int) -> str:
     return f"shard-{index:06d}.json"
 
 
-def _temp_suffix() -> str:
-    """A suffix unique to this attempt, so that two attempts at the same shard never share a temporary file."""
-    return f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def json_bytes(obj: Any) -> bytes:
     """Canonical JSON (sorted keys, no spaces, ASCII): the same object always gives the same bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    """Write JSON to `path` atomically (temporary file in the same directory, fsync, `os.replace`)."""
-    path = Path(path)
-    temp = path.with_name(path.name + _temp_suffix())
-    text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=True) + "\n"
-    try:
-        with open(temp, "w", encoding="ascii") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-
-
 def write_lines_atomic(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """Write one canonical JSON object per line (JSON Lines) to `path` atomically."""
-    path = Path(path)
-    temp = path.with_name(path.name + _temp_suffix())
-    try:
-        with open(temp, "wb") as handle:
-            for record in records:
-                handle.write(json_bytes(record) + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-
+    write_bytes_atomic(path, b"".join(json_bytes(record) + b"\n" for record in records))
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
@@ -186,7 +153,7 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.index = index
         self.final_path = self.out_dir / shard_name(index)
-        self.temp_path = self.out_dir / (shard_name(index) + _temp_suffix())
+        self.temp_path = self.out_dir / (shard_name(index) + temp_suffix())
         self._handle = open(self.temp_path, "wb")
         self._hashing = _HashingFile(self._handle)
         # Fixed mtime / owner / mode: the tar bytes depend only on the samples (reproducible shards).

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .checkpoint import (CONFIG_COPY, CheckpointError, atomic_write_text, latest_checkpoint, list_checkpoints,
+from .atomic import write_text_atomic
+from .checkpoint import (CONFIG_COPY, CheckpointError, latest_checkpoint, list_checkpoints,
                          load_checkpoint, read_train_state, resolve_checkpoint, save_checkpoint)
 from .config import FREE_ON_RESUME, FROZEN_ON_RESUME, Config, ConfigError, config_to_dict, dump_config, load_config
 
@@ -379,7 +380,7 @@ class MetricsLog:
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.handle = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -540,8 +541,8 @@ def run(args: TrainArgs) -> dict[str, Any]:
     config_text = dump_config(config)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / RUN_CONFIG, config_text)
-        atomic_write_text(run_dir / RUN_INFO, json.dumps({
+        write_text_atomic(run_dir / RUN_CONFIG, config_text)
+        write_text_atomic(run_dir / RUN_INFO, json.dumps({
             "dataset": info.dataset_entry(), "world_size": world_size, "per_device_batch_size": per_device,
             "accumulation_steps": accumulation, "mixed_precision": mixed_precision, "data_workers": workers,
             "command": sys.argv, "resumed_from": str(checkpoint) if checkpoint else None}, indent=2) + "\n")
@@ -586,7 +587,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
                       conditional=null_class is not None, num_classes=info.num_classes, seed=config.train.seed,
                       start_step=step, skip_batches=step * accumulation)
     loader = make_loader(spec, workers, config.data.prefetch_factor)
-    atomic_write_text(run_dir / f"shards-rank{rank}.json",
+    write_text_atomic(run_dir / f"shards-rank{rank}.json",
                       json.dumps({"rank": rank, "world_size": world_size,
                                   "shards": shards_for(info.urls, rank, world_size)}, indent=2) + "\n")
     batches = _timed_batches(infinite(loader), accelerator.device)

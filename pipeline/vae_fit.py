@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .atomic import replace_directory, write_json_atomic
 from .procedural import LabelledImages, load_labelled_images
 
 logger = logging.getLogger(__name__)
@@ -315,13 +316,6 @@ def finished_fit(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     return report if report.get("settings") == _comparable(settings) else None
 
 
-def _write_json(path: Path, value: Any) -> None:
-    """Atomic JSON write (temporary file + rename)."""
-    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    temp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)
-
-
 def save_checkpoint(partial: Path, vae, optimizer, step: int, settings: dict[str, Any], history: list) -> None:
     """Write the resume state into `partial`: weights (safetensors), optimiser state, then `state.json`.
 
@@ -337,7 +331,7 @@ def save_checkpoint(partial: Path, vae, optimizer, step: int, settings: dict[str
     os.replace(partial / f".model.tmp-{tag}", partial / "model.safetensors")
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, partial / f".optimizer.tmp-{tag}")
     os.replace(partial / f".optimizer.tmp-{tag}", partial / "optimizer.pt")
-    _write_json(partial / "state.json", {"step": step, "settings": _comparable(settings), "history": history})
+    write_json_atomic(partial / "state.json", {"step": step, "settings": _comparable(settings), "history": history})
 
 
 def load_checkpoint(partial: Path, vae, optimizer, settings: dict[str, Any]) -> tuple[int, list]:
@@ -371,17 +365,6 @@ def load_checkpoint(partial: Path, vae, optimizer, settings: dict[str, Any]) -> 
     optimizer.load_state_dict(optimizer_state["optimizer"])
     logger.info("resuming the VAE fit from step %d (%s)", state["step"], partial)
     return int(state["step"]), list(state.get("history", []))
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Put the finished directory `new` in place of `target`: two renames, the old directory removed after."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -574,7 +557,7 @@ def _publish(vae, out: Path, report: dict[str, Any], grid: np.ndarray) -> None:
         vae.save_pretrained(str(temp), safe_serialization=True)
         Image.fromarray(grid).save(temp / GRID_NAME)
         (temp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        _replace_directory(temp, out)
+        replace_directory(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

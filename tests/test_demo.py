@@ -93,3 +93,4 @@ def test_quick_demo_end_to_end(tmp_path):
         assert sum(entry["predicted_class_histogram"]) == settings["num_samples"]
     assert 0.0 <= summary["evaluation"]["latent"]["class_consistency"] <= 1.0
     assert summary["classifier"]["holdout_acc"] >= 0.9  # the yardstick itself must be trustworthy
+    assert 0.0 <= summary["classifier"]["holdout_acc_on_vae_reconstructions"] <= 1.0
