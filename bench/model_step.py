@@ -10,6 +10,7 @@ bf16 autocast is measured only where this CPU's bf16 matmul beats fp32 (on some 
     python bench/model_step.py                       # DiffiT-XL/2 and DiffiT-B/2 vs DiT, batch 2
     python bench/model_step.py --models DiffiT-B/2 --batch-size 4 --steps 3
     python bench/model_step.py --device cuda         # on a GPU machine
+    python bench/model_step.py --models DiT-XL/2 DiffiT-XL/2 --interleave 6   # drift-robust A/B comparison
 """
 
 from __future__ import annotations
@@ -182,12 +183,52 @@ def run_single(name: str, batch_size: int, steps: int, dtype_name: str, device: 
             "achieved_tflops": train_flops / seconds / 1e12}
 
 
+def run_interleaved(names: list[str], batch_size: int, rounds: int, dtype_name: str, device: str) -> dict:
+    """All models in this process, one timed step each per round, in alternating order.
+
+    On a shared or throttling machine, back-to-back runs of one model and then the other can differ by 30%
+    from drift alone; alternating steps exposes every model to the same drift, and the per-round ratio
+    against the first model cancels most of it."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    torch.manual_seed(0)
+    models = {name: build(name).to(device).train() for name in names}
+    x = torch.randn(batch_size, 4, 32, 32, device=device)
+    inputs = (x, torch.randint(0, 1000, (batch_size,), device=device).float(),
+              torch.randint(0, 1000, (batch_size,), device=device))
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for model in models.values():  # warm-up
+        step_once(model, inputs, dtype, device)
+        model.zero_grad(set_to_none=True)
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            step_once(models[name], inputs, dtype, device)
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+            models[name].zero_grad(set_to_none=True)
+    first = names[0]
+    result = {}
+    for name in names:
+        ratios = sorted(seconds[first][i] / seconds[name][i] for i in range(rounds))
+        ordered = sorted(seconds[name])
+        result[name] = {"median_step_s": ordered[rounds // 2], "min_step_s": ordered[0],
+                        "images_per_s": batch_size / ordered[rounds // 2],
+                        f"speed_vs_{first}": ratios[rounds // 2], "steps_s": seconds[name]}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["DiffiT-XL/2", "DiT-XL/2", "DiffiT-B/2", "DiT-B/2"])
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="instead of one subprocess per model: all models in one process, ROUNDS alternating "
+                             "timed steps each, median images/s and the median per-round speed ratio to the "
+                             "first model (robust to machine drift; no per-model peak memory)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,6 +248,19 @@ def main() -> None:
     if "bf16" not in dtypes:
         print("bf16 skipped: its measured matmul peak is not above fp32 on this machine")
     print()
+    if args.interleave:
+        print(f"interleaved: {args.interleave} alternating rounds per dtype, batch {args.batch_size}")
+        print()
+        print(f"| model | dtype | median step (s) | min step (s) | images/s | speed vs {args.models[0]} (median of "
+              f"per-round ratios) |")
+        print("|---|---|---|---|---|---|")
+        for dtype_name in dtypes:
+            result = run_interleaved(args.models, args.batch_size, args.interleave, dtype_name, args.device)
+            for name, row in result.items():
+                ratio = row[f"speed_vs_{args.models[0]}"]
+                print(f"| {name} | {dtype_name} | {row['median_step_s']:.2f} | {row['min_step_s']:.2f} | "
+                      f"{row['images_per_s']:.3f} | {ratio:.3f} |", flush=True)
+        return
     print("| model | dtype | batch | params (M) | step (s) | images/s | peak mem (GiB) | TFLOP/s | % of matmul peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype_name in dtypes:

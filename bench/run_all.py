@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = {
     "model_step": (["bench/model_step.py"], "DiffiT-XL/2 and -B/2 forward+backward vs adaLN DiT",
                    "XL/2 >= 50% of matmul peak; DiffiT images/s >= DiT"),
+    "model_step_interleaved": (["bench/model_step.py", "--models", "DiT-XL/2", "DiffiT-XL/2", "--interleave", "6"],
+                               "DiffiT-XL/2 vs DiT-XL/2, alternating steps in one process (drift-robust)",
+                               "DiffiT images/s >= DiT"),
+    "attention": (["bench/attention.py"], "one XL/2 attention core: bias gather and attention variants",
+                  "explains model_step; no target of its own"),
     "sampler_overhead": (["bench/sampler_overhead.py"], "sampler time outside network calls",
                          "<= 5% overhead; CFG does not double calls"),
     "encode": (["bench/encode.py"], "VAE encode images/s, Dask 1 vs 2 workers",

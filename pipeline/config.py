@@ -361,10 +361,16 @@ def validate(config: Config, source: str = "<config>") -> None:
     need(config.model.name in MODEL_CONFIGS,
          f"model.name {config.model.name!r} is not a known model; known: {', '.join(MODEL_CONFIGS)}")
     family = model_family(config.model.name)
-    expected = "adm" if family == "latent" else "edm"
-    need(config.diffusion.type == expected,
-         f"model {config.model.name!r} is a {family} model, trained with diffusion.type={expected!r} "
+    # The paper trains latent models with ADM (learned sigma) and image-space models with EDM. Latent models may
+    # also use EDM preconditioning: at low SNR it predicts the clean signal instead of the noise, which small
+    # models learn far more easily (the demo's default). Image-space models have no learned-sigma output for ADM.
+    need(family == "latent" or config.diffusion.type == "edm",
+         f"model {config.model.name!r} is an image-space model, trained with diffusion.type='edm' "
          f"(got {config.diffusion.type!r})")
+    if family == "latent" and "learn_sigma" in config.model.kwargs:
+        need(bool(config.model.kwargs["learn_sigma"]) == config.diffusion.learn_sigma,
+             f"model.kwargs.learn_sigma={config.model.kwargs['learn_sigma']} contradicts diffusion.learn_sigma="
+             f"{config.diffusion.learn_sigma}: set only diffusion.learn_sigma")
 
 
 def dump_config(config: Config) -> str:

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from diffit.layers import (TMSA, LabelEmbedder, TimestepEmbedder, drop_labels, get_2d_sincos_pos_embed,
-                           relative_position_index, timestep_embedding, window_partition, window_reverse)
+from diffit.layers import (TMSA, LabelEmbedder, TimestepEmbedder, attention_with_bias, drop_labels,
+                           get_2d_sincos_pos_embed, relative_position_index, timestep_embedding, window_partition,
+                           window_reverse)
 
 
 def explicit_attention(layer: TMSA, x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,40 @@ def test_tmsa_with_zero_time_weights_equals_plain_attention_with_bias():
     with torch.no_grad():
         layer.relative_position_bias.zero_()
     assert not torch.allclose(layer(x, time_token), expected, atol=1e-3)
+
+
+def test_tmsa_gradients_equal_those_of_the_explicit_computation():
+    # Training on CPU goes through a hand-written backward (attention_with_bias); its gradients for every
+    # parameter and the input must be those autograd derives from the explicit formula.
+    torch.manual_seed(0)
+    layer = TMSA(dim=32, num_heads=4, window_size=4, time_dim=None)
+    torch.nn.init.normal_(layer.relative_position_bias, std=1.0)
+    x = torch.randn(3, 16, 32, requires_grad=True)
+    weights = torch.randn(3, 16, 32)
+    grads = {}
+    for name, forward in (("layer", lambda: layer(x, None)), ("explicit", lambda: explicit_attention(layer, x))):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        (forward() * weights).sum().backward()
+        grads[name] = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()}}
+    assert grads["layer"].keys() == grads["explicit"].keys()
+    for name, expected in grads["explicit"].items():
+        torch.testing.assert_close(grads["layer"][name], expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_attention_with_bias_matches_sdpa_with_and_without_grad_and_under_bf16_autocast():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(3, 10, 10, requires_grad=True)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+    torch.testing.assert_close(attention_with_bias(q, k, v, bias), reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference path: SDPA itself
+        torch.testing.assert_close(attention_with_bias(q, k, v, bias), reference, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_with_bias(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert bias.grad is not None and bias.grad.dtype == torch.float32 and bool(torch.isfinite(bias.grad).all())
 
 
 def test_tmsa_time_token_enters_q_k_v_as_a_linear_term():

@@ -111,11 +111,22 @@ def test_yaml_exponent_without_dot_is_read_as_a_float(tmp_path):
 
 
 def test_model_family_and_objective_must_agree():
-    with pytest.raises(ConfigError, match="is a image model, trained with diffusion.type='edm'"):
+    with pytest.raises(ConfigError, match="is an image-space model, trained with diffusion.type='edm'"):
         config_from_dict({"model": {"name": "DiffiT-UNet-Tiny"}, "diffusion": {"type": "adm"}})
     with pytest.raises(ConfigError, match="sample.sampler must be 'edm-heun'"):
         config_from_dict({"model": {"name": "DiffiT-UNet-Tiny"},
                           "diffusion": {"type": "edm", "learn_sigma": False}, "sample": {"sampler": "ddim"}})
+    with pytest.raises(ConfigError, match="diffusion.learn_sigma must be false for EDM"):
+        config_from_dict({"model": {"name": "DiffiT-Tiny/2"}, "diffusion": {"type": "edm", "learn_sigma": True}})
+    with pytest.raises(ConfigError, match="contradicts diffusion.learn_sigma"):
+        config_from_dict({"model": {"name": "DiffiT-Tiny/2", "kwargs": {"learn_sigma": True}},
+                          "diffusion": {"type": "edm", "learn_sigma": False}, "sample": {"sampler": "edm-heun"}})
+
+
+def test_latent_models_may_train_with_edm_preconditioning():
+    config = config_from_dict({"model": {"name": "DiffiT-Tiny/2"}, "diffusion": {"type": "edm", "learn_sigma": False},
+                               "sample": {"sampler": "edm-heun"}})
+    assert config.diffusion.type == "edm"
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
