@@ -85,6 +85,9 @@ class OptimConfig:
     eps: float = 1e-8
     # Linear learning-rate ramp over this many thousand training images (EDM: 10000 = 10 Mimg); 0 = none.
     warmup_kimg: float = 0.0
+    # Linear decay to 0 over this final fraction of `train.max_steps` (warmup-stable-decay); 0 = constant. Short
+    # runs profit most: the last steps average out the gradient noise a constant rate leaves in the weights.
+    decay_fraction: float = 0.0
     # Clip the global gradient norm to this value; None reports the norm without clipping.
     grad_clip: Optional[float] = None
 
@@ -343,6 +346,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
          f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
     need(optim.warmup_kimg >= 0, f"optim.warmup_kimg must be >= 0, got {optim.warmup_kimg}")
+    need(0 <= optim.decay_fraction <= 1, f"optim.decay_fraction must be in [0, 1], got {optim.decay_fraction}")
     need(optim.grad_clip is None or optim.grad_clip > 0, f"optim.grad_clip must be > 0, got {optim.grad_clip}")
     need(0.0 <= ema.decay < 1.0, f"ema.decay must be in [0, 1), got {ema.decay}")
     need(ema.halflife_kimg is None or ema.halflife_kimg > 0,

@@ -291,11 +291,18 @@ def prepare_config(args: TrainArgs) -> tuple[Config, Path | None]:
 
 
 def learning_rate(config: Config, images_seen: int) -> float:
-    """Base lr, linearly ramped over `optim.warmup_kimg` thousand images (EDM's lr_rampup)."""
+    """Base lr, linearly ramped over `optim.warmup_kimg` thousand images (EDM's lr_rampup) and linearly decayed to 0
+    over the last `optim.decay_fraction` of the run."""
+    lr = config.optim.lr
     warmup = config.optim.warmup_kimg * 1000
-    if warmup <= 0:
-        return config.optim.lr
-    return config.optim.lr * min(images_seen / warmup, 1.0)
+    if warmup > 0:
+        lr *= min(images_seen / warmup, 1.0)
+    if config.optim.decay_fraction > 0:
+        total = config.train.max_steps * config.train.global_batch_size
+        decay_start = total * (1.0 - config.optim.decay_fraction)
+        if images_seen > decay_start:
+            lr *= max(total - images_seen, 0) / (total - decay_start)
+    return lr
 
 
 def ema_decay(config: Config, images_seen: int, batch_size: int) -> float:

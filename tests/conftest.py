@@ -10,3 +10,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): on 2
+    shared cores, two spinning OpenMP threads per small op are far slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# Session-wide artefacts shared by several test modules (built once per pytest process).
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Random-init Inception weights file (plumbing only, ~95 MB)."""
+    from eval_fixtures import make_random_inception_weights
+
+    return make_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-random.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A tiny random AutoencoderKL saved with `save_pretrained`."""
+    from eval_fixtures import make_tiny_vae
+
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
+
+
+@pytest.fixture(scope="session")
+def latent_model(tmp_path_factory, tiny_vae):
+    """An exported tiny latent DiffiT decoding through `tiny_vae`."""
+    from eval_fixtures import make_latent_model_dir
+
+    return make_latent_model_dir(tmp_path_factory.mktemp("latent-model") / "model", tiny_vae)
+
+
+@pytest.fixture(scope="session")
+def image_model(tmp_path_factory):
+    """An exported tiny image-space DiffiT U-Net (EDM)."""
+    from eval_fixtures import make_image_model_dir
+
+    return make_image_model_dir(tmp_path_factory.mktemp("image-model") / "model")

@@ -159,39 +159,6 @@ def write_shard_reference(path: Path, images: np.ndarray, per_shard: int = 8) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Session-wide artefacts shared by several test modules (built once per pytest process)
-
-_SESSION: dict[str, Path] = {}
-
-
-def session_artifact(name: str, tmp_path_factory, build) -> Path:
-    """`build(directory)` once per test session; later calls (from any test module) return the same path."""
-    if name not in _SESSION:
-        directory = tmp_path_factory.mktemp(name.replace("/", "-"))
-        _SESSION[name] = build(directory)
-    return _SESSION[name]
-
-
-def session_inception_weights(tmp_path_factory) -> Path:
-    """Random-init Inception weights file (plumbing only), made once per session."""
-    return session_artifact("inception", tmp_path_factory,
-                            lambda d: make_random_inception_weights(d / "inception-random.pth"))
-
-
-def session_vae(tmp_path_factory) -> Path:
-    return session_artifact("vae", tmp_path_factory, lambda d: make_tiny_vae(d / "vae"))
-
-
-def session_latent_model(tmp_path_factory) -> Path:
-    vae = session_vae(tmp_path_factory)
-    return session_artifact("latent-model", tmp_path_factory, lambda d: make_latent_model_dir(d / "model", vae))
-
-
-def session_image_model(tmp_path_factory) -> Path:
-    return session_artifact("image-model", tmp_path_factory, lambda d: make_image_model_dir(d / "model"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Entry points for subprocess tests
 
 

@@ -18,9 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from eval_fixtures import (REPO_ROOT, make_latent_model_dir, make_tiny_vae, session_image_model,
-                           session_inception_weights, session_latent_model, session_vae, smooth_images,
-                           write_npz_reference)
+from eval_fixtures import REPO_ROOT, make_latent_model_dir, make_tiny_vae, smooth_images, write_npz_reference
 from pipeline import evaluate as ev
 from pipeline import metrics as M
 from pipeline.sample_store import STORE_NAME, SampleStore, SampleStoreMismatchError
@@ -28,24 +26,7 @@ from pipeline.sample_store import STORE_NAME, SampleStore, SampleStoreMismatchEr
 FIXTURES = str(REPO_ROOT / "tests" / "eval_fixtures.py")
 NUM_SAMPLES, BATCH, STEPS = 8, 2, 4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads per op are far slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory):
-    return session_inception_weights(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def latent_model(tmp_path_factory):
-    return session_latent_model(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +176,8 @@ def test_killed_sampling_resumes_to_the_same_store_and_metrics(baseline, tmp_pat
     assert record["plumbing_only_metrics"] == baseline.record["plumbing_only_metrics"]
 
 
-def test_image_space_edm_model(tmp_path_factory, tmp_path):
-    model = session_image_model(tmp_path_factory)
+def test_image_space_edm_model(image_model, tmp_path):
+    model = image_model
     record = ev.evaluate(ev.EvaluateOptions(model_dir=model, out_dir=tmp_path, num_samples=3, batch_size=2,
                                             sampling=ev.SamplingOptions(steps=3), metrics=(), device="cpu"))
     assert record["sampling"]["sampler"] == "edm-heun" and record["sampling"]["guidance_scale"] == 1.0
@@ -278,10 +259,10 @@ def test_model_vae_mismatch_and_offline_hub_vae_stop_before_sampling(tmp_path):
     assert not (tmp_path / "out" / STORE_NAME).exists()
 
 
-def test_vae_files_differing_from_training_are_refused_unless_chosen(tmp_path_factory, tmp_path):
+def test_vae_files_differing_from_training_are_refused_unless_chosen(tiny_vae, tmp_path):
     from pipeline.vae import resolve_vae
 
-    vae = session_vae(tmp_path_factory)
+    vae = tiny_vae
     entry = {**resolve_vae(str(vae)).manifest_entry("fp32"), "path_hash": "0" * 64}  # latents encoded elsewhere
     model = make_latent_model_dir(tmp_path / "model", None, vae_entry=entry)
     with pytest.raises(ev.EvaluateInputError, match="not the VAE the training latents were encoded with"):

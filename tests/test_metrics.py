@@ -10,23 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval_fixtures import (session_inception_weights, smooth_images, write_folder_reference, write_npz_reference,
-                           write_shard_reference)
+from eval_fixtures import smooth_images, write_folder_reference, write_npz_reference, write_shard_reference
 from pipeline import metrics as M
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads per op are far slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory):
-    return session_inception_weights(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from pipeline.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config, validate
 from pipeline.train import ema_decay, learning_rate, resolve_batching, update_ema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +191,23 @@ def test_learning_rate_ramp_is_edm_linear_rampup():
     assert learning_rate(config, 2_500_000) == pytest.approx(2.5e-4)
     assert learning_rate(config, 10_000_000) == pytest.approx(1e-3)
     assert learning_rate(config, 50_000_000) == pytest.approx(1e-3)
+
+
+def test_learning_rate_decays_linearly_over_the_last_fraction():
+    config = Config()
+    config.optim.lr, config.optim.decay_fraction = 1e-3, 0.25
+    config.train.max_steps, config.train.global_batch_size = 100, 10  # 1000 images, decay over the last 250
+    lrs = [learning_rate(config, step * 10) for step in range(100)]
+    assert lrs[:76] == [1e-3] * 76  # constant until 750 images
+    assert lrs[80] == pytest.approx(1e-3 * 200 / 250)
+    assert lrs[-1] == pytest.approx(1e-3 * 10 / 250)  # the last step still moves the weights
+    assert all(a > b for a, b in zip(lrs[75:], lrs[76:]))
+    config.optim.warmup_kimg = 0.5  # ramp and decay compose
+    assert learning_rate(config, 250) == pytest.approx(0.5e-3)
+    assert learning_rate(config, 900) == pytest.approx(1e-3 * 100 / 250)
+    config.optim.decay_fraction = 1.5
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        validate(config)
 
 
 def test_ema_decay_fixed_and_halflife():
