@@ -55,6 +55,9 @@ class ClassifierConfig:
     channels: tuple[int, ...] = (32, 64, 64, 64)
     groups: int = 8
     class_names: list[str] = field(default_factory=list)
+    # Judge luminance only: every input is converted to grey first, so the class must be told from shape and
+    # texture, not colour (the demo's "shape consistency").
+    grayscale: bool = False
 
 
 class SmallCNN(nn.Module):
@@ -75,7 +78,15 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits [N, num_classes] of images [N, 3, H, W] in [-1, 1]."""
+        if self.config.grayscale:
+            images = luminance(images)
         return self.head(self.features(images).mean(dim=(2, 3)))
+
+
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """Rec. 601 luma of RGB images [N, 3, H, W], repeated on the three channels."""
+    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,6 +235,7 @@ def load_classifier(path: str | os.PathLike) -> SmallCNN:
         channels=tuple(int(c) for c in stored["channels"]),
         groups=int(stored["groups"]),
         class_names=list(stored.get("class_names", [])),
+        grayscale=bool(stored.get("grayscale", False)),
     )
     model = SmallCNN(config)
     try:
@@ -266,14 +278,15 @@ def train_classifier(data: str | os.PathLike, out_path: str | os.PathLike, resol
                      batch_size: int = 64, lr: float = 3e-3, seed: int = 0, holdout: str | os.PathLike | None = None,
                      holdout_fraction: float = 0.1, channels: tuple[int, ...] = (32, 64, 64, 64),
                      max_images: int | None = None, time_budget_s: float | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, grayscale: bool = False) -> dict[str, Any]:
     """Train the classifier on `data` (class folders, a procedural dataset root, or packed raw shards) and save it.
 
     Held-out accuracy is measured on `holdout` (e.g. the `holdout` split of a procedural dataset) when given,
     else on a `holdout_fraction` of `data` kept out of training. AdamW with a linear warm-up and cosine decay;
-    random flips, blur, colour gains and noise (see `_degrade`). Deterministic under `seed` for a given thread
-    count, unless `time_budget_s` stops it early. Images are read at `resolution` (ADM centre crop, like `pack`);
-    `predict` resizes other sizes with an antialiased bilinear filter. Returns the report also stored in
+    random flips, blur, colour gains and noise (see `_degrade`). `grayscale`: the classifier sees luminance only.
+    Deterministic under `seed` for a given thread count, unless `time_budget_s` stops it early. Images are read at
+    `resolution` (ADM centre crop, like `pack`); `predict` resizes other sizes with an antialiased bilinear
+    filter. Returns the report also stored in
     `config.json`: train_acc, holdout_acc, per-class holdout accuracy, steps, seconds, image counts.
     """
     if steps < 1 or batch_size < 1 or resolution < 8:
@@ -294,7 +307,7 @@ def train_classifier(data: str | os.PathLike, out_path: str | os.PathLike, resol
         train_set, held_set = dataset.subset(train_indices), dataset.subset(held_indices)
     class_names = sorted(dataset.label_map, key=dataset.label_map.get)
     config = ClassifierConfig(num_classes=dataset.num_classes, resolution=resolution, channels=tuple(channels),
-                              class_names=class_names)
+                              class_names=class_names, grayscale=grayscale)
     logger.info("classifier: %d training / %d held-out images, %d classes, %d px, %d steps",
                 len(train_set), len(held_set), config.num_classes, resolution, steps)
 
@@ -350,6 +363,7 @@ def train_classifier(data: str | os.PathLike, out_path: str | os.PathLike, resol
         "holdout_source": str(holdout) if holdout is not None else f"{holdout_fraction:.0%} of {dataset.root}",
         "data": dataset.root,
         "resolution": resolution,
+        "grayscale": grayscale,
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tomllib
@@ -91,8 +90,11 @@ def test_quick_demo_end_to_end(tmp_path):
         assert record["num_samples"] == settings["num_samples"]
         assert Path(entry["grid"]).is_file()
         assert sum(entry["predicted_class_histogram"]) == settings["num_samples"]
-        assert 0.0 <= entry["class_consistency"] <= 1.0
+        assert 0.0 <= entry["class_consistency"] <= 1.0 and 0.0 <= entry["shape_consistency"] <= 1.0
         assert json.loads((Path(summary["paths"][f"{kind}_model"]) / "config.json").read_text())[
             "diffusion"]["type"] == "edm"
     assert summary["classifier"]["holdout_acc"] >= 0.9  # the yardstick itself must be trustworthy
     assert 0.0 <= summary["classifier"]["holdout_acc_on_vae_reconstructions"] <= 1.0
+    assert summary["shape_classifier"]["grayscale"] is True and summary["classifier"]["grayscale"] is False
+    assert 0.0 <= summary["shape_classifier"]["holdout_acc"] <= 1.0
+    assert "shape consistency" in result.stdout

@@ -6,7 +6,7 @@ import torch
 import diffit
 from diffit.convert import convert_nvlabs_state_dict, load_nvlabs_checkpoint
 from diffit.latent import LatentDiffiT
-from diffit.models import MODEL_CONFIGS, count_parameters, create_model, model_stats
+from diffit.models import MODEL_CONFIGS, create_model, model_stats
 
 # Exact counts at 256 px (32x32 latents, 1000 classes + null row, learned sigma), fixed position embedding
 # included as in DiT. XL/2 is the 561M of the paper's Table 9; XL/4 and XL/8 were worked out by hand from XL/2
