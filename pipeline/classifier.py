@@ -286,8 +286,8 @@ def train_classifier(data: str | os.PathLike, out_path: str | os.PathLike, resol
     random flips, blur, colour gains and noise (see `_degrade`). `grayscale`: the classifier sees luminance only.
     Deterministic under `seed` for a given thread count, unless `time_budget_s` stops it early. Images are read at
     `resolution` (ADM centre crop, like `pack`); `predict` resizes other sizes with an antialiased bilinear
-    filter. Returns the report also stored in
-    `config.json`: train_acc, holdout_acc, per-class holdout accuracy, steps, seconds, image counts.
+    filter. Returns the report also stored in `config.json`: train_acc, holdout_acc, per-class holdout accuracy,
+    steps, seconds, image counts.
     """
     if steps < 1 or batch_size < 1 or resolution < 8:
         raise ClassifierError(f"need steps >= 1, batch_size >= 1, resolution >= 8 (got {steps}, {batch_size}, "
