@@ -38,6 +38,8 @@ BENCHMARKS = {
                    "loader adds <= 5%; GPU XL/2 bf16 MFU >= 40%"),
     "evaluate": (["bench/evaluate.py"], "sampling / feature extraction images/s",
                  "<= 10% of wall time outside network forwards"),
+    "demo": (["bench/demo.py"], "the embedded default run: time per step, class / shape consistency",
+             "<= 15 min on 2 cores; samples look like the classes"),
 }
 
 

@@ -128,10 +128,10 @@ def synth(
     """Generate a procedural, class-labelled image dataset (simple coloured shapes and patterns).
 
     Real data the project makes itself, for the offline demo and for smoke tests: each class is a distinct shape
-    in a distinct colour with random position, size, rotation, colour jitter, background shade and noise, so a
-    tiny model learns it in minutes on a CPU. The output is byte-identical for a given seed, written atomically,
-    and resumable (existing images are kept). Use OUT/train with `pack`, `encode` or `vae fit`, and OUT/holdout
-    to check classifiers on unseen real images.
+    in a distinct colour, near the centre, with random size, small shifts and rotations, colour jitter, background
+    shade and noise, so a tiny model learns it in minutes on a CPU. The output is byte-identical for a given
+    seed, written atomically, and resumable (existing images are kept). Use OUT/train with `pack`, `encode` or
+    `vae fit`, and OUT/holdout to check classifiers on unseen real images.
 
     Example: diffit-pipe synth data/synth --classes 10 --per-class 300 --resolution 64
     """
