@@ -170,8 +170,13 @@ def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torc
 
 
 def _sample_seed(seed: int, epoch: int, sample: dict) -> list[int]:
-    """Seed of a sample's own random draws in deterministic mode: independent of workers and of resuming."""
-    identity = f"{sample.get('__url__', '')}\0{sample.get('__key__', '')}".encode()
+    """Seed of a sample's own random draws in deterministic mode: independent of workers and of resuming.
+
+    The shard's file name, not its full URL, enters the seed: the same dataset copied to another directory or
+    machine gives the same draws.
+    """
+    shard_name = str(sample.get("__url__", "")).replace("\\", "/").rsplit("/", 1)[-1]
+    identity = f"{shard_name}\0{sample.get('__key__', '')}".encode()
     return [seed, epoch, zlib.crc32(identity)]
 
 

@@ -128,19 +128,32 @@ def test_resampled_stream_is_seeded_by_step(tmp_path):
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
 
 
-def test_images_are_decoded_to_unit_range_and_flipped(tmp_path):
-    data = write_image_dataset(tmp_path / "data", num_samples=8, num_shards=1, resolution=16, num_classes=0)
+def test_sample_draws_do_not_depend_on_the_dataset_directory(tmp_path):
     from pipeline.shards import load_manifest
 
-    spec = StreamSpec(urls=tuple(shard_urls(data, load_manifest(data))), kind="images", batch_size=8,
+    batches = []
+    for where in ("a", "b/deeper"):
+        data = write_image_dataset(tmp_path / where, num_samples=16, num_shards=2, resolution=16, num_classes=0)
+        spec = StreamSpec(urls=tuple(shard_urls(data, load_manifest(data))), kind="images", batch_size=16,
+                          resampled=False, hflip=True, resolution=16, conditional=False)
+        batches.append(take(make_loader(spec, 0), 1)[0][0])
+    assert torch.equal(batches[0], batches[1])
+
+
+def test_images_are_decoded_to_unit_range_and_flipped(tmp_path):
+    # The flips are a function of (seed, epoch, shard name, key) only, so this draw is the same on every machine.
+    data = write_image_dataset(tmp_path / "data", num_samples=32, num_shards=1, resolution=16, num_classes=0)
+    from pipeline.shards import load_manifest
+
+    spec = StreamSpec(urls=tuple(shard_urls(data, load_manifest(data))), kind="images", batch_size=32,
                       resampled=False, hflip=True, resolution=16, conditional=False)
     x, labels = take(make_loader(spec, 0), 1)[0]
-    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
+    assert x.shape == (32, 3, 16, 16) and x.dtype == torch.float32
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
-    assert labels.tolist() == [-1] * 8
+    assert labels.tolist() == [-1] * 32
     plain, _ = take(make_loader(replace(spec, hflip=False), 0), 1)[0]
     flipped = [not torch.equal(a, b) and torch.equal(a, b.flip(-1)) for a, b in zip(x, plain)]
-    assert 0 < sum(flipped) < 8
+    assert 0 < sum(flipped) < 32
     with pytest.raises(DataFormatError, match="image is 16x16, the manifest says 32x32"):
         take(make_loader(replace(spec, resolution=32), 0), 1)
 
