@@ -70,9 +70,9 @@ class DemoSettings:
     # Class consistency of 100 samples vs training steps (width 128 x depth 4, batch 32): 0.71 at 1200, 0.78 at
     # 2000, 0.95 at 3000 (dataset version 1). What made the shape classes shapes instead of blobs of the right
     # colour was not more steps but training at the noise levels where the sampler forms them (P_mean in
-    # `_train_config`) and near-centred objects (`procedural.random_centre`). Tried at 1200 steps without gain: lr 2e-3 (0.65), batch 64 for the same images (0.64), a linear lr decay over
-    # the last 30% (0.72), patch 4 for 3000 steps in the same time (0.68, blocky shapes); width 64 x depth 2
-    # reached 0.74 after 3000 steps.
+    # `_train_config`) and near-centred objects (`procedural.random_centre`). Tried at 1200 steps without gain:
+    # lr 2e-3 (0.65), batch 64 for the same images (0.64), a linear lr decay over the last 30% (0.72), patch 4
+    # for 3000 steps in the same time (0.68, blocky shapes); width 64 x depth 2 reached 0.74 after 3000 steps.
     latent_model_kwargs: tuple[tuple[str, int], ...] = (("depth", 4), ("hidden_size", 128), ("num_heads", 4))
     latent_steps: int = 2800
     latent_batch: int = 32

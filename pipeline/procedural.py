@@ -165,7 +165,7 @@ def draw_square(rng, canvas, colour):
 
 
 def draw_triangle(rng, canvas, colour):
-    """A filled equilateral triangle, rotated by at most 11 degrees from pointing up."""
+    """A filled equilateral triangle, rotated by at most 12 degrees from pointing up."""
     image = background(rng, canvas)
     u, v = rotate(canvas, random_centre(rng), rng.uniform(-0.2, 0.2))
     inradius = rng.uniform(0.3, 0.4)
