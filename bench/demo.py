@@ -33,9 +33,14 @@ def run_demo(out: Path, quick: bool) -> dict:
 
 def section(summary: dict, wall_s: float) -> str:
     """Markdown: step timings and sample quality."""
-    lines = [f"Machine: {platform.machine()}, {platform.system()}; date {time.strftime('%Y-%m-%d')}; "
-             f"{'quick' if summary['quick'] else 'default'} run, wall time {wall_s / 60:.1f} min "
-             f"(target: default <= 15 min, quick <= 3 min).", "", "| step | seconds |", "|---|---|"]
+    lines = [
+        f"Machine: {platform.machine()}, {platform.system()}; date {time.strftime('%Y-%m-%d')}; "
+        f"{'quick' if summary['quick'] else 'default'} run, wall time {wall_s / 60:.1f} min "
+        f"(target: default <= 15 min, quick <= 3 min).",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {step} | {seconds:.1f} |" for step, seconds in summary["timings_s"].items()]
     lines += ["", "| yardstick | held-out real images | their VAE reconstructions |", "|---|---|---|"]
     for name in ("classifier", "shape_classifier"):
@@ -43,8 +48,10 @@ def section(summary: dict, wall_s: float) -> str:
         lines.append(f"| {name} | {entry['holdout_acc']:.3f} | {entry['holdout_acc_on_vae_reconstructions']:.3f} |")
     lines += ["", "| model | samples | class consistency | shape consistency | grid |", "|---|---|---|---|---|"]
     for kind, entry in summary["evaluation"].items():
-        lines.append(f"| {kind} | {entry['num_samples']} | {entry['class_consistency']:.2f} | "
-                     f"{entry['shape_consistency']:.2f} | `{Path(entry['grid']).name}` |")
+        lines.append(
+            f"| {kind} | {entry['num_samples']} | {entry['class_consistency']:.2f} | "
+            f"{entry['shape_consistency']:.2f} | `{Path(entry['grid']).name}` |"
+        )
     return "\n".join(lines)
 
 

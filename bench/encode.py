@@ -3,7 +3,7 @@
 For two random-init AutoencoderKLs at 256 px — the real SD-VAE architecture (block_out_channels
 (128, 256, 512, 512), layers_per_block 2; ~84M parameters) and a small one — it measures images/s of:
 
-  (a) the bare batched VAE forward (`pipeline.vae.encode_pixels`, image + flip) on pre-cropped arrays, in this
+  (a) the bare batched VAE forward (`pipeline.core.vae.encode_pixels`, image + flip) on pre-cropped arrays, in this
       process with 1 and 2 torch threads;
   (b) the full Dask pipeline (`pipeline.encode.run_job`: read, decode, ADM crop, VAE, float16, tar, sha256,
       sidecars, manifest) with 1 worker x 1 torch thread, (c) 2 workers x 1 thread, (d) 1 worker x 2 threads.
@@ -57,8 +57,11 @@ def save_random_vae(directory: Path, config: dict, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
-        sample_size=256, **config,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        sample_size=256,
+        **config,
     )
     vae.save_pretrained(directory, safe_serialization=True)
     return str(directory.resolve())
@@ -71,7 +74,9 @@ def make_jpegs(root: Path, count: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for i in range(count):
         y, x = np.mgrid[0:320, 0:384]
-        pixels = rng.uniform(0, 255, 3) + x[..., None] * rng.uniform(-0.5, 0.5, 3) + y[..., None] * rng.uniform(-0.5, 0.5, 3)
+        pixels = (
+            rng.uniform(0, 255, 3) + x[..., None] * rng.uniform(-0.5, 0.5, 3) + y[..., None] * rng.uniform(-0.5, 0.5, 3)
+        )
         pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
         folder = root / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,9 +87,9 @@ def bare_forward(vae_path: str, source: Path, case: Case, threads: int) -> float
     """Images/s of `encode_pixels` alone on pre-cropped images (after one warm-up batch)."""
     import torch
 
-    from pipeline.sources import scan_source
-    from pipeline.transforms import prepare_image
-    from pipeline.vae import encode_pixels, load_vae
+    from pipeline.core.vae import encode_pixels, load_vae
+    from pipeline.encode.sources import scan_source
+    from pipeline.encode.transforms import prepare_image
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -106,7 +111,7 @@ def bare_forward(vae_path: str, source: Path, case: Case, threads: int) -> float
 def _warm_worker(vae_path: str, threads: int, batch_size: int) -> int:
     """On a worker: set torch threads, load (cache) the VAE and run one batch when `batch_size` > 0, as the bare
     forward's warm-up does."""
-    from pipeline.vae import encode_pixels, get_vae, set_torch_threads
+    from pipeline.core.vae import encode_pixels, get_vae, set_torch_threads
 
     set_torch_threads(threads)
     vae = get_vae(vae_path, "fp32", "cpu")
@@ -146,18 +151,22 @@ def start_cluster(workers: int):
     import dask
     from distributed import Client, LocalCluster
 
-    from pipeline.encode import LOCAL_CLUSTER_CONFIG
+    from pipeline.encode.job import LOCAL_CLUSTER_CONFIG
 
-    with dask.config.set(LOCAL_CLUSTER_CONFIG):  # the settings `run_job` uses for the clusters it starts
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+    # What `run_job` does for the clusters it starts: its settings, and distributed's INFO lines kept quiet
+    # (for the whole benchmark: this cluster lives across several calls; see `quiet_cluster_logs`).
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        )
     return cluster, Client(cluster)
 
 
 def _timed_job(client, config) -> tuple[float, float]:
     """Run one job on `client`: (wall seconds, CPU seconds of the workers and of the driver, which hosts the
     scheduler)."""
-    from pipeline.encode import run_job
+    from pipeline.encode.job import run_job
 
     workers_cpu = client.run(_cpu_seconds)
     began, driver_cpu = time.perf_counter(), time.process_time()
@@ -174,23 +183,36 @@ def pipeline_run(client, vae_path: str, source: Path, out: Path, case: Case, thr
     With `fixed_cost`, a 1-image job runs first: its time is the per-job cost (scan, VAE hash, scheduling,
     manifest), and (N - 1) / (t_N - t_1) is the steady-state rate a long job approaches.
     """
-    from pipeline.encode import JobConfig
+    from pipeline.encode.job import JobConfig
 
     started = time.perf_counter()
     client.run(_warm_worker, vae_path, threads, case.batch_size if case.warm_up else 0)
     warm_s = time.perf_counter() - started
 
     def config(target: Path, limit=None) -> JobConfig:
-        return JobConfig(source=str(source), out=str(target), resolution=256, vae=vae_path, shard_size=case.shard_size,
-                         batch_size=case.batch_size, torch_threads=threads, progress=False, limit=limit)
+        return JobConfig(
+            source=str(source),
+            out=str(target),
+            resolution=256,
+            vae=vae_path,
+            shard_size=case.shard_size,
+            batch_size=case.batch_size,
+            torch_threads=threads,
+            progress=False,
+            limit=limit,
+        )
 
     run = {"warm_s": warm_s}
     if fixed_cost:
         run["one_wall_s"], run["one_cpu_s"] = _timed_job(client, config(out.with_name(out.name + "-one"), limit=1))
     client.run(_reset_peak_rss)
     elapsed, cpu = _timed_job(client, config(out))
-    run.update(images_per_s=case.images / elapsed, wall_s=elapsed, cpu_s_per_image=cpu / case.images,
-               peak_rss_gib=[round(v / 2**30, 2) for v in client.run(_peak_rss_bytes).values()])
+    run.update(
+        images_per_s=case.images / elapsed,
+        wall_s=elapsed,
+        cpu_s_per_image=cpu / case.images,
+        peak_rss_gib=[round(v / 2**30, 2) for v in client.run(_peak_rss_bytes).values()],
+    )
     if fixed_cost:
         run["steady_images_per_s"] = (case.images - 1) / (elapsed - run["one_wall_s"])
         run["steady_cpu_s_per_image"] = (cpu - run["one_cpu_s"]) / (case.images - 1)
@@ -202,69 +224,107 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images (smoke run)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING)
+    from pipeline.core.logs import setup_logging
+
+    setup_logging()
+    logging.getLogger("pipeline").setLevel(logging.WARNING)  # the jobs' INFO lines would bury the progress lines
     # Two shards per case, so that 2 workers get one each. The small VAE goes first on each cluster so that the
     # SD-VAE's peak memory is the one that includes both cached models (the small one weighs a few MB).
     cases = [
-        Case("small (32,64,128,128) x1", SMALL_VAE, images=8 if args.quick else 16, batch_size=4,
-             shard_size=4 if args.quick else 8, warm_up=True),
+        Case(
+            "small (32,64,128,128) x1",
+            SMALL_VAE,
+            images=8 if args.quick else 16,
+            batch_size=4,
+            shard_size=4 if args.quick else 8,
+            warm_up=True,
+        ),
         Case("SD-VAE arch (128,256,512,512) x2", SD_VAE, images=2, batch_size=1, shard_size=1, warm_up=False),
     ]
     load_before = os.getloadavg()
-    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
-        tmp = Path(tmp)
-        prepared = []
-        for case_index, case in enumerate(cases):
-            source = tmp / f"src{case_index}"
-            make_jpegs(source, case.images)
-            vae_path = save_random_vae(tmp / f"vae{case_index}", case.config)
-            bare1 = bare_forward(vae_path, source, case, threads=1)
-            bare2 = bare_forward(vae_path, source, case, threads=2) if case.warm_up else None  # SD: time budget
-            prepared.append((case_index, case, source, vae_path, bare1, bare2, {}))
-            print(f"bare forward done: {case.name}", file=sys.stderr, flush=True)
-        # One cluster per worker count, reused by both VAEs (1 worker: 1 then 2 torch threads).
-        for workers, thread_options in ((1, (1, 2)), (2, (1,))):
-            cluster, client = start_cluster(workers)
-            try:
-                for case_index, case, source, vae_path, _, _, runs in prepared:
-                    for threads in thread_options:
-                        out = tmp / f"out{case_index}-{workers}x{threads}"
-                        runs[(workers, threads)] = pipeline_run(client, vae_path, source, out, case, threads,
-                                                                fixed_cost=(workers, threads) == (1, 1))
-                        print(f"pipeline done: {case.name} {workers}x{threads}", file=sys.stderr, flush=True)
-            finally:
-                client.close()
-                cluster.close()
-        rows = [(case, bare1, bare2, runs) for _, case, _, _, bare1, bare2, runs in prepared]
+        rows = run_cases(cases, Path(tmp))
     load_after = os.getloadavg()
 
-    print(f"\nencode benchmark, 256 px, CPU ({os.cpu_count()} cores), load average {load_before[0]:.1f} before / "
-          f"{load_after[0]:.1f} after (other jobs share these cores: wall-clock timings are contended; CPU seconds "
-          "per image are not affected by waiting for a core)\n")
-    print("| VAE | images | run | images/s (wall) | vs bare 1 thread | CPU s / image | CPU vs bare | wall s | "
-          "warm-up s | peak RSS / worker (GiB) |")
+    print(
+        f"\nencode benchmark, 256 px, CPU ({os.cpu_count()} cores), load average {load_before[0]:.1f} before / "
+        f"{load_after[0]:.1f} after (other jobs share these cores: wall-clock timings are contended; CPU seconds "
+        "per image are not affected by waiting for a core)\n"
+    )
+    print_table(rows)
+    print()
+    print_summary(rows)
+
+
+def run_cases(cases: list[Case], tmp: Path) -> list[tuple[Case, dict, dict | None, dict]]:
+    """Bare forwards, then the pipeline on one cluster per worker count; rows of (case, bare1, bare2, runs)."""
+    prepared = []
+    for case_index, case in enumerate(cases):
+        source = tmp / f"src{case_index}"
+        make_jpegs(source, case.images)
+        vae_path = save_random_vae(tmp / f"vae{case_index}", case.config)
+        bare1 = bare_forward(vae_path, source, case, threads=1)
+        bare2 = bare_forward(vae_path, source, case, threads=2) if case.warm_up else None  # SD: time budget
+        prepared.append((case_index, case, source, vae_path, bare1, bare2, {}))
+        print(f"bare forward done: {case.name}", file=sys.stderr, flush=True)
+    # One cluster per worker count, reused by both VAEs (1 worker: 1 then 2 torch threads).
+    for workers, thread_options in ((1, (1, 2)), (2, (1,))):
+        cluster, client = start_cluster(workers)
+        try:
+            for case_index, case, source, vae_path, _, _, runs in prepared:
+                for threads in thread_options:
+                    out = tmp / f"out{case_index}-{workers}x{threads}"
+                    runs[(workers, threads)] = pipeline_run(
+                        client, vae_path, source, out, case, threads, fixed_cost=(workers, threads) == (1, 1)
+                    )
+                    print(f"pipeline done: {case.name} {workers}x{threads}", file=sys.stderr, flush=True)
+        finally:
+            client.close()
+            cluster.close()
+    return [(case, bare1, bare2, runs) for _, case, _, _, bare1, bare2, runs in prepared]
+
+
+def print_table(rows) -> None:
+    """The markdown table: bare forwards and pipeline runs, images/s and CPU s per image against the bare one."""
+    print(
+        "| VAE | images | run | images/s (wall) | vs bare 1 thread | CPU s / image | CPU vs bare | wall s | "
+        "warm-up s | peak RSS / worker (GiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    labels = {(1, 1): "(b) pipeline 1 worker x 1 thread", (2, 1): "(c) pipeline 2 workers x 1 thread",
-              (1, 2): "(d) pipeline 1 worker x 2 threads"}
+    labels = {
+        (1, 1): "(b) pipeline 1 worker x 1 thread",
+        (2, 1): "(c) pipeline 2 workers x 1 thread",
+        (1, 2): "(d) pipeline 1 worker x 2 threads",
+    }
     for case, bare1, bare2, runs in rows:
-        print(f"| {case.name} | {case.images} | (a) bare forward, 1 thread | {bare1['images_per_s']:.3f} | 1.00 | "
-              f"{bare1['cpu_s_per_image']:.2f} | 1.00 | | | |")
+        print(
+            f"| {case.name} | {case.images} | (a) bare forward, 1 thread | {bare1['images_per_s']:.3f} | 1.00 | "
+            f"{bare1['cpu_s_per_image']:.2f} | 1.00 | | | |"
+        )
         if bare2 is not None:
-            print(f"| | | (a') bare forward, 2 threads | {bare2['images_per_s']:.3f} | "
-                  f"{bare2['images_per_s'] / bare1['images_per_s']:.2f} | {bare2['cpu_s_per_image']:.2f} | "
-                  f"{bare2['cpu_s_per_image'] / bare1['cpu_s_per_image']:.2f} | | | |")
+            print(
+                f"| | | (a') bare forward, 2 threads | {bare2['images_per_s']:.3f} | "
+                f"{bare2['images_per_s'] / bare1['images_per_s']:.2f} | {bare2['cpu_s_per_image']:.2f} | "
+                f"{bare2['cpu_s_per_image'] / bare1['cpu_s_per_image']:.2f} | | | |"
+            )
         for key, label in labels.items():
             run = runs[key]
-            print(f"| | | {label} | {run['images_per_s']:.3f} | {run['images_per_s'] / bare1['images_per_s']:.2f} | "
-                  f"{run['cpu_s_per_image']:.2f} | {run['cpu_s_per_image'] / bare1['cpu_s_per_image']:.2f} | "
-                  f"{run['wall_s']:.1f} | {run['warm_s']:.1f} | {', '.join(map(str, run['peak_rss_gib']))} |")
+            print(
+                f"| | | {label} | {run['images_per_s']:.3f} | {run['images_per_s'] / bare1['images_per_s']:.2f} | "
+                f"{run['cpu_s_per_image']:.2f} | {run['cpu_s_per_image'] / bare1['cpu_s_per_image']:.2f} | "
+                f"{run['wall_s']:.1f} | {run['warm_s']:.1f} | {', '.join(map(str, run['peak_rss_gib']))} |"
+            )
             if "steady_images_per_s" in run:
-                print(f"| | | (b) steady state: (N-1)/(t_N - t_1), 1-image job {run['one_wall_s']:.1f} s / "
-                      f"{run['one_cpu_s']:.1f} CPU s | {run['steady_images_per_s']:.3f} | "
-                      f"{run['steady_images_per_s'] / bare1['images_per_s']:.2f} | {run['steady_cpu_s_per_image']:.2f} | "
-                      f"{run['steady_cpu_s_per_image'] / bare1['cpu_s_per_image']:.2f} | | | |")
-    print()
+                print(
+                    f"| | | (b) steady state: (N-1)/(t_N - t_1), 1-image job {run['one_wall_s']:.1f} s / "
+                    f"{run['one_cpu_s']:.1f} CPU s | {run['steady_images_per_s']:.3f} | "
+                    f"{run['steady_images_per_s'] / bare1['images_per_s']:.2f} | {run['steady_cpu_s_per_image']:.2f} | "
+                    f"{run['steady_cpu_s_per_image'] / bare1['cpu_s_per_image']:.2f} | | | |"
+                )
+
+
+def print_summary(rows) -> None:
+    """One line per VAE: pipeline overhead over the bare forward, and the 2-worker scaling (measured, projected)."""
     for case, bare1, _, runs in rows:
         one = runs[(1, 1)]
         wall_overhead = bare1["images_per_s"] / one["images_per_s"] - 1
@@ -272,11 +332,14 @@ def main() -> None:
         cpu_overhead = one["steady_cpu_s_per_image"] / bare1["cpu_s_per_image"] - 1
         scaling = runs[(2, 1)]["images_per_s"] / one["images_per_s"]
         cpu_ratio = runs[(2, 1)]["cpu_s_per_image"] / one["cpu_s_per_image"]
-        print(f"- {case.name}: pipeline time per image over the bare forward (target <= +10%): whole job "
-              f"{wall_overhead:+.1%}, steady state {steady_overhead:+.1%} (CPU {cpu_overhead:+.1%}). 2 workers / 1 "
-              f"worker (target >= 1.8x): wall {scaling:.2f}x on these shared cores; CPU per image 2 workers / 1 worker "
-              f"= {cpu_ratio:.2f}, so on two free cores 2 / {cpu_ratio:.2f} = {2 / cpu_ratio:.2f}x is expected "
-              "(a projection, not a measurement)")
+        print(
+            f"- {case.name}: pipeline time per image over the bare forward (target <= +10%): whole job "
+            f"{wall_overhead:+.1%}, steady state {steady_overhead:+.1%} (CPU {cpu_overhead:+.1%}). 2 workers / 1 "
+            f"worker (target >= 1.8x): wall {scaling:.2f}x on these shared cores; CPU per image 2 workers / 1 worker "
+            f"= {cpu_ratio:.2f}, so on two free cores 2 / {cpu_ratio:.2f} = {2 / cpu_ratio:.2f}x is expected "
+            "(a projection, not a measurement)"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import evaluate as ev  # noqa: E402
-from pipeline.sample_store import STORE_NAME, SampleStore, StoreLayout  # noqa: E402
+from pipeline.evaluate import run as ev  # noqa: E402
+from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, StoreLayout  # noqa: E402
 
 
 def matmul_gflops(device: str, size: int = 1024, repeats: int = 5) -> float:
@@ -48,7 +48,7 @@ def matmul_gflops(device: str, size: int = 1024, repeats: int = 5) -> float:
         a @ b
     if device == "cuda":
         torch.cuda.synchronize()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def sd_vae(device: str):
@@ -56,9 +56,16 @@ def sd_vae(device: str):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                        layers_per_block=2, sample_size=256)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        sample_size=256,
+    )
     return vae.to(device).eval()
 
 
@@ -69,11 +76,18 @@ def bench_sampling(name: str, vae, batch_size: int, num_samples: int, steps: int
     torch.manual_seed(0)
     model = diffit.create_model(name, num_classes=1000).to(device).eval()
     latent = model.input_size
-    loaded = ev.LoadedModel(model_dir=Path(name), model=model, config={"diffusion": {"type": "adm"}}, kind="adm",
-                            family="latent", sample_shape=(model.in_channels, latent, latent),
-                            resolution=(8 * latent, 8 * latent), vae=vae, scaling_factor=0.18215)
-    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(steps=steps, cfg_scale=4.6,
-                                                              cfg_schedule="power-cosine"))
+    loaded = ev.LoadedModel(
+        model_dir=Path(name),
+        model=model,
+        config={"diffusion": {"type": "adm"}},
+        kind="adm",
+        family="latent",
+        sample_shape=(model.in_channels, latent, latent),
+        resolution=(8 * latent, 8 * latent),
+        vae=vae,
+        scaling_factor=0.18215,
+    )
+    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(steps=steps, cfg_scale=4.6, cfg_schedule="power-cosine"))
     # Warm-up (first-call allocations, kernel selection) outside the timed run.
     ev.generate(loaded, sampling, np.arange(1), np.array([0]), 1, device)
     with tempfile.TemporaryDirectory() as directory:
@@ -83,8 +97,12 @@ def bench_sampling(name: str, vae, batch_size: int, num_samples: int, steps: int
     network_images = stats.network_calls * 2 * min(batch_size, num_samples)  # CFG doubles each batch
     outside = stats.total_time_s - stats.network_time_s - stats.decode_time_s
     return {
-        "model": name, "resolution": loaded.resolution[0], "batch": batch_size, "samples": stats.samples,
-        "steps": steps, "evaluations": stats.network_calls,
+        "model": name,
+        "resolution": loaded.resolution[0],
+        "batch": batch_size,
+        "samples": stats.samples,
+        "steps": steps,
+        "evaluations": stats.network_calls,
         "eval_per_s": stats.network_calls / stats.network_time_s,
         "img_eval_per_s": network_images / stats.network_time_s,
         "decode_img_per_s": stats.samples / stats.decode_time_s,
@@ -101,8 +119,10 @@ def bench_features(device: str, images: int, batch_size: int) -> dict:
 
     import torch_fidelity.feature_extractor_inceptionv3 as inception
 
-    with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
-            mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
+    with (
+        mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
+        mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}),
+    ):
         extractor = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
     extractor = extractor.to(device).eval()
     batch = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
@@ -136,8 +156,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"# evaluate-stage benchmark: {platform.processor() or platform.machine()}, device {args.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"# evaluate-stage benchmark: {platform.processor() or platform.machine()}, device {args.device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"fp32 matmul: {matmul_gflops(args.device):.0f} GFLOP/s\n")
     vae = sd_vae(args.device)
     rows = []
@@ -149,17 +171,23 @@ def main() -> None:
         rows.append(bench_sampling(name, vae, batch, samples, steps, args.device))
         print(f"done {name}", file=sys.stderr, flush=True)
 
-    print("| model | image px | batch | samples | network evals | evals/s | images x evals/s (CFG 2x batch) "
-          "| VAE decode img/s | wall s | outside network+VAE | of which sampler math | zarr writes |")
+    print(
+        "| model | image px | batch | samples | network evals | evals/s | images x evals/s (CFG 2x batch) "
+        "| VAE decode img/s | wall s | outside network+VAE | of which sampler math | zarr writes |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['samples']} | {r['evaluations']} | "
-              f"{r['eval_per_s']:.2f} | {r['img_eval_per_s']:.1f} | {r['decode_img_per_s']:.2f} | "
-              f"{r['total_s']:.1f} | {100 * r['outside_share']:.1f} % | {100 * r['sampler_overhead_share']:.1f} % | "
-              f"{100 * r['write_share']:.1f} % |")
+        print(
+            f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['samples']} | {r['evaluations']} | "
+            f"{r['eval_per_s']:.2f} | {r['img_eval_per_s']:.1f} | {r['decode_img_per_s']:.2f} | "
+            f"{r['total_s']:.1f} | {100 * r['outside_share']:.1f} % | {100 * r['sampler_overhead_share']:.1f} % | "
+            f"{100 * r['write_share']:.1f} % |"
+        )
     features = bench_features(args.device, args.feature_images, min(8, args.feature_images))
-    print(f"\nInception-v3 features (2048 + logits, 256 px uint8 -> 299 px): {features['img_per_s']:.2f} images/s "
-          f"(batch {features['batch']}, {features['images']} images)")
+    print(
+        f"\nInception-v3 features (2048 + logits, 256 px uint8 -> 299 px): {features['img_per_s']:.2f} images/s "
+        f"(batch {features['batch']}, {features['images']} images)"
+    )
 
 
 if __name__ == "__main__":

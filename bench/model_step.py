@@ -25,9 +25,8 @@ import sys
 import time
 
 import torch
-from torch import nn
 import torch.nn.functional as F
-
+from torch import nn
 
 # ---------------------------------------------------------------------------------------------------------------
 # A plain DiT (adaLN-Zero) of given width/depth, for comparison: what DiffiT replaces with TMSA.
@@ -61,8 +60,16 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Minimal DiT with the same patch embedding, embeddings and final layer sizes as LatentDiffiT."""
 
-    def __init__(self, depth: int, hidden: int, heads: int, patch: int = 2, input_size: int = 32,
-                 in_channels: int = 4, num_classes: int = 1000):
+    def __init__(
+        self,
+        depth: int,
+        hidden: int,
+        heads: int,
+        patch: int = 2,
+        input_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 1000,
+    ):
         super().__init__()
         self.patch, self.grid, self.out = patch, input_size // patch, 2 * in_channels
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
@@ -140,8 +147,9 @@ def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, budget_s: flo
 
 
 def step_once(model, inputs, dtype, device):
-    autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype,
-                              enabled=dtype != torch.float32)
+    autocast = torch.autocast(
+        device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype, enabled=dtype != torch.float32
+    )
     with autocast:
         out = model(*inputs)
     out.float().square().mean().backward()
@@ -160,8 +168,11 @@ def run_single(name: str, batch_size: int, steps: int, dtype_name: str, device: 
     model = build(name).to(device).train()
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(batch_size, 4, 32, 32, device=device)
-    inputs = (x, torch.randint(0, 1000, (batch_size,), device=device).float(),
-              torch.randint(0, 1000, (batch_size,), device=device))
+    inputs = (
+        x,
+        torch.randint(0, 1000, (batch_size,), device=device).float(),
+        torch.randint(0, 1000, (batch_size,), device=device),
+    )
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     step_once(model, inputs, dtype, device)  # warm-up
@@ -178,9 +189,16 @@ def run_single(name: str, batch_size: int, steps: int, dtype_name: str, device: 
     else:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
     train_flops = 3 * forward_flops * batch_size * 2  # x2: FMA -> FLOPs, to compare with the matmul peak
-    return {"model": name, "dtype": dtype_name, "batch": batch_size, "params_m": params / 1e6,
-            "step_s": seconds, "images_per_s": batch_size / seconds, "peak_gib": peak_gib,
-            "achieved_tflops": train_flops / seconds / 1e12}
+    return {
+        "model": name,
+        "dtype": dtype_name,
+        "batch": batch_size,
+        "params_m": params / 1e6,
+        "step_s": seconds,
+        "images_per_s": batch_size / seconds,
+        "peak_gib": peak_gib,
+        "achieved_tflops": train_flops / seconds / 1e12,
+    }
 
 
 def run_interleaved(names: list[str], batch_size: int, rounds: int, dtype_name: str, device: str) -> dict:
@@ -193,8 +211,11 @@ def run_interleaved(names: list[str], batch_size: int, rounds: int, dtype_name: 
     torch.manual_seed(0)
     models = {name: build(name).to(device).train() for name in names}
     x = torch.randn(batch_size, 4, 32, 32, device=device)
-    inputs = (x, torch.randint(0, 1000, (batch_size,), device=device).float(),
-              torch.randint(0, 1000, (batch_size,), device=device))
+    inputs = (
+        x,
+        torch.randint(0, 1000, (batch_size,), device=device).float(),
+        torch.randint(0, 1000, (batch_size,), device=device),
+    )
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for model in models.values():  # warm-up
         step_once(model, inputs, dtype, device)
@@ -213,9 +234,13 @@ def run_interleaved(names: list[str], batch_size: int, rounds: int, dtype_name: 
     for name in names:
         ratios = sorted(seconds[first][i] / seconds[name][i] for i in range(rounds))
         ordered = sorted(seconds[name])
-        result[name] = {"median_step_s": ordered[rounds // 2], "min_step_s": ordered[0],
-                        "images_per_s": batch_size / ordered[rounds // 2],
-                        f"speed_vs_{first}": ratios[rounds // 2], "steps_s": seconds[name]}
+        result[name] = {
+            "median_step_s": ordered[rounds // 2],
+            "min_step_s": ordered[0],
+            "images_per_s": batch_size / ordered[rounds // 2],
+            f"speed_vs_{first}": ratios[rounds // 2],
+            "steps_s": seconds[name],
+        }
     return result
 
 
@@ -225,10 +250,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                        help="instead of one subprocess per model: all models in one process, ROUNDS alternating "
-                             "timed steps each, median images/s and the median per-round speed ratio to the "
-                             "first model (robust to machine drift; no per-model peak memory)")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead of one subprocess per model: all models in one process, ROUNDS alternating "
+        "timed steps each, median images/s and the median per-round speed ratio to the "
+        "first model (robust to machine drift; no per-model peak memory)",
+    )
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,8 +271,10 @@ def main() -> None:
     bf16_peak = matmul_peak(torch.bfloat16, args.device)
     peaks["bf16"] = bf16_peak
     dtypes = ["fp32"] + (["bf16"] if bf16_peak and bf16_peak > peaks["fp32"] else [])
-    print(f"# model_step  {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
-          f"device={args.device}  threads={torch.get_num_threads()}  torch {torch.__version__}")
+    print(
+        f"# model_step  {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
+        f"device={args.device}  threads={torch.get_num_threads()}  torch {torch.__version__}"
+    )
     for name, peak in peaks.items():
         print(f"matmul peak {name}: {peak / 1e12:.3f} TFLOP/s" if peak else f"matmul peak {name}: n/a")
     if "bf16" not in dtypes:
@@ -251,31 +283,50 @@ def main() -> None:
     if args.interleave:
         print(f"interleaved: {args.interleave} alternating rounds per dtype, batch {args.batch_size}")
         print()
-        print(f"| model | dtype | median step (s) | min step (s) | images/s | speed vs {args.models[0]} (median of "
-              f"per-round ratios) |")
+        print(
+            f"| model | dtype | median step (s) | min step (s) | images/s | speed vs {args.models[0]} (median of "
+            f"per-round ratios) |"
+        )
         print("|---|---|---|---|---|---|")
         for dtype_name in dtypes:
             result = run_interleaved(args.models, args.batch_size, args.interleave, dtype_name, args.device)
             for name, row in result.items():
                 ratio = row[f"speed_vs_{args.models[0]}"]
-                print(f"| {name} | {dtype_name} | {row['median_step_s']:.2f} | {row['min_step_s']:.2f} | "
-                      f"{row['images_per_s']:.3f} | {ratio:.3f} |", flush=True)
+                print(
+                    f"| {name} | {dtype_name} | {row['median_step_s']:.2f} | {row['min_step_s']:.2f} | "
+                    f"{row['images_per_s']:.3f} | {ratio:.3f} |",
+                    flush=True,
+                )
         return
     print("| model | dtype | batch | params (M) | step (s) | images/s | peak mem (GiB) | TFLOP/s | % of matmul peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype_name in dtypes:
         for name in args.models:
-            command = [sys.executable, __file__, "--single", name, "--batch-size", str(args.batch_size),
-                       "--steps", str(args.steps), "--device", args.device, "--dtype", dtype_name]
+            command = [
+                sys.executable,
+                __file__,
+                "--single",
+                name,
+                "--batch-size",
+                str(args.batch_size),
+                "--steps",
+                str(args.steps),
+                "--device",
+                args.device,
+                "--dtype",
+                dtype_name,
+            ]
             result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
             if result.returncode:
                 print(f"| {name} | {dtype_name} | failed: {result.stderr.strip().splitlines()[-1]} |")
                 continue
             row = json.loads(result.stdout.strip().splitlines()[-1])
             fraction = row["achieved_tflops"] * 1e12 / peaks[dtype_name]
-            print(f"| {name} | {dtype_name} | {row['batch']} | {row['params_m']:.1f} | {row['step_s']:.2f} | "
-                  f"{row['images_per_s']:.3f} | {row['peak_gib']:.2f} | {row['achieved_tflops']:.3f} | "
-                  f"{100 * fraction:.0f}% |")
+            print(
+                f"| {name} | {dtype_name} | {row['batch']} | {row['params_m']:.1f} | {row['step_s']:.2f} | "
+                f"{row['images_per_s']:.3f} | {row['peak_gib']:.2f} | {row['achieved_tflops']:.3f} | "
+                f"{100 * fraction:.0f}% |"
+            )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from diffit.guidance import GuidanceConfig
-from diffit.sampling import sample_with_stats
+from diffit.sampling import SamplingConfig, sample_with_stats
+from pipeline.core.logs import setup_logging
 
 LOGGER = logging.getLogger("sampler_overhead")
 
@@ -51,7 +52,7 @@ class SmallConvEpsNet(nn.Module):
         hidden = nn.functional.silu(self.conv_in(x) + condition[:, :, None, None])
         hidden = nn.functional.silu(self.conv_mid(hidden))
         out = self.conv_out(hidden)
-        return torch.cat([out[:, : self.in_channels], torch.tanh(out[:, self.in_channels:])], dim=1)
+        return torch.cat([out[:, : self.in_channels], torch.tanh(out[:, self.in_channels :])], dim=1)
 
 
 def build_model(name: str, latent_size: int) -> tuple[nn.Module, tuple[int, int, int]]:
@@ -66,15 +67,16 @@ def build_model(name: str, latent_size: int) -> tuple[nn.Module, tuple[int, int,
     return model, (model.in_channels, model.input_size, model.input_size)
 
 
-def run_case(model: nn.Module, shape, batch: int, sampler: str, steps: int, guidance: GuidanceConfig | None,
-             device: torch.device) -> dict:
+def run_case(
+    model: nn.Module, shape, batch: int, sampler: str, steps: int, guidance: GuidanceConfig | None, device: torch.device
+) -> dict:
     """One full sampling run; returns its stats and the forward rows per sample."""
     rows = [0]
     hook = model.register_forward_pre_hook(lambda module, args: rows.__setitem__(0, rows[0] + args[0].shape[0]))
     try:
         labels = [i % model.num_classes for i in range(batch)]
-        _, stats = sample_with_stats(model, shape, labels, list(range(batch)), sampler=sampler, steps=steps,
-                                     guidance=guidance, kind="adm", device=device)
+        config = SamplingConfig(sampler=sampler, steps=steps, guidance=guidance, kind="adm")
+        _, stats = sample_with_stats(model, shape, labels, list(range(batch)), config, device=device)
     finally:
         hook.remove()
     return {"stats": stats, "rows_per_sample": rows[0] / batch}
@@ -87,10 +89,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="samples per run")
     parser.add_argument("--latent-size", type=int, default=32, help="latent resolution for --model conv")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: steadier timings on a shared machine; 0 = torch default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: steadier timings on a shared machine; 0 = torch default)",
+    )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -111,17 +117,23 @@ def main() -> None:
             results.append((label, guided, result))
 
     cpu = platform.processor() or platform.machine()
-    print(f"\nSampler overhead, model `{args.model}`, batch {args.batch} x {tuple(shape)}, device {device} "
-          f"({cpu}, {torch.get_num_threads()} threads), torch {torch.__version__}\n")
-    print("| sampler | guidance | NFE (calls) / sample | forward rows / sample | wall s | network s | overhead s "
-          "| overhead ms / call | overhead % |")
+    print(
+        f"\nSampler overhead, model `{args.model}`, batch {args.batch} x {tuple(shape)}, device {device} "
+        f"({cpu}, {torch.get_num_threads()} threads), torch {torch.__version__}\n"
+    )
+    print(
+        "| sampler | guidance | NFE (calls) / sample | forward rows / sample | wall s | network s | overhead s "
+        "| overhead ms / call | overhead % |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, guided, result in results:
         stats = result["stats"]
-        print(f"| {label} | {'CFG 4.6 power-cos' if guided else 'none'} | {stats.network_calls} "
-              f"| {result['rows_per_sample']:.0f} | {stats.total_time_s:.2f} | {stats.network_time_s:.2f} "
-              f"| {stats.overhead_time_s:.3f} | {1000 * stats.overhead_time_s / stats.network_calls:.2f} "
-              f"| {100 * stats.overhead_fraction:.1f} |")
+        print(
+            f"| {label} | {'CFG 4.6 power-cos' if guided else 'none'} | {stats.network_calls} "
+            f"| {result['rows_per_sample']:.0f} | {stats.total_time_s:.2f} | {stats.network_time_s:.2f} "
+            f"| {stats.overhead_time_s:.3f} | {1000 * stats.overhead_time_s / stats.network_calls:.2f} "
+            f"| {100 * stats.overhead_fraction:.1f} |"
+        )
 
 
 if __name__ == "__main__":

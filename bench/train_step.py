@@ -73,12 +73,13 @@ def matmul_peak(dtype_name: str, size: int, budget_s: float = 3.0) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_latent_shards(out_dir: Path, num_samples: int, num_shards: int, latent_size: int,
-                        num_classes: int) -> list[str]:
+def write_latent_shards(
+    out_dir: Path, num_samples: int, num_shards: int, latent_size: int, num_classes: int
+) -> list[str]:
     """Synthetic latent shards in the encode format (float16 mean/std [2, 4, s, s], labels)."""
     import numpy as np
 
-    from pipeline.shards import ShardWriter, latent_sample
+    from pipeline.core.shards import ShardWriter, latent_sample
 
     rng = np.random.default_rng(0)
     urls = []
@@ -107,9 +108,9 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from diffit.models import count_flops, create_model
-    from pipeline.config import Config
-    from pipeline.data import StreamSpec, infinite, make_loader
-    from pipeline.train import Objective, update_ema
+    from pipeline.train.config import Config
+    from pipeline.train.data import StreamSpec, infinite, make_loader
+    from pipeline.train.objective import Objective, update_ema
 
     torch.manual_seed(0)
     model = create_model(spec["model"])
@@ -125,10 +126,19 @@ def child(spec: dict) -> dict:
     decode_s = None
     if spec["compare_loader"]:
         data_dir = Path(tempfile.mkdtemp(prefix="bench-shards-"))
-        urls = write_latent_shards(data_dir, num_samples=64 * batch, num_shards=4, latent_size=size,
-                                   num_classes=model.num_classes)
-        stream = StreamSpec(urls=tuple(urls), kind="latents", batch_size=batch, resampled=True, shuffle_buffer=64,
-                            scaling_factor=0.18215, conditional=True, num_classes=model.num_classes)
+        urls = write_latent_shards(
+            data_dir, num_samples=64 * batch, num_shards=4, latent_size=size, num_classes=model.num_classes
+        )
+        stream = StreamSpec(
+            urls=tuple(urls),
+            kind="latents",
+            batch_size=batch,
+            resampled=True,
+            shuffle_buffer=64,
+            scaling_factor=0.18215,
+            conditional=True,
+            num_classes=model.num_classes,
+        )
         # CPU cost of reading + decoding one batch (no worker process): an upper bound on what the loader takes
         # from the training threads when it runs beside them.
         inline = infinite(make_loader(stream, num_workers=0))
@@ -140,8 +150,9 @@ def child(spec: dict) -> dict:
         sources["shards"] = infinite(make_loader(stream, num_workers=1))
 
     peak = matmul_peak(spec["dtype"], spec["matmul_size"], budget_s=1.5)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec["dtype"] == "bf16"
-                else torch.autocast("cpu", enabled=False))
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if spec["dtype"] == "bf16" else torch.autocast("cpu", enabled=False)
+    )
     order = list(sources) * (spec["warmup"] + spec["steps"])
     times = {name: [] for name in sources}
     waits = {name: [] for name in sources}
@@ -162,17 +173,31 @@ def child(spec: dict) -> dict:
             times[name].append(elapsed)
             waits[name].append(waited)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    results = {name: {"best_step_s": min(times[name]), "median_step_s": statistics.median(times[name]),
-                      "wait_fraction": sum(waits[name]) / sum(times[name])} for name in sources}
-    return {**spec, "forward_gmacs": flops / 1e9, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "matmul_gflops": peak["gflops"], "decode_s": decode_s, "sources": results, "peak_rss_gib": peak_gib}
+    results = {
+        name: {
+            "best_step_s": min(times[name]),
+            "median_step_s": statistics.median(times[name]),
+            "wait_fraction": sum(waits[name]) / sum(times[name]),
+        }
+        for name in sources
+    }
+    return {
+        **spec,
+        "forward_gmacs": flops / 1e9,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "matmul_gflops": peak["gflops"],
+        "decode_s": decode_s,
+        "sources": results,
+        "peak_rss_gib": peak_gib,
+    }
 
 
 def run_child(spec: dict) -> dict:
     """Run `child(spec)` in a fresh interpreter (own peak RSS); return its JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                            env=env, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=REPO
+    )
     if result.returncode != 0:
         raise RuntimeError(f"benchmark child {spec} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -208,23 +233,53 @@ def main() -> None:
     results = []
     for dtype in dtypes:
         base = {"threads": options.threads, "dtype": dtype, "matmul_size": options.matmul_size}
-        results.append(run_child({**base, "model": "DiffiT-XL/2", "batch": options.xl_batch, "warmup": 1,
-                                  "steps": options.xl_steps, "compare_loader": False}))
-        results.append(run_child({**base, "model": options.small_model, "batch": options.small_batch,
-                                  "warmup": 2, "steps": options.small_steps, "compare_loader": True}))
+        results.append(
+            run_child(
+                {
+                    **base,
+                    "model": "DiffiT-XL/2",
+                    "batch": options.xl_batch,
+                    "warmup": 1,
+                    "steps": options.xl_steps,
+                    "compare_loader": False,
+                }
+            )
+        )
+        results.append(
+            run_child(
+                {
+                    **base,
+                    "model": options.small_model,
+                    "batch": options.small_batch,
+                    "warmup": 2,
+                    "steps": options.small_steps,
+                    "compare_loader": True,
+                }
+            )
+        )
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    print(f"\n### Training step on CPU ({cpu}, {options.threads} threads, torch {torch.__version__}; "
-          f"machine shared with other work)\n")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    print(
+        f"\n### Training step on CPU ({cpu}, {options.threads} threads, torch {torch.__version__}; "
+        f"machine shared with other work)\n"
+    )
     print("| dtype | matmul peak GFLOP/s (n), first probe |")
     print("|---|---|")
     for name, peak in peaks.items():
         note = f" -- {peak['note']}" if peak["note"] else ""
         print(f"| {name} | {peak['gflops']:.1f} ({peak['size']}){note} |")
     print(f"\nmodel rows use: {', '.join(dtypes)} (bf16 only where its matmul peak beats fp32)\n")
-    print("| model | params (M) | batch | dtype | data | step s (best / median) | images/s | data wait | "
-          "peak RSS GiB | fwd GFLOPs/img | train GFLOP/s | matmul peak GFLOP/s (same process) | MFU |")
+    print(
+        "| model | params (M) | batch | dtype | data | step s (best / median) | images/s | data wait | "
+        "peak RSS GiB | fwd GFLOPs/img | train GFLOP/s | matmul peak GFLOP/s (same process) | MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         for source, timing in row["sources"].items():
@@ -232,10 +287,12 @@ def main() -> None:
             # Training = 3 x forward; x2 turns multiply-adds into FLOPs to compare with the matmul peak.
             train_flops = 3 * 2 * row["forward_gmacs"] * 1e9 * images_per_s
             mfu = train_flops / (row["matmul_gflops"] * 1e9)
-            print(f"| {row['model']} | {row['params_m']:.1f} | {row['batch']} | {row['dtype']} | {source} | "
-                  f"{timing['best_step_s']:.3f} / {timing['median_step_s']:.3f} | {images_per_s:.2f} | "
-                  f"{timing['wait_fraction']:.1%} | {row['peak_rss_gib']:.2f} | {row['forward_gmacs']:.2f} | "
-                  f"{train_flops / 1e9:.1f} | {row['matmul_gflops']:.1f} | {mfu:.1%} |")
+            print(
+                f"| {row['model']} | {row['params_m']:.1f} | {row['batch']} | {row['dtype']} | {source} | "
+                f"{timing['best_step_s']:.3f} / {timing['median_step_s']:.3f} | {images_per_s:.2f} | "
+                f"{timing['wait_fraction']:.1%} | {row['peak_rss_gib']:.2f} | {row['forward_gmacs']:.2f} | "
+                f"{train_flops / 1e9:.1f} | {row['matmul_gflops']:.1f} | {mfu:.1%} |"
+            )
     print()
     for row in results:
         if "shards" not in row["sources"]:
@@ -244,11 +301,13 @@ def main() -> None:
         overhead = shards["median_step_s"] / memory["median_step_s"] - 1
         decode_share = row["decode_s"] / memory["median_step_s"]
         verdict = "meets" if max(overhead, shards["wait_fraction"]) <= 0.05 else "misses"
-        print(f"loader ({row['model']}, {row['dtype']}, batch {row['batch']}): waiting for data "
-              f"{shards['wait_fraction']:.1%} of step time; streamed vs in-memory median step "
-              f"{shards['median_step_s']:.3f} / {memory['median_step_s']:.3f} s ({overhead:+.1%}, steps alternated); "
-              f"decoding a batch costs {row['decode_s'] * 1000:.1f} ms of CPU = {decode_share:.1%} of a step "
-              f"-> {verdict} the <= 5% target")
+        print(
+            f"loader ({row['model']}, {row['dtype']}, batch {row['batch']}): waiting for data "
+            f"{shards['wait_fraction']:.1%} of step time; streamed vs in-memory median step "
+            f"{shards['median_step_s']:.3f} / {memory['median_step_s']:.3f} s ({overhead:+.1%}, steps alternated); "
+            f"decoding a batch costs {row['decode_s'] * 1000:.1f} ms of CPU = {decode_share:.1%} of a step "
+            f"-> {verdict} the <= 5% target"
+        )
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
 
 

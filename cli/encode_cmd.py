@@ -1,14 +1,13 @@
 """`diffit-pipe encode`, `pack` and `inspect`: build and check latent / raw image shard datasets.
 
 Heavy imports (torch, diffusers, dask) happen inside the command bodies so that `diffit-pipe --help` stays fast.
+Options that `encode` and `pack` share are declared once below (typer `Annotated` types).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,79 +18,108 @@ SOURCE_HELP = (
     "Images to read: an ImageNet-style tree (ROOT/<class folder>/*.JPEG; class index = position of the folder "
     "in the sorted folder list), a flat folder (unlabelled, class -1), or a directory of raw shards from `pack`."
 )
+VAE_HELP = (
+    "Hugging Face hub id, or a local directory with config.json and diffusion_pytorch_model.safetensors "
+    "(needed offline)."
+)
+SCHEDULER_HELP = (
+    "Address of a running Dask scheduler (tcp://HOST:PORT) instead of a local cluster; paths must be the same on "
+    "all workers."
+)
+TORCH_THREADS_HELP = (
+    "torch threads per worker (default: cores // workers; keep it equal between runs for byte-identical shards)."
+)
+
+# Options shared by `encode` and `pack`.
+Source = Annotated[Path, typer.Argument(help=SOURCE_HELP)]
+ShardSize = Annotated[
+    int,
+    typer.Option(
+        "--shard-size",
+        help="Items per shard (shard k always holds items k*size ... (k+1)*size-1 of the sorted source).",
+    ),
+]
+Workers = Annotated[
+    int, typer.Option("--workers", "-w", help="Local Dask worker processes, one thread each (0: run in this process).")
+]
+Scheduler = Annotated[str | None, typer.Option("--scheduler", help=SCHEDULER_HELP)]
+MaxFailureRate = Annotated[
+    float,
+    typer.Option("--max-failure-rate", help="Exit with status 1 when more than this fraction of items cannot be used."),
+]
+Limit = Annotated[
+    int | None, typer.Option("--limit", help="Only the first N items of the sorted source (quick trials).")
+]
+MaxPixels = Annotated[
+    int, typer.Option("--max-pixels", help="Refuse images with more pixels than this (decompression-bomb guard).")
+]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show the items/s progress bar.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Send the pipeline's log lines to stderr (once), INFO by default, DEBUG with --verbose."""
-    logger = logging.getLogger("pipeline")
-    for handler in [h for h in logger.handlers if getattr(h, "_diffit_cli", False)]:
-        logger.removeHandler(handler)  # bound to an earlier sys.stderr (a previous command in the same process)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._diffit_cli = True
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+def _run(kind: str, source: Path, out: Path, verbose: bool, **settings) -> None:
+    """Run an encode / pack job (`settings`: the other `JobConfig` fields) and turn its result into a report;
+    a job whose result is not acceptable raises `JobFailedError` (exit 1)."""
+    from pipeline.core.errors import JobFailedError
+    from pipeline.core.logs import setup_logging
+    from pipeline.encode import JobConfig, command_line, run_job
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """Print an error line and leave with `code` (2: bad input or settings, 1: the job's result is not acceptable)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _run(kind: str, **settings) -> None:
-    """Run an encode / pack job and turn its result into a report and an exit code."""
-    from pipeline.encode import JobConfig, JobError, command_line, run_job
-    from pipeline.shards import ManifestError
-    from pipeline.sources import SourceError
-    from pipeline.vae import VAEError
-
-    config = JobConfig(kind=kind, command=command_line(), **settings)
-    try:
-        result = run_job(config)
-    except (SourceError, VAEError, JobError, ManifestError) as error:
-        _fail(str(error))
+    setup_logging(verbose)
+    result = run_job(JobConfig(kind=kind, source=str(source), out=str(out), command=command_line(), **settings))
     if result.failed_shards:
         listing = "\n".join(f"  {name}: {reason}" for name, reason in sorted(result.failed_shards.items()))
-        _fail(
-            f"{len(result.failed_shards)} of {result.shards_total} shard(s) failed, no manifest was written:\n{listing}\n"
-            "Re-run the same command to redo only the missing shards.",
-            code=1,
+        raise JobFailedError(
+            f"{len(result.failed_shards)} of {result.shards_total} shard(s) failed, no manifest was written:\n"
+            f"{listing}\nRe-run the same command to redo only the missing shards."
         )
     counts = result.counts
+    failures = Path(result.out) / "failures.jsonl"
     typer.echo(
         f"wrote {counts['written']} of {counts['seen']} items in {result.shards_total} shard(s) to {result.out} "
         f"({result.shards_skipped} shard(s) were already complete) in {result.elapsed_s:.1f} s; "
-        f"{counts['failed']} failed ({result.failure_rate:.3%}), see {Path(result.out) / 'failures.jsonl'}"
+        f"{counts['failed']} failed ({result.failure_rate:.3%}), see {failures}"
     )
     if result.failure_rate_exceeded:
-        _fail(
+        raise JobFailedError(
             f"{counts['failed']} of {counts['seen']} items failed ({result.failure_rate:.3%}), above "
-            f"--max-failure-rate {result.max_failure_rate:g}; the reasons are in {Path(result.out) / 'failures.jsonl'} "
-            "(`diffit-pipe inspect OUT` groups them). Fix or remove those files, or raise --max-failure-rate.",
-            code=1,
+            f"--max-failure-rate {result.max_failure_rate:g}; the reasons are in {failures} "
+            "(`diffit-pipe inspect OUT` groups them). Fix or remove those files, or raise --max-failure-rate."
         )
 
 
 def encode(
-    source: Path = typer.Argument(..., help=SOURCE_HELP),
-    out: Path = typer.Argument(..., help="Output directory for shard-*.tar, their .json sidecars, manifest.json and failures.jsonl."),
-    resolution: int = typer.Option(256, "--resolution", "-r", help="Crop size in pixels (latents are resolution/8 for the SD VAE)."),
-    vae: str = typer.Option(DEFAULT_VAE, "--vae", help="Hugging Face hub id, or a local directory with config.json and diffusion_pytorch_model.safetensors (needed offline)."),
-    vae_revision: Optional[str] = typer.Option(None, "--vae-revision", help="Hub revision (branch, tag or commit) of --vae."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Items per shard (shard k always holds items k*size ... (k+1)*size-1 of the sorted source)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per VAE forward (each also encodes its flip)."),
-    workers: int = typer.Option(1, "--workers", "-w", help="Local Dask worker processes, one thread each (0: run in this process)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT) instead of a local cluster; paths must be the same on all workers."),
-    torch_threads: Optional[int] = typer.Option(None, "--torch-threads", help="torch threads per worker (default: cores // workers; keep it equal between runs for byte-identical shards)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="VAE compute dtype: fp32, fp16 or bf16 (storage is always float16)."),
-    device: str = typer.Option("auto", "--device", help="torch device for the VAE: auto (CUDA if available), cpu, cuda."),
-    max_failure_rate: float = typer.Option(0.001, "--max-failure-rate", help="Exit with status 1 when more than this fraction of items cannot be used."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items of the sorted source (quick trials)."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images with more pixels than this (decompression-bomb guard)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the items/s progress bar."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    source: Source,
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="Output directory for shard-*.tar, their .json sidecars, manifest.json and failures.jsonl."
+        ),
+    ],
+    resolution: Annotated[
+        int, typer.Option("--resolution", "-r", help="Crop size in pixels (latents are resolution/8 for the SD VAE).")
+    ] = 256,
+    vae: Annotated[str, typer.Option("--vae", help=VAE_HELP)] = DEFAULT_VAE,
+    vae_revision: Annotated[
+        str | None, typer.Option("--vae-revision", help="Hub revision (branch, tag or commit) of --vae.")
+    ] = None,
+    shard_size: ShardSize = 1000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per VAE forward (each also encodes its flip).")
+    ] = 32,
+    workers: Workers = 1,
+    scheduler: Scheduler = None,
+    torch_threads: Annotated[int | None, typer.Option("--torch-threads", help=TORCH_THREADS_HELP)] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="VAE compute dtype: fp32, fp16 or bf16 (storage is always float16).")
+    ] = "fp32",
+    device: Annotated[
+        str, typer.Option("--device", help="torch device for the VAE: auto (CUDA if available), cpu, cuda.")
+    ] = "auto",
+    max_failure_rate: MaxFailureRate = 0.001,
+    limit: Limit = None,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    progress: Progress = True,
+    verbose: Verbose = False,
 ) -> None:
     """Encode images to Stable-Diffusion-VAE latent shards for latent DiffiT training.
 
@@ -104,28 +132,22 @@ def encode(
     Example: diffit-pipe encode /data/imagenet/train /data/in256-latents --resolution 256 --workers 8
     --vae /models/sd-vae-ft-ema
     """
-    _setup_logging(verbose)
-    _run(
-        "latents", source=str(source), out=str(out), resolution=resolution, vae=vae, vae_revision=vae_revision,
-        shard_size=shard_size, batch_size=batch_size, workers=workers, scheduler=scheduler,
-        torch_threads=torch_threads, dtype=dtype, device=device, max_failure_rate=max_failure_rate,
-        limit=limit, max_pixels=max_pixels, progress=progress,
-    )
+    _run("latents", **locals())  # the parameters are JobConfig's fields, plus --verbose
 
 
 def pack(
-    source: Path = typer.Argument(..., help=SOURCE_HELP),
-    out: Path = typer.Argument(..., help="Output directory for the raw image shards."),
-    resolution: int = typer.Option(..., "--resolution", "-r", help="Crop size in pixels."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Items per shard."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images handled per progress step."),
-    workers: int = typer.Option(1, "--workers", "-w", help="Local Dask worker processes, one thread each (0: run in this process)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://HOST:PORT)."),
-    max_failure_rate: float = typer.Option(0.001, "--max-failure-rate", help="Exit with status 1 when more than this fraction of items cannot be used."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items of the sorted source."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images with more pixels than this (decompression-bomb guard)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the items/s progress bar."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    source: Source,
+    out: Annotated[Path, typer.Argument(help="Output directory for the raw image shards.")],
+    resolution: Annotated[int, typer.Option("--resolution", "-r", help="Crop size in pixels.")],
+    shard_size: ShardSize = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images handled per progress step.")] = 64,
+    workers: Workers = 1,
+    scheduler: Scheduler = None,
+    max_failure_rate: MaxFailureRate = 0.001,
+    limit: Limit = None,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    progress: Progress = True,
+    verbose: Verbose = False,
 ) -> None:
     """Pack images into raw image shards (lossless PNG at the target resolution, same crop and format as encode).
 
@@ -134,21 +156,26 @@ def pack(
 
     Example: diffit-pipe pack /data/cifar10/train /data/cifar10-png --resolution 32
     """
-    _setup_logging(verbose)
-    _run(
-        "images", source=str(source), out=str(out), resolution=resolution, shard_size=shard_size,
-        batch_size=batch_size, workers=workers, scheduler=scheduler, max_failure_rate=max_failure_rate,
-        limit=limit, max_pixels=max_pixels, progress=progress,
-    )
+    _run("images", **locals())  # the parameters are JobConfig's fields, plus --verbose
 
 
 def inspect(
-    directory: Path = typer.Argument(..., help="A dataset directory written by encode or pack."),
-    verify: bool = typer.Option(False, "--verify", help="Re-hash every shard against the manifest and sidecars; exit 1 on any mismatch."),
-    preview: Optional[Path] = typer.Option(None, "--preview", help="Write a PNG grid of the first samples (latents are decoded through the recorded VAE)."),
-    count: int = typer.Option(16, "--count", help="Samples in the preview grid."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="VAE for the preview when the recorded one is not available here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    directory: Annotated[Path, typer.Argument(help="A dataset directory written by encode or pack.")],
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Re-hash every shard against the manifest and sidecars; exit 1 on any mismatch."),
+    ] = False,
+    preview: Annotated[
+        Path | None,
+        typer.Option(
+            "--preview", help="Write a PNG grid of the first samples (latents are decoded through the recorded VAE)."
+        ),
+    ] = None,
+    count: Annotated[int, typer.Option("--count", help="Samples in the preview grid.")] = 16,
+    vae: Annotated[
+        str | None, typer.Option("--vae", help="VAE for the preview when the recorded one is not available here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Summarise a dataset (items, classes, shards, failures, VAE, bytes), optionally verify it and preview it.
 
@@ -156,25 +183,24 @@ def inspect(
     """
     import json
 
-    from pipeline.inspect import PreviewError, format_summary, summarize, write_preview
-    from pipeline.shards import ManifestError, verify_dataset
-    from pipeline.vae import VAEError
+    from pipeline.core.errors import JobFailedError
+    from pipeline.core.logs import setup_logging
+    from pipeline.core.shards import verify_dataset
+    from pipeline.encode import format_summary, summarize, write_preview
 
-    try:
-        summary = summarize(directory)
-    except ManifestError as error:
-        _fail(str(error))
+    setup_logging()
+    summary = summarize(directory)
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
     if verify:
         report = verify_dataset(directory, progress=True)
         if not report.ok:
-            _fail(f"verification failed ({len(report.problems)} problem(s) in {report.checked} shards):\n  " + "\n  ".join(report.problems), code=1)
+            raise JobFailedError(
+                f"verification failed ({len(report.problems)} problem(s) in {report.checked} shards):\n  "
+                + "\n  ".join(report.problems)
+            )
         typer.echo(f"verified   {report.checked} shard(s): every sha256 matches the manifest")
     if preview is not None:
-        try:
-            shown = write_preview(directory, preview, count=count, vae=vae)
-        except (PreviewError, VAEError) as error:
-            _fail(str(error))
+        shown = write_preview(directory, preview, count=count, vae=vae)
         typer.echo(f"preview    {shown} sample(s) → {preview}")
 
 

@@ -1,7 +1,12 @@
-"""The `diffit-pipe` command.
+"""The `diffit-pipe` command, and the one launch entry point for multi-process runs.
+
+    diffit-pipe train --config manifests/demo.yaml --data DATA --run-dir RUN
+    accelerate launch --multi_gpu --num_processes 8 -m cli.main train --config ... --data ... --run-dir ...
 
 Each stage lives in its own small module that exposes `register(app)`; heavy imports (torch, diffusers,
-dask, torch-fidelity) happen inside the command bodies so that `diffit-pipe --help` stays fast.
+dask, torch-fidelity) happen inside the command bodies so that `diffit-pipe --help` stays fast. Every
+`PipelineError` a command raises becomes one `error: ...` line on stderr and that error's exit code
+(`pipeline.core.errors`), the same for every command.
 """
 
 from __future__ import annotations
@@ -9,9 +14,25 @@ from __future__ import annotations
 import importlib
 
 import typer
+from typer.core import TyperGroup
+
+
+class PipelineCommands(TyperGroup):
+    """The command group: turns any `PipelineError` into one clear line and its exit code."""
+
+    def invoke(self, ctx):
+        from pipeline.core.errors import PipelineError
+
+        try:
+            return super().invoke(ctx)
+        except PipelineError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+
 
 app = typer.Typer(
     name="diffit-pipe",
+    cls=PipelineCommands,
     help=(
         "Encode image datasets to latent shards, train DiffiT diffusion models on them, and evaluate the "
         "samples (FID / IS / precision / recall). Run `diffit-pipe COMMAND --help` for each command."
@@ -22,14 +43,12 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """DiffiT pipeline: encode -> train -> evaluate. Run `diffit-pipe COMMAND --help` for each command."""
 
 
-# One module per stage; each adds its commands to `app`. Only modules that exist are listed here:
-# a command appears in `--help` only once it really works.
+# One module per stage; each adds its commands to `app`.
 COMMAND_MODULES = [
     "cli.models_cmd",
     "cli.encode_cmd",

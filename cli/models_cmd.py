@@ -19,7 +19,9 @@ def models(
     includes them). Models are built on the meta device, so this is fast and needs no memory.
     """
     from diffit.models import MODEL_CONFIGS, PAPER_TABLE9, model_stats
+    from pipeline.core.logs import setup_logging
 
+    setup_logging()
     names = name or list(MODEL_CONFIGS)
     unknown = [n for n in names if n not in MODEL_CONFIGS]
     if unknown:
@@ -34,11 +36,14 @@ def models(
     for row in rows:
         paper = row["paper"]
         paper_text = f"{paper['params_m']}M / {paper['gflops']}G" if paper else ""
-        typer.echo(f"{row['name']:<18} {row['family']:<7} {row['resolution']:>4} {row['params']:>13,} "
-                   f"{row['params_m']:>8.2f} {row['gflops']:>8.2f} {row['gflops_without_attention']:>8.2f}  "
-                   f"{paper_text}")
-    typer.echo(f"paper Table 9, DiT-XL/2: {PAPER_TABLE9['DiT-XL/2']['params_m']}M / "
-               f"{PAPER_TABLE9['DiT-XL/2']['gflops']}G")
+        typer.echo(
+            f"{row['name']:<18} {row['family']:<7} {row['resolution']:>4} {row['params']:>13,} "
+            f"{row['params_m']:>8.2f} {row['gflops']:>8.2f} {row['gflops_without_attention']:>8.2f}  "
+            f"{paper_text}"
+        )
+    typer.echo(
+        f"paper Table 9, DiT-XL/2: {PAPER_TABLE9['DiT-XL/2']['params_m']}M / {PAPER_TABLE9['DiT-XL/2']['gflops']}G"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -7,5 +7,4 @@ read an exported model directory (safetensors + config.json).
 from .io import load_pretrained, save_pretrained
 from .models import MODEL_CONFIGS, count_flops, count_parameters, create_model
 
-__all__ = ["MODEL_CONFIGS", "count_flops", "count_parameters", "create_model", "load_pretrained",
-           "save_pretrained"]
+__all__ = ["MODEL_CONFIGS", "count_flops", "count_parameters", "create_model", "load_pretrained", "save_pretrained"]

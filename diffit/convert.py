@@ -58,11 +58,14 @@ def convert_nvlabs_state_dict(checkpoint: dict, model: nn.Module) -> dict[str, t
         else:
             raise KeyError(f"released checkpoint key {key!r} has no counterpart in LatentDiffiT")
         if new_key not in ours:
-            raise KeyError(f"released key {key!r} maps to {new_key!r}, which this model does not have "
-                           f"(wrong model size?)")
+            raise KeyError(
+                f"released key {key!r} maps to {new_key!r}, which this model does not have (wrong model size?)"
+            )
         if ours[new_key].shape != value.shape:
-            raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(ours[new_key].shape)} of {new_key} "
-                             f"(wrong model size or resolution?)")
+            raise ValueError(
+                f"{key}: shape {tuple(value.shape)} != {tuple(ours[new_key].shape)} of {new_key} "
+                f"(wrong model size or resolution?)"
+            )
         converted[new_key] = value
     missing = sorted(set(ours) - set(converted))
     if missing:

@@ -17,7 +17,7 @@ All schedule tables are float64 (as in ADM) and are cast to the dtype of the ten
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ MODEL_VAR_TYPES = ("learned_range", "fixed_large", "fixed_small")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float], float],
-                        max_beta: float = 0.999) -> np.ndarray:
+def betas_for_alpha_bar(
+    num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> np.ndarray:
     """Betas that discretise a continuous alpha_bar(t), t in [0, 1]; clipped at `max_beta` to avoid t=T singularity."""
     betas = []
     for i in range(num_diffusion_timesteps):
@@ -50,8 +51,7 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         scale = 1000.0 / num_diffusion_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
-        return betas_for_alpha_bar(num_diffusion_timesteps,
-                                   lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown beta schedule {schedule_name!r}; expected 'linear' or 'cosine'")
 
 
@@ -69,8 +69,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats. Scalars broadcast."""
     tensor = next(obj for obj in (mean1, logvar1, mean2, logvar2) if isinstance(obj, torch.Tensor))
     logvar1, logvar2 = (torch.as_tensor(v, dtype=tensor.dtype, device=tensor.device) for v in (logvar1, logvar2))
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -78,16 +77,18 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
-                                        log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
     """Log-likelihood of data in [-1, 1] quantised to 256 bins under a Gaussian, elementwise, in nats.
 
     The edge bins absorb the tails (-inf, -1 + 1/255] and [1 - 1/255, inf), so the probabilities of the 256
     bins sum to one.
     """
     if not x.shape == means.shape == log_scales.shape:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, means {tuple(means.shape)}, "
-                         f"log_scales {tuple(log_scales.shape)}")
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, means {tuple(means.shape)}, log_scales {tuple(log_scales.shape)}"
+        )
     centered_x = x - means
     inv_stdv = torch.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
@@ -95,12 +96,16 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def randn_per_sample(generators: Sequence[torch.Generator] | None, shape: Sequence[int], *,
-                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn_per_sample(
+    generators: Sequence[torch.Generator] | None,
+    shape: Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """[len(generators), *shape] standard normal noise, row i drawn from generators[i] (on the generator's device).
 
     Drawing each sample from its own generator makes a sample independent of the batch it is computed in.
@@ -132,8 +137,7 @@ class GaussianDiffusion:
     they are respaced indices, and `timestep_map` turns them into the original timesteps the network sees.
     """
 
-    def __init__(self, betas: np.ndarray, model_var_type: str = "learned_range",
-                 original_num_steps: int | None = None):
+    def __init__(self, betas: np.ndarray, model_var_type: str = "learned_range", original_num_steps: int | None = None):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array with values in (0, 1]")
@@ -150,8 +154,11 @@ class GaussianDiffusion:
         # Posterior q(x_{t-1} | x_t, x_0) (Ho et al. Eq. 6-7).
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # beta~_0 = 0: clip the log at t=0 to beta~_1 like ADM so the log stays finite.
-        posterior_log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:])) \
-            if self.num_timesteps > 1 else np.log(np.maximum(posterior_variance, 1e-20))
+        posterior_log_variance_clipped = (
+            np.log(np.append(posterior_variance[1], posterior_variance[1:]))
+            if self.num_timesteps > 1
+            else np.log(np.maximum(posterior_variance, 1e-20))
+        )
         posterior_mean_coef1 = betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)
 
@@ -192,13 +199,14 @@ class GaussianDiffusion:
         noise = torch.randn_like(x_start) if noise is None else noise
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
-        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        mean = _extract(self.posterior_mean_coef1, t, x_t) * x_start + _extract(self.posterior_mean_coef2, t, x_t) * x_t
         variance = _extract(self.posterior_variance, t, x_t)
         log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
@@ -209,8 +217,9 @@ class GaussianDiffusion:
         """Chain indices -> the float timesteps the network is called with (original ADM timesteps)."""
         return self.timestep_map.to(t.device)[t].to(torch.float32)
 
-    def call_model(self, model: Callable, x_t: torch.Tensor, t: torch.Tensor,
-                   model_kwargs: dict | None = None) -> torch.Tensor:
+    def call_model(
+        self, model: Callable, x_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None
+    ) -> torch.Tensor:
         """Run `model(x_t, original_t, **model_kwargs)` and check its channel count against the variance type."""
         output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
         channels = x_t.shape[1]
@@ -219,19 +228,24 @@ class GaussianDiffusion:
             raise ValueError(
                 f"model output has shape {tuple(output.shape)}; expected [{x_t.shape[0]}, {expected}, "
                 f"{', '.join(map(str, x_t.shape[2:]))}] for model_var_type={self.model_var_type!r} "
-                f"(learned Sigma needs 2*C output channels: eps then v)")
+                f"(learned Sigma needs 2*C output channels: eps then v)"
+            )
         return output.to(x_t.dtype)
 
     def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
 
-    def output_to_distribution(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                               clip_denoised: bool = False) -> dict[str, torch.Tensor]:
+    def output_to_distribution(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Network output -> p(x_{t-1} | x_t) as a dict: mean, log_variance, pred_xstart, eps."""
         channels = x_t.shape[1]
         eps = model_output[:, :channels]
@@ -242,8 +256,11 @@ class GaussianDiffusion:
             half_range = 0.5 * (_extract(self.log_betas, t, x_t) - min_log)
             log_variance = torch.addcmul(min_log, model_output[:, channels:] + 1.0, half_range)
         else:
-            log_table = self.fixed_large_log_variance if self.model_var_type == "fixed_large" \
+            log_table = (
+                self.fixed_large_log_variance
+                if self.model_var_type == "fixed_large"
                 else self.posterior_log_variance_clipped
+            )
             log_variance = _extract(log_table, t, x_t).expand_as(x_t)
         pred_xstart = self._predict_xstart_from_eps(x_t, t, eps)
         if clip_denoised:
@@ -251,22 +268,42 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
-    def p_mean_variance(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
-                        model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+    def p_mean_variance(
+        self,
+        model: Callable,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = False,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Call the model and return the reverse distribution p(x_{t-1} | x_t) (see `output_to_distribution`)."""
         return self.output_to_distribution(self.call_model(model, x, t, model_kwargs), x, t, clip_denoised)
 
-    def p_sample(self, model: Callable, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                 clip_denoised: bool = False, model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+    def p_sample(
+        self,
+        model: Callable,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        clip_denoised: bool = False,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
         """One ancestral DDPM step x_t -> x_{t-1} = mean + sigma * noise (no noise added at t = 0)."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         sample = torch.addcmul(out["mean"], nonzero_mask * torch.exp(0.5 * out["log_variance"]), noise)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample(self, model: Callable, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
-                    eta: float = 0.0, clip_denoised: bool = False,
-                    model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+    def ddim_sample(
+        self,
+        model: Callable,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        eta: float = 0.0,
+        clip_denoised: bool = False,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
         """One DDIM step (Song et al. Eq. 12) to the previous index of this chain; eta=0 is deterministic."""
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -276,8 +313,10 @@ class GaussianDiffusion:
         alpha_bar = _extract(self.alphas_cumprod, t, x)
         alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        sample = (out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
-                  + torch.sqrt((1 - alpha_bar_prev - sigma ** 2).clamp(min=0.0)) * eps)
+        sample = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
+            + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0.0)) * eps
+        )
         if eta > 0:
             if noise is None:
                 raise ValueError("ddim_sample with eta > 0 needs a noise tensor")
@@ -287,20 +326,27 @@ class GaussianDiffusion:
 
     # -- training ----------------------------------------------------------------------------------------------
 
-    def _vb_terms_bpd(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
-                      t: torch.Tensor) -> torch.Tensor:
+    def _vb_terms_bpd(
+        self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample VLB term in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p) for t > 0, decoder NLL at t = 0."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.output_to_distribution(model_output, x_t, t, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
-    def training_losses(self, model: Callable, x_start: torch.Tensor, t: torch.Tensor,
-                        model_kwargs: dict | None = None,
-                        noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        model: Callable,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Hybrid loss of improved DDPM: dict(loss, mse, vb), each [N].
 
         mse = mean ||eps - eps_theta||^2. With a learned Sigma, vb is the VLB term computed from the output
@@ -336,17 +382,20 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired_count = int(section_counts[len("ddim"):])
+            desired_count = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired_count:
                     return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired_count} steps with an integer stride from "
-                             f"{num_timesteps}; use a plain count like '{desired_count}' instead")
+            raise ValueError(
+                f"cannot take exactly {desired_count} steps with an integer stride from "
+                f"{num_timesteps}; use a plain count like '{desired_count}' instead"
+            )
         try:
             section_counts = [int(count) for count in section_counts.split(",")]
         except ValueError as err:
-            raise ValueError(f"bad timestep_respacing {section_counts!r}: expected 'N', 'ddimN' or "
-                             f"'N1,N2,...'") from err
+            raise ValueError(
+                f"bad timestep_respacing {section_counts!r}: expected 'N', 'ddimN' or 'N1,N2,...'"
+            ) from err
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start_idx = 0
     kept: list[int] = []
@@ -368,8 +417,9 @@ class SpacedDiffusion(GaussianDiffusion):
     """A diffusion that keeps only `use_timesteps` of a base chain, with betas recomputed so the kept steps
     have exactly the base abar_t; the network is still called with the original timesteps."""
 
-    def __init__(self, use_timesteps: set[int] | Sequence[int], base_betas: np.ndarray,
-                 model_var_type: str = "learned_range"):
+    def __init__(
+        self, use_timesteps: set[int] | Sequence[int], base_betas: np.ndarray, model_var_type: str = "learned_range"
+    ):
         base = GaussianDiffusion(base_betas, model_var_type)
         use_timesteps = set(int(t) for t in use_timesteps)
         if not use_timesteps or min(use_timesteps) < 0 or max(use_timesteps) >= base.num_timesteps:
@@ -384,9 +434,13 @@ class SpacedDiffusion(GaussianDiffusion):
         self.timestep_map = torch.tensor(timestep_map, dtype=torch.long)
 
 
-def create_diffusion(timestep_respacing: str | None = None, noise_schedule: str = "linear",
-                     learn_sigma: bool = True, diffusion_steps: int = 1000,
-                     sigma_small: bool = False) -> GaussianDiffusion:
+def create_diffusion(
+    timestep_respacing: str | None = None,
+    noise_schedule: str = "linear",
+    learn_sigma: bool = True,
+    diffusion_steps: int = 1000,
+    sigma_small: bool = False,
+) -> GaussianDiffusion:
     """The DiT/DiffiT diffusion: `diffusion_steps` steps of `noise_schedule`, optionally respaced.
 
     Without a learned Sigma the variance is fixed to beta_t ("fixed_large", DiT's default) or to beta~_t when

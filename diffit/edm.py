@@ -13,7 +13,7 @@ A denoiser here is any callable `denoise_fn(x, sigma, class_labels) -> D` with s
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def _sigma_as_batch(sigma, x: torch.Tensor) -> torch.Tensor:
 
 def preconditioning_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
     """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. Table 1) for a tensor of sigmas."""
-    sigma_sq, sigma_data_sq = sigma ** 2, sigma_data ** 2
+    sigma_sq, sigma_data_sq = sigma**2, sigma_data**2
     c_skip = sigma_data_sq / (sigma_sq + sigma_data_sq)
     c_out = sigma * sigma_data / torch.sqrt(sigma_sq + sigma_data_sq)
     c_in = 1.0 / torch.sqrt(sigma_data_sq + sigma_sq)
@@ -49,8 +49,9 @@ class EDMPrecond(nn.Module):
     The raw network's attributes used by sampling (`num_classes`, `null_class`, `in_channels`) are exposed.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.0,
-                 sigma_max: float = float("inf")):
+    def __init__(
+        self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.0, sigma_max: float = float("inf")
+    ):
         super().__init__()
         self.net = net
         self.sigma_data = float(sigma_data)
@@ -73,8 +74,10 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = preconditioning_coefficients(sigma, self.sigma_data)
         net_out = self.net(c_in * x, c_noise.flatten(), class_labels)
         if net_out.shape != x.shape:
-            raise ValueError(f"EDM network output {tuple(net_out.shape)} must match its input {tuple(x.shape)} "
-                             "(a learned-Sigma latent model needs kind='adm')")
+            raise ValueError(
+                f"EDM network output {tuple(net_out.shape)} must match its input {tuple(x.shape)} "
+                "(a learned-Sigma latent model needs kind='adm')"
+            )
         return c_skip * x + c_out * net_out.to(x.dtype)
 
     def round_sigma(self, sigma):
@@ -92,16 +95,23 @@ class EDMLoss:
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2: unit effective weight on F."""
-        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def __call__(self, precond: Callable, images: torch.Tensor, class_labels: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        precond: Callable,
+        images: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Per-element weighted loss, shape of `images`. sigma is drawn first, then the noise, from `generator`."""
+
         def randn(shape):
             if generator is None:
                 return torch.randn(shape, device=images.device, dtype=images.dtype)
-            return torch.randn(shape, generator=generator, device=generator.device,
-                               dtype=images.dtype).to(images.device)
+            return torch.randn(shape, generator=generator, device=generator.device, dtype=images.dtype).to(
+                images.device
+            )
 
         rnd_normal = randn([images.shape[0]] + [1] * (images.ndim - 1))
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
@@ -110,8 +120,13 @@ class EDMLoss:
         return self.weight(sigma) * (denoised - images) ** 2
 
 
-def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    round_sigma: Callable | None = None) -> torch.Tensor:
+def edm_sigma_steps(
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    round_sigma: Callable | None = None,
+) -> torch.Tensor:
     """Karras time steps: num_steps sigmas from sigma_max to sigma_min (uniform in sigma^(1/rho)), then a final 0.
 
     Returns a float64 tensor of length num_steps + 1.
@@ -122,18 +137,31 @@ def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float =
         raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
     step_indices = torch.arange(num_steps, dtype=torch.float64)
     denominator = max(num_steps - 1, 1)
-    t_steps = (sigma_max ** (1 / rho)
-               + step_indices / denominator * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = (
+        sigma_max ** (1 / rho) + step_indices / denominator * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
     if round_sigma is not None:
         t_steps = torch.as_tensor(round_sigma(t_steps), dtype=torch.float64)
     return torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
 
 
-def edm_heun_sampler(denoise_fn: Callable, latents: torch.Tensor, class_labels: torch.Tensor | None = None, *,
-                     num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
-                     generators: Sequence[torch.Generator] | None = None, round_sigma: Callable | None = None,
-                     progress: bool = False) -> torch.Tensor:
+def edm_heun_sampler(
+    denoise_fn: Callable,
+    latents: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    generators: Sequence[torch.Generator] | None = None,
+    round_sigma: Callable | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """EDM Algorithm 2: Heun's 2nd-order ODE solver with optional churn; 2*num_steps - 1 denoiser calls.
 
     `latents` is standard normal noise [N, ...] (scaled by sigma_max here). With S_churn = 0 (default) the
@@ -158,9 +186,13 @@ def edm_heun_sampler(denoise_fn: Callable, latents: torch.Tensor, class_labels: 
         t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)
         x_hat = x_cur
         if gamma > 0:
-            noise = randn_per_sample(generators, latents.shape[1:] if generators is not None else latents.shape,
-                                     device=latents.device, dtype=torch.float64)
-            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * noise
+            noise = randn_per_sample(
+                generators,
+                latents.shape[1:] if generators is not None else latents.shape,
+                device=latents.device,
+                dtype=torch.float64,
+            )
+            x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * noise
         # Euler step on dx/dsigma = (x - D(x; sigma)) / sigma.
         d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
@@ -197,7 +229,8 @@ class ADMDenoiser(nn.Module):
         """Continuous ADM timestep whose sigma_t equals sigma (log-linear interpolation, clamped to the table)."""
         log_sigmas = self.log_sigmas.to(torch.float64)
         log_sigma = torch.log(torch.as_tensor(sigma, dtype=torch.float64).cpu()).clamp(
-            float(log_sigmas[0]), float(log_sigmas[-1]))
+            float(log_sigmas[0]), float(log_sigmas[-1])
+        )
         upper = torch.searchsorted(log_sigmas.cpu(), log_sigma).clamp(1, len(log_sigmas) - 1)
         lower = upper - 1
         frac = (log_sigma - log_sigmas.cpu()[lower]) / (log_sigmas.cpu()[upper] - log_sigmas.cpu()[lower])
@@ -222,7 +255,7 @@ class ADMDenoiser(nn.Module):
         """D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma))."""
         sigma_b = _sigma_as_batch(sigma, x)
         t = self.sigma_to_t(sigma_b.flatten()).to(device=x.device, dtype=torch.float32)
-        output = self.eps_model(x / torch.sqrt(1.0 + sigma_b ** 2), t, class_labels)
+        output = self.eps_model(x / torch.sqrt(1.0 + sigma_b**2), t, class_labels)
         channels = x.shape[1]
         if output.shape[1] not in (channels, 2 * channels):
             raise ValueError(f"eps-model output has {output.shape[1]} channels for a {channels}-channel input")

@@ -15,8 +15,8 @@ unconditional half and returns the conditional model's output unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -94,8 +94,16 @@ def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale, guided_cha
     return torch.cat([guided, cond[:, guided_channels:]], dim=1)
 
 
-def guided_forward(model: Callable, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor,
-                   *, scale, null_class: int, channels: int | None = 3) -> torch.Tensor:
+def guided_forward(
+    model: Callable,
+    x: torch.Tensor,
+    noise_labels: torch.Tensor,
+    class_labels: torch.Tensor,
+    *,
+    scale,
+    null_class: int,
+    channels: int | None = 3,
+) -> torch.Tensor:
     """Classifier-free guided output of `model(x, noise_labels, class_labels)` in one doubled-batch call.
 
     `channels` counts guided channels from the start of the output (None: all x.shape[1] eps channels; the
@@ -108,8 +116,7 @@ def guided_forward(model: Callable, x: torch.Tensor, noise_labels: torch.Tensor,
         return model(x, noise_labels, class_labels)
     guided_channels = x.shape[1] if channels is None else min(channels, x.shape[1])
     null_labels = torch.full_like(class_labels, null_class)
-    output = model(torch.cat([x, x]), torch.cat([noise_labels, noise_labels]),
-                   torch.cat([class_labels, null_labels]))
+    output = model(torch.cat([x, x]), torch.cat([noise_labels, noise_labels]), torch.cat([class_labels, null_labels]))
     cond, uncond = output.chunk(2)
     return combine_guidance(cond, uncond, scale, guided_channels)
 
@@ -121,16 +128,22 @@ class ClassifierFreeGuidance(nn.Module):
     ADM timesteps, `sigma_progress` for EDM sigmas.
     """
 
-    def __init__(self, model: Callable, config: GuidanceConfig, null_class: int,
-                 progress_fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(
+        self,
+        model: Callable,
+        config: GuidanceConfig,
+        null_class: int,
+        progress_fn: Callable[[torch.Tensor], torch.Tensor],
+    ):
         super().__init__()
         self.model = model
         self.config = config
         self.null_class = int(null_class)
         self.progress_fn = progress_fn
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Guided output; the plain conditional output when the configured scale is 1."""
         if not self.config.enabled:
             return self.model(x, noise_labels, class_labels)
@@ -138,5 +151,12 @@ class ClassifierFreeGuidance(nn.Module):
             scale = self.config.scale
         else:
             scale = guidance_scale(self.config, self.progress_fn(noise_labels))
-        return guided_forward(self.model, x, noise_labels, class_labels, scale=scale,
-                              null_class=self.null_class, channels=self.config.channels)
+        return guided_forward(
+            self.model,
+            x,
+            noise_labels,
+            class_labels,
+            scale=scale,
+            null_class=self.null_class,
+            channels=self.config.channels,
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +21,36 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+def pretrained_files(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The two files of an exported model as bytes: `{WEIGHTS_NAME: safetensors, CONFIG_NAME: JSON}`.
 
-
-def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write `model`'s weights and its configuration (plus `extra`) into `out_dir`, each file atomically."""
-    from safetensors.torch import save_file
+    `save_pretrained` writes them; a caller with its own storage layer (the pipeline's atomic writer, an object
+    store) writes these bytes itself.
+    """
+    from safetensors.torch import save
 
     if not hasattr(model, "model_config"):
         raise ValueError("model has no `model_config`: build it with diffit.models.create_model")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    config = {"model": model.model_config, **(extra or {})}
+    return {WEIGHTS_NAME: save(state), CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write `model`'s weights and its configuration (plus `extra`) into `out_dir`, each file atomically
+    (a temporary file beside it, fsynced, renamed; removed if anything fails)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp)
-    os.replace(tmp, out / WEIGHTS_NAME)
-    config = {"model": model.model_config, **(extra or {})}
-    _atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name, data in pretrained_files(model, extra).items():
+        temp = out / f".{name}.tmp-{os.getpid()}"
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, out / name)
+        finally:
+            temp.unlink(missing_ok=True)
     return out
 
 
@@ -51,8 +58,10 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The `config.json` of an exported model, with a clear error when it is missing or malformed."""
     path = Path(model_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; an exported model directory holds {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME} (write one with `diffit-pipe export`)")
+        raise FileNotFoundError(
+            f"{path}: no such file; an exported model directory holds {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} (write one with `diffit-pipe export`)"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:

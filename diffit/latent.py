@@ -143,11 +143,13 @@ class LatentDiffiT(nn.Module):
             raise ValueError("this model is unconditional (num_classes=0) but class_labels were given")
         return token
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size) or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [N, {self.in_channels}, {self.input_size}, {self.input_size}], "
-                             f"got {list(x.shape)}")
+            raise ValueError(
+                f"expected input [N, {self.in_channels}, {self.input_size}, {self.input_size}], got {list(x.shape)}"
+            )
         noise_labels = noise_labels.reshape(-1).expand(x.shape[0]) if noise_labels.numel() == 1 else noise_labels
         tokens = self.patch_embed(x) + self.pos_embed.to(x.dtype)
         time_token = self.time_token(noise_labels, class_labels)

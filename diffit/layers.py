@@ -87,8 +87,9 @@ class TimestepEmbedder(nn.Module):
     latent DiffiT); `embedding="fourier"` uses random Fourier features, the alternative compared in Table 7.
     """
 
-    def __init__(self, hidden_size: int, frequency_size: int = 256, embedding: str = "positional",
-                 fourier_scale: float = 16.0):
+    def __init__(
+        self, hidden_size: int, frequency_size: int = 256, embedding: str = "positional", fourier_scale: float = 16.0
+    ):
         super().__init__()
         if embedding not in ("positional", "fourier"):
             raise ValueError(f"unknown time embedding {embedding!r}; use 'positional' or 'fourier'")
@@ -127,8 +128,9 @@ class LabelEmbedder(nn.Module):
         return self.table(class_labels)
 
 
-def drop_labels(class_labels: torch.Tensor, null_class: int, dropout_prob: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_labels(
+    class_labels: torch.Tensor, null_class: int, dropout_prob: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Replace each label by `null_class` with probability `dropout_prob` (classifier-free guidance training)."""
     if dropout_prob <= 0:
         return class_labels
@@ -173,48 +175,10 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _AttentionWithBias(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) + bias) v with the gradient of the shared bias, for CPU training.
-
-    With a float mask that needs a gradient, SDPA on CPU falls back to its generic math path (the fused CPU
-    kernel has no mask gradient), which adds a safe-softmax check, separate scalings of q and k and
-    out-of-place temporaries over [B, heads, N, N]. This is the same computation written once with in-place
-    steps; it keeps the softmax P for the backward, as the math path does. On GPU, SDPA's memory-efficient
-    kernel computes the bias gradient itself, so this is used on CPU only.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias):
-        scale = q.shape[-1] ** -0.5
-        with torch.autocast("cpu", enabled=False):  # one dtype throughout: that of q (bf16 under autocast)
-            scores = torch.matmul(q, k.transpose(-2, -1))
-            scores.mul_(scale).add_(bias.to(q.dtype))
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, probs = ctx.saved_tensors
-        grad_out = grad_out.to(q.dtype)
-        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
-        grad_scores = torch._softmax_backward_data(torch.matmul(grad_out, v.transpose(-2, -1)), probs, -1,
-                                                   probs.dtype)
-        grad_bias = grad_scores.sum(0) if ctx.needs_input_grad[3] else None
-        grad_scores.mul_(ctx.scale)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)
-        return grad_q, grad_k, grad_v, grad_bias
-
-
 def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim) + bias) v for q, k, v [B, heads, N, head_dim] and a bias [heads, N, N]
-    shared by the batch (paper Eq. 6)."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    if q.device.type == "cpu" and needs_grad:
-        return _AttentionWithBias.apply(q, k, v, bias)
+    shared by the batch (paper Eq. 6): PyTorch's SDPA with the bias as a float mask (its backward returns the
+    bias gradient)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0))
 
 
@@ -230,8 +194,7 @@ class TMSA(nn.Module):
     each image), or None for an attention without time dependence.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, time_dim: int | None = None,
-                 qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, window_size: int, time_dim: int | None = None, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")

@@ -29,14 +29,30 @@ def _latent_configs() -> dict[str, dict[str, Any]]:
         for patch in (2, 4, 8):
             configs[f"DiffiT-{size}/{patch}"] = {
                 "family": "latent",
-                "kwargs": {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": patch,
-                           "input_size": 32, "in_channels": 4, "num_classes": 1000, "learn_sigma": True},
+                "kwargs": {
+                    "depth": depth,
+                    "hidden_size": hidden,
+                    "num_heads": heads,
+                    "patch_size": patch,
+                    "input_size": 32,
+                    "in_channels": 4,
+                    "num_classes": 1000,
+                    "learn_sigma": True,
+                },
                 "native_resolution": 256,
             }
     configs["DiffiT-Tiny/2"] = {
         "family": "latent",
-        "kwargs": {"depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 2, "input_size": 8,
-                   "in_channels": 4, "num_classes": 10, "learn_sigma": True},
+        "kwargs": {
+            "depth": 2,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "patch_size": 2,
+            "input_size": 8,
+            "in_channels": 4,
+            "num_classes": 10,
+            "learn_sigma": True,
+        },
         "native_resolution": 64,
     }
     return configs
@@ -51,22 +67,43 @@ def _image_configs() -> dict[str, dict[str, Any]]:
     return {
         "DiffiT-CIFAR10": {
             "family": "image",
-            "kwargs": {"img_resolution": 32, "in_channels": 3, "channels": [128, 256, 256],
-                       "blocks_per_stage": [2, 2, 2], "window_size": 4, "num_heads": 4, "num_classes": 0,
-                       "dropout": 0.13},
+            "kwargs": {
+                "img_resolution": 32,
+                "in_channels": 3,
+                "channels": [128, 256, 256],
+                "blocks_per_stage": [2, 2, 2],
+                "window_size": 4,
+                "num_heads": 4,
+                "num_classes": 0,
+                "dropout": 0.13,
+            },
             "native_resolution": 32,
         },
         "DiffiT-FFHQ64": {
             "family": "image",
-            "kwargs": {"img_resolution": 64, "in_channels": 3, "channels": [128, 256, 256, 256],
-                       "blocks_per_stage": [1, 2, 2, 2], "window_size": 8, "num_heads": 4, "num_classes": 0,
-                       "dropout": 0.05},
+            "kwargs": {
+                "img_resolution": 64,
+                "in_channels": 3,
+                "channels": [128, 256, 256, 256],
+                "blocks_per_stage": [1, 2, 2, 2],
+                "window_size": 8,
+                "num_heads": 4,
+                "num_classes": 0,
+                "dropout": 0.05,
+            },
             "native_resolution": 64,
         },
         "DiffiT-UNet-Tiny": {
             "family": "image",
-            "kwargs": {"img_resolution": 16, "in_channels": 3, "channels": [32, 64],
-                       "blocks_per_stage": [1, 1], "window_size": 4, "num_heads": 2, "num_classes": 0},
+            "kwargs": {
+                "img_resolution": 16,
+                "in_channels": 3,
+                "channels": [32, 64],
+                "blocks_per_stage": [1, 1],
+                "window_size": 4,
+                "num_heads": 2,
+                "num_classes": 0,
+            },
             "native_resolution": 16,
         },
     }
@@ -145,8 +182,7 @@ def count_flops(model: nn.Module, batch_size: int = 1) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
-    x, noise_labels, class_labels = (t.to(device) if t is not None else None
-                                     for t in example_inputs(model, batch_size))
+    x, noise_labels, class_labels = (t.to(device) if t is not None else None for t in example_inputs(model, batch_size))
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
         model(x, noise_labels, class_labels)

@@ -1,7 +1,7 @@
 """The one sampling entry point used by training previews and evaluation: `sample(...)`.
 
-    images = sample(model, (4, 32, 32), class_labels, seeds, sampler="ddpm", steps=250,
-                    guidance=GuidanceConfig(scale=4.6, schedule="power-cosine"), kind="adm")
+    config = SamplingConfig(sampler="ddpm", steps=250, guidance=GuidanceConfig(scale=4.6, schedule="power-cosine"))
+    images = sample(model, (4, 32, 32), class_labels, seeds, config)     # or sample(..., sampler="ddim", steps=50)
 
 Model kinds
 * kind="adm": `model` is the raw latent eps/Sigma network, `model(x, t, class_labels)` with t the ADM timestep
@@ -18,8 +18,8 @@ Determinism: sample i draws ALL its randomness (initial noise, every DDPM / DDIM
 `torch.Generator` seeded with `seeds[i]`, so it does not depend on batch composition or order. By default the
 generators live on the CPU, so a seed gives the same noise whatever device the network runs on (up to
 floating-point differences of the network itself); `generator_device=None` puts them on the sampling device
-instead (saves the CPU normal draws -- ~7 ns per element per step on the 2-core dev CPU -- on GPU runs; seeds are then reproducible only on
-the same device type).
+instead (saves the CPU normal draws -- ~7 ns per element per step on the 2-core dev CPU -- on GPU runs; seeds are
+then reproducible only on the same device type).
 
 Guidance: `GuidanceConfig` (see `diffit.guidance`); the conditional and unconditional halves run in one
 batched call, so guidance doubles the batch, never the number of network calls. For ADM models the schedule's
@@ -34,9 +34,10 @@ denoiser, whose few elementwise ops are counted as network time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -128,52 +129,96 @@ def _null_class(model: nn.Module) -> int:
     if null_class is None:
         num_classes = getattr(model, "num_classes", 0)
         if not num_classes:
-            raise ValueError("guidance needs a class-conditional model (num_classes > 0 / a null_class "
-                             f"attribute); {type(model).__name__} has neither")
+            raise ValueError(
+                "guidance needs a class-conditional model (num_classes > 0 / a null_class "
+                f"attribute); {type(model).__name__} has neither"
+            )
         null_class = num_classes
     return int(null_class)
 
 
-def sample(model: nn.Module, shape: Sequence[int], class_labels, seeds: Sequence[int], *, sampler: str = "ddpm",
-           steps: int = 250, guidance: GuidanceConfig | None = None, kind: str = "adm", eta: float = 0.0,
-           diffusion_steps: int = 1000, noise_schedule: str = "linear", device=None, progress: bool = False,
-           learn_sigma: bool | None = None, clip_denoised: bool = False, sigma_min: float = 0.002,
-           sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, sigma_data: float = 0.5,
-           generator_device: str | None = "cpu") -> torch.Tensor:
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Every sampling setting in one place (the defaults are DiT's / DiffiT's ImageNet evaluation).
+
+    sampler: "ddpm" | "ddim" | "edm-heun". steps: respaced chain length (ddpm / ddim) or Heun steps.
+    guidance: classifier-free guidance (`GuidanceConfig`; None = off). kind: "adm" (latent eps/Sigma network) or
+    "edm" (image-space network, wrapped in `EDMPrecond`). eta: DDIM noise. diffusion_steps / noise_schedule:
+    the ADM training chain. learn_sigma: None = the model's attribute. clip_denoised: clamp x_0 predictions to
+    [-1, 1] (image space; keep False for latents). sigma_min / sigma_max / rho / S_churn: EDM Heun's grid and
+    churn. sigma_data: EDM preconditioning. generator_device: "cpu" (seeds reproducible on any device) or None
+    (the sampling device).
+    """
+
+    sampler: str = "ddpm"
+    steps: int = 250
+    guidance: GuidanceConfig | None = None
+    kind: str = "adm"
+    eta: float = 0.0
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    learn_sigma: bool | None = None
+    clip_denoised: bool = False
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    S_churn: float = 0.0
+    sigma_data: float = 0.5
+    generator_device: str | None = "cpu"
+
+    def check(self) -> None:
+        """Raise ValueError for a combination no sampler accepts."""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind == "edm" and self.sampler != "edm-heun":
+            raise ValueError(f"kind='edm' models are sampled with sampler='edm-heun', got {self.sampler!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.sampler != "edm-heun" and self.steps < 2:
+            raise ValueError(
+                f"{self.sampler} needs steps >= 2: respacing to one step keeps only t=0, not a denoising chain"
+            )
+
+
+def sample(
+    model: nn.Module,
+    shape: Sequence[int],
+    class_labels,
+    seeds: Sequence[int],
+    config: SamplingConfig | None = None,
+    *,
+    device=None,
+    progress: bool = False,
+    **overrides,
+) -> torch.Tensor:
     """Generate len(seeds) samples of per-sample `shape` (C, H, W); returns float32 [N, C, H, W] on `device`.
 
-    `class_labels`: [N] ints or None (unconditional). `seeds`: one int per sample. `learn_sigma` defaults to
-    the model's `learn_sigma` attribute (kind="adm", ddpm/ddim only). `clip_denoised` clamps x_0 predictions
-    to [-1, 1] (image space; keep False for latents, as DiT/DiffiT). `generator_device`: "cpu" (default) or
-    None for the sampling device. See the module docstring.
+    `class_labels`: [N] ints or None (unconditional). `seeds`: one int per sample. `config`: a
+    `SamplingConfig`; keyword `overrides` replace its fields (`sample(..., sampler="ddim", steps=50)`).
+    See the module docstring.
     """
     samples, _ = sample_with_stats(
-        model, shape, class_labels, seeds, sampler=sampler, steps=steps, guidance=guidance, kind=kind, eta=eta,
-        diffusion_steps=diffusion_steps, noise_schedule=noise_schedule, device=device, progress=progress,
-        learn_sigma=learn_sigma, clip_denoised=clip_denoised, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-        S_churn=S_churn, sigma_data=sigma_data, generator_device=generator_device)
+        model, shape, class_labels, seeds, config, device=device, progress=progress, **overrides
+    )
     return samples
 
 
-def sample_with_stats(model: nn.Module, shape: Sequence[int], class_labels, seeds: Sequence[int], *,
-                      sampler: str = "ddpm", steps: int = 250, guidance: GuidanceConfig | None = None,
-                      kind: str = "adm", eta: float = 0.0, diffusion_steps: int = 1000,
-                      noise_schedule: str = "linear", device=None, progress: bool = False,
-                      learn_sigma: bool | None = None, clip_denoised: bool = False, sigma_min: float = 0.002,
-                      sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0,
-                      sigma_data: float = 0.5, generator_device: str | None = "cpu"
-                      ) -> tuple[torch.Tensor, SamplingStats]:
+def sample_with_stats(
+    model: nn.Module,
+    shape: Sequence[int],
+    class_labels,
+    seeds: Sequence[int],
+    config: SamplingConfig | None = None,
+    *,
+    device=None,
+    progress: bool = False,
+    **overrides,
+) -> tuple[torch.Tensor, SamplingStats]:
     """`sample(...)` that also returns `SamplingStats` (network calls and time, wall time)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
-    if kind == "edm" and sampler != "edm-heun":
-        raise ValueError(f"kind='edm' models are sampled with sampler='edm-heun', got {sampler!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if sampler != "edm-heun" and steps < 2:
-        raise ValueError(f"{sampler} needs steps >= 2: respacing to one step keeps only t=0, not a denoising chain")
+    config = dataclasses.replace(config or SamplingConfig(), **overrides)
+    config.check()
     if len(seeds) == 0:
         raise ValueError("seeds is empty: pass one seed per sample")
     shape = tuple(int(s) for s in shape)
@@ -182,48 +227,84 @@ def sample_with_stats(model: nn.Module, shape: Sequence[int], class_labels, seed
 
     start = time.perf_counter()
     device = _resolve_device(model, device)
-    generator_device = device if generator_device is None else torch.device(generator_device)
+    generator_device = device if config.generator_device is None else torch.device(config.generator_device)
     generators = [torch.Generator(device=generator_device).manual_seed(int(seed)) for seed in seeds]
     labels = _prepare_labels(class_labels, len(seeds), device)
-    guidance = guidance or GuidanceConfig()
+    guidance = config.guidance or GuidanceConfig()
     if guidance.enabled and labels is None:
         raise ValueError("guidance scale != 1 needs class_labels")
     initial_noise = randn_per_sample(generators, shape, device=device)
-
-    if kind == "edm":
-        denoiser = model if isinstance(model, EDMPrecond) else EDMPrecond(model, sigma_data=sigma_data)
-        counted = CountingModel(denoiser, synchronize=device.type == "cuda")
-    else:
-        counted = CountingModel(model, synchronize=device.type == "cuda")
+    network = model
+    if config.kind == "edm" and not isinstance(model, EDMPrecond):
+        network = EDMPrecond(model, sigma_data=config.sigma_data)
+    counted = CountingModel(network, synchronize=device.type == "cuda")
 
     with _eval_mode(model), torch.no_grad():
-        if kind == "edm":
-            sigma_min = max(sigma_min, denoiser.sigma_min)
-            sigma_max = min(sigma_max, denoiser.sigma_max)
-            guided = _guided(counted, guidance, denoiser,
-                             lambda sigma: sigma_progress(sigma, sigma_min, sigma_max, rho))
-            samples = edm_heun_sampler(guided, initial_noise, labels, num_steps=steps, sigma_min=sigma_min,
-                                       sigma_max=sigma_max, rho=rho, S_churn=S_churn, generators=generators,
-                                       round_sigma=denoiser.round_sigma, progress=progress)
-        else:
-            guided = _guided(counted, guidance, model,
-                             lambda t: timestep_progress(t.to(torch.float64), diffusion_steps))
-            if sampler == "edm-heun":
-                base = create_diffusion(None, noise_schedule, learn_sigma=True, diffusion_steps=diffusion_steps)
-                adm_denoiser = ADMDenoiser(guided, base.alphas_cumprod)
-                samples = edm_heun_sampler(
-                    adm_denoiser, initial_noise, labels, num_steps=steps,
-                    sigma_min=max(sigma_min, adm_denoiser.sigma_min), sigma_max=min(sigma_max, adm_denoiser.sigma_max),
-                    rho=rho, S_churn=S_churn, generators=generators, round_sigma=adm_denoiser.round_sigma,
-                    progress=progress)
-            else:
-                samples = _sample_adm_chain(guided, initial_noise, labels, generators, sampler=sampler, steps=steps,
-                                            eta=eta, diffusion_steps=diffusion_steps, noise_schedule=noise_schedule,
-                                            learn_sigma=_learn_sigma(model, learn_sigma),
-                                            clip_denoised=clip_denoised, progress=progress)
-    stats = SamplingStats(num_samples=len(seeds), network_calls=counted.calls, network_time_s=counted.time_s,
-                          total_time_s=time.perf_counter() - start)
+        run = _run_edm if config.kind == "edm" else _run_adm
+        samples = run(model, network, counted, initial_noise, labels, generators, config, guidance, progress)
+    stats = SamplingStats(
+        num_samples=len(seeds),
+        network_calls=counted.calls,
+        network_time_s=counted.time_s,
+        total_time_s=time.perf_counter() - start,
+    )
     return samples.float(), stats
+
+
+def _run_edm(model, denoiser, counted, initial_noise, labels, generators, config, guidance, progress):
+    """EDM Heun on the preconditioned image-space network; guidance progress is the position on the sigma grid."""
+    sigma_min = max(config.sigma_min, denoiser.sigma_min)
+    sigma_max = min(config.sigma_max, denoiser.sigma_max)
+    guided = _guided(counted, guidance, denoiser, lambda sigma: sigma_progress(sigma, sigma_min, sigma_max, config.rho))
+    return edm_heun_sampler(
+        guided,
+        initial_noise,
+        labels,
+        num_steps=config.steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=config.rho,
+        S_churn=config.S_churn,
+        generators=generators,
+        round_sigma=denoiser.round_sigma,
+        progress=progress,
+    )
+
+
+def _run_adm(model, network, counted, initial_noise, labels, generators, config, guidance, progress):
+    """An ADM eps/Sigma network: DDPM / DDIM on the respaced chain, or EDM Heun through `ADMDenoiser`; guidance
+    progress is 1 - t / diffusion_steps (the released DiffiT code)."""
+    guided = _guided(counted, guidance, model, lambda t: timestep_progress(t.to(torch.float64), config.diffusion_steps))
+    if config.sampler == "edm-heun":
+        base = create_diffusion(None, config.noise_schedule, learn_sigma=True, diffusion_steps=config.diffusion_steps)
+        denoiser = ADMDenoiser(guided, base.alphas_cumprod)
+        return edm_heun_sampler(
+            denoiser,
+            initial_noise,
+            labels,
+            num_steps=config.steps,
+            sigma_min=max(config.sigma_min, denoiser.sigma_min),
+            sigma_max=min(config.sigma_max, denoiser.sigma_max),
+            rho=config.rho,
+            S_churn=config.S_churn,
+            generators=generators,
+            round_sigma=denoiser.round_sigma,
+            progress=progress,
+        )
+    return _sample_adm_chain(
+        guided,
+        initial_noise,
+        labels,
+        generators,
+        sampler=config.sampler,
+        steps=config.steps,
+        eta=config.eta,
+        diffusion_steps=config.diffusion_steps,
+        noise_schedule=config.noise_schedule,
+        learn_sigma=_learn_sigma(model, config.learn_sigma),
+        clip_denoised=config.clip_denoised,
+        progress=progress,
+    )
 
 
 def _learn_sigma(model: nn.Module, learn_sigma: bool | None) -> bool:
@@ -234,21 +315,32 @@ def _learn_sigma(model: nn.Module, learn_sigma: bool | None) -> bool:
     return bool(model.learn_sigma)
 
 
-def _guided(counted: CountingModel, guidance: GuidanceConfig, labelled_model: nn.Module,
-            progress_fn: Callable) -> Callable:
+def _guided(
+    counted: CountingModel, guidance: GuidanceConfig, labelled_model: nn.Module, progress_fn: Callable
+) -> Callable:
     """The counted network, wrapped in classifier-free guidance when the scale is not 1."""
     if not guidance.enabled:
         return counted
     return ClassifierFreeGuidance(counted, guidance, _null_class(labelled_model), progress_fn)
 
 
-def _sample_adm_chain(model: Callable, initial_noise: torch.Tensor, labels: torch.Tensor | None,
-                      generators: Sequence[torch.Generator], *, sampler: str, steps: int, eta: float,
-                      diffusion_steps: int, noise_schedule: str, learn_sigma: bool, clip_denoised: bool,
-                      progress: bool) -> torch.Tensor:
+def _sample_adm_chain(
+    model: Callable,
+    initial_noise: torch.Tensor,
+    labels: torch.Tensor | None,
+    generators: Sequence[torch.Generator],
+    *,
+    sampler: str,
+    steps: int,
+    eta: float,
+    diffusion_steps: int,
+    noise_schedule: str,
+    learn_sigma: bool,
+    clip_denoised: bool,
+    progress: bool,
+) -> torch.Tensor:
     """DDPM / DDIM loop over `steps` respaced timesteps, noise for sample i from generators[i]."""
-    diffusion = create_diffusion(str(steps), noise_schedule, learn_sigma=learn_sigma,
-                                 diffusion_steps=diffusion_steps)
+    diffusion = create_diffusion(str(steps), noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
     model_kwargs = {"class_labels": labels}
     x = initial_noise
     per_sample_shape = initial_noise.shape[1:]
@@ -261,7 +353,8 @@ def _sample_adm_chain(model: Callable, initial_noise: torch.Tensor, labels: torc
             out = diffusion.p_sample(model, x, t, noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         else:
             noise = randn_per_sample(generators, per_sample_shape, device=x.device) if eta > 0 else None
-            out = diffusion.ddim_sample(model, x, t, noise, eta=eta, clip_denoised=clip_denoised,
-                                        model_kwargs=model_kwargs)
+            out = diffusion.ddim_sample(
+                model, x, t, noise, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+            )
         x = out["sample"]
     return x

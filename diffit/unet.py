@@ -60,8 +60,16 @@ class DiffiTResBlock(nn.Module):
     `dropout` (default 0, i.e. exactly Eq. 10) drops elements of the residual branch before the addition.
     """
 
-    def __init__(self, channels: int, num_heads: int, window_size: int, time_dim: int, mlp_ratio: float = 4.0,
-                 num_groups: int = 32, dropout: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        window_size: int,
+        time_dim: int,
+        mlp_ratio: float = 4.0,
+        num_groups: int = 32,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.window_size = window_size
         self.norm = normalization(channels, num_groups)
@@ -174,8 +182,9 @@ class DiffiTUNet(nn.Module):
     ):
         super().__init__()
         channels, blocks_per_stage = list(channels), list(blocks_per_stage)
-        stage_windows = self._check_config(img_resolution, channels, blocks_per_stage, window_size, num_heads,
-                                           num_classes)
+        stage_windows = self._check_config(
+            img_resolution, channels, blocks_per_stage, window_size, num_heads, num_classes
+        )
         self.img_resolution = img_resolution
         self.input_size = img_resolution
         self.in_channels = in_channels
@@ -191,8 +200,12 @@ class DiffiTUNet(nn.Module):
         self.label_embed = LabelEmbedder(num_classes, self.time_dim) if num_classes > 0 else None
 
         def res_blocks(stage: int) -> list[DiffiTResBlock]:
-            return [DiffiTResBlock(channels[stage], num_heads, stage_windows[stage], self.time_dim, mlp_ratio,
-                                   num_groups, dropout) for _ in range(blocks_per_stage[stage])]
+            return [
+                DiffiTResBlock(
+                    channels[stage], num_heads, stage_windows[stage], self.time_dim, mlp_ratio, num_groups, dropout
+                )
+                for _ in range(blocks_per_stage[stage])
+            ]
 
         self.input_conv = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
         self.encoder = nn.ModuleList(
@@ -214,12 +227,20 @@ class DiffiTUNet(nn.Module):
         self.initialize_weights()
 
     @staticmethod
-    def _check_config(img_resolution: int, channels: list[int], blocks_per_stage: list[int], window_size: int,
-                      num_heads: int, num_classes: int) -> list[int]:
+    def _check_config(
+        img_resolution: int,
+        channels: list[int],
+        blocks_per_stage: list[int],
+        window_size: int,
+        num_heads: int,
+        num_classes: int,
+    ) -> list[int]:
         """Validate the configuration; return the effective attention window of each stage."""
         if not channels or len(channels) != len(blocks_per_stage):
-            raise ValueError(f"channels {channels} and blocks_per_stage {blocks_per_stage} must be non-empty lists "
-                             "of the same length (one entry per stage)")
+            raise ValueError(
+                f"channels {channels} and blocks_per_stage {blocks_per_stage} must be non-empty lists "
+                "of the same length (one entry per stage)"
+            )
         if any(b < 0 for b in blocks_per_stage):
             raise ValueError(f"blocks_per_stage must be >= 0, got {blocks_per_stage}")
         if window_size < 1:
@@ -227,8 +248,9 @@ class DiffiTUNet(nn.Module):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
         if img_resolution % 2 ** (len(channels) - 1):
-            raise ValueError(f"img_resolution {img_resolution} cannot be halved {len(channels) - 1} times "
-                             f"for {len(channels)} stages")
+            raise ValueError(
+                f"img_resolution {img_resolution} cannot be halved {len(channels) - 1} times for {len(channels)} stages"
+            )
         for width in channels:
             if width % num_heads:
                 raise ValueError(f"stage width {width} is not divisible by num_heads {num_heads}")
@@ -237,8 +259,10 @@ class DiffiTUNet(nn.Module):
             resolution = img_resolution // 2**stage
             window = min(window_size, resolution)  # a map smaller than the window is one window
             if resolution % window:
-                raise ValueError(f"stage {stage} feature map {resolution}x{resolution} is not divisible by the "
-                                 f"attention window {window}")
+                raise ValueError(
+                    f"stage {stage} feature map {resolution}x{resolution} is not divisible by the "
+                    f"attention window {window}"
+                )
             windows.append(window)
         return windows
 
@@ -283,11 +307,14 @@ class DiffiTUNet(nn.Module):
         token = self.time_embed(noise_labels)
         if self.label_embed is not None:
             if class_labels is None:
-                raise ValueError(f"class-conditional model (num_classes={self.num_classes}): pass class_labels "
-                                 f"(use null_class={self.null_class} for the unconditional branch)")
+                raise ValueError(
+                    f"class-conditional model (num_classes={self.num_classes}): pass class_labels "
+                    f"(use null_class={self.null_class} for the unconditional branch)"
+                )
             if class_labels.shape != noise_labels.shape:
-                raise ValueError(f"class_labels must have shape {list(noise_labels.shape)}, "
-                                 f"got {list(class_labels.shape)}")
+                raise ValueError(
+                    f"class_labels must have shape {list(noise_labels.shape)}, got {list(class_labels.shape)}"
+                )
             token = token + self.label_embed(class_labels)
         elif class_labels is not None:
             raise ValueError("this model is unconditional (num_classes=0) but class_labels were given")
@@ -301,16 +328,18 @@ class DiffiTUNet(nn.Module):
                 h = block(h, time_token)
         return h
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         expected = (self.in_channels, self.img_resolution, self.img_resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input [N, {', '.join(map(str, expected))}], got {list(x.shape)}")
         if noise_labels.numel() == 1:
             noise_labels = noise_labels.reshape(1).expand(x.shape[0])
         if noise_labels.shape != (x.shape[0],):
-            raise ValueError(f"noise_labels must have shape [{x.shape[0]}] (or be a scalar), "
-                             f"got {list(noise_labels.shape)}")
+            raise ValueError(
+                f"noise_labels must have shape [{x.shape[0]}] (or be a scalar), got {list(noise_labels.shape)}"
+            )
         time_token = self.time_token(noise_labels, class_labels)
 
         h = self.input_conv(x)

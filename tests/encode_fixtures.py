@@ -69,7 +69,12 @@ def make_image_tree(root: Path, per_class: int = 12, seed: int = 0) -> dict[str,
         for i in range(per_class):
             width, height = int(rng.integers(24, 100)), int(rng.integers(24, 100))
             rel = f"{synset}/{synset}_{i:04d}.JPEG" if i % 3 else f"{synset}/{synset}_{i:04d}.png"
-            _save(_picture(rng, width, height), root / rel, "JPEG" if rel.endswith("JPEG") else "PNG", **({"quality": 90} if rel.endswith("JPEG") else {}))
+            _save(
+                _picture(rng, width, height),
+                root / rel,
+                "JPEG" if rel.endswith("JPEG") else "PNG",
+                **({"quality": 90} if rel.endswith("JPEG") else {}),
+            )
             labels[rel] = label
     extras = {
         f"{CLASS_NAMES[0]}/ünïcödé 画像.png": 0,
@@ -90,10 +95,17 @@ def _png_with_huge_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels but carries almost no data (a decompression bomb)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _exif_rotated_jpeg(rng: np.random.Generator) -> bytes:
@@ -132,9 +144,13 @@ def make_bad_corpus(root: Path, seed: int = 1) -> dict[str, str]:
     put("palette_P.png", encoded(Image.fromarray(rgb).convert("P"), "PNG"), "ok")
     palette = Image.fromarray(rgb).convert("P")
     put("palette_transparent.png", encoded(palette, "PNG", transparency=0), "ok")
-    put("rgba.png", encoded(Image.fromarray(np.dstack([rgb, rng.integers(0, 256, rgb.shape[:2], dtype=np.uint8)])), "PNG"), "ok")
+    put(
+        "rgba.png",
+        encoded(Image.fromarray(np.dstack([rgb, rng.integers(0, 256, rgb.shape[:2], dtype=np.uint8)])), "PNG"),
+        "ok",
+    )
     put("cmyk.jpg", encoded(Image.fromarray(rgb).convert("CMYK"), "JPEG"), "ok")
-    put("grey16_I16.png", encoded(Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)), "PNG"), "ok")
+    put("grey16_I16.png", encoded(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), "PNG"), "ok")
     put("bilevel_1.png", encoded(Image.fromarray(rgb[..., 0] > 128), "PNG"), "ok")
     put("tiny_5x3.png", encoded(Image.fromarray(_picture(rng, 5, 3)), "PNG"), "ok")
     frames = [Image.fromarray(_picture(rng, 30, 30)) for _ in range(3)]
@@ -147,7 +163,7 @@ def make_bad_corpus(root: Path, seed: int = 1) -> dict[str, str]:
     put("truncated.jpg", good_jpeg[: len(good_jpeg) // 2], "fail")
     put("corrupt.jpg", bytes(rng.integers(0, 256, 2000, dtype=np.uint8)), "fail")
     put("zero_bytes.png", b"", "fail")
-    put("notes.txt", "this is not an image\n".encode(), "fail")
+    put("notes.txt", b"this is not an image\n", "fail")
     put("bomb.png", _png_with_huge_header(30_000, 30_000), "fail")
     put("huge.png", encoded(Image.fromarray(_picture(rng, 250, 250)), "PNG"), "fail")  # over TEST_MAX_PIXELS
 

@@ -34,8 +34,10 @@ def make_random_inception_weights(path: Path, seed: int = 0) -> Path:
     import torch
     import torch_fidelity.feature_extractor_inceptionv3 as inception
 
-    with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
-            mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
+    with (
+        mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
+        mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}),
+    ):
         network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     generator = torch.Generator().manual_seed(seed)
     for module in network.modules():
@@ -55,9 +57,16 @@ def make_tiny_vae(path: Path, latent_channels: int = 4, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+    )
     vae.save_pretrained(str(path))
     return path
 
@@ -73,8 +82,14 @@ def _randomise_head(model, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
-def make_latent_model_dir(path: Path, vae_path: Path | str | None, num_classes: int = 10, seed: int = 0,
-                          vae_entry: dict[str, Any] | None = None, **overrides) -> Path:
+def make_latent_model_dir(
+    path: Path,
+    vae_path: Path | str | None,
+    num_classes: int = 10,
+    seed: int = 0,
+    vae_entry: dict[str, Any] | None = None,
+    **overrides,
+) -> Path:
     """`DiffiT-Tiny/2` (8x8x4 latents -> 16x16 images with the tiny VAE), exported with an ADM diffusion entry."""
     import torch
 
@@ -84,12 +99,14 @@ def make_latent_model_dir(path: Path, vae_path: Path | str | None, num_classes: 
     model = diffit.create_model("DiffiT-Tiny/2", num_classes=num_classes, **overrides)
     _randomise_head(model, seed)
     if vae_entry is None:
-        from pipeline.vae import resolve_vae
+        from pipeline.core.vae import resolve_vae
 
         vae_entry = resolve_vae(str(vae_path)).manifest_entry("fp32")  # what `encode` writes into the manifest
     vae = vae_entry
-    extra = {"diffusion": {"type": "adm", "noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
-             "vae": vae}
+    extra = {
+        "diffusion": {"type": "adm", "noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
+        "vae": vae,
+    }
     diffit.save_pretrained(model, path, extra)
     return path
 
@@ -141,19 +158,25 @@ def write_folder_reference(path: Path, images: np.ndarray) -> Path:
 
 def write_shard_reference(path: Path, images: np.ndarray, per_shard: int = 8) -> Path:
     """Raw image shards in the `pack` format (tar + sidecar per shard, manifest.json last)."""
-    from pipeline import shards
+    from pipeline.core import shards as shards
 
     path.mkdir(parents=True, exist_ok=True)
     entries = []
     for index, start in enumerate(range(0, len(images), per_shard)):
         with shards.ShardWriter(path, index) as writer:
-            for offset, image in enumerate(images[start:start + per_shard]):
+            for offset, image in enumerate(images[start : start + per_shard]):
                 writer.write(shards.image_sample(f"{start + offset:08d}", image, 0, {"source": "synthetic"}))
             sidecar = writer.commit({"failures": 0})
         entries.append({key: sidecar[key] for key in ("name", "count", "sha256", "bytes")})
-    manifest = {"format_version": shards.FORMAT_VERSION, "kind": "images", "resolution": int(images.shape[1]),
-                "num_classes": 1, "label_map": {"synthetic": 0},
-                "counts": {"seen": len(images), "written": len(images), "failed": 0}, "shards": entries}
+    manifest = {
+        "format_version": shards.FORMAT_VERSION,
+        "kind": "images",
+        "resolution": int(images.shape[1]),
+        "num_classes": 1,
+        "label_map": {"synthetic": 0},
+        "counts": {"seen": len(images), "written": len(images), "failed": 0},
+        "shards": entries,
+    }
     shards.write_json_atomic(path / shards.MANIFEST_NAME, manifest)
     return path
 
@@ -163,13 +186,9 @@ def write_shard_reference(path: Path, images: np.ndarray, per_shard: int = 8) ->
 
 
 def _run_cli(arguments: list[str]) -> None:
-    """Run the evaluate-stage commands exactly as `diffit-pipe` would (a typer app with `register`)."""
-    import typer
+    """Run the evaluate-stage commands exactly as `diffit-pipe` does (its typer app)."""
+    from cli.main import app
 
-    from cli.evaluate_cmd import register
-
-    app = typer.Typer(pretty_exceptions_enable=False)
-    register(app)
     app(arguments, prog_name="diffit-pipe")
 
 
@@ -179,8 +198,8 @@ def _slow_sample(spec_path: str) -> None:
 
     import torch
 
-    from pipeline import evaluate as ev
-    from pipeline.sample_store import STORE_NAME, SampleStore
+    from pipeline.evaluate import run as ev
+    from pipeline.evaluate.sample_store import STORE_NAME, SampleStore
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)

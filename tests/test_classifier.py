@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.classifier import (
+from pipeline.demo.classifier import (
     ClassifierError,
     class_consistency,
     load_classifier,
@@ -17,7 +17,7 @@ from pipeline.classifier import (
     to_input,
     train_classifier,
 )
-from pipeline.procedural import generate_dataset, load_labelled_images
+from pipeline.demo.procedural import generate_dataset, load_labelled_images
 
 NUM_CLASSES = 10
 # Required held-out accuracy on unseen real images after a short CPU training at 16 px (measured: 1.0).
@@ -30,10 +30,25 @@ MIN_SHAPE_HOLDOUT_ACCURACY = 0.85
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("clf")
-    generate_dataset(root / "synth", num_classes=NUM_CLASSES, per_class=40, resolution=32, seed=0,
-                     holdout_per_class=10, progress=False)
-    report = train_classifier(root / "synth", root / "classifier", resolution=16, steps=120, batch_size=32,
-                              holdout=root / "synth" / "holdout", seed=0, progress=False)
+    generate_dataset(
+        root / "synth",
+        num_classes=NUM_CLASSES,
+        per_class=40,
+        resolution=32,
+        seed=0,
+        holdout_per_class=10,
+        progress=False,
+    )
+    report = train_classifier(
+        root / "synth",
+        root / "classifier",
+        resolution=16,
+        steps=120,
+        batch_size=32,
+        holdout=root / "synth" / "holdout",
+        seed=0,
+        progress=False,
+    )
     holdout = load_labelled_images(root / "synth" / "holdout", resolution=32)
     return root, report, holdout
 
@@ -107,7 +122,7 @@ def test_bad_inputs_are_refused(trained, tmp_path):
 
 
 def test_blur_augmentation_is_identity_at_zero_sigma_and_smooths_otherwise():
-    from pipeline.classifier import _gaussian_blur
+    from pipeline.demo.classifier import _gaussian_blur
 
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(3, 3, 12, 12, generator=generator) * 2 - 1
@@ -124,8 +139,17 @@ def test_blur_augmentation_is_identity_at_zero_sigma_and_smooths_otherwise():
 
 def test_grayscale_classifier_tells_classes_by_shape_and_ignores_colour(trained):
     root, _, holdout = trained
-    report = train_classifier(root / "synth", root / "shape_classifier", resolution=32, steps=300, batch_size=32,
-                              holdout=root / "synth" / "holdout", seed=0, progress=False, grayscale=True)
+    report = train_classifier(
+        root / "synth",
+        root / "shape_classifier",
+        resolution=32,
+        steps=300,
+        batch_size=32,
+        holdout=root / "synth" / "holdout",
+        seed=0,
+        progress=False,
+        grayscale=True,
+    )
     assert report["grayscale"] is True
     assert report["holdout_acc"] >= MIN_SHAPE_HOLDOUT_ACCURACY
     model = load_classifier(root / "shape_classifier")

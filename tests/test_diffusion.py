@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffit.diffusion import (GaussianDiffusion, SpacedDiffusion, create_diffusion, discretized_gaussian_log_likelihood,
-                              get_named_beta_schedule, normal_kl, randn_per_sample, space_timesteps)
+from diffit.diffusion import (
+    GaussianDiffusion,
+    SpacedDiffusion,
+    create_diffusion,
+    discretized_gaussian_log_likelihood,
+    get_named_beta_schedule,
+    normal_kl,
+    randn_per_sample,
+    space_timesteps,
+)
 
 
 def _linear_alphas_cumprod(steps: int = 1000) -> np.ndarray:
@@ -37,8 +45,9 @@ class ParamModel(torch.nn.Module):
     def __init__(self, channels: int, size: int):
         super().__init__()
         self.learn_sigma = True
-        self.out = torch.nn.Parameter(torch.linspace(-0.5, 0.5, 2 * channels * size * size).reshape(
-            1, 2 * channels, size, size))
+        self.out = torch.nn.Parameter(
+            torch.linspace(-0.5, 0.5, 2 * channels * size * size).reshape(1, 2 * channels, size, size)
+        )
 
     def forward(self, x, t, **kwargs):
         return self.out.expand(x.shape[0], -1, -1, -1)
@@ -82,8 +91,10 @@ def test_posterior_matches_bayes_closed_form(timestep):
     prev = alphas_cumprod[timestep - 1]
     # Product of q(x_{t-1} | x_0) = N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) and q(x_t | x_{t-1}) = N(sqrt(1-b) x, b).
     precision = 1 / (1 - prev) + (1 - beta) / beta
-    x0, xt = torch.tensor([[[[0.3]]], [[[-1.2]]]], dtype=torch.float64), torch.tensor(
-        [[[[0.9]]], [[[0.1]]]], dtype=torch.float64)
+    x0, xt = (
+        torch.tensor([[[[0.3]]], [[[-1.2]]]], dtype=torch.float64),
+        torch.tensor([[[[0.9]]], [[[0.1]]]], dtype=torch.float64),
+    )
     expected_mean = (math.sqrt(prev) * x0 / (1 - prev) + math.sqrt(1 - beta) * xt / beta) / precision
     t = torch.full((2,), timestep, dtype=torch.long)
     mean, variance, log_variance = diffusion.q_posterior_mean_variance(x0, xt, t)
@@ -115,12 +126,14 @@ def test_normal_kl_hand_cases():
     assert normal_kl(zero, zero, zero, zero + math.log(4)).item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("mean,log_scale", [(0.0, math.log(0.1)), (0.93, math.log(0.02)), (-0.4, math.log(3.0)),
-                                            (1.5, math.log(0.5))])
+@pytest.mark.parametrize(
+    "mean,log_scale", [(0.0, math.log(0.1)), (0.93, math.log(0.02)), (-0.4, math.log(3.0)), (1.5, math.log(0.5))]
+)
 def test_discretized_gaussian_likelihood_sums_to_one(mean, log_scale):
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)  # bin centres of 8-bit data scaled to [-1, 1]
     log_probs = discretized_gaussian_log_likelihood(
-        bins, means=torch.full_like(bins, mean), log_scales=torch.full_like(bins, log_scale))
+        bins, means=torch.full_like(bins, mean), log_scales=torch.full_like(bins, log_scale)
+    )
     assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
     assert (log_probs <= 0).all()
 
@@ -179,8 +192,10 @@ def test_learned_range_interpolates_log_beta_and_log_posterior_variance():
     large = create_diffusion(learn_sigma=False).output_to_distribution(eps_only, x, t)["log_variance"]
     torch.testing.assert_close(large, torch.full_like(x, math.log(diffusion.betas[400].item())))
     small = create_diffusion(learn_sigma=False, sigma_small=True)
-    torch.testing.assert_close(small.output_to_distribution(eps_only, x, torch.tensor([0, 0]))["log_variance"],
-                               torch.full_like(x, math.log(diffusion.posterior_variance[1].item())))
+    torch.testing.assert_close(
+        small.output_to_distribution(eps_only, x, torch.tensor([0, 0]))["log_variance"],
+        torch.full_like(x, math.log(diffusion.posterior_variance[1].item())),
+    )
 
 
 def test_wrong_model_output_channels_is_a_clear_error():
@@ -265,7 +280,7 @@ def test_ddim_eta1_variance_equals_ddpm_posterior_variance():
     unit_noise = diffusion.ddim_sample(model, x, t, noise=torch.ones_like(x), eta=1.0)["sample"]
     no_noise = diffusion.ddim_sample(model, x, t, noise=torch.zeros_like(x), eta=1.0)["sample"]
     sigma = (unit_noise - no_noise).item()
-    assert sigma ** 2 == pytest.approx(diffusion.posterior_variance[20].item(), rel=1e-9)
+    assert sigma**2 == pytest.approx(diffusion.posterior_variance[20].item(), rel=1e-9)
 
 
 def test_randn_per_sample_rows_follow_their_generators():

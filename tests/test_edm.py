@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffit.edm import (ADMDenoiser, EDMLoss, EDMPrecond, edm_heun_sampler, edm_sigma_steps,
-                        preconditioning_coefficients)
+from diffit.edm import ADMDenoiser, EDMLoss, EDMPrecond, edm_heun_sampler, edm_sigma_steps, preconditioning_coefficients
 
 
 class ConstantNet(torch.nn.Module):
@@ -36,8 +35,9 @@ HAND_COEFFICIENTS = {
 
 @pytest.mark.parametrize("sigma", sorted(HAND_COEFFICIENTS))
 def test_preconditioning_coefficients_hand_values(sigma):
-    c_skip, c_out, c_in, c_noise = (v.item() for v in preconditioning_coefficients(
-        torch.tensor(sigma, dtype=torch.float64), sigma_data=0.5))
+    c_skip, c_out, c_in, c_noise = (
+        v.item() for v in preconditioning_coefficients(torch.tensor(sigma, dtype=torch.float64), sigma_data=0.5)
+    )
     for got, want in zip((c_skip, c_out, c_in, c_noise), HAND_COEFFICIENTS[sigma]):
         assert got == pytest.approx(want, abs=1e-9)
 
@@ -72,7 +72,7 @@ def test_edm_loss_weighting_and_determinism():
     assert loss_fn.weight(torch.tensor(0.5)).item() == pytest.approx(8.0)
     sigma = torch.logspace(-3, 2, 11, dtype=torch.float64)
     _, c_out, _, _ = preconditioning_coefficients(sigma, 0.5)
-    torch.testing.assert_close(loss_fn.weight(sigma) * c_out ** 2, torch.ones_like(sigma))  # unit weight on F
+    torch.testing.assert_close(loss_fn.weight(sigma) * c_out**2, torch.ones_like(sigma))  # unit weight on F
 
     # D = 0 and y = 1 -> loss = lambda(sigma_i) exactly; sigma_i replayed from the same seed (drawn first).
     images = torch.ones(5, 2, 3, 3, dtype=torch.float64)
@@ -81,7 +81,7 @@ def test_edm_loss_weighting_and_determinism():
     assert loss.shape == images.shape
     replay = torch.randn(5, 1, 1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     expected_sigma = torch.exp(replay * 1.2 - 1.2)
-    torch.testing.assert_close(loss, ((expected_sigma ** 2 + 0.25) / (expected_sigma * 0.5) ** 2).expand_as(loss))
+    torch.testing.assert_close(loss, ((expected_sigma**2 + 0.25) / (expected_sigma * 0.5) ** 2).expand_as(loss))
 
     conv = torch.nn.Conv2d(2, 2, 1).double()
     precond = EDMPrecond(lambda x, noise_labels, class_labels=None: conv(x) * noise_labels.reshape(-1, 1, 1, 1))
@@ -131,9 +131,11 @@ def test_heun_uses_2n_minus_1_evaluations(num_steps):
 
 def _scalar_heun_on_gaussian(s: float, num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> float:
     """Independent scalar transcription of EDM Algorithm 2 for D(x; sigma) = x s^2 / (s^2 + sigma^2), x_0 = 1."""
-    sigmas = [(sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-              for i in range(num_steps)] + [0.0]
-    slope = lambda sigma: sigma / (s ** 2 + sigma ** 2)  # (x - D) / (sigma x)
+    sigmas = [
+        (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+        for i in range(num_steps)
+    ] + [0.0]
+    slope = lambda sigma: sigma / (s**2 + sigma**2)  # (x - D) / (sigma x)
     x = sigma_max
     for i in range(num_steps):
         d_cur = x * slope(sigmas[i])
@@ -149,7 +151,7 @@ def _scalar_heun_on_gaussian(s: float, num_steps: int, sigma_min=0.002, sigma_ma
 def test_heun_on_gaussian_data_matches_hand_recursion_and_converges(num_steps):
     # Data N(0, s^2): D is linear, so the sampler output is latents * k with k from the scalar recursion.
     s = 0.5
-    denoiser = lambda x, sigma, class_labels=None: x * s ** 2 / (s ** 2 + sigma.reshape(-1, 1, 1, 1) ** 2)
+    denoiser = lambda x, sigma, class_labels=None: x * s**2 / (s**2 + sigma.reshape(-1, 1, 1, 1) ** 2)
     latents = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     out = edm_heun_sampler(denoiser, latents, num_steps=num_steps)
     torch.testing.assert_close(out, latents * _scalar_heun_on_gaussian(s, num_steps), rtol=1e-6, atol=1e-6)
@@ -158,7 +160,7 @@ def test_heun_on_gaussian_data_matches_hand_recursion_and_converges(num_steps):
 def test_heun_is_second_order_on_gaussian_data():
     # Exact probability-flow ODE solution: x(0) = x(sigma_max) s / sqrt(s^2 + sigma_max^2).
     s = 0.5
-    exact = 80.0 * s / math.sqrt(s ** 2 + 80.0 ** 2)
+    exact = 80.0 * s / math.sqrt(s**2 + 80.0**2)
     errors = {n: abs(_scalar_heun_on_gaussian(s, n) - exact) / exact for n in (18, 40, 100, 400)}
     # Measured: 5.5% (18 steps), 0.98% (40), 0.15% (100), 0.008% (400).
     assert errors[18] < 0.06 and errors[40] < 0.011 and errors[400] < 1e-4
@@ -168,8 +170,13 @@ def test_heun_is_second_order_on_gaussian_data():
 def test_heun_churn_draws_from_per_sample_generators():
     denoiser = lambda x, sigma, class_labels=None: 0.5 * x
     latents = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
-    run = lambda seeds: edm_heun_sampler(denoiser, latents[: len(seeds)], num_steps=6, S_churn=40.0,
-                                         generators=[torch.Generator().manual_seed(s) for s in seeds])
+    run = lambda seeds: edm_heun_sampler(
+        denoiser,
+        latents[: len(seeds)],
+        num_steps=6,
+        S_churn=40.0,
+        generators=[torch.Generator().manual_seed(s) for s in seeds],
+    )
     first, second = run([5, 6, 7]), run([5, 6, 7])
     assert torch.equal(first, second)
     deterministic = edm_heun_sampler(denoiser, latents, num_steps=6)

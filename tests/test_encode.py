@@ -21,18 +21,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import typer
+from encode_fixtures import CLASS_NAMES, TEST_MAX_PIXELS, make_bad_corpus, make_image_tree, save_tiny_vae
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.encode_cmd import register
-from encode_fixtures import CLASS_NAMES, TEST_MAX_PIXELS, make_bad_corpus, make_image_tree, save_tiny_vae
-from pipeline import shards
-from pipeline.encode import JobConfig, run_job
-from pipeline.transforms import prepare_image
+from cli.main import app
+from pipeline.core import shards as shards
+from pipeline.encode.job import JobConfig, run_job
+from pipeline.encode.transforms import prepare_image
 
 REPO = Path(__file__).resolve().parents[1]
-CLI_RUNNER_CODE = "import typer; from cli.encode_cmd import register; app = typer.Typer(); register(app); app()"
+CLI_RUNNER_CODE = "from cli.main import main; main()"
 # Process runs use small shards so that a kill lands between shards, and 1 torch thread per worker so that
 # 1-worker and 2-worker runs do the same arithmetic.
 PROCESS_SHARD_SIZE = 2
@@ -45,15 +44,19 @@ def data(tmp_path_factory):
     labels = make_image_tree(root / "src")
     outcome = make_bad_corpus(root / "bad")
     return SimpleNamespace(
-        root=root, vae=str(save_tiny_vae(root / "vae")), src=root / "src", labels=labels, bad=root / "bad", outcome=outcome
+        root=root,
+        vae=str(save_tiny_vae(root / "vae")),
+        src=root / "src",
+        labels=labels,
+        bad=root / "bad",
+        outcome=outcome,
     )
 
 
 @pytest.fixture
 def cli():
-    """Invoke the encode / pack / inspect commands in this process."""
-    app = typer.Typer()
-    register(app)
+    """Invoke the encode / pack / inspect commands in this process, through the `diffit-pipe` app (which turns
+    pipeline errors into `error: ...` and their exit codes)."""
     runner = CliRunner()
 
     def invoke(*args: str):
@@ -62,10 +65,24 @@ def cli():
     return invoke
 
 
+def _encode_args(data, source, out, *options, shard_size=8, batch_size=4, workers="0") -> list:
+    """`encode SOURCE OUT` at 32 px with the tiny VAE, the test pixel limit and no progress bar, plus `options`."""
+    common = ["--resolution", "32", "--vae", data.vae, "--shard-size", str(shard_size), "--batch-size", str(batch_size)]
+    where = ["--workers", str(workers)] if workers is not None else []
+    return ["encode", source, out, *common, *where, "--max-pixels", str(TEST_MAX_PIXELS), "--no-progress", *options]
+
+
 def _config(data, source, out, **overrides) -> JobConfig:
     settings = dict(
-        source=str(source), out=str(out), resolution=32, vae=data.vae, shard_size=8, batch_size=4, workers=0,
-        max_pixels=TEST_MAX_PIXELS, progress=False,
+        source=str(source),
+        out=str(out),
+        resolution=32,
+        vae=data.vae,
+        shard_size=8,
+        batch_size=4,
+        workers=0,
+        max_pixels=TEST_MAX_PIXELS,
+        progress=False,
     )
     settings.update(overrides)
     return JobConfig(**settings)
@@ -109,7 +126,9 @@ def test_encode_counts_labels_and_manifest(data, encoded):
     manifest = shards.load_manifest(out)
     assert manifest["kind"] == "latents" and manifest["format_version"] == shards.FORMAT_VERSION
     assert manifest["label_map"] == {name: i for i, name in enumerate(CLASS_NAMES)} and manifest["num_classes"] == 3
-    assert manifest["latent_channels"] == 4 and manifest["latent_size"] == 4 and manifest["latent_shape"] == [2, 4, 4, 4]
+    assert (
+        manifest["latent_channels"] == 4 and manifest["latent_size"] == 4 and manifest["latent_shape"] == [2, 4, 4, 4]
+    )
     vae = manifest["vae"]
     assert vae["scaling_factor"] == 0.18215 and vae["convention"] == "unscaled" and vae["dtype"] == "fp32"
     assert vae["path"] == str(Path(data.vae).resolve()) and vae["source"] == "local" and len(vae["path_hash"]) == 64
@@ -119,7 +138,11 @@ def test_encode_counts_labels_and_manifest(data, encoded):
     assert manifest["source"]["root"] == str(data.src.resolve()) and manifest["package_version"]
     for index, entry in enumerate(manifest["shards"]):
         sidecar = json.loads((out / f"shard-{index:06d}.json").read_text())
-        assert (sidecar["sha256"], sidecar["bytes"], sidecar["count"]) == (entry["sha256"], entry["bytes"], entry["count"])
+        assert (sidecar["sha256"], sidecar["bytes"], sidecar["count"]) == (
+            entry["sha256"],
+            entry["bytes"],
+            entry["count"],
+        )
         assert sidecar["sha256"] == shards.sha256_file(out / entry["name"])
     assert (out / "failures.jsonl").read_text() == ""
     assert list(out.glob("*.tmp-*")) == []
@@ -139,7 +162,7 @@ def test_encode_counts_labels_and_manifest(data, encoded):
 def test_latents_equal_direct_vae_call(data, encoded):
     import torch
 
-    from pipeline.vae import load_vae
+    from pipeline.core.vae import load_vae
 
     samples = _samples(encoded.out)
     keys = sorted(samples)
@@ -161,8 +184,7 @@ def test_latents_equal_direct_vae_call(data, encoded):
 
 def test_bad_inputs_are_converted_or_recorded(data, cli, tmp_path):
     out = tmp_path / "bad-latents"
-    args = ["encode", data.bad, out, "--resolution", "32", "--vae", data.vae, "--shard-size", "6", "--batch-size", "4",
-            "--workers", "0", "--max-pixels", str(TEST_MAX_PIXELS), "--no-progress"]
+    args = _encode_args(data, data.bad, out, shard_size=6)
     result = cli(*args)
     expected_failed = sorted(name for name, outcome in data.outcome.items() if outcome == "fail")
     expected_ok = sorted(name for name, outcome in data.outcome.items() if outcome == "ok")
@@ -201,9 +223,10 @@ def test_unreadable_file_is_recorded(data, tmp_path, cli):
     if unreadable_case_is_readable(data.bad / "unreadable.png"):
         pytest.skip("running as root: a mode-000 file is still readable, so 'permission denied' cannot be produced")
     out = tmp_path / "out"
-    cli("encode", data.bad, out, "--resolution", "32", "--vae", data.vae, "--workers", "0", "--max-failure-rate", "1",
-        "--max-pixels", str(TEST_MAX_PIXELS), "--no-progress")
-    failures = {Path(f["path"]).name: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    cli(*_encode_args(data, data.bad, out, "--max-failure-rate", "1", shard_size=1000, batch_size=32))
+    failures = {
+        Path(f["path"]).name: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())
+    }
     assert "Permission denied" in failures["unreadable.png"]
 
 
@@ -231,7 +254,9 @@ def test_pack_then_encode_from_packed_shards(data, encoded, tmp_path):
         assert sample["json"]["source"] == reference["json"]["source"]
         assert sample["json"]["crop_box"] == reference["json"]["crop_box"]  # crop of a crop maps back to the original
         assert sample["json"]["packed_from"].endswith("#" + key)
-        np.testing.assert_allclose(sample["mean.npy"].astype(np.float32), reference["mean.npy"].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(
+            sample["mean.npy"].astype(np.float32), reference["mean.npy"].astype(np.float32), atol=2e-3
+        )
 
 
 def test_resume_redoes_only_missing_or_damaged_shards(data, encoded, tmp_path):
@@ -281,7 +306,10 @@ def test_inspect_summary_verify_and_preview(data, encoded, cli, tmp_path):
     (out / "shard-000003.tar").write_bytes(bytes(data_bytes))
     result = cli("inspect", out, "--verify")
     assert result.exit_code == 1
-    assert "shard-000003.tar: sha256" in result.output and "verification failed (1 problem(s) in 6 shards)" in result.output
+    assert (
+        "shard-000003.tar: sha256" in result.output
+        and "verification failed (1 problem(s) in 6 shards)" in result.output
+    )
 
 
 def test_inspect_preview_of_raw_images_and_missing_manifest(data, cli, tmp_path):
@@ -293,6 +321,15 @@ def test_inspect_preview_of_raw_images_and_missing_manifest(data, cli, tmp_path)
         assert grid.size == (2 * 34 + 2, 2 * 34 + 2)
     result = cli("inspect", tmp_path / "nothing-here")
     assert result.exit_code == 2 and "no dataset manifest at" in result.output
+
+    # Damaged files: one `error:` line naming the file, exit 2 (no traceback).
+    (packed / "failures.jsonl").write_text("{not json\n")
+    result = cli("inspect", packed)
+    assert result.exit_code == 2 and f"error: {packed / 'failures.jsonl'}: line 1 is not JSON" in result.output
+    (packed / "failures.jsonl").write_text("")
+    (packed / "shard-000000.tar").write_bytes(b"damaged" * 100)
+    result = cli("inspect", packed, "--preview", tmp_path / "damaged.png")
+    assert result.exit_code == 2 and f"error: {packed / 'shard-000000.tar'}: cannot read its samples" in result.output
 
 
 def test_bad_vae_fails_before_any_work(data, cli, tmp_path):
@@ -308,7 +345,7 @@ def test_bad_vae_fails_before_any_work(data, cli, tmp_path):
 
 
 def test_failed_shard_is_reported_and_redone_on_rerun(data, encoded, cli, tmp_path, monkeypatch):
-    import pipeline.encode as encode_module
+    import pipeline.encode.job as encode_module
 
     original = encode_module._write_batch
 
@@ -318,8 +355,7 @@ def test_failed_shard_is_reported_and_redone_on_rerun(data, encoded, cli, tmp_pa
         return original(writer, vae, ready, failures, task)
 
     out = tmp_path / "partial"
-    args = ["encode", data.src, out, "--resolution", "32", "--vae", data.vae, "--shard-size", "8", "--batch-size", "4",
-            "--workers", "0", "--max-pixels", str(TEST_MAX_PIXELS), "--no-progress"]
+    args = _encode_args(data, data.src, out)
     monkeypatch.setattr(encode_module, "_write_batch", broken_for_shard_1)
     result = cli(*args)
     assert result.exit_code == 1
@@ -338,11 +374,15 @@ def test_scheduler_address_runs_on_that_cluster(data, encoded, cli, tmp_path):
     from distributed import LocalCluster
 
     out = tmp_path / "remote"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
-                      silence_logs=logging.ERROR, protocol="tcp") as cluster:
-        result = cli("encode", data.src, out, "--resolution", "32", "--vae", data.vae, "--shard-size", "8",
-                     "--batch-size", "4", "--scheduler", cluster.scheduler_address, "--max-pixels", str(TEST_MAX_PIXELS),
-                     "--no-progress")
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        protocol="tcp",
+    ) as cluster:
+        result = cli(*_encode_args(data, data.src, out, "--scheduler", cluster.scheduler_address, workers=None))
     assert result.exit_code == 0, result.output
     assert _shard_bytes(out) == _shard_bytes(encoded.out)
 
@@ -374,15 +414,19 @@ def test_two_workers_identical_and_survive_a_worker_kill(data, reference_run, tm
     import dask
     from distributed import Client, LocalCluster
 
-    from pipeline.encode import LOCAL_CLUSTER_CONFIG
-    from pipeline.vae import vae_load_count
+    from pipeline.core.vae import vae_load_count
+    from pipeline.encode.job import LOCAL_CLUSTER_CONFIG
 
     out = tmp_path / "two-workers"
     config = _config(data, data.src, out, torch_threads=1, shard_size=PROCESS_SHARD_SIZE)
     total = len(list(reference_run.glob("shard-*.tar")))
-    with dask.config.set(LOCAL_CLUSTER_CONFIG), LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(LOCAL_CLUSTER_CONFIG),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         worker_pids = set(client.run(os.getpid).values())
         outcome = {}
         job = threading.Thread(target=lambda: outcome.update(result=run_job(config, client=client)))
@@ -415,17 +459,22 @@ def test_two_workers_identical_and_survive_a_worker_kill(data, reference_run, tm
 
 
 def _cli_command(data, out) -> list[str]:
-    return [sys.executable, "-c", CLI_RUNNER_CODE, "encode", str(data.src), str(out), "--resolution", "32",
-            "--vae", data.vae, "--shard-size", str(PROCESS_SHARD_SIZE), "--batch-size", "4", "--workers", "1",
-            "--torch-threads", "1", "--max-pixels", str(TEST_MAX_PIXELS), "--no-progress"]
+    arguments = _encode_args(data, data.src, out, "--torch-threads", "1", shard_size=PROCESS_SHARD_SIZE, workers=1)
+    return [sys.executable, "-c", CLI_RUNNER_CODE, *map(str, arguments)]
 
 
 @pytest.mark.slow
 def test_cli_killed_midway_then_rerun_gives_identical_shards(data, reference_run, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(_cli_command(data, out), cwd=REPO, env=env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        _cli_command(data, out),
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 180
     while len(list(out.glob("shard-*.json"))) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

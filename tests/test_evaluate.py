@@ -16,12 +16,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from eval_fixtures import REPO_ROOT, make_latent_model_dir, make_tiny_vae, smooth_images, write_npz_reference
 from typer.testing import CliRunner
 
-from eval_fixtures import REPO_ROOT, make_latent_model_dir, make_tiny_vae, smooth_images, write_npz_reference
-from pipeline import evaluate as ev
-from pipeline import metrics as M
-from pipeline.sample_store import STORE_NAME, SampleStore, SampleStoreMismatchError
+from pipeline.evaluate import metrics as M
+from pipeline.evaluate import run as ev
+from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, SampleStoreMismatchError
 
 FIXTURES = str(REPO_ROOT / "tests" / "eval_fixtures.py")
 NUM_SAMPLES, BATCH, STEPS = 8, 2, 4
@@ -36,23 +36,54 @@ def reference(tmp_path_factory):
 
 def _options(model, out, reference=None, weights=None, metrics=("fid", "prc"), **changes) -> ev.EvaluateOptions:
     sampling = {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine", **changes.pop("sampling", {})}
-    settings = dict(model_dir=model, out_dir=out, num_samples=NUM_SAMPLES, batch_size=BATCH,
-                    sampling=ev.SamplingOptions(**sampling),
-                    reference=reference, inception_weights=weights, metrics=metrics, feature_layer="64",
-                    feature_batch_size=8, device="cpu")
+    settings = dict(
+        model_dir=model,
+        out_dir=out,
+        num_samples=NUM_SAMPLES,
+        batch_size=BATCH,
+        sampling=ev.SamplingOptions(**sampling),
+        reference=reference,
+        inception_weights=weights,
+        metrics=metrics,
+        feature_layer="64",
+        feature_batch_size=8,
+        device="cpu",
+    )
     settings.update(changes)
     return ev.EvaluateOptions(**settings)
 
 
 def _cli_arguments(options: ev.EvaluateOptions) -> list[str]:
     """The `diffit-pipe evaluate` arguments equivalent to `options` (as built by `_options`)."""
-    return ["evaluate", "--model", str(options.model_dir), "--out", str(options.out_dir),
-            "--num-samples", str(options.num_samples), "--batch-size", str(options.batch_size),
-            "--steps", str(options.sampling.steps), "--cfg-scale", str(options.sampling.cfg_scale),
-            "--cfg-schedule", options.sampling.cfg_schedule, "--reference", str(options.reference),
-            "--inception-weights", str(options.inception_weights), "--metrics", ",".join(options.metrics),
-            "--feature-layer", options.feature_layer, "--feature-batch-size", str(options.feature_batch_size),
-            "--device", "cpu"]
+    return [
+        "evaluate",
+        "--model",
+        str(options.model_dir),
+        "--out",
+        str(options.out_dir),
+        "--num-samples",
+        str(options.num_samples),
+        "--batch-size",
+        str(options.batch_size),
+        "--steps",
+        str(options.sampling.steps),
+        "--cfg-scale",
+        str(options.sampling.cfg_scale),
+        "--cfg-schedule",
+        options.sampling.cfg_schedule,
+        "--reference",
+        str(options.reference),
+        "--inception-weights",
+        str(options.inception_weights),
+        "--metrics",
+        ",".join(options.metrics),
+        "--feature-layer",
+        options.feature_layer,
+        "--feature-batch-size",
+        str(options.feature_batch_size),
+        "--device",
+        "cpu",
+    ]
 
 
 def _images(out: Path) -> np.ndarray:
@@ -87,8 +118,13 @@ def test_evaluate_writes_store_metrics_json_and_npz(baseline, inception_weights,
     assert values["fid"] > 0 and 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
     assert record["inception_weights"]["sha256"] == M.sha256_file(inception_weights)
     sampling = record["sampling"]
-    assert (sampling["sampler"], sampling["steps"], sampling["guidance_scale"], sampling["guidance_schedule"],
-            sampling["guidance_channels"]) == ("ddpm", STEPS, 4.6, "power-cosine", 3)
+    assert (
+        sampling["sampler"],
+        sampling["steps"],
+        sampling["guidance_scale"],
+        sampling["guidance_schedule"],
+        sampling["guidance_channels"],
+    ) == ("ddpm", STEPS, 4.6, "power-cosine", 3)
     assert record["model"]["weights_sha256"] == M.sha256_file(Path(baseline.options.model_dir) / "model.safetensors")
     assert record["reference"]["kind"] == "npz" and len(record["reference"]["content_sha256"]) == 64
     assert record["feature_extractor"]["layers"] == {"fid": "64", "prc": "64"}
@@ -126,11 +162,26 @@ def test_rerun_reuses_store_and_refuses_other_settings(baseline, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_store_and_metrics(baseline, tmp_path):
-    options = _options(baseline.options.model_dir, tmp_path / "two", baseline.options.reference,
-                       baseline.options.inception_weights)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", FIXTURES, "cli",
-               *_cli_arguments(options)]
+    options = _options(
+        baseline.options.model_dir, tmp_path / "two", baseline.options.reference, baseline.options.inception_weights
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        FIXTURES,
+        "cli",
+        *_cli_arguments(options),
+    ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -144,13 +195,23 @@ def test_two_processes_give_the_same_store_and_metrics(baseline, tmp_path):
 @pytest.mark.slow
 def test_killed_sampling_resumes_to_the_same_store_and_metrics(baseline, tmp_path):
     out = tmp_path / "killed"
-    spec = {"model": str(baseline.options.model_dir), "out": str(out), "num_samples": NUM_SAMPLES,
-            "batch_size": BATCH, "delay_s": 0.25,
-            "sampling": {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine"}}
+    spec = {
+        "model": str(baseline.options.model_dir),
+        "out": str(out),
+        "num_samples": NUM_SAMPLES,
+        "batch_size": BATCH,
+        "delay_s": 0.25,
+        "sampling": {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine"},
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    worker = subprocess.Popen([sys.executable, FIXTURES, "slow-sample", str(tmp_path / "spec.json")], cwd=REPO_ROOT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen(
+        [sys.executable, FIXTURES, "slow-sample", str(tmp_path / "spec.json")],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         done = 0
@@ -169,8 +230,9 @@ def test_killed_sampling_resumes_to_the_same_store_and_metrics(baseline, tmp_pat
     interrupted = SampleStore.open(out / STORE_NAME, mode="r")
     assert 1 <= interrupted.done_mask().sum() < interrupted.layout.num_chunks
 
-    record = ev.evaluate(_options(baseline.options.model_dir, out, baseline.options.reference,
-                                  baseline.options.inception_weights))
+    record = ev.evaluate(
+        _options(baseline.options.model_dir, out, baseline.options.reference, baseline.options.inception_weights)
+    )
     assert 0 < record["sample_store"]["chunks_sampled_this_run"] < record["sample_store"]["num_chunks"]
     np.testing.assert_array_equal(_images(out), baseline.images)
     assert record["plumbing_only_metrics"] == baseline.record["plumbing_only_metrics"]
@@ -178,8 +240,17 @@ def test_killed_sampling_resumes_to_the_same_store_and_metrics(baseline, tmp_pat
 
 def test_image_space_edm_model(image_model, tmp_path):
     model = image_model
-    record = ev.evaluate(ev.EvaluateOptions(model_dir=model, out_dir=tmp_path, num_samples=3, batch_size=2,
-                                            sampling=ev.SamplingOptions(steps=3), metrics=(), device="cpu"))
+    record = ev.evaluate(
+        ev.EvaluateOptions(
+            model_dir=model,
+            out_dir=tmp_path,
+            num_samples=3,
+            batch_size=2,
+            sampling=ev.SamplingOptions(steps=3),
+            metrics=(),
+            device="cpu",
+        )
+    )
     assert record["sampling"]["sampler"] == "edm-heun" and record["sampling"]["guidance_scale"] == 1.0
     images = _images(tmp_path)
     assert images.shape == (3, 16, 16, 3) and images.std() > 1
@@ -189,15 +260,19 @@ def test_image_space_edm_model(image_model, tmp_path):
 def test_only_official_weights_with_standard_layers_are_reported_as_metrics(inception_weights):
     """The labelling rule, on hand-made results: official hash + standard layers -> "metrics", else plumbing-only."""
     values = {"frechet_inception_distance": 3.5, "inception_score_mean": 200.0, "inception_score_std": 2.0}
-    cases = [("6726825d" + "0" * 56, {"fid": "2048", "is": "logits_unbiased"}, True),
-             ("6726825d" + "0" * 56, {"fid": "64", "is": "logits_unbiased"}, False),
-             ("0" * 64, {"fid": "2048", "is": "logits_unbiased"}, False)]
+    cases = [
+        ("6726825d" + "0" * 56, {"fid": "2048", "is": "logits_unbiased"}, True),
+        ("6726825d" + "0" * 56, {"fid": "64", "is": "logits_unbiased"}, False),
+        ("0" * 64, {"fid": "2048", "is": "logits_unbiased"}, False),
+    ]
     for sha256, layers, reportable in cases:
         config = M.FeatureConfig(weights=M.InceptionWeights(Path(inception_weights), sha256))
         checks = SimpleNamespace(feature_config=config, reference=None, metrics=("fid", "is"))
-        record = {"num_samples": 10, "num_processes": 1,
-                  "sampling": {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.6,
-                               "guidance_schedule": "power-cosine"}}
+        record = {
+            "num_samples": 10,
+            "num_processes": 1,
+            "sampling": {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.6, "guidance_schedule": "power-cosine"},
+        }
         ev.fill_metrics(record, {"values": values, "feature_layers": layers, "reference_cache": {}}, checks)
         assert record["reportable"] is reportable
         if reportable:
@@ -219,12 +294,8 @@ def test_missing_inception_weights_stop_before_sampling(latent_model, reference,
     assert not (tmp_path / "out" / STORE_NAME).exists()
 
     # Through the CLI: one clear line and exit code 2, no traceback.
-    import typer
+    from cli.main import app
 
-    from cli.evaluate_cmd import register
-
-    app = typer.Typer()
-    register(app)
     options = _options(latent_model, tmp_path / "cli-out", reference, None)
     arguments = [a for a in _cli_arguments(options) if a != "None"]
     arguments.remove("--inception-weights")
@@ -232,6 +303,20 @@ def test_missing_inception_weights_stop_before_sampling(latent_model, reference,
     assert result.exit_code == 2
     assert M.INCEPTION_WEIGHTS_FILENAME in result.output and "--inception-weights" in result.output
     assert not (tmp_path / "cli-out" / STORE_NAME).exists()
+
+
+def test_damaged_sample_store_is_one_error_line(latent_model, tmp_path):
+    from cli.main import app
+
+    (tmp_path / "out" / STORE_NAME).mkdir(parents=True)
+    (tmp_path / "out" / STORE_NAME / "zarr.json").write_text("{not json")
+    options = _options(latent_model, tmp_path / "out", metrics=())
+    arguments = [a for a in _cli_arguments(options) if a != "None"]
+    arguments.remove("--reference")
+    arguments.remove("--inception-weights")
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    assert f"error: {tmp_path / 'out' / STORE_NAME}: damaged sample store" in result.output
 
 
 def test_wrong_reference_resolution_stops_before_sampling(latent_model, inception_weights, tmp_path):
@@ -247,20 +332,22 @@ def test_model_vae_mismatch_and_offline_hub_vae_stop_before_sampling(tmp_path):
     mismatched = make_latent_model_dir(tmp_path / "mismatched", vae8)
     with pytest.raises(ev.EvaluateInputError, match="model/VAE mismatch"):
         ev.evaluate(_options(mismatched, tmp_path / "out", metrics=()))
-    hub = make_latent_model_dir(tmp_path / "hub", None, vae_entry={"id": "stabilityai/sd-vae-ft-ema",
-                                                                    "scaling_factor": 0.18215})
+    hub = make_latent_model_dir(
+        tmp_path / "hub", None, vae_entry={"id": "stabilityai/sd-vae-ft-ema", "scaling_factor": 0.18215}
+    )
     with pytest.raises(ev.EvaluateInputError, match="--vae PATH"):
         ev.evaluate(_options(hub, tmp_path / "out", metrics=()))
     gone = str(tmp_path / "no-such-vae")
-    missing_path = make_latent_model_dir(tmp_path / "gone", None, vae_entry={"id": gone, "path": gone,
-                                                                            "scaling_factor": 0.18215})
+    missing_path = make_latent_model_dir(
+        tmp_path / "gone", None, vae_entry={"id": gone, "path": gone, "scaling_factor": 0.18215}
+    )
     with pytest.raises(ev.EvaluateInputError, match="no-such-vae"):
         ev.evaluate(_options(missing_path, tmp_path / "out", metrics=()))
     assert not (tmp_path / "out" / STORE_NAME).exists()
 
 
 def test_vae_files_differing_from_training_are_refused_unless_chosen(tiny_vae, tmp_path):
-    from pipeline.vae import resolve_vae
+    from pipeline.core.vae import resolve_vae
 
     vae = tiny_vae
     entry = {**resolve_vae(str(vae)).manifest_entry("fp32"), "path_hash": "0" * 64}  # latents encoded elsewhere
@@ -279,25 +366,47 @@ def test_vae_files_differing_from_training_are_refused_unless_chosen(tiny_vae, t
 
 def _stand_in(family="latent", kind="adm", resolution=256, num_classes=1000) -> ev.LoadedModel:
     network = SimpleNamespace(num_classes=num_classes)
-    return ev.LoadedModel(model_dir=Path("stand-in"), model=network, config={}, kind=kind, family=family,
-                          sample_shape=(4, resolution // 8, resolution // 8), resolution=(resolution, resolution))
+    return ev.LoadedModel(
+        model_dir=Path("stand-in"),
+        model=network,
+        config={},
+        kind=kind,
+        family=family,
+        sample_shape=(4, resolution // 8, resolution // 8),
+        resolution=(resolution, resolution),
+    )
 
 
 def test_paper_defaults_per_model_kind():
     in256 = ev.resolve_sampling(_stand_in(resolution=256), ev.SamplingOptions())
-    assert (in256.sampler, in256.steps, in256.guidance_scale, in256.guidance_schedule, in256.guidance_channels) == \
-        ("ddpm", 250, 4.6, "power-cosine", 3)
+    assert (in256.sampler, in256.steps, in256.guidance_scale, in256.guidance_schedule, in256.guidance_channels) == (
+        "ddpm",
+        250,
+        4.6,
+        "power-cosine",
+        3,
+    )
     in512 = ev.resolve_sampling(_stand_in(resolution=512), ev.SamplingOptions())
-    assert (in512.sampler, in512.steps, in512.guidance_scale, in512.guidance_schedule) == \
-        ("ddpm", 250, 1.49, "constant")
+    assert (in512.sampler, in512.steps, in512.guidance_scale, in512.guidance_schedule) == (
+        "ddpm",
+        250,
+        1.49,
+        "constant",
+    )
     cifar = ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions())
     ffhq = ev.resolve_sampling(_stand_in("image", "edm", 64, 0), ev.SamplingOptions())
     assert (cifar.sampler, cifar.steps, cifar.guidance_scale) == ("edm-heun", 18, 1.0)
     assert (ffhq.sampler, ffhq.steps, ffhq.guidance_scale) == ("edm-heun", 40, 1.0)
-    explicit = ev.resolve_sampling(_stand_in(), ev.SamplingOptions(sampler="ddim", steps=50, cfg_scale=1.5,
-                                                                   cfg_schedule="constant", cfg_channels="all"))
-    assert (explicit.sampler, explicit.steps, explicit.guidance_channels, explicit.defaults_used) == \
-        ("ddim", 50, None, [])
+    explicit = ev.resolve_sampling(
+        _stand_in(),
+        ev.SamplingOptions(sampler="ddim", steps=50, cfg_scale=1.5, cfg_schedule="constant", cfg_channels="all"),
+    )
+    assert (explicit.sampler, explicit.steps, explicit.guidance_channels, explicit.defaults_used) == (
+        "ddim",
+        50,
+        None,
+        [],
+    )
 
     with pytest.raises(ev.EvaluateInputError, match="unconditional"):
         ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions(cfg_scale=2.0))
@@ -311,10 +420,10 @@ def test_power_cosine_schedule_end_points_and_midpoint():
     from diffit.guidance import guidance_scale, guidance_scale_at_timestep
 
     config = ev.resolve_sampling(_stand_in(resolution=256), ev.SamplingOptions()).guidance()
-    assert guidance_scale(config, 0.0) == pytest.approx(1.0)       # start of sampling: no guidance
-    assert guidance_scale(config, 1.0) == pytest.approx(4.6)       # end of sampling: full scale
+    assert guidance_scale(config, 0.0) == pytest.approx(1.0)  # start of sampling: no guidance
+    assert guidance_scale(config, 1.0) == pytest.approx(4.6)  # end of sampling: full scale
     # p^4 = 1/2 puts the cosine at pi/2: halfway between 1 and 4.6.
-    assert guidance_scale(config, 0.5 ** 0.25) == pytest.approx(2.8)
+    assert guidance_scale(config, 0.5**0.25) == pytest.approx(2.8)
     assert guidance_scale_at_timestep(config, 1000.0) == pytest.approx(1.0)
     assert guidance_scale_at_timestep(config, 0.0) == pytest.approx(4.6)
 
@@ -340,11 +449,14 @@ def test_cfg_channels_three_guides_only_the_first_three_latent_channels():
 
     network = _StandInEps()
     x, t, y = torch.zeros(2, 4, 2, 2), torch.full((2,), 500.0), torch.tensor([1, 7])
-    for channels, expected in (("3", [5.6, 11.2, 16.8, 8.0, 11.0, 21.0, 31.0, 41.0]),
-                               ("all", [5.6, 11.2, 16.8, 22.4, 11.0, 21.0, 31.0, 41.0])):
-        sampling = ev.resolve_sampling(_stand_in(resolution=512, num_classes=10),
-                                       ev.SamplingOptions(cfg_scale=4.6, cfg_schedule="constant",
-                                                          cfg_channels=channels))
+    for channels, expected in (
+        ("3", [5.6, 11.2, 16.8, 8.0, 11.0, 21.0, 31.0, 41.0]),
+        ("all", [5.6, 11.2, 16.8, 22.4, 11.0, 21.0, 31.0, 41.0]),
+    ):
+        sampling = ev.resolve_sampling(
+            _stand_in(resolution=512, num_classes=10),
+            ev.SamplingOptions(cfg_scale=4.6, cfg_schedule="constant", cfg_channels=channels),
+        )
         guided = ClassifierFreeGuidance(network, sampling.guidance(), network.null_class, lambda n: n)(x, t, y)
         # uncond + 4.6 (cond - uncond) on the guided eps channels; the conditional output elsewhere.
         torch.testing.assert_close(guided[:, :, 0, 0], torch.tensor([expected, expected]))
@@ -355,8 +467,8 @@ def test_generate_passes_the_resolved_guidance_to_the_sampler(monkeypatch):
 
     captured = {}
 
-    def fake_sample_with_stats(model, shape, class_labels, seeds, **kwargs):
-        captured.update(kwargs, class_labels=class_labels, seeds=seeds)
+    def fake_sample_with_stats(model, shape, class_labels, seeds, config, **kwargs):
+        captured.update(kwargs, config=config, class_labels=class_labels, seeds=seeds)
         return torch.zeros(len(seeds), *shape), diffit.sampling.SamplingStats(len(seeds), 1, 0.0, 0.0)
 
     monkeypatch.setattr(diffit.sampling, "sample_with_stats", fake_sample_with_stats)
@@ -365,10 +477,12 @@ def test_generate_passes_the_resolved_guidance_to_the_sampler(monkeypatch):
     sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(cfg_scale=3.0, cfg_channels="3", steps=7))
     images, _ = ev.generate(loaded, sampling, np.arange(5, 8), np.array([1, 2, 3]), batch_size=8, device="cpu")
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
-    assert captured["guidance"].scale == 3.0 and captured["guidance"].channels == 3
-    assert captured["steps"] == 7 and captured["sampler"] == "ddpm"
+    config = captured["config"]
+    assert config.guidance.scale == 3.0 and config.guidance.channels == 3
+    assert config.steps == 7 and config.sampler == "ddpm" and config.kind == "adm"
+    assert captured["device"] == "cpu"
     assert list(captured["class_labels"]) == [1, 2, 3]
-    from pipeline.sample_store import sample_noise_seeds
+    from pipeline.evaluate.sample_store import sample_noise_seeds
 
     assert captured["seeds"] == sample_noise_seeds(0, [5, 6, 7])
 
@@ -385,17 +499,31 @@ def test_uint8_conversion_rounds_and_clamps():
 
 
 def test_sample_command_writes_a_grid(latent_model, tmp_path):
-    import typer
     from PIL import Image
 
-    from cli.evaluate_cmd import register
+    from cli.main import app
 
-    app = typer.Typer()
-    register(app)
     out = tmp_path / "grid.png"
-    result = CliRunner().invoke(app, ["sample", "--model", str(latent_model), "--grid", str(out), "--classes",
-                                      "1,2,3", "--per-class", "2", "--steps", "3", "--cfg-scale", "2",
-                                      "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            str(latent_model),
+            "--grid",
+            str(out),
+            "--classes",
+            "1,2,3",
+            "--per-class",
+            "2",
+            "--steps",
+            "3",
+            "--cfg-scale",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with Image.open(out) as grid:
         assert grid.size == (2 * 16, 3 * 16)

@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from diffit.edm import EDMPrecond, preconditioning_coefficients
-from diffit.guidance import (ClassifierFreeGuidance, GuidanceConfig, guidance_scale, guidance_scale_at_timestep,
-                             guided_forward, sigma_progress, timestep_progress)
+from diffit.guidance import (
+    ClassifierFreeGuidance,
+    GuidanceConfig,
+    guidance_scale,
+    guidance_scale_at_timestep,
+    guided_forward,
+    sigma_progress,
+    timestep_progress,
+)
 from diffit.sampling import sample, sample_with_stats
 
 POINTS = torch.tensor([[0.8, -0.6, 0.4, -0.2], [-0.7, 0.5, -0.3, 0.9], [0.1, 0.9, 0.8, -0.8]], dtype=torch.float64)
@@ -41,7 +48,7 @@ def points_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def gaussian_denoiser(s: float):
     """Ideal denoiser of N(0, s^2 I)."""
-    return lambda x, sigma: x.double() * s ** 2 / (s ** 2 + sigma.double().reshape(-1, *[1] * (x.ndim - 1)) ** 2)
+    return lambda x, sigma: x.double() * s**2 / (s**2 + sigma.double().reshape(-1, *[1] * (x.ndim - 1)) ** 2)
 
 
 class IdealEpsModel(torch.nn.Module):
@@ -59,7 +66,7 @@ class IdealEpsModel(torch.nn.Module):
     def forward(self, x, t, class_labels=None):
         sigma = torch.from_numpy(np.exp(np.interp(t.double().numpy(), np.arange(1000), LOG_SIGMAS)))
         sigma_b = sigma.reshape(-1, 1, 1, 1)
-        x_ve = x.double() * torch.sqrt(1 + sigma_b ** 2)  # x_t / sqrt(abar_t)
+        x_ve = x.double() * torch.sqrt(1 + sigma_b**2)  # x_t / sqrt(abar_t)
         eps = (x_ve - self.denoiser(x_ve, sigma)) / sigma_b
         return torch.cat([eps, -torch.ones_like(eps)], dim=1).to(x.dtype)
 
@@ -175,8 +182,15 @@ def test_guidance_is_one_batched_call_with_null_labels():
         calls.append((x.shape[0], class_labels.clone(), noise_labels.clone()))
         return _label_dependent_model(x, noise_labels, class_labels)
 
-    guided_forward(model, torch.zeros(3, 4, 2, 2), torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0, 1, 2]),
-                   scale=2.0, null_class=9, channels=3)
+    guided_forward(
+        model,
+        torch.zeros(3, 4, 2, 2),
+        torch.tensor([5.0, 6.0, 7.0]),
+        torch.tensor([0, 1, 2]),
+        scale=2.0,
+        null_class=9,
+        channels=3,
+    )
     assert len(calls) == 1
     batch, labels, noise_labels = calls[0]
     assert batch == 6 and labels.tolist() == [0, 1, 2, 9, 9, 9]
@@ -187,15 +201,20 @@ def test_scale_one_is_exactly_the_conditional_model():
     x, t, labels = torch.randn(2, 4, 3, 3), torch.tensor([1.0, 2.0]), torch.tensor([3, 4])
     direct = _label_dependent_model(x, t, labels)
     assert torch.equal(guided_forward(_label_dependent_model, x, t, labels, scale=1.0, null_class=7), direct)
-    wrapper = ClassifierFreeGuidance(_label_dependent_model, GuidanceConfig(scale=1.0, schedule="power-cosine"),
-                                     null_class=7, progress_fn=timestep_progress)
+    wrapper = ClassifierFreeGuidance(
+        _label_dependent_model,
+        GuidanceConfig(scale=1.0, schedule="power-cosine"),
+        null_class=7,
+        progress_fn=timestep_progress,
+    )
     assert torch.equal(wrapper(x, t, labels), direct)
 
 
 def test_power_cosine_wrapper_uses_per_sample_timestep_scale():
     config = GuidanceConfig(scale=4.6, schedule="power-cosine", channels=3)
-    wrapper = ClassifierFreeGuidance(_label_dependent_model, config, null_class=7,
-                                     progress_fn=lambda t: timestep_progress(t.double(), 1000))
+    wrapper = ClassifierFreeGuidance(
+        _label_dependent_model, config, null_class=7, progress_fn=lambda t: timestep_progress(t.double(), 1000)
+    )
     x = torch.zeros(3, 4, 1, 1)
     t = torch.tensor([999.0, 500.0, 0.0])
     labels = torch.tensor([0, 0, 0])  # cond channel c = (0 + 1) * (c + 1), uncond = 0 -> guided = scale * (c + 1)
@@ -211,8 +230,9 @@ def test_power_cosine_wrapper_uses_per_sample_timestep_scale():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler,steps,kind", [("ddpm", 250, "adm"), ("ddim", 50, "adm"), ("edm-heun", 18, "adm"),
-                                                ("edm-heun", 18, "edm")])
+@pytest.mark.parametrize(
+    "sampler,steps,kind", [("ddpm", 250, "adm"), ("ddim", 50, "adm"), ("edm-heun", 18, "adm"), ("edm-heun", 18, "edm")]
+)
 def test_samplers_land_on_data_points(sampler, steps, kind):
     model = IdealEpsModel(points_denoiser) if kind == "adm" else IdealRawNet(points_denoiser)
     samples = sample(model, (4, 1, 1), None, list(range(32)), sampler=sampler, steps=steps, kind=kind)
@@ -228,7 +248,7 @@ def _ddim_scale_on_gaussian(s: float, steps: int) -> float:
     sigmas = [math.sqrt((1 - ALPHAS_CUMPROD[t]) / ALPHAS_CUMPROD[t]) for t in reversed(kept)] + [0.0]
     x = math.sqrt(1 + sigmas[0] ** 2)  # VP noise 1 -> VE state
     for sigma, sigma_prev in zip(sigmas[:-1], sigmas[1:]):
-        denoised = x * s ** 2 / (s ** 2 + sigma ** 2)
+        denoised = x * s**2 / (s**2 + sigma**2)
         x = denoised + sigma_prev * (x - denoised) / sigma
     return x
 
@@ -240,8 +260,13 @@ def _seed_noise(seeds, shape):
 # (sampler, steps, kind, tolerance on |var / s^2 - 1|). Measured: DDIM-50 -10.0%, DDIM-250 -1.2%,
 # Heun-18 (adm adapter) +10.8%, Heun-18 (edm) +12.6%, Heun-40 (edm) +3.1%: the discretisation error of these
 # step counts on a single-scale Gaussian at s = 0.5, plus ~1.1% sampling error of the variance estimate.
-GAUSSIAN_CASES = [("ddim", 50, "adm", 0.13), ("ddim", 250, "adm", 0.03), ("edm-heun", 18, "adm", 0.14),
-                  ("edm-heun", 18, "edm", 0.16), ("edm-heun", 40, "edm", 0.05)]
+GAUSSIAN_CASES = [
+    ("ddim", 50, "adm", 0.13),
+    ("ddim", 250, "adm", 0.03),
+    ("edm-heun", 18, "adm", 0.14),
+    ("edm-heun", 18, "edm", 0.16),
+    ("edm-heun", 40, "edm", 0.05),
+]
 
 
 @pytest.mark.parametrize("sampler,steps,kind,tolerance", GAUSSIAN_CASES)
@@ -249,7 +274,7 @@ def test_deterministic_samplers_recover_gaussian_variance(sampler, steps, kind, 
     s, shape, seeds = 0.5, (4, 4, 4), list(range(256))
     model = IdealEpsModel(gaussian_denoiser(s)) if kind == "adm" else IdealRawNet(gaussian_denoiser(s))
     samples = sample(model, shape, None, seeds, sampler=sampler, steps=steps, kind=kind).double()
-    assert abs(samples.var().item() / s ** 2 - 1) < tolerance
+    assert abs(samples.var().item() / s**2 - 1) < tolerance
     # The map noise -> sample is linear for Gaussian data: samples = k * initial noise (regenerated from the seeds).
     noise = _seed_noise(seeds, shape).double()
     k = ((samples * noise).sum() / (noise * noise).sum()).item()
@@ -281,8 +306,9 @@ def test_sample_is_independent_of_batch_composition(options):
         shape = (3, 4, 4)
     seeds, labels = [11, 12, 13, 14], [0, 1, 2, 3]
     full = sample(model, shape, labels, seeds, **options)
-    halves = torch.cat([sample(model, shape, labels[:2], seeds[:2], **options),
-                        sample(model, shape, labels[2:], seeds[2:], **options)])
+    halves = torch.cat(
+        [sample(model, shape, labels[:2], seeds[:2], **options), sample(model, shape, labels[2:], seeds[2:], **options)]
+    )
     order = [3, 1, 0, 2]
     reordered = sample(model, shape, [labels[i] for i in order], [seeds[i] for i in order], **options)
     # Same noise bit for bit; measured bitwise-equal here, the tolerance allows batch-size-dependent kernels.
@@ -301,8 +327,9 @@ def test_network_calls_per_sample_with_and_without_guidance(sampler, steps, expe
     assert plain.network_calls == expected_calls and set(model.seen_batches) == {3}
     model.seen_batches.clear()
     guidance = GuidanceConfig(scale=4.6, schedule="power-cosine")
-    _, guided = sample_with_stats(model, (4, 4, 4), [0, 1, 2], [0, 1, 2], sampler=sampler, steps=steps,
-                                  guidance=guidance)
+    _, guided = sample_with_stats(
+        model, (4, 4, 4), [0, 1, 2], [0, 1, 2], sampler=sampler, steps=steps, guidance=guidance
+    )
     assert guided.network_calls == expected_calls, "batched CFG must not add network calls"
     assert set(model.seen_batches) == {6}
     assert model.seen_labels[-1].tolist() == [0, 1, 2, 5, 5, 5]
@@ -314,8 +341,15 @@ def test_guidance_scale_one_reproduces_the_conditional_sampler_exactly():
     plain = sample(model, (4, 4, 4), [1, 2], [5, 6], sampler="ddpm", steps=15)
     model.seen_labels.clear()
     model.seen_batches.clear()
-    unit = sample(model, (4, 4, 4), [1, 2], [5, 6], sampler="ddpm", steps=15,
-                  guidance=GuidanceConfig(scale=1.0, schedule="power-cosine"))
+    unit = sample(
+        model,
+        (4, 4, 4),
+        [1, 2],
+        [5, 6],
+        sampler="ddpm",
+        steps=15,
+        guidance=GuidanceConfig(scale=1.0, schedule="power-cosine"),
+    )
     assert torch.equal(plain, unit)
     assert set(model.seen_batches) == {2} and all(5 not in labels for labels in model.seen_labels)
     guided = sample(model, (4, 4, 4), [1, 2], [5, 6], sampler="ddpm", steps=15, guidance=GuidanceConfig(scale=3.0))

@@ -44,7 +44,13 @@ def test_parameter_count_closed_form_for_every_latent_size():
         h, p, c, grid = kw["hidden_size"], kw["patch_size"], kw["in_channels"], kw["input_size"] // kw["patch_size"]
         out = 2 * c
         window_rows = (2 * grid - 1) ** 2
-        block = 2 * (h * 3 * h + 3 * h) + (h * h + h) + window_rows * kw["num_heads"] + (h * 4 * h + 4 * h) + (4 * h * h + h)
+        block = (
+            2 * (h * 3 * h + 3 * h)
+            + (h * h + h)
+            + window_rows * kw["num_heads"]
+            + (h * 4 * h + 4 * h)
+            + (4 * h * h + h)
+        )
         embed = (c * p * p * h + h) + grid * grid * h + (256 * h + h) + (h * h + h) + (kw["num_classes"] + 1) * h
         final = h * p * p * out + p * p * out
         assert model_stats(name)["params"] == embed + kw["depth"] * block + final, name
@@ -155,23 +161,32 @@ def released_layout_state_dict(model: LatentDiffiT) -> dict:
     window_rows = (2 * model.grid_size - 1) ** 2
     heads = model.blocks[0].attn.num_heads
     sd = {
-        "x_embedder.proj.weight": rand(h, c, p, p), "x_embedder.proj.bias": rand(h),
+        "x_embedder.proj.weight": rand(h, c, p, p),
+        "x_embedder.proj.bias": rand(h),
         "pos_embed": model.pos_embed.detach().clone(),
-        "t_embedder.mlp.0.weight": rand(h, 256), "t_embedder.mlp.0.bias": rand(h),
-        "t_embedder.mlp.2.weight": rand(h, h), "t_embedder.mlp.2.bias": rand(h),
+        "t_embedder.mlp.0.weight": rand(h, 256),
+        "t_embedder.mlp.0.bias": rand(h),
+        "t_embedder.mlp.2.weight": rand(h, h),
+        "t_embedder.mlp.2.bias": rand(h),
         "y_embedder.embedding_table.weight": rand(model.num_classes + 1, h),
-        "final_layer.linear.weight": rand(p * p * out, h), "final_layer.linear.bias": rand(p * p * out),
+        "final_layer.linear.weight": rand(p * p * out, h),
+        "final_layer.linear.bias": rand(p * p * out),
     }
     for i in range(len(model.blocks)):
         b = f"blocks.{i}."
         sd |= {
-            b + "attn.qkv_temb.weight": rand(3 * h, h), b + "attn.qkv_temb.bias": rand(3 * h),
+            b + "attn.qkv_temb.weight": rand(3 * h, h),
+            b + "attn.qkv_temb.bias": rand(3 * h),
             b + "attn.relative_position_bias_table": rand(window_rows, heads),
             b + "attn.relative_position_index": model.blocks[i].attn.relative_position_index.clone(),
-            b + "attn.qkv.weight": rand(3 * h, h), b + "attn.qkv.bias": rand(3 * h),
-            b + "attn.proj.weight": rand(h, h), b + "attn.proj.bias": rand(h),
-            b + "mlp.fc1.weight": rand(4 * h, h), b + "mlp.fc1.bias": rand(4 * h),
-            b + "mlp.fc2.weight": rand(h, 4 * h), b + "mlp.fc2.bias": rand(h),
+            b + "attn.qkv.weight": rand(3 * h, h),
+            b + "attn.qkv.bias": rand(3 * h),
+            b + "attn.proj.weight": rand(h, h),
+            b + "attn.proj.bias": rand(h),
+            b + "mlp.fc1.weight": rand(4 * h, h),
+            b + "mlp.fc1.bias": rand(4 * h),
+            b + "mlp.fc2.weight": rand(h, 4 * h),
+            b + "mlp.fc2.bias": rand(h),
         }
     return sd
 
@@ -184,8 +199,9 @@ def test_released_checkpoint_layout_loads_strictly(tmp_path):
     load_nvlabs_checkpoint(model, str(path))
     ours = model.state_dict()
     torch.testing.assert_close(ours["blocks.1.attn.qkv_time.weight"], released["blocks.1.attn.qkv_temb.weight"])
-    torch.testing.assert_close(ours["blocks.0.attn.relative_position_bias"],
-                               released["blocks.0.attn.relative_position_bias_table"])
+    torch.testing.assert_close(
+        ours["blocks.0.attn.relative_position_bias"], released["blocks.0.attn.relative_position_bias_table"]
+    )
     torch.testing.assert_close(ours["label_embed.table.weight"], released["y_embedder.embedding_table.weight"])
     # Every released tensor (except the derived index buffers) landed somewhere.
     assert len(ours) == len([k for k in released if not k.endswith("relative_position_index")])

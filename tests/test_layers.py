@@ -5,9 +5,18 @@ import math
 import pytest
 import torch
 
-from diffit.layers import (TMSA, LabelEmbedder, TimestepEmbedder, attention_with_bias, drop_labels,
-                           get_2d_sincos_pos_embed, relative_position_index, timestep_embedding, window_partition,
-                           window_reverse)
+from diffit.layers import (
+    TMSA,
+    LabelEmbedder,
+    TimestepEmbedder,
+    attention_with_bias,
+    drop_labels,
+    get_2d_sincos_pos_embed,
+    relative_position_index,
+    timestep_embedding,
+    window_partition,
+    window_reverse,
+)
 
 
 def explicit_attention(layer: TMSA, x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +49,8 @@ def test_tmsa_with_zero_time_weights_equals_plain_attention_with_bias():
 
 
 def test_tmsa_gradients_equal_those_of_the_explicit_computation():
-    # Training on CPU goes through a hand-written backward (attention_with_bias); its gradients for every
-    # parameter and the input must be those autograd derives from the explicit formula.
+    # The gradients of every parameter (the relative-position bias table through its gather included) and of
+    # the input must be those autograd derives from the explicit formula of Eq. 6.
     torch.manual_seed(0)
     layer = TMSA(dim=32, num_heads=4, window_size=4, time_dim=None)
     torch.nn.init.normal_(layer.relative_position_bias, std=1.0)
@@ -58,14 +67,15 @@ def test_tmsa_gradients_equal_those_of_the_explicit_computation():
         torch.testing.assert_close(grads["layer"][name], expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_attention_with_bias_matches_sdpa_with_and_without_grad_and_under_bf16_autocast():
+def test_attention_with_bias_is_eq6_and_keeps_an_fp32_bias_gradient_under_bf16_autocast():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
     bias = torch.randn(3, 10, 10, requires_grad=True)
-    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
-    torch.testing.assert_close(attention_with_bias(q, k, v, bias), reference, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # inference path: SDPA itself
-        torch.testing.assert_close(attention_with_bias(q, k, v, bias), reference, rtol=1e-5, atol=1e-5)
+    explicit = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, dim=-1) @ v
+    torch.testing.assert_close(attention_with_bias(q, k, v, bias), explicit, rtol=1e-5, atol=1e-5)
+    (explicit_grad,) = torch.autograd.grad(explicit.sum(), bias)
+    (grad,) = torch.autograd.grad(attention_with_bias(q, k, v, bias).sum(), bias)
+    torch.testing.assert_close(grad, explicit_grad, rtol=1e-4, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attention_with_bias(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
     assert out.dtype == torch.bfloat16
@@ -183,3 +193,24 @@ def test_label_dropout_uses_null_class_at_the_requested_rate():
     assert abs(rate - 0.1) < 0.01
     assert set(dropped.unique().tolist()) == {0, 10}
     assert torch.equal(drop_labels(labels, 10, 0.0), labels)
+
+
+def test_relative_position_index_is_swins_table():
+    # Swin Transformer's canonical table for a 2x2 window (row = query token i, column = key token j, the entry
+    # encodes the offset of i from j): a transposed index (j - i) would load released weights and compute wrong
+    # attention, so the exact table is pinned.
+    assert relative_position_index(2).tolist() == [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
+
+
+def test_relative_position_index_matches_the_released_16x16_layout_entry_by_entry():
+    # The released DiffiT latent models use a 16x16 token grid: entry (i, j) is
+    # (row_i - row_j + 15) * 31 + (col_i - col_j + 15), tokens numbered row-major.
+    size = 16
+    index = relative_position_index(size)
+    assert index.shape == (size * size, size * size)
+    for i in range(0, size * size, 37):
+        for j in range(size * size):
+            (row_i, col_i), (row_j, col_j) = divmod(i, size), divmod(j, size)
+            expected = (row_i - row_j + size - 1) * (2 * size - 1) + (col_i - col_j + size - 1)
+            assert index[i, j].item() == expected, (i, j)
+    assert index.min().item() == 0 and index.max().item() == (2 * size - 1) ** 2 - 1

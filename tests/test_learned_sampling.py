@@ -28,7 +28,7 @@ def class_pattern(label: int) -> torch.Tensor:
     """Channel `label` is +1 on the left half of the grid and -1 on the right; the other channels are 0."""
     pattern = torch.zeros(SHAPE)
     pattern[label, :, : SHAPE[2] // 2] = 1.0
-    pattern[label, :, SHAPE[2] // 2:] = -1.0
+    pattern[label, :, SHAPE[2] // 2 :] = -1.0
     return pattern
 
 

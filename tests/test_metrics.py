@@ -5,13 +5,15 @@ Features come from the 64-channel layer where the metric allows it, to stay fast
 """
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from eval_fixtures import smooth_images, write_folder_reference, write_npz_reference, write_shard_reference
-from pipeline import metrics as M
+
+from pipeline.evaluate import metrics as M
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,8 +30,9 @@ def extractor64(inception_weights):
 
 
 def _config(weights_path, **overrides) -> M.FeatureConfig:
-    settings = dict(layer_fid="64", layer_kid="64", layer_prc="64", batch_size=16, kid_subsets=20,
-                    kid_subset_size=8, isc_splits=2)
+    settings = dict(
+        layer_fid="64", layer_kid="64", layer_prc="64", batch_size=16, kid_subsets=20, kid_subset_size=8, isc_splits=2
+    )
     settings.update(overrides)
     return M.FeatureConfig(weights=M.resolve_inception_weights(weights_path), **settings)
 
@@ -101,8 +104,11 @@ def test_fid_is_zero_against_itself_and_grows_with_perturbation(tmp_path, incept
     fids = []
     for noise in (0.0, 12.0, 48.0):
         samples = M.ArrayDataset(_perturbed(images, noise) if noise else images)
-        fids.append(M.compute_metrics(samples, reference, ["fid"], config, cache, extractor64)["values"]
-                    ["frechet_inception_distance"])
+        fids.append(
+            M.compute_metrics(samples, reference, ["fid"], config, cache, extractor64)["values"][
+                "frechet_inception_distance"
+            ]
+        )
     assert abs(fids[0]) < 1e-4 and abs(fids[0]) < 0.01 * fids[1], fids  # ~0 up to the matrix square root
     assert 0 < fids[1] < fids[2], fids
 
@@ -114,16 +120,18 @@ def test_is_prc_kid_ranges(tmp_path, inception_weights, images, extractor64):
     inception_score = M.compute_metrics(samples, None, ["is"], config, None)
     assert 1.0 - 1e-6 <= inception_score["values"]["inception_score_mean"] <= 1008  # 1008 Inception classes
     assert inception_score["feature_layers"] == {"is": "logits_unbiased"}
-    result = M.compute_metrics(samples, reference, ["prc", "kid"], config, M.reference_cache_dir(reference),
-                               extractor64)
+    result = M.compute_metrics(
+        samples, reference, ["prc", "kid"], config, M.reference_cache_dir(reference), extractor64
+    )
     values = result["values"]
     assert 0.0 <= values["precision"] <= 1.0 and 0.0 <= values["recall"] <= 1.0
     assert np.isfinite(values["kernel_inception_distance_mean"])
     assert result["feature_layers"] == {"prc": "64", "kid": "64"}
 
     # Identical sets: every sample lies inside the other set's k-NN balls.
-    same = M.compute_metrics(M.ArrayDataset(images[:8]), reference, ["prc"], config,
-                             M.reference_cache_dir(reference), extractor64)
+    same = M.compute_metrics(
+        M.ArrayDataset(images[:8]), reference, ["prc"], config, M.reference_cache_dir(reference), extractor64
+    )
     assert same["values"]["precision"] == 1.0 and same["values"]["recall"] == 1.0
 
 
@@ -133,8 +141,13 @@ def test_kid_subset_larger_than_samples_is_refused(tmp_path, inception_weights, 
     with pytest.raises(ValueError, match="KID subset size 12"):  # before any feature extraction
         M.compute_metrics(M.ArrayDataset(images[:10]), reference, ["kid"], config, M.reference_cache_dir(reference))
     with pytest.raises(ValueError, match="KID subset size 20"):
-        M.compute_metrics(M.ArrayDataset(images), reference, ["kid"], _config(inception_weights, kid_subset_size=20),
-                          M.reference_cache_dir(reference))
+        M.compute_metrics(
+            M.ArrayDataset(images),
+            reference,
+            ["kid"],
+            _config(inception_weights, kid_subset_size=20),
+            M.reference_cache_dir(reference),
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,14 +156,17 @@ def test_kid_subset_larger_than_samples_is_refused(tmp_path, inception_weights, 
 
 def test_reference_kinds_give_identical_features(tmp_path, inception_weights, images, extractor64):
     subset = images[:12]
-    references = [M.open_reference(write_npz_reference(tmp_path / "ref.npz", subset)),
-                  M.open_reference(write_folder_reference(tmp_path / "folder", subset)),
-                  M.open_reference(write_shard_reference(tmp_path / "shards", subset, per_shard=5))]
+    references = [
+        M.open_reference(write_npz_reference(tmp_path / "ref.npz", subset)),
+        M.open_reference(write_folder_reference(tmp_path / "folder", subset)),
+        M.open_reference(write_shard_reference(tmp_path / "shards", subset, per_shard=5)),
+    ]
     assert [r.kind for r in references] == ["npz", "folder", "shards"]
     assert all(r.resolution == (16, 16) and r.num_images == 12 for r in references)
     config = _config(inception_weights)
-    features = [M.reference_features(r, ["64"], config, M.reference_cache_dir(r), extractor64)[0]["64"]
-                for r in references]
+    features = [
+        M.reference_features(r, ["64"], config, M.reference_cache_dir(r), extractor64)[0]["64"] for r in references
+    ]
     assert features[0].shape == (12, 64)
     folder_order = sorted(range(12), key=lambda i: (i % 2, i))  # part0/*, then part1/* (sorted relative paths)
     torch.testing.assert_close(features[1], features[0][folder_order], rtol=0, atol=0)
@@ -160,8 +176,9 @@ def test_reference_kinds_give_identical_features(tmp_path, inception_weights, im
     assert len(M.reference_dataset(references[1])) == 12
 
 
-def test_reference_features_are_cached_by_content_and_extractor(tmp_path, inception_weights, images, monkeypatch,
-                                                                extractor64):
+def test_reference_features_are_cached_by_content_and_extractor(
+    tmp_path, inception_weights, images, monkeypatch, extractor64
+):
     reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:8]))
     config = _config(inception_weights)
     cache = M.reference_cache_dir(reference)
@@ -178,15 +195,25 @@ def test_reference_features_are_cached_by_content_and_extractor(tmp_path, incept
     monkeypatch.undo()
 
     # Other weights (another hash) or other content: a different cache entry, computed afresh.
-    other_weights = M.FeatureConfig(weights=M.InceptionWeights(config.weights.path, "f" * 64), layer_fid="64",
-                                    batch_size=16)
+    other_weights = M.FeatureConfig(
+        weights=M.InceptionWeights(config.weights.path, "f" * 64), layer_fid="64", batch_size=16
+    )
     _, report_weights = M.reference_features(reference, ["64"], other_weights, cache, extractor64)
     assert report_weights["64"]["hit"] is False
     write_npz_reference(tmp_path / "ref.npz", images[8:16])
-    _, report_content = M.reference_features(M.open_reference(tmp_path / "ref.npz"), ["64"], config, cache,
-                                             extractor64)
+    _, report_content = M.reference_features(M.open_reference(tmp_path / "ref.npz"), ["64"], config, cache, extractor64)
     assert report_content["64"]["hit"] is False
     assert len(list(cache.glob("features-*.safetensors"))) == 3
+    mask = os.umask(0)
+    os.umask(mask)
+    # The usual file mode (safetensors' own save_file would make the cache files private, 0600).
+    assert {path.stat().st_mode & 0o777 for path in cache.glob("features-*")} == {0o666 & ~mask}
+
+    # A damaged cache file is reported by name, with the way out.
+    damaged = Path(report_content["64"]["file"])
+    damaged.write_bytes(b"not safetensors")
+    with pytest.raises(M.ReferenceInputError, match=f"{damaged.name}: unreadable reference feature cache .*delete it"):
+        M.reference_features(M.open_reference(tmp_path / "ref.npz"), ["64"], config, cache, extractor64)
 
 
 def test_read_only_reference_caches_in_user_cache(tmp_path, images, monkeypatch):
@@ -213,8 +240,9 @@ def test_statistics_reference_gives_the_same_fid(tmp_path, inception_weights, im
     samples = M.ArrayDataset(_perturbed(images, 20.0))
     from_images = M.compute_metrics(samples, image_reference, ["fid"], config, cache, extractor64)["values"]
     from_stats = M.compute_metrics(samples, stats_reference, ["fid"], config, cache, extractor64)["values"]
-    assert from_stats["frechet_inception_distance"] == pytest.approx(from_images["frechet_inception_distance"],
-                                                                     rel=1e-9)
+    assert from_stats["frechet_inception_distance"] == pytest.approx(
+        from_images["frechet_inception_distance"], rel=1e-9
+    )
     with pytest.raises(M.ReferenceInputError, match="need reference images"):
         M.check_reference(stats_reference, (16, 16), ["fid", "kid"])
     with pytest.raises(M.ReferenceInputError, match="feature dimension 192"):

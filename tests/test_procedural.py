@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.vae_cmd import register
-from pipeline.procedural import (
+from cli.main import app
+from pipeline.core.atomic import temp_path_for
+from pipeline.demo.procedural import (
     DATASET_JSON,
     MAX_CLASSES,
     ProceduralDatasetError,
@@ -27,23 +27,28 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_two_runs_are_byte_identical(tmp_path):
-    first = generate_dataset(tmp_path / "a", num_classes=3, per_class=4, resolution=24, seed=5, holdout_per_class=2,
-                             progress=False)
-    generate_dataset(tmp_path / "b", num_classes=3, per_class=4, resolution=24, seed=5, holdout_per_class=2,
-                     progress=False)
+    first = generate_dataset(
+        tmp_path / "a", num_classes=3, per_class=4, resolution=24, seed=5, holdout_per_class=2, progress=False
+    )
+    generate_dataset(
+        tmp_path / "b", num_classes=3, per_class=4, resolution=24, seed=5, holdout_per_class=2, progress=False
+    )
     files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert files_a == files_b
     assert len(files_a) == 3 * 4 + 3 * 2 + 1  # images + dataset.json
     assert first["written"] == 18 and first["skipped"] == 0
     # Another seed gives other pictures.
     generate_dataset(tmp_path / "c", num_classes=3, per_class=4, resolution=24, seed=6, progress=False)
-    assert _files(tmp_path / "c")["train/c00_red_circle/c00_red_circle_00000.png"] != \
-        files_a["train/c00_red_circle/c00_red_circle_00000.png"]
+    assert (
+        _files(tmp_path / "c")["train/c00_red_circle/c00_red_circle_00000.png"]
+        != files_a["train/c00_red_circle/c00_red_circle_00000.png"]
+    )
 
 
 def test_layout_counts_and_metadata(tmp_path):
-    info = generate_dataset(tmp_path, num_classes=4, per_class=3, resolution=16, seed=0, holdout_per_class=2,
-                            progress=False)
+    info = generate_dataset(
+        tmp_path, num_classes=4, per_class=3, resolution=16, seed=0, holdout_per_class=2, progress=False
+    )
     names = class_names(4)
     assert names == ["c00_red_circle", "c01_blue_square", "c02_green_triangle", "c03_yellow_ring"]
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == names  # sorted folder order = class index
@@ -79,6 +84,7 @@ def test_classes_are_distinct_in_colour_and_learnable_by_nearest_centroid():
     means = np.stack([images[k].reshape(-1, 3).mean(0) for k in range(MAX_CLASSES)])
     distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
     assert distances[~np.eye(MAX_CLASSES, dtype=bool)].min() > 8.0
+
     # A nearest-centroid rule on colour statistics (mean + spread per channel) already separates the classes on
     # unseen images: what a tiny model can learn in minutes.
     def features(batch):
@@ -100,11 +106,16 @@ def test_resume_skips_existing_and_restores_missing(tmp_path):
     reference = _files(tmp_path)
     missing = tmp_path / "train" / "c00_red_circle" / "c00_red_circle_00001.png"
     missing.unlink()
-    leftover = missing.with_name(".c00_red_circle_00001.png.tmp-123")  # a killed write
-    leftover.write_bytes(b"partial")
+    leftovers = [
+        temp_path_for(missing),  # a killed atomic write in a class folder
+        temp_path_for(tmp_path / "dataset.json"),  # and at the top
+        missing.with_name(".c00_red_circle_00001.png.tmp-123"),  # hidden, as older versions named them
+    ]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
     info = generate_dataset(tmp_path, num_classes=2, per_class=3, resolution=16, seed=1, progress=False)
     assert info["written"] == 1 and info["skipped"] == 5
-    assert not leftover.exists()
+    assert not any(leftover.exists() for leftover in leftovers)
     assert _files(tmp_path) == reference
 
 
@@ -119,8 +130,7 @@ def test_other_settings_and_foreign_files_are_refused(tmp_path):
 
 
 def test_loader_reads_folders_and_procedural_roots(tmp_path):
-    generate_dataset(tmp_path, num_classes=3, per_class=2, resolution=16, seed=0, holdout_per_class=1,
-                     progress=False)
+    generate_dataset(tmp_path, num_classes=3, per_class=2, resolution=16, seed=0, holdout_per_class=1, progress=False)
     data = load_labelled_images(tmp_path, resolution=16)  # the root means its train split
     assert data.images.shape == (6, 16, 16, 3) and data.images.dtype == np.uint8
     assert data.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -133,7 +143,7 @@ def test_loader_reads_folders_and_procedural_roots(tmp_path):
 
 
 def test_loader_reads_packed_shards(tmp_path):
-    from pipeline.shards import FORMAT_VERSION, ShardWriter, image_sample, write_json_atomic
+    from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample, write_json_atomic
 
     generate_dataset(tmp_path / "synth", num_classes=2, per_class=2, resolution=16, seed=0, progress=False)
     folder = load_labelled_images(tmp_path / "synth", resolution=16)
@@ -143,23 +153,42 @@ def test_loader_reads_packed_shards(tmp_path):
         for index, (pixels, label) in enumerate(zip(folder.images, folder.labels)):
             writer.write(image_sample(f"sample{index:03d}", pixels, int(label), {"source": folder.paths[index]}))
         sidecar = writer.commit({"failures": 0})
-    write_json_atomic(packed / "manifest.json", {
-        "format_version": FORMAT_VERSION, "kind": "images", "resolution": 16, "num_classes": 2,
-        "label_map": folder.label_map, "counts": {"seen": 4, "written": 4, "failed": 0},
-        "shards": [{k: sidecar[k] for k in ("name", "count", "sha256", "bytes")}],
-    })
+    write_json_atomic(
+        packed / "manifest.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "kind": "images",
+            "resolution": 16,
+            "num_classes": 2,
+            "label_map": folder.label_map,
+            "counts": {"seen": 4, "written": 4, "failed": 0},
+            "shards": [{k: sidecar[k] for k in ("name", "count", "sha256", "bytes")}],
+        },
+    )
     from_shards = load_labelled_images(packed, resolution=16)
     np.testing.assert_array_equal(from_shards.images, folder.images)
     assert from_shards.labels.tolist() == folder.labels.tolist()
 
 
 def test_synth_command(tmp_path):
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     out = tmp_path / "synth"
-    result = runner.invoke(app, ["synth", str(out), "--classes", "3", "--per-class", "2", "--holdout-per-class", "1",
-                                 "--resolution", "16", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            str(out),
+            "--classes",
+            "3",
+            "--per-class",
+            "2",
+            "--holdout-per-class",
+            "1",
+            "--resolution",
+            "16",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / DATASET_JSON).read_text())["counts"] == {"train": 6, "holdout": 3}
     refused = runner.invoke(app, ["synth", str(out), "--classes", "3", "--per-class", "2", "--seed", "9"])

@@ -1,12 +1,22 @@
 """The zarr sample store: per-sample seeds/labels, chunk ownership, resume, settings guard, ADM .npz export."""
 
 import multiprocessing
+import os
+import shutil
 
 import numpy as np
 import pytest
 
-from pipeline.sample_store import (SampleStore, SampleStoreMismatchError, StoreLayout, assign_chunks, export_npz,
-                                   sample_class_labels, sample_noise_seeds)
+from pipeline.evaluate.sample_store import (
+    SampleStore,
+    SampleStoreError,
+    SampleStoreMismatchError,
+    StoreLayout,
+    assign_chunks,
+    export_npz,
+    sample_class_labels,
+    sample_noise_seeds,
+)
 
 SETTINGS = {"model": {"weights_sha256": "abc"}, "sampling": {"sampler": "ddpm", "steps": 4, "seed": 0}}
 
@@ -15,15 +25,16 @@ def _fake_chunk(layout: StoreLayout, chunk: int) -> tuple[np.ndarray, np.ndarray
     """Images whose pixels encode their sample index, so misplaced writes are visible."""
     start, stop = layout.chunk_range(chunk)
     indices = np.arange(start, stop)
-    images = np.broadcast_to((indices % 251).astype(np.uint8)[:, None, None, None],
-                             (stop - start, layout.height, layout.width, 3)).copy()
+    images = np.broadcast_to(
+        (indices % 251).astype(np.uint8)[:, None, None, None], (stop - start, layout.height, layout.width, 3)
+    ).copy()
     return images, indices * 10
 
 
 def test_seeds_and_labels_depend_only_on_seed_and_index():
     all_seeds = sample_noise_seeds(7, np.arange(100))
     assert sample_noise_seeds(7, [42, 3]) == [all_seeds[42], all_seeds[3]]
-    assert len(set(all_seeds)) == 100 and all(0 <= s < 2 ** 63 for s in all_seeds)
+    assert len(set(all_seeds)) == 100 and all(0 <= s < 2**63 for s in all_seeds)
     assert sample_noise_seeds(8, [0]) != sample_noise_seeds(7, [0])
 
     labels = sample_class_labels(7, np.arange(2000), 10)
@@ -35,8 +46,9 @@ def test_seeds_and_labels_depend_only_on_seed_and_index():
 
 
 def test_cycled_and_unconditional_labels():
-    np.testing.assert_array_equal(sample_class_labels(0, np.arange(7), 1000, classes=[88, 207, 360]),
-                                  [88, 207, 360, 88, 207, 360, 88])
+    np.testing.assert_array_equal(
+        sample_class_labels(0, np.arange(7), 1000, classes=[88, 207, 360]), [88, 207, 360, 88, 207, 360, 88]
+    )
     np.testing.assert_array_equal(sample_class_labels(0, np.arange(3), 0), [-1, -1, -1])
     with pytest.raises(ValueError, match="empty"):
         sample_class_labels(0, np.arange(3), 10, classes=[])
@@ -124,4 +136,24 @@ def test_export_npz_is_the_adm_layout(tmp_path):
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 4, 4, 3)
         np.testing.assert_array_equal(data["arr_0"], store.read_images(0, 7))
         np.testing.assert_array_equal(data["arr_1"], np.arange(7) * 10)
-    assert not list(tmp_path.glob(".samples.npz.*"))  # no temporary file left behind
+    assert not list(tmp_path.glob("*.tmp-*"))  # no temporary file (or store folder) left behind
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # the usual mode, not a private temporary file's
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_damaged_store_is_one_clear_error(tmp_path):
+    layout = StoreLayout(num_samples=4, height=2, width=2, chunk_size=2)
+    path = tmp_path / "s.zarr"
+    SampleStore.create(path, layout, SETTINGS)
+    assert (path.stat().st_mode & 0o777) == 0o777 & ~_umask() and not list(tmp_path.glob("*.tmp-*"))
+    shutil.rmtree(path / "done")
+    with pytest.raises(SampleStoreError, match=f"{path}: damaged sample store .*done"):
+        SampleStore.open(path, SETTINGS)
+    (path / "zarr.json").write_text("{not json")
+    with pytest.raises(SampleStoreError, match=f"{path}: damaged sample store .*JSONDecodeError"):
+        SampleStore.open(path, SETTINGS)

@@ -10,11 +10,12 @@ import tarfile
 
 import numpy as np
 import pytest
+from encode_fixtures import CLASS_NAMES, make_image_tree, save_tiny_vae
 from PIL import Image
 
-from pipeline import shards
-from pipeline.sources import SourceError, scan_folder, scan_source, sample_key, unique_keys
-from pipeline.transforms import (
+from pipeline.core import shards as shards
+from pipeline.encode.sources import SourceError, sample_key, scan_folder, scan_source, unique_keys
+from pipeline.encode.transforms import (
     ImageDecodeError,
     center_crop,
     compose_crop_box,
@@ -22,7 +23,6 @@ from pipeline.transforms import (
     prepare_image,
     to_rgb,
 )
-from encode_fixtures import CLASS_NAMES, make_image_tree, save_tiny_vae
 
 
 def _png(image: Image.Image, **kwargs) -> bytes:
@@ -255,7 +255,12 @@ def test_shard_writer_is_reproducible_and_readable(tmp_path):
     assert json.loads((tmp_path / "a" / "shard-000000.json").read_text())["sha256"] == first["sha256"]
     with tarfile.open(tmp_path / "a" / "shard-000000.tar") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members[:4]] == ["cls/item0.cls", "cls/item0.json", "cls/item0.mean.npy", "cls/item0.std.npy"]
+    assert [m.name for m in members[:4]] == [
+        "cls/item0.cls",
+        "cls/item0.json",
+        "cls/item0.mean.npy",
+        "cls/item0.std.npy",
+    ]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "diffit", 0o444)}
     samples = [shards.decode_sample(s) for s in shards.iter_samples(tmp_path / "a" / "shard-000000.tar")]
     assert [s["__key__"] for s in samples] == ["cls/item0", "cls/item1", "cls/item2"]
@@ -277,8 +282,12 @@ def _demo_dataset(directory):
     directory.mkdir()
     sidecar = _write_demo_shard(directory)
     manifest = {
-        "format_version": shards.FORMAT_VERSION, "kind": "latents", "resolution": 16, "num_classes": 3,
-        "label_map": {"a": 0, "b": 1, "c": 2}, "counts": {"seen": 3, "written": 3, "failed": 0},
+        "format_version": shards.FORMAT_VERSION,
+        "kind": "latents",
+        "resolution": 16,
+        "num_classes": 3,
+        "label_map": {"a": 0, "b": 1, "c": 2},
+        "counts": {"seen": 3, "written": 3, "failed": 0},
         "shards": [{k: sidecar[k] for k in ("name", "count", "sha256", "bytes")}],
     }
     shards.write_json_atomic(directory / shards.MANIFEST_NAME, manifest)
@@ -319,7 +328,7 @@ def test_load_manifest_errors_name_the_file(tmp_path):
 def test_resolve_local_vae_and_encode_matches_direct_call(tmp_path):
     import torch
 
-    from pipeline import vae as vae_module
+    from pipeline.core import vae as vae_module
 
     save_tiny_vae(tmp_path / "vae")
     spec = vae_module.resolve_vae(str(tmp_path / "vae"))
@@ -351,7 +360,7 @@ def test_resolve_local_vae_and_encode_matches_direct_call(tmp_path):
 def test_missing_vae_path_is_never_sent_to_the_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from pipeline.vae import VAEError, resolve_vae
+    from pipeline.core.vae import VAEError, resolve_vae
 
     def no_hub(*args, **kwargs):
         raise AssertionError("a path-looking --vae must not be looked up on the hub")
@@ -365,7 +374,7 @@ def test_missing_vae_path_is_never_sent_to_the_hub(tmp_path, monkeypatch):
 
 
 def test_hub_vae_offline_explains_local_path(tmp_path, monkeypatch):
-    from pipeline.vae import VAEError, resolve_vae
+    from pipeline.core.vae import VAEError, resolve_vae
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
@@ -375,7 +384,7 @@ def test_hub_vae_offline_explains_local_path(tmp_path, monkeypatch):
 
 
 def test_local_vae_problems_are_explained(tmp_path):
-    from pipeline.vae import VAEError, resolve_vae
+    from pipeline.core.vae import VAEError, resolve_vae
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(VAEError, match="has no config.json"):

@@ -15,18 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
+from encode_fixtures import make_image_tree, save_tiny_vae
+from train_fixtures import (
+    REPO,
+    read_metrics,
+    run_train_subprocess,
+    subprocess_env,
+    tiny_image_config,
+    tiny_latent_config,
+    train_command,
+    write_config,
+    write_image_dataset,
+    write_latent_dataset,
+)
 from typer.testing import CliRunner
 
-from pipeline.checkpoint import list_checkpoints, read_train_state
-from pipeline.config import ConfigError
-from pipeline.data import DataFormatError, StreamSpec, check_shard_split, make_loader
-from pipeline.shards import shard_urls
+from pipeline.core.shards import shard_urls
 from pipeline.train import NonFiniteLossError, TrainArgs, TrainError, run
-from encode_fixtures import make_image_tree, save_tiny_vae
-from train_fixtures import (REPO, read_metrics, run_train_subprocess, subprocess_env, tiny_image_config,
-                            tiny_latent_config, train_command, write_config, write_image_dataset,
-                            write_latent_dataset)
+from pipeline.train.checkpoint import list_checkpoints, read_train_state
+from pipeline.train.config import ConfigError
+from pipeline.train.data import DataFormatError, StreamSpec, check_shard_split, make_loader
 
 SCALE = 0.18215
 
@@ -43,8 +51,9 @@ def one_torch_thread():
 
 def train_in_process(tmp_path: Path, config: dict, data: Path, name: str = "run", **kwargs) -> tuple[dict, Path]:
     run_dir = tmp_path / name
-    summary = run(TrainArgs(run_dir=run_dir, config_path=write_config(tmp_path / f"{name}.yaml", config),
-                            data_dir=data, **kwargs))
+    summary = run(
+        TrainArgs(run_dir=run_dir, config_path=write_config(tmp_path / f"{name}.yaml", config), data_dir=data, **kwargs)
+    )
     return summary, run_dir
 
 
@@ -63,17 +72,25 @@ def take(loader, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def latent_spec(data: Path, **overrides) -> StreamSpec:
-    from pipeline.shards import load_manifest
+    from pipeline.core.shards import load_manifest
 
     urls = tuple(shard_urls(data, load_manifest(data)))
-    base = dict(urls=urls, kind="latents", batch_size=2, resampled=False, hflip=False, scaling_factor=SCALE,
-                conditional=True, num_classes=16)
+    base = dict(
+        urls=urls,
+        kind="latents",
+        batch_size=2,
+        resampled=False,
+        hflip=False,
+        scaling_factor=SCALE,
+        conditional=True,
+        num_classes=16,
+    )
     return StreamSpec(**{**base, **overrides})
 
 
 def test_latents_are_scaled_posterior_draws_of_either_view(tmp_path):
     data = write_latent_dataset(tmp_path / "data", num_samples=4, num_shards=1, num_classes=16, std=0.0)
-    from pipeline.shards import decode_sample, iter_samples
+    from pipeline.core.shards import decode_sample, iter_samples
 
     stored = {s["cls"]: s for s in map(decode_sample, iter_samples(data / "shard-000000.tar"))}
     x, labels = take(make_loader(latent_spec(data, batch_size=4), 0), 1)[0]
@@ -86,8 +103,9 @@ def test_latents_are_scaled_posterior_draws_of_either_view(tmp_path):
     views = []
     for latent, label in zip(x, labels.tolist()):
         sample = next(s for s in map(decode_sample, iter_samples(noisy / "shard-000000.tar")) if s["cls"] == label)
-        errors = [float((latent - SCALE * torch.from_numpy(sample["mean.npy"][v].astype(np.float32))).std())
-                  for v in (0, 1)]
+        errors = [
+            float((latent - SCALE * torch.from_numpy(sample["mean.npy"][v].astype(np.float32))).std()) for v in (0, 1)
+        ]
         views.append(int(np.argmin(errors)))
         assert min(errors) == pytest.approx(0.05, rel=0.3)  # scaled std: 0.05 (unit-free in the fixture)
     assert 0 < sum(views) < len(views)
@@ -129,13 +147,20 @@ def test_resampled_stream_is_seeded_by_step(tmp_path):
 
 
 def test_sample_draws_do_not_depend_on_the_dataset_directory(tmp_path):
-    from pipeline.shards import load_manifest
+    from pipeline.core.shards import load_manifest
 
     batches = []
     for where in ("a", "b/deeper"):
         data = write_image_dataset(tmp_path / where, num_samples=16, num_shards=2, resolution=16, num_classes=0)
-        spec = StreamSpec(urls=tuple(shard_urls(data, load_manifest(data))), kind="images", batch_size=16,
-                          resampled=False, hflip=True, resolution=16, conditional=False)
+        spec = StreamSpec(
+            urls=tuple(shard_urls(data, load_manifest(data))),
+            kind="images",
+            batch_size=16,
+            resampled=False,
+            hflip=True,
+            resolution=16,
+            conditional=False,
+        )
         batches.append(take(make_loader(spec, 0), 1)[0][0])
     assert torch.equal(batches[0], batches[1])
 
@@ -143,10 +168,17 @@ def test_sample_draws_do_not_depend_on_the_dataset_directory(tmp_path):
 def test_images_are_decoded_to_unit_range_and_flipped(tmp_path):
     # The flips are a function of (seed, epoch, shard name, key) only, so this draw is the same on every machine.
     data = write_image_dataset(tmp_path / "data", num_samples=32, num_shards=1, resolution=16, num_classes=0)
-    from pipeline.shards import load_manifest
+    from pipeline.core.shards import load_manifest
 
-    spec = StreamSpec(urls=tuple(shard_urls(data, load_manifest(data))), kind="images", batch_size=32,
-                      resampled=False, hflip=True, resolution=16, conditional=False)
+    spec = StreamSpec(
+        urls=tuple(shard_urls(data, load_manifest(data))),
+        kind="images",
+        batch_size=32,
+        resampled=False,
+        hflip=True,
+        resolution=16,
+        conditional=False,
+    )
     x, labels = take(make_loader(spec, 0), 1)[0]
     assert x.shape == (32, 3, 16, 16) and x.dtype == torch.float32
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
@@ -171,15 +203,16 @@ def test_shard_split_needs_a_shard_per_process():
 
 
 def window_mean(losses: list[float], start: int, length: int) -> float:
-    return float(np.mean(losses[start:start + length]))
+    return float(np.mean(losses[start : start + length]))
 
 
 def test_latent_model_overfits_a_handful_of_latents(tmp_path):
     # DiffiT-Tiny/2, ADM hybrid loss with learned Sigma, 4 latents: the loss (about 1 at the zero-initialised
     # start) falls by more than 2x within 150 steps (measured: ~3x).
     data = write_latent_dataset(tmp_path / "data", num_samples=4, num_shards=1, num_classes=4)
-    config = tiny_latent_config(train={"max_steps": 150, "global_batch_size": 8}, optim={"lr": 3e-3},
-                                checkpoint={"every": 1000})
+    config = tiny_latent_config(
+        train={"max_steps": 150, "global_batch_size": 8}, optim={"lr": 3e-3}, checkpoint={"every": 1000}
+    )
     summary, run_dir = train_in_process(tmp_path, config, data)
     losses = [r["loss"] for r in read_metrics(run_dir)]
     assert summary["step"] == 150 and len(losses) == 150
@@ -191,8 +224,9 @@ def test_image_model_overfits_a_handful_of_images(tmp_path):
     # low-sigma terms ask for the noise itself and fall slowly, so the stated factor is 1.3 within 200 steps
     # (measured: ~1.5).
     data = write_image_dataset(tmp_path / "data", num_samples=4, num_shards=1, resolution=8, spread=0.05)
-    config = tiny_image_config(model={"input_size": 8}, train={"max_steps": 200, "global_batch_size": 8},
-                               optim={"lr": 5e-3})
+    config = tiny_image_config(
+        model={"input_size": 8}, train={"max_steps": 200, "global_batch_size": 8}, optim={"lr": 5e-3}
+    )
     _, run_dir = train_in_process(tmp_path, config, data)
     losses = [r["loss"] for r in read_metrics(run_dir)]
     assert window_mean(losses, 0, 20) > 1.3 * window_mean(losses, 180, 20)
@@ -226,12 +260,20 @@ def test_errors_come_before_any_training_step(tmp_path):
         (tiny_latent_config(model={"num_classes": 10}), unlabelled, TrainError, "the dataset is unlabelled"),
         (tiny_latent_config(model={"num_classes": 5}), latents, TrainError, "has 10 classes but model.num_classes"),
         (tiny_image_config(), images.parent / "latents", TrainError, "kind 'latents'"),
-        (tiny_latent_config(train={"global_batch_size": 6, "per_device_batch_size": 4}), latents, ConfigError,
-         "not divisible"),
+        (
+            tiny_latent_config(train={"global_batch_size": 6, "per_device_batch_size": 4}),
+            latents,
+            ConfigError,
+            "not divisible",
+        ),
         (tiny_latent_config(optim={"lr": "fast"}), latents, ConfigError, "optim.lr: expected a number"),
         (tiny_latent_config(optim={"momentum": 0.9}), latents, ConfigError, "unknown key 'momentum'"),
-        (tiny_latent_config(model={"kwargs": {"heads": 3}}), latents, ConfigError,
-         "DiffiT-Tiny/2 cannot be built with.*unexpected keyword argument 'heads'"),
+        (
+            tiny_latent_config(model={"kwargs": {"heads": 3}}),
+            latents,
+            ConfigError,
+            "DiffiT-Tiny/2 cannot be built with.*unexpected keyword argument 'heads'",
+        ),
     ]
     for index, (config, data, error, message) in enumerate(cases):
         run_dir = tmp_path / f"run{index}"
@@ -250,38 +292,47 @@ def test_existing_checkpoints_need_resume_and_resume_checks_the_config(tmp_path)
     with pytest.raises(TrainError, match="optim.lr: 0.001 -> 0.5"):
         train_in_process(tmp_path, changed, data, resume="auto")
     # Continuing with more steps (train.* may change) works and starts at the checkpoint's step.
-    summary, run_dir = train_in_process(tmp_path, tiny_latent_config(train={"max_steps": 5},
-                                                                     checkpoint={"every": 3}), data, resume="auto")
+    summary, run_dir = train_in_process(
+        tmp_path, tiny_latent_config(train={"max_steps": 5}, checkpoint={"every": 3}), data, resume="auto"
+    )
     assert summary["step"] == 5
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
     other = write_latent_dataset(tmp_path / "other", num_samples=8, num_shards=1, seed=1)
     with pytest.raises(TrainError, match="differs from the one this run was trained on"):
-        train_in_process(tmp_path, tiny_latent_config(train={"max_steps": 9}, checkpoint={"every": 3}), other,
-                         resume="auto")
+        train_in_process(
+            tmp_path, tiny_latent_config(train={"max_steps": 9}, checkpoint={"every": 3}), other, resume="auto"
+        )
 
 
 def test_export_round_trip_and_sample_grid_through_the_vae(tmp_path):
-    import diffit
     from PIL import Image
 
-    from pipeline.checkpoint import EMA_WEIGHTS, load_ema
-    from pipeline.export import export_checkpoint
+    import diffit
+    from pipeline.train.checkpoint import EMA_WEIGHTS, load_ema
+    from pipeline.train.export import export_checkpoint
 
     vae = save_tiny_vae(tmp_path / "vae")
     data = write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=2, vae_path=str(vae))
-    config = tiny_latent_config(train={"max_steps": 4}, checkpoint={"every": 2},
-                                sample={"every": 4, "count": 4, "steps": 2})
+    config = tiny_latent_config(
+        train={"max_steps": 4}, checkpoint={"every": 2}, sample={"every": 4, "count": 4, "steps": 2}
+    )
     _, run_dir = train_in_process(tmp_path, config, data)
     grid = Image.open(run_dir / "samples" / "step-0000004.png")
     assert grid.size == (2 * 64, 2 * 64)  # 4 samples, decoded 8x8 latents -> 64 px images
 
     out = export_checkpoint(run_dir, tmp_path / "exported")
     model, exported = diffit.load_pretrained(out)
-    assert exported["diffusion"] == {"type": "adm", "noise_schedule": "linear", "diffusion_steps": 1000,
-                                     "learn_sigma": True}
+    assert exported["diffusion"] == {
+        "type": "adm",
+        "noise_schedule": "linear",
+        "diffusion_steps": 1000,
+        "learn_sigma": True,
+    }
     assert exported["vae"]["path"] == str(vae) and exported["vae"]["scaling_factor"] == SCALE
-    assert exported["dataset"]["manifest_hash"] == json.loads((run_dir / "run.json").read_text())[
-        "dataset"]["manifest_hash"]
+    assert (
+        exported["dataset"]["manifest_hash"]
+        == json.loads((run_dir / "run.json").read_text())["dataset"]["manifest_hash"]
+    )
     assert exported["dataset"]["num_classes"] == 10 and exported["train"]["step"] == 4
     # The exported model is the EMA of the latest checkpoint: identical outputs.
     reference = diffit.create_model(exported["model"]["name"], **exported["model"]["kwargs"])
@@ -297,7 +348,7 @@ def test_export_round_trip_and_sample_grid_through_the_vae(tmp_path):
 
 def test_trains_on_the_output_of_encode_and_pack(tmp_path):
     # The real encode / pack stages (Dask in this process, the tiny random SD-layout VAE) feed the trainer.
-    from pipeline.encode import JobConfig, run_job
+    from pipeline.encode.job import JobConfig, run_job
 
     source, vae = tmp_path / "images", save_tiny_vae(tmp_path / "vae")
     make_image_tree(source, per_class=4)
@@ -305,9 +356,11 @@ def test_trains_on_the_output_of_encode_and_pack(tmp_path):
     run_job(JobConfig(out=str(tmp_path / "latents"), kind="latents", resolution=64, vae=str(vae), **common))
     run_job(JobConfig(out=str(tmp_path / "packed"), kind="images", resolution=16, **common))
 
-    latent_config = tiny_latent_config(data={"resampled": True, "shuffle_buffer": 8},
-                                       train={"max_steps": 3, "global_batch_size": 4},
-                                       sample={"every": 3, "count": 4, "steps": 2})
+    latent_config = tiny_latent_config(
+        data={"resampled": True, "shuffle_buffer": 8},
+        train={"max_steps": 3, "global_batch_size": 4},
+        sample={"every": 3, "count": 4, "steps": 2},
+    )
     summary, run_dir = train_in_process(tmp_path, latent_config, tmp_path / "latents", name="latent-run")
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     info = json.loads((run_dir / "run.json").read_text())["dataset"]
@@ -326,23 +379,36 @@ def test_trains_on_the_output_of_encode_and_pack(tmp_path):
 
 
 def test_cli_train_export_and_errors(tmp_path):
-    from cli.train_cmd import register
+    # The real app: errors become `error: ...` and their exit code in `cli.main`, not in the command.
+    from cli.main import app
 
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     help_text = runner.invoke(app, ["train", "--help"]).output
     assert "accelerate launch --multi_gpu --num_processes" in help_text and "--resume" in help_text
     data = write_image_dataset(tmp_path / "data", num_samples=8, num_shards=1, resolution=16)
     config = write_config(tmp_path / "c.yaml", tiny_image_config(train={"max_steps": 2}))
-    result = runner.invoke(app, ["train", "--config", str(config), "--data", str(tmp_path / "nope"),
-                                 "--run-dir", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["train", "--config", str(config), "--data", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "run")]
+    )
     assert result.exit_code == 2 and "no such directory" in result.output
-    result = runner.invoke(app, ["train", "--config", str(config), "--data", str(data), "--run-dir",
-                                 str(tmp_path / "run"), "--set", "train.max_steps=two"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(config),
+            "--data",
+            str(data),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            "train.max_steps=two",
+        ],
+    )
     assert result.exit_code == 2 and "train.max_steps: expected an integer" in result.output
-    result = runner.invoke(app, ["train", "--config", str(config), "--data", str(data), "--run-dir",
-                                 str(tmp_path / "run")])
+    result = runner.invoke(
+        app, ["train", "--config", str(config), "--data", str(data), "--run-dir", str(tmp_path / "run")]
+    )
     assert result.exit_code == 0, result.output
     assert "trained to step 2" in result.output
     result = runner.invoke(app, ["export", str(tmp_path / "run"), str(tmp_path / "model")])
@@ -364,16 +430,40 @@ def test_two_process_gloo_run_launched_with_accelerate(tmp_path):
     import diffit
 
     data = write_latent_dataset(tmp_path / "data", num_samples=16, num_shards=4, num_classes=10)
-    config = write_config(tmp_path / "c.yaml", tiny_latent_config(
-        data={"num_workers": 1},
-        train={"max_steps": 4, "global_batch_size": 8, "per_device_batch_size": 2, "tracker": "tensorboard"},
-        checkpoint={"every": 2, "keep": 5}, sample={"every": 4, "count": 4, "steps": 2}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_latent_config(
+            data={"num_workers": 1},
+            train={"max_steps": 4, "global_batch_size": 8, "per_device_batch_size": 2, "tracker": "tensorboard"},
+            checkpoint={"every": 2, "keep": 5},
+            sample={"every": 4, "count": 4, "steps": 2},
+        ),
+    )
     run_dir = tmp_path / "run"
     # Exactly the documented CPU launch line (`--cpu` would silently run one process).
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline.train",
-               "--config", str(config), "--data", str(data), "--run-dir", str(run_dir)]
+    command = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cli.main",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+    ]
     result = run_train_subprocess(command, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -386,13 +476,14 @@ def test_two_process_gloo_run_launched_with_accelerate(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002", "step-0000004"]
     for step in ("step-0000002", "step-0000004"):
         assert {"random_states_0.pkl", "random_states_1.pkl", "ema.safetensors", "model.safetensors"} <= {
-            p.name for p in (root / step).iterdir()}
+            p.name for p in (root / step).iterdir()
+        }
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
     assert (run_dir / "samples" / "step-0000004.png").is_file()
     assert "sample grids show latent channels" in result.stderr  # no local VAE in this dataset: said once
 
-    from pipeline.export import export_checkpoint
+    from pipeline.train.export import export_checkpoint
 
     model, exported = diffit.load_pretrained(export_checkpoint(run_dir, tmp_path / "exported"))
     assert exported["train"]["step"] == 4 and model.num_classes == 10
@@ -408,8 +499,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_sigkill_continues_exactly(tmp_path):
     # Fixed-order data over 4 shards read by 2 DataLoader workers; checkpoints every 3 steps.
     data = write_latent_dataset(tmp_path / "data", num_samples=12, num_shards=4, num_classes=10, std=0.1)
-    settings = dict(data={"num_workers": 2}, train={"max_steps": 10, "global_batch_size": 2},
-                    checkpoint={"every": 3, "keep": 10}, optim={"lr": 1e-3})
+    settings = dict(
+        data={"num_workers": 2},
+        train={"max_steps": 10, "global_batch_size": 2},
+        checkpoint={"every": 3, "keep": 10},
+        optim={"lr": 1e-3},
+    )
     config = write_config(tmp_path / "c.yaml", tiny_latent_config(**settings))
 
     reference_dir = tmp_path / "reference"
@@ -418,9 +513,14 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
 
     # The interrupted run is told to go on for a long time and killed once its first checkpoint is complete.
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen(train_command(config, data, run_dir, "--set", "train.max_steps=100000"), cwd=REPO,
-                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        train_command(config, data, run_dir, "--set", "train.max_steps=100000"),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not latest.exists() and process.poll() is None and time.monotonic() < deadline:

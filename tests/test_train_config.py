@@ -10,8 +10,17 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config, validate
-from pipeline.train import ema_decay, learning_rate, resolve_batching, update_ema
+from pipeline.train.checks import resolve_batching
+from pipeline.train.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    validate,
+)
+from pipeline.train.objective import ema_decay, learning_rate, update_ema
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "manifests"
@@ -27,8 +36,9 @@ def write_yaml(path: Path, mapping: dict) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["imagenet256_latent_xl2", "imagenet512_latent_xl2", "cifar10_image",
-                                  "ffhq64_image", "demo"])
+@pytest.mark.parametrize(
+    "name", ["imagenet256_latent_xl2", "imagenet512_latent_xl2", "cifar10_image", "ffhq64_image", "demo"]
+)
 def test_every_preset_loads_and_round_trips(name, tmp_path):
     config = load_config(PRESETS / f"{name}.yaml")
     # The resolved config written into a run directory loads back to the same values.
@@ -43,8 +53,12 @@ def test_imagenet_presets_follow_the_paper_supplementary_i2():
         assert config.model.name == "DiffiT-XL/2" and config.model.num_classes == 1000
         assert (config.optim.name, config.optim.weight_decay) == ("adamw", 0.0)  # as DiT
         assert config.ema.decay == 0.9999 and config.ema.halflife_kimg is None
-        assert (config.diffusion.type, config.diffusion.noise_schedule, config.diffusion.diffusion_steps,
-                config.diffusion.learn_sigma) == ("adm", "linear", 1000, True)  # ADM hyper-parameters
+        assert (
+            config.diffusion.type,
+            config.diffusion.noise_schedule,
+            config.diffusion.diffusion_steps,
+            config.diffusion.learn_sigma,
+        ) == ("adm", "linear", 1000, True)  # ADM hyper-parameters
         assert config.data.label_dropout == 0.1
         assert config.train.mixed_precision == "bf16"
     assert (c256.optim.lr, c256.train.global_batch_size, c256.model.input_size) == (3e-4, 256, 32)
@@ -61,9 +75,17 @@ def test_image_space_presets_follow_the_paper_supplementary_i1_and_edm():
         assert (config.diffusion.P_mean, config.diffusion.P_std, config.diffusion.sigma_data) == (-1.2, 1.2, 0.5)
         assert config.sample.sampler == "edm-heun"
     assert (cifar.model.name, cifar.optim.lr, cifar.train.global_batch_size, cifar.sample.steps) == (
-        "DiffiT-CIFAR10", 1e-3, 512, 18)
+        "DiffiT-CIFAR10",
+        1e-3,
+        512,
+        18,
+    )
     assert (ffhq.model.name, ffhq.optim.lr, ffhq.train.global_batch_size, ffhq.sample.steps) == (
-        "DiffiT-FFHQ64", 2e-4, 256, 40)
+        "DiffiT-FFHQ64",
+        2e-4,
+        256,
+        40,
+    )
     assert (cifar.model.kwargs["dropout"], ffhq.model.kwargs["dropout"]) == (0.13, 0.05)
 
 
@@ -87,16 +109,19 @@ def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("section,key,value,message", [
-    ("train", "max_steps", "ten", "train.max_steps: expected an integer"),
-    ("train", "max_steps", 1.5, "train.max_steps: expected an integer"),
-    ("train", "mixed_precision", "fp8", "train.mixed_precision: 'fp8' is not one of"),
-    ("model", "gradient_checkpointing", 1, "model.gradient_checkpointing: expected true/false"),
-    ("optim", "lr", "fast", "optim.lr: expected a number"),
-    ("optim", "betas", 0.9, "optim.betas: expected a list"),
-    ("data", "label_dropout", 1.5, r"data.label_dropout must be in \[0, 1\)"),
-    ("model", "name", "DiffiT-Huge/1", "model.name 'DiffiT-Huge/1' is not a known model"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("train", "max_steps", "ten", "train.max_steps: expected an integer"),
+        ("train", "max_steps", 1.5, "train.max_steps: expected an integer"),
+        ("train", "mixed_precision", "fp8", "train.mixed_precision: 'fp8' is not one of"),
+        ("model", "gradient_checkpointing", 1, "model.gradient_checkpointing: expected true/false"),
+        ("optim", "lr", "fast", "optim.lr: expected a number"),
+        ("optim", "betas", 0.9, "optim.betas: expected a list"),
+        ("data", "label_dropout", 1.5, r"data.label_dropout must be in \[0, 1\)"),
+        ("model", "name", "DiffiT-Huge/1", "model.name 'DiffiT-Huge/1' is not a known model"),
+    ],
+)
 def test_wrong_types_and_values_are_errors(tmp_path, section, key, value, message):
     path = write_yaml(tmp_path / "bad.yaml", {section: {key: value}})
     with pytest.raises(ConfigError, match=message):
@@ -114,18 +139,33 @@ def test_model_family_and_objective_must_agree():
     with pytest.raises(ConfigError, match="is an image-space model, trained with diffusion.type='edm'"):
         config_from_dict({"model": {"name": "DiffiT-UNet-Tiny"}, "diffusion": {"type": "adm"}})
     with pytest.raises(ConfigError, match="sample.sampler must be 'edm-heun'"):
-        config_from_dict({"model": {"name": "DiffiT-UNet-Tiny"},
-                          "diffusion": {"type": "edm", "learn_sigma": False}, "sample": {"sampler": "ddim"}})
+        config_from_dict(
+            {
+                "model": {"name": "DiffiT-UNet-Tiny"},
+                "diffusion": {"type": "edm", "learn_sigma": False},
+                "sample": {"sampler": "ddim"},
+            }
+        )
     with pytest.raises(ConfigError, match="diffusion.learn_sigma must be false for EDM"):
         config_from_dict({"model": {"name": "DiffiT-Tiny/2"}, "diffusion": {"type": "edm", "learn_sigma": True}})
     with pytest.raises(ConfigError, match="contradicts diffusion.learn_sigma"):
-        config_from_dict({"model": {"name": "DiffiT-Tiny/2", "kwargs": {"learn_sigma": True}},
-                          "diffusion": {"type": "edm", "learn_sigma": False}, "sample": {"sampler": "edm-heun"}})
+        config_from_dict(
+            {
+                "model": {"name": "DiffiT-Tiny/2", "kwargs": {"learn_sigma": True}},
+                "diffusion": {"type": "edm", "learn_sigma": False},
+                "sample": {"sampler": "edm-heun"},
+            }
+        )
 
 
 def test_latent_models_may_train_with_edm_preconditioning():
-    config = config_from_dict({"model": {"name": "DiffiT-Tiny/2"}, "diffusion": {"type": "edm", "learn_sigma": False},
-                               "sample": {"sampler": "edm-heun"}})
+    config = config_from_dict(
+        {
+            "model": {"name": "DiffiT-Tiny/2"},
+            "diffusion": {"type": "edm", "learn_sigma": False},
+            "sample": {"sampler": "edm-heun"},
+        }
+    )
     assert config.diffusion.type == "edm"
 
 
@@ -140,8 +180,16 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_config(PRESETS / "demo.yaml", ["optim.lr=2e-4", "train.max_steps=7", "model.kwargs.mlp_ratio=2.0",
-                                                 "optim.grad_clip=null", "optim.betas=[0.5, 0.9]"])
+    config = load_config(
+        PRESETS / "demo.yaml",
+        [
+            "optim.lr=2e-4",
+            "train.max_steps=7",
+            "model.kwargs.mlp_ratio=2.0",
+            "optim.grad_clip=null",
+            "optim.betas=[0.5, 0.9]",
+        ],
+    )
     assert config.optim.lr == pytest.approx(2e-4)
     assert config.train.max_steps == 7
     assert config.model.kwargs == {"mlp_ratio": 2.0}
@@ -149,14 +197,17 @@ def test_overrides_are_typed_and_nested():
     assert config.optim.betas == [0.5, 0.9]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.max_step=3", "unknown key 'train.max_step'"),
-    ("trian.max_steps=3", "unknown key 'trian'"),
-    ("train.max_steps=many", "train.max_steps: expected an integer"),
-    ("train=3", "SECTION.FIELD"),
-    ("train.max_steps", "expected KEY=VALUE"),
-    ("optim.lr.value=3", "'optim.lr' is not a section"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.max_step=3", "unknown key 'train.max_step'"),
+        ("trian.max_steps=3", "unknown key 'trian'"),
+        ("train.max_steps=many", "train.max_steps: expected an integer"),
+        ("train=3", "SECTION.FIELD"),
+        ("train.max_steps", "expected KEY=VALUE"),
+        ("optim.lr.value=3", "'optim.lr' is not a section"),
+    ],
+)
 def test_bad_overrides_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PRESETS / "demo.yaml", [override])

@@ -49,8 +49,14 @@ def expected_parameter_count(kwargs: dict) -> int:
         return cin * cout + cout
 
     def resblock(ch, window):
-        transformer = (linear(ch, 3 * ch) + linear(t, 3 * ch) + (2 * window - 1) ** 2 * heads + linear(ch, ch)
-                       + linear(ch, int(mlp * ch)) + linear(int(mlp * ch), ch))
+        transformer = (
+            linear(ch, 3 * ch)
+            + linear(t, 3 * ch)
+            + (2 * window - 1) ** 2 * heads
+            + linear(ch, ch)
+            + linear(ch, int(mlp * ch))
+            + linear(int(mlp * ch), ch)
+        )
         return 2 * ch + conv(ch, ch) + transformer
 
     windows = [min(ws, res // 2**i) for i in range(len(c))]
@@ -82,7 +88,8 @@ def test_stage_shapes_follow_tables_s2_s3(name):
         out = model(x, torch.tensor([-0.3, 0.7]))
     stage = lambda i: [(channels[i], res // 2**i, res // 2**i)] * blocks[i]  # noqa: E731
     expected = sum((stage(i) for i in range(len(channels))), []) + sum(
-        (stage(i) for i in reversed(range(len(channels) - 1))), [])
+        (stage(i) for i in reversed(range(len(channels) - 1))), []
+    )
     assert seen == expected
     assert out.shape == x.shape
 
@@ -96,8 +103,7 @@ def test_parameter_count_matches_closed_form(name):
 
 def test_conditional_parameter_count_includes_null_class_row():
     model = tiny(num_classes=5)
-    assert count_parameters(model) == expected_parameter_count(resolve_model_kwargs("DiffiT-UNet-Tiny",
-                                                                                     num_classes=5))
+    assert count_parameters(model) == expected_parameter_count(resolve_model_kwargs("DiffiT-UNet-Tiny", num_classes=5))
     assert model.label_embed.table.num_embeddings == 6
 
 
@@ -144,7 +150,7 @@ def test_batch_elements_are_independent():
     class_labels = torch.tensor([0, 3, 2])
     with torch.no_grad():
         batched = model(x, noise_labels, class_labels)
-        single = torch.cat([model(x[i:i + 1], noise_labels[i:i + 1], class_labels[i:i + 1]) for i in range(3)])
+        single = torch.cat([model(x[i : i + 1], noise_labels[i : i + 1], class_labels[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
 
 
@@ -198,10 +204,10 @@ def test_windowed_transformer_equals_per_window_computation():
         windowed = block.windowed_transformer(x_hat, time_token)
         for i in range(2):
             for j in range(3):
-                patch = x_hat[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
+                patch = x_hat[:, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4]
                 tokens = patch.flatten(2).transpose(1, 2)  # [N, 16, C], row-major in the window
                 expected = block.transformer(tokens, time_token).transpose(1, 2).reshape(2, 16, 4, 4)
-                torch.testing.assert_close(windowed[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4], expected)
+                torch.testing.assert_close(windowed[:, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4], expected)
         torch.testing.assert_close(block(x, time_token), x + windowed)
 
 
@@ -214,16 +220,16 @@ def test_attention_is_local_to_windows():
     perturbed = x_hat.clone()
     perturbed[:, :, 4:, :4] += 1.0  # window (1, 0)
     with torch.no_grad():
-        changed = (block.windowed_transformer(perturbed, time_token)
-                   - block.windowed_transformer(x_hat, time_token)).abs().amax(dim=(0, 1)) > 0
+        changed = (
+            block.windowed_transformer(perturbed, time_token) - block.windowed_transformer(x_hat, time_token)
+        ).abs().amax(dim=(0, 1)) > 0
     inside = torch.zeros(8, 8, dtype=torch.bool)
     inside[4:, :4] = True
     assert changed[inside].all() and not changed[~inside].any()
 
 
 def test_map_smaller_than_window_is_one_window():
-    model = DiffiTUNet(img_resolution=16, channels=[16, 16, 16], blocks_per_stage=[1, 1, 1], window_size=8,
-                       num_heads=2)
+    model = DiffiTUNet(img_resolution=16, channels=[16, 16, 16], blocks_per_stage=[1, 1, 1], window_size=8, num_heads=2)
     assert model.stage_windows == [8, 8, 4]
     assert [b.transformer.attn.window_size for b in model.encoder[2].blocks] == [4]
     with torch.no_grad():
@@ -278,13 +284,16 @@ def test_group_count():
     assert group_count(96, num_groups=40) == 24  # largest divisor of 96 not above min(40, 96 // 4)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"img_resolution": 18, "channels": [16, 16, 16], "blocks_per_stage": [1, 1, 1]}, "cannot be halved"),
-    ({"img_resolution": 24, "window_size": 16}, "not divisible by the attention window"),
-    ({"num_heads": 3}, "not divisible by num_heads"),
-    ({"blocks_per_stage": [1]}, "same length"),
-    ({"num_classes": -1}, "num_classes"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"img_resolution": 18, "channels": [16, 16, 16], "blocks_per_stage": [1, 1, 1]}, "cannot be halved"),
+        ({"img_resolution": 24, "window_size": 16}, "not divisible by the attention window"),
+        ({"num_heads": 3}, "not divisible by num_heads"),
+        ({"blocks_per_stage": [1]}, "same length"),
+        ({"num_classes": -1}, "num_classes"),
+    ],
+)
 def test_bad_configurations_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny(**overrides)

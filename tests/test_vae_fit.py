@@ -6,23 +6,28 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from cli.vae_cmd import register
-from pipeline.procedural import generate_dataset, load_labelled_images
-from pipeline.vae_fit import (
+from cli.main import app
+from pipeline.demo.procedural import generate_dataset, load_labelled_images
+from pipeline.demo.vae_fit import (
     GRID_NAME,
     REPORT_NAME,
+    VAEFitConfig,
     VAEFitError,
     batch_indices,
     fit_vae,
     psnr_uint8,
+    reconstruction_grid,
 )
 
 # A VAE small enough for a test: 16 px images, two stages (/2 -> 8x8x4 latents), 8 channels per group.
-TINY = dict(resolution=16, block_out_channels=(8, 16), batch_size=4, lr=3e-3, warmup_steps=2, eval_images=6,
-            progress=False)
+TINY = dict(resolution=16, block_out_channels=(8, 16), batch_size=4, lr=3e-3, warmup_steps=2, eval_images=6)
+
+
+def tiny(steps: int, **fields) -> VAEFitConfig:
+    """The tiny VAE's config with `steps` and any other field changed."""
+    return VAEFitConfig(**{**TINY, "steps": steps, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +48,14 @@ def test_fit_reduces_loss_and_saves_a_loadable_vae(dataset, tmp_path):
 
     recon = []
     out = tmp_path / "vae"
-    report = fit_vae(dataset / "train", out, steps=40, holdout=dataset / "holdout",
-                     on_step=lambda step, losses: recon.append(losses["recon"]), **TINY)
+    report = fit_vae(
+        dataset / "train",
+        out,
+        tiny(40),
+        holdout=dataset / "holdout",
+        on_step=lambda step, losses: recon.append(losses["recon"]),
+        progress=False,
+    )
     assert report["steps"] == 40 and report["stopped_by"] == "steps" and not report["skipped"]
     assert np.mean(recon[-5:]) < 0.7 * np.mean(recon[:5])
     assert (out / GRID_NAME).is_file()
@@ -75,21 +86,21 @@ def test_fit_reduces_loss_and_saves_a_loadable_vae(dataset, tmp_path):
 
 def test_finished_fit_is_reused_and_other_settings_are_refused(dataset, tmp_path, caplog):
     out = tmp_path / "vae"
-    first = fit_vae(dataset, out, steps=3, **TINY)
+    first = fit_vae(dataset, out, tiny(3), progress=False)
     weights = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     with caplog.at_level("INFO"):
-        again = fit_vae(dataset, out, steps=3, **TINY)
+        again = fit_vae(dataset, out, tiny(3), progress=False)
     assert again["skipped"] and "skipping the fit" in caplog.text
     assert again["scaling_factor"] == first["scaling_factor"]
     assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     with pytest.raises(VAEFitError, match="overwrite"):
-        fit_vae(dataset, out, steps=4, **TINY)
-    replaced = fit_vae(dataset, out, steps=4, overwrite=True, **TINY)
+        fit_vae(dataset, out, tiny(4), progress=False)
+    replaced = fit_vae(dataset, out, tiny(4), overwrite=True, progress=False)
     assert replaced["steps"] == 4 and json.loads((out / REPORT_NAME).read_text())["steps"] == 4
 
 
 def test_deterministic_and_resume_equals_uninterrupted(dataset, tmp_path):
-    settings = dict(steps=6, checkpoint_every=2, **TINY)
+    settings = dict(config=tiny(6), checkpoint_every=2, progress=False)
     fit_vae(dataset, tmp_path / "a", **settings)
     fit_vae(dataset, tmp_path / "b", **settings)
 
@@ -122,27 +133,56 @@ def test_batches_cover_each_epoch_once():
 
 def test_bad_settings_are_refused(dataset, tmp_path):
     with pytest.raises(VAEFitError, match="not divisible"):
-        fit_vae(dataset, tmp_path / "v", steps=2, **{**TINY, "resolution": 15})
+        fit_vae(dataset, tmp_path / "v", tiny(2, resolution=15), progress=False)
     with pytest.raises(VAEFitError, match="crop_size"):
-        fit_vae(dataset, tmp_path / "v", steps=2, crop_size=5, **TINY)  # not a multiple of the factor 2
+        fit_vae(dataset, tmp_path / "v", tiny(2, crop_size=5), progress=False)  # not a multiple of the factor 2
     with pytest.raises(VAEFitError, match="does not exist"):
-        fit_vae(tmp_path / "missing", tmp_path / "v", steps=2, **TINY)
-    with pytest.raises(VAEFitError, match="unknown option"):
-        fit_vae(dataset, tmp_path / "v", steps=2, layers=2, **TINY)
+        fit_vae(tmp_path / "missing", tmp_path / "v", tiny(2), progress=False)
+    with pytest.raises(VAEFitError, match="recon_loss"):
+        fit_vae(dataset, tmp_path / "v", tiny(2, recon_loss="l2"), progress=False)
+    with pytest.raises(TypeError, match="layers"):
+        tiny(2, layers=2)  # an unknown setting is refused, not ignored
+    assert not (tmp_path / "v").exists()
+
+
+def test_reconstruction_grid_puts_each_row_of_originals_above_its_reconstructions():
+    rng = np.random.default_rng(0)
+    originals = rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8)
+    reconstructions = rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8)
+    grid = reconstruction_grid(originals, reconstructions)  # 2 bands of 8 columns
+    assert grid.shape == (4 * 4, 8 * 4, 3) and grid.dtype == np.uint8
+    for band in range(2):
+        for column in range(8):
+            index, left = band * 8 + column, column * 4
+            np.testing.assert_array_equal(grid[band * 8 : band * 8 + 4, left : left + 4], originals[index])
+            np.testing.assert_array_equal(grid[band * 8 + 4 : band * 8 + 8, left : left + 4], reconstructions[index])
 
 
 def test_crops_train_a_vae_that_runs_on_whole_images(dataset, tmp_path):
-    report = fit_vae(dataset, tmp_path / "v", steps=3, crop_size=8, **TINY)
+    report = fit_vae(dataset, tmp_path / "v", tiny(3, crop_size=8), progress=False)
     assert report["latent_shape"] == [4, 8, 8] and np.isfinite(report["holdout_psnr"])
 
 
 def test_vae_fit_command(dataset, tmp_path):
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     out = tmp_path / "vae"
-    args = ["vae", "fit", str(dataset), str(out), "--resolution", "16", "--block-out-channels", "8,16",
-            "--steps", "2", "--batch-size", "4", "--crop-size", "0", "--json"]
+    args = [
+        "vae",
+        "fit",
+        str(dataset),
+        str(out),
+        "--resolution",
+        "16",
+        "--block-out-channels",
+        "8,16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--crop-size",
+        "0",
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / REPORT_NAME).read_text())["steps"] == 2
@@ -154,6 +194,6 @@ def test_vae_fit_command(dataset, tmp_path):
 
 
 def test_time_budget_stops_the_fit_and_is_reported(dataset, tmp_path):
-    report = fit_vae(dataset, tmp_path / "v", steps=50, time_budget_s=0.0, **TINY)
+    report = fit_vae(dataset, tmp_path / "v", tiny(50), time_budget=0.0, progress=False)
     assert report["stopped_by"] == "time_budget" and report["steps"] == 1
     assert json.loads((tmp_path / "v" / REPORT_NAME).read_text())["stopped_by"] == "time_budget"

@@ -1,6 +1,6 @@
 """Small datasets and configs for the train-stage tests, written in the documented shard format.
 
-Shards go through `pipeline.shards.ShardWriter` / `latent_sample` / `image_sample` -- the writer the encode and
+Shards go through `pipeline.core.shards.ShardWriter` / `latent_sample` / `image_sample` -- the writer the encode and
 pack stages use -- so the bytes are the same format; only the VAE encoding is skipped (the latents are drawn
 here), which keeps a dataset to milliseconds instead of loading a VAE.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.shards import FORMAT_VERSION, ShardWriter, image_sample, latent_sample, write_json_atomic
+from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample, latent_sample, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -39,18 +39,32 @@ def _write_dataset(out_dir: Path, samples: list[dict[str, Any]], num_shards: int
             sidecar = writer.commit({"failures": 0})
         entries.append({k: sidecar[k] for k in ("name", "count", "sha256", "bytes")})
     (out_dir / "failures.jsonl").write_text("")
-    manifest = {"format_version": FORMAT_VERSION, "counts": {"seen": len(samples), "written": len(samples),
-                                                             "failed": 0},
-                "shards": entries, "command": ["tests/train_fixtures.py"], "package_version": "test",
-                "created": "2026-01-01T00:00:00Z", **manifest}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "counts": {"seen": len(samples), "written": len(samples), "failed": 0},
+        "shards": entries,
+        "command": ["tests/train_fixtures.py"],
+        "package_version": "test",
+        "created": "2026-01-01T00:00:00Z",
+        **manifest,
+    }
     write_json_atomic(out_dir / "manifest.json", manifest)
     return out_dir
 
 
-def write_latent_dataset(out_dir: Path, num_samples: int = 8, num_shards: int = 2, latent_size: int = 8,
-                         channels: int = 4, num_classes: int = 10, seed: int = 0, std: float = 0.05,
-                         scaling_factor: float = 0.18215, nan_at: int | None = None,
-                         vae_path: str | None = None) -> Path:
+def write_latent_dataset(
+    out_dir: Path,
+    num_samples: int = 8,
+    num_shards: int = 2,
+    latent_size: int = 8,
+    channels: int = 4,
+    num_classes: int = 10,
+    seed: int = 0,
+    std: float = 0.05,
+    scaling_factor: float = 0.18215,
+    nan_at: int | None = None,
+    vae_path: str | None = None,
+) -> Path:
     """A latent dataset: `num_samples` posteriors (mean ~ N(0, 1/scaling^2), so scaled latents are ~unit),
     labels i % num_classes (or -1 when num_classes is 0). `nan_at` puts a NaN into that sample's mean."""
     rng = np.random.default_rng(seed)
@@ -66,18 +80,39 @@ def write_latent_dataset(out_dir: Path, num_samples: int = 8, num_shards: int = 
         label = i % num_classes if num_classes > 0 else -1
         samples.append(latent_sample(f"{i:08d}", mean, sample_std, label, {"path": f"image-{i}.png"}))
     label_map = {f"n{c:08d}": c for c in range(num_classes)}
-    manifest = {"kind": "latents", "resolution": latent_size * 8, "num_classes": num_classes, "label_map": label_map,
-                "latent_channels": channels, "latent_size": latent_size,
-                "vae": {"id": vae_path or "test/random-vae", "source": "local" if vae_path else "hub",
-                        "revision": None, "path": vae_path, "path_hash": "0" * 64,
-                        "scaling_factor": scaling_factor, "latent_channels": channels, "downsample_factor": 8,
-                        "dtype": "fp32", "convention": "unscaled"},
-                "transform": {"crop": "center"}}
+    manifest = {
+        "kind": "latents",
+        "resolution": latent_size * 8,
+        "num_classes": num_classes,
+        "label_map": label_map,
+        "latent_channels": channels,
+        "latent_size": latent_size,
+        "vae": {
+            "id": vae_path or "test/random-vae",
+            "source": "local" if vae_path else "hub",
+            "revision": None,
+            "path": vae_path,
+            "path_hash": "0" * 64,
+            "scaling_factor": scaling_factor,
+            "latent_channels": channels,
+            "downsample_factor": 8,
+            "dtype": "fp32",
+            "convention": "unscaled",
+        },
+        "transform": {"crop": "center"},
+    }
     return _write_dataset(Path(out_dir), samples, num_shards, manifest)
 
 
-def write_image_dataset(out_dir: Path, num_samples: int = 8, num_shards: int = 2, resolution: int = 16,
-                        num_classes: int = 0, seed: int = 0, spread: float = 1.0) -> Path:
+def write_image_dataset(
+    out_dir: Path,
+    num_samples: int = 8,
+    num_shards: int = 2,
+    resolution: int = 16,
+    num_classes: int = 0,
+    seed: int = 0,
+    spread: float = 1.0,
+) -> Path:
     """An image dataset of blocky random RGB images (4x4 blocks of colour, so a tiny U-Net can fit them):
     each image is (1 - spread) x a shared pattern + spread x its own pattern."""
     rng = np.random.default_rng(seed)
@@ -88,8 +123,13 @@ def write_image_dataset(out_dir: Path, num_samples: int = 8, num_shards: int = 2
         pixels = np.kron(coarse, np.ones((resolution // 4, resolution // 4, 1))).round().astype(np.uint8)
         label = i % num_classes if num_classes > 0 else -1
         samples.append(image_sample(f"{i:08d}", pixels, label, {"path": f"image-{i}.png"}))
-    manifest = {"kind": "images", "resolution": resolution, "num_classes": num_classes,
-                "label_map": {f"c{c}": c for c in range(num_classes)}, "transform": {"crop": "center"}}
+    manifest = {
+        "kind": "images",
+        "resolution": resolution,
+        "num_classes": num_classes,
+        "label_map": {f"c{c}": c for c in range(num_classes)},
+        "transform": {"crop": "center"},
+    }
     return _write_dataset(Path(out_dir), samples, num_shards, manifest)
 
 
@@ -101,8 +141,14 @@ def tiny_latent_config(**sections: dict[str, Any]) -> dict[str, Any]:
         "data": {"resampled": False, "num_workers": 0, "label_dropout": 0.1},
         "optim": {"name": "adamw", "lr": 1e-3},
         "ema": {"decay": 0.99},
-        "train": {"global_batch_size": 4, "max_steps": 6, "mixed_precision": "no", "log_every": 1,
-                  "tracker": "none", "seed": 0},
+        "train": {
+            "global_batch_size": 4,
+            "max_steps": 6,
+            "mixed_precision": "no",
+            "log_every": 1,
+            "tracker": "none",
+            "seed": 0,
+        },
         "checkpoint": {"every": 3, "keep": 2},
         "sample": {"every": 0},
     }
@@ -117,8 +163,7 @@ def tiny_image_config(**sections: dict[str, Any]) -> dict[str, Any]:
         "data": {"resampled": False, "num_workers": 0},
         "optim": {"name": "adam", "lr": 2e-3},
         "ema": {"decay": 0.99},
-        "train": {"global_batch_size": 4, "max_steps": 6, "mixed_precision": "no", "log_every": 1,
-                  "tracker": "none"},
+        "train": {"global_batch_size": 4, "max_steps": 6, "mixed_precision": "no", "log_every": 1, "tracker": "none"},
         "checkpoint": {"every": 100, "keep": 1},
         "sample": {"every": 0, "sampler": "edm-heun"},
     }
@@ -147,8 +192,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     """Environment for trainer subprocesses: offline, few threads, the repo importable."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        TOKENIZERS_PARALLELISM="false",
+    )
     # A child must not inherit a parent's process-group variables.
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -156,16 +206,35 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
 
 
 def train_command(config: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
-    """`python -m pipeline.train ...` for a subprocess."""
-    return [PYTHON, "-m", "pipeline.train", "--config", str(config), "--data", str(data), "--run-dir",
-            str(run_dir), *extra]
+    """`python -m cli.main train ...` for a subprocess."""
+    return [
+        PYTHON,
+        "-m",
+        "cli.main",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def run_train_subprocess(args: list[str], timeout: float = 180, threads: int = 1) -> subprocess.CompletedProcess:
     """Run a trainer command to completion, capturing its output."""
-    return subprocess.run(args, cwd=REPO, env=subprocess_env(threads), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(args, cwd=REPO, env=subprocess_env(threads), capture_output=True, text=True, timeout=timeout)
 
 
-__all__ = ["read_metrics", "run_train_subprocess", "subprocess_env", "tiny_image_config",
-           "tiny_latent_config", "train_command", "write_config", "write_image_dataset", "write_latent_dataset"]
+__all__ = [
+    "read_metrics",
+    "run_train_subprocess",
+    "subprocess_env",
+    "tiny_image_config",
+    "tiny_latent_config",
+    "train_command",
+    "write_config",
+    "write_image_dataset",
+    "write_latent_dataset",
+]

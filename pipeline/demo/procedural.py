@@ -1,22 +1,28 @@
 """A procedural, class-labelled image dataset for the offline demo, and a loader for small image datasets.
 
-`generate_dataset(out_dir, ...)` draws simple coloured shapes and patterns (a red disc, a blue square, green
-stripes, a white checkerboard, ...) with per-image variation (size, small shifts and rotations, colour jitter,
-background shade and noise) and writes them in the ImageNet layout that `pack` / `encode` read::
+`generate_dataset(out_dir, ...)` draws up to 12 classes of coloured shapes and patterns (a red disc, a blue
+square, a green triangle, a yellow ring, magenta horizontal and cyan vertical stripes, an orange cross, a white
+checkerboard, a purple diamond, a brown gradient with a light dot, a pink star, a lime hexagon; see `CLASSES`)
+and writes them in the ImageNet layout that `pack` / `encode` read::
 
-    out_dir/dataset.json                                   classes, counts, seed, resolution, complete flag
-    out_dir/train/c0_red_circle/c0_red_circle_00000.png    one folder per class; sorted folder order = label
-    out_dir/holdout/c0_red_circle/...                      optional held-out real images (classifier evaluation)
+    out_dir/dataset.json                                     classes, counts, seed, resolution, complete flag
+    out_dir/train/c00_red_circle/c00_red_circle_00000.png    one folder per class; sorted folder order = label
+    out_dir/holdout/c00_red_circle/...                       optional held-out real images (classifier evaluation)
 
-Each class differs from the others in shape *and* colour, so a tiny model learns it in minutes on a CPU and a
-person recognises it at 16-64 px. Shapes are drawn from signed distance functions in resolution-independent
-coordinates ([-1, 1] across the image) with analytic anti-aliasing, so the same seed gives the same picture at
-every resolution (up to sampling) and drawing a 64x64 image takes well under a millisecond.
+Every image varies in the class colour (brightness and per-channel jitter), the background (a dark tinted shade
+with a gentle gradient; the gradient class has its own) and pixel noise. The shapes are large and bold, sit near
+the centre (within +-5% of the image size, the star +-10%), and vary in size and by a small rotation (the star
+and the hexagon in any orientation); stripes and the checkerboard cover the whole image with a random period,
+phase and a small tilt. Each class differs from the others in shape *and* colour, so a tiny model learns it in
+minutes on a CPU and a person recognises it at 16-64 px. Shapes are drawn from signed distance functions in
+resolution-independent coordinates ([-1, 1] across the image) with analytic anti-aliasing, so the same seed
+gives the same picture at every resolution (up to sampling) and drawing a 64x64 image takes well under a
+millisecond.
 
-Every image has its own random generator seeded from (seed, split, class, index): the dataset is byte-identical
-on every run, independent of generation order, and growing `per_class` keeps the existing images. Files are
-written under a hidden temporary name and renamed when complete, so an interrupted run is resumed by running the
-same call again (existing files are kept).
+Every image has its own random generator seeded from (generator version, seed, split, class, index): the dataset
+is byte-identical on every run, independent of generation order, and growing `per_class` keeps the existing
+images. Files are written atomically (`pipeline.core.atomic`), so an interrupted run is resumed by running the
+same call again: complete files are kept and the temporary files of the killed run are removed.
 
 `load_labelled_images(data, resolution)` reads an image folder (class tree or flat) or packed raw shards into one
 uint8 array, through the same decoding and ADM centre crop as `encode` / `pack`; the VAE fitter and the
@@ -29,12 +35,16 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from pipeline.core.atomic import TEMP_MARK, remove_temporary_files, write_bytes_atomic, write_json_atomic
+from pipeline.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +54,9 @@ GENERATOR_VERSION = 2
 DATASET_JSON = "dataset.json"
 SPLITS = ("train", "holdout")
 _SPLIT_STREAM = {"train": 0, "holdout": 1}
-_TEMP_MARK = ".tmp-"
 
 
-class ProceduralDatasetError(ValueError):
+class ProceduralDatasetError(InputError):
     """A procedural dataset directory cannot be (re)used: other settings, foreign files, bad arguments."""
 
 
@@ -65,7 +74,7 @@ class Canvas:
     pixel: float
 
     @classmethod
-    def create(cls, resolution: int) -> "Canvas":
+    def create(cls, resolution: int) -> Canvas:
         centres = ((np.arange(resolution, dtype=np.float32) + 0.5) / resolution) * 2.0 - 1.0
         y, x = np.meshgrid(centres, centres, indexing="ij")
         return cls(x=x, y=y, pixel=2.0 / resolution)
@@ -133,12 +142,11 @@ def paint(image: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> np.ndarra
 
 
 def random_centre(rng: np.random.Generator, spread: float = 0.1) -> tuple[float, float]:
-    """Where an object sits: within +-5% of the image size around the middle (object-centric, like ImageNet).
+    """Where an object sits: within +-`spread` (in [-1, 1] units; 0.1 = 5% of the image size) of the middle.
 
-    Generator version 1 placed objects anywhere within +-14% and drew them smaller and thinner: in the demo's
-    few minutes of CPU training both tiny models then drew the shape classes as blobs of the right colour.
-    Near-centred, larger and bolder shapes (version 2) keep the per-image variation in size, small rotations,
-    colour, background and noise, and the models draw recognisable crosses, rings, squares and diamonds.
+    Object-centric like ImageNet. Near-centred, large and bold shapes are what the demo's tiny models, trained
+    for a few minutes on a CPU, learn to draw as crosses, rings, squares and diamonds; objects spread over the
+    image and drawn smaller come out as blobs of the right colour.
     """
     return float(rng.uniform(-spread, spread)), float(rng.uniform(-spread, spread))
 
@@ -183,7 +191,7 @@ def draw_ring(rng, canvas, colour):
 
 
 def _stripes(rng, canvas, colour, horizontal: bool):
-    """Stripes across the whole image (3-4.5 periods, so they survive 16 px), tilted by at most 8 degrees."""
+    """Stripes across the whole image (about 3-4.5 periods, so they survive 16 px), tilted by at most 8 degrees."""
     image = background(rng, canvas)
     u, v = rotate(canvas, (0.0, 0.0), rng.uniform(-0.14, 0.14))
     distance = stripe_distance(v if horizontal else u, rng.uniform(0.45, 0.7), rng.uniform(0, 1))
@@ -210,7 +218,7 @@ def draw_cross(rng, canvas, colour):
 
 
 def draw_checkerboard(rng, canvas, colour):
-    """A checkerboard of the class colour and the background over the whole image."""
+    """A checkerboard of the class colour and the background over the whole image, tilted by at most 7 degrees."""
     image = background(rng, canvas)
     u, v = rotate(canvas, (0.0, 0.0), rng.uniform(-0.12, 0.12))
     period = 2 * rng.uniform(0.3, 0.45)  # two cells per period: 4-7 cells across the image
@@ -320,11 +328,13 @@ def render_image(class_index: int, resolution: int, rng: np.random.Generator) ->
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def render_class_examples(class_index: int, count: int, resolution: int = 64, seed: int = 0,
-                          split: str = "train") -> np.ndarray:
+def render_class_examples(
+    class_index: int, count: int, resolution: int = 64, seed: int = 0, split: str = "train"
+) -> np.ndarray:
     """`count` images of one class exactly as `generate_dataset` writes them: uint8 [count, R, R, 3]."""
-    return np.stack([render_image(class_index, resolution, image_rng(seed, split, class_index, index))
-                     for index in range(count)])
+    return np.stack(
+        [render_image(class_index, resolution, image_rng(seed, split, class_index, index)) for index in range(count)]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,27 +348,11 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a hidden temporary file beside `path`, then rename it (readers never see half a file)."""
-    temp = path.with_name(f".{path.name}{_TEMP_MARK}{os.getpid()}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-    os.replace(temp, path)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write a JSON file atomically (temporary file + rename)."""
-    write_bytes_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def _remove_temporary_files(directory: Path) -> int:
-    """Delete leftovers of an interrupted run (hidden `*.tmp-*` files); returns how many were removed."""
-    removed = 0
-    for path in directory.rglob(f".*{_TEMP_MARK}*"):
-        if path.is_file():
-            path.unlink()
-            removed += 1
-    return removed
+def remove_temporary_files_below(directory: Path) -> int:
+    """Delete the leftovers of an interrupted run (`*.tmp-*` files) in `directory` and all its sub-folders (the
+    class folders); returns how many were removed."""
+    folders = [directory, *(path for path in directory.rglob("*") if path.is_dir())]
+    return sum(len(remove_temporary_files(folder)) for folder in folders)
 
 
 def _settings(num_classes: int, resolution: int, seed: int) -> dict[str, Any]:
@@ -390,18 +384,23 @@ def _check_existing(out_dir: Path, settings: dict[str, Any]) -> None:
         )
 
 
+def _is_ours_to_ignore(name: str) -> bool:
+    """Hidden files and the temporary files of an interrupted run (removed before writing) are not foreign."""
+    return name.startswith(".") or TEMP_MARK in name
+
+
 def _check_no_foreign_files(split_dir: Path, names: list[str], count: int) -> None:
     """Every file in a split must be one this call would write (no images of a larger earlier run, no strays)."""
     if not split_dir.is_dir():
         return
     expected_dirs = set(names)
     for entry in split_dir.iterdir():
-        if entry.name.startswith("."):
+        if _is_ours_to_ignore(entry.name):
             continue
         if entry.name not in expected_dirs:
             raise ProceduralDatasetError(f"{entry} is not a class folder of this dataset; remove it")
         expected = {f"{entry.name}_{i:05d}.png" for i in range(count)}
-        foreign = sorted(p.name for p in entry.iterdir() if not p.name.startswith(".") and p.name not in expected)
+        foreign = sorted(p.name for p in entry.iterdir() if not _is_ours_to_ignore(p.name) and p.name not in expected)
         if foreign:
             raise ProceduralDatasetError(
                 f"{entry} holds {len(foreign)} file(s) this dataset would not contain (first: {foreign[0]}); "
@@ -409,54 +408,70 @@ def _check_no_foreign_files(split_dir: Path, names: list[str], count: int) -> No
             )
 
 
-def generate_dataset(out_dir: str | os.PathLike, num_classes: int = 10, per_class: int = 300, resolution: int = 64,
-                     seed: int = 0, holdout_per_class: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Write the procedural dataset (see the module docstring) and return the contents of its `dataset.json`.
-
-    Resumable: files that already exist are kept (they were renamed into place only when complete), so running
-    the same call again after an interruption finishes the job; a directory made with other settings is refused.
-    """
+def _check_arguments(per_class: int, holdout_per_class: int, resolution: int) -> None:
     if per_class < 1:
         raise ProceduralDatasetError(f"per_class must be at least 1, got {per_class}")
     if holdout_per_class < 0:
         raise ProceduralDatasetError(f"holdout_per_class must be >= 0, got {holdout_per_class}")
     if resolution < 8:
         raise ProceduralDatasetError(f"resolution must be at least 8 pixels, got {resolution}")
-    out = Path(out_dir).expanduser()
-    settings = _settings(num_classes, resolution, seed)
-    names = settings["classes"]
-    counts = {"train": per_class, "holdout": holdout_per_class}
 
+
+def _prepare_directory(out: Path, settings: dict[str, Any], counts: dict[str, int]) -> None:
+    """Refuse a directory this call must not write into; clean up after a killed run; mark it incomplete."""
     if out.exists() and not out.is_dir():
         raise ProceduralDatasetError(f"{out} exists and is not a directory")
     _check_existing(out, settings)
     for split in SPLITS:
-        _check_no_foreign_files(out / split, names, counts[split])
+        _check_no_foreign_files(out / split, settings["classes"], counts[split])
     out.mkdir(parents=True, exist_ok=True)
-    removed = _remove_temporary_files(out)
+    removed = remove_temporary_files_below(out)
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run in %s", removed, out)
     # Marked incomplete first: a killed run leaves a directory that says it is unfinished.
     write_json_atomic(out / DATASET_JSON, {**settings, "per_class": counts, "complete": False})
 
-    jobs = [(split, k, i) for split in SPLITS for k in range(num_classes) for i in range(counts[split])]
-    written = skipped = 0
-    iterator = jobs
+
+def _write_images(out: Path, settings: dict[str, Any], counts: dict[str, int], progress: bool) -> tuple[int, int]:
+    """Draw and write every image that is not there yet: (written, already present)."""
+    names, resolution, seed = settings["classes"], settings["resolution"], settings["seed"]
+    jobs = [(split, k, i) for split in SPLITS for k in range(len(names)) for i in range(counts[split])]
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(jobs, desc="synth", unit="img", mininterval=1.0)
-    for split, class_index, index in iterator:
-        folder = out / split / names[class_index]
-        path = folder / f"{names[class_index]}_{index:05d}.png"
+        jobs = tqdm(jobs, desc="synth", unit="img", mininterval=1.0)
+    written = skipped = 0
+    for split, class_index, index in jobs:
+        path = out / split / names[class_index] / f"{names[class_index]}_{index:05d}.png"
         if path.is_file():
             skipped += 1
             continue
-        folder.mkdir(parents=True, exist_ok=True)
         pixels = render_image(class_index, resolution, image_rng(seed, split, class_index, index))
-        write_bytes_atomic(path, png_bytes(pixels))
+        write_bytes_atomic(path, png_bytes(pixels))  # creates the class folder
         written += 1
+    return written, skipped
 
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    num_classes: int = 10,
+    per_class: int = 300,
+    resolution: int = 64,
+    seed: int = 0,
+    holdout_per_class: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the procedural dataset (see the module docstring) and return the contents of its `dataset.json`.
+
+    Resumable: files that already exist are kept (they were renamed into place only when complete), so running
+    the same call again after an interruption finishes the job; a directory made with other settings is refused.
+    """
+    _check_arguments(per_class, holdout_per_class, resolution)
+    out = Path(out_dir).expanduser()
+    settings = _settings(num_classes, resolution, seed)
+    counts = {"train": per_class, "holdout": holdout_per_class}
+    _prepare_directory(out, settings, counts)
+    written, skipped = _write_images(out, settings, counts, progress)
     info = {
         **settings,
         "num_classes": num_classes,
@@ -492,11 +507,12 @@ class LabelledImages:
         """Number of classes (0 for an unlabelled dataset)."""
         return len(self.label_map)
 
-    def subset(self, indices: np.ndarray) -> "LabelledImages":
+    def subset(self, indices: np.ndarray) -> LabelledImages:
         """The images at `indices` (same label map)."""
         indices = np.asarray(indices, dtype=np.int64)
-        return LabelledImages(self.images[indices], self.labels[indices], self.label_map, self.root,
-                              [self.paths[i] for i in indices])
+        return LabelledImages(
+            self.images[indices], self.labels[indices], self.label_map, self.root, [self.paths[i] for i in indices]
+        )
 
 
 def resolve_split_dir(data: str | os.PathLike, split: str = "train") -> Path:
@@ -514,16 +530,16 @@ def resolve_split_dir(data: str | os.PathLike, split: str = "train") -> Path:
     return path
 
 
-def load_labelled_images(data: str | os.PathLike, resolution: int, max_images: int | None = None, seed: int = 0,
-                         progress: bool = False) -> LabelledImages:
+def load_labelled_images(
+    data: str | os.PathLike, resolution: int, max_images: int | None = None, seed: int = 0, progress: bool = False
+) -> LabelledImages:
     """Read an image folder (class tree or flat) or packed raw shards into memory at `resolution`.
 
     Images go through the decoding and ADM centre crop of `encode` / `pack`. With `max_images`, a random subset
     (fixed by `seed`, kept in source order) is read. A procedural dataset root means its `train` split. An image
     that cannot be decoded raises an error naming it: these datasets are small and meant to be clean.
     """
-    from .sources import read_item_bytes, scan_source
-    from .transforms import ImageDecodeError, prepare_image
+    from pipeline.encode import ImageDecodeError, prepare_image, read_item_bytes, scan_source
 
     source = scan_source(resolve_split_dir(data))
     items = source.items

@@ -12,7 +12,7 @@ its batch and identical in training and evaluation mode. Inputs of another size 
 antialiased) to the resolution the classifier was trained at.
 
 Saved as a directory: `model.safetensors` + `config.json` (architecture, class names, training report), written
-under a temporary name and renamed when complete.
+into a temporary directory that replaces the final one when complete (`staging.staged_directory`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .atomic import replace_directory
-from .procedural import LabelledImages, load_labelled_images
+from pipeline.core.atomic import write_text_atomic
+from pipeline.core.errors import InputError
+from pipeline.demo.procedural import LabelledImages, load_labelled_images
+from pipeline.demo.staging import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ CONFIG_NAME = "config.json"
 MODEL_TYPE = "diffit-pipe-class-consistency-cnn"
 
 
-class ClassifierError(ValueError):
+class ClassifierError(InputError):
     """Unusable classifier input: unlabelled data, missing or damaged classifier directory, bad image arrays."""
 
 
@@ -105,8 +105,9 @@ def to_input(images_uint8: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float32 [N, 3, R, R] in [-1, 1], resized to the classifier's resolution."""
     images = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if images.shape[-2:] != (resolution, resolution):
-        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True,
-                               align_corners=False)
+        images = F.interpolate(
+            images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+        )
     return images
 
 
@@ -187,8 +188,10 @@ def per_class_accuracy(model: SmallCNN, images: np.ndarray, labels: np.ndarray) 
     """Accuracy within each class (None for classes without images): shows which classes a model fails."""
     predicted = predict(model, images)
     labels = np.asarray(labels)
-    return [float((predicted[labels == k] == k).mean()) if (labels == k).any() else None
-            for k in range(model.config.num_classes)]
+    return [
+        float((predicted[labels == k] == k).mean()) if (labels == k).any() else None
+        for k in range(model.config.num_classes)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,22 +199,15 @@ def per_class_accuracy(model: SmallCNN, images: np.ndarray, labels: np.ndarray) 
 
 
 def save_classifier(model: SmallCNN, out_path: str | os.PathLike, report: dict[str, Any] | None = None) -> Path:
-    """Write `model.safetensors` + `config.json` into `out_path` atomically (temporary directory + rename)."""
+    """Write `model.safetensors` + `config.json` into `out_path`, which appears complete or not at all."""
     from safetensors.torch import save_file
 
     out = Path(out_path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    temp.mkdir()
-    try:
+    with staged_directory(out) as temp:
         state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(temp / WEIGHTS_NAME), metadata={"model_type": MODEL_TYPE})
         config = {"model_type": MODEL_TYPE, **asdict(model.config), "report": report or {}}
-        (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        replace_directory(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        write_text_atomic(temp / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -274,11 +270,128 @@ def _labelled(data: LabelledImages, what: str) -> LabelledImages:
     return data
 
 
-def train_classifier(data: str | os.PathLike, out_path: str | os.PathLike, resolution: int = 32, steps: int = 200,
-                     batch_size: int = 64, lr: float = 3e-3, seed: int = 0, holdout: str | os.PathLike | None = None,
-                     holdout_fraction: float = 0.1, channels: tuple[int, ...] = (32, 64, 64, 64),
-                     max_images: int | None = None, time_budget_s: float | None = None,
-                     progress: bool = True, grayscale: bool = False) -> dict[str, Any]:
+def _train_and_held_out(
+    data: str | os.PathLike,
+    holdout: str | os.PathLike | None,
+    resolution: int,
+    holdout_fraction: float,
+    max_images: int | None,
+    seed: int,
+) -> tuple[LabelledImages, LabelledImages, LabelledImages]:
+    """(everything read from `data`, training images, held-out images): `holdout` when given, else a
+    `holdout_fraction` of `data` kept out of training."""
+    dataset = _labelled(load_labelled_images(data, resolution, max_images=max_images, seed=seed), "dataset")
+    if holdout is None:
+        train_indices, held_indices = holdout_split(len(dataset), holdout_fraction, seed)
+        return dataset, dataset.subset(train_indices), dataset.subset(held_indices)
+    held_set = _labelled(load_labelled_images(holdout, resolution, seed=seed), "holdout set")
+    if held_set.label_map != dataset.label_map:
+        raise ClassifierError(
+            f"the classes of the holdout set {held_set.root} ({sorted(held_set.label_map)}) differ from those "
+            f"of {dataset.root} ({sorted(dataset.label_map)})"
+        )
+    return dataset, dataset, held_set
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How long and how fast the classifier is trained."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    time_budget_s: float | None
+
+
+def _optimiser(model: SmallCNN, schedule: _Schedule):
+    """AdamW with a linear warm-up over the first 5% of the steps, then cosine decay to 0."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=1e-4)
+    steps, warmup = schedule.steps, max(1, schedule.steps // 20)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps))
+    )
+    return optimizer, lr_schedule
+
+
+def _fit(model: SmallCNN, train_set: LabelledImages, schedule: _Schedule, started: float, progress: bool) -> dict:
+    """The training loop: random batches with flips and degradations (`_degrade`); stops after `steps` or when
+    the time budget (counted from `started`) is spent. Returns steps, stopped_by and final_loss."""
+    generator = torch.Generator().manual_seed(schedule.seed)
+    optimizer, lr_schedule = _optimiser(model, schedule)
+    train_images = to_input(train_set.images, model.config.resolution)  # the whole (small) set, once
+    train_labels = torch.from_numpy(train_set.labels)
+    iterator, bar = range(schedule.steps), None
+    if progress:
+        from tqdm import tqdm
+
+        iterator = bar = tqdm(iterator, desc="classifier", unit="step", mininterval=1.0)
+    model.train()
+    step = loss_value = 0
+    stopped_by = "steps"
+    for step in iterator:
+        indices = torch.randint(len(train_set), (schedule.batch_size,), generator=generator)
+        batch = _degrade(_random_flips(train_images[indices], generator), generator)
+        loss = F.cross_entropy(model(batch), train_labels[indices])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        loss_value = float(loss.detach())
+        if bar is not None and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        if schedule.time_budget_s is not None and time.perf_counter() - started > schedule.time_budget_s:
+            stopped_by = "time_budget"
+            logger.warning(
+                "classifier training stopped by the time budget after %d of %d steps", step + 1, schedule.steps
+            )
+            break
+    if bar is not None:
+        bar.close()
+    return {"steps": step + 1, "stopped_by": stopped_by, "final_loss": loss_value}
+
+
+def _new_model(
+    dataset: LabelledImages, resolution: int, channels: tuple[int, ...], grayscale: bool, seed: int
+) -> SmallCNN:
+    """A freshly initialised classifier for the classes of `dataset` (initialisation fixed by `seed`)."""
+    config = ClassifierConfig(
+        num_classes=dataset.num_classes,
+        resolution=resolution,
+        channels=tuple(channels),
+        class_names=sorted(dataset.label_map, key=dataset.label_map.get),
+        grayscale=grayscale,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmallCNN(config)
+
+
+def _accuracies(model: SmallCNN, train_set: LabelledImages, held_set: LabelledImages) -> dict[str, Any]:
+    """Accuracy on the training and held-out images, and per class on the held-out ones."""
+    return {
+        "train_acc": class_consistency(model, train_set.images, train_set.labels),
+        "holdout_acc": class_consistency(model, held_set.images, held_set.labels),
+        "holdout_per_class_acc": per_class_accuracy(model, held_set.images, held_set.labels),
+    }
+
+
+def train_classifier(
+    data: str | os.PathLike,
+    out_path: str | os.PathLike,
+    resolution: int = 32,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    holdout: str | os.PathLike | None = None,
+    holdout_fraction: float = 0.1,
+    channels: tuple[int, ...] = (32, 64, 64, 64),
+    max_images: int | None = None,
+    time_budget_s: float | None = None,
+    progress: bool = True,
+    grayscale: bool = False,
+) -> dict[str, Any]:
     """Train the classifier on `data` (class folders, a procedural dataset root, or packed raw shards) and save it.
 
     Held-out accuracy is measured on `holdout` (e.g. the `holdout` split of a procedural dataset) when given,
@@ -290,74 +403,20 @@ def train_classifier(data: str | os.PathLike, out_path: str | os.PathLike, resol
     steps, seconds, image counts.
     """
     if steps < 1 or batch_size < 1 or resolution < 8:
-        raise ClassifierError(f"need steps >= 1, batch_size >= 1, resolution >= 8 (got {steps}, {batch_size}, "
-                              f"{resolution})")
+        raise ClassifierError(
+            f"need steps >= 1, batch_size >= 1, resolution >= 8 (got {steps}, {batch_size}, {resolution})"
+        )
     started = time.perf_counter()
-    dataset = _labelled(load_labelled_images(data, resolution, max_images=max_images, seed=seed), "dataset")
-    if holdout is not None:
-        train_set = dataset
-        held_set = _labelled(load_labelled_images(holdout, resolution, seed=seed), "holdout set")
-        if held_set.label_map != train_set.label_map:
-            raise ClassifierError(
-                f"the classes of the holdout set {held_set.root} ({sorted(held_set.label_map)}) differ from those "
-                f"of {train_set.root} ({sorted(train_set.label_map)})"
-            )
-    else:
-        train_indices, held_indices = holdout_split(len(dataset), holdout_fraction, seed)
-        train_set, held_set = dataset.subset(train_indices), dataset.subset(held_indices)
-    class_names = sorted(dataset.label_map, key=dataset.label_map.get)
-    config = ClassifierConfig(num_classes=dataset.num_classes, resolution=resolution, channels=tuple(channels),
-                              class_names=class_names, grayscale=grayscale)
-    logger.info("classifier: %d training / %d held-out images, %d classes, %d px, %d steps",
-                len(train_set), len(held_set), config.num_classes, resolution, steps)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SmallCNN(config)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps))
-    )
-    train_images = to_input(train_set.images, resolution)  # the whole (small) set, once
-    train_labels = torch.from_numpy(train_set.labels)
-
-    iterator = range(steps)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        iterator = bar = tqdm(iterator, desc="classifier", unit="step", mininterval=1.0)
-    model.train()
-    step = loss_value = 0
-    stopped_by = "steps"
-    for step in iterator:
-        indices = torch.randint(len(train_set), (batch_size,), generator=generator)
-        batch = _degrade(_random_flips(train_images[indices], generator), generator)
-        loss = F.cross_entropy(model(batch), train_labels[indices])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        loss_value = float(loss.detach())
-        if bar is not None and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
-            stopped_by = "time_budget"
-            logger.warning("classifier training stopped by the time budget after %d of %d steps", step + 1, steps)
-            break
-    if bar is not None:
-        bar.close()
+    dataset, train_set, held_set = _train_and_held_out(data, holdout, resolution, holdout_fraction, max_images, seed)
+    counts = (len(train_set), len(held_set), dataset.num_classes, resolution, steps)
+    logger.info("classifier: %d training / %d held-out images, %d classes, %d px, %d steps", *counts)
+    model = _new_model(dataset, resolution, channels, grayscale, seed)
+    outcome = _fit(model, train_set, _Schedule(steps, batch_size, lr, seed, time_budget_s), started, progress)
     train_seconds = time.perf_counter() - started
 
     report = {
-        "train_acc": class_consistency(model, train_set.images, train_set.labels),
-        "holdout_acc": class_consistency(model, held_set.images, held_set.labels),
-        "holdout_per_class_acc": per_class_accuracy(model, held_set.images, held_set.labels),
-        "steps": step + 1,
-        "stopped_by": stopped_by,
-        "final_loss": loss_value,
+        **_accuracies(model, train_set, held_set),
+        **outcome,
         "train_images": len(train_set),
         "holdout_images": len(held_set),
         "holdout_source": str(holdout) if holdout is not None else f"{holdout_fraction:.0%} of {dataset.root}",
@@ -371,6 +430,7 @@ def train_classifier(data: str | os.PathLike, out_path: str | os.PathLike, resol
         "seconds": round(train_seconds, 2),
     }
     save_classifier(model, out_path, report)
-    logger.info("classifier saved to %s: train accuracy %.4f, held-out accuracy %.4f (%.1f s)",
-                out_path, report["train_acc"], report["holdout_acc"], train_seconds)
+    logger.info(
+        "classifier saved to %s: held-out accuracy %.4f (%.1f s)", out_path, report["holdout_acc"], train_seconds
+    )
     return report

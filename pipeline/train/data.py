@@ -30,17 +30,20 @@ import io
 import logging
 import random
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.core.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """A sample or shard that does not follow the documented shard format."""
 
 
@@ -49,24 +52,25 @@ class StreamSpec:
     """Everything a worker needs to build its part of the stream (picklable for DataLoader workers)."""
 
     urls: tuple[str, ...]
-    kind: str                      # "latents" | "images"
+    kind: str  # "latents" | "images"
     batch_size: int
     rank: int = 0
     world_size: int = 1
     resampled: bool = True
     shuffle_buffer: int = 1000
     hflip: bool = True
-    scaling_factor: float = 1.0    # latents only
+    scaling_factor: float = 1.0  # latents only
     resolution: int | None = None  # images: expected size of each PNG
-    conditional: bool = True       # False: labels are ignored (returned as -1)
-    num_classes: int = 0           # labels must lie in [0, num_classes) for conditional models
+    conditional: bool = True  # False: labels are ignored (returned as -1)
+    num_classes: int = 0  # labels must lie in [0, num_classes) for conditional models
     seed: int = 0
-    start_step: int = 0            # resampled: enters the seed; deterministic: see `skip_batches`
-    skip_batches: int = 0          # deterministic: batches this process consumed before resuming
+    start_step: int = 0  # resampled: enters the seed; deterministic: see `skip_batches`
+    skip_batches: int = 0  # deterministic: batches this process consumed before resuming
 
 
-def shards_for(urls: tuple[str, ...] | list[str], rank: int, world_size: int, worker: int = 0,
-               num_workers: int = 1) -> list[str]:
+def shards_for(
+    urls: tuple[str, ...] | list[str], rank: int, world_size: int, worker: int = 0, num_workers: int = 1
+) -> list[str]:
     """The shards one DataLoader worker of one process reads: by node, then by worker."""
     return list(urls)[rank::world_size][worker::num_workers]
 
@@ -78,13 +82,20 @@ def check_shard_split(num_shards: int, world_size: int, num_workers: int) -> int
     workers lowers the worker count (webdataset would otherwise fail with "No samples found"), logged.
     """
     if num_shards < world_size:
-        raise DataFormatError(f"{num_shards} shard(s) for {world_size} processes: every process needs its own "
-                              "shard; write more shards (encode --shard-size) or use fewer processes")
+        raise DataFormatError(
+            f"{num_shards} shard(s) for {world_size} processes: every process needs its own "
+            "shard; write more shards (encode --shard-size) or use fewer processes"
+        )
     per_process = num_shards // world_size
     workers = max(num_workers, 1)
     if per_process < workers:
-        logger.warning("%d shard(s) per process but data.num_workers=%d: using %d DataLoader worker(s) so that "
-                       "every worker has a shard", per_process, num_workers, per_process)
+        logger.warning(
+            "%d shard(s) per process but data.num_workers=%d: using %d DataLoader worker(s) so that "
+            "every worker has a shard",
+            per_process,
+            num_workers,
+            per_process,
+        )
         workers = per_process
     return workers if num_workers > 0 else 0
 
@@ -129,8 +140,7 @@ def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> t
     """One training latent: scaling_factor * (mean + std * eps) of the original or flipped view."""
     mean, std = _load_npy(sample, "mean.npy"), _load_npy(sample, "std.npy")
     if mean.shape != std.shape or mean.ndim != 4 or mean.shape[0] != 2:
-        raise DataFormatError(f"{_where(sample)}: mean/std must both be [2, C, h, w], got {mean.shape} and "
-                              f"{std.shape}")
+        raise DataFormatError(f"{_where(sample)}: mean/std must both be [2, C, h, w], got {mean.shape} and {std.shape}")
     view = int(rng.integers(2)) if spec.hflip else 0
     eps = rng.standard_normal(mean.shape[1:], dtype=np.float32)
     latent = (mean[view].astype(np.float32) + std[view].astype(np.float32) * eps) * np.float32(spec.scaling_factor)
@@ -150,8 +160,10 @@ def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tu
     except OSError as error:
         raise DataFormatError(f"{_where(sample)}: cannot decode the PNG ({error})") from None
     if spec.resolution is not None and pixels.shape[:2] != (spec.resolution, spec.resolution):
-        raise DataFormatError(f"{_where(sample)}: image is {pixels.shape[1]}x{pixels.shape[0]}, the manifest "
-                              f"says {spec.resolution}x{spec.resolution}")
+        raise DataFormatError(
+            f"{_where(sample)}: image is {pixels.shape[1]}x{pixels.shape[0]}, the manifest "
+            f"says {spec.resolution}x{spec.resolution}"
+        )
     if spec.hflip and rng.integers(2):
         pixels = pixels[:, ::-1]
     image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
@@ -203,9 +215,11 @@ class ShardStream(IterableDataset):
             worker = (worker + self.spec.skip_batches) % num_workers
         shards = shards_for(self.spec.urls, self.spec.rank, self.spec.world_size, worker, num_workers)
         if not shards:
-            raise DataFormatError(f"worker {worker} of process {self.spec.rank} has no shard "
-                                  f"({len(self.spec.urls)} shards, {self.spec.world_size} processes, "
-                                  f"{num_workers} workers)")
+            raise DataFormatError(
+                f"worker {worker} of process {self.spec.rank} has no shard "
+                f"({len(self.spec.urls)} shards, {self.spec.world_size} processes, "
+                f"{num_workers} workers)"
+            )
         return shards, worker, num_workers
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -224,8 +238,9 @@ class ShardStream(IterableDataset):
         pipeline = wds.DataPipeline(
             wds.ResampledShards(shards, seed=shard_seed, worker_seed=lambda: 0, deterministic=True),
             wds.tarfile_to_samples(handler=wds.reraise_exception),
-            wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer,
-                        rng=random.Random(int(rng.integers(2**31)))) if spec.shuffle_buffer > 1 else _identity,
+            wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=random.Random(int(rng.integers(2**31))))
+            if spec.shuffle_buffer > 1
+            else _identity,
         )
         batch = []
         for sample in pipeline:
@@ -274,8 +289,14 @@ def make_loader(spec: StreamSpec, num_workers: int, prefetch_factor: int = 2) ->
     # The loader's own generator: creating its iterator must not draw from the global RNG (which the trainer
     # restores on resume and uses for noise and timesteps).
     generator = torch.Generator().manual_seed(spec.seed)
-    return DataLoader(ShardStream(spec), batch_size=None, num_workers=workers, generator=generator,
-                      pin_memory=torch.cuda.is_available(), **kwargs)
+    return DataLoader(
+        ShardStream(spec),
+        batch_size=None,
+        num_workers=workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        **kwargs,
+    )
 
 
 def infinite(loader: DataLoader) -> Iterator:
@@ -286,5 +307,6 @@ def infinite(loader: DataLoader) -> Iterator:
             yielded = True
             yield batch
         if not yielded:
-            raise DataFormatError("the data stream produced no batch: the shards hold fewer samples than one "
-                                  "batch per worker?")
+            raise DataFormatError(
+                "the data stream produced no batch: the shards hold fewer samples than one batch per worker?"
+            )

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 # WebDataset member names are `key + "." + extension`; USTAR names hold 100 characters (+155 of prefix), so a
@@ -36,7 +38,7 @@ MAX_KEY_LENGTH = 80
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """The source directory cannot be used (missing, empty, unreadable, or an invalid packed dataset)."""
 
 
@@ -199,12 +201,16 @@ def scan_folder(root: str | os.PathLike) -> Source:
         if loose:
             logger.warning(
                 "%d file(s) directly under %s are not in a class folder and are ignored (first: %s)",
-                len(loose), root_path, ", ".join(loose[:5]),
+                len(loose),
+                root_path,
+                ", ".join(loose[:5]),
             )
             ignored.extend(loose)
         files = []
         for name in class_dirs:
-            files.extend((rel, stat, label_map[name]) for rel, stat in _walk_files(root_path / name, root_path, ignored))
+            files.extend(
+                (rel, stat, label_map[name]) for rel, stat in _walk_files(root_path / name, root_path, ignored)
+            )
     else:
         layout = "flat"
         label_map = {}
@@ -234,7 +240,7 @@ def scan_packed(root: str | os.PathLike) -> Source:
     """List the samples of packed raw-image shards (output of `pack`) as items with member offsets."""
     # Imported here: shards imports nothing from sources, but keeping the dependency one-way and lazy avoids
     # loading webdataset just to scan a folder of JPEGs.
-    from pipeline.shards import load_manifest
+    from pipeline.core.shards import load_manifest
 
     root_path = Path(root).expanduser().resolve()
     manifest = load_manifest(root_path)

@@ -1,7 +1,7 @@
 """`diffit-pipe inspect`: summarise, verify and preview a dataset written by `encode` or `pack`.
 
 - `summarize(dir)` reads the manifest, the failures file and the shard sizes (no shard is opened);
-- `verify_dataset(dir)` (from `pipeline.shards`) re-hashes every shard against the manifest and sidecars;
+- `verify_dataset(dir)` (from `pipeline.core.shards`) re-hashes every shard against the manifest and sidecars;
 - `write_preview(dir, png)` decodes the first few latents through the VAE recorded in the manifest (raw image
   datasets: the images themselves) and saves them as one PNG grid.
 """
@@ -9,24 +9,28 @@
 from __future__ import annotations
 
 import collections
-import io
 import json
-import math
 import os
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.shards import FAILURES_NAME, decode_sample, iter_samples, load_manifest, shard_urls
+from pipeline.core.errors import InputError
+from pipeline.core.grids import image_grid, write_png
+from pipeline.core.shards import FAILURES_NAME, ManifestError, decode_sample, iter_samples, load_manifest, shard_urls
+
+PREVIEW_PADDING = 2  # white pixels between (and around) the preview's images
 
 
-class PreviewError(ValueError):
+class PreviewError(InputError):
     """A preview cannot be made (no samples, or the recorded VAE is not available / not the same)."""
 
 
 def _reason_group(reason: str) -> str:
-    """The general part of a failure reason (`corrupt or truncated image data (...)` → `corrupt or truncated image data`)."""
+    """The general part of a failure reason: `corrupt or truncated image data (...)` → `corrupt or truncated
+    image data`."""
     return reason.split(" (")[0].split(": ")[0]
 
 
@@ -35,8 +39,19 @@ def read_failures(directory: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(directory) / FAILURES_NAME
     if not path.is_file():
         return []
+    records = []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ManifestError(f"{path}: line {number} is not JSON ({error})") from error
+            if not isinstance(record, dict) or not {"reason", "path"} <= set(record):
+                raise ManifestError(f"{path}: line {number} is not a failure record (needs 'path' and 'reason')")
+            records.append(record)
+    return records
 
 
 def summarize(directory: str | os.PathLike) -> dict[str, Any]:
@@ -83,10 +98,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     counts = summary["counts"]
     rate = counts["failed"] / counts["seen"] if counts["seen"] else 0.0
     names = list(summary["label_map"])
-    classes = f"{summary['num_classes']}" + (f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else " (unlabelled, class -1)")
+    classes = f"{summary['num_classes']}" + (
+        f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else " (unlabelled, class -1)"
+    )
     lines = [
         f"dataset    {summary['directory']}",
-        f"kind       {summary['kind']} (format {summary['format_version']}), resolution {summary['resolution']}, sample {summary['sample_shape']}",
+        f"kind       {summary['kind']} (format {summary['format_version']}), resolution {summary['resolution']}, "
+        f"sample {summary['sample_shape']}",
         f"items      {counts['written']} written / {counts['seen']} seen / {counts['failed']} failed ({rate:.2%})",
         f"classes    {classes}",
         f"shards     {summary['shards']} ({summary['empty_shards']} empty), {_human_bytes(summary['bytes'])}",
@@ -100,7 +118,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"stored {vae['convention']}"
         )
     if summary["failure_reasons"]:
-        lines.append("failures   " + "; ".join(f"{count} x {reason} (e.g. {example})" for reason, count, example in summary["failure_reasons"][:6]))
+        lines.append(
+            "failures   "
+            + "; ".join(
+                f"{count} x {reason} (e.g. {example})" for reason, count, example in summary["failure_reasons"][:6]
+            )
+        )
     lines.append(f"created    {summary['created']} by: {summary['command']}")
     return "\n".join(lines)
 
@@ -109,20 +132,26 @@ def first_samples(directory: str | os.PathLike, count: int) -> list[dict[str, An
     """The first `count` decoded samples in shard order."""
     directory = Path(directory)
     manifest = load_manifest(directory)
-    samples = []
+    samples: list[dict[str, Any]] = []
     for url in shard_urls(directory, manifest):
-        for sample in iter_samples(url):
-            samples.append(decode_sample(sample))
-            if len(samples) >= count:
-                return samples
+        try:
+            for sample in iter_samples(url):
+                samples.append(decode_sample(sample))
+                if len(samples) >= count:
+                    return samples
+        except (OSError, ValueError, KeyError, tarfile.TarError) as error:
+            # A damaged shard (`inspect --verify` says which bytes differ); PIL's decode errors are OSErrors.
+            raise PreviewError(f"{url}: cannot read its samples ({type(error).__name__}: {error})") from error
     return samples
 
 
 def _recorded_vae(manifest: dict[str, Any], override: str | None):
     """Load the VAE the latents were made with (or `override`), refusing a local VAE whose files changed."""
-    from pipeline.vae import VAEError, get_vae, resolve_vae
+    from pipeline.core.vae import VAEError, get_vae, resolve_vae
 
-    recorded = manifest["vae"]
+    recorded = manifest.get("vae")
+    if not isinstance(recorded, dict) and not override:
+        raise PreviewError("the manifest of these latents records no VAE; pass --vae PATH")
     if override:
         spec = resolve_vae(override)
     elif recorded.get("source") == "hub":
@@ -131,49 +160,36 @@ def _recorded_vae(manifest: dict[str, Any], override: str | None):
         try:
             spec = resolve_vae(recorded["path"])
         except VAEError as error:
-            raise PreviewError(f"the VAE recorded in the manifest is not available ({error}); pass --vae PATH") from error
+            raise PreviewError(
+                f"the VAE recorded in the manifest is not available ({error}); pass --vae PATH"
+            ) from error
         if spec.path_hash != recorded["path_hash"]:
             raise PreviewError(
                 f"the VAE at {recorded['path']} is not the one the latents were made with (sha256 differs); "
                 "pass the right one with --vae PATH"
             )
-    return get_vae(spec.local_path, "fp32", "cpu")
+    try:
+        return get_vae(spec.local_path, "fp32", "cpu")
+    except (OSError, ValueError, RuntimeError) as error:  # diffusers: unreadable files, weights that do not fit
+        raise PreviewError(f"{spec.local_path}: cannot load the VAE ({error})") from error
 
 
-def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile uint8 [N, H, W, 3] images into one [rows*H', cols*W', 3] grid with white padding."""
-    count, height, width, _ = images.shape
-    columns = columns or math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        top = pad + (i // columns) * (height + pad)
-        left = pad + (i % columns) * (width + pad)
-        grid[top : top + height, left : left + width] = image
-    return grid
-
-
-def write_preview(directory: str | os.PathLike, png_path: str | os.PathLike, count: int = 16, vae: str | None = None) -> int:
-    """Save a grid of the first `count` samples (latents decoded through the VAE) to `png_path`; returns the number shown."""
-    from PIL import Image
-
+def write_preview(
+    directory: str | os.PathLike, png_path: str | os.PathLike, count: int = 16, vae: str | None = None
+) -> int:
+    """Save a grid of the first `count` samples (latents decoded through the VAE) to `png_path`; returns the
+    number shown."""
     manifest = load_manifest(directory)
     samples = first_samples(directory, count)
     if not samples:
         raise PreviewError(f"{directory} holds no samples to preview")
     if manifest["kind"] == "latents":
-        from pipeline.vae import decode_latents
+        from pipeline.core.vae import decode_latents
 
         model = _recorded_vae(manifest, vae)
         latents = np.stack([s["mean.npy"][0].astype(np.float32) for s in samples])
         images = decode_latents(model, latents)
     else:
         images = np.stack([s["png"] for s in samples])
-    buffer = io.BytesIO()
-    Image.fromarray(image_grid(images)).save(buffer, format="PNG")
-    png_path = Path(png_path)
-    temp = png_path.with_name(png_path.name + f".tmp-{os.getpid()}")
-    temp.write_bytes(buffer.getvalue())
-    os.replace(temp, png_path)
+    write_png(png_path, image_grid(images, padding=PREVIEW_PADDING, pad_value=255))
     return len(samples)
-

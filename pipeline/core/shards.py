@@ -29,13 +29,15 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from .atomic import temp_suffix, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
+from pipeline.core.atomic import AtomicFile, write_bytes_atomic, write_json_atomic
+from pipeline.core.errors import InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -46,8 +48,9 @@ REQUIRED_MANIFEST_KEYS = ("format_version", "kind", "resolution", "num_classes",
 _HASH_BLOCK = 1 << 20
 
 
-class ManifestError(ValueError):
-    """A dataset directory has no usable manifest (missing, not JSON, wrong version, or missing keys)."""
+class ManifestError(InputError):
+    """A dataset directory cannot be read: no usable manifest (missing, not JSON, wrong version, missing keys)
+    or a damaged failures file."""
 
 
 def shard_name(index: int) -> str:
@@ -69,12 +72,18 @@ def write_lines_atomic(path: str | os.PathLike, records: list[dict[str, Any]]) -
     """Write one canonical JSON object per line (JSON Lines) to `path` atomically."""
     write_bytes_atomic(path, b"".join(json_bytes(record) + b"\n" for record in records))
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
+
+def update_digest(digest, path: str | os.PathLike) -> None:
+    """Feed a file's bytes into a hashlib `digest`, one block at a time (any file size, little memory)."""
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
             digest.update(block)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    update_digest(digest, path)
     return digest.hexdigest()
 
 
@@ -141,7 +150,8 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """Writes one shard: samples go to a temporary tar; `commit()` renames it and writes the sidecar.
+    """Writes one shard: samples go to a temporary tar (`AtomicFile`); `commit()` publishes it and writes the
+    sidecar.
 
     Use as a context manager; leaving the block without `commit()` (an exception) removes the temporary file,
     so a failed or killed attempt never leaves a file under the final name.
@@ -152,14 +162,13 @@ class ShardWriter:
 
         self.out_dir = Path(out_dir)
         self.index = index
-        self.final_path = self.out_dir / shard_name(index)
-        self.temp_path = self.out_dir / (shard_name(index) + temp_suffix())
-        self._handle = open(self.temp_path, "wb")
-        self._hashing = _HashingFile(self._handle)
+        self._file = AtomicFile(self.out_dir / shard_name(index))
+        self.final_path = self._file.path
+        self.temp_path = self._file.temp_path
+        self._hashing = _HashingFile(self._file.handle)
         # Fixed mtime / owner / mode: the tar bytes depend only on the samples (reproducible shards).
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0, user="diffit", group="diffit", mode=0o444)
         self.count = 0
-        self._committed = False
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample (a dict of `__key__` and member name → bytes)."""
@@ -167,13 +176,9 @@ class ShardWriter:
         self.count += 1
 
     def commit(self, sidecar_extra: dict[str, Any]) -> dict[str, Any]:
-        """Finish the tar, rename it to its final name, write the sidecar, and return the sidecar dict."""
+        """Finish the tar, publish it under its final name, write the sidecar, and return the sidecar dict."""
         self._tar.close()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        os.replace(self.temp_path, self.final_path)
-        self._committed = True
+        self._file.commit()
         sidecar = {
             "name": self.final_path.name,
             "index": self.index,
@@ -187,30 +192,18 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the temporary file of an unfinished shard."""
-        if not self._committed:
+        if not self._file.done:
             try:
                 self._tar.close()  # flush tarfile's buffer now, into the file about to be deleted, not at GC time
             except (OSError, ValueError):
                 pass
-            self._handle.close()
-            if self.temp_path.exists():
-                self.temp_path.unlink()
+            self._file.abort()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.abort()
-
-
-def remove_temporary_files(out_dir: str | os.PathLike) -> list[str]:
-    """Delete leftovers of killed attempts (`*.tmp-*` next to shards / sidecars / manifest); returns their names."""
-    removed = []
-    for path in Path(out_dir).glob("*.tmp-*"):
-        if path.is_file():
-            path.unlink()
-            removed.append(path.name)
-    return sorted(removed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,8 +270,14 @@ def verify_dataset(out_dir: str | os.PathLike, progress: bool = False) -> Verify
         sidecar = read_sidecar(out_dir, index)
         if sidecar is None:
             report.problems.append(f"{out_dir / sidecar_name(index)}: missing or unreadable sidecar")
-        elif (sidecar["sha256"], sidecar["count"], sidecar["bytes"]) != (entry["sha256"], entry["count"], entry["bytes"]):
-            report.problems.append(f"{out_dir / sidecar_name(index)}: disagrees with the manifest entry of {entry['name']}")
+        elif (sidecar["sha256"], sidecar["count"], sidecar["bytes"]) != (
+            entry["sha256"],
+            entry["count"],
+            entry["bytes"],
+        ):
+            report.problems.append(
+                f"{out_dir / sidecar_name(index)}: disagrees with the manifest entry of {entry['name']}"
+            )
     if total != manifest["counts"]["written"]:
         report.problems.append(f"shards hold {total} samples but the manifest counts {manifest['counts']['written']}")
     counts = manifest["counts"]

@@ -18,12 +18,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
+from pipeline.core.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration file or override that does not fit the schema."""
 
 
@@ -34,9 +36,9 @@ class ModelConfig:
     name: str = "DiffiT-Tiny/2"
     # None: from the dataset manifest (its num_classes, 0 for unlabelled data). An explicit value must cover the
     # dataset's labels; a conditional model on unlabelled data is an error.
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
     # Latent grid / image size the network is built for; None keeps the registry value. Must match the data.
-    input_size: Optional[int] = None
+    input_size: int | None = None
     # Any other `create_model` keyword (e.g. `dropout` of the image U-Net).
     kwargs: dict = field(default_factory=dict)
     # Recompute activations in the backward pass (LatentDiffiT supports it; memory for ~30% more compute).
@@ -89,7 +91,7 @@ class OptimConfig:
     # runs profit most: the last steps average out the gradient noise a constant rate leaves in the weights.
     decay_fraction: float = 0.0
     # Clip the global gradient norm to this value; None reports the norm without clipping.
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
 
 
 @dataclass
@@ -99,8 +101,8 @@ class EMAConfig:
     decay: float = 0.9999
     # EDM style: half-life in thousands of images (overrides `decay`), optionally ramped up as
     # min(halflife, images_seen * rampup_ratio).
-    halflife_kimg: Optional[float] = None
-    rampup_ratio: Optional[float] = None
+    halflife_kimg: float | None = None
+    rampup_ratio: float | None = None
 
 
 @dataclass
@@ -110,7 +112,7 @@ class TrainConfig:
     global_batch_size: int = 256
     # Per process and micro-step; None = global / processes (no accumulation). Accumulation steps =
     # global / (per_device x processes), which must be a whole number.
-    per_device_batch_size: Optional[int] = None
+    per_device_batch_size: int | None = None
     max_steps: int = 400_000
     # "auto": bf16 on CUDA, fp32 ("no") on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -234,9 +236,11 @@ def _from_mapping(cls: type, mapping: Any, where: str) -> Any:
     types_ = _field_types(cls)
     unknown = sorted(set(mapping) - set(types_))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}"
-                          + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else "")
-                          + f"; known keys: {', '.join(types_)}")
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}"
+            + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else "")
+            + f"; known keys: {', '.join(types_)}"
+        )
     values = {}
     for name, annotation in types_.items():
         if name not in mapping:
@@ -304,11 +308,12 @@ def apply_override(mapping: dict, override: str) -> None:
             break
         types_ = _field_types(cls)
         if part not in types_:
-            raise ConfigError(f"--set {override!r}: unknown key {'.'.join(parts[:depth + 1])!r}; "
-                              f"known: {', '.join(types_)}")
+            raise ConfigError(
+                f"--set {override!r}: unknown key {'.'.join(parts[: depth + 1])!r}; known: {', '.join(types_)}"
+            )
         cls = types_[part] if (dataclasses.is_dataclass(types_[part]) or types_[part] is dict) else None
         if cls is None and depth < len(parts) - 1:
-            raise ConfigError(f"--set {override!r}: {'.'.join(parts[:depth + 1])!r} is not a section")
+            raise ConfigError(f"--set {override!r}: {'.'.join(parts[: depth + 1])!r} is not a section")
     node = mapping
     for part in parts[:-1]:
         child = node.get(part)
@@ -329,8 +334,10 @@ def validate(config: Config, source: str = "<config>") -> None:
 
     train, data, optim, ema = config.train, config.data, config.optim, config.ema
     need(train.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {train.global_batch_size}")
-    need(train.per_device_batch_size is None or train.per_device_batch_size >= 1,
-         f"train.per_device_batch_size must be >= 1, got {train.per_device_batch_size}")
+    need(
+        train.per_device_batch_size is None or train.per_device_batch_size >= 1,
+        f"train.per_device_batch_size must be >= 1, got {train.per_device_batch_size}",
+    )
     need(train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}")
     need(train.log_every >= 1, f"train.log_every must be >= 1, got {train.log_every}")
     need(config.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
@@ -343,38 +350,47 @@ def validate(config: Config, source: str = "<config>") -> None:
     need(data.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {data.prefetch_factor}")
     need(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     need(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
-    need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
-         f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
+    need(
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+        f"optim.betas must be two numbers in [0, 1), got {optim.betas}",
+    )
     need(optim.warmup_kimg >= 0, f"optim.warmup_kimg must be >= 0, got {optim.warmup_kimg}")
     need(0 <= optim.decay_fraction <= 1, f"optim.decay_fraction must be in [0, 1], got {optim.decay_fraction}")
     need(optim.grad_clip is None or optim.grad_clip > 0, f"optim.grad_clip must be > 0, got {optim.grad_clip}")
     need(0.0 <= ema.decay < 1.0, f"ema.decay must be in [0, 1), got {ema.decay}")
-    need(ema.halflife_kimg is None or ema.halflife_kimg > 0,
-         f"ema.halflife_kimg must be > 0, got {ema.halflife_kimg}")
+    need(ema.halflife_kimg is None or ema.halflife_kimg > 0, f"ema.halflife_kimg must be > 0, got {ema.halflife_kimg}")
     need(ema.rampup_ratio is None or ema.rampup_ratio > 0, f"ema.rampup_ratio must be > 0, got {ema.rampup_ratio}")
     need(config.diffusion.diffusion_steps >= 1, "diffusion.diffusion_steps must be >= 1")
     need(config.diffusion.sigma_data > 0, "diffusion.sigma_data must be > 0")
     if config.diffusion.type == "edm":
         need(not config.diffusion.learn_sigma, "diffusion.learn_sigma must be false for EDM training")
-        need(config.sample.sampler == "edm-heun",
-             f"sample.sampler must be 'edm-heun' for EDM models, got {config.sample.sampler!r}")
+        need(
+            config.sample.sampler == "edm-heun",
+            f"sample.sampler must be 'edm-heun' for EDM models, got {config.sample.sampler!r}",
+        )
     else:
         need(config.sample.sampler in ("ddpm", "ddim", "edm-heun"), "sample.sampler: unknown sampler")
     from diffit.models import MODEL_CONFIGS, model_family
 
-    need(config.model.name in MODEL_CONFIGS,
-         f"model.name {config.model.name!r} is not a known model; known: {', '.join(MODEL_CONFIGS)}")
+    need(
+        config.model.name in MODEL_CONFIGS,
+        f"model.name {config.model.name!r} is not a known model; known: {', '.join(MODEL_CONFIGS)}",
+    )
     family = model_family(config.model.name)
     # The paper trains latent models with ADM (learned sigma) and image-space models with EDM. Latent models may
     # also use EDM preconditioning: at low SNR it predicts the clean signal instead of the noise, which small
     # models learn far more easily (the demo's default). Image-space models have no learned-sigma output for ADM.
-    need(family == "latent" or config.diffusion.type == "edm",
-         f"model {config.model.name!r} is an image-space model, trained with diffusion.type='edm' "
-         f"(got {config.diffusion.type!r})")
+    need(
+        family == "latent" or config.diffusion.type == "edm",
+        f"model {config.model.name!r} is an image-space model, trained with diffusion.type='edm' "
+        f"(got {config.diffusion.type!r})",
+    )
     if family == "latent" and "learn_sigma" in config.model.kwargs:
-        need(bool(config.model.kwargs["learn_sigma"]) == config.diffusion.learn_sigma,
-             f"model.kwargs.learn_sigma={config.model.kwargs['learn_sigma']} contradicts diffusion.learn_sigma="
-             f"{config.diffusion.learn_sigma}: set only diffusion.learn_sigma")
+        need(
+            bool(config.model.kwargs["learn_sigma"]) == config.diffusion.learn_sigma,
+            f"model.kwargs.learn_sigma={config.model.kwargs['learn_sigma']} contradicts diffusion.learn_sigma="
+            f"{config.diffusion.learn_sigma}: set only diffusion.learn_sigma",
+        )
 
 
 def dump_config(config: Config) -> str:

@@ -10,10 +10,10 @@
 2. Sampling: the store's chunks that are not done are dealt round-robin to the processes; each process
    generates whole chunks (`diffit.sampling.sample` with one seed per sample, VAE decode for latent models,
    uint8 HWC) and writes them. Sample i depends only on (`seed`, i) and the settings (see
-   `pipeline.sample_store`), so the store is the same for any number of processes or batch size, and a killed
+   `pipeline.evaluate.sample_store`), so the store is the same for any number of processes or batch size, and a killed
    run resumes where it stopped.
 3. Rank 0 only: optional ADM `.npz` export, then FID / IS / precision-recall / KID through torch-fidelity
-   (`pipeline.metrics`) and `metrics.json` (atomic).
+   (`pipeline.evaluate.metrics`) and `metrics.json` (atomic).
 
 Defaults follow the paper per model kind (`resolve_sampling`): latent ADM models use DDPM with 250 steps,
 ImageNet-256 guidance 4.6 with MDT's power-cosine schedule on the first three latent channels, ImageNet-512
@@ -24,21 +24,34 @@ unguided.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from . import __version__
-from .atomic import write_json_atomic
-from .sample_store import (STORE_NAME, SampleStore, SampleStoreMismatchError, StoreLayout, assign_chunks,
-                           export_npz, publish_mode, sample_class_labels, sample_noise_seeds)
+from pipeline import __version__
+from pipeline.core.atomic import write_json_atomic
+from pipeline.core.errors import InputError, JobFailedError
+from pipeline.core.grids import image_grid, write_png
+from pipeline.core.shards import sha256_file
+from pipeline.evaluate.sample_store import (
+    STORE_NAME,
+    SampleStore,
+    SampleStoreMismatchError,
+    StoreLayout,
+    assign_chunks,
+    export_npz,
+    sample_class_labels,
+    sample_noise_seeds,
+)
+
+if TYPE_CHECKING:
+    from diffit.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +60,7 @@ NPZ_FILE = "samples.npz"
 METRICS_FORMAT_VERSION = 1
 
 
-class EvaluateInputError(ValueError):
+class EvaluateInputError(InputError):
     """Bad input found before sampling (model, VAE, options); the message names the file and the problem."""
 
 
@@ -64,10 +77,10 @@ class SamplingOptions:
     cfg_scale: float | None = None
     cfg_schedule: str | None = None
     cfg_power: float = 4.0
-    cfg_channels: str = "3"           # "3" (DiffiT: first three latent channels) or "all"
+    cfg_channels: str = "3"  # "3" (DiffiT: first three latent channels) or "all"
     classes: list[int] | None = None  # None: uniform over all classes; a list: cycled through
     seed: int = 0
-    eta: float = 0.0                  # DDIM only
+    eta: float = 0.0  # DDIM only
 
 
 @dataclass
@@ -110,8 +123,32 @@ class ResolvedSampling:
     def guidance(self):
         from diffit.guidance import GuidanceConfig
 
-        return GuidanceConfig(scale=self.guidance_scale, schedule=self.guidance_schedule, power=self.guidance_power,
-                              channels=self.guidance_channels)
+        return GuidanceConfig(
+            scale=self.guidance_scale,
+            schedule=self.guidance_schedule,
+            power=self.guidance_power,
+            channels=self.guidance_channels,
+        )
+
+    def sampling_config(self, diffusion: dict[str, Any]) -> SamplingConfig:
+        """The `diffit.sampling.SamplingConfig` these settings sample with.
+
+        `diffusion` is the "diffusion" entry of the model's config.json: the ADM training chain (diffusion_steps,
+        noise_schedule) or EDM's sigma_data. Each sampler reads only its own fields (DDPM / DDIM: the chain and
+        eta; EDM models: sigma_data), so all of them can be given.
+        """
+        from diffit.sampling import SamplingConfig
+
+        return SamplingConfig(
+            sampler=self.sampler,
+            steps=self.steps,
+            guidance=self.guidance(),
+            kind=self.kind,
+            eta=self.eta,
+            diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
+            noise_schedule=diffusion.get("noise_schedule", "linear"),
+            sigma_data=float(diffusion.get("sigma_data", 0.5)),
+        )
 
     def describe(self) -> dict[str, Any]:
         record = asdict(self)
@@ -130,10 +167,10 @@ class LoadedModel:
     model_dir: Path
     model: torch.nn.Module
     config: dict[str, Any]
-    kind: str                       # "adm" | "edm"
-    family: str                     # "latent" | "image"
-    sample_shape: tuple[int, int, int]   # what the sampler produces per sample (C, H, W)
-    resolution: tuple[int, int]     # decoded image size (H, W)
+    kind: str  # "adm" | "edm"
+    family: str  # "latent" | "image"
+    sample_shape: tuple[int, int, int]  # what the sampler produces per sample (C, H, W)
+    resolution: tuple[int, int]  # decoded image size (H, W)
     vae: Any = None
     scaling_factor: float | None = None
     identity: dict[str, Any] = field(default_factory=dict)
@@ -143,14 +180,9 @@ class LoadedModel:
         return int(getattr(self.model, "num_classes", 0))
 
 
-def _sha256_file(path: Path) -> str:
-    from .shards import sha256_file
-
-    return sha256_file(path)
-
-
-def load_vae(vae_config: dict[str, Any], override: Path | None, model_dir: Path,
-             device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+def load_vae(
+    vae_config: dict[str, Any], override: Path | None, model_dir: Path, device: str | torch.device = "cpu"
+) -> tuple[Any, dict[str, Any]]:
     """The diffusers AutoencoderKL the model's latents decode with, resolved like `encode` resolves `--vae`.
 
     Source: `override` (--vae), else the config's local `path` when it still exists, else its `id` (a local path
@@ -159,7 +191,8 @@ def load_vae(vae_config: dict[str, Any], override: Path | None, model_dir: Path,
     latents were encoded with, that is an error unless the user chose another VAE with --vae (then it is logged
     and recorded).
     """
-    from .vae import VAEError, load_vae as load_vae_files, resolve_vae
+    from pipeline.core.vae import VAEError, resolve_vae
+    from pipeline.core.vae import load_vae as load_vae_files
 
     config_path = model_dir / "config.json"
     if override is not None:
@@ -175,19 +208,29 @@ def load_vae(vae_config: dict[str, Any], override: Path | None, model_dir: Path,
         spec = resolve_vae(spec_text, revision)
     except VAEError as error:
         origin = "--vae" if override is not None else f"the VAE named in {config_path}"
-        raise EvaluateInputError(f"{origin}: {error}. Pass --vae PATH to a local diffusers AutoencoderKL "
-                                 "folder.") from error
-    identity = {"id": spec.id, "source": spec.source, "revision": spec.revision, "local_path": spec.local_path,
-                "path_hash": spec.path_hash}
+        raise EvaluateInputError(
+            f"{origin}: {error}. Pass --vae PATH to a local diffusers AutoencoderKL folder."
+        ) from error
+    identity = {
+        "id": spec.id,
+        "source": spec.source,
+        "revision": spec.revision,
+        "local_path": spec.local_path,
+        "path_hash": spec.path_hash,
+    }
     trained_hash = vae_config.get("path_hash")
     if trained_hash and trained_hash != spec.path_hash:
         if override is None:
             raise EvaluateInputError(
                 f"model/VAE mismatch: {spec.local_path} (path_hash {spec.path_hash[:12]}…) is not the VAE the "
                 f"training latents were encoded with (path_hash {trained_hash[:12]}… in {config_path}); its files "
-                "changed. Pass --vae PATH to decode with another VAE on purpose.")
-        logger.warning("--vae %s differs from the VAE the training latents were encoded with (%s…); decoding with "
-                       "it as requested", override, trained_hash[:12])
+                "changed. Pass --vae PATH to decode with another VAE on purpose."
+            )
+        logger.warning(
+            "--vae %s differs from the VAE the training latents were encoded with (%s…); decoding with it as requested",
+            override,
+            trained_hash[:12],
+        )
         identity["differs_from_training_vae"] = True
     try:
         vae = load_vae_files(spec.local_path, "fp32", str(device))
@@ -208,32 +251,48 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
         raise EvaluateInputError(f"{model_dir}: cannot load the exported model ({error})") from error
     diffusion = config.get("diffusion")
     if not isinstance(diffusion, dict) or diffusion.get("type") not in ("adm", "edm"):
-        raise EvaluateInputError(f"{model_dir / 'config.json'}: needs 'diffusion': {{'type': 'adm' | 'edm', ...}}, "
-                                 f"got {diffusion!r}")
+        raise EvaluateInputError(
+            f"{model_dir / 'config.json'}: needs 'diffusion': {{'type': 'adm' | 'edm', ...}}, got {diffusion!r}"
+        )
     family = model_family(config["model"]["name"])
     channels, size = int(model.in_channels), int(model.input_size)
-    identity = {"path": str(model_dir.resolve()), "name": config["model"]["name"],
-                "weights_sha256": _sha256_file(model_dir / "model.safetensors"),
-                "config_sha256": _sha256_file(model_dir / "config.json")}
-    loaded = LoadedModel(model_dir=model_dir, model=model.to(device).eval(), config=config, kind=diffusion["type"],
-                         family=family, sample_shape=(channels, size, size), resolution=(size, size),
-                         identity=identity)
+    identity = {
+        "path": str(model_dir.resolve()),
+        "name": config["model"]["name"],
+        "weights_sha256": sha256_file(model_dir / "model.safetensors"),
+        "config_sha256": sha256_file(model_dir / "config.json"),
+    }
+    loaded = LoadedModel(
+        model_dir=model_dir,
+        model=model.to(device).eval(),
+        config=config,
+        kind=diffusion["type"],
+        family=family,
+        sample_shape=(channels, size, size),
+        resolution=(size, size),
+        identity=identity,
+    )
     if family == "latent":
         vae_config = config.get("vae")
         if vae_override is None and not isinstance(vae_config, dict):
-            raise EvaluateInputError(f"{model_dir / 'config.json'}: a latent model needs a 'vae' entry "
-                                     "({id or path, scaling_factor}); pass --vae PATH")
+            raise EvaluateInputError(
+                f"{model_dir / 'config.json'}: a latent model needs a 'vae' entry "
+                "({id or path, scaling_factor}); pass --vae PATH"
+            )
         vae_config = vae_config if isinstance(vae_config, dict) else {}
         vae, vae_identity = load_vae(vae_config, vae_override, model_dir, device)
         latent_channels = int(vae.config.latent_channels)
         if latent_channels != channels:
             raise EvaluateInputError(
                 f"model/VAE mismatch: {model_dir} generates {channels}-channel latents, the VAE "
-                f"{vae_identity['local_path']} decodes {latent_channels}-channel latents")
+                f"{vae_identity['local_path']} decodes {latent_channels}-channel latents"
+            )
         scaling_factor = vae_config.get("scaling_factor")
         if scaling_factor is None:
-            raise EvaluateInputError(f"{model_dir / 'config.json'}: 'vae' lacks 'scaling_factor' (the factor the "
-                                     "model's latents were multiplied by in training)")
+            raise EvaluateInputError(
+                f"{model_dir / 'config.json'}: 'vae' lacks 'scaling_factor' (the factor the "
+                "model's latents were multiplied by in training)"
+            )
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         loaded.vae = vae
         loaded.scaling_factor = float(scaling_factor)
@@ -298,11 +357,19 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
             raise EvaluateInputError(f"--classes {classes}: labels must lie in [0, {loaded.num_classes})")
     if options.seed < 0:
         raise EvaluateInputError(f"--seed must be >= 0, got {options.seed}")
-    return ResolvedSampling(kind=loaded.kind, sampler=sampler, steps=int(steps), guidance_scale=scale,
-                            guidance_schedule=schedule, guidance_power=float(options.cfg_power),
-                            guidance_channels=3 if options.cfg_channels == "3" else None,
-                            classes=list(classes) if classes is not None else None, seed=int(options.seed),
-                            eta=float(options.eta), defaults_used=defaults)
+    return ResolvedSampling(
+        kind=loaded.kind,
+        sampler=sampler,
+        steps=int(steps),
+        guidance_scale=scale,
+        guidance_schedule=schedule,
+        guidance_power=float(options.cfg_power),
+        guidance_channels=3 if options.cfg_channels == "3" else None,
+        classes=list(classes) if classes is not None else None,
+        seed=int(options.seed),
+        eta=float(options.eta),
+        defaults_used=defaults,
+    )
 
 
 def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples: int) -> dict[str, Any]:
@@ -312,9 +379,14 @@ def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples:
     if "vae" in loaded.identity:
         vae = loaded.identity["vae"]
         model["vae"] = {"scaling_factor": vae["scaling_factor"], "path_hash": vae["path_hash"]}
-    return {"model": model, "sampling": sampling.describe(), "num_samples": int(num_samples),
-            "resolution": list(loaded.resolution), "num_classes": loaded.num_classes,
-            "package_version": __version__}
+    return {
+        "model": model,
+        "sampling": sampling.describe(),
+        "num_samples": int(num_samples),
+        "resolution": list(loaded.resolution),
+        "num_classes": loaded.num_classes,
+        "package_version": __version__,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,10 +405,9 @@ class GenerationStats:
     write_time_s: float = 0.0
     total_time_s: float = 0.0
 
-    def add(self, other: "GenerationStats") -> None:
-        for name in ("samples", "network_calls", "network_time_s", "sampler_time_s", "decode_time_s",
-                     "write_time_s", "total_time_s"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+    def add(self, other: GenerationStats) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
@@ -353,27 +424,26 @@ def decode(loaded: LoadedModel, samples: torch.Tensor) -> torch.Tensor:
         return loaded.vae.decode(samples / loaded.scaling_factor).sample
 
 
-def generate(loaded: LoadedModel, sampling: ResolvedSampling, indices: np.ndarray, labels: np.ndarray,
-             batch_size: int, device: torch.device | str) -> tuple[np.ndarray, GenerationStats]:
+def generate(
+    loaded: LoadedModel,
+    sampling: ResolvedSampling,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    device: torch.device | str,
+) -> tuple[np.ndarray, GenerationStats]:
     """uint8 [n, H, W, 3] images for sample `indices` (noise seeds from (seed, index)), in batches."""
     from diffit.sampling import sample_with_stats
 
     stats = GenerationStats()
     outputs = []
-    diffusion = loaded.config["diffusion"]
-    kwargs: dict[str, Any] = {"sampler": sampling.sampler, "steps": sampling.steps, "kind": sampling.kind,
-                              "guidance": sampling.guidance(), "device": device}
-    if sampling.kind == "adm":
-        kwargs.update(diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
-                      noise_schedule=diffusion.get("noise_schedule", "linear"), eta=sampling.eta)
-    else:
-        kwargs.update(sigma_data=float(diffusion.get("sigma_data", 0.5)))
+    config = sampling.sampling_config(loaded.config["diffusion"])
     for start in range(0, len(indices), batch_size):
-        batch_indices = indices[start:start + batch_size]
+        batch_indices = indices[start : start + batch_size]
         seeds = sample_noise_seeds(sampling.seed, batch_indices)
-        class_labels = labels[start:start + batch_size] if loaded.num_classes > 0 else None
+        class_labels = labels[start : start + batch_size] if loaded.num_classes > 0 else None
         began = time.perf_counter()
-        latents, run = sample_with_stats(loaded.model, loaded.sample_shape, class_labels, seeds, **kwargs)
+        latents, run = sample_with_stats(loaded.model, loaded.sample_shape, class_labels, seeds, config, device=device)
         sampled = time.perf_counter()
         images = to_uint8_images(decode(loaded, latents))
         stats.decode_time_s += time.perf_counter() - sampled
@@ -385,9 +455,16 @@ def generate(loaded: LoadedModel, sampling: ResolvedSampling, indices: np.ndarra
     return np.concatenate(outputs), stats
 
 
-def sample_into_store(store: SampleStore, loaded: LoadedModel, sampling: ResolvedSampling, rank: int,
-                      world_size: int, batch_size: int, device: torch.device | str,
-                      missing: Sequence[int] | None = None) -> GenerationStats:
+def sample_into_store(
+    store: SampleStore,
+    loaded: LoadedModel,
+    sampling: ResolvedSampling,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    device: torch.device | str,
+    missing: Sequence[int] | None = None,
+) -> GenerationStats:
     """Generate this rank's share of the missing chunks and write each one as soon as it is done."""
     from tqdm.auto import tqdm
 
@@ -406,8 +483,14 @@ def sample_into_store(store: SampleStore, loaded: LoadedModel, sampling: Resolve
         stats.write_time_s = time.perf_counter() - written
         totals.add(stats)
     totals.total_time_s = time.perf_counter() - began
-    logger.info("rank %d/%d: wrote %d chunks (%d samples) in %.1f s", rank, world_size, len(mine), totals.samples,
-                totals.total_time_s)
+    logger.info(
+        "rank %d/%d: wrote %d chunks (%d samples) in %.1f s",
+        rank,
+        world_size,
+        len(mine),
+        totals.samples,
+        totals.total_time_s,
+    )
     return totals
 
 
@@ -424,7 +507,7 @@ def _distributed_state(device: str | None):
 
 
 def _parse_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
-    from .metrics import METRIC_NAMES
+    from pipeline.evaluate.metrics import METRIC_NAMES
 
     chosen = tuple(dict.fromkeys(m.strip().lower() for m in metrics if m.strip()))
     unknown = [m for m in chosen if m not in METRIC_NAMES]
@@ -448,7 +531,7 @@ class Preflight:
 
 def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight:
     """Every check that can fail before sampling (see the module docstring); identical on every rank."""
-    from . import metrics as metric_lib
+    from pipeline.evaluate import metrics as metric_lib
 
     if options.num_samples < 1:
         raise EvaluateInputError(f"--num-samples must be >= 1, got {options.num_samples}")
@@ -461,24 +544,33 @@ def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight
             raise EvaluateInputError("--reference is required for fid, kid and prc (or use --metrics is)")
         weights = metric_lib.resolve_inception_weights(options.inception_weights)
         feature_config = metric_lib.FeatureConfig(
-            weights=weights, layer_fid=options.feature_layer, layer_kid=options.feature_layer,
-            layer_prc=options.feature_layer, batch_size=options.feature_batch_size,
-            cuda=torch.device(device).type == "cuda", kid_subset_size=options.kid_subset_size)
+            weights=weights,
+            layer_fid=options.feature_layer,
+            layer_kid=options.feature_layer,
+            layer_prc=options.feature_layer,
+            batch_size=options.feature_batch_size,
+            cuda=torch.device(device).type == "cuda",
+            kid_subset_size=options.kid_subset_size,
+        )
         metric_lib.check_feature_layers(feature_config, chosen)
         if "is" in chosen and options.num_samples < feature_config.isc_splits:
-            raise EvaluateInputError(f"the Inception Score splits the samples into {feature_config.isc_splits} "
-                                     f"parts: --num-samples {options.num_samples} is too few")
+            raise EvaluateInputError(
+                f"the Inception Score splits the samples into {feature_config.isc_splits} "
+                f"parts: --num-samples {options.num_samples} is too few"
+            )
         if "kid" in chosen and options.kid_subset_size > options.num_samples:
-            raise EvaluateInputError(f"--kid-subset-size {options.kid_subset_size} exceeds --num-samples "
-                                     f"{options.num_samples}")
+            raise EvaluateInputError(
+                f"--kid-subset-size {options.kid_subset_size} exceeds --num-samples {options.num_samples}"
+            )
     loaded = load_model(options.model_dir, options.vae, device)
     sampling = resolve_sampling(loaded, options.sampling)
     if chosen and options.reference is not None:
         reference = metric_lib.open_reference(options.reference)
         metric_lib.check_reference(reference, loaded.resolution, chosen)
         if "kid" in chosen and reference.num_images is not None and options.kid_subset_size > reference.num_images:
-            raise EvaluateInputError(f"--kid-subset-size {options.kid_subset_size} exceeds the "
-                                     f"{reference.num_images} reference images")
+            raise EvaluateInputError(
+                f"--kid-subset-size {options.kid_subset_size} exceeds the {reference.num_images} reference images"
+            )
     settings = store_settings(loaded, sampling, options.num_samples)
     layout = StoreLayout(options.num_samples, loaded.resolution[0], loaded.resolution[1], options.batch_size)
     store_path = Path(options.out_dir) / STORE_NAME
@@ -505,16 +597,22 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
     state.wait_for_everyone()
     if rank == 0:
         used = ", ".join(checks.sampling.defaults_used) or "none"
-        logger.info("sampling %d/%d missing chunks with %d process(es); paper defaults used: %s", len(missing),
-                    store.layout.num_chunks, world_size, used)
-    stats = sample_into_store(store, checks.loaded, checks.sampling, rank, world_size, options.batch_size, device,
-                              missing)
+        logger.info(
+            "sampling %d/%d missing chunks with %d process(es); paper defaults used: %s",
+            len(missing),
+            store.layout.num_chunks,
+            world_size,
+            used,
+        )
+    stats = sample_into_store(
+        store, checks.loaded, checks.sampling, rank, world_size, options.batch_size, device, missing
+    )
     sampled_at = time.perf_counter()
     state.wait_for_everyone()
     if rank != 0:
         return None
     if not store.is_complete():
-        raise RuntimeError(f"{store_path}: {len(store.missing_chunks())} chunks still missing after sampling")
+        raise JobFailedError(f"{store_path}: {len(store.missing_chunks())} chunks still missing after sampling")
     timings = {"preflight_and_sampling": sampled_at - began, "rank0_sampling": stats.total_time_s}
     npz_path = None
     if options.export_npz:
@@ -523,11 +621,12 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
         timings["export_npz"] = time.perf_counter() - exported
     record = build_record(options, checks, store, stats, world_size, len(missing), npz_path)
     if checks.metrics:
-        from .metrics import SampleStoreDataset, compute_metrics, reference_cache_dir
+        from pipeline.evaluate.metrics import SampleStoreDataset, compute_metrics, reference_cache_dir
 
         cache_dir = reference_cache_dir(checks.reference, options.cache_dir) if checks.reference else None
-        result = compute_metrics(SampleStoreDataset(store_path), checks.reference, checks.metrics,
-                                 checks.feature_config, cache_dir)
+        result = compute_metrics(
+            SampleStoreDataset(store_path), checks.reference, checks.metrics, checks.feature_config, cache_dir
+        )
         fill_metrics(record, result, checks)
         timings.update({f"metrics_{k}": v for k, v in result["timings_s"].items()})
     timings["total"] = time.perf_counter() - began
@@ -537,8 +636,15 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
     return record
 
 
-def build_record(options: EvaluateOptions, checks: Preflight, store: SampleStore, stats: GenerationStats,
-                 world_size: int, chunks_sampled: int, npz_path: Path | None) -> dict[str, Any]:
+def build_record(
+    options: EvaluateOptions,
+    checks: Preflight,
+    store: SampleStore,
+    stats: GenerationStats,
+    world_size: int,
+    chunks_sampled: int,
+    npz_path: Path | None,
+) -> dict[str, Any]:
     """metrics.json without the metric values: what was sampled, how, by whom."""
     return {
         "format_version": METRICS_FORMAT_VERSION,
@@ -549,8 +655,12 @@ def build_record(options: EvaluateOptions, checks: Preflight, store: SampleStore
         "resolution": list(checks.loaded.resolution),
         "model": checks.loaded.identity,
         "sampling": {**checks.sampling.describe(), "paper_defaults_used": checks.sampling.defaults_used},
-        "sample_store": {"path": str(store.path), "chunk_size": store.layout.chunk_size,
-                         "chunks_sampled_this_run": chunks_sampled, "num_chunks": store.layout.num_chunks},
+        "sample_store": {
+            "path": str(store.path),
+            "chunk_size": store.layout.chunk_size,
+            "chunks_sampled_this_run": chunks_sampled,
+            "num_chunks": store.layout.num_chunks,
+        },
         "npz": str(npz_path) if npz_path else None,
         "num_processes": world_size,
         "rank0_generation": asdict(stats),
@@ -564,17 +674,24 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
     """Put the metric values into `record`: under "metrics" only when they are comparable to published numbers
     (official Inception weights and the standard feature layers), else under "plumbing_only_metrics" with
     "metrics" left empty, so a script reading record["metrics"]["fid"] never gets a number that is not FID."""
-    from .metrics import FEATURE_EXTRACTOR, PLUMBING_ONLY_LABEL
+    from pipeline.evaluate.metrics import FEATURE_EXTRACTOR, PLUMBING_ONLY_LABEL
 
-    names = {"frechet_inception_distance": "fid", "inception_score_mean": "is_mean",
-             "inception_score_std": "is_std", "precision": "precision", "recall": "recall",
-             "f_score": "f_score", "kernel_inception_distance_mean": "kid_mean",
-             "kernel_inception_distance_std": "kid_std"}
+    names = {
+        "frechet_inception_distance": "fid",
+        "inception_score_mean": "is_mean",
+        "inception_score_std": "is_std",
+        "precision": "precision",
+        "recall": "recall",
+        "f_score": "f_score",
+        "kernel_inception_distance_mean": "kid_mean",
+        "kernel_inception_distance_std": "kid_std",
+    }
     values = {names.get(key, key): value for key, value in result["values"].items()}
     weights = checks.feature_config.weights
     reference = checks.reference
-    odd_layers = {metric: layer for metric, layer in result["feature_layers"].items()
-                  if layer != STANDARD_LAYERS[metric]}
+    odd_layers = {
+        metric: layer for metric, layer in result["feature_layers"].items() if layer != STANDARD_LAYERS[metric]
+    }
     reasons = []
     if not weights.official:
         reasons.append(PLUMBING_ONLY_LABEL)
@@ -592,21 +709,26 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
     if not reportable:
         record["plumbing_only_metrics"] = values
     record["metrics_requested"] = list(checks.metrics)
-    record["feature_extractor"] = {**checks.feature_config.extractor_identity(), "name": FEATURE_EXTRACTOR,
-                                   "layers": result["feature_layers"],
-                                   "kid_subset_size": checks.feature_config.kid_subset_size,
-                                   "kid_subsets": checks.feature_config.kid_subsets,
-                                   "isc_splits": checks.feature_config.isc_splits,
-                                   "prc_neighborhood": checks.feature_config.prc_neighborhood}
+    record["feature_extractor"] = {
+        **checks.feature_config.extractor_identity(),
+        "name": FEATURE_EXTRACTOR,
+        "layers": result["feature_layers"],
+        "kid_subset_size": checks.feature_config.kid_subset_size,
+        "kid_subsets": checks.feature_config.kid_subsets,
+        "isc_splits": checks.feature_config.isc_splits,
+        "prc_neighborhood": checks.feature_config.prc_neighborhood,
+    }
     if reference is not None:
         record["reference"] = {**reference.describe(), "feature_cache": result["reference_cache"]}
 
 
 def format_summary(record: dict[str, Any]) -> str:
     """Human-readable lines for the terminal: the label first, and every value marked when not reportable."""
-    lines = [f"evaluated {record['num_samples']} samples ({record['sampling']['sampler']}, "
-             f"{record['sampling']['steps']} steps, guidance {record['sampling']['guidance_scale']} "
-             f"{record['sampling']['guidance_schedule']}) with {record['num_processes']} process(es)"]
+    lines = [
+        f"evaluated {record['num_samples']} samples ({record['sampling']['sampler']}, "
+        f"{record['sampling']['steps']} steps, guidance {record['sampling']['guidance_scale']} "
+        f"{record['sampling']['guidance_schedule']}) with {record['num_processes']} process(es)"
+    ]
     if "label" in record:
         reportable = record["reportable"]
         values = record["metrics"] if reportable else record["plumbing_only_metrics"]
@@ -620,12 +742,18 @@ def format_summary(record: dict[str, Any]) -> str:
 # Quick look: a grid of samples
 
 
-def sample_grid(model_dir: Path, out_png: Path, classes: list[int] | None, per_class: int = 1,
-                num: int = 16, sampling_options: SamplingOptions | None = None, vae: Path | None = None,
-                batch_size: int = 16, device: str | None = None) -> Path:
+def sample_grid(
+    model_dir: Path,
+    out_png: Path,
+    classes: list[int] | None,
+    per_class: int = 1,
+    num: int = 16,
+    sampling_options: SamplingOptions | None = None,
+    vae: Path | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> Path:
     """Sample a few images (one row per class, or `num` unconditional ones) and save them as one PNG grid."""
-    from PIL import Image
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(model_dir, vae, device)
     options = sampling_options or SamplingOptions()
@@ -643,28 +771,25 @@ def sample_grid(model_dir: Path, out_png: Path, classes: list[int] | None, per_c
         columns = int(np.ceil(np.sqrt(num)))
         labels = sample_class_labels(sampling.seed, np.arange(count), loaded.num_classes)
     images, _ = generate(loaded, sampling, np.arange(count), labels, batch_size, device)
+    write_png(out_png, image_grid(images, columns))
     rows = -(-count // columns)
-    height, width = loaded.resolution
-    grid = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(grid).save(tmp, format="PNG")
-        publish_mode(tmp)
-        os.replace(tmp, out_png)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     logger.info("wrote a %dx%d grid of %d samples to %s", rows, columns, count, out_png)
-    return out_png
+    return Path(out_png)
 
 
-__all__ = ["EvaluateInputError", "EvaluateOptions", "SamplingOptions", "ResolvedSampling", "LoadedModel",
-           "SampleStoreMismatchError", "evaluate", "load_model", "resolve_sampling", "generate",
-           "sample_into_store", "sample_grid", "preflight", "to_uint8_images"]
+__all__ = [
+    "EvaluateInputError",
+    "EvaluateOptions",
+    "SamplingOptions",
+    "ResolvedSampling",
+    "LoadedModel",
+    "SampleStoreMismatchError",
+    "evaluate",
+    "load_model",
+    "resolve_sampling",
+    "generate",
+    "sample_into_store",
+    "sample_grid",
+    "preflight",
+    "to_uint8_images",
+]

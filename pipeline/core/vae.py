@@ -26,19 +26,21 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.errors import InputError
+from pipeline.core.shards import update_digest
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-_HASH_BLOCK = 1 << 20
 
 _VAE_CACHE: dict[tuple[str, str, str], Any] = {}
 _VAE_CACHE_LOCK = threading.Lock()
 _VAE_LOADS = 0  # how many times this process built a VAE (1 per worker when the cache works)
 
 
-class VAEError(ValueError):
+class VAEError(InputError):
     """`--vae` cannot be used: missing directory, not an AutoencoderKL, no safetensors weights, or hub unreachable."""
 
 
@@ -100,9 +102,7 @@ def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
-                digest.update(block)
+        update_digest(digest, path)
     return digest.hexdigest()
 
 
@@ -148,7 +148,9 @@ def resolve_vae(spec: str, revision: str | None = None) -> VAESpec:
     expanded = Path(os.path.expanduser(spec))
     if expanded.exists():
         if not expanded.is_dir():
-            raise VAEError(f"--vae {spec}: {expanded} is a file; pass the directory that holds config.json and {WEIGHTS_NAME}")
+            raise VAEError(
+                f"--vae {spec}: {expanded} is a file; pass the directory that holds config.json and {WEIGHTS_NAME}"
+            )
         directory, config = _check_local_dir(expanded.resolve(), spec)
         return VAESpec(
             id=spec,
@@ -180,8 +182,15 @@ def _resolve_hub(repo_id: str, revision: str | None) -> VAESpec:
         snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", WEIGHTS_NAME])
     except Exception as error:  # offline, no cache, unknown repo, invalid id, network failures
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        where = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else "the hub could not be reached or has no such repository"
-        raise VAEError(f"--vae {repo_id}: cannot load this VAE from the Hugging Face hub: {where} ({type(error).__name__}: {error}). {how_to}") from error
+        where = (
+            "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache"
+            if offline
+            else "the hub could not be reached or has no such repository"
+        )
+        raise VAEError(
+            f"--vae {repo_id}: cannot load this VAE from the Hugging Face hub: {where} "
+            f"({type(error).__name__}: {error}). {how_to}"
+        ) from error
     directory, config = _check_local_dir(Path(snapshot), repo_id)
     return VAESpec(
         id=repo_id,
@@ -216,7 +225,9 @@ def load_vae(local_path: str, dtype: str = "fp32", device: str = "cpu"):
     """Load an AutoencoderKL from a resolved local directory (safetensors only), in eval mode, no gradients."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(local_path, torch_dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(
+        local_path, torch_dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=True
+    )
     vae.requires_grad_(False)
     return vae.eval().to(device)
 

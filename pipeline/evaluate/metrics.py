@@ -24,19 +24,21 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 import time
+import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .sample_store import publish_mode
-from .atomic import write_json_atomic
-from .shards import load_manifest, shard_problems, sha256_file, shard_urls
+from pipeline.core.atomic import AtomicFile, write_bytes_atomic, write_json_atomic
+from pipeline.core.errors import InputError
+from pipeline.core.shards import json_bytes, load_manifest, sha256_file, shard_problems, shard_urls
+from pipeline.evaluate.sample_store import SampleStore, SampleStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +56,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_DIR_NAME = ".fidelity-cache"
 
 
-class MissingInceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(InputError):
+    """The Inception weights file cannot be used (not a tensor state dict, not torch-fidelity's Inception-v3)."""
+
+
+class MissingInceptionWeightsError(InceptionWeightsError, FileNotFoundError):
     """The Inception weights file is not available (it cannot be downloaded offline)."""
 
 
-class ReferenceInputError(ValueError):
+class ReferenceInputError(InputError):
     """The reference set is unusable (missing, wrong resolution, no images, ...)."""
 
 
@@ -67,8 +73,8 @@ class ReferenceInputError(ValueError):
 
 
 def sha256_json(value: Any) -> str:
-    """Hex SHA-256 of a JSON-serialisable value in canonical form (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """Hex SHA-256 of a JSON-serialisable value in canonical form (`json_bytes`: sorted keys, no spaces)."""
+    return hashlib.sha256(json_bytes(value)).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,10 +98,15 @@ class InceptionWeights:
         return "official torch-fidelity Inception-v3 weights" if self.official else PLUMBING_ONLY_LABEL
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "file_name": self.path.name, "sha256": self.sha256,
-                "official": self.official, "label": self.label,
-                "official_check": f"sha256 starts with {OFFICIAL_INCEPTION_SHA256_PREFIX} (the hash digits of "
-                                  f"the release file name {INCEPTION_WEIGHTS_FILENAME})"}
+        return {
+            "path": str(self.path),
+            "file_name": self.path.name,
+            "sha256": self.sha256,
+            "official": self.official,
+            "label": self.label,
+            "official_check": f"sha256 starts with {OFFICIAL_INCEPTION_SHA256_PREFIX} (the hash digits of "
+            f"the release file name {INCEPTION_WEIGHTS_FILENAME})",
+        }
 
 
 def default_inception_weights_path() -> Path:
@@ -115,18 +126,26 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Inceptio
         raise MissingInceptionWeightsError(
             f"Inception weights not found: {where}. They cannot be downloaded offline: copy the file "
             f"{INCEPTION_WEIGHTS_FILENAME} (torch-fidelity release v0.2.0) to this machine and pass "
-            f"--inception-weights PATH, or place it in {default_inception_weights_path().parent}.")
+            f"--inception-weights PATH, or place it in {default_inception_weights_path().parent}."
+        )
     try:
         state = torch.load(candidate, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means the file is unusable; say which and why
-        raise ValueError(f"{candidate}: not a loadable tensor state dict ({type(error).__name__}: {error})") \
-            from error
+        raise InceptionWeightsError(
+            f"{candidate}: not a loadable tensor state dict ({type(error).__name__}: {error})"
+        ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{candidate}: expected a state dict of tensors (torch-fidelity Inception-v3 weights)")
+        raise InceptionWeightsError(
+            f"{candidate}: expected a state dict of tensors (torch-fidelity Inception-v3 weights)"
+        )
     weights = InceptionWeights(path=candidate.resolve(), sha256=sha256_file(candidate))
     if not weights.official:
-        logger.warning("Inception weights %s (sha256 %s…) are not the official file: metrics will be labelled %r",
-                       candidate, weights.sha256[:16], PLUMBING_ONLY_LABEL)
+        logger.warning(
+            "Inception weights %s (sha256 %s…) are not the official file: metrics will be labelled %r",
+            candidate,
+            weights.sha256[:16],
+            PLUMBING_ONLY_LABEL,
+        )
     return weights
 
 
@@ -166,16 +185,28 @@ class FeatureConfig:
         """What the features depend on: network, weights content, library version, internal precision."""
         import torch_fidelity
 
-        return {"name": FEATURE_EXTRACTOR, "weights_sha256": self.weights.sha256,
-                "torch_fidelity": torch_fidelity.__version__, "internal_dtype": "float32"}
+        return {
+            "name": FEATURE_EXTRACTOR,
+            "weights_sha256": self.weights.sha256,
+            "torch_fidelity": torch_fidelity.__version__,
+            "internal_dtype": "float32",
+        }
 
     def fidelity_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of torch-fidelity's metric functions."""
-        return {"cuda": self.cuda, "batch_size": self.batch_size, "isc_splits": self.isc_splits,
-                "kid_subsets": self.kid_subsets, "kid_subset_size": self.kid_subset_size,
-                "prc_neighborhood": self.prc_neighborhood, "rng_seed": self.rng_seed, "save_cpu_ram": True,
-                "samples_shuffle": True, "verbose": self.verbose,
-                "feature_extractor_weights_path": str(self.weights.path)}
+        return {
+            "cuda": self.cuda,
+            "batch_size": self.batch_size,
+            "isc_splits": self.isc_splits,
+            "kid_subsets": self.kid_subsets,
+            "kid_subset_size": self.kid_subset_size,
+            "prc_neighborhood": self.prc_neighborhood,
+            "rng_seed": self.rng_seed,
+            "save_cpu_ram": True,
+            "samples_shuffle": True,
+            "verbose": self.verbose,
+            "feature_extractor_weights_path": str(self.weights.path),
+        }
 
 
 def create_feature_extractor(config: FeatureConfig, layers: Sequence[str]) -> torch.nn.Module:
@@ -185,7 +216,9 @@ def create_feature_extractor(config: FeatureConfig, layers: Sequence[str]) -> to
     try:
         return fidelity_create(FEATURE_EXTRACTOR, sorted(set(layers)), **config.fidelity_kwargs())
     except RuntimeError as error:  # load_state_dict: missing / unexpected keys, wrong shapes
-        raise ValueError(f"{config.weights.path}: not torch-fidelity Inception-v3 weights ({error})") from error
+        raise InceptionWeightsError(
+            f"{config.weights.path}: not torch-fidelity Inception-v3 weights ({error})"
+        ) from error
 
 
 def check_feature_layers(config: FeatureConfig, metrics: Iterable[str]) -> None:
@@ -195,7 +228,7 @@ def check_feature_layers(config: FeatureConfig, metrics: Iterable[str]) -> None:
     provided = FeatureExtractorInceptionV3.get_provided_features_list()
     for metric, layer in config.layers_for(metrics).items():
         if layer not in provided:
-            raise ValueError(f"feature layer {layer!r} for {metric} is not one of Inception-v3's {provided}")
+            raise InputError(f"feature layer {layer!r} for {metric} is not one of Inception-v3's {provided}")
 
 
 def extract_features(dataset: Dataset, extractor: torch.nn.Module, config: FeatureConfig) -> dict[str, torch.Tensor]:
@@ -215,12 +248,11 @@ class SampleStoreDataset(Dataset):
     """The images of a zarr sample store as uint8 CHW tensors; keeps the last decoded chunk (reads are in order)."""
 
     def __init__(self, store_path: str | os.PathLike):
-        from .sample_store import SampleStore
-
         self.store = SampleStore.open(store_path, mode="r")
         if not self.store.is_complete():
-            raise ValueError(f"{store_path}: {len(self.store.missing_chunks())} chunks are missing; sampling has "
-                             "not finished")
+            raise SampleStoreError(
+                f"{store_path}: {len(self.store.missing_chunks())} chunks are missing; sampling has not finished"
+            )
         self.chunk_size = self.store.layout.chunk_size
         self._cached_chunk = -1
         self._cached_images: np.ndarray | None = None
@@ -245,8 +277,9 @@ class ArrayDataset(Dataset):
 
     def __init__(self, images: np.ndarray, source: str = "array"):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ReferenceInputError(f"{source}: expected uint8 images [N, H, W, 3], got {images.dtype} "
-                                      f"{tuple(images.shape)}")
+            raise ReferenceInputError(
+                f"{source}: expected uint8 images [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
+            )
         self.images = images
         self.source = source
 
@@ -266,8 +299,10 @@ def _decode_rgb(data: bytes | Path, source: str, resolution: tuple[int, int] | N
     except Exception as error:  # noqa: BLE001 - PIL raises many types; name the file
         raise ReferenceInputError(f"{source}: cannot decode image ({error})") from error
     if resolution is not None and array.shape[:2] != tuple(resolution):
-        raise ReferenceInputError(f"{source}: image is {array.shape[0]}x{array.shape[1]}, the samples are "
-                                  f"{resolution[0]}x{resolution[1]} (wrong reference resolution)")
+        raise ReferenceInputError(
+            f"{source}: image is {array.shape[0]}x{array.shape[1]}, the samples are "
+            f"{resolution[0]}x{resolution[1]} (wrong reference resolution)"
+        )
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -293,8 +328,11 @@ def list_image_files(root: Path) -> list[Path]:
     files = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        files.extend(Path(directory) / name for name in names
-                     if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."))
+        files.extend(
+            Path(directory) / name
+            for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+        )
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -347,7 +385,7 @@ def _index_png_members(path: Path) -> list[tuple[str, int, int]]:
                 if extension.lower() == "png":
                     directory = member.name[: -len(base)]
                     members.append((directory + key, member.offset_data, member.size))
-    except tarfile.TarError as error:
+    except (OSError, tarfile.TarError) as error:
         raise ReferenceInputError(f"{path}: unreadable tar shard ({error})") from error
     return members
 
@@ -376,22 +414,33 @@ class Reference:
         return self.kind != "stats"
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "kind": self.kind, "num_images": self.num_images,
-                "resolution": list(self.resolution) if self.resolution else None,
-                "content_sha256": self._content_hash, **self.details}
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "num_images": self.num_images,
+            "resolution": list(self.resolution) if self.resolution else None,
+            "content_sha256": self._content_hash,
+            **self.details,
+        }
 
 
 def _npz_member_array(path: Path, name: str) -> np.ndarray:
     """Array `name` of an `.npz`, memory-mapped when it is stored uncompressed (the `np.savez` default)."""
-    import zipfile
+    try:
+        return _map_npz_member(path, name)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise ReferenceInputError(f"{path}: cannot read {name} ({type(error).__name__}: {error})") from error
 
+
+def _map_npz_member(path: Path, name: str) -> np.ndarray:
     member_name = f"{name}.npy"
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member_name)
         with archive.open(info) as member:
             version = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(member)
             header_length = member.tell()
         if info.compress_type != zipfile.ZIP_STORED or fortran_order or dtype.hasobject:
@@ -408,8 +457,6 @@ def _npz_member_array(path: Path, name: str) -> np.ndarray:
 
 
 def _npz_members(path: Path) -> list[str]:
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as archive:
             return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
@@ -431,11 +478,17 @@ def open_reference(path: str | os.PathLike) -> Reference:
         if manifest.get("kind") != "images":
             raise ReferenceInputError(
                 f"{path}: shards of kind {manifest.get('kind')!r}; the reference must be raw image shards "
-                "(kind 'images', written by `diffit-pipe pack`), not latents")
+                "(kind 'images', written by `diffit-pipe pack`), not latents"
+            )
         resolution = int(manifest["resolution"])
         count = sum(int(shard["count"]) for shard in manifest["shards"])
-        return Reference(path, "shards", (resolution, resolution), count,
-                         {"manifest_created": manifest.get("created"), "num_shards": len(manifest["shards"])})
+        return Reference(
+            path,
+            "shards",
+            (resolution, resolution),
+            count,
+            {"manifest_created": manifest.get("created"), "num_shards": len(manifest["shards"])},
+        )
     if path.is_dir():
         files = list_image_files(path)
         if not files:
@@ -447,16 +500,25 @@ def open_reference(path: str | os.PathLike) -> Reference:
         if "arr_0" in members:
             images = _npz_member_array(path, "arr_0")
             if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-                raise ReferenceInputError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
-                                          f"{tuple(images.shape)}")
+                raise ReferenceInputError(
+                    f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
+                )
             return Reference(path, "npz", (int(images.shape[1]), int(images.shape[2])), int(images.shape[0]))
         if "mu" in members and "sigma" in members:
-            return Reference(path, "stats", None, None, {"note": "precomputed FID statistics; their feature "
-                                                                 "extractor cannot be verified"})
-        raise ReferenceInputError(f"{path}: an .npz reference needs arr_0 (images) or mu and sigma (FID "
-                                  f"statistics); it has {members}")
-    raise ReferenceInputError(f"{path}: unknown reference; give a raw image shard directory (from `pack`), an "
-                              "image folder, an ADM .npz with arr_0, or an .npz with FID statistics mu/sigma")
+            return Reference(
+                path,
+                "stats",
+                None,
+                None,
+                {"note": "precomputed FID statistics; their feature extractor cannot be verified"},
+            )
+        raise ReferenceInputError(
+            f"{path}: an .npz reference needs arr_0 (images) or mu and sigma (FID statistics); it has {members}"
+        )
+    raise ReferenceInputError(
+        f"{path}: unknown reference; give a raw image shard directory (from `pack`), an "
+        "image folder, an ADM .npz with arr_0, or an .npz with FID statistics mu/sigma"
+    )
 
 
 def reference_dataset(reference: Reference) -> Dataset:
@@ -477,11 +539,13 @@ def check_reference(reference: Reference, resolution: tuple[int, int], metrics: 
     if reference.resolution is not None and tuple(reference.resolution) != tuple(resolution):
         raise ReferenceInputError(
             f"{reference.path}: reference images are {reference.resolution[0]}x{reference.resolution[1]}, the model "
-            f"generates {resolution[0]}x{resolution[1]} (wrong reference resolution)")
+            f"generates {resolution[0]}x{resolution[1]} (wrong reference resolution)"
+        )
     if not reference.has_images and metrics & {"kid", "prc"}:
         raise ReferenceInputError(
             f"{reference.path}: FID statistics only; {sorted(metrics & {'kid', 'prc'})} need reference images "
-            "(give shards, an image folder or an ADM .npz with arr_0), or drop them from --metrics")
+            "(give shards, an image folder or an ADM .npz with arr_0), or drop them from --metrics"
+        )
     if reference.num_images is not None and reference.num_images == 0:
         raise ReferenceInputError(f"{reference.path}: the reference holds no images")
 
@@ -506,10 +570,10 @@ def reference_cache_dir(reference: Reference, override: str | os.PathLike | None
 
 
 def _writable(directory: Path) -> bool:
+    """True when files can be created in `directory` (made if missing): a temporary file is opened and dropped."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-", delete=True)
-        probe.close()
+        AtomicFile(directory / ".probe").abort()
         return True
     except OSError:
         return False
@@ -520,8 +584,9 @@ def _fingerprint(files: Sequence[Path], root: Path) -> str:
     entries = []
     for path in files:
         stat = path.stat()
-        entries.append([path.relative_to(root).as_posix() if path != root else path.name, stat.st_size,
-                        stat.st_mtime_ns])
+        entries.append(
+            [path.relative_to(root).as_posix() if path != root else path.name, stat.st_size, stat.st_mtime_ns]
+        )
     return sha256_json(entries)
 
 
@@ -556,8 +621,13 @@ def reference_content_hash(reference: Reference, cache_dir: Path) -> str:
         problems = [p for shard in manifest["shards"] for p in shard_problems(reference.path, shard, rehash=False)]
         if problems:
             raise ReferenceInputError(f"{reference.path}: shards do not match manifest.json: {'; '.join(problems)}")
-        value = sha256_json({"kind": "images-shards", "resolution": manifest["resolution"],
-                             "shards": [[s["name"], s["sha256"], int(s["count"])] for s in manifest["shards"]]})
+        value = sha256_json(
+            {
+                "kind": "images-shards",
+                "resolution": manifest["resolution"],
+                "shards": [[s["name"], s["sha256"], int(s["count"])] for s in manifest["shards"]],
+            }
+        )
     elif reference.kind == "folder":
         files = list_image_files(reference.path)
 
@@ -570,9 +640,11 @@ def reference_content_hash(reference: Reference, cache_dir: Path) -> str:
 
         value = _memoised(cache_dir, "folder:" + _fingerprint(files, reference.path), compute)
     else:
-        value = _memoised(cache_dir, f"file:{reference.path.resolve()}:" + _fingerprint([reference.path],
-                                                                                        reference.path),
-                          lambda: sha256_file(reference.path))
+        value = _memoised(
+            cache_dir,
+            f"file:{reference.path.resolve()}:" + _fingerprint([reference.path], reference.path),
+            lambda: sha256_file(reference.path),
+        )
     reference._content_hash = value
     return value
 
@@ -582,14 +654,18 @@ def _cache_file(cache_dir: Path, content_hash: str, identity: dict[str, Any], la
     return cache_dir / f"features-{content_hash[:12]}-{key[:16]}-{layer}.safetensors"
 
 
-def reference_features(reference: Reference, layers: Sequence[str], config: FeatureConfig,
-                       cache_dir: Path, extractor: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor],
-                                                                                          dict[str, Any]]:
+def reference_features(
+    reference: Reference,
+    layers: Sequence[str],
+    config: FeatureConfig,
+    cache_dir: Path,
+    extractor: torch.nn.Module | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Reference features of `layers`: from the cache when present, else extracted once and cached atomically.
 
     Returns (features by layer, cache report {layer: {"file", "hit"}}).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save as safetensors_bytes
 
     content_hash = reference_content_hash(reference, cache_dir)
     identity = config.extractor_identity()
@@ -599,38 +675,58 @@ def reference_features(reference: Reference, layers: Sequence[str], config: Feat
     for layer in sorted(set(layers)):
         path = _cache_file(cache_dir, content_hash, identity, layer)
         if path.is_file():
-            features[layer] = load_file(str(path))["features"]
+            features[layer] = _load_cached_features(path)
             report[layer] = {"file": str(path), "hit": True}
             logger.info("reference features %s: cache hit %s", layer, path)
         else:
             missing.append(layer)
     if missing:
         extractor = extractor if extractor is not None else create_feature_extractor(config, missing)
-        logger.info("extracting reference features %s from %d images of %s", missing, reference.num_images or 0,
-                    reference.path)
+        logger.info(
+            "extracting reference features %s from %d images of %s", missing, reference.num_images or 0, reference.path
+        )
         extracted = extract_features(reference_dataset(reference), extractor, config)
         for layer in missing:
             path = _cache_file(cache_dir, content_hash, identity, layer)
-            metadata = {"reference": json.dumps(reference.describe()), "extractor": json.dumps(identity),
-                        "layer": layer, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            save_file({"features": extracted[layer].contiguous()}, tmp, metadata=metadata)
-            publish_mode(tmp)
-            os.replace(tmp, path)
+            metadata = {
+                "reference": json.dumps(reference.describe()),
+                "extractor": json.dumps(identity),
+                "layer": layer,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            # Serialised in memory, then written through `write_bytes_atomic`: safetensors' own `save_file`
+            # creates its files private (0600), and the cache is shared like the reference beside it.
+            write_bytes_atomic(path, safetensors_bytes({"features": extracted[layer].contiguous()}, metadata))
             features[layer] = extracted[layer]
             report[layer] = {"file": str(path), "hit": False}
     return features, report
 
 
+def _load_cached_features(path: Path) -> torch.Tensor:
+    """The features tensor of a cache file; a damaged one is reported with the way out (delete it)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["features"]
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ReferenceInputError(
+            f"{path}: unreadable reference feature cache ({type(error).__name__}: {error}); delete it to recompute"
+        ) from error
+
+
 def load_reference_statistics(reference: Reference, feature_dim: int) -> dict[str, np.ndarray]:
     """`mu`, `sigma` of a statistics-only reference, checked against the FID feature dimension."""
-    with np.load(reference.path, allow_pickle=False) as data:
-        mu = np.asarray(data["mu"], dtype=np.float64)
-        sigma = np.asarray(data["sigma"], dtype=np.float64)
+    try:
+        with np.load(reference.path, allow_pickle=False) as data:
+            mu = np.asarray(data["mu"], dtype=np.float64)
+            sigma = np.asarray(data["sigma"], dtype=np.float64)
+    except (OSError, ValueError, KeyError) as error:
+        raise ReferenceInputError(f"{reference.path}: cannot read mu / sigma ({error})") from error
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
-        raise ReferenceInputError(f"{reference.path}: mu {mu.shape} / sigma {sigma.shape} do not match the FID "
-                                  f"feature dimension {feature_dim}")
+        raise ReferenceInputError(
+            f"{reference.path}: mu {mu.shape} / sigma {sigma.shape} do not match the FID "
+            f"feature dimension {feature_dim}"
+        )
     return {"mu": mu, "sigma": sigma}
 
 
@@ -638,8 +734,14 @@ def load_reference_statistics(reference: Reference, feature_dim: int) -> dict[st
 # Metrics
 
 
-def compute_metrics(samples: Dataset, reference: Reference | None, metrics: Sequence[str], config: FeatureConfig,
-                    cache_dir: Path | None, extractor: torch.nn.Module | None = None) -> dict[str, Any]:
+def compute_metrics(
+    samples: Dataset,
+    reference: Reference | None,
+    metrics: Sequence[str],
+    config: FeatureConfig,
+    cache_dir: Path | None,
+    extractor: torch.nn.Module | None = None,
+) -> dict[str, Any]:
     """FID / IS / precision-recall / KID of `samples` against `reference`, with torch-fidelity's functions.
 
     `reference` (and `cache_dir`, where its features are cached) may be None when only IS is requested.
@@ -648,32 +750,19 @@ def compute_metrics(samples: Dataset, reference: Reference | None, metrics: Sequ
 
     Returns {"values": {metric key: float}, "reference_cache": ..., "timings_s": ..., "num_samples": N}.
     """
-    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
-
-    unknown = set(metrics) - set(METRIC_NAMES)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRIC_NAMES}")
+    _check_metric_request(samples, reference, metrics, config, cache_dir)
     layers = config.layers_for(metrics)
     binary = [m for m in metrics if m in ("fid", "kid", "prc")]
-    if binary and (reference is None or cache_dir is None):
-        raise ValueError(f"{binary} need a reference set (and a cache directory for its features)")
-    if "kid" in metrics:
-        sizes = [len(samples)] + ([reference.num_images] if reference and reference.num_images else [])
-        if config.kid_subset_size > min(sizes):
-            raise ValueError(f"KID subset size {config.kid_subset_size} exceeds the number of samples "
-                             f"({len(samples)}) or reference images ({sizes[-1]}); lower --kid-subset-size")
-    kwargs = config.fidelity_kwargs()
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
     if extractor is None:
         extractor = create_feature_extractor(config, sorted(set(layers.values())))
     elif not set(layers.values()) <= set(extractor.get_requested_features_list()):
-        raise ValueError(f"the given extractor provides {extractor.get_requested_features_list()}, the metrics need "
-                         f"{sorted(set(layers.values()))}")
+        raise ValueError(
+            f"the given extractor provides {extractor.get_requested_features_list()}, the metrics need "
+            f"{sorted(set(layers.values()))}"
+        )
     timings["load_extractor"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -689,11 +778,61 @@ def compute_metrics(samples: Dataset, reference: Reference | None, metrics: Sequ
         # run the whole network for nothing when those layers are shallower (reference_features builds its own).
         same_layers = set(extractor.get_requested_features_list()) == set(reference_layers)
         reference_feats, reference_cache = reference_features(
-            reference, reference_layers, config, cache_dir, extractor if same_layers else None)
+            reference, reference_layers, config, cache_dir, extractor if same_layers else None
+        )
         timings["reference_features"] = time.perf_counter() - started
 
-    values: dict[str, float] = {}
     started = time.perf_counter()
+    values = _metric_values(metrics, layers, sample_features, reference, reference_feats, config)
+    timings["metric_math"] = time.perf_counter() - started
+    return {
+        "values": values,
+        "reference_cache": reference_cache,
+        "timings_s": timings,
+        "num_samples": len(samples),
+        "feature_layers": layers,
+    }
+
+
+def _check_metric_request(
+    samples: Dataset,
+    reference: Reference | None,
+    metrics: Sequence[str],
+    config: FeatureConfig,
+    cache_dir: Path | None,
+) -> None:
+    """Refuse, before any feature extraction, metrics that cannot be computed with these inputs."""
+    unknown = set(metrics) - set(METRIC_NAMES)
+    if unknown:
+        raise InputError(f"unknown metrics {sorted(unknown)}; choose from {METRIC_NAMES}")
+    binary = [m for m in metrics if m in ("fid", "kid", "prc")]
+    if binary and (reference is None or cache_dir is None):
+        raise InputError(f"{binary} need a reference set (and a cache directory for its features)")
+    if "kid" in metrics:
+        sizes = [len(samples)] + ([reference.num_images] if reference and reference.num_images else [])
+        if config.kid_subset_size > min(sizes):
+            raise InputError(
+                f"KID subset size {config.kid_subset_size} exceeds the number of samples "
+                f"({len(samples)}) or reference images ({sizes[-1]}); lower --kid-subset-size"
+            )
+
+
+def _metric_values(
+    metrics: Sequence[str],
+    layers: dict[str, str],
+    sample_features: dict[str, torch.Tensor],
+    reference: Reference | None,
+    reference_feats: dict[str, torch.Tensor],
+    config: FeatureConfig,
+) -> dict[str, float]:
+    """The metric values from the extracted features (torch-fidelity's math), as floats by torch-fidelity's keys."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    kwargs = config.fidelity_kwargs()
+    values: dict[str, float] = {}
     if "is" in metrics:
         values.update(isc_featuresdict_to_metric(sample_features, layers["is"], **kwargs))
     if "fid" in metrics:
@@ -709,6 +848,4 @@ def compute_metrics(samples: Dataset, reference: Reference | None, metrics: Sequ
         values.update(kid_featuresdict_to_metric(sample_features, reference_feats, layers["kid"], **kwargs))
     if "prc" in metrics:
         values.update(prc_featuresdict_to_metric(sample_features, reference_feats, layers["prc"], **kwargs))
-    timings["metric_math"] = time.perf_counter() - started
-    return {"values": {key: float(value) for key, value in values.items()}, "reference_cache": reference_cache,
-            "timings_s": timings, "num_samples": len(samples), "feature_layers": layers}
+    return {key: float(value) for key, value in values.items()}

@@ -22,12 +22,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from pipeline.core.atomic import atomic_path, replace_directory, temp_path_for
+from pipeline.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,18 @@ _NOISE_STREAM = 0x6E6F697365  # "noise"
 _LABEL_STREAM = 0x6C6162656C  # "label"
 
 
-class SampleStoreMismatchError(ValueError):
+ARRAY_NAMES = ("samples", "labels", "done")
+
+
+class SampleStoreError(InputError):
+    """A sample store cannot be used: not a store, damaged, or made with other settings (the message names it)."""
+
+
+class NotASampleStoreError(SampleStoreError, FileNotFoundError):
+    """The path holds no sample store (no `zarr.json`)."""
+
+
+class SampleStoreMismatchError(SampleStoreError):
     """An existing sample store was made with other settings (model, sampler, seed, ...) than requested."""
 
 
@@ -89,8 +103,9 @@ def sample_noise_seeds(seed: int, indices: Sequence[int] | np.ndarray) -> list[i
     return [int(value) for value in hashed]
 
 
-def sample_class_labels(seed: int, indices: Sequence[int] | np.ndarray, num_classes: int,
-                        classes: Sequence[int] | None = None) -> np.ndarray:
+def sample_class_labels(
+    seed: int, indices: Sequence[int] | np.ndarray, num_classes: int, classes: Sequence[int] | None = None
+) -> np.ndarray:
     """Class label of each sample index (int64).
 
     `classes` given: sample i gets `classes[i % len(classes)]` (cycling, e.g. for a class-balanced set).
@@ -112,17 +127,6 @@ def sample_class_labels(seed: int, indices: Sequence[int] | np.ndarray, num_clas
 # The store
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish_mode(path: str | os.PathLike, directory: bool = False) -> None:
-    """Give a file made by `mkstemp` / `mkdtemp` (private, 0600/0700) the usual permissions before renaming it."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
 def _normalise(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings as they read back from JSON (tuples become lists, ...), so that comparisons are exact."""
     return json.loads(json.dumps(settings, sort_keys=True))
@@ -130,8 +134,51 @@ def _normalise(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _settings_difference(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     keys = sorted(set(stored) | set(requested))
-    return [f"{key}: store has {stored.get(key)!r}, requested {requested.get(key)!r}"
-            for key in keys if stored.get(key) != requested.get(key)]
+    return [
+        f"{key}: store has {stored.get(key)!r}, requested {requested.get(key)!r}"
+        for key in keys
+        if stored.get(key) != requested.get(key)
+    ]
+
+
+def _build_empty_store(directory: Path, layout: StoreLayout, settings: dict[str, Any]) -> None:
+    """The arrays and attributes of an empty store, written into `directory`."""
+    import zarr
+
+    group = zarr.open_group(str(directory), mode="w")
+    group.create_array(
+        "samples",
+        shape=(layout.num_samples, layout.height, layout.width, 3),
+        chunks=(layout.chunk_size, layout.height, layout.width, 3),
+        dtype="uint8",
+        fill_value=0,
+    )
+    group.create_array("labels", shape=(layout.num_samples,), chunks=(layout.chunk_size,), dtype="int64", fill_value=-1)
+    group.create_array("done", shape=(layout.num_chunks,), chunks=(1,), dtype="bool", fill_value=False)
+    group.attrs.update({"format_version": FORMAT_VERSION, "layout": asdict(layout), "settings": _normalise(settings)})
+
+
+def _open_group(path: Path, mode: str) -> Any:
+    """The zarr group of the store at `path`, checked to be a diffit-pipe store of this format.
+
+    zarr reports a damaged store as JSON, metadata or key errors; they become one `SampleStoreError` naming it.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode=mode)
+        attrs = group.attrs.asdict()
+        arrays = [name for name in ARRAY_NAMES if name in group]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SampleStoreError(f"{path}: damaged sample store ({type(error).__name__}: {error})") from error
+    if attrs.get("format_version") != FORMAT_VERSION or "layout" not in attrs or "settings" not in attrs:
+        raise SampleStoreMismatchError(
+            f"{path}: not a diffit-pipe sample store of format {FORMAT_VERSION} (attributes: {sorted(attrs)})"
+        )
+    if len(arrays) != len(ARRAY_NAMES):
+        missing = sorted(set(ARRAY_NAMES) - set(arrays))
+        raise SampleStoreError(f"{path}: damaged sample store (missing arrays {missing})")
+    return group
 
 
 class SampleStore:
@@ -140,71 +187,59 @@ class SampleStore:
     def __init__(self, path: Path, group: Any):
         self.path = path
         self.group = group
-        layout = group.attrs["layout"]
-        self.layout = StoreLayout(**layout)
+        try:
+            self.layout = StoreLayout(**group.attrs["layout"])
+        except TypeError as error:
+            raise SampleStoreError(f"{path}: damaged sample store (layout {group.attrs['layout']!r})") from error
         self.settings: dict[str, Any] = dict(group.attrs["settings"])
 
     # -- opening ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike, layout: StoreLayout, settings: dict[str, Any]) -> "SampleStore":
+    def create(cls, path: str | os.PathLike, layout: StoreLayout, settings: dict[str, Any]) -> SampleStore:
         """Create an empty store at `path` atomically (built in a temporary folder, then renamed into place)."""
-        import zarr
-
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path}: already exists (open it with SampleStore.open)")
         if layout.num_samples <= 0 or layout.chunk_size <= 0:
             raise ValueError(f"num_samples and chunk_size must be positive, got {layout}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        temp = temp_path_for(path)
+        temp.mkdir()  # mkdir, not mkdtemp: the store gets the usual permissions (umask), not 0700
         try:
-            group = zarr.open_group(str(tmp), mode="w")
-            group.create_array("samples", shape=(layout.num_samples, layout.height, layout.width, 3),
-                               chunks=(layout.chunk_size, layout.height, layout.width, 3), dtype="uint8",
-                               fill_value=0)
-            group.create_array("labels", shape=(layout.num_samples,), chunks=(layout.chunk_size,), dtype="int64",
-                               fill_value=-1)
-            group.create_array("done", shape=(layout.num_chunks,), chunks=(1,), dtype="bool", fill_value=False)
-            group.attrs.update({"format_version": FORMAT_VERSION, "layout": asdict(layout),
-                                "settings": _normalise(settings)})
-            publish_mode(tmp, directory=True)
-            os.replace(tmp, path)
+            _build_empty_store(temp, layout, settings)
+            replace_directory(temp, path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(temp, ignore_errors=True)
             raise
-        logger.info("created sample store %s (%d samples in %d chunks of %d)", path, layout.num_samples,
-                    layout.num_chunks, layout.chunk_size)
+        logger.info(
+            "created sample store %s (%d samples in %d chunks of %d)",
+            path,
+            layout.num_samples,
+            layout.num_chunks,
+            layout.chunk_size,
+        )
         return cls.open(path, settings)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, settings: dict[str, Any] | None = None,
-             mode: str = "r+") -> "SampleStore":
+    def open(cls, path: str | os.PathLike, settings: dict[str, Any] | None = None, mode: str = "r+") -> SampleStore:
         """Open an existing store; with `settings`, refuse it unless it was made with exactly these settings."""
-        import zarr
-
         path = Path(path)
         if not (path / "zarr.json").is_file():
-            raise FileNotFoundError(f"{path}: not a sample store (no zarr.json)")
-        group = zarr.open_group(str(path), mode=mode)
-        attrs = group.attrs.asdict()
-        if attrs.get("format_version") != FORMAT_VERSION or "layout" not in attrs or "settings" not in attrs:
-            raise SampleStoreMismatchError(
-                f"{path}: not a diffit-pipe sample store of format {FORMAT_VERSION} "
-                f"(attributes: {sorted(attrs)})")
-        store = cls(path, group)
+            raise NotASampleStoreError(f"{path}: not a sample store (no zarr.json)")
+        store = cls(path, _open_group(path, mode))
         if settings is not None:
             difference = _settings_difference(store.settings, _normalise(settings))
             if difference:
                 raise SampleStoreMismatchError(
                     f"{path}: this sample store was made with other settings, refusing to mix samples:\n  "
                     + "\n  ".join(difference)
-                    + f"\nUse another --out directory, or delete {path} to start over.")
+                    + f"\nUse another --out directory, or delete {path} to start over."
+                )
         return store
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, layout: StoreLayout,
-                       settings: dict[str, Any]) -> "SampleStore":
+    def open_or_create(cls, path: str | os.PathLike, layout: StoreLayout, settings: dict[str, Any]) -> SampleStore:
         """Open the store at `path` when it exists (settings and layout must match), else create it.
 
         Only one process may call this (rank 0); the others call `open` after a barrier.
@@ -217,11 +252,13 @@ class SampleStore:
         if (stored.num_samples, stored.height, stored.width) != (layout.num_samples, layout.height, layout.width):
             raise SampleStoreMismatchError(
                 f"{path}: store holds {stored.num_samples} samples of {stored.height}x{stored.width}, requested "
-                f"{layout.num_samples} of {layout.height}x{layout.width}; use another --out directory")
+                f"{layout.num_samples} of {layout.height}x{layout.width}; use another --out directory"
+            )
         if stored.chunk_size != layout.chunk_size:
             # The chunk size only fixes the work unit; samples do not depend on it, so keep the store's.
-            logger.info("%s: keeping the store's chunk size %d (requested %d)", path, stored.chunk_size,
-                        layout.chunk_size)
+            logger.info(
+                "%s: keeping the store's chunk size %d (requested %d)", path, stored.chunk_size, layout.chunk_size
+            )
         return store
 
     # -- state ----------------------------------------------------------------------------------------------------
@@ -243,8 +280,9 @@ class SampleStore:
         start, stop = self.layout.chunk_range(chunk)
         expected = (stop - start, self.layout.height, self.layout.width, 3)
         if images.shape != expected or images.dtype != np.uint8:
-            raise ValueError(f"chunk {chunk}: expected uint8 images of shape {expected}, "
-                             f"got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"chunk {chunk}: expected uint8 images of shape {expected}, got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape != (stop - start,):
             raise ValueError(f"chunk {chunk}: expected {stop - start} labels, got shape {tuple(labels.shape)}")
         self.group["samples"][start:stop] = images
@@ -280,31 +318,25 @@ def export_npz(store: SampleStore, path: str | os.PathLike, batch: int | None = 
     import zipfile
 
     if not store.is_complete():
-        raise ValueError(f"{store.path}: {len(store.missing_chunks())} chunks are still missing; finish sampling "
-                         "before exporting")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise ValueError(
+            f"{store.path}: {len(store.missing_chunks())} chunks are still missing; finish sampling before exporting"
+        )
     layout = store.layout
     batch = batch or layout.chunk_size
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            shape = (layout.num_samples, layout.height, layout.width, 3)
-            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(
-                    member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                             "shape": shape})
-                for start in range(0, layout.num_samples, batch):
-                    stop = min(start + batch, layout.num_samples)
-                    member.write(np.ascontiguousarray(store.read_images(start, stop)).tobytes())
-            with archive.open("arr_1.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, store.read_labels().astype(np.int64))
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with (
+        atomic_path(path) as temp,
+        zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
+        shape = (layout.num_samples, layout.height, layout.width, 3)
+        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_2_0(
+                member,
+                {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape},
+            )
+            for start in range(0, layout.num_samples, batch):
+                stop = min(start + batch, layout.num_samples)
+                member.write(np.ascontiguousarray(store.read_images(start, stop)).tobytes())
+        with archive.open("arr_1.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, store.read_labels().astype(np.int64))
     logger.info("exported %d samples to %s", layout.num_samples, path)
-    return path
+    return Path(path)

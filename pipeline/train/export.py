@@ -20,8 +20,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG_COPY, EMA_WEIGHTS, load_ema, read_train_state, resolve_checkpoint
-from .config import load_config
+from pipeline.core.atomic import write_bytes_atomic
+from pipeline.train.checkpoint import CONFIG_COPY, EMA_WEIGHTS, load_ema, read_train_state, resolve_checkpoint
+from pipeline.train.config import load_config
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,23 @@ logger = logging.getLogger(__name__)
 def diffusion_entry(diffusion: dict[str, Any]) -> dict[str, Any]:
     """The `diffusion` block of an exported config, from the resolved training config's `diffusion` section."""
     if diffusion["type"] == "adm":
-        return {"type": "adm", "noise_schedule": diffusion["noise_schedule"],
-                "diffusion_steps": diffusion["diffusion_steps"], "learn_sigma": diffusion["learn_sigma"]}
-    return {"type": "edm", "sigma_data": diffusion["sigma_data"], "P_mean": diffusion["P_mean"],
-            "P_std": diffusion["P_std"]}
+        return {
+            "type": "adm",
+            "noise_schedule": diffusion["noise_schedule"],
+            "diffusion_steps": diffusion["diffusion_steps"],
+            "learn_sigma": diffusion["learn_sigma"],
+        }
+    return {
+        "type": "edm",
+        "sigma_data": diffusion["sigma_data"],
+        "P_mean": diffusion["P_mean"],
+        "P_std": diffusion["P_std"],
+    }
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     """Export the EMA of `source` (a run directory -> its latest checkpoint, or a checkpoint directory)."""
-    from diffit.io import save_pretrained
+    from diffit.io import pretrained_files
     from diffit.models import create_model
 
     checkpoint = resolve_checkpoint(source)
@@ -48,11 +57,17 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     extra: dict[str, Any] = {
         "diffusion": diffusion_entry({**state["diffusion"], "type": config.diffusion.type}),
         "dataset": state["dataset"],
-        "train": {"step": state["step"], "images_seen": state["images_seen"], "run_dir": state["run_dir"],
-                  "checkpoint": str(Path(checkpoint).resolve())},
+        "train": {
+            "step": state["step"],
+            "images_seen": state["images_seen"],
+            "run_dir": state["run_dir"],
+            "checkpoint": str(Path(checkpoint).resolve()),
+        },
     }
     if state.get("vae") is not None:
         extra["vae"] = state["vae"]
-    out = save_pretrained(model.eval(), out_dir, extra)
+    out = Path(out_dir)
+    for name, data in pretrained_files(model.eval(), extra).items():
+        write_bytes_atomic(out / name, data)
     logger.info("exported the EMA of %s (step %d) to %s", checkpoint, state["step"], out)
     return out

@@ -9,7 +9,7 @@ A task (`encode_shard`) first checks whether its shard is already done: sidecar 
 items with their sizes and modification times, the resolution, transform, VAE hash and dtype) and the tar's
 sha256 matches. If so it returns the sidecar (resume after a kill); otherwise it decodes, crops and encodes its
 items in batches, streams the samples into a temporary tar and commits it with its sidecar. Bad items become
-failure records; they never stop the task. The VAE is fetched with `pipeline.vae.get_vae`, cached per worker
+failure records; they never stop the task. The VAE is fetched with `pipeline.core.vae.get_vae`, cached per worker
 process.
 
 Dask: by default a `LocalCluster` of `workers` processes with one thread each (torch limited to
@@ -30,15 +30,18 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.shards import (
+from pipeline.core.atomic import remove_temporary_files, write_json_atomic
+from pipeline.core.errors import InputError
+from pipeline.core.shards import (
     FAILURES_NAME,
     FORMAT_VERSION,
     IMAGE_MEMBERS,
@@ -49,16 +52,20 @@ from pipeline.shards import (
     json_bytes,
     latent_sample,
     read_sidecar,
-    remove_temporary_files,
     shard_name,
     shard_problems,
     sidecar_name,
-    write_json_atomic,
     write_lines_atomic,
 )
-from pipeline.sources import Source, SourceItem, read_item_bytes, scan_source
-from pipeline.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, compose_crop_box, prepare_image, transform_spec
-from pipeline.vae import DEFAULT_VAE, VAESpec, resolve_vae
+from pipeline.core.vae import DEFAULT_VAE, VAESpec, resolve_vae
+from pipeline.encode.sources import Source, SourceItem, read_item_bytes, scan_source
+from pipeline.encode.transforms import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    compose_crop_box,
+    prepare_image,
+    transform_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ LOCAL_CLUSTER_CONFIG = {
 }
 
 
-class JobError(RuntimeError):
+class JobError(InputError):
     """The job cannot start (bad settings, output in use) or could not finish every shard."""
 
 
@@ -163,7 +170,7 @@ def _report_progress(topic: str | None, index: int, done: int) -> None:
 
 def _default_torch_threads() -> int:
     """cores // Dask threads of this worker: what a task may use without oversubscribing its machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _local_cores()
     try:
         from distributed import get_worker
 
@@ -232,7 +239,7 @@ def encode_shard(task: ShardTask) -> dict[str, Any]:
 
     vae = None
     if task.kind == "latents":
-        from pipeline.vae import get_vae, pick_device, set_torch_threads
+        from pipeline.core.vae import get_vae, pick_device, set_torch_threads
 
         set_torch_threads(task.torch_threads or _default_torch_threads())
         vae = get_vae(task.vae_path, task.dtype, pick_device(task.device))
@@ -272,7 +279,7 @@ def _write_batch(writer: ShardWriter, vae, ready: list, failures: list, task: Sh
         for item, pixels, meta in ready:
             writer.write(image_sample(item.key, pixels, item.label, meta))
         return
-    from pipeline.vae import encode_pixels
+    from pipeline.core.vae import encode_pixels
 
     mean, std = encode_pixels(vae, np.stack([pixels for _, pixels, _ in ready]))
     mean16, std16 = mean.astype(np.float16), std.astype(np.float16)
@@ -347,6 +354,24 @@ def _local_cores() -> int:
 
 
 @contextmanager
+def quiet_cluster_logs(level: int = logging.ERROR) -> Iterator[None]:
+    """Keep a local cluster's chatter (an INFO line for every scheduler, nanny and worker event) off the terminal.
+
+    LocalCluster's `silence_logs` only quiets the handler that distributed installs for itself, and distributed
+    installs none when logging is already set up (`setup_logging` runs before distributed is imported): its
+    records then reach the root handler. So the level of distributed's loggers is raised while the block runs
+    (after distributed is imported: its import sets that level).
+    """
+    distributed_logger = logging.getLogger("distributed")
+    previous = distributed_logger.level
+    distributed_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        distributed_logger.setLevel(previous)
+
+
+@contextmanager
 def _dask_client(cfg: JobConfig, client=None) -> Iterator[Any]:
     """A Dask client: the one given, a running cluster (`scheduler`), or a LocalCluster started here."""
     from distributed import Client, LocalCluster
@@ -367,10 +392,14 @@ def _dask_client(cfg: JobConfig, client=None) -> Iterator[Any]:
 
     processes = cfg.workers > 0
     n_workers = max(1, cfg.workers)
-    logger.info("starting a local Dask cluster: %d worker(s) x 1 thread (%s)", n_workers, "processes" if processes else "in-process")
+    logger.info(
+        "starting a local Dask cluster: %d worker(s) x 1 thread (%s)",
+        n_workers,
+        "processes" if processes else "in-process",
+    )
     # Without a dashboard nobody reads the statistical profiler (a stack sample every 10 ms) or frequent system
     # samples; turned off they stop taking CPU and the GIL from the encoding thread (an idle worker: 3% → 0.4%).
-    with dask.config.set(LOCAL_CLUSTER_CONFIG):
+    with dask.config.set(LOCAL_CLUSTER_CONFIG), quiet_cluster_logs():
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
@@ -448,21 +477,14 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
     """Run an encode or pack job end to end (see the module docstring); `client`: use this Dask client."""
     started = time.perf_counter()
     check_config(cfg)
-    vae_spec = None
-    if cfg.kind == "latents":
-        vae_spec = resolve_vae(cfg.vae, cfg.vae_revision)  # first of all: a bad --vae fails before any work
-        factor = vae_spec.downsample_factor
-        if cfg.resolution % factor:
-            raise JobError(f"--resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {factor}")
-        if cfg.dtype != "fp32" and cfg.device == "cpu":
-            logger.warning("--dtype %s on CPU: half-precision convolutions are usually slower than fp32", cfg.dtype)
-
+    vae_spec = _resolve_job_vae(cfg) if cfg.kind == "latents" else None  # a bad --vae fails before any work
     source = scan_source(cfg.source)
     items = source.items[: cfg.limit] if cfg.limit else source.items
     if source.layout == "shards" and source.packed_manifest and cfg.resolution > source.packed_manifest["resolution"]:
         logger.warning(
             "encoding at %d px from shards packed at %d px: images are upsampled",
-            cfg.resolution, source.packed_manifest["resolution"],
+            cfg.resolution,
+            source.packed_manifest["resolution"],
         )
 
     out = Path(cfg.out).expanduser().resolve()
@@ -470,33 +492,8 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
         # Shards inside the source tree would be read as images (or a class folder) by the next run.
         raise JobError(f"the output directory {out} is inside the source {source.root}; choose another OUT")
     out.mkdir(parents=True, exist_ok=True)
-    shards = plan_shards(items, cfg.shard_size)
-    settings = _settings_for_fingerprint(cfg, vae_spec)
-    run_id = uuid.uuid4().hex[:8]
-    topic = f"diffit-pipe-progress-{run_id}"
-
-    torch_threads = cfg.torch_threads
-    if torch_threads is None and not cfg.scheduler and client is None:
-        torch_threads = max(1, _local_cores() // max(1, cfg.workers))
-    tasks = [
-        ShardTask(
-            index=index,
-            items=shard_items,
-            root=source.root,
-            out=str(out),
-            kind=cfg.kind,
-            resolution=cfg.resolution,
-            max_pixels=cfg.max_pixels,
-            batch_size=cfg.batch_size,
-            fingerprint=shard_fingerprint(settings, index, shard_items),
-            vae_path=vae_spec.local_path if vae_spec else None,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            torch_threads=torch_threads,
-            progress_topic=topic,
-        )
-        for index, shard_items in enumerate(shards)
-    ]
+    topic = f"diffit-pipe-progress-{uuid.uuid4().hex[:8]}"
+    tasks = _shard_tasks(cfg, source, items, out, vae_spec, topic, local=not cfg.scheduler and client is None)
 
     result = JobResult(out=str(out), manifest=None, shards_total=len(tasks), max_failure_rate=cfg.max_failure_rate)
     with _output_lock(out):
@@ -517,6 +514,52 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
     return result
 
 
+def _resolve_job_vae(cfg: JobConfig) -> VAESpec:
+    """The checked `--vae` of a latent job, and whether the resolution fits its downsampling factor."""
+    vae_spec = resolve_vae(cfg.vae, cfg.vae_revision)
+    factor = vae_spec.downsample_factor
+    if cfg.resolution % factor:
+        raise JobError(f"--resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    if cfg.dtype != "fp32" and cfg.device == "cpu":
+        logger.warning("--dtype %s on CPU: half-precision convolutions are usually slower than fp32", cfg.dtype)
+    return vae_spec
+
+
+def _shard_tasks(
+    cfg: JobConfig,
+    source: Source,
+    items: list[SourceItem],
+    out: Path,
+    vae_spec: VAESpec | None,
+    topic: str,
+    local: bool,
+) -> list[ShardTask]:
+    """One task per output shard. `local`: the cluster is started here, so torch threads = cores // workers."""
+    settings = _settings_for_fingerprint(cfg, vae_spec)
+    torch_threads = cfg.torch_threads
+    if torch_threads is None and local:
+        torch_threads = max(1, _local_cores() // max(1, cfg.workers))
+    return [
+        ShardTask(
+            index=index,
+            items=shard_items,
+            root=source.root,
+            out=str(out),
+            kind=cfg.kind,
+            resolution=cfg.resolution,
+            max_pixels=cfg.max_pixels,
+            batch_size=cfg.batch_size,
+            fingerprint=shard_fingerprint(settings, index, shard_items),
+            vae_path=vae_spec.local_path if vae_spec else None,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            torch_threads=torch_threads,
+            progress_topic=topic,
+        )
+        for index, shard_items in enumerate(plan_shards(items, cfg.shard_size))
+    ]
+
+
 def _execute(cfg: JobConfig, tasks: list[ShardTask], topic: str, result: JobResult, client) -> dict[int, dict]:
     """Run the shard tasks on Dask; returns the sidecars by shard index and fills the tallies of `result`."""
     from distributed import as_completed
@@ -528,7 +571,10 @@ def _execute(cfg: JobConfig, tasks: list[ShardTask], topic: str, result: JobResu
             dask_client.subscribe_topic(topic, progress.on_event)
             futures = {
                 dask_client.submit(
-                    encode_shard, task, key=f"{cfg.kind}-{shard_name(task.index)}-{topic[-8:]}", pure=False,
+                    encode_shard,
+                    task,
+                    key=f"{cfg.kind}-{shard_name(task.index)}-{topic[-8:]}",
+                    pure=False,
                     retries=cfg.retries,
                 ): task
                 for task in tasks
@@ -551,7 +597,11 @@ def _execute(cfg: JobConfig, tasks: list[ShardTask], topic: str, result: JobResu
     finally:
         progress.close()
     if result.shards_skipped:
-        logger.info("%d shard(s) were already complete and verified; %d written now", result.shards_skipped, result.shards_written)
+        logger.info(
+            "%d shard(s) were already complete and verified; %d written now",
+            result.shards_skipped,
+            result.shards_written,
+        )
     return sidecars
 
 
@@ -568,8 +618,10 @@ def _build_manifest(
     for task in tasks:
         sidecar = sidecars[task.index]
         if sidecar["items"] != len(task.items) or sidecar["count"] + len(sidecar["failures"]) != len(task.items):
-            raise JobError(f"sidecar {sidecar_name(task.index)} does not add up: {sidecar['count']} written + "
-                           f"{len(sidecar['failures'])} failed != {len(task.items)} items")
+            raise JobError(
+                f"sidecar {sidecar_name(task.index)} does not add up: {sidecar['count']} written + "
+                f"{len(sidecar['failures'])} failed != {len(task.items)} items"
+            )
         entries.append(
             {
                 "name": sidecar["name"],

@@ -41,16 +41,19 @@ import math
 import os
 import shutil
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .atomic import replace_directory, write_json_atomic
-from .procedural import LabelledImages, load_labelled_images
+from pipeline.core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from pipeline.core.errors import InputError
+from pipeline.core.grids import image_grid, write_png
+from pipeline.demo.procedural import LabelledImages, load_labelled_images
+from pipeline.demo.staging import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +64,14 @@ PARTIAL_SUFFIX = ".partial"
 RECON_LOSSES = ("l1", "mse")
 
 
-class VAEFitError(ValueError):
+class VAEFitError(InputError):
     """A VAE fit cannot run: bad settings, unusable data, or an output directory that holds something else."""
 
 
 @dataclass
 class VAEFitConfig:
-    """Everything that determines a fitted VAE (a finished fit is reused only when all of it matches)."""
+    """Everything that determines a fitted VAE besides its data (see `fit_settings`, which adds the data, the
+    holdout and the time budget: a finished fit is reused only when all of it matches)."""
 
     resolution: int = 64
     latent_channels: int = 4
@@ -89,9 +93,6 @@ class VAEFitConfig:
     max_images: int | None = 20000  # images held in memory (uint8): a seeded random subset of larger datasets
     eval_images: int = 256
     scale_images: int = 512
-    time_budget_s: float | None = None
-    data: str = ""
-    holdout: str | None = None
 
     @property
     def downsampling_factor(self) -> int:
@@ -264,8 +265,10 @@ def psnr_uint8(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray
 @torch.no_grad()
 def posterior_means(vae, images_uint8: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     """Posterior means (unscaled latents) of images: float32 [N, C, h, w]."""
-    means = [vae.encode(to_model_input(images_uint8[s : s + batch_size])).latent_dist.mean
-             for s in range(0, len(images_uint8), batch_size)]
+    means = [
+        vae.encode(to_model_input(images_uint8[s : s + batch_size])).latent_dist.mean
+        for s in range(0, len(images_uint8), batch_size)
+    ]
     return torch.cat(means)
 
 
@@ -282,17 +285,17 @@ def evenly_spaced(count: int, limit: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, min(limit, count)).round().astype(np.int64))
 
 
-def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, columns: int = 8,
-                        bands: int = 2) -> np.ndarray:
+def reconstruction_grid(
+    originals: np.ndarray, reconstructions: np.ndarray, columns: int = 8, bands: int = 2
+) -> np.ndarray:
     """uint8 picture of up to `bands` rows of `columns` originals, each row followed by their reconstructions."""
     columns = min(columns, len(originals))
     bands = max(1, min(bands, len(originals) // columns))
     rows = []
     for band in range(bands):
         chosen = slice(band * columns, (band + 1) * columns)
-        rows.append(np.concatenate(list(originals[chosen]), axis=1))
-        rows.append(np.concatenate(list(reconstructions[chosen]), axis=1))
-    return np.concatenate(rows, axis=0)
+        rows += [originals[chosen], reconstructions[chosen]]
+    return image_grid(np.concatenate(rows), columns=columns)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,13 +327,11 @@ def save_checkpoint(partial: Path, vae, optimizer, step: int, settings: dict[str
     """
     from safetensors.torch import save_file
 
-    partial.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
     weights = {name: tensor.detach().contiguous() for name, tensor in vae.state_dict().items()}
-    save_file(weights, str(partial / f".model.tmp-{tag}"), metadata={"step": str(step)})
-    os.replace(partial / f".model.tmp-{tag}", partial / "model.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, partial / f".optimizer.tmp-{tag}")
-    os.replace(partial / f".optimizer.tmp-{tag}", partial / "optimizer.pt")
+    with atomic_path(partial / "model.safetensors") as temp:
+        save_file(weights, str(temp), metadata={"step": str(step)})
+    with atomic_path(partial / "optimizer.pt") as temp:
+        torch.save({"step": step, "optimizer": optimizer.state_dict()}, temp)
     write_json_atomic(partial / "state.json", {"step": step, "settings": _comparable(settings), "history": history})
 
 
@@ -358,8 +359,9 @@ def load_checkpoint(partial: Path, vae, optimizer, settings: dict[str, Any]) -> 
         logger.warning("%s was written by a fit with other settings: starting from step 0", partial)
         return 0, []
     if not state["step"] == weights_step == optimizer_state["step"]:
-        logger.warning("the resume files in %s are from different steps (killed while saving): starting from step 0",
-                       partial)
+        logger.warning(
+            "the resume files in %s are from different steps (killed while saving): starting from step 0", partial
+        )
         return 0, []
     vae.load_state_dict(load_file(str(partial / "model.safetensors")))
     optimizer.load_state_dict(optimizer_state["optimizer"])
@@ -381,8 +383,9 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
             "(--overwrite) to replace it, or choose another output directory"
         )
     if not (out / REPORT_NAME).is_file():
-        raise VAEFitError(f"{out} is not empty and holds no {REPORT_NAME}: refusing to replace a directory this "
-                          "command did not write")
+        raise VAEFitError(
+            f"{out} is not empty and holds no {REPORT_NAME}: refusing to replace a directory this command did not write"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,11 +400,13 @@ def _learning_rate(config: VAEFitConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _split(data: str | os.PathLike, holdout: str | os.PathLike | None, config: VAEFitConfig,
-           progress: bool) -> tuple[LabelledImages, LabelledImages]:
+def _split(
+    data: str | os.PathLike, holdout: str | os.PathLike | None, config: VAEFitConfig, progress: bool
+) -> tuple[LabelledImages, LabelledImages]:
     """Training and held-out images (a separate holdout folder, or a seeded fraction of `data`)."""
-    dataset = load_labelled_images(data, config.resolution, max_images=config.max_images, seed=config.seed,
-                                   progress=progress)
+    dataset = load_labelled_images(
+        data, config.resolution, max_images=config.max_images, seed=config.seed, progress=progress
+    )
     if holdout is not None:
         held = load_labelled_images(holdout, config.resolution, max_images=config.eval_images, seed=config.seed)
         return dataset, held
@@ -412,152 +417,238 @@ def _split(data: str | os.PathLike, holdout: str | os.PathLike | None, config: V
     return dataset.subset(np.sort(order[held:])), dataset.subset(np.sort(order[:held]))
 
 
-# Fields of VAEFitConfig that are arguments of fit_vae itself (so not accepted again among **options).
-_EXPLICIT_ARGUMENTS = {"resolution", "latent_channels", "block_out_channels", "steps", "batch_size", "lr", "kl_weight",
-                       "seed", "time_budget_s", "data", "holdout"}
-
-
-def fit_vae(data: str | os.PathLike, out_dir: str | os.PathLike, resolution: int = 64, latent_channels: int = 4,
-            block_out_channels: tuple[int, ...] = (16, 32, 64), steps: int = 2000, batch_size: int = 16,
-            lr: float = 5e-3, kl_weight: float = 1e-6, seed: int = 0, time_budget_s: float | None = None,
-            progress: bool = True, holdout: str | os.PathLike | None = None, overwrite: bool = False,
-            checkpoint_every: int = 200, on_step: Callable[[int, dict[str, float]], None] | None = None,
-            **options: Any) -> dict[str, Any]:
-    """Fit an AutoencoderKL on the images of `data` and save it to `out_dir` (see the module docstring).
-
-    `data`: an image folder (class tree or flat), a procedural dataset root (its train split), or packed raw
-    shards. `holdout`: images for the reconstruction PSNR (default: a seeded 5% of `data`, capped at
-    `eval_images`). `time_budget_s`: stop training once this many seconds have passed since the call started
-    (the evaluation and saving follow); the report says whether steps or the budget ended the fit. Further
-    `options` are fields of `VAEFitConfig` (layers_per_block, recon_loss, warmup_steps, max_images, ...).
-    `on_step(step, losses)` is called after every optimiser step. Returns the report stored as `fit_report.json`
-    (with "skipped": True when an identical finished fit was found).
-    """
-    started = time.perf_counter()
-    allowed = set(VAEFitConfig.__dataclass_fields__) - _EXPLICIT_ARGUMENTS
-    unknown = set(options) - allowed
-    if unknown:
-        raise VAEFitError(f"unknown option(s) {sorted(unknown)}; the further options are {sorted(allowed)}")
+def fit_settings(
+    config: VAEFitConfig, data: str | os.PathLike, holdout: str | os.PathLike | None, time_budget: float | None
+) -> dict[str, Any]:
+    """Everything a finished fit is compared on before it is reused (and stored as its report's "settings"):
+    the config, the resolved data and holdout paths, and the time budget (which can end a fit early)."""
     data_path = Path(data).expanduser()
     if not data_path.exists():
         raise VAEFitError(f"data {data} does not exist")
-    config = VAEFitConfig(
-        resolution=resolution, latent_channels=latent_channels, block_out_channels=tuple(block_out_channels),
-        steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, seed=seed, time_budget_s=time_budget_s,
-        data=str(data_path.resolve()), holdout=str(Path(holdout).expanduser().resolve()) if holdout else None,
-        **options,
-    )
     validate_config(config)
-    settings = asdict(config)
-    out = Path(out_dir).expanduser()
-
-    report = finished_fit(out, settings)
-    if report is not None:
-        logger.info("%s already holds a VAE fitted with the same settings (%d steps, PSNR %.2f dB): skipping the fit",
-                    out, report["steps"], report["holdout_psnr"])
-        return {**report, "skipped": True}
-    _check_output_dir(out, overwrite)
-
-    train_set, held_set = _split(data, holdout, config, progress)
-    if len(train_set) < config.batch_size:
-        logger.warning("only %d training images for batch size %d: batches repeat images", len(train_set),
-                       config.batch_size)
-    vae = build_vae(config)
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    start_step, history = load_checkpoint(partial, vae, optimizer, settings)
-    logger.info(
-        "fitting AutoencoderKL %s (%.2fM parameters): %d training / %d held-out images at %d px -> latents %dx%dx%d",
-        tuple(config.block_out_channels), sum(p.numel() for p in vae.parameters()) / 1e6, len(train_set),
-        len(held_set), config.resolution, config.latent_channels, config.latent_size, config.latent_size,
+    return _comparable(
+        {
+            **asdict(config),
+            "time_budget_s": time_budget,
+            "data": str(data_path.resolve()),
+            "holdout": str(Path(holdout).expanduser().resolve()) if holdout else None,
+        }
     )
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, initial=start_step, desc="vae fit", unit="step", mininterval=1.0)
+@dataclass
+class FitRun:
+    """The run-level side of one fit: how it is watched, checkpointed and stopped, not what it fits."""
+
+    settings: dict[str, Any]  # `fit_settings`: recorded with every checkpoint and in the report
+    partial: Path  # resume checkpoints
+    started: float = field(default_factory=time.perf_counter)
+    time_budget: float | None = None
+    checkpoint_every: int = 200
+    progress: bool = True
+    on_step: Callable[[int, dict[str, float]], None] | None = None
+
+    def out_of_time(self) -> bool:
+        return self.time_budget is not None and time.perf_counter() - self.started > self.time_budget
+
+
+@dataclass
+class TrainingOutcome:
+    """How the optimisation ended."""
+
+    steps: int
+    resumed_from_step: int
+    stopped_by: str  # "steps" or "time_budget"
+    final_loss: dict[str, float]
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def _train_step(vae, optimizer, images: np.ndarray, config: VAEFitConfig, step: int) -> dict[str, float]:
+    """One optimiser step on the batch of `step`: its losses as floats."""
+    for group in optimizer.param_groups:
+        group["lr"] = _learning_rate(config, step)
+    batch = training_batch(images, config, step)
+    losses = vae_loss(vae, batch, config, torch.Generator().manual_seed(step_seed(config.seed, step, 1)))
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+    optimizer.step()
+    return {name: float(value.detach()) for name, value in losses.items()}
+
+
+def _progress_bar(run: FitRun, config: VAEFitConfig, start_step: int):
+    if not run.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.steps, initial=start_step, desc="vae fit", unit="step", mininterval=1.0)
+
+
+def train_vae(vae, optimizer, images: np.ndarray, config: VAEFitConfig, run: FitRun) -> TrainingOutcome:
+    """Optimise from the resume checkpoint in `run.partial` (if any) to `config.steps`, or until the time budget
+    is spent; a loss history entry every 25 steps, a checkpoint every `run.checkpoint_every` steps."""
+    vae.train()
+    start_step, history = load_checkpoint(run.partial, vae, optimizer, run.settings)
+    bar = _progress_bar(run, config, start_step)
     stopped_by, step, last = "steps", start_step, {}
     for step in range(start_step, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        batch = training_batch(train_set.images, config, step)
-        losses = vae_loss(vae, batch, config, torch.Generator().manual_seed(step_seed(config.seed, step, 1)))
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
-        optimizer.step()
-        last = {name: float(value.detach()) for name, value in losses.items()}
-        if on_step is not None:
-            on_step(step + 1, last)
+        last = _train_step(vae, optimizer, images, config, step)
+        if run.on_step is not None:
+            run.on_step(step + 1, last)
         if step % 25 == 0 or step + 1 == config.steps:
             history.append({"step": step + 1, **{k: round(v, 6) for k, v in last.items()}})
         if bar is not None:
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(recon=f"{last['recon']:.4f}", kl=f"{last['kl']:.0f}")
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(partial, vae, optimizer, step + 1, settings, history)
-        if config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
+        if run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(run.partial, vae, optimizer, step + 1, run.settings, history)
+        if run.out_of_time():
             stopped_by = "time_budget"
             break
-    steps_done = step + 1 if config.steps > start_step else start_step
     if bar is not None:
         bar.close()
+    steps_done = step + 1 if config.steps > start_step else start_step
     if stopped_by == "time_budget":
-        logger.warning("VAE fit stopped by the time budget (%.0f s) after %d of %d steps", config.time_budget_s,
-                       steps_done, config.steps)
-    train_seconds = time.perf_counter() - started
+        logger.warning(
+            "VAE fit stopped by the time budget (%.0f s) after %d of %d steps",
+            run.time_budget,
+            steps_done,
+            config.steps,
+        )
+    seconds = time.perf_counter() - run.started
+    return TrainingOutcome(steps_done, start_step, stopped_by, last, history, seconds)
 
+
+def evaluate_fit(
+    vae, train_set: LabelledImages, held_set: LabelledImages, config: VAEFitConfig
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Held-out reconstruction PSNR and the scaling factor (also set in the VAE's config), and the picture of
+    held-out originals above their reconstructions."""
     vae.eval()
     reconstructions = reconstruct(vae, held_set.images)
     psnr = psnr_uint8(held_set.images, reconstructions)
     scale_sample = train_set.images[evenly_spaced(len(train_set), config.scale_images)]
     scaling_factor = measure_scaling_factor(vae, scale_sample)
     vae.register_to_config(scaling_factor=scaling_factor)
-
-    report = {
-        "settings": _comparable(settings),
-        "steps": steps_done,
-        "resumed_from_step": start_step,
-        "stopped_by": stopped_by,
-        "final_loss": last,
-        "history": history,
+    shown = evenly_spaced(len(held_set), 16)  # one band per 8, spread over the classes
+    measured = {
         "holdout_psnr": float(np.mean(np.minimum(psnr, 100.0))),
         "holdout_psnr_min": float(np.min(psnr)),
         "holdout_images": len(held_set),
         "train_images": len(train_set),
         "scaling_factor": scaling_factor,
         "scaling_sample": {"count": len(scale_sample), "from": "training images evenly spaced in source order"},
+    }
+    return measured, reconstruction_grid(held_set.images[shown], reconstructions[shown])
+
+
+def _report(config: VAEFitConfig, run: FitRun, outcome: TrainingOutcome, measured: dict[str, Any], vae) -> dict:
+    """What `fit_report.json` holds."""
+    return {
+        "settings": run.settings,
+        "steps": outcome.steps,
+        "resumed_from_step": outcome.resumed_from_step,
+        "stopped_by": outcome.stopped_by,
+        "final_loss": outcome.final_loss,
+        "history": outcome.history,
+        **measured,
         "latent_shape": [config.latent_channels, config.latent_size, config.latent_size],
         "train_crop_size": config.train_crop_size,
         "norm_num_groups": vae.config.norm_num_groups,
         "downsampling_factor": config.downsampling_factor,
         "parameters": sum(p.numel() for p in vae.parameters()),
-        "train_seconds": round(train_seconds, 2),
-        "seconds": round(time.perf_counter() - started, 2),
+        "train_seconds": round(outcome.seconds, 2),
+        "seconds": round(time.perf_counter() - run.started, 2),
         "torch_threads": torch.get_num_threads(),
     }
-    shown = evenly_spaced(len(held_set), 16)  # one band per 8, spread over the classes
-    _publish(vae, out, report, reconstruction_grid(held_set.images[shown], reconstructions[shown]))
-    shutil.rmtree(partial, ignore_errors=True)
-    logger.info("saved the fitted VAE to %s: held-out PSNR %.2f dB, scaling factor %.5f, %d steps in %.0f s",
-                out, report["holdout_psnr"], scaling_factor, steps_done, train_seconds)
+
+
+def _log_start(vae, config: VAEFitConfig, train_set: LabelledImages, held_set: LabelledImages) -> None:
+    if len(train_set) < config.batch_size:
+        logger.warning(
+            "only %d training images for batch size %d: batches repeat images", len(train_set), config.batch_size
+        )
+    logger.info(
+        "fitting AutoencoderKL %s (%.2fM parameters): %d training / %d held-out images at %d px -> latents %dx%dx%d",
+        tuple(config.block_out_channels),
+        sum(p.numel() for p in vae.parameters()) / 1e6,
+        len(train_set),
+        len(held_set),
+        config.resolution,
+        config.latent_channels,
+        config.latent_size,
+        config.latent_size,
+    )
+
+
+def fit_vae(
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: VAEFitConfig | None = None,
+    *,
+    holdout: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    time_budget: float | None = None,
+    progress: bool = True,
+    checkpoint_every: int = 200,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Fit an AutoencoderKL configured by `config` on the images of `data`; save it to `out_dir` (see the module
+    docstring).
+
+    `data`: an image folder (class tree or flat), a procedural dataset root (its train split), or packed raw
+    shards. `holdout`: images for the reconstruction PSNR (default: a seeded `holdout_fraction` of `data`, capped
+    at `eval_images`). `time_budget`: stop training once this many seconds have passed since the call started
+    (the evaluation and saving follow); the report says whether steps or the budget ended the fit.
+    `on_step(step, losses)` is called after every optimiser step. Returns the report stored as `fit_report.json`
+    (with "skipped": True when an identical finished fit was found).
+    """
+    config = config or VAEFitConfig()
+    out = Path(out_dir).expanduser()
+    run = FitRun(
+        settings=fit_settings(config, data, holdout, time_budget),
+        partial=out.with_name(out.name + PARTIAL_SUFFIX),
+        time_budget=time_budget,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        on_step=on_step,
+    )
+    report = finished_fit(out, run.settings)
+    if report is not None:
+        logger.info(
+            "%s already holds a VAE fitted with the same settings (%d steps, PSNR %.2f dB): skipping the fit",
+            out,
+            report["steps"],
+            report["holdout_psnr"],
+        )
+        return {**report, "skipped": True}
+    _check_output_dir(out, overwrite)
+
+    train_set, held_set = _split(data, holdout, config, progress)
+    vae = build_vae(config)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    _log_start(vae, config, train_set, held_set)
+    outcome = train_vae(vae, optimizer, train_set.images, config, run)
+    measured, grid = evaluate_fit(vae, train_set, held_set, config)
+    report = _report(config, run, outcome, measured, vae)
+    _publish(vae, out, report, grid)
+    shutil.rmtree(run.partial, ignore_errors=True)
+    logger.info(
+        "saved the fitted VAE to %s: held-out PSNR %.2f dB, scaling factor %.5f, %d steps in %.0f s",
+        out,
+        report["holdout_psnr"],
+        report["scaling_factor"],
+        outcome.steps,
+        outcome.seconds,
+    )
     return {**report, "skipped": False}
 
 
 def _publish(vae, out: Path, report: dict[str, Any], grid: np.ndarray) -> None:
-    """Write the VAE, its report and the reconstruction grid to a temporary directory, then rename it to `out`."""
-    from PIL import Image
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    """Write the VAE, its report and the reconstruction grid into `out`, which appears complete or not at all."""
+    with staged_directory(out) as temp:
         vae.save_pretrained(str(temp), safe_serialization=True)
-        Image.fromarray(grid).save(temp / GRID_NAME)
-        (temp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        replace_directory(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        write_png(temp / GRID_NAME, grid)
+        write_text_atomic(temp / REPORT_NAME, json.dumps(report, indent=2) + "\n")

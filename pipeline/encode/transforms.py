@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.core.errors import InputError
+
 TRANSFORM_NAME = "adm-center-crop"
 # Pillow's own default limit (about 89.5 megapixels); images above it are refused, not decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -34,7 +36,7 @@ _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _DIRECT_MODES = {"1", "L", "CMYK", "YCbCr", "HSV"}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError):
     """An image could not be decoded or converted; the message is the reason recorded for that item."""
 
 
@@ -133,7 +135,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode == "P" or mode in _DIRECT_MODES:
         return image.convert("RGB")
-    raise ImageDecodeError(f"unsupported image mode {mode!r} (expected an 8/16-bit grey, palette, RGB(A) or CMYK image)")
+    raise ImageDecodeError(
+        f"unsupported image mode {mode!r} (expected an 8/16-bit grey, palette, RGB(A) or CMYK image)"
+    )
 
 
 def center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, list[float]]:
@@ -151,7 +155,8 @@ def center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, list[f
     if max(target) > MAX_ASPECT_RATIO * resolution:
         # A 1x100000 strip would be resized to a huge image only to keep its centre square.
         raise ImageDecodeError(
-            f"extreme aspect ratio {width}x{height} (over {MAX_ASPECT_RATIO}:1): resizing to {target[0]}x{target[1]} refused"
+            f"extreme aspect ratio {width}x{height} (over {MAX_ASPECT_RATIO}:1): "
+            f"resizing to {target[0]}x{target[1]} refused"
         )
     image = image.resize(target, resample=Image.BICUBIC)
     pixels = np.asarray(image)
@@ -163,7 +168,9 @@ def center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, list[f
     return crop, [round(v, 3) for v in box]
 
 
-def prepare_image(data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any]]:
+def prepare_image(
+    data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode and center-crop one image: (uint8 [R, R, 3], record for the sample's json)."""
     decoded = decode_image(data, max_pixels)
     try:

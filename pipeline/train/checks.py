@@ -1,0 +1,394 @@
+"""Everything a run checks before Accelerate starts or any step runs.
+
+The configuration (from --config, or the run directory's copy when resuming) and the checkpoint to resume
+from (`prepare_config`); the dataset manifest against the model -- kind, resolution, latent channels / size,
+VAE convention, classes, shards (`check_dataset`); that the model builds with the resolved keywords
+(`model_kwargs`, `check_model_builds`); the batch split over processes (`resolve_batching`). Each problem is a
+`TrainError` / `ConfigError` (exit 2) whose message names the flag or file and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import InputError
+from pipeline.train.checkpoint import (
+    CONFIG_COPY,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_train_state,
+    resolve_checkpoint,
+)
+from pipeline.train.config import FREE_ON_RESUME, FROZEN_ON_RESUME, Config, ConfigError, config_to_dict, load_config
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.yaml"
+
+
+class TrainError(InputError):
+    """A run that cannot start or continue (bad data for the model, inconsistent resume, ...)."""
+
+
+@dataclass
+class TrainArgs:
+    """What the command line gives the trainer."""
+
+    run_dir: Path
+    config_path: Path | None = None
+    data_dir: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    resume: str | None = None  # None, "auto" or a checkpoint / run path
+
+
+@dataclass
+class DatasetInfo:
+    """The checked dataset: manifest, shard paths, hash, and the number of classes the model is built with."""
+
+    data_dir: Path
+    manifest: dict[str, Any]
+    urls: list[str]
+    manifest_hash: str
+    kind: str
+    num_classes: int
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.manifest["vae"]["scaling_factor"]) if self.kind == "latents" else 1.0
+
+    def dataset_entry(self) -> dict[str, Any]:
+        """Identity of the data recorded in checkpoints and exports."""
+        entry = {
+            "manifest_hash": self.manifest_hash,
+            "path": str(self.data_dir),
+            "kind": self.kind,
+            "resolution": self.manifest["resolution"],
+            "num_classes": self.num_classes,
+            "samples": self.manifest["counts"].get("written"),
+        }
+        if self.kind == "latents":
+            entry.update(latent_channels=self.manifest["latent_channels"], latent_size=self.manifest["latent_size"])
+        return entry
+
+
+@dataclass
+class CheckedRun:
+    """A run that passed every check: its configuration, its dataset and where it starts."""
+
+    config: Config
+    info: DatasetInfo
+    checkpoint: Path | None  # None: a fresh start
+    resume_state: dict[str, Any] | None  # the checkpoint's train state
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps already taken (the checkpoint's step, 0 for a fresh start)."""
+        return int(self.resume_state["step"]) if self.resume_state is not None else 0
+
+    @property
+    def images_seen(self) -> int:
+        return int(self.resume_state["images_seen"]) if self.resume_state is not None else 0
+
+
+def check_run(args: TrainArgs) -> CheckedRun:
+    """The configuration, the resume point and the dataset, all checked (the data directory defaults to the one
+    the resumed run was trained on, and must still hold the same data)."""
+    config, checkpoint = prepare_config(args)
+    resume_state = read_train_state(checkpoint) if checkpoint is not None else None
+    data_dir = args.data_dir
+    if data_dir is None:
+        if resume_state is None:
+            raise TrainError("--data is required (the output directory of `diffit-pipe encode` / `pack`)")
+        data_dir = Path(resume_state["dataset"]["path"])
+    info = check_dataset(config, Path(data_dir))
+    check_model_builds(config.model.name, model_kwargs(config, info))
+    if resume_state is not None and resume_state["dataset"]["manifest_hash"] != info.manifest_hash:
+        raise TrainError(
+            f"--data {data_dir}: manifest hash {info.manifest_hash[:12]} differs from the one this run "
+            f"was trained on ({resume_state['dataset']['manifest_hash'][:12]}); the dataset changed"
+        )
+    return CheckedRun(config=config, info=info, checkpoint=checkpoint, resume_state=resume_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset against the model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_dataset(config: Config, data_dir: Path) -> DatasetInfo:
+    """Read the manifest and refuse data that does not fit the model config (clear error, no step taken)."""
+    from diffit.models import model_family, resolve_model_kwargs
+    from pipeline.core.shards import manifest_hash
+
+    data_dir = Path(data_dir)
+    manifest = _read_manifest(data_dir)
+    where = data_dir / "manifest.json"
+    family = model_family(config.model.name)
+    _check_kind(config, family, manifest, where)
+    built = resolve_model_kwargs(config.model.name, **configured_model_kwargs(config))
+    if family == "latent":
+        _check_latents_fit(config, built, manifest, where)
+    else:
+        _check_images_fit(config, built, manifest, where)
+    num_classes = _resolve_num_classes(config, manifest, where)
+    urls = _check_shards(data_dir, manifest, where)
+    return DatasetInfo(
+        data_dir=data_dir,
+        manifest=manifest,
+        urls=urls,
+        manifest_hash=manifest_hash(data_dir),
+        kind=manifest["kind"],
+        num_classes=num_classes,
+    )
+
+
+def _read_manifest(data_dir: Path) -> dict[str, Any]:
+    from pipeline.core.shards import ManifestError, load_manifest
+
+    if not data_dir.is_dir():
+        raise TrainError(
+            f"--data {data_dir}: no such directory (pass the output directory of `diffit-pipe encode` "
+            "or `diffit-pipe pack`)"
+        )
+    try:
+        return load_manifest(data_dir)
+    except ManifestError as error:
+        raise TrainError(f"--data {data_dir}: {error}") from None
+
+
+def _check_kind(config: Config, family: str, manifest: dict[str, Any], where: Path) -> None:
+    """Latent models train on latent shards (`encode`), image-space models on image shards (`pack`)."""
+    kind = manifest["kind"]
+    wanted = "latents" if family == "latent" else "images"
+    if kind != wanted:
+        raise TrainError(
+            f"{where}: kind {kind!r}, but {config.model.name} is a {family} model that trains on "
+            f"{wanted!r} shards (`diffit-pipe {'encode' if wanted == 'latents' else 'pack'}`)"
+        )
+
+
+def _check_latents_fit(config: Config, built: dict[str, Any], manifest: dict[str, Any], where: Path) -> None:
+    """Unscaled latents with a scaling factor, as many channels and the same grid size as the model takes."""
+    for key in ("latent_channels", "latent_size", "vae"):
+        if key not in manifest:
+            raise TrainError(f"{where}: latent manifest lacks {key!r}")
+    vae = manifest["vae"]
+    if vae.get("convention", "unscaled") != "unscaled":
+        raise TrainError(
+            f"{where}: vae.convention {vae.get('convention')!r}; the trainer expects unscaled "
+            "latents (it applies vae.scaling_factor itself)"
+        )
+    if not isinstance(vae.get("scaling_factor"), (int, float)):
+        raise TrainError(f"{where}: vae.scaling_factor is missing or not a number")
+    if manifest["latent_channels"] != built["in_channels"]:
+        raise TrainError(
+            f"{where}: latents have {manifest['latent_channels']} channels but {config.model.name} "
+            f"takes {built['in_channels']} (a different VAE?)"
+        )
+    size, model_size = manifest["latent_size"], built["input_size"]
+    if size != model_size:
+        raise TrainError(
+            f"{where}: latents are {size}x{size} ({manifest['resolution']} px) but the model is built for "
+            f"{model_size}x{model_size}; set `model.input_size: {size}` (--set model.input_size={size}) or use "
+            "matching data"
+        )
+
+
+def _check_images_fit(config: Config, built: dict[str, Any], manifest: dict[str, Any], where: Path) -> None:
+    """RGB images at the resolution the model is built for."""
+    if manifest["resolution"] != built["img_resolution"]:
+        raise TrainError(
+            f"{where}: images are {manifest['resolution']} px but {config.model.name} is built for "
+            f"{built['img_resolution']} px (set model.input_size or use matching data)"
+        )
+    if built["in_channels"] != 3:
+        raise TrainError(f"{where}: image shards are RGB but the model takes {built['in_channels']} channels")
+
+
+def _resolve_num_classes(config: Config, manifest: dict[str, Any], where: Path) -> int:
+    """model.num_classes, or the dataset's when it is null; a conditional model needs labels covering its
+    classes (0 trains an unconditional model, ignoring any labels)."""
+    data_classes = int(manifest.get("num_classes") or 0)
+    labelled = data_classes > 0
+    num_classes = config.model.num_classes
+    if num_classes is None:
+        return data_classes
+    if num_classes > 0 and not labelled:
+        raise TrainError(
+            f"{where}: the dataset is unlabelled (num_classes {manifest.get('num_classes')}) but "
+            f"model.num_classes is {num_classes}; set model.num_classes: 0 (or null) for an "
+            "unconditional model"
+        )
+    if 0 < num_classes < data_classes:
+        raise TrainError(f"{where}: the dataset has {data_classes} classes but model.num_classes is {num_classes}")
+    if num_classes == 0 and labelled:
+        logger.info("model.num_classes is 0: training an unconditional model; the dataset's labels are ignored")
+    return num_classes
+
+
+def _check_shards(data_dir: Path, manifest: dict[str, Any], where: Path) -> list[str]:
+    """The paths of the non-empty shards, each present with the size the manifest records."""
+    from pipeline.core.shards import shard_problems, shard_urls
+
+    urls = shard_urls(data_dir, manifest)
+    if not urls:
+        raise TrainError(f"{where}: the dataset has no non-empty shard")
+    for entry in manifest["shards"]:
+        if entry["count"] > 0:
+            problems = shard_problems(data_dir, entry, rehash=False)
+            if problems:
+                raise TrainError(
+                    f"{where}: {problems[0]} (re-run encode/pack; `diffit-pipe inspect DATA --verify` "
+                    "checks every shard)"
+                )
+    return urls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model's keywords
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def configured_model_kwargs(config: Config) -> dict[str, Any]:
+    """The `create_model` keywords the configuration sets: `model.kwargs`, learn_sigma (latent models) and the
+    input size (`model.input_size`, the latent grid or the image resolution)."""
+    from diffit.models import model_family
+
+    family = model_family(config.model.name)
+    kwargs = dict(config.model.kwargs)
+    if family == "latent":
+        kwargs["learn_sigma"] = config.diffusion.learn_sigma
+    if config.model.input_size is not None:
+        kwargs["img_resolution" if family == "image" else "input_size"] = config.model.input_size
+    return kwargs
+
+
+def model_kwargs(config: Config, info: DatasetInfo) -> dict[str, Any]:
+    """The `create_model` keywords of the run: the configured ones and the number of classes resolved against
+    the dataset."""
+    return {**configured_model_kwargs(config), "num_classes": info.num_classes}
+
+
+def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:
+    """Build the model on the meta device (no memory, no time) so that a bad `model.kwargs` entry is a clear
+    configuration error before Accelerate starts."""
+    import torch
+
+    from diffit.models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(name, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model {name} cannot be built with {kwargs}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching, precision, configuration and resume point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_batching(config: Config, world_size: int) -> tuple[int, int]:
+    """(per-device micro-batch, accumulation steps) with global = per_device x processes x accumulation."""
+    global_batch = config.train.global_batch_size
+    per_device = config.train.per_device_batch_size
+    if per_device is None:
+        if global_batch % world_size:
+            raise ConfigError(
+                f"train.global_batch_size {global_batch} is not divisible by {world_size} processes; "
+                "set train.per_device_batch_size or change the global batch"
+            )
+        return global_batch // world_size, 1
+    if global_batch % (per_device * world_size):
+        raise ConfigError(
+            f"train.global_batch_size {global_batch} is not divisible by per_device_batch_size "
+            f"{per_device} x {world_size} processes (global = per_device x processes x accumulation)"
+        )
+    return per_device, global_batch // (per_device * world_size)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """'auto' -> bf16 on a bf16-capable GPU, fp32 ("no") otherwise."""
+    import torch
+
+    if setting != "auto":
+        if setting != "no" and not torch.cuda.is_available():
+            logger.warning(
+                "train.mixed_precision=%s on CPU: bf16/fp16 on CPU is only fast with AVX-512 bf16 "
+                "(see bench/train_step.py); use 'no' for fp32",
+                setting,
+            )
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _diff_sections(old: dict, new: dict, sections: tuple[str, ...]) -> list[str]:
+    """'section.key: old -> new' for every differing key of `sections` (performance-only keys excepted)."""
+    differences = []
+    for section in sections:
+        for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
+            before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
+            if before != after and f"{section}.{key}" not in FREE_ON_RESUME:
+                differences.append(f"{section}.{key}: {before!r} -> {after!r}")
+    return differences
+
+
+def prepare_config(args: TrainArgs) -> tuple[Config, Path | None]:
+    """The run's configuration (from --config, or the run dir's config.yaml when resuming) and the checkpoint to
+    resume from (None: fresh start). Checks that a resumed run is the same experiment."""
+    run_dir = Path(args.run_dir)
+    stored = run_dir / RUN_CONFIG
+    if args.config_path is not None:
+        config = load_config(args.config_path, args.overrides)
+    elif stored.is_file() and args.resume:
+        config = load_config(stored, args.overrides)
+    else:
+        raise ConfigError(
+            "--config is required (a preset from manifests/, e.g. manifests/demo.yaml) unless "
+            f"resuming a run whose {stored} exists"
+        )
+    checkpoint = _resume_point(args, run_dir)
+    if checkpoint is not None:
+        _check_same_experiment(config, checkpoint)
+    return config, checkpoint
+
+
+def _resume_point(args: TrainArgs, run_dir: Path) -> Path | None:
+    """The checkpoint --resume names (None: fresh start); a fresh start into a run dir with checkpoints is an
+    error, so a forgotten --resume never overwrites a run."""
+    if args.resume == "auto":
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            logger.info("--resume auto: no checkpoint in %s, starting from step 0", run_dir)
+        return checkpoint
+    if args.resume:
+        try:
+            return resolve_checkpoint(args.resume)
+        except CheckpointError as error:
+            raise TrainError(f"--resume {args.resume}: {error}") from None
+    if list_checkpoints(run_dir):
+        raise TrainError(
+            f"{run_dir} already holds checkpoints: pass --resume auto to continue that run, or a new --run-dir"
+        )
+    return None
+
+
+def _check_same_experiment(config: Config, checkpoint: Path) -> None:
+    """Only train / checkpoint / sample settings (and the performance-only keys) may change on resume."""
+    import yaml
+
+    saved = yaml.safe_load((checkpoint / CONFIG_COPY).read_text())
+    differences = _diff_sections(saved, config_to_dict(config), FROZEN_ON_RESUME)
+    if differences:
+        raise TrainError(
+            f"--resume {checkpoint}: the configuration differs from the checkpoint's in "
+            f"{', '.join(differences)}; only train / checkpoint / sample settings and "
+            f"{', '.join(FREE_ON_RESUME)} may change on resume (start a new run dir for a "
+            "different experiment)"
+        )

@@ -1,0 +1,111 @@
+"""EMA sample grids written during training: `RUN/samples/step-XXXXXXX.png`, and to the tracker.
+
+Latent models' samples are decoded through the dataset's VAE when its manifest names a local directory that
+loads; otherwise the grid shows the first three latent channels (and says why, once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.train.checks import DatasetInfo
+from pipeline.train.config import Config
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+
+
+def latent_visualisation(latents):
+    """Latents [N, C, h, w] -> uint8 [N, h, w, 3]: the first three channels, each normalised to [0, 255]."""
+    import numpy as np
+    import torch
+
+    channels = latents[:, :3].float()
+    if channels.shape[1] < 3:
+        channels = channels.repeat(1, 3, 1, 1)[:, :3]
+    low = channels.amin(dim=(0, 2, 3), keepdim=True)
+    high = channels.amax(dim=(0, 2, 3), keepdim=True)
+    scaled = (channels - low) / (high - low).clamp_min(1e-8)
+    return (scaled * 255).round().to(dtype=torch.uint8).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+
+
+def sampling_config(config: Config, conditional: bool):
+    """The `diffit.sampling.SamplingConfig` of the preview grids: `sample.*` settings, the run's diffusion, and
+    classifier-free guidance for class-conditional models."""
+    from diffit.guidance import GuidanceConfig
+    from diffit.sampling import SamplingConfig
+
+    return SamplingConfig(
+        sampler=config.sample.sampler,
+        steps=config.sample.steps,
+        guidance=GuidanceConfig(scale=config.sample.guidance_scale) if conditional else None,
+        kind=config.diffusion.type,
+        diffusion_steps=config.diffusion.diffusion_steps,
+        noise_schedule=config.diffusion.noise_schedule,
+        sigma_data=config.diffusion.sigma_data,
+    )
+
+
+class SampleWriter:
+    """Writes EMA sample grids; for latent models decodes through the dataset's VAE when it is a local
+    directory that loads, otherwise writes a latent-channel visualisation and says why once."""
+
+    def __init__(self, config: Config, info: DatasetInfo, run_dir: Path, device):
+        self.config = config
+        self.info = info
+        self.out_dir = run_dir / SAMPLES_DIR
+        self.device = device
+        self.vae = None
+        self.vae_problem = None
+        if info.kind == "latents":
+            self.vae, self.vae_problem = self._load_vae(info.manifest["vae"])
+            if self.vae_problem:
+                logger.warning("sample grids show latent channels, not images: %s", self.vae_problem)
+
+    @staticmethod
+    def _load_vae(vae_entry: dict[str, Any]):
+        path = vae_entry.get("path")
+        if not path:
+            return None, "the dataset manifest's vae entry has no local path"
+        if not Path(path).is_dir():
+            return None, f"the dataset's VAE directory {path} does not exist on this machine"
+        try:
+            from pipeline.core.vae import load_vae
+
+            return load_vae(path, "fp32", "cpu"), None
+        except Exception as error:  # noqa: BLE001 -- any load failure only changes the preview, and is reported
+            return None, f"the dataset's VAE at {path} does not load ({type(error).__name__}: {error})"
+
+    def write(self, ema_model, step: int, tracker=None) -> Path:
+        """Sample `sample.count` images from the EMA (fixed seeds, classes in turn), save the grid; returns its path."""
+        from diffit.sampling import sample
+        from pipeline.core.grids import image_grid, write_png
+
+        count = self.config.sample.count
+        seeds = [self.config.sample.seed + i for i in range(count)]
+        labels = [i % ema_model.num_classes for i in range(count)] if ema_model.num_classes > 0 else None
+        shape = (ema_model.in_channels, ema_model.input_size, ema_model.input_size)
+        settings = sampling_config(self.config, conditional=labels is not None)
+        samples = sample(ema_model, shape, labels, seeds, settings, device=self.device).cpu()
+        grid = image_grid(self._to_images(samples), columns=math.ceil(math.sqrt(count)))
+        path = write_png(self.out_dir / f"step-{step:07d}.png", grid)
+        if tracker is not None:
+            tracker.log_images({"samples": grid[None]}, step=step, dataformats="NHWC")
+        return path
+
+    def _to_images(self, samples):
+        """Samples [N, C, H, W] -> uint8 [N, H, W, 3]: image-space values, VAE-decoded latents, or latent channels."""
+        import torch
+
+        if self.info.kind == "images":
+            images = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            return images.permute(0, 2, 3, 1).numpy()
+        if self.vae is not None:
+            from pipeline.core.vae import decode_latents
+
+            return decode_latents(self.vae, (samples / self.info.scaling_factor).numpy())
+        return latent_visualisation(samples)
