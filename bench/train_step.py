@@ -11,7 +11,8 @@ What it measures, in one run:
    loss with learned Sigma -- AdamW, gradient-norm, EMA update) for DiffiT-XL/2 and a small config, each in a
    fresh child process so that its peak RSS is its own;
 3. for the small config, the share of step time spent waiting for data when batches stream from latent shards
-   through the trainer's DataLoader (`pipeline.data`, resampled mode, 1 worker), the step time of streamed vs
+   through the trainer's DataLoader (`pipeline.train.data`, resampled mode, 1 worker, every shard checked
+   against its sha256 as the trainer does), the step time of streamed vs
    in-memory batches (alternating steps in one process, so both see the same background load), and the CPU
    cost of decoding one batch; the target is a loader overhead of at most 5%;
 4. model FLOPs utilisation: training FLOPs = 3 x forward FLOPs (`diffit.models.count_flops`, one multiply-add
@@ -20,6 +21,15 @@ What it measures, in one run:
 
 The output is a markdown table. The machine may be shared with other work: step times are medians (best also
 shown), and every ratio (MFU, loader overhead) compares measurements taken in the same process at the same time.
+
+    python bench/train_step.py --loader-hash        # cost of the per-shard sha256 check on the loader alone
+
+`--loader-hash` measures only the loader (`make_loader`, resampled mode as in training, DiffiT-XL/2-sized
+latent shards of ~17 MB): samples/s with and without the sha256 check of every shard read, the two variants
+alternated round by round in one process (order swapped every round; medians per variant), because the machine
+drifts by +-20% and may be shared. Two settings: 1 DataLoader worker (what the trainer runs; the next shard is
+read and hashed in a background thread while the current one is decoded), and the loader in-process with its
+CPU time (process time, all threads) per sample, the cost the hash adds where no core is idle.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,6 +119,7 @@ def child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from diffit.models import count_flops, create_model
+    from pipeline.core.shards import sha256_file
     from pipeline.train.config import Config
     from pipeline.train.data import StreamSpec, infinite, make_loader
     from pipeline.train.objective import Objective, update_ema
@@ -138,6 +150,7 @@ def child(spec: dict) -> dict:
             scaling_factor=0.18215,
             conditional=True,
             num_classes=model.num_classes,
+            sha256=tuple(sha256_file(url) for url in urls),  # as the trainer reads them: every shard verified
         )
         # CPU cost of reading + decoding one batch (no worker process): an upper bound on what the loader takes
         # from the training threads when it runs beside them.
@@ -204,11 +217,80 @@ def run_child(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Loader: with and without the per-shard sha256 check
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def time_loader(spec, workers: int, warmup: int, batches: int) -> tuple[float, float]:
+    """(samples/s, CPU microseconds of this process per sample) over `batches` batches after `warmup`."""
+    from pipeline.train.data import infinite, make_loader
+
+    stream = infinite(make_loader(spec, workers))
+    for _ in range(warmup):
+        next(stream)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        next(stream)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    stream.close()
+    samples = batches * spec.batch_size
+    return samples / seconds, cpu / samples * 1e6
+
+
+def loader_hash_benchmark(rounds: int, batches: int, shards: int, per_shard: int) -> None:
+    """Loader throughput with and without hashing, interleaved; prints a markdown table."""
+    import hashlib
+    import statistics
+    from dataclasses import replace
+
+    from pipeline.core.shards import sha256_file
+    from pipeline.train.data import StreamSpec
+
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-hash-"))
+    urls = write_latent_shards(data_dir, shards * per_shard, shards, latent_size=32, num_classes=1000)
+    shard_mb = Path(urls[0]).stat().st_size / 1e6
+    base = StreamSpec(
+        urls=tuple(urls), kind="latents", batch_size=32, resampled=True, shuffle_buffer=256, num_classes=1000
+    )
+    variants = {"sha256": replace(base, sha256=tuple(sha256_file(u) for u in urls)), "none": base}
+    rates = {(name, w): [] for name in variants for w in (1, 0)}
+    cpu = {name: [] for name in variants}
+    for index in range(rounds):
+        order = list(variants) if index % 2 == 0 else list(reversed(variants))
+        for workers in (1, 0):
+            for name in order:
+                rate, cpu_us = time_loader(replace(variants[name], start_step=index), workers, 12, batches)
+                rates[(name, workers)].append(rate)
+                if workers == 0:
+                    cpu[name].append(cpu_us)
+    block = os.urandom(int(shard_mb * 1e6))
+    start = time.perf_counter()
+    hashlib.sha256(block).hexdigest()
+    hash_mb_s = shard_mb / (time.perf_counter() - start)
+    print(
+        f"\n### Loader with / without the per-shard sha256 check ({shards} shards of {per_shard} XL/2 latents, "
+        f"{shard_mb:.1f} MB each; batch 32, shuffle buffer 256; {rounds} interleaved rounds of {batches} batches; "
+        f"sha256 {hash_mb_s:.0f} MB/s on this CPU)\n"
+    )
+    print("| loader | samples/s without hash (median) | with sha256 (median) | change |")
+    print("|---|---|---|---|")
+    for workers, label in ((1, "1 DataLoader worker (trainer)"), (0, "in-process (0 workers)")):
+        without, with_hash = (statistics.median(rates[(name, workers)]) for name in ("none", "sha256"))
+        print(f"| {label} | {without:.0f} | {with_hash:.0f} | {with_hash / without - 1:+.1%} |")
+    without, with_hash = statistics.median(cpu["none"]), statistics.median(cpu["sha256"])
+    print(
+        f"| CPU time per sample, in-process (all threads) | {without:.0f} us | {with_hash:.0f} us | "
+        f"{with_hash / without - 1:+.1%} |"
+    )
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--xl-batch", type=int, default=2)
@@ -217,10 +299,20 @@ def main() -> None:
     parser.add_argument("--small-batch", type=int, default=8)
     parser.add_argument("--small-steps", type=int, default=4, help="timed steps per data source")
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--loader-hash", action="store_true", help="only the loader's sha256 cost (see above)")
+    parser.add_argument("--rounds", type=int, default=10, help="--loader-hash: interleaved rounds per variant")
+    parser.add_argument("--batches", type=int, default=96, help="--loader-hash: timed batches of 32 per round")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    options = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    options = parse_options()
     if options.child:
         print(json.dumps(child(json.loads(options.child))))
+        return
+    if options.loader_hash:
+        loader_hash_benchmark(options.rounds, options.batches, shards=4, per_shard=512)
         return
 
     import torch
@@ -257,6 +349,13 @@ def main() -> None:
                 }
             )
         )
+    print_report(options, peaks, dtypes, results)
+    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+
+
+def print_report(options: argparse.Namespace, peaks: dict, dtypes: list[str], results: list[dict]) -> None:
+    """The markdown tables of the training-step benchmark."""
+    import torch
 
     cpu = next(
         (
@@ -308,7 +407,6 @@ def main() -> None:
             f"decoding a batch costs {row['decode_s'] * 1000:.1f} ms of CPU = {decode_share:.1%} of a step "
             f"-> {verdict} the <= 5% target"
         )
-    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

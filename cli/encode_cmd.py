@@ -26,6 +26,16 @@ SCHEDULER_HELP = (
     "Address of a running Dask scheduler (tcp://HOST:PORT) instead of a local cluster; paths must be the same on "
     "all workers."
 )
+OVERWRITE_HELP = (
+    "Replace what OUT holds when it is not an earlier run of this same job. Without it the job stops, changing "
+    "nothing, when OUT holds a manifest of another dataset (other kind, source, resolution, transform settings or "
+    "VAE) or a finished shard that this job would rewrite with other items or settings, or delete because it "
+    "writes fewer shards (e.g. --limit into a larger dataset). An earlier run of the same command is resumed."
+)
+MAX_PIXELS_HELP = (
+    "Refuse images with more pixels than this (decompression-bomb guard); it is the limit that counts, also "
+    "above Pillow's own."
+)
 TORCH_THREADS_HELP = (
     "torch threads per worker (default: cores // workers; keep it equal between runs for byte-identical shards)."
 )
@@ -50,9 +60,8 @@ MaxFailureRate = Annotated[
 Limit = Annotated[
     int | None, typer.Option("--limit", help="Only the first N items of the sorted source (quick trials).")
 ]
-MaxPixels = Annotated[
-    int, typer.Option("--max-pixels", help="Refuse images with more pixels than this (decompression-bomb guard).")
-]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", help=MAX_PIXELS_HELP)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show the items/s progress bar.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
@@ -118,6 +127,7 @@ def encode(
     max_failure_rate: MaxFailureRate = 0.001,
     limit: Limit = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    overwrite: Overwrite = False,
     progress: Progress = True,
     verbose: Verbose = False,
 ) -> None:
@@ -127,7 +137,8 @@ def encode(
     ADM / DiT way (box halving, bicubic, centre square) and encoded together with its horizontal flip; the
     posterior mean and std are stored as float16 [2, 4, R/8, R/8], NOT multiplied by the VAE scaling factor
     (recorded in the manifest). Bad images are listed in failures.jsonl and never stop the job. Re-running the
-    same command resumes: shards whose sidecar and sha256 check out are kept.
+    same command resumes: shards whose sidecar and sha256 check out are kept; a different dataset in OUT is only
+    replaced with --overwrite.
 
     Example: diffit-pipe encode /data/imagenet/train /data/in256-latents --resolution 256 --workers 8
     --vae /models/sd-vae-ft-ema
@@ -146,6 +157,7 @@ def pack(
     max_failure_rate: MaxFailureRate = 0.001,
     limit: Limit = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    overwrite: Overwrite = False,
     progress: Progress = True,
     verbose: Verbose = False,
 ) -> None:

@@ -30,7 +30,12 @@ On CPU (gloo), note `accelerate launch --num_processes 2 --cpu` silently runs ON
 Global batch = per-device batch x processes x accumulation steps (train.global_batch_size,
 train.per_device_batch_size). The resolved config goes to RUN/config.yaml; metrics to RUN/metrics.jsonl and
 tensorboard (RUN/logs); EMA sample grids to RUN/samples/; checkpoints to RUN/checkpoints/ (latest pointer).
-Resume after a stop or a kill with --resume auto (the same command line, or just --run-dir and --resume)."""
+Resume after a stop or a kill with --resume auto (the same command line, or just --run-dir and --resume).
+\b
+Integrity: every shard is checked against the manifest's sha256 as it is read; a damaged one stops the run
+(or, with --set data.on_corrupt_shard=skip, is left out, warned about and counted in metrics.jsonl).
+Checkpoints record the sha256 of their files: --resume auto falls back from a damaged checkpoint to the
+newest one that verifies (with a warning); an explicitly named damaged checkpoint is an error."""
 
 EXPORT_HELP = """Export the EMA weights of a run (its latest checkpoint) or of one checkpoint directory.
 
@@ -48,8 +53,8 @@ CONFIG_HELP = (
 DATA_HELP = "Dataset directory written by encode / pack (optional when resuming: the run's recorded data dir)."
 SET_HELP = "Override one config value: --set optim.lr=1e-4 --set train.max_steps=1000 (repeatable, type-checked)."
 RESUME_HELP = (
-    "'auto': continue from the newest complete checkpoint of --run-dir (start fresh if none); "
-    "or a checkpoint directory."
+    "'auto': continue from the newest complete checkpoint of --run-dir whose files verify (start fresh if none); "
+    "or a checkpoint directory (an error if it does not verify)."
 )
 
 

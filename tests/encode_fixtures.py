@@ -182,3 +182,49 @@ def unreadable_case_is_readable(path: Path) -> bool:
         return True
     except PermissionError:
         return False
+
+
+def png_with_huge_header(width: int, height: int) -> bytes:
+    """A small PNG file whose header claims `width` x `height` pixels (its data is truncated)."""
+    return _png_with_huge_header(width, height)
+
+
+def write_small_dataset(directory: Path, kind: str = "latents", num_shards: int = 5, per_shard: int = 2) -> dict:
+    """A hand-built dataset in the encode / pack format (tars, sidecars by index, manifest with every field a
+    job writes: counts, label map, shapes, VAE entry for latents); returns the manifest."""
+    from pipeline.core import shards
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for index in range(num_shards):
+        with shards.ShardWriter(directory, index) as writer:
+            for i in range(per_shard):
+                key, label, meta = f"c{i % 2}/item{index:03d}_{i}", i % 2, {"source": f"item{index}_{i}.png"}
+                if kind == "latents":
+                    mean = rng.normal(size=(2, 4, 4, 4)).astype(np.float16)
+                    writer.write(shards.latent_sample(key, mean, np.abs(mean) + 0.1, label, meta))
+                else:
+                    writer.write(shards.image_sample(key, _picture(rng, 32, 32), label, meta))
+            sidecar = writer.commit({"failures": [], "items": per_shard})
+        entries.append({k: sidecar[k] for k in ("name", "count", "sha256", "bytes")} | {"failures": 0})
+    total = num_shards * per_shard
+    manifest = {
+        "format_version": shards.FORMAT_VERSION,
+        "kind": kind,
+        "resolution": 32,
+        "num_classes": 2,
+        "label_map": {"c0": 0, "c1": 1},
+        "counts": {"seen": total, "written": total, "failed": 0},
+        "shards": entries,
+        "source": {"root": "/nowhere", "layout": "class-folders", "items": total},
+    }
+    if kind == "latents":
+        manifest |= {"latent_channels": 4, "latent_size": 4, "latent_shape": [2, 4, 4, 4]}
+        manifest["vae"] = {"id": "test", "path_hash": "0" * 64, "scaling_factor": 0.18215, "downsample_factor": 8}
+        manifest["vae"] |= {"dtype": "fp32", "convention": "unscaled", "source": "local", "path": "/nowhere/vae"}
+    else:
+        manifest["image_shape"] = [32, 32, 3]
+    (directory / "failures.jsonl").write_text("")
+    shards.write_json_atomic(directory / shards.MANIFEST_NAME, manifest)
+    return manifest

@@ -277,8 +277,8 @@ def test_resume_redoes_only_missing_or_damaged_shards(data, encoded, tmp_path):
     assert _shard_bytes(out) == reference
     assert _comparable(shards.load_manifest(out)) == _comparable(shards.load_manifest(encoded.out))
 
-    # Other settings (here the resolution) never reuse a shard.
-    result = run_job(_config(data, data.src, out, resolution=64))
+    # Other settings (here the resolution) never reuse a shard (they make another dataset: --overwrite).
+    result = run_job(_config(data, data.src, out, resolution=64, overwrite=True))
     assert result.ok and result.shards_skipped == 0 and shards.load_manifest(out)["latent_size"] == 8
 
 

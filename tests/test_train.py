@@ -497,11 +497,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_exactly(tmp_path):
-    # Fixed-order data over 4 shards read by 2 DataLoader workers; checkpoints every 3 steps.
+    # Fixed-order data over 4 shards read by 2 DataLoader workers; checkpoints every 3 steps. Gradient
+    # accumulation 2 (micro-batches of 1): the resumed stream must skip step x accumulation batches, not step.
     data = write_latent_dataset(tmp_path / "data", num_samples=12, num_shards=4, num_classes=10, std=0.1)
     settings = dict(
         data={"num_workers": 2},
-        train={"max_steps": 10, "global_batch_size": 2},
+        train={"max_steps": 10, "global_batch_size": 2, "per_device_batch_size": 1},
         checkpoint={"every": 3, "keep": 10},
         optim={"lr": 1e-3},
     )
@@ -510,6 +511,7 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     reference_dir = tmp_path / "reference"
     result = run_train_subprocess(train_command(config, data, reference_dir))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((reference_dir / "run.json").read_text())["accumulation_steps"] == 2
 
     # The interrupted run is told to go on for a long time and killed once its first checkpoint is complete.
     run_dir = tmp_path / "killed"

@@ -21,6 +21,12 @@ matches.
 
 Readers: `load_manifest(dir)`, `shard_urls(dir, manifest)`, `manifest_hash(dir)`, `iter_samples(path)` and
 `decode_sample(sample)`.
+
+A dataset may come from anyone, so readers trust nothing in it: `load_manifest` refuses a shard name that is not
+a plain `shard-NNNNNN.tar` (no scheme such as webdataset's `pipe:`, no separator, no `..`) and values that do not
+add up (`check_manifest_values`); `shard_urls` returns absolute local paths; `iter_samples` opens the file itself
+(never through webdataset's URL handlers); `decode_sample` refuses arrays whose header claims more data than the
+member holds and images over Pillow's pixel limit.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +55,13 @@ LATENT_MEMBERS = ("mean.npy", "std.npy", "cls", "json")
 IMAGE_MEMBERS = ("png", "cls", "json")
 REQUIRED_MANIFEST_KEYS = ("format_version", "kind", "resolution", "num_classes", "label_map", "counts", "shards")
 _HASH_BLOCK = 1 << 20
+# The only file names a manifest may list: what `shard_name` writes. ASCII digits only (`\d` would accept other
+# scripts' digits); nothing else can be a URL scheme, a path separator, `..`, an option or a control character.
+SHARD_NAME_PATTERN = re.compile(r"shard-[0-9]{6,}\.tar", re.ASCII)
+SIDECAR_NAME_PATTERN = re.compile(r"shard-[0-9]{6,}\.json", re.ASCII)
+MAX_RESOLUTION = 65536  # pixels per side: far above any dataset, far below what overflows a shape computation
+MAX_SCALING_FACTOR = 10.0  # SD VAEs use 0.18215 / 0.13025; anything above 10 is a damaged or crafted manifest
+_MAX_LISTED_PROBLEMS = 5  # a one-line error names this many problems, then counts the rest
 
 
 class ManifestError(InputError):
@@ -63,6 +79,16 @@ def sidecar_name(index: int) -> str:
     return f"shard-{index:06d}.json"
 
 
+def is_shard_name(name: Any) -> bool:
+    """True for a plain shard file name as `shard_name` writes it (`shard-000042.tar`), nothing else."""
+    return isinstance(name, str) and SHARD_NAME_PATTERN.fullmatch(name) is not None
+
+
+def sidecar_of(name: str) -> str:
+    """The sidecar file name of a (valid) shard file name: `shard-000042.tar` → `shard-000042.json`."""
+    return name.removesuffix(".tar") + ".json"
+
+
 def json_bytes(obj: Any) -> bytes:
     """Canonical JSON (sorted keys, no spaces, ASCII): the same object always gives the same bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
@@ -71,6 +97,22 @@ def json_bytes(obj: Any) -> bytes:
 def write_lines_atomic(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """Write one canonical JSON object per line (JSON Lines) to `path` atomically."""
     write_bytes_atomic(path, b"".join(json_bytes(record) + b"\n" for record in records))
+
+
+def open_regular_file(path: str | os.PathLike):
+    """`open(path, "rb")` that refuses anything but a regular file (OSError "not a regular file"): a FIFO would
+    block the open forever and a device such as /dev/zero would never end a read. The open itself does not block
+    (O_NONBLOCK, which has no effect on regular files)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def update_digest(digest, path: str | os.PathLike) -> None:
@@ -210,9 +252,13 @@ class ShardWriter:
 # Sidecars and verification
 
 
-def read_sidecar(out_dir: str | os.PathLike, index: int) -> dict[str, Any] | None:
-    """The sidecar of shard `index`, or None when it is missing or unreadable (the shard is then redone)."""
-    path = Path(out_dir) / sidecar_name(index)
+def _is_count(value: Any) -> bool:
+    """A non-negative int (bool is an int in Python, but never a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_sidecar_file(path: Path, expected_name: str) -> dict[str, Any] | None:
+    """The sidecar at `path` when it is readable and describes the shard `expected_name`, else None."""
     try:
         with open(path, encoding="ascii") as handle:
             sidecar = json.load(handle)
@@ -220,11 +266,24 @@ def read_sidecar(out_dir: str | os.PathLike, index: int) -> dict[str, Any] | Non
         return None
     if not isinstance(sidecar, dict) or not {"name", "count", "sha256", "bytes"} <= set(sidecar):
         return None
+    # A sidecar's name is trusted later (resume copies it into the manifest): it must be its own shard's name.
+    if sidecar["name"] != expected_name or not isinstance(sidecar["sha256"], str):
+        return None
+    if not (_is_count(sidecar["count"]) and _is_count(sidecar["bytes"])):
+        return None
     return sidecar
+
+
+def read_sidecar(out_dir: str | os.PathLike, index: int) -> dict[str, Any] | None:
+    """The sidecar of shard `index`, or None when it is missing, unreadable or not that shard's (the shard is
+    then redone)."""
+    return _read_sidecar_file(Path(out_dir) / sidecar_name(index), shard_name(index))
 
 
 def shard_problems(out_dir: str | os.PathLike, entry: dict[str, Any], rehash: bool = True) -> list[str]:
     """What is wrong with one shard compared with its record (`entry`: name, bytes, sha256); [] when fine."""
+    if not is_shard_name(entry.get("name")):
+        return [f"{entry.get('name')!r}: not a shard file name (expected shard-NNNNNN.tar)"]
     path = Path(out_dir) / entry["name"]
     if not path.is_file():
         return [f"{path}: missing"]
@@ -251,8 +310,36 @@ class VerifyReport:
         return not self.problems
 
 
+def _sidecar_problems(out_dir: Path, entry: dict[str, Any]) -> list[str]:
+    """The sidecar of the shard `entry` names (found by that name, not by position) against the entry."""
+    path = out_dir / sidecar_of(entry["name"])
+    sidecar = _read_sidecar_file(path, entry["name"])
+    if sidecar is None:
+        return [f"{path}: missing or unreadable sidecar of {entry['name']}"]
+    fields = ("sha256", "count", "bytes")
+    if tuple(sidecar[key] for key in fields) != tuple(entry[key] for key in fields):
+        return [f"{path}: disagrees with the manifest entry of {entry['name']}"]
+    return []
+
+
+def _unlisted_shard_problems(out_dir: Path, listed: set[str]) -> list[str]:
+    """One line per shard number that has a tar or a sidecar in `out_dir` but no manifest entry."""
+    unlisted: dict[str, list[str]] = {}
+    for path in sorted(out_dir.glob("shard-*")):
+        if SHARD_NAME_PATTERN.fullmatch(path.name) or SIDECAR_NAME_PATTERN.fullmatch(path.name):
+            shard = path.name.rsplit(".", 1)[0] + ".tar"
+            if shard not in listed:
+                unlisted.setdefault(shard, []).append(path.name)
+    return [
+        f"{out_dir / shard}: {' and '.join(names)} on disk but not listed in {MANIFEST_NAME}"
+        for shard, names in unlisted.items()
+    ]
+
+
 def verify_dataset(out_dir: str | os.PathLike, progress: bool = False) -> VerifyReport:
-    """Re-hash every shard of a dataset and compare with the manifest and the sidecars."""
+    """Re-hash every shard of a dataset and compare it with its manifest entry and its sidecar (matched by
+    name), and list shard files the manifest does not know. The manifest's own values are checked by
+    `load_manifest` (a ManifestError)."""
     out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)
     report = VerifyReport()
@@ -262,28 +349,125 @@ def verify_dataset(out_dir: str | os.PathLike, progress: bool = False) -> Verify
         from tqdm import tqdm
 
         iterator = tqdm(shards, desc="verify", unit="shard")
-    total = 0
-    for index, entry in enumerate(iterator):
+    for entry in iterator:
         report.checked += 1
-        total += entry["count"]
         report.problems.extend(shard_problems(out_dir, entry))
-        sidecar = read_sidecar(out_dir, index)
-        if sidecar is None:
-            report.problems.append(f"{out_dir / sidecar_name(index)}: missing or unreadable sidecar")
-        elif (sidecar["sha256"], sidecar["count"], sidecar["bytes"]) != (
-            entry["sha256"],
-            entry["count"],
-            entry["bytes"],
-        ):
-            report.problems.append(
-                f"{out_dir / sidecar_name(index)}: disagrees with the manifest entry of {entry['name']}"
-            )
-    if total != manifest["counts"]["written"]:
-        report.problems.append(f"shards hold {total} samples but the manifest counts {manifest['counts']['written']}")
-    counts = manifest["counts"]
-    if counts["seen"] != counts["written"] + counts["failed"]:
-        report.problems.append(f"manifest counts do not add up: {counts}")
+        report.problems.extend(_sidecar_problems(out_dir, entry))
+    report.problems.extend(_unlisted_shard_problems(out_dir, {entry["name"] for entry in shards}))
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Manifest values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shard_entry_problems(shards: Any) -> list[str]:
+    """Every shard entry: a valid, unique file name, counts and sizes that are non-negative ints, a hex sha256."""
+    if not isinstance(shards, list):
+        return [f"shards is {type(shards).__name__}, expected a list of entries"]
+    problems, names = [], set()
+    for position, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            problems.append(f"shards[{position}] is not an object")
+            continue
+        name = entry.get("name")
+        if not is_shard_name(name):
+            problems.append(f"shards[{position}] has the name {name!r}, not a plain shard file name (shard-NNNNNN.tar)")
+        elif name in names:
+            problems.append(f"shards[{position}] lists {name} a second time")
+        names.add(name)
+        if not (_is_count(entry.get("count")) and _is_count(entry.get("bytes"))):
+            problems.append(f"shards[{position}] count / bytes must be non-negative integers")
+        sha = entry.get("sha256")
+        if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha, re.ASCII)):
+            problems.append(f"shards[{position}] sha256 {sha!r} is not a hex sha256")
+    return problems
+
+
+def _count_problems(counts: Any, shards: list[dict[str, Any]]) -> list[str]:
+    """seen == written + failed, and written == the samples the shard entries hold."""
+    if not isinstance(counts, dict) or not all(_is_count(counts.get(key)) for key in ("seen", "written", "failed")):
+        return [f"counts {counts!r} must hold non-negative integers seen, written and failed"]
+    problems = []
+    if counts["seen"] != counts["written"] + counts["failed"]:
+        problems.append(
+            f"counts do not add up: seen {counts['seen']} != written {counts['written']} + failed {counts['failed']}"
+        )
+    held = sum(entry["count"] for entry in shards)
+    if held != counts["written"]:
+        problems.append(f"the shards hold {held} samples but counts.written is {counts['written']}")
+    return problems
+
+
+def _class_problems(num_classes: Any, label_map: Any) -> list[str]:
+    """num_classes >= 0 and label_map a {name: index} map of exactly the indices 0 .. num_classes - 1."""
+    if not (_is_int(num_classes) and num_classes >= 0):
+        return [f"num_classes {num_classes!r} is not a non-negative integer"]
+    if not isinstance(label_map, dict) or not all(_is_int(value) for value in label_map.values()):
+        return ["label_map must map class names to integer indices"]
+    if sorted(label_map.values()) != list(range(num_classes)):
+        return [f"label_map does not hold exactly the class indices 0..{num_classes - 1} (num_classes {num_classes})"]
+    return []
+
+
+def _vae_problems(vae: Any) -> list[str]:
+    """The recorded VAE: an object whose scaling factor is finite and in (0, MAX_SCALING_FACTOR]."""
+    if not isinstance(vae, dict):
+        return ["vae is not an object"]
+    factor = vae.get("scaling_factor")
+    if "scaling_factor" in vae and not (
+        isinstance(factor, (int, float))
+        and not isinstance(factor, bool)
+        and math.isfinite(factor)
+        and 0 < factor <= MAX_SCALING_FACTOR
+    ):
+        return [f"vae.scaling_factor {factor!r} is not a finite number in (0, {MAX_SCALING_FACTOR:g}]"]
+    return []
+
+
+def _shape_problems(manifest: dict[str, Any]) -> list[str]:
+    """Resolution in range; latent grid = resolution / the VAE's downsampling; stored shapes agree with both."""
+    resolution = manifest["resolution"]
+    if not (_is_int(resolution) and 1 <= resolution <= MAX_RESOLUTION):
+        return [f"resolution {resolution!r} is not an integer in [1, {MAX_RESOLUTION}]"]
+    problems = _vae_problems(manifest["vae"]) if "vae" in manifest else []
+    if "image_shape" in manifest and manifest["image_shape"] != [resolution, resolution, 3]:
+        problems.append(f"image_shape {manifest['image_shape']!r} is not [{resolution}, {resolution}, 3]")
+    size, channels = manifest.get("latent_size"), manifest.get("latent_channels")
+    for key, value in (("latent_size", size), ("latent_channels", channels)):
+        if key in manifest and not (_is_int(value) and 1 <= value <= MAX_RESOLUTION):
+            problems.append(f"{key} {value!r} is not a positive integer")
+    if "latent_shape" in manifest and manifest["latent_shape"] != [2, channels, size, size]:
+        problems.append(
+            f"latent_shape {manifest['latent_shape']!r} is not [2, latent_channels, latent_size, latent_size]"
+        )
+    factor = manifest.get("vae", {}).get("downsample_factor") if isinstance(manifest.get("vae"), dict) else None
+    if _is_int(factor) and _is_int(size) and factor > 0 and size * factor != resolution:
+        problems.append(f"latent_size {size} x vae.downsample_factor {factor} != resolution {resolution}")
+    return problems
+
+
+def manifest_value_problems(manifest: dict[str, Any]) -> list[str]:
+    """What is wrong with the values of a manifest that has every required key; [] when they are sane."""
+    problems = _shard_entry_problems(manifest["shards"])
+    if not problems:  # the counts can only be added up over well-formed entries
+        problems += _count_problems(manifest["counts"], manifest["shards"])
+    return problems + _class_problems(manifest["num_classes"], manifest["label_map"]) + _shape_problems(manifest)
+
+
+def check_manifest_values(manifest: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise ManifestError (one line naming `path` and the fields) when the manifest's values are not sane:
+    unsafe shard names, counts that do not add up, impossible resolutions, shapes or VAE scaling factors, a
+    label map that does not match num_classes. Everything that reads a dataset goes through this."""
+    problems = manifest_value_problems(manifest)
+    if problems:
+        shown = "; ".join(problems[:_MAX_LISTED_PROBLEMS])
+        more = f" (and {len(problems) - _MAX_LISTED_PROBLEMS} more)" if len(problems) > _MAX_LISTED_PROBLEMS else ""
+        raise ManifestError(f"{path}: {shown}{more}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,12 +498,29 @@ def load_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         )
     if manifest["kind"] not in ("latents", "images"):
         raise ManifestError(f"{path} has an unknown kind {manifest['kind']!r}")
+    check_manifest_values(manifest, path)
     return manifest
 
 
 def shard_urls(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
-    """Paths of the shards that hold samples, in manifest order (empty shards, whose items all failed, are left out)."""
-    return [str(Path(directory) / entry["name"]) for entry in manifest["shards"] if entry["count"] > 0]
+    """Absolute local paths of the shards that hold samples, in manifest order (empty shards, whose items all
+    failed, are left out).
+
+    Absolute, so that no path can ever be read as a URL with a scheme (webdataset runs `pipe:CMD` through a
+    shell), even for `--data .`; and every name is checked again, for manifests that did not come through
+    `load_manifest`.
+    """
+    base = Path(os.path.abspath(directory))
+    urls = []
+    for entry in manifest["shards"]:
+        if not is_shard_name(entry.get("name")):
+            raise ManifestError(
+                f"{base / MANIFEST_NAME}: shard name {entry.get('name')!r} is not a plain shard file name "
+                "(shard-NNNNNN.tar)"
+            )
+        if entry["count"] > 0:
+            urls.append(str(base / entry["name"]))
+    return urls
 
 
 def manifest_hash(directory: str | os.PathLike) -> str:
@@ -331,12 +532,50 @@ def manifest_hash(directory: str | os.PathLike) -> str:
 
 
 def iter_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard (dicts of `__key__` and member name → bytes), read with webdataset."""
-    import webdataset as wds
+    """Raw samples of one shard (dicts of `__key__` and member name → bytes).
 
-    dataset = wds.WebDataset([str(path)], shardshuffle=False, empty_check=False)
-    for sample in dataset:
-        yield {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
+    The file is opened here, as a local file, and only its tar stream goes to webdataset's member grouping:
+    webdataset's URL handlers (`pipe:`, `http:`, ...) are never involved, whatever the path looks like.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with open_regular_file(path) as stream:
+        members = tar_file_expander([{"url": str(path), "stream": stream}])
+        for sample in group_by_keys(members):
+            yield {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}
+
+
+def load_npy_bytes(value: bytes, name: str = "array") -> np.ndarray:
+    """An array from `.npy` bytes (no pickle), refusing a header that claims more data than the bytes hold (a
+    crafted shape would otherwise make numpy allocate terabytes before it notices); ValueError naming `name`."""
+    buffer = io.BytesIO(value)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise ValueError(f".npy format version {version} is not supported")
+    except (ValueError, TypeError, SyntaxError) as error:
+        raise ValueError(f"{name}: not a valid .npy array ({error})") from error
+    needed = math.prod(shape) * dtype.itemsize
+    if dtype.hasobject or needed != len(value) - buffer.tell():
+        raise ValueError(
+            f"{name}: .npy header says {list(shape)} {dtype}, which does not match the {len(value)} bytes stored"
+        )
+    return np.load(io.BytesIO(value), allow_pickle=False)
+
+
+def _decode_png(value: bytes, name: str) -> np.ndarray:
+    """RGB pixels of a PNG member; ValueError for images Pillow refuses as too large (decompression bombs)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(value)) as image:
+            return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{name}: {error}") from error
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -344,12 +583,9 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     decoded: dict[str, Any] = {"__key__": sample["__key__"]}
     for name, value in sample.items():
         if name.endswith(".npy"):
-            decoded[name] = np.load(io.BytesIO(value), allow_pickle=False)
+            decoded[name] = load_npy_bytes(value, f"{sample['__key__']}.{name}")
         elif name == "png":
-            from PIL import Image
-
-            with Image.open(io.BytesIO(value)) as image:
-                decoded[name] = np.asarray(image.convert("RGB"))
+            decoded[name] = _decode_png(value, f"{sample['__key__']}.png")
         elif name == "cls":
             decoded[name] = int(value.decode("ascii"))
         elif name == "json":

@@ -251,6 +251,7 @@ def _run_shards(
         workers=settings.encode_workers,
         progress=False,
         command=f"diffit-pipe demo ({kind} {resolution}px)",
+        overwrite=True,  # the demo owns its work directory: a re-run with other settings rebuilds the shards
     )
     if vae is not None:
         config.vae = vae
@@ -271,13 +272,12 @@ def _grid_png(images: np.ndarray, labels: np.ndarray, names: list[str], path: Pa
 
 
 def _read_store(eval_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The samples and their class labels from an evaluation's zarr store."""
-    import zarr
+    """The samples and their class labels from an evaluation's zarr store (complete chunks only)."""
+    from pipeline.evaluate import STORE_NAME, SampleStore
 
-    from pipeline.evaluate import STORE_NAME
-
-    group = zarr.open_group(str(eval_dir / STORE_NAME), mode="r")
-    return np.asarray(group["samples"][:]), np.asarray(group["labels"][:])
+    store = SampleStore.open(eval_dir / STORE_NAME, mode="r")
+    store.require_complete()
+    return store.read_images(0, store.layout.num_samples), store.read_labels()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pipeline.core.grids import image_grid, write_png
 from pipeline.core.shards import FAILURES_NAME, ManifestError, decode_sample, iter_samples, load_manifest, shard_urls
 
 PREVIEW_PADDING = 2  # white pixels between (and around) the preview's images
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class PreviewError(InputError):
@@ -48,8 +50,8 @@ def read_failures(directory: str | os.PathLike) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except ValueError as error:
                 raise ManifestError(f"{path}: line {number} is not JSON ({error})") from error
-            if not isinstance(record, dict) or not {"reason", "path"} <= set(record):
-                raise ManifestError(f"{path}: line {number} is not a failure record (needs 'path' and 'reason')")
+            if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("path", "reason")):
+                raise ManifestError(f"{path}: line {number} is not a failure record (needs 'path' and 'reason' texts)")
             records.append(record)
     return records
 
@@ -78,7 +80,7 @@ def summarize(directory: str | os.PathLike) -> dict[str, Any]:
         "failure_reasons": [(reason, count, examples[reason]) for reason, count in reasons.most_common()],
         "vae": manifest.get("vae"),
         "sample_shape": manifest.get("latent_shape") or manifest.get("image_shape"),
-        "source": manifest.get("source", {}).get("root"),
+        "source": source.get("root") if isinstance(source := manifest.get("source"), dict) else None,
         "created": manifest.get("created"),
         "command": manifest.get("command"),
     }
@@ -111,11 +113,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"source     {summary['source']}",
     ]
     vae = summary["vae"]
-    if vae:
-        identity = f"revision {vae['revision']}" if vae.get("revision") else f"sha256 {vae['path_hash'][:16]}"
+    if isinstance(vae, dict):
+        identity = f"revision {vae['revision']}" if vae.get("revision") else f"sha256 {str(vae.get('path_hash'))[:16]}"
         lines.append(
-            f"vae        {vae['id']} ({identity}), scaling_factor {vae['scaling_factor']}, dtype {vae['dtype']}, "
-            f"stored {vae['convention']}"
+            f"vae        {vae.get('id')} ({identity}), scaling_factor {vae.get('scaling_factor')}, "
+            f"dtype {vae.get('dtype')}, stored {vae.get('convention')}"
         )
     if summary["failure_reasons"]:
         lines.append(
@@ -125,7 +127,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
         )
     lines.append(f"created    {summary['created']} by: {summary['command']}")
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters (terminal escape sequences from a crafted manifest) shown as `?`."""
+    return _CONTROL_CHARACTERS.sub("?", text)
 
 
 def first_samples(directory: str | os.PathLike, count: int) -> list[dict[str, Any]]:
@@ -145,29 +152,33 @@ def first_samples(directory: str | os.PathLike, count: int) -> list[dict[str, An
     return samples
 
 
+def _recorded_vae_spec(recorded: Any):
+    """The VAE a manifest's `vae` entry names: its hub id and revision, or its local path when the files there
+    still have the recorded sha256."""
+    from pipeline.core.vae import VAEError, resolve_vae
+
+    where = "id" if isinstance(recorded, dict) and recorded.get("source") == "hub" else "path"
+    if not isinstance(recorded, dict) or not isinstance(recorded.get(where), str):
+        raise PreviewError("the manifest of these latents records no usable VAE; pass --vae PATH")
+    if where == "id":
+        return resolve_vae(recorded["id"], recorded.get("revision"))
+    try:
+        spec = resolve_vae(recorded["path"])
+    except VAEError as error:
+        raise PreviewError(f"the VAE recorded in the manifest is not available ({error}); pass --vae PATH") from error
+    if spec.path_hash != recorded.get("path_hash"):
+        raise PreviewError(
+            f"the VAE at {recorded['path']} is not the one the latents were made with (sha256 differs); "
+            "pass the right one with --vae PATH"
+        )
+    return spec
+
+
 def _recorded_vae(manifest: dict[str, Any], override: str | None):
     """Load the VAE the latents were made with (or `override`), refusing a local VAE whose files changed."""
-    from pipeline.core.vae import VAEError, get_vae, resolve_vae
+    from pipeline.core.vae import get_vae, resolve_vae
 
-    recorded = manifest.get("vae")
-    if not isinstance(recorded, dict) and not override:
-        raise PreviewError("the manifest of these latents records no VAE; pass --vae PATH")
-    if override:
-        spec = resolve_vae(override)
-    elif recorded.get("source") == "hub":
-        spec = resolve_vae(recorded["id"], recorded.get("revision"))
-    else:
-        try:
-            spec = resolve_vae(recorded["path"])
-        except VAEError as error:
-            raise PreviewError(
-                f"the VAE recorded in the manifest is not available ({error}); pass --vae PATH"
-            ) from error
-        if spec.path_hash != recorded["path_hash"]:
-            raise PreviewError(
-                f"the VAE at {recorded['path']} is not the one the latents were made with (sha256 differs); "
-                "pass the right one with --vae PATH"
-            )
+    spec = resolve_vae(override) if override else _recorded_vae_spec(manifest.get("vae"))
     try:
         return get_vae(spec.local_path, "fp32", "cpu")
     except (OSError, ValueError, RuntimeError) as error:  # diffusers: unreadable files, weights that do not fit

@@ -12,6 +12,13 @@ items in batches, streams the samples into a temporary tar and commits it with i
 failure records; they never stop the task. The VAE is fetched with `pipeline.core.vae.get_vae`, cached per worker
 process.
 
+What OUT may already hold (`check_overwrite`): nothing, or an earlier run - finished or interrupted - of the same
+job, which is resumed. Anything this job would destroy needs `overwrite`: a manifest of another dataset (other
+kind, source directory, resolution, transform settings or VAE), or a finished shard (one with a sidecar, or one
+the manifest lists) that this job would rewrite with other items or settings, or would delete because this job
+writes fewer shards (`--limit`, a larger `--shard-size`). Leftovers that never formed a finished shard (temporary
+files, a tar without its sidecar) are cleaned up as before.
+
 Dask: by default a `LocalCluster` of `workers` processes with one thread each (torch limited to
 cores // workers threads), or an existing cluster via `scheduler="tcp://host:port"` (the source, the output and
 the VAE directory must then be visible at the same paths on every worker). A worker that dies takes its task
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -47,6 +55,8 @@ from pipeline.core.shards import (
     IMAGE_MEMBERS,
     LATENT_MEMBERS,
     MANIFEST_NAME,
+    SHARD_NAME_PATTERN,
+    SIDECAR_NAME_PATTERN,
     ShardWriter,
     image_sample,
     json_bytes,
@@ -104,6 +114,7 @@ class JobConfig:
     retries: int = 2
     progress: bool = True
     command: str = ""
+    overwrite: bool = False  # replace a different dataset in `out` (see the module docstring)
 
 
 @dataclass
@@ -313,7 +324,10 @@ def _output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on the output directory so two jobs never write the same shards."""
     import fcntl
 
-    handle = open(out / LOCK_NAME, "a")
+    try:
+        handle = open(out / LOCK_NAME, "a")
+    except OSError as error:
+        raise JobError(f"cannot write to the output directory {out}: {error.strerror or error}") from error
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -326,20 +340,107 @@ def _output_lock(out: Path) -> Iterator[None]:
         handle.close()
 
 
+def _shard_number(path: Path) -> int | None:
+    """The index of a shard tar or sidecar file name (`shard-000042.tar` → 42), None for any other file."""
+    if SHARD_NAME_PATTERN.fullmatch(path.name) or SIDECAR_NAME_PATTERN.fullmatch(path.name):
+        return int(path.name[len("shard-") :].split(".")[0])
+    return None
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`; None when the file is missing. Not an object or unreadable: {"": error}."""
+    if not path.exists():
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, ValueError) as error:
+        return {"": str(error)}
+    return value if isinstance(value, dict) else {"": "not a JSON object"}
+
+
+def _manifest_conflict(out: Path, identity: dict[str, Any]) -> str | None:
+    """Why the manifest in `out` describes another dataset than `identity` (kind, source, resolution,
+    transform, VAE of this job), or None when there is none or it is this job's."""
+    manifest = _read_json_object(out / MANIFEST_NAME)
+    if manifest is None:
+        return None
+    if "" in manifest:
+        return f"{out / MANIFEST_NAME} cannot be read ({manifest['']}), so it may describe another dataset"
+    source = manifest.get("source")
+    vae = manifest.get("vae")
+    recorded = {
+        "kind": manifest.get("kind"),
+        "source": source.get("root") if isinstance(source, dict) else None,
+        "resolution": manifest.get("resolution"),
+        "transform": manifest.get("transform"),
+        "vae": [vae.get("path_hash"), vae.get("dtype")] if isinstance(vae, dict) else None,
+    }
+    differing = [key for key in identity if recorded[key] != identity[key]]
+    if not differing:
+        return None
+    first = differing[0]
+    return (
+        f"{out / MANIFEST_NAME} describes another dataset ({', '.join(differing)} differ; e.g. {first} "
+        f"{recorded[first]!r}, this job {identity[first]!r})"
+    )
+
+
+def _finished_shard_indices(out: Path) -> set[int]:
+    """Shards of an earlier job that were finished: those with a sidecar, and those the manifest lists."""
+    indices = {number for path in out.glob("shard-*.json") if (number := _shard_number(path)) is not None}
+    manifest = _read_json_object(out / MANIFEST_NAME)
+    if manifest and isinstance(manifest.get("shards"), list):
+        for entry in manifest["shards"]:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str) and SHARD_NAME_PATTERN.fullmatch(name):
+                indices.add(_shard_number(Path(name)))
+    return indices
+
+
+def overwrite_conflicts(out: Path, identity: dict[str, Any], tasks: list[ShardTask]) -> list[str]:
+    """What in `out` this job would destroy that is not its own earlier work (see the module docstring)."""
+    conflicts = []
+    manifest = _manifest_conflict(out, identity)
+    if manifest:
+        conflicts.append(manifest)
+    fingerprints = {task.index: task.fingerprint for task in tasks}
+    for index in sorted(_finished_shard_indices(out)):
+        if index not in fingerprints:
+            conflicts.append(f"{shard_name(index)} would be deleted (this job writes {len(tasks)} shard(s))")
+            continue
+        sidecar = read_sidecar(out, index)
+        if sidecar is not None and sidecar.get("fingerprint") != fingerprints[index]:
+            conflicts.append(f"{shard_name(index)} holds other items or settings and would be rewritten")
+    return conflicts
+
+
+def check_overwrite(out: Path, identity: dict[str, Any], tasks: list[ShardTask], overwrite: bool) -> None:
+    """Refuse to destroy another dataset in `out` unless `overwrite` (then say what is replaced)."""
+    conflicts = overwrite_conflicts(out, identity, tasks)
+    if not conflicts:
+        return
+    more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+    if overwrite:
+        logger.warning("--overwrite: replacing what %s holds: %s%s", out, conflicts[0], more)
+        return
+    raise JobError(
+        f"{out} holds another dataset: {conflicts[0]}{more}; nothing was changed. Pass --overwrite to replace "
+        "it, or choose another OUT"
+    )
+
+
 def _prepare_output(out: Path, num_shards: int) -> None:
-    """Clear what a previous run left that is not a reusable shard: temp files, the manifest, stale shards."""
+    """Clear what a previous run left that is not a reusable shard: temp files, the manifest, stale shards
+    (`check_overwrite` has made sure that they are this job's own or that --overwrite was given)."""
     removed = remove_temporary_files(out)
     if removed:
         logger.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
     for name in (MANIFEST_NAME, FAILURES_NAME):
         # The manifest marks a complete dataset; it is written again at the end of this run.
         (out / name).unlink(missing_ok=True)
-    stale = []
-    for path in sorted(out.glob("shard-*.*")):
-        stem = path.name.split(".")[0]
-        number = stem.removeprefix("shard-")
-        if number.isdigit() and int(number) >= num_shards and path.suffix in (".tar", ".json"):
-            stale.append(path)
+    numbered = ((path, _shard_number(path)) for path in sorted(out.glob("shard-*.*")))
+    stale = [path for path, number in numbered if number is not None and number >= num_shards]
     if stale:
         logger.warning(
             "removing %d shard file(s) of a previous, larger run in %s (first: %s)", len(stale), out, stale[0].name
@@ -487,16 +588,13 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
             source.packed_manifest["resolution"],
         )
 
-    out = Path(cfg.out).expanduser().resolve()
-    if out == Path(source.root) or Path(source.root) in out.parents:
-        # Shards inside the source tree would be read as images (or a class folder) by the next run.
-        raise JobError(f"the output directory {out} is inside the source {source.root}; choose another OUT")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_directory(cfg.out, source)
     topic = f"diffit-pipe-progress-{uuid.uuid4().hex[:8]}"
     tasks = _shard_tasks(cfg, source, items, out, vae_spec, topic, local=not cfg.scheduler and client is None)
 
     result = JobResult(out=str(out), manifest=None, shards_total=len(tasks), max_failure_rate=cfg.max_failure_rate)
     with _output_lock(out):
+        check_overwrite(out, _dataset_identity(cfg, source, vae_spec), tasks, cfg.overwrite)
         _prepare_output(out, len(tasks))
         logger.info("%s: %d items from %s in %d shard(s) → %s", cfg.kind, len(items), source.root, len(tasks), out)
         sidecars = _execute(cfg, tasks, topic, result, client)
@@ -512,6 +610,35 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
     result.failure_rate = manifest["failure_rate"]
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+def _output_directory(out_arg: str, source: Source) -> Path:
+    """The absolute output directory, created; JobError (one line) when it cannot be one."""
+    try:
+        out = Path(out_arg).expanduser().resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
+        raise JobError(f"the output directory {out_arg} cannot be resolved: {error}") from error
+    if out == Path(source.root) or Path(source.root) in out.parents:
+        # Shards inside the source tree would be read as images (or a class folder) by the next run.
+        raise JobError(f"the output directory {out} is inside the source {source.root}; choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise JobError(f"the output directory {out} is an existing file, not a directory; choose another OUT")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent is a file (Not a directory), permission denied, read-only file system
+        raise JobError(f"cannot create the output directory {out}: {error.strerror or error}") from error
+    return out
+
+
+def _dataset_identity(cfg: JobConfig, source: Source, vae_spec: VAESpec | None) -> dict[str, Any]:
+    """What makes a dataset this job's, as its manifest records it (compared by `check_overwrite`)."""
+    return {
+        "kind": cfg.kind,
+        "source": source.root,
+        "resolution": cfg.resolution,
+        "transform": transform_spec(cfg.resolution, cfg.max_pixels),
+        "vae": [vae_spec.path_hash, cfg.dtype] if vae_spec else None,
+    }
 
 
 def _resolve_job_vae(cfg: JobConfig) -> VAESpec:

@@ -20,15 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tarfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from pipeline.core.errors import InputError
+from pipeline.core.shards import MANIFEST_NAME, load_manifest, open_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,11 @@ logger = logging.getLogger(__name__)
 # key stays well below that once the longest extension (".mean.npy") is appended.
 MAX_KEY_LENGTH = 80
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
+# A sample key read from a packed shard becomes a member name of the shards written from it: only what
+# `sample_key` produces (no `..`, no leading `/`, no control characters), and short enough for a tar header.
+_PACKED_KEY = re.compile(r"[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-]+)*", re.ASCII)
+_MAX_PACKED_KEY_LENGTH = 200
+_MAX_SMALL_MEMBER_BYTES = 1 << 20  # a cls or json member is a few bytes; never read more than this into memory
 
 
 class SourceError(InputError):
@@ -154,20 +162,43 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_files(top: Path, root: Path, ignored: list[str]) -> list[tuple[str, os.stat_result | None]]:
-    """All non-hidden regular files below `top` as (POSIX path relative to `root`, stat or None)."""
+def _directory_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the directory `path` leads to (links followed), or None when it cannot be stat'ed."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _walk_files(
+    top: Path, root: Path, ignored: list[str], listed: set[tuple[int, int]]
+) -> list[tuple[str, os.stat_result | None]]:
+    """All non-hidden regular files below `top` as (POSIX path relative to `root`, stat or None); other entries
+    (hidden ones, FIFOs, devices) go to `ignored`.
+
+    Links are followed, but every real directory is listed once per scan: `listed` holds the (device, inode) of
+    the directories already walked (or walked on their own, such as the root and the class folders), and a link
+    to one of them is skipped and recorded in `ignored`. So a loop (`a/loop -> ..`, two links to `.`) ends, and a
+    directory reached by two paths gives its files once. Sub-directories are visited in sorted order, so which
+    path wins does not depend on the file system's listing order.
+    """
 
     def fail(error: OSError) -> None:
         raise SourceError(f"cannot list {error.filename}: {error.strerror or error}") from error
 
-    found = []
+    found, special = [], []
     for dirpath, dirnames, filenames in os.walk(top, onerror=fail, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root)
-        for name in list(dirnames):
-            if _is_hidden(name):
+        for name in sorted(dirnames):
+            identity = _directory_identity(os.path.join(dirpath, name))
+            if _is_hidden(name) or identity in listed:
                 ignored.append((rel_dir / name).as_posix() + "/")
                 dirnames.remove(name)
-        for name in filenames:
+            elif identity is not None:
+                listed.add(identity)
+        dirnames.sort()
+        for name in sorted(filenames):
             rel = (rel_dir / name).as_posix()
             if _is_hidden(name):
                 ignored.append(rel)
@@ -176,8 +207,42 @@ def _walk_files(top: Path, root: Path, ignored: list[str]) -> list[tuple[str, os
                 stat = os.stat(os.path.join(dirpath, name))
             except OSError:
                 stat = None  # a dangling link or a vanished file: kept as an item, its read fails with a reason
+            if stat is not None and not S_ISREG(stat.st_mode):
+                ignored.append(rel)  # a FIFO, socket or device (a link to /dev/zero): never an image
+                special.append(rel)
+                continue
             found.append((rel, stat))
+    if special:
+        logger.warning(
+            "ignored %d entries under %s that are not regular files (first: %s)", len(special), top, special[0]
+        )
     return found
+
+
+def _drop_duplicate_files(
+    root: Path, files: list[tuple[str, os.stat_result | None, int]], ignored: list[str]
+) -> list[tuple[str, os.stat_result | None, int]]:
+    """Keep the first (in sorted relative-path order) of the paths that lead to the same real file (a file link,
+    a directory linked inside another, a hard link): an image is one item however many paths reach it.
+
+    The file's identity is its (device, inode) from the stat already taken (no extra system call per file);
+    a dangling link, which has no stat, is identified by its resolved path.
+    """
+    kept, seen = [], set()
+    for rel, stat, label in sorted(files, key=lambda f: f[0]):
+        identity = (stat.st_dev, stat.st_ino) if stat is not None else os.path.realpath(root / rel)
+        if identity in seen:
+            ignored.append(rel)
+            continue
+        seen.add(identity)
+        kept.append((rel, stat, label))
+    if len(kept) < len(files):
+        logger.warning(
+            "%d path(s) under %s lead to files already listed under another path (links); each file is used once",
+            len(files) - len(kept),
+            root,
+        )
+    return kept
 
 
 def scan_folder(root: str | os.PathLike) -> Source:
@@ -206,17 +271,20 @@ def scan_folder(root: str | os.PathLike) -> Source:
                 ", ".join(loose[:5]),
             )
             ignored.extend(loose)
+        # The root and every class folder are walked on their own: a link to one of them is never followed.
+        listed = {_directory_identity(path) for path in [root_path, *(root_path / name for name in class_dirs)]}
+        listed.discard(None)
         files = []
         for name in class_dirs:
-            files.extend(
-                (rel, stat, label_map[name]) for rel, stat in _walk_files(root_path / name, root_path, ignored)
-            )
+            walked = _walk_files(root_path / name, root_path, ignored, listed)
+            files.extend((rel, stat, label_map[name]) for rel, stat in walked)
     else:
         layout = "flat"
         label_map = {}
-        files = [(rel, stat, -1) for rel, stat in _walk_files(root_path, root_path, ignored)]
+        walked = _walk_files(root_path, root_path, ignored, {_directory_identity(root_path)})
+        files = [(rel, stat, -1) for rel, stat in walked]
 
-    files.sort(key=lambda f: f[0])
+    files = _drop_duplicate_files(root_path, files, ignored)
     if not files:
         raise SourceError(f"no image files found under {root_path} (expected class folders or image files)")
     keys = unique_keys([rel for rel, _, _ in files])
@@ -238,15 +306,11 @@ def scan_folder(root: str | os.PathLike) -> Source:
 
 def scan_packed(root: str | os.PathLike) -> Source:
     """List the samples of packed raw-image shards (output of `pack`) as items with member offsets."""
-    # Imported here: shards imports nothing from sources, but keeping the dependency one-way and lazy avoids
-    # loading webdataset just to scan a folder of JPEGs.
-    from pipeline.core.shards import load_manifest
-
     root_path = Path(root).expanduser().resolve()
     manifest = load_manifest(root_path)
     if manifest.get("kind") != "images":
         raise SourceError(
-            f"{root_path / 'manifest.json'} describes a dataset of kind {manifest.get('kind')!r}; only raw image "
+            f"{root_path / MANIFEST_NAME} describes a dataset of kind {manifest.get('kind')!r}; only raw image "
             "shards written by `diffit-pipe pack` can be a source"
         )
     items: list[SourceItem] = []
@@ -259,7 +323,7 @@ def scan_packed(root: str | os.PathLike) -> Source:
                 f"packed shard {shard_path} has {shard_path.stat().st_size} bytes but the manifest says "
                 f"{shard['bytes']}; run `diffit-pipe inspect {root_path} --verify`"
             )
-        items.extend(_index_packed_shard(shard_path, shard["sha256"], start=len(items)))
+        items.extend(_index_packed_shard(shard_path, shard["sha256"], len(items), manifest["num_classes"]))
     if len(items) != manifest["counts"]["written"]:
         raise SourceError(
             f"packed shards under {root_path} hold {len(items)} samples but the manifest says "
@@ -274,8 +338,9 @@ def scan_packed(root: str | os.PathLike) -> Source:
     )
 
 
-def _index_packed_shard(shard_path: Path, shard_sha256: str, start: int) -> list[SourceItem]:
-    """Read the member headers of one packed shard (and its small cls/json members) into items."""
+def _packed_members(shard_path: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The sample keys of one packed shard in order, and per key: the PNG member's (offset, size) and the
+    bytes of the small cls / json members."""
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     try:
@@ -284,27 +349,61 @@ def _index_packed_shard(shard_path: Path, shard_sha256: str, start: int) -> list
                 if not member.isfile():
                     continue
                 key, _, extension = member.name.partition(".")
+                if len(key) > _MAX_PACKED_KEY_LENGTH or not _PACKED_KEY.fullmatch(key):
+                    raise SourceError(f"packed shard {shard_path}: member {member.name!r} has an unsafe sample key")
                 if key not in samples:
                     samples[key] = {}
                     order.append(key)
                 if extension == "png":
                     samples[key]["png"] = (member.offset_data, member.size)
                 elif extension in ("cls", "json"):
+                    if member.size > _MAX_SMALL_MEMBER_BYTES:
+                        raise SourceError(f"packed shard {shard_path}: member {member.name!r} is {member.size} bytes")
                     samples[key][extension] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError) as error:
         raise SourceError(f"cannot read packed shard {shard_path}: {error}") from error
+    return order, samples
 
+
+def _is_number_list(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def _packed_label_and_meta(sample: dict[str, Any], num_classes: int, where: str) -> tuple[int, dict[str, Any]]:
+    """The label (-1, or a class index of the packed dataset) and the json record of one packed sample; the
+    record's crop box and original size, used to map crops back to the original, must be numbers."""
+    try:
+        label = int(sample["cls"].decode("ascii"))
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SourceError(f"{where} has an unreadable cls/json member: {error}") from error
+    if not (label == -1 or 0 <= label < num_classes):
+        raise SourceError(f"{where} has the label {label}, outside the dataset's {num_classes} classes")
+    if not isinstance(meta, dict):
+        raise SourceError(f"{where}: its json member is not an object")
+    if "crop_box" in meta and not _is_number_list(meta["crop_box"], 4):
+        raise SourceError(f"{where}: json crop_box {meta['crop_box']!r} is not 4 numbers")
+    if "original_size" in meta and not (
+        _is_number_list(meta["original_size"], 2) and all(v > 0 for v in meta["original_size"])
+    ):
+        raise SourceError(f"{where}: json original_size {meta['original_size']!r} is not 2 positive numbers")
+    return label, meta
+
+
+def _index_packed_shard(shard_path: Path, shard_sha256: str, start: int, num_classes: int) -> list[SourceItem]:
+    """Read the member headers of one packed shard (and its small cls/json members) into items."""
+    order, samples = _packed_members(shard_path)
     items = []
     for key in order:
         sample = samples[key]
         missing = {"png", "cls", "json"} - set(sample)
         if missing:
             raise SourceError(f"sample {key!r} in {shard_path} lacks member(s) {sorted(missing)}")
-        try:
-            label = int(sample["cls"].decode("ascii"))
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as error:
-            raise SourceError(f"sample {key!r} in {shard_path} has an unreadable cls/json member: {error}") from error
+        label, meta = _packed_label_and_meta(sample, num_classes, f"sample {key!r} in {shard_path}")
         offset, size = sample["png"]
         items.append(
             SourceItem(
@@ -327,7 +426,7 @@ def _index_packed_shard(shard_path: Path, shard_sha256: str, start: int) -> list
 
 def scan_source(root: str | os.PathLike) -> Source:
     """Scan any supported source: packed shards when `root/manifest.json` exists, else an image folder."""
-    if (Path(root).expanduser() / "manifest.json").is_file():
+    if (Path(root).expanduser() / MANIFEST_NAME).is_file():
         return scan_packed(root)
     return scan_folder(root)
 
@@ -341,5 +440,5 @@ def read_item_bytes(item: SourceItem, root: str) -> bytes:
         if len(data) != item.member_size:
             raise OSError(f"packed shard {item.shard_file} is shorter than its index says")
         return data
-    with open(os.path.join(root, item.path), "rb") as handle:
+    with open_regular_file(os.path.join(root, item.path)) as handle:  # a FIFO or device fails, never blocks
         return handle.read()

@@ -6,8 +6,8 @@
 Decoding is defensive: the EXIF orientation is applied, animated images keep their first frame, every PIL mode
 that has a meaning as a picture is converted to RGB (transparent pixels are composited on white, 16-bit values
 are scaled to 8 bit), and anything that cannot be decoded raises `ImageDecodeError` with a reason that ends up
-in `failures.jsonl`. Images above a pixel limit are refused before their pixels are decoded (decompression-bomb
-guard).
+in `failures.jsonl`. Images above a pixel limit (`--max-pixels`) are refused before their pixels are decoded
+(decompression-bomb guard); that limit is the one that counts, also above Pillow's own (see `_open_image`).
 
 The crop is the one of guided-diffusion (`image_datasets.center_crop_arr`) that DiT uses for ImageNet latents:
 halve with a box filter while the short side is at least twice the target, resize with bicubic so that the
@@ -17,6 +17,8 @@ short side equals the target, then cut the centre square.
 from __future__ import annotations
 
 import io
+import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,8 @@ MAX_ASPECT_RATIO = 64
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _DIRECT_MODES = {"1", "L", "CMYK", "YCbCr", "HSV"}
+# Serialises the decodes that raise Pillow's process-wide limit (only those with --max-pixels above its default).
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 class ImageDecodeError(InputError):
@@ -66,14 +70,44 @@ def transform_spec(resolution: int, max_pixels: int) -> dict[str, Any]:
     }
 
 
+def _too_many_pixels(size: str, max_pixels: int) -> ImageDecodeError:
+    """The failure of an image over the pixel limit (the reason names the flag that raises the limit)."""
+    return ImageDecodeError(
+        f"too many pixels: image is {size}, over the limit of {max_pixels} "
+        "(decompression-bomb guard; raise --max-pixels to accept it)"
+    )
+
+
+def _open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """`Image.open` (header only) with Pillow's own decompression-bomb limit no lower than `max_pixels`.
+
+    Pillow refuses, inside `open`, any image over 2 x `Image.MAX_IMAGE_PIXELS` (178,956,970 pixels by default),
+    before our own check can see the size; so for a `max_pixels` above Pillow's default its limit is raised to
+    `max_pixels` while the header is read (our check, right after, then decides). That limit is a process-wide
+    global: the change is made under a lock and undone at once; a decode in another thread that reads the raised
+    value meanwhile still applies its own, lower `max_pixels` right after.
+    """
+    if max_pixels <= DEFAULT_MAX_PIXELS:  # Pillow's default limit already lets through everything ours does
+        return Image.open(io.BytesIO(data))
+    with _PILLOW_LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        if previous is not None:
+            Image.MAX_IMAGE_PIXELS = max(previous, max_pixels)
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode image bytes to an RGB PIL image (EXIF orientation applied, first frame, alpha on white)."""
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = _open_image(data, max_pixels)
     except Image.DecompressionBombError as error:
-        raise ImageDecodeError(f"refused by the decompression-bomb guard: {error}") from error
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        raise _too_many_pixels(f"{claimed.group(1)} pixels" if claimed else "too large", max_pixels) from error
     except UnidentifiedImageError as error:
         raise ImageDecodeError("not an image file (PIL cannot identify the format)") from error
     except Exception as error:  # PIL raises many types on corrupt headers; each is a bad item, not a crash
@@ -81,10 +115,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
 
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-            "(decompression-bomb guard; raise --max-pixels to accept it)"
-        )
+        raise _too_many_pixels(f"{width}x{height} = {width * height} pixels", max_pixels)
     if width == 0 or height == 0:
         raise ImageDecodeError(f"image has an empty size {width}x{height}")
 

@@ -26,6 +26,7 @@ import os
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch.utils.data import Dataset
 from pipeline.core.atomic import AtomicFile, write_bytes_atomic, write_json_atomic
 from pipeline.core.errors import InputError
 from pipeline.core.shards import json_bytes, load_manifest, sha256_file, shard_problems, shard_urls
-from pipeline.evaluate.sample_store import SampleStore, SampleStoreError
+from pipeline.evaluate.sample_store import SampleStore
 
 logger = logging.getLogger(__name__)
 
@@ -245,14 +246,16 @@ def extract_features(dataset: Dataset, extractor: torch.nn.Module, config: Featu
 
 
 class SampleStoreDataset(Dataset):
-    """The images of a zarr sample store as uint8 CHW tensors; keeps the last decoded chunk (reads are in order)."""
+    """The images of a zarr sample store as uint8 CHW tensors; keeps the last decoded chunk (reads are in order).
+
+    A store with a chunk not done or whose file is absent is refused here, and a chunk that does not decode
+    stops the read with a `SampleStoreError` naming its file: no fill value (black image) is ever scored.
+    """
 
     def __init__(self, store_path: str | os.PathLike):
         self.store = SampleStore.open(store_path, mode="r")
-        if not self.store.is_complete():
-            raise SampleStoreError(
-                f"{store_path}: {len(self.store.missing_chunks())} chunks are missing; sampling has not finished"
-            )
+        self.store.require_complete()
+        self.store.read_labels()  # the labels too must be intact, as for the export
         self.chunk_size = self.store.layout.chunk_size
         self._cached_chunk = -1
         self._cached_images: np.ndarray | None = None
@@ -428,7 +431,7 @@ def _npz_member_array(path: Path, name: str) -> np.ndarray:
     """Array `name` of an `.npz`, memory-mapped when it is stored uncompressed (the `np.savez` default)."""
     try:
         return _map_npz_member(path, name)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise ReferenceInputError(f"{path}: cannot read {name} ({type(error).__name__}: {error})") from error
 
 
@@ -460,7 +463,7 @@ def _npz_members(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
-    except zipfile.BadZipFile as error:
+    except (OSError, zipfile.BadZipFile) as error:
         raise ReferenceInputError(f"{path}: not an .npz archive ({error})") from error
 
 
@@ -505,6 +508,7 @@ def open_reference(path: str | os.PathLike) -> Reference:
                 )
             return Reference(path, "npz", (int(images.shape[1]), int(images.shape[2])), int(images.shape[0]))
         if "mu" in members and "sigma" in members:
+            _read_statistics(path)  # a damaged file stops the run here, before any sampling
             return Reference(
                 path,
                 "stats",
@@ -593,18 +597,38 @@ def _fingerprint(files: Sequence[Path], root: Path) -> str:
 def _memoised(cache_dir: Path, fingerprint: str, compute) -> str:
     """The content hash memoised under `fingerprint` in `cache_dir/content-hashes.json` (like git's index)."""
     memo_path = cache_dir / "content-hashes.json"
-    memo: dict[str, str] = {}
-    if memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except json.JSONDecodeError:
-            logger.warning("%s: unreadable memo, recomputing content hashes", memo_path)
+    memo = _read_memo(memo_path)
     if fingerprint in memo:
         return memo[fingerprint]
     value = compute()
     memo[fingerprint] = value
     write_json_atomic(memo_path, memo)
     return value
+
+
+def _read_memo(memo_path: Path) -> dict[str, str]:
+    """The memo of content hashes, keeping only well-formed entries (a SHA-256 hex string per fingerprint).
+
+    The memo is only a cache: an unreadable or damaged one is logged and rebuilt, never trusted.
+    """
+    if not memo_path.is_file():
+        return {}
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("%s: unreadable memo (%s), recomputing content hashes", memo_path, error)
+        return {}
+    if not isinstance(memo, dict):
+        logger.warning("%s: not a JSON object, recomputing content hashes", memo_path)
+        return {}
+    valid = {key: value for key, value in memo.items() if _is_sha256(value)}
+    if len(valid) != len(memo):
+        logger.warning("%s: %d malformed entries dropped", memo_path, len(memo) - len(valid))
+    return valid
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def reference_content_hash(reference: Reference, cache_dir: Path) -> str:
@@ -714,14 +738,18 @@ def _load_cached_features(path: Path) -> torch.Tensor:
         ) from error
 
 
+def _read_statistics(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`mu`, `sigma` (float64) of a statistics `.npz`; a damaged file is one `ReferenceInputError` naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ReferenceInputError(f"{path}: cannot read mu / sigma ({type(error).__name__}: {error})") from error
+
+
 def load_reference_statistics(reference: Reference, feature_dim: int) -> dict[str, np.ndarray]:
     """`mu`, `sigma` of a statistics-only reference, checked against the FID feature dimension."""
-    try:
-        with np.load(reference.path, allow_pickle=False) as data:
-            mu = np.asarray(data["mu"], dtype=np.float64)
-            sigma = np.asarray(data["sigma"], dtype=np.float64)
-    except (OSError, ValueError, KeyError) as error:
-        raise ReferenceInputError(f"{reference.path}: cannot read mu / sigma ({error})") from error
+    mu, sigma = _read_statistics(reference.path)
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
         raise ReferenceInputError(
             f"{reference.path}: mu {mu.shape} / sigma {sigma.shape} do not match the FID "

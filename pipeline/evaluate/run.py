@@ -589,7 +589,8 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
     store_path = out_dir / STORE_NAME
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        SampleStore.open_or_create(store_path, checks.layout, checks.settings)
+        # A done flag is not proof: chunks deleted or damaged since are found here and sampled again below.
+        SampleStore.open_or_create(store_path, checks.layout, checks.settings).verify_done_chunks()
     state.wait_for_everyone()
     store = SampleStore.open(store_path, checks.settings)
     missing = store.missing_chunks()

@@ -4,6 +4,7 @@ Layout of a run directory::
 
     RUN/checkpoints/step-0001000/     accelerator.save_state (model.safetensors, optimizer.bin, scaler.pt,
                                       random_states_<rank>.pkl) + ema.safetensors + train_state.json + config.yaml
+                                      + files.json (size and sha256 of every other file; written last)
     RUN/checkpoints/latest            one line: the name of the newest complete checkpoint
 
 A checkpoint is written into `.tmp-step-XXXXXXX` and published with `pipeline.core.atomic.replace_directory`
@@ -14,6 +15,13 @@ because every rank writes its RNG state into the same directory.
 Loading never unpickles arbitrary objects: the EMA is safetensors, accelerate's files are read with
 `weights_only=True`. All ranks must call `save_checkpoint` (accelerate writes each rank's RNG state); the run
 directory must be on a filesystem every node sees.
+
+Integrity: `files.json` records every file's size and sha256. A checkpoint is used only when its files match
+(`checkpoint_problem`): `--resume auto` (or a run directory) falls back to the newest earlier checkpoint that
+verifies, with a warning naming the damaged file, and fails when none does; an explicitly named checkpoint that
+does not verify is an error. Loading then checks that accelerate really restored this rank's RNG state (it only
+logs a failure at INFO and carries on, which would make the resumed run silently non-deterministic).
+Checkpoints written before `files.json` existed are used unverified, with a warning.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from torch import nn
 
 from pipeline.core.atomic import atomic_path, replace_directory, write_json_atomic, write_text_atomic
 from pipeline.core.errors import InputError
+from pipeline.core.shards import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +47,10 @@ LATEST_POINTER = "latest"
 EMA_WEIGHTS = "ema.safetensors"
 TRAIN_STATE = "train_state.json"
 CONFIG_COPY = "config.yaml"
+FILE_HASHES = "files.json"
+RNG_STATE = "random_states_{}.pkl"  # accelerate's per-rank RNG file
 _NAME_RE = re.compile(r"^step-(\d{7,})$")
+_TRAIN_STATE_KEYS = ("step", "images_seen", "dataset", "model", "diffusion")
 
 
 class CheckpointError(InputError):
@@ -75,21 +87,50 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint the `latest` pointer names, or (pointer missing or stale) the newest complete one."""
+    candidates = _candidates(run_dir)
+    return candidates[0] if candidates else None
+
+
+def _candidates(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints to resume from, best first: the one `latest` names, then the older ones newest
+    first (or, with no usable pointer, all of them newest first). Checkpoints newer than the pointer belong
+    to a branch abandoned by resuming from an older one."""
     root = Path(run_dir) / CHECKPOINTS_DIR
+    checkpoints = [path for _, path in reversed(list_checkpoints(run_dir))]
     pointer = root / LATEST_POINTER
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if candidate.is_dir() and is_complete(candidate):
-            return candidate
+        if candidate in checkpoints:
+            return checkpoints[checkpoints.index(candidate) :]
         logger.warning(
             "%s names %s, which is not a complete checkpoint; using the newest complete one", pointer, candidate.name
         )
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
+    return checkpoints
+
+
+def verified_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run whose files match their recorded hashes (None: no checkpoint).
+
+    A damaged one is skipped with a warning naming the file, in favour of the previous one; CheckpointError
+    when there are checkpoints but none verifies."""
+    damaged = []
+    for candidate in _candidates(run_dir):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        logger.warning("checkpoint %s is damaged (%s); falling back to the previous checkpoint", candidate, problem)
+        damaged.append(problem)
+    if damaged:
+        raise CheckpointError(
+            f"{Path(run_dir) / CHECKPOINTS_DIR}: no checkpoint verifies ({len(damaged)} damaged; the newest: "
+            f"{damaged[0]}); start a new run dir, or restore a checkpoint from a backup"
+        )
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from either a checkpoint directory or a run directory (its latest checkpoint)."""
+    """A verified checkpoint directory from either a checkpoint directory (used as is: an error when it is
+    incomplete or damaged) or a run directory (its newest checkpoint that verifies)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
@@ -98,8 +139,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(
                 f"{path}: incomplete checkpoint (missing {TRAIN_STATE}, {EMA_WEIGHTS} or the model weights)"
             )
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"damaged checkpoint: {problem}; use an earlier checkpoint (or the run directory)")
         return path
-    found = latest_checkpoint(path)
+    found = verified_checkpoint(path)
     if found is None:
         raise CheckpointError(
             f"{path}: no complete checkpoint under {path / CHECKPOINTS_DIR} (expected "
@@ -108,13 +152,75 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# File hashes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_files(checkpoint_dir: Path) -> list[Path]:
+    """Every file of a checkpoint directory except `files.json`, sorted (sub-directories included)."""
+    return sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != FILE_HASHES)
+
+
+def write_file_hashes(checkpoint_dir: Path) -> None:
+    """Record the size and sha256 of every file of a finished checkpoint directory in `files.json` (last)."""
+    files = {
+        path.relative_to(checkpoint_dir).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in _checkpoint_files(checkpoint_dir)
+    }
+    write_json_atomic(checkpoint_dir / FILE_HASHES, {"files": files})
+
+
+def checkpoint_problem(checkpoint_dir: Path) -> str | None:
+    """What is wrong with a checkpoint's files against `files.json` (the first problem, naming the file), or None
+    when every recorded file is present with its size and sha256. A checkpoint without `files.json` (written by
+    an older diffit-pipe) cannot be verified: None, with a warning."""
+    checkpoint_dir = Path(checkpoint_dir)
+    record = checkpoint_dir / FILE_HASHES
+    if not record.is_file():
+        logger.warning("%s records no file hashes (an older checkpoint): its files are not verified", checkpoint_dir)
+        return None
+    try:
+        files = json.loads(record.read_text())["files"]
+        entries = [(name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"{record}: unreadable ({type(error).__name__}: {error})"
+    for name, size, digest in entries:
+        path = checkpoint_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size} bytes, {FILE_HASHES} records {size} (truncated or overwritten)"
+        actual = sha256_file(path)
+        if actual != digest:
+            return f"{path}: sha256 {actual} does not match the {digest} recorded in {FILE_HASHES}"
+    return None
+
+
 def read_train_state(checkpoint_dir: Path) -> dict[str, Any]:
     """The JSON train state (step, images seen, dataset hash, resolved model) of a checkpoint."""
     path = Path(checkpoint_dir) / TRAIN_STATE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: cannot read the train state ({error})") from None
+    if not _is_train_state(state):
+        raise CheckpointError(f"{path}: not a train state written by `diffit-pipe train` (keys missing or wrong)")
+    return state
+
+
+def _is_train_state(state: Any) -> bool:
+    """The keys resuming and exporting read, with the right types."""
+    return (
+        isinstance(state, dict)
+        and all(key in state for key in _TRAIN_STATE_KEYS)
+        and isinstance(state["step"], int)
+        and isinstance(state["images_seen"], int)
+        and isinstance(state["dataset"], dict)
+        and {"path", "manifest_hash"} <= set(state["dataset"])
+        and isinstance(state["model"], dict)
+        and {"name", "kwargs"} <= set(state["model"])
+    )
 
 
 def save_ema(ema_model: nn.Module, path: Path) -> None:
@@ -135,7 +241,10 @@ def load_ema(ema_model: nn.Module, path: Path) -> None:
 
     if not path.is_file():
         raise CheckpointError(f"{path}: missing EMA weights")
-    state = load_file(str(path), device="cpu")
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors' own error type for a damaged file
+        raise CheckpointError(f"{path}: cannot read the EMA weights ({error})") from None
     try:
         ema_model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -167,24 +276,29 @@ def save_checkpoint(
         save_ema(ema_model, tmp / EMA_WEIGHTS)
         write_text_atomic(tmp / CONFIG_COPY, config_text)
         write_json_atomic(tmp / TRAIN_STATE, train_state)
+        write_file_hashes(tmp)  # last: it covers every other file, every rank's RNG state included
         # `final` exists only after resuming from an older checkpoint: the new one replaces the abandoned branch.
         replace_directory(tmp, final)
         write_text_atomic(root / LATEST_POINTER, final.name + "\n")
-        rotate_checkpoints(run_dir, keep)
+        rotate_checkpoints(run_dir, keep, step)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest complete checkpoints and any leftover temporary directories."""
+def rotate_checkpoints(run_dir: Path, keep: int, step: int | None = None) -> list[Path]:
+    """Delete all but the `keep` newest complete checkpoints and any leftover temporary directories.
+
+    With `step` (the checkpoint just written) only checkpoints up to it count: newer ones are an abandoned
+    branch (the run resumed from an older, e.g. because the newest was damaged), left alone until this run
+    replaces them, so that rotation never deletes the checkpoints this run continues from."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     removed = []
     # Leftovers of killed saves: unfinished checkpoints, and replaced ones `replace_directory` had not removed yet.
     for stale in [*root.glob(".tmp-step-*"), *root.glob(".step-*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
         removed.append(stale)
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = [(s, path) for s, path in list_checkpoints(run_dir) if step is None or s <= step]
     for _, path in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(path)
         removed.append(path)
@@ -193,17 +307,56 @@ def rotate_checkpoints(run_dir: Path, keep: int) -> list[Path]:
 
 def load_checkpoint(accelerator, checkpoint_dir: Path, ema_model: nn.Module) -> dict[str, Any]:
     """Restore model, optimizer, scaler and per-rank RNG (accelerate, weights_only) and the EMA; return the
-    train state."""
+    train state. The checkpoint's files were verified when it was chosen (`resolve_checkpoint`); a file that
+    still cannot be loaded, or an RNG state accelerate did not restore, is a CheckpointError naming it."""
     checkpoint_dir = Path(checkpoint_dir)
     if not is_complete(checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir}: not a complete checkpoint")
     train_state = read_train_state(checkpoint_dir)
-    rng_file = checkpoint_dir / f"random_states_{accelerator.process_index}.pkl"
+    rng_file = checkpoint_dir / RNG_STATE.format(accelerator.process_index)
     if not rng_file.is_file():
         raise CheckpointError(
             f"{checkpoint_dir}: no RNG state for process {accelerator.process_index} (was it "
             f"written by {train_state.get('world_size', '?')} processes?)"
         )
-    accelerator.load_state(str(checkpoint_dir), load_kwargs={"weights_only": True})
+    rng_state = read_rng_state(rng_file)
+    try:
+        accelerator.load_state(str(checkpoint_dir), load_kwargs={"weights_only": True})
+    except Exception as error:  # safetensors / torch.load errors of a damaged file: one line naming the checkpoint
+        raise CheckpointError(f"{checkpoint_dir}: cannot be loaded ({type(error).__name__}: {error})") from None
+    check_rng_restored(rng_state, rng_file)
     load_ema(ema_model, checkpoint_dir / EMA_WEIGHTS)
     return train_state
+
+
+def read_rng_state(path: Path) -> dict[str, Any]:
+    """A rank's RNG state as accelerate wrote it (read with weights_only, as accelerate reads it)."""
+    from accelerate.utils import load
+
+    try:
+        state = load(path, weights_only=True)
+        state["torch_manual_seed"]
+    except Exception as error:
+        raise CheckpointError(f"{path}: cannot read the RNG state ({type(error).__name__}: {error})") from None
+    return state
+
+
+def check_rng_restored(state: dict[str, Any], path: Path) -> None:
+    """The process's RNG state is the one `state` holds: accelerate logs a failed RNG load at INFO and goes on,
+    which would make the resumed run silently differ from an uninterrupted one."""
+    import random
+
+    import numpy as np
+
+    restored = torch.equal(torch.get_rng_state(), state["torch_manual_seed"])
+    if "numpy_random_seed" in state:
+        ours, theirs = np.random.get_state(), state["numpy_random_seed"]
+        restored = restored and ours[0] == theirs[0] and np.array_equal(ours[1], theirs[1]) and ours[2:] == theirs[2:]
+    if "random_state" in state:
+        restored = restored and random.getstate() == state["random_state"]
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" in state:
+        restored = restored and all(
+            torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), state["torch_cuda_manual_seed"])
+        )
+    if not restored:
+        raise CheckpointError(f"{path}: the RNG state was not restored; the resumed run would not be reproducible")

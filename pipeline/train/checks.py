@@ -18,12 +18,20 @@ from pipeline.core.errors import InputError
 from pipeline.train.checkpoint import (
     CONFIG_COPY,
     CheckpointError,
-    latest_checkpoint,
     list_checkpoints,
     read_train_state,
     resolve_checkpoint,
+    verified_checkpoint,
 )
-from pipeline.train.config import FREE_ON_RESUME, FROZEN_ON_RESUME, Config, ConfigError, config_to_dict, load_config
+from pipeline.train.config import (
+    FREE_ON_RESUME,
+    FROZEN_ON_RESUME,
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    one_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +55,8 @@ class TrainArgs:
 
 @dataclass
 class DatasetInfo:
-    """The checked dataset: manifest, shard paths, hash, and the number of classes the model is built with."""
+    """The checked dataset: manifest, shard paths and their sha256 (the loader checks every shard it reads
+    against it), the manifest's hash, and the number of classes the model is built with."""
 
     data_dir: Path
     manifest: dict[str, Any]
@@ -55,6 +64,7 @@ class DatasetInfo:
     manifest_hash: str
     kind: str
     num_classes: int
+    sha256: list[str] = field(default_factory=list)  # of each of `urls`
 
     @property
     def scaling_factor(self) -> float:
@@ -135,7 +145,7 @@ def check_dataset(config: Config, data_dir: Path) -> DatasetInfo:
     else:
         _check_images_fit(config, built, manifest, where)
     num_classes = _resolve_num_classes(config, manifest, where)
-    urls = _check_shards(data_dir, manifest, where)
+    urls, digests = _check_shards(data_dir, manifest, where)
     return DatasetInfo(
         data_dir=data_dir,
         manifest=manifest,
@@ -143,6 +153,7 @@ def check_dataset(config: Config, data_dir: Path) -> DatasetInfo:
         manifest_hash=manifest_hash(data_dir),
         kind=manifest["kind"],
         num_classes=num_classes,
+        sha256=digests,
     )
 
 
@@ -230,22 +241,28 @@ def _resolve_num_classes(config: Config, manifest: dict[str, Any], where: Path) 
     return num_classes
 
 
-def _check_shards(data_dir: Path, manifest: dict[str, Any], where: Path) -> list[str]:
-    """The paths of the non-empty shards, each present with the size the manifest records."""
+def _check_shards(data_dir: Path, manifest: dict[str, Any], where: Path) -> tuple[list[str], list[str]]:
+    """The paths of the non-empty shards, each present with the size the manifest records, and the sha256 the
+    manifest records for each (the loader checks every shard against it as it reads it: no second pass here)."""
     from pipeline.core.shards import shard_problems, shard_urls
 
     urls = shard_urls(data_dir, manifest)
     if not urls:
         raise TrainError(f"{where}: the dataset has no non-empty shard")
-    for entry in manifest["shards"]:
-        if entry["count"] > 0:
-            problems = shard_problems(data_dir, entry, rehash=False)
-            if problems:
-                raise TrainError(
-                    f"{where}: {problems[0]} (re-run encode/pack; `diffit-pipe inspect DATA --verify` "
-                    "checks every shard)"
-                )
-    return urls
+    entries = [entry for entry in manifest["shards"] if entry["count"] > 0]
+    for entry in entries:
+        problems = shard_problems(data_dir, entry, rehash=False)
+        if problems:
+            raise TrainError(
+                f"{where}: {problems[0]} (re-run encode/pack; `diffit-pipe inspect DATA --verify` checks every shard)"
+            )
+    digests = [entry.get("sha256") for entry in entries]
+    for entry, digest in zip(entries, digests):
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise TrainError(f"{where}: shard {entry.get('name')!r} has no valid sha256 (got {digest!r})")
+    if len(digests) != len(urls):
+        raise TrainError(f"{where}: {len(urls)} shard paths for {len(digests)} non-empty shard entries")
+    return urls, digests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,7 +380,10 @@ def _resume_point(args: TrainArgs, run_dir: Path) -> Path | None:
     """The checkpoint --resume names (None: fresh start); a fresh start into a run dir with checkpoints is an
     error, so a forgotten --resume never overwrites a run."""
     if args.resume == "auto":
-        checkpoint = latest_checkpoint(run_dir)
+        try:
+            checkpoint = verified_checkpoint(run_dir)
+        except CheckpointError as error:
+            raise TrainError(f"--resume auto: {error}") from None
         if checkpoint is None:
             logger.info("--resume auto: no checkpoint in %s, starting from step 0", run_dir)
         return checkpoint
@@ -383,7 +403,14 @@ def _check_same_experiment(config: Config, checkpoint: Path) -> None:
     """Only train / checkpoint / sample settings (and the performance-only keys) may change on resume."""
     import yaml
 
-    saved = yaml.safe_load((checkpoint / CONFIG_COPY).read_text())
+    try:
+        saved = yaml.safe_load((checkpoint / CONFIG_COPY).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise TrainError(
+            f"{checkpoint / CONFIG_COPY}: cannot read the checkpoint's configuration ({one_line(error)})"
+        ) from None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{checkpoint / CONFIG_COPY}: not a configuration mapping")
     differences = _diff_sections(saved, config_to_dict(config), FROZEN_ON_RESUME)
     if differences:
         raise TrainError(

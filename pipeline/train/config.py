@@ -74,6 +74,9 @@ class DataConfig:
     hflip: bool = True
     # Probability of replacing a class label by the null class (classifier-free guidance training).
     label_dropout: float = 0.1
+    # A shard whose sha256 differs from the manifest's (or that is not a readable tar): "error" stops the run
+    # naming it; "skip" leaves it out, with a warning and a `skipped_shards` count in RUN/metrics.jsonl.
+    on_corrupt_shard: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -158,7 +161,14 @@ class Config:
 # Sections whose change would make a resumed run a different experiment (checked by the trainer on resume).
 FROZEN_ON_RESUME = ("model", "diffusion", "data", "optim", "ema")
 # ... except these performance settings, which do not change what is learned (another machine may need them).
-FREE_ON_RESUME = ("data.num_workers", "data.prefetch_factor", "model.compile", "model.gradient_checkpointing")
+# `data.on_corrupt_shard` too: a run stopped by a damaged shard may be continued with `skip`.
+FREE_ON_RESUME = (
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.on_corrupt_shard",
+    "model.compile",
+    "model.gradient_checkpointing",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,6 +278,11 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def one_line(error: Exception) -> str:
+    """An error's text on one line (YAML parser errors span several)."""
+    return " ".join(str(error).split())
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML preset with `yaml.safe_load`, apply `key=value` overrides, validate."""
     path = Path(path)
@@ -275,8 +290,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: no such config file")
     try:
         mapping = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML ({one_line(error)})") from None
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
@@ -300,7 +315,7 @@ def apply_override(mapping: dict, override: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"--set {override!r}: value is not valid YAML ({error})") from None
+        raise ConfigError(f"--set {override!r}: value is not valid YAML ({one_line(error)})") from None
     cls: Any = Config
     for depth, part in enumerate(parts):
         # `model.kwargs.<name>` is a free-form mapping of create_model overrides.

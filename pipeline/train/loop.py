@@ -24,11 +24,17 @@ the trackers and to `RUN/metrics.jsonl`; every `sample.every` steps an EMA sampl
 every `checkpoint.every` steps (and at the end) a checkpoint (`pipeline.train.checkpoint`). A non-finite loss or
 gradient norm stops the run before the optimizer step, so the last checkpoint is the last good state.
 
-Resume (`--resume auto` = newest complete checkpoint of the run dir, or a checkpoint path): model, EMA,
-optimizer, grad scaler and every rank's RNG state are restored, training continues at the checkpoint's step,
-and the data stream continues as follows -- deterministic mode (`data.resampled: false`): the batches consumed
-before the checkpoint are skipped, so the continued run is identical to an uninterrupted one; resampled mode:
-a fresh stream whose seed is derived from (seed, rank, worker, step), i.e. no sample order is replayed.
+Resume (`--resume auto` = newest complete checkpoint of the run dir whose files match their recorded sha256 --
+a damaged one is skipped with a warning naming the file --, or a checkpoint path, which must verify): model,
+EMA, optimizer, grad scaler and every rank's RNG state are restored (an RNG state that was not restored is an
+error), training continues at the checkpoint's step, and the data stream continues as follows -- deterministic
+mode (`data.resampled: false`): the batches consumed before the checkpoint (step x accumulation per process)
+are skipped, so the continued run is identical to an uninterrupted one; resampled mode: a fresh stream whose
+seed is derived from (seed, rank, worker, step), i.e. no sample order is replayed.
+
+Data integrity: every shard is checked against the manifest's sha256 as it is read, before any of its samples
+is used; a damaged shard stops the run with one line naming it (before the next checkpoint), or with
+`data.on_corrupt_shard: skip` is left out, warned about and counted (`skipped_shards` in RUN/metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -117,6 +123,10 @@ def run(args: TrainArgs) -> dict[str, Any]:
         progress.close()
         if training.metrics is not None:
             training.metrics.close()
+    if config.data.on_corrupt_shard == "skip":
+        skipped = skipped_shards(training)
+        if skipped:
+            logger.warning("trained without %d damaged shard(s): %s", len(skipped), ", ".join(skipped))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return training.summary(last_loss)
@@ -172,12 +182,25 @@ def optimizer_step(training: Training) -> float:
 
 def log_record(training: Training, progress: Progress, lr: float) -> None:
     """The record of the steps since the last one: to the trackers, and (main process) to RUN/metrics.jsonl and
-    the progress bar."""
+    the progress bar. With `data.on_corrupt_shard: skip` it counts the damaged shards skipped so far."""
     record = progress.take_record(training.step, lr, training.images_seen, training.config.train.global_batch_size)
+    if training.config.data.on_corrupt_shard == "skip":
+        record["skipped_shards"] = len(skipped_shards(training))
     training.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=training.step)
     if training.metrics is not None:
         training.metrics.write(record)
         progress.show(record)
+
+
+def skipped_shards(training: Training) -> list[str]:
+    """The damaged shards skipped so far by any worker of any process (every rank must call this: the ranks'
+    flags are combined with a reduction)."""
+    import torch
+
+    stream = training.stream
+    flags = torch.tensor(list(stream.damaged), dtype=torch.float32, device=training.accelerator.device)
+    flags = training.accelerator.reduce(flags, reduction="sum")
+    return [url for url, flag in zip(stream.spec.urls, flags.tolist()) if flag > 0]
 
 
 def checkpoint(training: Training) -> None:

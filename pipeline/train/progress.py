@@ -8,27 +8,27 @@ seen -- goes to the trackers and, on the main process, to `RUN/metrics.jsonl`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import write_text_atomic
 
+logger = logging.getLogger(__name__)
+
 METRICS = "metrics.jsonl"
 
 
 class MetricsLog:
     """`RUN/metrics.jsonl`, one JSON object per logged step (main process). On resume, entries after the
-    checkpoint's step (written by the interrupted run) are dropped so the file describes one history."""
+    checkpoint's step (written by the interrupted run) are dropped so the file describes one history, and so
+    are lines that are not JSON records (a line cut short by a kill mid-write), with a warning."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            kept = [line for line in path.read_text(errors="replace").splitlines() if _keep(line, resume_step, path)]
             write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.handle = open(path, "a")  # an append-only log: each record is one flushed line
 
@@ -38,6 +38,18 @@ class MetricsLog:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _keep(line: str, resume_step: int, path: Path) -> bool:
+    """Whether a line of an existing metrics log stays on resume: a record of a step up to the checkpoint's."""
+    if not line.strip():
+        return False
+    try:
+        record = json.loads(line)
+        return int(record.get("step", 0)) <= resume_step
+    except (ValueError, TypeError, AttributeError):
+        logger.warning("%s: dropping a line that is not a metrics record: %.80r", path, line)
+        return False
 
 
 @dataclass

@@ -75,6 +75,7 @@ class Training:
     network: Any = None  # what the forward pass calls: `model`, or torch.compile(model)
     objective: Objective | None = None
     batches: Iterator | None = None  # (x, class_labels, seconds waited), on the device
+    stream: Any = None  # the ShardStream behind `batches` (which shards its workers found damaged)
     tracker: Any = None  # the main process's tracker, for sample images
     metrics: MetricsLog | None = None  # main process only
     samples: SampleWriter | None = None  # main process only, when sample.every > 0
@@ -144,7 +145,7 @@ def start_accelerator(config: Config, info: DatasetInfo, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from pipeline.train.data import check_shard_split
+    from pipeline.train.data import check_balanced_split, check_shard_split
 
     mixed_precision = resolve_mixed_precision(config.train.mixed_precision)
     accelerator = Accelerator(
@@ -156,6 +157,7 @@ def start_accelerator(config: Config, info: DatasetInfo, run_dir: Path):
     world_size = accelerator.num_processes
     per_device, accumulation = resolve_batching(config, world_size)
     workers = check_shard_split(len(info.urls), world_size, config.data.num_workers)
+    check_balanced_split(len(info.urls), world_size, workers, config.data.resampled)
     layout = Layout(world_size, accelerator.process_index, per_device, accumulation, workers, mixed_precision)
     return accelerator, layout
 
@@ -219,7 +221,7 @@ def prepare_loop(training: Training) -> None:
     config = training.config
     training.network = torch.compile(training.model) if config.model.compile else training.model
     training.objective = Objective(config, training.null_class)
-    training.batches = open_stream(training)
+    training.batches, training.stream = open_stream(training)
     main = training.accelerator.is_main_process
     if config.train.tracker != "none":
         training.accelerator.init_trackers("train", config=_flat_hparams(config))  # acts on the main process only
@@ -233,10 +235,11 @@ def prepare_loop(training: Training) -> None:
         restore_checkpoint(training)
 
 
-def open_stream(training: Training) -> Iterator:
-    """This process's shard stream (continuing after the batches a resumed run consumed), recorded in
-    RUN/shards-rank<R>.json; yields (x, class_labels, seconds waited) on the device."""
-    from pipeline.train.data import StreamSpec, infinite, make_loader, shards_for
+def open_stream(training: Training) -> tuple[Iterator, Any]:
+    """This process's shard stream (continuing after the batches a resumed run consumed; every shard checked
+    against the manifest's sha256 as it is read), recorded in RUN/shards-rank<R>.json. Returns the batches
+    -- (x, class_labels, seconds waited) on the device -- and the ShardStream behind them."""
+    from pipeline.train.data import StreamSpec, infinite, make_loader, process_shards
 
     config, info, layout = training.config, training.info, training.layout
     spec = StreamSpec(
@@ -255,15 +258,13 @@ def open_stream(training: Training) -> Iterator:
         seed=config.train.seed,
         start_step=training.step,
         skip_batches=training.step * layout.accumulation,
+        sha256=tuple(info.sha256),
+        on_corrupt=config.data.on_corrupt_shard,
     )
     loader = make_loader(spec, layout.workers, config.data.prefetch_factor)
-    shards = {
-        "rank": layout.rank,
-        "world_size": layout.world_size,
-        "shards": shards_for(info.urls, layout.rank, layout.world_size),
-    }
+    shards = {"rank": layout.rank, "world_size": layout.world_size, "shards": process_shards(spec)}
     write_text_atomic(training.run_dir / f"shards-rank{layout.rank}.json", json.dumps(shards, indent=2) + "\n")
-    return _timed_batches(infinite(loader), training.accelerator.device)
+    return _timed_batches(infinite(loader), training.accelerator.device), loader.dataset
 
 
 def _timed_batches(iterator: Iterator, device) -> Iterator[tuple[Any, Any, float]]:
