@@ -146,6 +146,29 @@ def test_loader_checks_each_shard_before_any_of_its_samples_is_used(tmp_path, wo
     assert all(float(x.abs().max()) < 6.0 for x, _ in batches)  # a damaged latent is 40 x 0.18 = 7.3
 
 
+def test_a_verified_shard_is_hashed_once_per_process_and_again_after_any_write(tmp_path, monkeypatch):
+    from pipeline.train import data as data_module
+
+    data = write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=2, num_classes=16)
+    url = str(data / "shard-000001.tar")
+    expected = sha256_file(url)
+    hashed = []
+    real_sha256 = data_module.hashlib.sha256
+
+    def counting_sha256(*args):
+        hashed.append(url)
+        return real_sha256(*args)
+
+    monkeypatch.setattr(data_module.hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(data_module, "_VERIFIED", set())
+    first = data_module.read_shard(url, expected)
+    assert data_module.read_shard(url, expected) == first and len(hashed) == 1  # unchanged: trusted
+    overwrite_latents(data / "shard-000001.tar")  # same size, new content: its ctime changes
+    with pytest.raises(DataFormatError, match="does not match the manifest"):
+        data_module.read_shard(url, expected)
+    assert len(hashed) == 2
+
+
 @pytest.mark.slow
 def test_train_stops_on_a_corrupted_shard_of_the_right_size_before_another_checkpoint(tmp_path):
     # The real command, 2 DataLoader workers (worker 1 reads shard 1), a checkpoint after every step: the error

@@ -154,13 +154,23 @@ def check_balanced_split(num_shards: int, world_size: int, num_workers: int, res
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Shards this process has verified, by file identity (device, inode, size, mtime, ctime) and expected hash: a
+# file that has not changed since -- any write changes its ctime -- is not hashed again in later epochs, so the
+# check costs one hash per shard per process rather than one per read (docs/benchmarks.md, loader).
+_VERIFIED: set[tuple] = set()
+
+
 def read_shard(url: str, expected_sha256: str | None) -> bytearray:
     """The bytes of a local shard file, hashed block by block as they are read (one pass); CorruptShardError
-    when the sha256 differs from `expected_sha256` (None: not checked) or the file cannot be read."""
-    digest = hashlib.sha256() if expected_sha256 is not None else None
+    when the sha256 differs from `expected_sha256` (None: not checked) or the file cannot be read. A file this
+    process already verified and that has not changed since is not hashed again."""
     try:
         with open(url, "rb", buffering=0) as handle:
-            size = os.fstat(handle.fileno()).st_size
+            stat = os.fstat(handle.fileno())
+            size = stat.st_size
+            identity = (stat.st_dev, stat.st_ino, size, stat.st_mtime_ns, stat.st_ctime_ns, expected_sha256)
+            check = expected_sha256 is not None and identity not in _VERIFIED
+            digest = hashlib.sha256() if check else None
             data = bytearray(size)
             view, done = memoryview(data), 0
             while done < size:
@@ -174,11 +184,13 @@ def read_shard(url: str, expected_sha256: str | None) -> bytearray:
         raise CorruptShardError(f"{url}: cannot read the shard ({error.strerror or error})") from None
     if done != size:
         raise CorruptShardError(f"{url}: the shard shrank while it was read ({done} of {size} bytes)")
-    if digest is not None and digest.hexdigest() != expected_sha256:
-        raise CorruptShardError(
-            f"{url}: sha256 {digest.hexdigest()} does not match the manifest's {expected_sha256}: the shard is "
-            "damaged (re-run encode/pack, or set data.on_corrupt_shard: skip to train without it)"
-        )
+    if digest is not None:
+        if digest.hexdigest() != expected_sha256:
+            raise CorruptShardError(
+                f"{url}: sha256 {digest.hexdigest()} does not match the manifest's {expected_sha256}: the shard is "
+                "damaged (re-run encode/pack, or set data.on_corrupt_shard: skip to train without it)"
+            )
+        _VERIFIED.add(identity)
     return data
 
 
