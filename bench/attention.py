@@ -8,6 +8,10 @@ The variants DiffiT's CPU training path chose between (see docs/benchmarks.md, m
 
     python bench/attention.py                      # XL/2 layer: batch 2, 16 heads, 16x16 tokens, head dim 72
     python bench/attention.py --batch 8 --heads 12 --head-dim 64
+
+On a GPU, `bench/device_check.py` times the CUDA variants against each other at the same shape: SDPA's
+memory-efficient and cuDNN kernels with the bias as a float mask, FlexAttention with the bias as a compiled
+`score_mod` (`diffit.layers` backend "flex"), and SDPA's flash kernel without bias as the ceiling.
 """
 
 from __future__ import annotations

@@ -15,6 +15,26 @@ Targets: pipeline overhead over (a) <= 10 % (b vs a at 1 thread); 2 workers >= 1
 
 Run:  .venv/bin/python bench/encode.py            (about 3 minutes on 2 idle cores)
       .venv/bin/python bench/encode.py --quick    (fewer images, for a smoke run)
+
+Planning (`--planning`): what the driver does before the first task runs, on an ImageNet-sized tree (1000 class
+folders x 1281 files = 1,281,000 files, built once under --tree and removed at the end unless --keep-tree):
+the scan, the shard plan and the tasks' pickled size (what goes through the scheduler), for a full job and for
+`--limit 64`, each in a fresh process (wall time, peak RSS). `--base DIR` names a checkout of another version
+(e.g. `git worktree add /tmp/base-encode HEAD`) measured the same way, interleaved with this one. The files are
+empty (0 data blocks, 1 inode each): planning never reads them. They are distinct files, not hard links of one
+JPEG: the scan counts a file reached by several paths once, so a tree of links would plan 1000 items. It also
+times the resume check of finished shards: re-hashing each tar (every shard before; now only with --verify)
+against trusting its sealed sidecar.
+
+      .venv/bin/python bench/encode.py --planning --base /tmp/base-encode   (about 10 minutes)
+
+VAE throughput per device (`--vae-throughput`): `encode_pixels` alone (uint8 crops in, float32 mean/std out, each
+crop encoded with its flip) for the SD-VAE architecture at 256 px, one timed pass per dtype per round, the dtypes
+interleaved round by round; reports crops/s (the encode stage's images/s; the VAE sees twice as many), peak GPU
+memory and how many batches were retried in fp32. On CUDA the VAE runs channels-last.
+
+      .venv/bin/python bench/encode.py --vae-throughput --device cuda --dtypes fp16,bf16,fp32 --batch 64
+      .venv/bin/python bench/encode.py --vae-throughput --device cpu --quick     (small VAE, smoke run)
 """
 
 from __future__ import annotations
@@ -108,6 +128,50 @@ def bare_forward(vae_path: str, source: Path, case: Case, threads: int) -> float
         torch.set_num_threads(previous)
 
 
+def vae_throughput(device: str, dtypes: list[str], batch: int, rounds: int, config: dict, tmp: Path) -> list[dict]:
+    """Crops/s of `encode_pixels` per dtype on `device` (median of `rounds` interleaved passes of 4 batches)."""
+    import torch
+
+    from pipeline.core.vae import encode_pixels, fp32_retry_count, load_vae
+
+    vae_path = save_random_vae(tmp / "vae-throughput", config)
+    crops = np.random.default_rng(0).integers(0, 256, size=(batch, 256, 256, 3), dtype=np.uint8)
+    models = {dtype: load_vae(vae_path, dtype, device) for dtype in dtypes}
+    cuda = device.startswith("cuda")
+    results = {dtype: {"dtype": dtype, "rates": [], "peak_gib": 0.0, "retries": 0} for dtype in dtypes}
+    for dtype in dtypes:
+        encode_pixels(models[dtype], crops)  # warm-up: allocations, kernel selection
+    for _ in range(rounds):
+        for dtype in dtypes:  # interleaved: a drifting clock or a shared core hits every dtype alike
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            retries, start = fp32_retry_count(), time.perf_counter()
+            for _ in range(4):
+                encode_pixels(models[dtype], crops)  # returns host arrays: each call ends synchronised
+            results[dtype]["rates"].append(4 * batch / (time.perf_counter() - start))
+            results[dtype]["retries"] += fp32_retry_count() - retries
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device) / 2**30
+                results[dtype]["peak_gib"] = max(results[dtype]["peak_gib"], peak)
+    return [{**row, "crops_per_s": float(np.median(row["rates"]))} for row in results.values()]
+
+
+def print_vae_throughput(rows: list[dict], device: str, batch: int, name: str) -> None:
+    """One markdown table of `vae_throughput` rows."""
+    import torch
+
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nVAE encode, {name}, 256 px, batch {batch} crops (+{batch} flips), {where}, torch {torch.__version__}\n")
+    print("| dtype | crops/s (median) | VAE images/s | peak GPU memory GiB | batches retried in fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['dtype']} | {row['crops_per_s']:.1f} | {2 * row['crops_per_s']:.1f} | "
+            f"{row['peak_gib']:.2f} | {row['retries']} |"
+        )
+
+
 def _warm_worker(vae_path: str, threads: int, batch_size: int) -> int:
     """On a worker: set torch threads, load (cache) the VAE and run one batch when `batch_size` > 0, as the bare
     forward's warm-up does."""
@@ -151,7 +215,7 @@ def start_cluster(workers: int):
     import dask
     from distributed import Client, LocalCluster
 
-    from pipeline.encode.job import LOCAL_CLUSTER_CONFIG
+    from pipeline.encode.cluster import LOCAL_CLUSTER_CONFIG
 
     # What `run_job` does for the clusters it starts: its settings, and distributed's INFO lines kept quiet
     # (for the whole benchmark: this cluster lives across several calls; see `quiet_cluster_logs`).
@@ -222,8 +286,33 @@ def pipeline_run(client, vae_path: str, source: Path, out: Path, case: Case, thr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images (smoke run)")
+    parser.add_argument("--planning", action="store_true", help="driver planning time and memory (see above)")
+    parser.add_argument("--tree", type=Path, default=Path(tempfile.gettempdir()) / "bench-encode-tree")
+    parser.add_argument("--base", type=Path, help="checkout of the version to compare with (--planning)")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--per-class", type=int, default=1281)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--keep-tree", action="store_true")
+    parser.add_argument("--vae-throughput", action="store_true", help="encode_pixels per dtype (see above)")
+    parser.add_argument("--device", default="cuda", help="device of --vae-throughput")
+    parser.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma-separated dtypes of --vae-throughput")
+    parser.add_argument("--batch", type=int, default=64, help="crops per batch of --vae-throughput")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --vae-throughput")
+    parser.add_argument("--plan-child", nargs=3, metavar=("CODE", "TREE", "LIMIT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.plan_child:
+        plan_child(Path(args.plan_child[0]), Path(args.plan_child[1]), int(args.plan_child[2]))
+        return
+    if args.planning:
+        planning(args)
+        return
+    if args.vae_throughput:
+        config, name = (SMALL_VAE, "small VAE") if args.quick else (SD_VAE, "SD-VAE architecture")
+        with tempfile.TemporaryDirectory(prefix="bench-vae-") as tmp:
+            rows = vae_throughput(args.device, args.dtypes.split(","), args.batch, args.rounds, config, Path(tmp))
+        print_vae_throughput(rows, args.device, args.batch, name)
+        return
     from pipeline.core.logs import setup_logging
 
     setup_logging()
@@ -339,6 +428,154 @@ def print_summary(rows) -> None:
             f"= {cpu_ratio:.2f}, so on two free cores 2 / {cpu_ratio:.2f} = {2 / cpu_ratio:.2f}x is expected "
             "(a projection, not a measurement)"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def build_tree(root: Path, classes: int, per_class: int) -> float:
+    """`classes` folders of `per_class` empty files (ImageNet's names and layout); returns seconds taken."""
+    started = time.perf_counter()
+    for label in range(classes):
+        folder = root / f"n{label:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            os.mknod(folder / f"n{label:08d}_{index}.JPEG")  # one system call: a regular file without data
+    return time.perf_counter() - started
+
+
+def plan_child(code: Path, tree: Path, limit: int) -> None:
+    """In a fresh process: plan an `images` job over `tree` with the pipeline found in `code`; print JSON."""
+    import json
+    import pickle
+
+    sys.path.insert(0, str(code))
+    import distributed  # noqa: F401  (imported by one version's planning, not the other's: outside the timing)
+
+    import pipeline.encode.job as job
+
+    baseline = _current_rss_bytes()
+    out = Path(tempfile.gettempdir()) / f"bench-plan-out-{os.getpid()}" / "out"  # never created: planning only
+    settings = dict(source=str(tree), out=str(out), kind="images", shard_size=1000, progress=False)
+    config = job.JobConfig(**settings, limit=limit or None)
+    started = time.perf_counter()
+    if hasattr(job, "plan_job"):  # this version: the source is streamed into compact tasks
+        plan = job.plan_job(config)
+        tasks, items = plan.tasks, plan.items
+    else:  # the version before: full scan, item lists in the tasks
+        from pipeline.encode.sources import scan_source
+
+        source = scan_source(tree)
+        selected = source.items[:limit] if limit else source.items
+        tasks = job._shard_tasks(config, source, selected, out, None, "topic", local=True)
+        items = len(selected)
+    elapsed = time.perf_counter() - started
+    task_bytes = sum(len(pickle.dumps(task)) for task in tasks)
+    result = dict(seconds=elapsed, items=items, tasks=len(tasks), task_bytes=task_bytes)
+    print(json.dumps(result | dict(peak_rss=_peak_rss_bytes(), baseline_rss=baseline)))
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _run_child(code: Path, tree: Path, limit: int) -> dict:
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--plan-child", str(code), str(tree), str(limit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"planning child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def resume_check(tmp: Path, shards: int = 16, shard_bytes: int = 37 << 20) -> dict:
+    """Seconds per finished shard to decide it can be kept: re-hash its tar (sha256 against the sidecar) or trust
+    its sealed sidecar (stat calls). Shards of ImageNet-256 latents are about 37 MB; the files are just written,
+    so the re-hash reads from the page cache (a lower bound: a cold disk or network file system is slower)."""
+    from pipeline.core.atomic import write_json_atomic
+    from pipeline.core.shards import ShardWriter, shard_problems
+    from pipeline.encode.plan import seal_sidecar, trusted_shard
+
+    sidecars = []
+    rng = np.random.default_rng(0)
+    payload = rng.integers(0, 256, shard_bytes, dtype=np.uint8).tobytes()
+    for index in range(shards):
+        with ShardWriter(tmp, index) as writer:
+            writer.write({"__key__": f"k{index}", "bin": payload})
+            sidecar = seal_sidecar(writer.commit({"fingerprint": "f", "items": 1, "failures": []}))
+        write_json_atomic(tmp / f"shard-{index:06d}.json", sidecar)
+        sidecars.append(sidecar)
+    timings = {"rehash": 0.0, "trust": 0.0}
+    for _ in range(2):  # interleaved
+        started = time.perf_counter()
+        assert all(not shard_problems(tmp, sidecar) for sidecar in sidecars)
+        timings["rehash"] += time.perf_counter() - started
+        started = time.perf_counter()
+        assert all(trusted_shard(tmp, sidecar, "f") for sidecar in sidecars)
+        timings["trust"] += time.perf_counter() - started
+    return {name: seconds / (2 * shards) for name, seconds in timings.items()}
+
+
+def planning(args) -> None:
+    """Build the tree, plan full and `--limit 64` jobs with each version (interleaved), print the tables."""
+    import shutil
+
+    tree = args.tree
+    if not tree.exists():
+        print(f"building {args.classes} x {args.per_class} files under {tree} ...", file=sys.stderr, flush=True)
+        print(f"built in {build_tree(tree, args.classes, args.per_class):.0f} s", file=sys.stderr, flush=True)
+    try:
+        for _ in os.walk(tree):  # warm the directory cache once, so that the first measured run is not the cold one
+            pass
+        variants = [("after", REPO)] + ([("before", args.base)] if args.base else [])
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for repeat in range(args.repeats):
+            for limit in (0, 64):
+                for name, code in variants if repeat % 2 == 0 else variants[::-1]:
+                    runs.setdefault((name, limit), []).append(_run_child(code, tree, limit))
+                    print(f"planned: {name} limit={limit} repeat={repeat}", file=sys.stderr, flush=True)
+    finally:
+        if not args.keep_tree:
+            shutil.rmtree(tree)
+    with tempfile.TemporaryDirectory(prefix="bench-resume-") as tmp:
+        resume = resume_check(Path(tmp))
+    print_planning(runs, resume, args)
+
+
+def print_planning(runs: dict, resume: dict, args) -> None:
+    """Markdown tables: planning per version and job, and the resume check per shard."""
+    files = args.classes * args.per_class
+    print(
+        f"\nplanning, {files:,} files ({args.classes} folders), shard size 1000, kind images, CPU "
+        f"({os.cpu_count()} cores); median of {args.repeats} runs, each in a fresh process\n"
+    )
+    print("| version | job | items planned | wall s | peak RSS MiB (after imports) | tasks | task pickles MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, limit), results in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0] != "before")):
+        seconds = float(np.median([r["seconds"] for r in results]))
+        peak = float(np.median([r["peak_rss"] for r in results])) / 2**20
+        base = float(np.median([r["baseline_rss"] for r in results])) / 2**20
+        last = results[-1]
+        print(
+            f"| {name} | {'--limit 64' if limit else 'full'} | {last['items']:,} | {seconds:.2f} | "
+            f"{peak:.0f} ({base:.0f}) | {last['tasks']} | {last['task_bytes'] / 2**20:.2f} |"
+        )
+    rehash, trust = resume["rehash"], resume["trust"]
+    print("\n| resume check of a finished 37 MB shard | s per shard | projected for 1282 shards (ImageNet) |")
+    print("|---|---|---|")
+    print(f"| re-hash (before; now --verify), page cache | {rehash:.4f} | {rehash * 1282:.0f} s |")
+    print(f"| sealed sidecar trusted (now) | {trust:.6f} | {trust * 1282:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,17 @@ temporary store, and the table reports
 Then Inception-v3 feature extraction images/s (torch-fidelity's extractor, 2048-d features + logits, random
 weights of the real architecture). fp32 matmul GFLOP/s is measured first for context.
 
+`--metrics` instead measures the ADM-protocol metric math on random 2048-d features, each case in a fresh
+process (so its peak resident memory is its own): precision / recall (k = 3, `pipeline.evaluate.adm`) at
+10k x 10k and 50k samples x 10k references under the default 2 GB distance-block bound, and the streamed
+float64 reference statistics over 100k features (batches of 64 as Inception delivers them) beside `np.cov` of the
+same features held in memory, the two interleaved when repeated.
+
     python bench/evaluate.py                          # Tiny/2 + S/2 + XL/2, about 3-4 min on 2 CPU cores
     python bench/evaluate.py --models DiffiT-B/2 --batch-size 8 --steps 10
     python bench/evaluate.py --device cuda            # on a GPU machine
+    python bench/evaluate.py --metrics                # P&R 10k x 10k, 50k x 10k; statistics over 100k features
+    python bench/evaluate.py --metrics --prc-cases 10000x10000 --stats-features 20000   # a quicker look
 """
 
 from __future__ import annotations
@@ -141,6 +149,129 @@ def bench_features(device: str, images: int, batch_size: int) -> dict:
     return {"images": done, "batch": batch_size, "img_per_s": done / elapsed}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# ADM-protocol metric math: each case in its own process, for its own peak memory
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: kilobytes
+
+
+def _rss_gb() -> float:
+    """Current resident memory (Linux /proc), to subtract the interpreter's and torch's own share."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024**2
+    return 0.0
+
+
+def _device_peak_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
+
+
+def _prc_case(samples: int, references: int, dim: int, memory_gb: float, device: str, threads: int | None) -> dict:
+    from pipeline.evaluate.adm import describe_block_plan, precision_recall
+
+    if threads:
+        torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(references, dim, generator=generator)
+    sample = torch.randn(samples, dim, generator=generator)
+    features_gb = (reference.numel() + sample.numel()) * 4 / 1024**3
+    before = _rss_gb()  # interpreter, torch and the features
+    started = time.perf_counter()
+    values = precision_recall(reference, sample, memory_bytes=int(memory_gb * 1024**3), device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {
+        "case": f"precision/recall {samples // 1000}k samples x {references // 1000}k references",
+        "seconds": time.perf_counter() - started,
+        "peak_rss_gb": _peak_rss_gb(),
+        "above_start_gb": _peak_rss_gb() - before,
+        "device_peak_gb": _device_peak_gb(device),
+        "features_gb": features_gb,
+        "plan": "largest phase (sample radii): "
+        + describe_block_plan(max(samples, references), max(samples, references), int(memory_gb * 1024**3)),
+        "result": f"P {values['precision']:.3f} R {values['recall']:.3f}",
+    }
+
+
+def _stats_case(count: int, dim: int, streamed: bool, device: str, threads: int | None) -> dict:
+    """Mean / covariance of `count` random features arriving in batches of 64: streamed (float64 moments,
+    pooled as `reference_batch` pools them) or all held, then `np.cov`."""
+    from pipeline.evaluate.adm import RunningMoments
+    from pipeline.evaluate.reference_batch import UPDATE_ROWS
+
+    if threads:
+        torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    before = _rss_gb()
+    started = time.perf_counter()
+    moments, pending, held = RunningMoments.empty(dim, device), [], []
+    for start in range(0, count, 64):
+        batch = torch.randn(min(64, count - start), dim, generator=generator).to(device)
+        (pending if streamed else held).append(batch)
+        if streamed and sum(len(b) for b in pending) >= UPDATE_ROWS:
+            moments.update(torch.cat(pending))
+            pending.clear()
+    if streamed:
+        if pending:
+            moments.update(torch.cat(pending))
+        mu, sigma = moments.statistics()
+    else:
+        features = torch.cat(held).cpu().numpy()
+        mu, sigma = features.mean(axis=0, dtype=np.float64), np.cov(features, rowvar=False)
+    return {
+        "case": f"reference statistics of {count // 1000}k x {dim} features, "
+        + ("streamed float64 moments" if streamed else "all features in memory + np.cov"),
+        "seconds": time.perf_counter() - started,
+        "peak_rss_gb": _peak_rss_gb(),
+        "above_start_gb": _peak_rss_gb() - before,
+        "device_peak_gb": _device_peak_gb(device),
+        "features_gb": count * dim * 4 / 1024**3 if not streamed else UPDATE_ROWS * dim * 4 / 1024**3,
+        "plan": f"batches of 64, float64 update every {UPDATE_ROWS} rows" if streamed else "np.cov",
+        "result": f"trace(sigma) {np.trace(sigma):.1f}, |mu| {np.linalg.norm(mu):.3f}",
+    }
+
+
+def _in_child(function, *args) -> dict:
+    """Run `function(*args)` in a fresh spawned process and return its result dict."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def bench_metrics(args) -> None:
+    print(
+        f"# ADM-protocol metric math: {platform.processor() or platform.machine()}, device {args.device}, "
+        f"{args.threads or torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
+    rows = []
+    for case in args.prc_cases:
+        samples, references = (int(n) for n in case.lower().split("x"))
+        rows.append(_in_child(_prc_case, samples, references, 2048, args.prc_memory_gb, args.device, args.threads))
+        print(f"done {case}", file=sys.stderr, flush=True)
+    for _ in range(args.repeats):  # interleaved: streamed, in memory, streamed, ...
+        for streamed in (True, False):
+            rows.append(_in_child(_stats_case, args.stats_features, 2048, streamed, args.device, args.threads))
+            print(f"done statistics (streamed={streamed})", file=sys.stderr, flush=True)
+    print(
+        "| case | wall s | peak RSS GB (process) | peak above start GB | features held GB | device peak GB "
+        "| blocks | result |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        device_peak = f"{r['device_peak_gb']:.2f}" if r["device_peak_gb"] is not None else "-"
+        print(
+            f"| {r['case']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['above_start_gb']:.2f} "
+            f"| {r['features_gb']:.2f} | {device_peak} | {r['plan']} | {r['result']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["DiffiT-Tiny/2", "DiffiT-S/2", "DiffiT-XL/2"])
@@ -152,9 +283,17 @@ def main() -> None:
     parser.add_argument("--feature-images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--metrics", action="store_true", help="benchmark the metric math instead (see above)")
+    parser.add_argument("--prc-cases", nargs="+", default=["10000x10000", "50000x10000"], help="SAMPLESxREFERENCES")
+    parser.add_argument("--prc-memory-gb", type=float, default=2.0, help="distance-block bound (evaluate's default)")
+    parser.add_argument("--stats-features", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of the interleaved statistics variants")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.metrics:
+        bench_metrics(args)
+        return
 
     print(
         f"# evaluate-stage benchmark: {platform.processor() or platform.machine()}, device {args.device}, "

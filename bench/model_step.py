@@ -34,7 +34,8 @@ from torch import nn
 
 
 class DiTBlock(nn.Module):
-    """DiT block: adaLN-Zero modulation (shift, scale, gate for attention and MLP) from the conditioning c."""
+    """DiT block: adaLN-Zero modulation (shift, scale, gate for attention and MLP) from the conditioning c; the
+    modulation layer starts at zero (the "-Zero": every block is the identity at initialisation)."""
 
     def __init__(self, hidden: int, heads: int):
         super().__init__()
@@ -45,6 +46,8 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.fc1, self.fc2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
 
     def forward(self, x, c):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
@@ -81,6 +84,9 @@ class DiT(nn.Module):
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.final = nn.Linear(hidden, patch * patch * self.out)
+        for layer in (self.final_ada[1], self.final):  # DiT's zero-initialised final modulation and projection
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x, t, y):
         from diffit.layers import timestep_embedding

@@ -24,6 +24,18 @@ shown), and every ratio (MFU, loader overhead) compares measurements taken in th
 
     python bench/train_step.py --loader-hash        # cost of the per-shard sha256 check on the loader alone
 
+    python bench/train_step.py --variants --device cuda --model DiffiT-XL/2 --batch 32   # the CUDA fast path
+
+`--variants` times the trainer's own step (its `Objective`, gradient-norm, AdamW, `update_ema`, the loss kept on
+the device and read once per round as the trainer reads it once per record) in three variants, interleaved
+round by round in one process: eager with foreach AdamW, eager with fused AdamW, fused AdamW + `torch.compile`
+of the model. On CUDA it runs in bf16 autocast with TF32 (the trainer's defaults there) and reports images/s,
+MFU against the GPU's dense bf16 peak (`pipeline.train.performance`), peak memory per variant (every variant's
+weights and optimizer state stay resident, so the peaks include the others'), and the number of host
+synchronisations inside one step (`torch.cuda.set_sync_debug_mode`; the trainer aims at 0). On CPU (fp32) it
+runs the same variants (compile needs a C++ compiler; `--no-compile` leaves that variant out). This is what
+decides whether `model.compile` should default to on for CUDA.
+
 `--loader-hash` measures only the loader (`make_loader`, resampled mode as in training, DiffiT-XL/2-sized
 latent shards of ~17 MB): samples/s with and without the sha256 check of every shard read, the two variants
 alternated round by round in one process (order swapped every round; medians per variant), because the machine
@@ -309,6 +321,139 @@ def loader_hash_benchmark(rounds: int, batches: int, shards: int, per_shard: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The trainer's step in its fast-path variants (CUDA; CPU too)
+# ---------------------------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "eager, foreach AdamW": {"fused": False, "compile": False},
+    "eager, fused AdamW": {"fused": True, "compile": False},
+    "compiled, fused AdamW": {"fused": True, "compile": True},
+}
+
+
+def build_variant(name: str, model_name: str, device, settings: dict) -> dict:
+    """Model (seed 0, so every variant starts from the same weights), EMA, AdamW and the network the step calls."""
+    import torch
+
+    from diffit.models import create_model
+    from pipeline.train.config import Config
+    from pipeline.train.objective import Objective
+
+    torch.manual_seed(0)
+    model = create_model(model_name).to(device)
+    ema = copy.deepcopy(model).float().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=settings["fused"])
+    network = torch.compile(model) if settings["compile"] else model
+    objective = Objective(Config(), model.null_class, device)
+    return {
+        "name": name,
+        "model": model,
+        "ema": ema,
+        "optimizer": optimizer,
+        "network": network,
+        "objective": objective,
+    }
+
+
+def train_step(variant: dict, x, labels, window) -> None:
+    """One step as the trainer takes it (one process, no accumulation): loss and norm stay on the device."""
+    import torch
+
+    from pipeline.train.objective import update_ema
+
+    model = variant["model"]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        loss = variant["objective"](variant["network"], x, labels)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    window.add(loss, norm)
+    variant["optimizer"].step()
+    variant["optimizer"].zero_grad(set_to_none=True)
+    update_ema(variant["ema"], model, 0.9999)
+
+
+def host_syncs_in_a_step(variant: dict, x, labels) -> int | None:
+    """Host synchronisations torch reports during one step (CUDA only)."""
+    import warnings
+
+    import torch
+
+    from pipeline.train.progress import LogWindow
+
+    if x.device.type != "cuda":
+        return None
+    window = LogWindow(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(variant, x, labels, window)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def variant_benchmark(options: argparse.Namespace) -> None:
+    """Time the variants round-robin; print one markdown table."""
+    import statistics
+
+    import torch
+
+    from pipeline.train.performance import configure_cuda, peak_bf16_tflops, training_flops_per_image
+    from pipeline.train.progress import LogWindow
+
+    device = torch.device(
+        options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    configure_cuda(True)
+    names = [n for n in VARIANTS if not (options.no_compile and VARIANTS[n]["compile"])]
+    variants = [build_variant(n, options.model, device, VARIANTS[n]) for n in names]
+    model = variants[0]["model"]
+    x = torch.randn(options.batch, model.in_channels, model.input_size, model.input_size, device=device)
+    labels = torch.randint(0, max(model.num_classes, 1), (options.batch,), device=device)
+    for variant in variants:  # warm-up (compilation happens here)
+        for _ in range(options.warmup):
+            train_step(variant, x, labels, LogWindow(0))
+    seconds = {v["name"]: [] for v in variants}
+    peaks = {v["name"]: 0.0 for v in variants}
+    for index in range(options.rounds):
+        for variant in variants if index % 2 == 0 else variants[::-1]:
+            window = LogWindow(0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for _ in range(options.steps):
+                train_step(variant, x, labels, window)
+            window.values()  # the trainer's one read per record (waits for the device)
+            seconds[variant["name"]].append((time.perf_counter() - start) / options.steps)
+            if device.type == "cuda":
+                peaks[variant["name"]] = max(peaks[variant["name"]], torch.cuda.max_memory_allocated() / 2**30)
+    flops = training_flops_per_image(options.model, {})
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"\n### Training step variants: {options.model}, batch {options.batch}, {where}, "
+        f"{'bf16 autocast + TF32' if device.type == 'cuda' else 'fp32'}, torch {torch.__version__}; "
+        f"{options.rounds} interleaved rounds of {options.steps} steps (median)\n"
+    )
+    print("| variant | step s | images/s | vs eager | MFU | peak GiB | host syncs in a step |")
+    print("|---|---|---|---|---|---|---|")
+    base = statistics.median(seconds[names[0]])
+    for variant in variants:
+        step = statistics.median(seconds[variant["name"]])
+        rate = options.batch / step
+        mfu = f"{rate * flops / (peak * 1e12):.1%}" if peak else "n/a"
+        memory = f"{peaks[variant['name']]:.1f}" if device.type == "cuda" else "n/a"
+        syncs = host_syncs_in_a_step(variant, x, labels)
+        print(
+            f"| {variant['name']} | {step:.4f} | {rate:.1f} | {base / step:.2f}x | {mfu} | {memory} | "
+            f"{'n/a' if syncs is None else syncs} |"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -323,8 +468,15 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--small-steps", type=int, default=4, help="timed steps per data source")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--loader-hash", action="store_true", help="only the loader's sha256 cost (see above)")
-    parser.add_argument("--rounds", type=int, default=10, help="--loader-hash: interleaved rounds per variant")
+    parser.add_argument("--rounds", type=int, default=10, help="--loader-hash, --variants: interleaved rounds")
     parser.add_argument("--batches", type=int, default=96, help="--loader-hash: timed batches of 32 per round")
+    parser.add_argument("--variants", action="store_true", help="the trainer's step: eager / fused / compiled")
+    parser.add_argument("--device", default="auto", help="--variants: auto (cuda when present), cuda or cpu")
+    parser.add_argument("--model", default="DiffiT-S/2", help="--variants: the model")
+    parser.add_argument("--batch", type=int, default=8, help="--variants: batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="--variants: warm-up steps per variant")
+    parser.add_argument("--steps", type=int, default=5, help="--variants: timed steps per variant and round")
+    parser.add_argument("--no-compile", action="store_true", help="--variants: leave out the compiled variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -336,6 +488,12 @@ def main() -> None:
         return
     if options.loader_hash:
         loader_hash_benchmark(options.rounds, options.batches, shards=4, per_shard=512)
+        return
+    if options.variants:
+        import torch
+
+        torch.set_num_threads(options.threads)
+        variant_benchmark(options)
         return
 
     import torch

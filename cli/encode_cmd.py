@@ -37,7 +37,24 @@ MAX_PIXELS_HELP = (
     "above Pillow's own."
 )
 TORCH_THREADS_HELP = (
-    "torch threads per worker (default: cores // workers; keep it equal between runs for byte-identical shards)."
+    "torch threads per worker (default: cores // workers for a local cluster, the worker's --nthreads on a "
+    "running one; keep it equal between runs for byte-identical shards)."
+)
+SCHEDULER_FILE_HELP = (
+    "Join the cluster whose scheduler was started with `dask scheduler --scheduler-file PATH` (e.g. on SLURM); "
+    "paths must be the same on all workers."
+)
+GPUS_HELP = (
+    "Start a local cluster of one worker per GPU (the first N visible GPUs; dask-cuda's LocalCUDACluster when it "
+    "is installed) instead of --workers CPU workers."
+)
+VERIFY_HELP = (
+    "On resume, re-hash every finished shard (sha256 against its sidecar) instead of trusting the shards whose "
+    "sealed sidecar matches the items, sizes, modification times and settings."
+)
+DRY_RUN_HELP = (
+    "Print items, classes, shards, estimated bytes and time (from a few batches encoded in memory), and what OUT "
+    "already holds; write nothing (OUT is not created)."
 )
 
 # Options shared by `encode` and `pack`.
@@ -53,6 +70,9 @@ Workers = Annotated[
     int, typer.Option("--workers", "-w", help="Local Dask worker processes, one thread each (0: run in this process).")
 ]
 Scheduler = Annotated[str | None, typer.Option("--scheduler", help=SCHEDULER_HELP)]
+SchedulerFile = Annotated[str | None, typer.Option("--scheduler-file", help=SCHEDULER_FILE_HELP)]
+Verify = Annotated[bool, typer.Option("--verify", help=VERIFY_HELP)]
+DryRun = Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)]
 MaxFailureRate = Annotated[
     float,
     typer.Option("--max-failure-rate", help="Exit with status 1 when more than this fraction of items cannot be used."),
@@ -66,15 +86,20 @@ Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show t
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
-def _run(kind: str, source: Path, out: Path, verbose: bool, **settings) -> None:
-    """Run an encode / pack job (`settings`: the other `JobConfig` fields) and turn its result into a report;
-    a job whose result is not acceptable raises `JobFailedError` (exit 1)."""
+def _run(kind: str, source: Path, out: Path, verbose: bool, dry_run: bool, **settings) -> None:
+    """Run an encode / pack job (`settings`: the other `JobConfig` fields), or only its dry run, and turn its
+    result into a report; a job whose result is not acceptable raises `JobFailedError` (exit 1)."""
     from pipeline.core.errors import JobFailedError
     from pipeline.core.logs import setup_logging
-    from pipeline.encode import JobConfig, command_line, run_job
+    from pipeline.encode import JobConfig, command_line, format_dry_run, run_job
+    from pipeline.encode import dry_run as plan_and_time
 
     setup_logging(verbose)
-    result = run_job(JobConfig(kind=kind, source=str(source), out=str(out), command=command_line(), **settings))
+    config = JobConfig(kind=kind, source=str(source), out=str(out), command=command_line(), **settings)
+    if dry_run:
+        typer.echo(format_dry_run(plan_and_time(config), config.overwrite))
+        return
+    result = run_job(config)
     if result.failed_shards:
         listing = "\n".join(f"  {name}: {reason}" for name, reason in sorted(result.failed_shards.items()))
         raise JobFailedError(
@@ -116,7 +141,9 @@ def encode(
         int, typer.Option("--batch-size", help="Images per VAE forward (each also encodes its flip).")
     ] = 32,
     workers: Workers = 1,
+    gpus: Annotated[int, typer.Option("--gpus", help=GPUS_HELP)] = 0,
     scheduler: Scheduler = None,
+    scheduler_file: SchedulerFile = None,
     torch_threads: Annotated[int | None, typer.Option("--torch-threads", help=TORCH_THREADS_HELP)] = None,
     dtype: Annotated[
         str, typer.Option("--dtype", help="VAE compute dtype: fp32, fp16 or bf16 (storage is always float16).")
@@ -128,6 +155,8 @@ def encode(
     limit: Limit = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     overwrite: Overwrite = False,
+    verify: Verify = False,
+    dry_run: DryRun = False,
     progress: Progress = True,
     verbose: Verbose = False,
 ) -> None:
@@ -137,10 +166,10 @@ def encode(
     ADM / DiT way (box halving, bicubic, centre square) and encoded together with its horizontal flip; the
     posterior mean and std are stored as float16 [2, 4, R/8, R/8], NOT multiplied by the VAE scaling factor
     (recorded in the manifest). Bad images are listed in failures.jsonl and never stop the job. Re-running the
-    same command resumes: shards whose sidecar and sha256 check out are kept; a different dataset in OUT is only
-    replaced with --overwrite.
+    same command resumes: finished shards whose sealed sidecar matches are kept without re-reading them (--verify
+    re-hashes them); a different dataset in OUT is only replaced with --overwrite.
 
-    Example: diffit-pipe encode /data/imagenet/train /data/in256-latents --resolution 256 --workers 8
+    Example: diffit-pipe encode /data/imagenet/train /data/in256-latents --resolution 256 --gpus 8
     --vae /models/sd-vae-ft-ema
     """
     _run("latents", **locals())  # the parameters are JobConfig's fields, plus --verbose
@@ -154,10 +183,13 @@ def pack(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images handled per progress step.")] = 64,
     workers: Workers = 1,
     scheduler: Scheduler = None,
+    scheduler_file: SchedulerFile = None,
     max_failure_rate: MaxFailureRate = 0.001,
     limit: Limit = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     overwrite: Overwrite = False,
+    verify: Verify = False,
+    dry_run: DryRun = False,
     progress: Progress = True,
     verbose: Verbose = False,
 ) -> None:

@@ -1,4 +1,5 @@
-"""`diffit-pipe evaluate` (sample -> zarr -> FID / IS / precision-recall / KID) and `diffit-pipe sample` (a grid).
+"""`diffit-pipe evaluate` (sample -> zarr -> FID / sFID / IS / precision-recall / KID) and `diffit-pipe sample`
+(a grid).
 
 Options that both commands take are declared once below (typer `Annotated` types); heavy imports happen inside
 the command bodies.
@@ -6,6 +7,7 @@ the command bodies.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -37,7 +39,10 @@ class FeatureLayer(str, Enum):
 
 
 REFERENCE_HELP = (
-    "Raw image shards (from `pack`), an image folder, an ADM .npz (arr_0), or an .npz of FID statistics mu/sigma."
+    "An ADM reference batch .npz (arr_0 images + mu/sigma, mu_s/sigma_s statistics, e.g. "
+    "VIRTUAL_imagenet256_labeled.npz or one from `diffit-pipe reference`): FID and sFID from its stored statistics, "
+    "precision/recall against its images. Also: a statistics-only .npz (FID, sFID, IS), an .npz of images (arr_0), "
+    "an image folder, or raw image shards from `pack`. metrics.json records which source fed which metric."
 )
 INCEPTION_WEIGHTS_HELP = (
     "Inception-v3 weights file weights-inception-2015-12-05-6726825d.pth (no download offline). "
@@ -51,7 +56,19 @@ BATCH_SIZE_HELP = "Samples per network batch and per process; also the chunk siz
 CLASSES_HELP = "'all' (uniform labels) or a list to cycle through, e.g. 88,207,360 or 0-9."
 EXPORT_NPZ_HELP = "Also write samples.npz in the ADM evaluator layout (arr_0 images, arr_1 labels)."
 CACHE_DIR_HELP = "Where reference features are cached. Default: beside the reference, else ~/.cache/diffit-pipe."
-CFG_SCALE_HELP = "Classifier-free guidance scale. Default: 4.6 (ImageNet-256), 1.49 (ImageNet-512), 1 = none otherwise."
+CFG_SCALE_HELP = (
+    "Classifier-free guidance scale. Default: the set-up recorded in the model's config.json (`import-nvlabs` "
+    "records the released DiffiT code's: 4.4 power-cosine at 256 px, which gives its FID 1.73; 1.49 constant at "
+    "512 px); otherwise the paper text's 4.6 power-cosine at 256 px and 1.49 at 512 px; 1 (none) elsewhere. "
+    "Pass --cfg-scale 4.4 or 4.6 to choose either published setting."
+)
+METRICS_HELP = "Comma list of fid, sfid, is, prc, kid (the ADM evaluator reports fid, sfid, is, prc); '' for none."
+PRC_MEMORY_HELP = "Memory bound (GB) of the precision/recall distance blocks, whatever the sample counts."
+PRC_LIMIT_HELP = (
+    "Reference images precision/recall and KID use; a larger reference is subsampled with --prc-seed (logged)."
+)
+FEATURE_WORKERS_HELP = "DataLoader workers decoding reference images for the Inception features."
+WORKERS = min(4, os.cpu_count() or 1)
 
 # Options of both `evaluate` and `sample`.
 Model = Annotated[Path, typer.Option("--model", help="Exported model directory (model.safetensors + config.json).")]
@@ -130,9 +147,7 @@ def evaluate(
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic).")] = 0.0,
     reference: Annotated[Path | None, typer.Option("--reference", help=REFERENCE_HELP)] = None,
     inception_weights: Annotated[Path | None, typer.Option("--inception-weights", help=INCEPTION_WEIGHTS_HELP)] = None,
-    metrics: Annotated[
-        str, typer.Option("--metrics", help="Comma list of fid, is, prc, kid; '' for none.")
-    ] = "fid,is,prc",
+    metrics: Annotated[str, typer.Option("--metrics", help=METRICS_HELP)] = "fid,sfid,is,prc",
     export_npz: Annotated[bool, typer.Option("--export-npz", help=EXPORT_NPZ_HELP)] = False,
     vae: Vae = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
@@ -140,15 +155,24 @@ def evaluate(
         FeatureLayer, typer.Option("--feature-layer", help=FEATURE_LAYER_HELP)
     ] = FeatureLayer.f2048,
     feature_batch_size: Annotated[int, typer.Option("--feature-batch-size", help="Images per Inception batch.")] = 64,
+    feature_workers: Annotated[int, typer.Option("--feature-workers", help=FEATURE_WORKERS_HELP)] = WORKERS,
     kid_subset_size: Annotated[int, typer.Option("--kid-subset-size", help="KID subset size (<= samples).")] = 1000,
+    prc_memory_gb: Annotated[float, typer.Option("--prc-memory-gb", help=PRC_MEMORY_HELP)] = 2.0,
+    prc_reference_limit: Annotated[int, typer.Option("--prc-reference-limit", help=PRC_LIMIT_HELP)] = 10_000,
+    prc_seed: Annotated[int, typer.Option("--prc-seed", help="Seed of the reference subset.")] = 0,
     device: Device = None,
 ) -> None:
-    """Sample an exported model into a resumable zarr store and compute FID / IS / precision-recall / KID.
+    """Sample an exported model into a resumable zarr store and compute FID / sFID / IS / precision-recall (KID).
 
-    Defaults reproduce the paper per model kind: latent models DDPM-250 (ImageNet-256: guidance 4.6,
-    power-cosine, first three latent channels; ImageNet-512: 1.49 constant); image-space models EDM Heun with
-    18 (32 px) / 40 (64 px) steps, unguided. Re-running the same command after a kill only fills the missing
-    samples; other settings against an existing --out are refused.
+    Metrics follow the ADM evaluator (guided-diffusion evaluations/evaluator.py), the protocol of the published
+    numbers: with --reference VIRTUAL_imagenet256_labeled.npz, FID and sFID against its stored full-training-set
+    statistics, precision/recall (k = 3) against its 10,000 images, IS of the samples.
+
+    Defaults reproduce the published settings per model kind: latent models DDPM-250, guided on the first three
+    latent channels; ImageNet-256 guidance power-cosine 4.4 for a model imported with `import-nvlabs` (the
+    released code's setting for FID 1.73), 4.6 (the paper text) otherwise; ImageNet-512 1.49 constant;
+    image-space models EDM Heun with 18 (32 px) / 40 (64 px) steps, unguided. Re-running the same command after a
+    kill only fills the missing samples; other settings against an existing --out are refused.
 
     Several processes: `accelerate launch --multi_gpu --num_processes N --num_machines 1 --mixed_precision no
     --dynamo_backend no -m cli.main evaluate ...` (or `torchrun --nproc_per_node N`). The samples do not depend
@@ -180,7 +204,11 @@ def evaluate(
         cache_dir=cache_dir,
         feature_layer=feature_layer.value,
         feature_batch_size=feature_batch_size,
+        feature_workers=feature_workers,
         kid_subset_size=kid_subset_size,
+        prc_memory_gb=prc_memory_gb,
+        prc_reference_limit=prc_reference_limit,
+        prc_seed=prc_seed,
         device=device,
     )
     run_evaluate(options)
@@ -226,7 +254,7 @@ def sample(
     typer.echo(f"wrote {path}")
 
 
-def _help(function) -> str:
+def docstring_help(function) -> str:
     """A docstring as --help text: lines of a paragraph joined (the terminal re-wraps them), paragraphs kept."""
     paragraphs = [
         " ".join(line.strip() for line in block.strip().splitlines())
@@ -237,5 +265,5 @@ def _help(function) -> str:
 
 def register(app: typer.Typer) -> None:
     """Add `evaluate` and `sample` to the diffit-pipe app."""
-    app.command("evaluate", help=_help(evaluate))(evaluate)
-    app.command("sample", help=_help(sample))(sample)
+    app.command("evaluate", help=docstring_help(evaluate))(evaluate)
+    app.command("sample", help=docstring_help(sample))(sample)

@@ -53,8 +53,11 @@ COMMAND_MODULES = [
     "cli.models_cmd",
     "cli.encode_cmd",
     "cli.evaluate_cmd",
+    "cli.reference_cmd",
+    "cli.import_cmd",
     "cli.train_cmd",
     "cli.vae_cmd",
+    "cli.report_cmd",
     "cli.demo_cmd",
 ]
 

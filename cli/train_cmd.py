@@ -1,7 +1,8 @@
 """`diffit-pipe train` and `diffit-pipe export`: thin wrappers around `pipeline.train`.
 
 Errors are `PipelineError`s raised by the pipeline; `cli.main` turns them into one line and the exit code (2 for
-configuration / data / checkpoint problems, 1 for a non-finite loss).
+configuration / data / checkpoint problems, 1 for a non-finite loss, 75 for a stop on SIGTERM / SIGUSR1 after its
+checkpoint).
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ On CPU (gloo), note `accelerate launch --num_processes 2 --cpu` silently runs ON
 \b
 Global batch = per-device batch x processes x accumulation steps (train.global_batch_size,
 train.per_device_batch_size). The resolved config goes to RUN/config.yaml; metrics to RUN/metrics.jsonl and
-tensorboard (RUN/logs); EMA sample grids to RUN/samples/; checkpoints to RUN/checkpoints/ (latest pointer).
+the trackers of train.tracker (tensorboard in RUN/logs by default; wandb, mlflow, aim, ... or a list); EMA
+sample grids to RUN/samples/ and the trackers; checkpoints to RUN/checkpoints/ (latest pointer; multiples of
+checkpoint.keep_every are never rotated away).
 Resume after a stop or a kill with --resume auto (the same command line, or just --run-dir and --resume).
+\b
+Preemption: SIGTERM or SIGUSR1 (SLURM: preemption, or #SBATCH --signal=USR1@180 before the time limit)
+finishes the current step on every rank, writes a checkpoint of it and exits with code 75 (EX_TEMPFAIL);
+a job script requeues on 75 and continues with --resume auto. Under accelerate launch / torchrun the
+launcher exits 1 instead: launch one process per GPU with srun to keep the 75 (docs: the sbatch template).
 \b
 Integrity: every shard is checked against the manifest's sha256 as it is read; a damaged one stops the run
 (or, with --set data.on_corrupt_shard=skip, is left out, warned about and counted in metrics.jsonl).

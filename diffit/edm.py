@@ -164,9 +164,12 @@ def edm_heun_sampler(
 ) -> torch.Tensor:
     """EDM Algorithm 2: Heun's 2nd-order ODE solver with optional churn; 2*num_steps - 1 denoiser calls.
 
-    `latents` is standard normal noise [N, ...] (scaled by sigma_max here). With S_churn = 0 (default) the
+    Line for line NVlabs/edm `generate.py`'s `edm_sampler`: `latents` is standard normal noise [N, ...] (scaled by
+    sigma_max here); on each step with S_min <= sigma <= S_max, gamma = min(S_churn / num_steps, sqrt(2) - 1)
+    raises sigma to t_hat = sigma (1 + gamma) with fresh noise scaled by S_noise. With S_churn = 0 (default) the
     sampler is deterministic and draws no further noise; otherwise churn noise for sample i comes from
-    `generators[i]`. The state is kept in float64 as in EDM; the denoiser sees float32 (latents' dtype).
+    `generators[i]`, one draw per step. The state is kept in float64 as in EDM; the denoiser sees float32
+    (latents' dtype).
     """
     round_sigma = round_sigma or (lambda sigma: torch.as_tensor(sigma))
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, round_sigma)
@@ -181,17 +184,15 @@ def edm_heun_sampler(
     steps = list(zip(t_steps[:-1], t_steps[1:]))
     for i, (t_cur, t_next) in enumerate(tqdm(steps, desc="edm-heun", disable=not progress)):
         x_cur = x_next
-        # Churn: temporarily raise the noise level to t_hat by adding fresh noise (gamma = 0 -> deterministic).
+        # Churn: temporarily raise the noise level to t_hat by adding fresh noise, on steps with
+        # S_min <= t_cur <= S_max (gamma = 0 elsewhere).
         gamma = min(S_churn / num_steps, math.sqrt(2.0) - 1.0) if S_min <= float(t_cur) <= S_max else 0.0
         t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)
         x_hat = x_cur
-        if gamma > 0:
-            noise = randn_per_sample(
-                generators,
-                latents.shape[1:] if generators is not None else latents.shape,
-                device=latents.device,
-                dtype=torch.float64,
-            )
+        if S_churn > 0:
+            # Drawn on every step, churned or not, like EDM's generate.py (`randn_like` each step): a sample's
+            # generator is consumed the same way as there, so the same seeds give EDM's samples.
+            noise = _churn_noise(generators, latents)
             x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * noise
         # Euler step on dx/dsigma = (x - D(x; sigma)) / sigma.
         d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
@@ -201,6 +202,12 @@ def edm_heun_sampler(
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next.to(work_dtype)
+
+
+def _churn_noise(generators: Sequence[torch.Generator] | None, latents: torch.Tensor) -> torch.Tensor:
+    """float64 standard normal noise of the latents' shape, sample i from generators[i] (global RNG if None)."""
+    shape = latents.shape[1:] if generators is not None else latents.shape
+    return randn_per_sample(generators, shape, device=latents.device, dtype=torch.float64)
 
 
 class ADMDenoiser(nn.Module):

@@ -72,7 +72,8 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild an exported model: `(model in eval mode, config dict)`. Loading is strict."""
+    """Rebuild an exported model: `(model in eval mode, config dict)`. Loading is strict. The same as
+    `Model.from_pretrained(model_dir)` (`diffit.hub`), which also accepts hub ids."""
     from safetensors.torch import load_file
 
     config = read_config(model_dir)
@@ -81,4 +82,5 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
         raise FileNotFoundError(f"{weights}: no such file (the model directory has a config but no weights)")
     model = create_model(config["model"]["name"], **config["model"].get("kwargs", {}))
     model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    model.pretrained_extra = {key: value for key, value in config.items() if key != "model"}
     return model.to(device).eval(), config

@@ -19,6 +19,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .hub import DiffiTModelHubMixin
 from .layers import DiffiTTransformerBlock, LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
 
 
@@ -47,11 +48,12 @@ class FinalLayer(nn.Module):
         return self.linear(self.act(self.norm(x)))
 
 
-class LatentDiffiT(nn.Module):
+class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
     """Class-conditional (or unconditional, `num_classes=0`) latent DiffiT.
 
     forward(x [N, C, H, W], noise_labels [N] (ADM timestep t), class_labels [N] | None) -> [N, 2C or C, H, W].
     Class label `num_classes` is the null class used for the unconditional branch of classifier-free guidance.
+    `save_pretrained` / `from_pretrained` / `push_to_hub`: see `diffit.hub`.
     """
 
     def __init__(

@@ -1,8 +1,10 @@
 """Building blocks shared by the latent and the image-space DiffiT models.
 
 * `TMSA`: time-dependent multi-head self-attention (paper Eq. 3-6) with a Swin-style learnable relative
-  position bias, computed by `attention_with_bias`: `F.scaled_dot_product_attention` with the bias as the
-  float mask, except for CPU training, where a hand-written backward is faster (see there).
+  position bias, computed by `attention_with_bias` on one of `ATTENTION_BACKENDS` (`set_attention_backend`):
+  "sdpa" (default) `F.scaled_dot_product_attention` with the bias as a float mask (on CUDA its
+  memory-efficient kernel, which returns the bias gradient), "flex" FlexAttention with the bias as a
+  `score_mod` (compiled; torch >= 2.5, no CPU backward), "math" the explicit formula (the reference).
 * `window_partition` / `window_reverse`: non-overlapping local windows for the image-space model.
 * `TimestepEmbedder`: sinusoidal (or Gaussian-Fourier, paper Table 7) features -> MLP with Swish, the
   "time token" x_t of the paper (Sec. 3.2).
@@ -175,11 +177,88 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+ATTENTION_BACKENDS = ("sdpa", "flex", "math")
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + bias) v written out (paper Eq. 6): the "math" backend and the reference
+    the others are tested against. Scores and softmax in float32 whatever the input dtype."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1]) + bias.float()
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def flex_bias_score_mod(bias: torch.Tensor):
+    """FlexAttention `score_mod` adding bias[head, query, key] to each score (the bias is captured, so its
+    gradient is returned by FlexAttention's backward)."""
+
+    def add_bias(score, batch, head, query, key):
+        return score + bias[head, query, key]
+
+    return add_bias
+
+
+_COMPILED_FLEX_ATTENTION = None
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def flex_attention_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, compiled: bool = True
+) -> torch.Tensor:
+    """Eq. 6 with FlexAttention (torch >= 2.5): the bias enters as a `score_mod`, so no [B, heads, N, N] mask is
+    materialised and the fused kernel stays usable. `compiled=False` runs FlexAttention's unfused reference
+    (forward only on CPU: torch has no CPU backward for FlexAttention)."""
+    global _COMPILED_FLEX_ATTENTION
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as error:  # torch < 2.5
+        raise RuntimeError(f"attention backend 'flex' needs torch >= 2.5 (this is {torch.__version__})") from error
+    if not torch.is_grad_enabled():  # no graph is recorded; FlexAttention on CPU refuses inputs that need grad
+        q, k, v, bias = (t.detach() for t in (q, k, v, bias))
+    elif q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v, bias)):
+        raise RuntimeError("attention backend 'flex' has no backward on CPU in torch; train on CPU with backend 'sdpa'")
+    if compiled and _is_compiling():
+        compiled = False  # inside an outer torch.compile, which compiles FlexAttention itself
+    if compiled:
+        if _COMPILED_FLEX_ATTENTION is None:
+            _COMPILED_FLEX_ATTENTION = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX_ATTENTION(q, k, v, score_mod=flex_bias_score_mod(bias))
+    return flex_attention(q, k, v, score_mod=flex_bias_score_mod(bias))
+
+
+def attention_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, backend: str = "sdpa"
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim) + bias) v for q, k, v [B, heads, N, head_dim] and a bias [heads, N, N]
-    shared by the batch (paper Eq. 6): PyTorch's SDPA with the bias as a float mask (its backward returns the
-    bias gradient)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0))
+    shared by the batch (paper Eq. 6), on `backend`:
+
+    * "sdpa": PyTorch's SDPA with the bias as a float mask; its backward returns the bias gradient. A float mask
+      rules out the flash kernel, so on CUDA this is the memory-efficient kernel (or cuDNN where PyTorch picks it).
+    * "flex": FlexAttention with the bias as a `score_mod`, compiled (`flex_attention_with_bias`).
+    * "math": `reference_attention`, the formula written out (float32 scores).
+    """
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0))
+    if backend == "flex":
+        return flex_attention_with_bias(q, k, v, bias)
+    if backend == "math":
+        return reference_attention(q, k, v, bias)
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Run every TMSA layer of `model` on `backend` (see `attention_with_bias`); returns `model`.
+
+    A run-time choice like `torch.compile`, not part of the model: it is not saved with the weights."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+    for module in model.modules():
+        if isinstance(module, TMSA):
+            module.attention_backend = backend
+    return model
 
 
 class TMSA(nn.Module):
@@ -208,6 +287,7 @@ class TMSA(nn.Module):
         # Derived from window_size; not saved so that checkpoints hold only learned values.
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
         self.proj = nn.Linear(dim, dim)
+        self.attention_backend = "sdpa"  # see `set_attention_backend`
 
     def attention_bias(self) -> torch.Tensor:
         """B of Eq. 6 as [heads, N, N]."""
@@ -232,7 +312,7 @@ class TMSA(nn.Module):
         head_dim = dim // self.num_heads
         qkv = qkv.reshape(batch_windows, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B*nW, heads, N, head_dim]
-        out = attention_with_bias(q, k, v, self.attention_bias())
+        out = attention_with_bias(q, k, v, self.attention_bias(), self.attention_backend)
         out = out.transpose(1, 2).reshape(batch_windows, tokens, dim)
         return self.proj(out)
 

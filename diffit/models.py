@@ -140,7 +140,8 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a named configuration, e.g. `create_model("DiffiT-XL/2")` or
     `create_model("DiffiT-B/4", input_size=64, num_classes=10)` (ImageNet-512 latents are 64x64).
 
-    The model carries `model_config = {"name", "kwargs"}` so that `save_pretrained` can rebuild it.
+    The model carries `model_config = {"name", "kwargs"}` so that `save_pretrained` can rebuild it, and an empty
+    `pretrained_extra` (the other config.json entries, filled by `from_pretrained`; see `diffit.hub`).
     """
     kwargs = resolve_model_kwargs(name, **overrides)
     if model_family(name) == "latent":
@@ -152,6 +153,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
         model = DiffiTUNet(**kwargs)
     model.model_config = {"name": name, "kwargs": kwargs}
+    model.pretrained_extra = {}  # config.json entries besides "model" (see diffit.hub)
     return model
 
 

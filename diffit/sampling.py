@@ -12,7 +12,12 @@ Model kinds
   [0.002, 80]).
 * kind="edm": `model` is the raw image-space network `model(c_in x, c_noise, class_labels)`; `sample` wraps it
   in `EDMPrecond(model, sigma_data)`. An `EDMPrecond` instance is also accepted and used as it is. Sampler:
-  "edm-heun" only (deterministic unless `S_churn > 0`).
+  "edm-heun" only.
+
+EDM-Heun is EDM's whole stochastic sampler (NVlabs/edm `generate.py`): deterministic with `S_churn = 0`; with
+`S_churn > 0`, each step whose sigma lies in [S_min, S_max] is first raised by gamma = min(S_churn / steps,
+sqrt(2) - 1) with fresh noise scaled by `S_noise` (EDM's ImageNet-64 setting: S_churn=40, S_min=0.05, S_max=50,
+S_noise=1.003).
 
 Determinism: sample i draws ALL its randomness (initial noise, every DDPM / DDIM(eta>0) / churn noise) from a
 `torch.Generator` seeded with `seeds[i]`, so it does not depend on batch composition or order. By default the
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,9 +151,10 @@ class SamplingConfig:
     guidance: classifier-free guidance (`GuidanceConfig`; None = off). kind: "adm" (latent eps/Sigma network) or
     "edm" (image-space network, wrapped in `EDMPrecond`). eta: DDIM noise. diffusion_steps / noise_schedule:
     the ADM training chain. learn_sigma: None = the model's attribute. clip_denoised: clamp x_0 predictions to
-    [-1, 1] (image space; keep False for latents). sigma_min / sigma_max / rho / S_churn: EDM Heun's grid and
-    churn. sigma_data: EDM preconditioning. generator_device: "cpu" (seeds reproducible on any device) or None
-    (the sampling device).
+    [-1, 1] (image space; keep False for latents). sigma_min / sigma_max / rho: EDM Heun's grid. S_churn / S_min /
+    S_max / S_noise: EDM's stochastic sampler (churn strength, the sigma range it applies to, noise inflation).
+    sigma_data: EDM preconditioning. generator_device: "cpu" (seeds reproducible on any device) or None (the
+    sampling device).
     """
 
     sampler: str = "ddpm"
@@ -163,6 +170,9 @@ class SamplingConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
     sigma_data: float = 0.5
     generator_device: str | None = "cpu"
 
@@ -180,6 +190,60 @@ class SamplingConfig:
             raise ValueError(
                 f"{self.sampler} needs steps >= 2: respacing to one step keeps only t=0, not a denoising chain"
             )
+        for name in ("S_churn", "S_min", "S_max"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (as in EDM's generate.py), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (guidance as a dict, an infinite S_max as "inf"); `from_dict` reads it back."""
+        values = dataclasses.asdict(self)
+        if math.isinf(values["S_max"]):
+            values["S_max"] = "inf"
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SamplingConfig:
+        """Inverse of `to_dict`; unknown keys are an error (a typo must not be ignored silently)."""
+        values = dict(values)
+        unknown = set(values) - {item.name for item in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown sampling settings {sorted(unknown)}")
+        if isinstance(values.get("guidance"), dict):
+            values["guidance"] = GuidanceConfig(**values["guidance"])
+        if "S_max" in values:
+            values["S_max"] = float(values["S_max"])
+        return cls(**values)
+
+
+def paper_sampling_config(diffusion: dict | None, resolution: int, num_classes: int) -> SamplingConfig:
+    """The paper's sampling settings for an exported model (the defaults `diffit-pipe evaluate` resolves).
+
+    `diffusion` is the export's "diffusion" entry ({"type": "adm", "diffusion_steps", "noise_schedule"} or
+    {"type": "edm", "sigma_data"}; None = ADM's linear 1000-step chain). ADM models: DDPM with 250 steps; guidance
+    4.6 with the power-cosine schedule for class-conditional models at 256 px, 1.49 constant at 512 px, none
+    otherwise. EDM models: EDM-Heun with 18 steps up to 32 px, 40 above, unguided.
+    """
+    diffusion = diffusion or {"type": "adm"}
+    if diffusion.get("type", "adm") == "edm":
+        return SamplingConfig(
+            sampler="edm-heun",
+            steps=18 if resolution <= 32 else 40,
+            kind="edm",
+            sigma_data=float(diffusion.get("sigma_data", 0.5)),
+        )
+    guidance = GuidanceConfig()
+    if num_classes and resolution == 256:
+        guidance = GuidanceConfig(scale=4.6, schedule="power-cosine")
+    elif num_classes and resolution == 512:
+        guidance = GuidanceConfig(scale=1.49)
+    return SamplingConfig(
+        sampler="ddpm",
+        steps=250,
+        guidance=guidance,
+        kind="adm",
+        diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
+        noise_schedule=str(diffusion.get("noise_schedule", "linear")),
+    )
 
 
 def sample(
@@ -251,24 +315,33 @@ def sample_with_stats(
     return samples.float(), stats
 
 
+def _heun(denoiser, round_sigma, initial_noise, labels, generators, config, sigma_range, progress):
+    """`edm_heun_sampler` with the config's grid and stochastic settings on the given sigma range."""
+    return edm_heun_sampler(
+        denoiser,
+        initial_noise,
+        labels,
+        num_steps=config.steps,
+        sigma_min=sigma_range[0],
+        sigma_max=sigma_range[1],
+        rho=config.rho,
+        S_churn=config.S_churn,
+        S_min=config.S_min,
+        S_max=config.S_max,
+        S_noise=config.S_noise,
+        generators=generators,
+        round_sigma=round_sigma,
+        progress=progress,
+    )
+
+
 def _run_edm(model, denoiser, counted, initial_noise, labels, generators, config, guidance, progress):
     """EDM Heun on the preconditioned image-space network; guidance progress is the position on the sigma grid."""
     sigma_min = max(config.sigma_min, denoiser.sigma_min)
     sigma_max = min(config.sigma_max, denoiser.sigma_max)
     guided = _guided(counted, guidance, denoiser, lambda sigma: sigma_progress(sigma, sigma_min, sigma_max, config.rho))
-    return edm_heun_sampler(
-        guided,
-        initial_noise,
-        labels,
-        num_steps=config.steps,
-        sigma_min=sigma_min,
-        sigma_max=sigma_max,
-        rho=config.rho,
-        S_churn=config.S_churn,
-        generators=generators,
-        round_sigma=denoiser.round_sigma,
-        progress=progress,
-    )
+    sigma_range = (sigma_min, sigma_max)
+    return _heun(guided, denoiser.round_sigma, initial_noise, labels, generators, config, sigma_range, progress)
 
 
 def _run_adm(model, network, counted, initial_noise, labels, generators, config, guidance, progress):
@@ -278,19 +351,8 @@ def _run_adm(model, network, counted, initial_noise, labels, generators, config,
     if config.sampler == "edm-heun":
         base = create_diffusion(None, config.noise_schedule, learn_sigma=True, diffusion_steps=config.diffusion_steps)
         denoiser = ADMDenoiser(guided, base.alphas_cumprod)
-        return edm_heun_sampler(
-            denoiser,
-            initial_noise,
-            labels,
-            num_steps=config.steps,
-            sigma_min=max(config.sigma_min, denoiser.sigma_min),
-            sigma_max=min(config.sigma_max, denoiser.sigma_max),
-            rho=config.rho,
-            S_churn=config.S_churn,
-            generators=generators,
-            round_sigma=denoiser.round_sigma,
-            progress=progress,
-        )
+        sigma_range = (max(config.sigma_min, denoiser.sigma_min), min(config.sigma_max, denoiser.sigma_max))
+        return _heun(denoiser, denoiser.round_sigma, initial_noise, labels, generators, config, sigma_range, progress)
     return _sample_adm_chain(
         guided,
         initial_noise,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .hub import DiffiTModelHubMixin
 from .layers import DiffiTTransformerBlock, LabelEmbedder, TimestepEmbedder, window_partition, window_reverse
 
 
@@ -150,8 +151,8 @@ class OutputHead(nn.Module):
         return self.conv(self.act(self.norm(x)))
 
 
-class DiffiTUNet(nn.Module):
-    """Image-space DiffiT U-Net (unconditional when `num_classes == 0`).
+class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
+    """Image-space DiffiT U-Net (unconditional when `num_classes == 0`); Hub methods: see `diffit.hub`.
 
     forward(x [N, C, H, W], noise_labels [N] (EDM c_noise = ln(sigma)/4), class_labels [N] long | None)
     -> [N, C, H, W]. For conditional models the class embedding is added to the time token; label

@@ -4,6 +4,7 @@ Also a small command-line entry used by tests that need real separate processes:
 
     python tests/eval_fixtures.py cli evaluate --model ...        # the evaluate/sample commands, as typer runs them
     python tests/eval_fixtures.py slow-sample STORE_ARGS_JSON      # sampling with a delay per network call
+    python tests/eval_fixtures.py slow-reference SPEC_JSON         # `reference` with a delay per Inception batch
 """
 
 from __future__ import annotations
@@ -219,6 +220,39 @@ def _slow_sample(spec_path: str) -> None:
     ev.sample_into_store(store, loaded, sampling, 0, 1, spec["batch_size"], "cpu")
 
 
+def _slow_reference(spec_path: str) -> None:
+    """Build a reference batch like `diffit-pipe reference` does, sleeping before each Inception batch."""
+    import time
+
+    import torch
+
+    import pipeline.evaluate.features as features
+    from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(1)
+    run_extractor = features.run_extractor
+
+    def slow_run_extractor(extractor, images):
+        time.sleep(spec["delay_s"])
+        return run_extractor(extractor, images)
+
+    features.run_extractor = slow_run_extractor
+    options = ReferenceOptions(
+        Path(spec["source"]),
+        Path(spec["out"]),
+        Path(spec["weights"]),
+        subset_size=spec["subset"],
+        chunk_size=spec["chunk_size"],
+        batch_size=spec["batch_size"],
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
+    print("started", flush=True)
+    build_reference(options)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO_ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -227,5 +261,7 @@ if __name__ == "__main__":
         _run_cli(rest)
     elif command == "slow-sample":
         _slow_sample(rest[0])
+    elif command == "slow-reference":
+        _slow_reference(rest[0])
     else:
-        raise SystemExit(f"unknown command {command!r}; expected cli or slow-sample")
+        raise SystemExit(f"unknown command {command!r}; expected cli, slow-sample or slow-reference")

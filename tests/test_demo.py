@@ -46,7 +46,22 @@ def test_readme_has_exactly_two_setup_commands_that_exist():
 
 
 # Every command of `diffit-pipe`, exactly: a new command is added here on purpose, a lost one fails the test.
-COMMANDS = {"models", "encode", "pack", "inspect", "evaluate", "sample", "train", "export", "synth", "vae", "demo"}
+COMMANDS = {
+    "models",
+    "encode",
+    "pack",
+    "inspect",
+    "evaluate",
+    "sample",
+    "reference",
+    "import-nvlabs",
+    "train",
+    "export",
+    "synth",
+    "vae",
+    "demo",
+    "report",
+}
 PLACEHOLDER = re.compile(r"\b(TODO|TBD|FIXME)\b|not implemented", re.IGNORECASE)
 
 
@@ -133,3 +148,18 @@ def test_quick_demo_end_to_end(tmp_path):
     assert summary["shape_classifier"]["grayscale"] is True and summary["classifier"]["grayscale"] is False
     assert 0.0 <= summary["shape_classifier"]["holdout_acc"] <= 1.0
     assert "shape consistency" in result.stdout
+
+    # report: one self-contained page per run, linking its export and evaluation, printed in the summary
+    for kind in ("latent", "image"):
+        page_path = Path(summary["reports"][kind])
+        assert page_path == Path(summary["out"]) / f"report_{kind}.html"
+        assert f"{kind} model: run report {page_path}" in result.stdout
+        page = page_path.read_text()
+        for title in ("Training curves", "Samples over training", "FID during training", "Evaluation", "Lineage"):
+            assert f"<h2>{title}</h2>" in page, (kind, title)
+        # five curves and the four sample grids (sample.every = steps / 4), all embedded
+        assert page.count('<img src="data:image/png;base64,') == 5 + 4, kind
+        assert "✓ the manifest the run recorded" in page
+        if kind == "latent":
+            assert latents["vae"]["path_hash"] in page  # the VAE the latents came from, by hash
+        assert f"✓ the weights of {summary['paths'][f'{kind}_model']}" in page

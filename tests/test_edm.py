@@ -226,3 +226,69 @@ def test_adm_denoiser_scales_input_and_ignores_sigma_channels():
     torch.testing.assert_close(seen["t"], torch.full((2,), float(timestep)))
     assert seen["labels"] is labels
     torch.testing.assert_close(denoised, x - sigma * 0.25)
+
+
+def test_heun_stochastic_step_matches_hand_computation():
+    # 3 steps, rho = 1: sigmas 4, 2.5, 1, then 0. S_churn = 0.6 -> gamma = min(0.6 / 3, sqrt(2) - 1) = 0.2, applied
+    # only where S_min = 2 <= sigma <= S_max = 3, i.e. on step 1: t_hat = 2.5 * 1.2 = 3.0. Noise is drawn on every
+    # step as in EDM's generate.py, so step 1 adds the SECOND float64 draw of the sample's generator, times S_noise.
+    s, s_noise = 0.5, 1.5
+    calls = []
+
+    def denoiser(x, sigma, class_labels=None):
+        calls.append((x.clone(), sigma.clone()))
+        return x * s**2 / (s**2 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    latents = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    out = edm_heun_sampler(
+        denoiser,
+        latents,
+        num_steps=3,
+        sigma_min=1.0,
+        sigma_max=4.0,
+        rho=1.0,
+        S_churn=0.6,
+        S_min=2.0,
+        S_max=3.0,
+        S_noise=s_noise,
+        generators=[torch.Generator().manual_seed(9)],
+    )
+    draws = torch.Generator().manual_seed(9)
+    first_draw = torch.randn((1, 2, 2), generator=draws, dtype=torch.float64)
+    second_draw = torch.randn((1, 2, 2), generator=draws, dtype=torch.float64)
+    assert not torch.equal(first_draw, second_draw)
+
+    D = lambda x, sigma: x * s**2 / (s**2 + sigma**2)  # noqa: E731 - the ideal denoiser of N(0, s^2)
+    x0 = latents.double() * 4.0
+    # Step 0: sigma 4 is above S_max, no churn (t_hat = 4); Euler to 2.5, then the Heun correction.
+    d0 = (x0 - D(x0, 4.0)) / 4.0
+    euler = x0 + (2.5 - 4.0) * d0
+    x1 = x0 + (2.5 - 4.0) * (0.5 * d0 + 0.5 * (euler - D(euler, 2.5)) / 2.5)
+    # Step 1: churned to t_hat = 3.0 with sqrt(3^2 - 2.5^2) * S_noise * (second draw).
+    x_hat = x1 + math.sqrt(3.0**2 - 2.5**2) * s_noise * second_draw
+    d1 = (x_hat - D(x_hat, 3.0)) / 3.0
+    euler = x_hat + (1.0 - 3.0) * d1
+    x2 = x_hat + (1.0 - 3.0) * (0.5 * d1 + 0.5 * (euler - D(euler, 1.0)) / 1.0)
+    # Step 2: sigma 1 is below S_min, no churn; last step is plain Euler to 0.
+    final = x2 + (0.0 - 1.0) * (x2 - D(x2, 1.0)) / 1.0
+
+    assert [round(float(sigma[0]), 6) for _, sigma in calls] == [4.0, 2.5, 3.0, 1.0, 1.0]
+    torch.testing.assert_close(calls[2][0].double(), x_hat, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), final, rtol=1e-6, atol=1e-6)
+
+
+def test_heun_churn_outside_s_min_s_max_is_deterministic():
+    # With the [S_min, S_max] window above every sigma of the grid, S_churn changes nothing.
+    denoiser = lambda x, sigma, class_labels=None: 0.5 * x  # noqa: E731
+    latents = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    plain = edm_heun_sampler(denoiser, latents, num_steps=5)
+    windowed = edm_heun_sampler(
+        denoiser,
+        latents,
+        num_steps=5,
+        S_churn=40.0,
+        S_min=100.0,
+        S_max=200.0,
+        generators=[torch.Generator().manual_seed(s) for s in (1, 2)],
+    )
+    torch.testing.assert_close(windowed, plain, rtol=0, atol=0)

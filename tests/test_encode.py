@@ -347,7 +347,7 @@ def test_bad_vae_fails_before_any_work(data, cli, tmp_path):
 def test_failed_shard_is_reported_and_redone_on_rerun(data, encoded, cli, tmp_path, monkeypatch):
     import pipeline.encode.job as encode_module
 
-    original = encode_module._write_batch
+    original = encode_module.write_batch
 
     def broken_for_shard_1(writer, vae, ready, failures, task):
         if task.index == 1:
@@ -356,7 +356,7 @@ def test_failed_shard_is_reported_and_redone_on_rerun(data, encoded, cli, tmp_pa
 
     out = tmp_path / "partial"
     args = _encode_args(data, data.src, out)
-    monkeypatch.setattr(encode_module, "_write_batch", broken_for_shard_1)
+    monkeypatch.setattr(encode_module, "write_batch", broken_for_shard_1)
     result = cli(*args)
     assert result.exit_code == 1
     assert "1 of 6 shard(s) failed, no manifest was written" in result.output
@@ -364,7 +364,7 @@ def test_failed_shard_is_reported_and_redone_on_rerun(data, encoded, cli, tmp_pa
     assert not (out / "manifest.json").exists() and not (out / "shard-000001.tar").exists()
     assert (out / "shard-000002.json").exists() and list(out.glob("*.tmp-*")) == []
 
-    monkeypatch.setattr(encode_module, "_write_batch", original)
+    monkeypatch.setattr(encode_module, "write_batch", original)
     result = cli(*args)
     assert result.exit_code == 0 and "(5 shard(s) were already complete)" in result.output
     assert _shard_bytes(out) == _shard_bytes(encoded.out)
@@ -373,7 +373,12 @@ def test_failed_shard_is_reported_and_redone_on_rerun(data, encoded, cli, tmp_pa
 def test_scheduler_address_runs_on_that_cluster(data, encoded, cli, tmp_path):
     from distributed import LocalCluster
 
+    from pipeline.encode.cluster import local_cores
+
     out = tmp_path / "remote"
+    # A running cluster's worker uses as many torch threads as it has Dask threads (1 here); the in-process
+    # reference used all cores, which byte identity needs here too.
+    threads = ["--torch-threads", str(local_cores())]
     with LocalCluster(
         n_workers=1,
         threads_per_worker=1,
@@ -382,7 +387,8 @@ def test_scheduler_address_runs_on_that_cluster(data, encoded, cli, tmp_path):
         silence_logs=logging.ERROR,
         protocol="tcp",
     ) as cluster:
-        result = cli(*_encode_args(data, data.src, out, "--scheduler", cluster.scheduler_address, workers=None))
+        scheduler = ["--scheduler", cluster.scheduler_address]
+        result = cli(*_encode_args(data, data.src, out, *scheduler, *threads, workers=None))
     assert result.exit_code == 0, result.output
     assert _shard_bytes(out) == _shard_bytes(encoded.out)
 
@@ -415,7 +421,7 @@ def test_two_workers_identical_and_survive_a_worker_kill(data, reference_run, tm
     from distributed import Client, LocalCluster
 
     from pipeline.core.vae import vae_load_count
-    from pipeline.encode.job import LOCAL_CLUSTER_CONFIG
+    from pipeline.encode.cluster import LOCAL_CLUSTER_CONFIG
 
     out = tmp_path / "two-workers"
     config = _config(data, data.src, out, torch_threads=1, shard_size=PROCESS_SHARD_SIZE)

@@ -401,3 +401,136 @@ def test_generator_device_option_and_seed_noise_convention():
     samples = sample(zero_eps, (4, 1, 1), None, [3, 4], sampler="ddim", steps=2)
     expected = _seed_noise([3, 4], (4, 1, 1)) / math.sqrt(ALPHAS_CUMPROD[999])
     torch.testing.assert_close(samples, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EDM's whole stochastic sampler (S_churn, S_min, S_max, S_noise) through sample()
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _nvlabs_edm_sampler(
+    net,
+    latents,
+    class_labels=None,
+    randn_like=torch.randn_like,
+    num_steps=18,
+    sigma_min=0.002,
+    sigma_max=80,
+    rho=7,
+    S_churn=0,
+    S_min=0,
+    S_max=float("inf"),
+    S_noise=1,
+):
+    """NVlabs/edm generate.py `edm_sampler`, verbatim (only reformatted)."""
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    step_indices = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t_steps = (
+        sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
+    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_cur)
+        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next, class_labels).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+class _StackedRandomGenerator:
+    """NVlabs/edm generate.py: one torch.Generator per sample."""
+
+    def __init__(self, seeds):
+        self.generators = [torch.Generator().manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, input):
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+
+class _NVlabsNet:
+    """EDM's EDMPrecond call convention around our EDMPrecond: float32 inside, sigma broadcast over the batch."""
+
+    sigma_min, sigma_max = 0.0, float("inf")
+
+    def __init__(self, precond):
+        self.precond = precond
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma).to(torch.float32).expand(x.shape[0])
+        return self.precond(x.to(torch.float32), sigma, class_labels)
+
+
+@pytest.mark.parametrize(
+    "stochastic",
+    [
+        dict(S_churn=0.0),
+        dict(S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003),  # EDM's ImageNet-64 setting
+        dict(S_churn=5.0, S_min=0.5, S_max=5.0, S_noise=0.9),  # churn on the middle steps only
+    ],
+    ids=["deterministic", "imagenet64", "middle-window"],
+)
+def test_edm_heun_through_sample_is_nvlabs_edm_sampler_bit_for_bit(stochastic):
+    net = IdealRawNet(points_denoiser)
+    seeds = [7, 8, 9]
+    ours = sample(net, (4, 1, 1), None, seeds, sampler="edm-heun", steps=10, kind="edm", **stochastic)
+    rnd = _StackedRandomGenerator(seeds)
+    latents = rnd.randn([len(seeds), 4, 1, 1])
+    reference = _nvlabs_edm_sampler(
+        _NVlabsNet(EDMPrecond(net)), latents, randn_like=rnd.randn_like, num_steps=10, **stochastic
+    )
+    assert torch.equal(ours, reference.to(torch.float32))
+    if stochastic["S_churn"]:
+        deterministic = sample(net, (4, 1, 1), None, seeds, sampler="edm-heun", steps=10, kind="edm")
+        assert not torch.equal(ours, deterministic)
+
+
+def test_sampling_config_stochastic_fields_round_trip_and_validation():
+    from diffit.sampling import SamplingConfig
+
+    config = SamplingConfig(
+        sampler="edm-heun",
+        steps=40,
+        kind="edm",
+        S_churn=40.0,
+        S_min=0.05,
+        S_max=50.0,
+        S_noise=1.003,
+        guidance=GuidanceConfig(scale=4.6, schedule="power-cosine"),
+    )
+    assert SamplingConfig.from_dict(config.to_dict()) == config
+    default = SamplingConfig()
+    assert (default.S_churn, default.S_min, default.S_max, default.S_noise) == (0.0, 0.0, float("inf"), 1.0)
+    assert default.to_dict()["S_max"] == "inf" and SamplingConfig.from_dict(default.to_dict()) == default
+    with pytest.raises(ValueError, match="unknown sampling settings"):
+        SamplingConfig.from_dict({"S_chrun": 1.0})
+    for field in ("S_churn", "S_min", "S_max"):
+        with pytest.raises(ValueError, match=f"{field} must be >= 0"):
+            SamplingConfig(**{field: -1.0}).check()
+
+
+def test_paper_sampling_config_per_model_kind():
+    from diffit.sampling import paper_sampling_config
+
+    imagenet256 = paper_sampling_config({"type": "adm", "diffusion_steps": 1000, "noise_schedule": "linear"}, 256, 1000)
+    assert (imagenet256.sampler, imagenet256.steps, imagenet256.kind) == ("ddpm", 250, "adm")
+    assert imagenet256.guidance == GuidanceConfig(scale=4.6, schedule="power-cosine", power=4.0, channels=3)
+    assert paper_sampling_config({"type": "adm"}, 512, 1000).guidance == GuidanceConfig(scale=1.49)
+    assert paper_sampling_config({"type": "adm"}, 256, 0).guidance == GuidanceConfig()
+    cifar = paper_sampling_config({"type": "edm", "sigma_data": 0.5}, 32, 0)
+    ffhq = paper_sampling_config({"type": "edm", "sigma_data": 0.5}, 64, 0)
+    assert (cifar.sampler, cifar.steps, cifar.kind, ffhq.steps) == ("edm-heun", 18, "edm", 40)

@@ -4,9 +4,15 @@ import pytest
 import torch
 
 import diffit
-from diffit.convert import convert_nvlabs_state_dict, load_nvlabs_checkpoint
+from diffit.convert import (
+    convert_nvlabs_state_dict,
+    load_nvlabs_checkpoint,
+    load_nvlabs_file,
+    nvlabs_model_kwargs,
+    to_nvlabs_state_dict,
+)
 from diffit.latent import LatentDiffiT
-from diffit.models import MODEL_CONFIGS, create_model, model_stats
+from diffit.models import MODEL_CONFIGS, count_parameters, create_model, model_stats
 
 # Exact counts at 256 px (32x32 latents, 1000 classes + null row, learned sigma), fixed position embedding
 # included as in DiT. XL/2 is the 561M of the paper's Table 9; XL/4 and XL/8 were worked out by hand from XL/2
@@ -220,3 +226,65 @@ def test_released_layout_errors_are_specific():
     bad["blocks.0.attn.relative_position_index"] = released["blocks.0.attn.relative_position_index"].flip(0)
     with pytest.raises(ValueError, match="relative position index"):
         convert_nvlabs_state_dict(bad, model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The released files: safetensors, architecture read off the shapes, XL/2 at 256 and 512 px
+
+
+def test_to_nvlabs_state_dict_is_the_released_layout():
+    model = tiny()
+    ours = to_nvlabs_state_dict(model)
+    released = released_layout_state_dict(model)  # the layout written out by hand, above
+    assert set(ours) == set(released)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in released.items()}
+    torch.testing.assert_close(
+        ours["blocks.1.attn.relative_position_index"], released["blocks.1.attn.relative_position_index"]
+    )
+    back = tiny()
+    back.load_state_dict(convert_nvlabs_state_dict(ours, back), strict=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_released_safetensors_load_without_unpickling(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    model = tiny()
+    released = released_layout_state_dict(model)
+    path = tmp_path / "diffit_256.safetensors"
+    save_file({k: v.contiguous() for k, v in released.items()}, str(path))
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("a released safetensors file must not go through torch.load")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    load_nvlabs_checkpoint(model, path)
+    torch.testing.assert_close(model.state_dict()["patch_embed.proj.weight"], released["x_embedder.proj.weight"])
+    # A file saved by a training wrapper (every key under "ema.") reads the same.
+    save_file({f"ema.{k}": v.contiguous() for k, v in released.items()}, str(tmp_path / "wrapped.safetensors"))
+    assert set(load_nvlabs_file(tmp_path / "wrapped.safetensors")) == set(released)
+
+
+def test_architecture_is_read_off_the_released_shapes():
+    kwargs = nvlabs_model_kwargs(released_layout_state_dict(tiny()))
+    expected = {k: v for k, v in MODEL_CONFIGS["DiffiT-Tiny/2"]["kwargs"].items()}
+    assert kwargs == {**expected, "mlp_ratio": 4.0}
+
+
+@pytest.mark.parametrize("latent_size", [32, 64])  # ImageNet-256 and ImageNet-512
+def test_full_xl2_release_converts_strictly_at_both_resolutions(latent_size):
+    """The whole XL/2 conversion (every key, shape and index buffer), on the meta device: no 2 GB of weights."""
+    with torch.device("meta"):
+        released_model = create_model("DiffiT-XL/2", input_size=latent_size)
+        released = to_nvlabs_state_dict(released_model)
+        kwargs = nvlabs_model_kwargs(released)
+        model = create_model("DiffiT-XL/2", **kwargs)
+    assert kwargs == {**MODEL_CONFIGS["DiffiT-XL/2"]["kwargs"], "input_size": latent_size, "mlp_ratio": 4.0}
+    assert kwargs["num_classes"] == 1000 and released["y_embedder.embedding_table.weight"].shape[0] == 1001
+    assert released["blocks.27.attn.relative_position_bias_table"].shape == ((2 * latent_size // 2 - 1) ** 2, 16)
+    # The index buffers are real tensors (computed, as the released model registers them) and checked.
+    assert not released["blocks.0.attn.relative_position_index"].is_meta
+    converted = convert_nvlabs_state_dict(released, model)
+    assert set(converted) == set(model.state_dict())
+    assert sum(v.numel() for v in converted.values()) == count_parameters(model)

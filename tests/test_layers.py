@@ -214,3 +214,160 @@ def test_relative_position_index_matches_the_released_16x16_layout_entry_by_entr
             expected = (row_i - row_j + size - 1) * (2 * size - 1) + (col_i - col_j + size - 1)
             assert index[i, j].item() == expected, (i, j)
     assert index.min().item() == 0 and index.max().item() == (2 * size - 1) ** 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention backends: "sdpa" (default), "flex" (FlexAttention, bias as score_mod), "math" (the formula)
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def eq6_float64(q, k, v, bias):
+    """Eq. 6 in float64, written independently of diffit.layers (the reference of every backend)."""
+    q, k, v, bias = (t.double() for t in (q, k, v, bias))
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, dim=-1) @ v
+
+
+def eq6_float64_gradients(q, k, v, bias, out_grad):
+    """Gradients of <Eq. 6, out_grad> w.r.t. float64 copies of q, k, v, bias (float64 even for bf16 inputs)."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    return torch.autograd.grad(eq6_float64(*leaves), leaves, out_grad.double())
+
+
+def attention_inputs(batch, heads, tokens, head_dim, device="cpu", dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, generator=generator) for _ in range(3))
+    bias = torch.randn(heads, tokens, tokens, generator=generator)  # std 1: large enough to matter
+    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
+    return q, k, v, bias.to(device).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_attention_backends_match_eq6_outputs_and_gradients_on_cpu(backend):
+    q, k, v, bias = attention_inputs(2, 3, 16, 8)
+    out_grad = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(1))
+    out = attention_with_bias(q, k, v, bias, backend=backend)
+    torch.testing.assert_close(out.double(), eq6_float64(q, k, v, bias), rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out, (q, k, v, bias), out_grad)
+    expected = eq6_float64_gradients(q, k, v, bias, out_grad)
+    for name, got, want in zip("q k v bias".split(), grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_flex_attention_score_mod_forward_equals_eq6_on_cpu():
+    # FlexAttention runs forward-only on CPU (eager, unfused): the score_mod must add bias[head, query, key].
+    from diffit.layers import flex_attention_with_bias
+
+    q, k, v, bias = attention_inputs(2, 3, 16, 8)
+    with torch.no_grad():
+        out = flex_attention_with_bias(q, k, v, bias, compiled=False)
+        transposed = flex_attention_with_bias(q, k, v, bias.transpose(1, 2), compiled=False)
+    torch.testing.assert_close(out.double(), eq6_float64(q, k, v, bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(transposed, out, atol=1e-3)  # the (query, key) order of the bias matters
+
+
+def test_flex_backend_refuses_cpu_training_with_a_clear_error():
+    q, k, v, bias = attention_inputs(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="no backward on CPU.*'sdpa'"):
+        attention_with_bias(q, k, v, bias, backend="flex")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        attention_with_bias(q, k, v, bias, backend="flash")
+
+
+def test_set_attention_backend_reaches_every_tmsa_and_is_not_saved():
+    from diffit.layers import set_attention_backend
+    from diffit.models import create_model
+
+    model = create_model("DiffiT-Tiny/2")
+    state_before = model.state_dict().keys()
+    layers = [m for m in model.modules() if isinstance(m, TMSA)]
+    assert len(layers) == 2 and all(layer.attention_backend == "sdpa" for layer in layers)
+    assert set_attention_backend(model, "math") is model
+    assert all(layer.attention_backend == "math" for layer in layers)
+    assert model.state_dict().keys() == state_before and "attention_backend" not in str(model.model_config)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        set_attention_backend(model, "xformers")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        math_out = model(x, t, y)
+        sdpa_out = set_attention_backend(model, "sdpa")(x, t, y)
+    torch.testing.assert_close(math_out, sdpa_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flex_backend_compiled_on_cpu_gives_the_models_sdpa_output():
+    # Compiles FlexAttention with inductor's CPU backend (~30 s on 2 cores, once per shape).
+    from diffit.layers import set_attention_backend
+    from diffit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("DiffiT-Tiny/2").eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.relative_position_bias, std=1.0)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        sdpa_out = model(x, t, y)
+        flex_out = set_attention_backend(model, "flex")(x, t, y)
+    torch.testing.assert_close(flex_out, sdpa_out, rtol=1e-4, atol=1e-5)
+
+
+CUDA_BACKENDS = ["sdpa", "sdpa-efficient", "flex"]
+
+
+def cuda_attention(backend, q, k, v, bias):
+    """A backend of `attention_with_bias`; "sdpa-efficient" pins SDPA to its memory-efficient kernel."""
+    if backend == "sdpa-efficient":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            return attention_with_bias(q, k, v, bias, backend="sdpa")
+    return attention_with_bias(q, k, v, bias, backend=backend)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_attention_backends_on_cuda_match_eq6_outputs_and_gradients(backend, dtype, monkeypatch):
+    # DiffiT-XL/2's attention: 16 heads over a 16x16 token grid, head dim 72 (not a power of two).
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    q, k, v, bias = attention_inputs(2, 16, 256, 72, device="cuda", dtype=dtype)
+    out_grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    out = cuda_attention(backend, q, k, v, bias)
+    grads = torch.autograd.grad(out, (q, k, v, bias), out_grad)
+    reference = eq6_float64(q, k, v, bias)
+    expected = eq6_float64_gradients(q, k, v, bias, out_grad)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert out.dtype == dtype and grads[3].dtype == torch.float32  # the bias gradient stays fp32
+    torch.testing.assert_close(out.double(), reference, **tolerance)
+    for name, got, want in zip("q k v bias".split(), grads, expected):
+        scale = want.abs().max().item()  # bf16 gradients: compare relative to the gradient's size
+        torch.testing.assert_close(
+            got.double() / scale, want / scale, **tolerance, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_latent_diffit_training_step_on_cuda_is_the_same_with_flex_and_sdpa():
+    from diffit.layers import set_attention_backend
+    from diffit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("DiffiT-S/2", num_classes=10).cuda()
+    x = torch.randn(4, 4, 32, 32, device="cuda")
+    t, y = torch.tensor([1.0, 250.0, 500.0, 999.0], device="cuda"), torch.tensor([0, 3, 5, 10], device="cuda")
+    grads = {}
+    for backend in ("sdpa", "flex"):
+        set_attention_backend(model, backend)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, t, y).float().square().mean()
+        loss.backward()
+        grads[backend] = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["sdpa"].keys() == grads["flex"].keys()
+    assert any("relative_position_bias" in name for name in grads["flex"])
+    for name, expected in grads["sdpa"].items():
+        scale = expected.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(grads["flex"][name] / scale, expected / scale, rtol=3e-2, atol=3e-2, msg=name)

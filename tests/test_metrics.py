@@ -225,15 +225,15 @@ def test_read_only_reference_caches_in_user_cache(tmp_path, images, monkeypatch)
 
 
 def test_statistics_reference_gives_the_same_fid(tmp_path, inception_weights, images, extractor64):
-    from torch_fidelity.metric_fid import fid_features_to_statistics
+    from pipeline.evaluate.adm import feature_statistics
 
     images = images[:12]
     image_reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images))
     config = _config(inception_weights)
     cache = M.reference_cache_dir(image_reference)
     features, _ = M.reference_features(image_reference, ["64"], config, cache, extractor64)
-    stats = fid_features_to_statistics(features["64"])
-    np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
+    mu, sigma = feature_statistics(features["64"])  # what the project writes (float64, as `np.cov`)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     stats_reference = M.open_reference(tmp_path / "stats.npz")
     assert stats_reference.kind == "stats" and not stats_reference.has_images
 

@@ -61,6 +61,8 @@ def test_imagenet_presets_follow_the_paper_supplementary_i2():
         ) == ("adm", "linear", 1000, True)  # ADM hyper-parameters
         assert config.data.label_dropout == 0.1
         assert config.train.mixed_precision == "bf16"
+        # Checkpoints every 10k steps, 3 kept, and every 50k-step one kept for good (FID against steps).
+        assert (config.checkpoint.every, config.checkpoint.keep, config.checkpoint.keep_every) == (10000, 3, 50000)
     assert (c256.optim.lr, c256.train.global_batch_size, c256.model.input_size) == (3e-4, 256, 32)
     assert (c512.optim.lr, c512.train.global_batch_size, c512.model.input_size) == (1e-4, 512, 64)
 
@@ -120,12 +122,49 @@ def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
         ("optim", "betas", 0.9, "optim.betas: expected a list"),
         ("data", "label_dropout", 1.5, r"data.label_dropout must be in \[0, 1\)"),
         ("model", "name", "DiffiT-Huge/1", "model.name 'DiffiT-Huge/1' is not a known model"),
+        ("train", "tracker", "tensorbored", "train.tracker: 'tensorbored' is not a tracker"),
+        ("train", "tracker", ["wandb", "all"], "train.tracker: 'all' is not a tracker"),
+        ("train", "tracker", ["none", "wandb"], "'none' cannot be combined"),
+        ("train", "tracker", 3, "train.tracker: 3 fits none of"),
+        ("checkpoint", "keep_every", -5, "checkpoint.keep_every must be >= 0"),
+        ("optim", "fused", "yes", "optim.fused: expected true/false"),
     ],
 )
 def test_wrong_types_and_values_are_errors(tmp_path, section, key, value, message):
     path = write_yaml(tmp_path / "bad.yaml", {section: {key: value}})
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_tracker_takes_one_name_a_list_or_none(tmp_path):
+    from pipeline.train.config import tracker_names
+
+    for setting, names in [
+        ("none", []),
+        ([], []),
+        ("wandb", ["wandb"]),
+        (["wandb", "tensorboard", "wandb"], ["wandb", "tensorboard"]),
+        (["mlflow", "aim"], ["mlflow", "aim"]),
+    ]:
+        config = load_config(write_yaml(tmp_path / "c.yaml", {"train": {"tracker": setting}}))
+        assert tracker_names(config.train.tracker) == names
+    # A list round-trips through the run directory's config.yaml.
+    config = load_config(PRESETS / "demo.yaml", ["train.tracker=[tensorboard, wandb]"])
+    assert yaml.safe_load(dump_config(config))["train"]["tracker"] == ["tensorboard", "wandb"]
+
+
+def test_performance_settings_may_change_on_resume():
+    from pipeline.train.config import FREE_ON_RESUME
+
+    assert {"optim.fused", "model.channels_last", "model.compile"} <= set(FREE_ON_RESUME)
+    config = Config()
+    assert (config.optim.fused, config.model.channels_last, config.model.compile, config.train.tf32) == (
+        None,
+        False,
+        False,
+        True,
+    )
+    assert config.checkpoint.keep_every == 0
 
 
 def test_yaml_exponent_without_dot_is_read_as_a_float(tmp_path):

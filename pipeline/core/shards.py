@@ -217,8 +217,9 @@ class ShardWriter:
         self._tar.write(sample)
         self.count += 1
 
-    def commit(self, sidecar_extra: dict[str, Any]) -> dict[str, Any]:
-        """Finish the tar, publish it under its final name, write the sidecar, and return the sidecar dict."""
+    def commit(self, sidecar_extra: dict[str, Any], finish=None) -> dict[str, Any]:
+        """Finish the tar, publish it under its final name, write the sidecar (passed through `finish` first,
+        e.g. to seal it, so that it is written once), and return the sidecar dict."""
         self._tar.close()
         self._file.commit()
         sidecar = {
@@ -229,6 +230,8 @@ class ShardWriter:
             "bytes": self._hashing.bytes,
             **sidecar_extra,
         }
+        if finish is not None:
+            sidecar = finish(sidecar)
         write_json_atomic(self.out_dir / sidecar_name(self.index), sidecar)
         return sidecar
 

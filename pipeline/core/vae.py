@@ -7,22 +7,37 @@ through `huggingface_hub.snapshot_download` (cache first, offline aware) and an 
 local directory instead. Workers then load the resolved local directory with `get_vae`, a cached getter in this
 importable module, so each worker process builds the VAE once (not once per task).
 
+Devices: `pick_device("auto")` is this process's own GPU when CUDA is available (`process_gpu`: the GPU a
+pinned worker was started with, or one claimed through a host-local lock file, so that N worker processes on one
+host use N different GPUs), else the CPU; `set_torch_threads` limits the CPU threads of a worker.
+
 Latents are stored unscaled: `encode_pixels` returns the posterior mean and std as the VAE computes them; the
 diffusion model sees `mean * scaling_factor` (0.18215 for SD), applied by the trainer from the manifest.
+
+Precision: with `--dtype fp16|bf16` the VAE runs in that dtype (on CUDA also in the channels-last memory format,
+which the tensor-core convolution kernels want). The SD VAE is known to overflow fp16 on some images, which gives
+NaN/inf latents; `encode_pixels` checks every batch and encodes a batch whose low-precision moments are not finite
+or do not fit the fp16 range (latents are stored as float16) again with an fp32 copy of the same VAE, loaded only
+when first needed and cached next to the low-precision one in this process (`fp32_retry_count` counts them).
+On CPU nothing changes: contiguous (NCHW) tensors, and a fp32 VAE is never checked or retried.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
+import re
+import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -38,6 +53,16 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 _VAE_CACHE: dict[tuple[str, str, str], Any] = {}
 _VAE_CACHE_LOCK = threading.Lock()
 _VAE_LOADS = 0  # how many times this process built a VAE (1 per worker when the cache works)
+# Where each loaded VAE came from, (local_path, device), so that a low-precision one can find its fp32 twin.
+_VAE_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FP32_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # twins of VAEs not built by `load_vae`
+_FP32_RETRIES = 0  # batches this process encoded again in fp32 after a non-finite low-precision result
+_FP32_RETRY_LOCK = threading.Lock()
+FP16_MAX = 65504.0  # largest finite float16: latents are stored as float16, so larger values are overflows
+PINNED_GPU_ENV = "DIFFIT_PIPE_PINNED_GPU"  # set (to 1) in a worker started with its own GPU listed first
+_GPU_CLAIM: list[Any] = []  # [index, lock file] of the GPU this process uses, once chosen (`process_gpu`)
+_GPU_CLAIM_LOCK = threading.Lock()  # a worker with several Dask threads chooses once
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 
 
 class VAEError(InputError):
@@ -212,24 +237,114 @@ def torch_dtype(name: str):
     return dtypes[name]
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` entries (indices or UUIDs; [] without CUDA)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [entry.strip() for entry in listed.split(",") if entry.strip()] if listed is not None else []
+    return entries[:count] if listed is not None else [str(index) for index in range(count)]
+
+
+def claim_gpu(devices: list[str], lock_dir: str | os.PathLike | None = None) -> tuple[int, IO]:
+    """Claim one of `devices` (this process's GPUs, in its order of preference) for the life of this process.
+
+    The worker processes of one host choose among the same GPUs without knowing of each other, so each takes an
+    exclusive lock on a host-local file per (GPU, round): round 0 of each GPU first, in order, then round 1
+    (more processes than GPUs: they share evenly). The lock lasts as long as the returned open file, which the
+    caller keeps; it is released when the process ends, however it ends. Returns (position in `devices`, file).
+    """
+    import fcntl
+
+    directory = (
+        Path(lock_dir) if lock_dir is not None else Path(tempfile.gettempdir()) / f"diffit-pipe-gpus-{os.getuid()}"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    for round_number in itertools.count():
+        for position, device in enumerate(devices):
+            handle = open(directory / f"gpu-{_UNSAFE_NAME_CHARS.sub('_', device)}-{round_number}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            return position, handle
+
+
+def _device_ids(count: int) -> list[str]:
+    """Stable names of the `count` visible GPUs for `claim_gpu`: their UUIDs, else the CUDA_VISIBLE_DEVICES entries."""
+    import torch
+
+    try:
+        return [str(torch.cuda.get_device_properties(index).uuid) for index in range(count)]
+    except (AttributeError, RuntimeError):
+        ids = visible_gpus()
+        return ids if len(ids) == count else [str(index) for index in range(count)]
+
+
+def process_gpu() -> int:
+    """The index of the visible GPU this process uses, chosen once per process.
+
+    A worker started pinned (`DIFFIT_PIPE_PINNED_GPU`, by `PinnedGPUCluster`) or seeing a single GPU (dask-cuda
+    workers, `CUDA_VISIBLE_DEVICES=i`) uses GPU 0 of what it sees. Otherwise several worker processes on one host
+    see the same GPUs (`dask worker --nworkers 8`, or every task of a SLURM job given all the node's GPUs), and
+    each claims its own with `claim_gpu`, its first visible GPU first (which, with dask-cuda's rotated lists, is
+    its own).
+    """
+    import torch
+
+    with _GPU_CLAIM_LOCK:
+        if not _GPU_CLAIM:
+            count = torch.cuda.device_count()
+            if count <= 1 or os.environ.get(PINNED_GPU_ENV):
+                _GPU_CLAIM.append(0)
+            else:
+                position, handle = claim_gpu(_device_ids(count))
+                _GPU_CLAIM.extend([position, handle])
+                logger.info("process %d uses GPU %d of %d", os.getpid(), position, count)
+        return _GPU_CLAIM[0]
+
+
 def pick_device(name: str = "auto") -> str:
-    """The torch device: `auto` means CUDA when available, else CPU."""
+    """The torch device: `auto` means this process's GPU when CUDA is available, else CPU; `cuda` without an
+    index is this process's GPU (`process_gpu`), so the workers of one host spread over its GPUs."""
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        name = "cuda"
+    if name == "cuda":
+        index = process_gpu()
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
     return name
 
 
+def _is_cuda(device) -> bool:
+    """True for a CUDA device (a torch.device or a name such as "cuda:1")."""
+    return str(device).startswith("cuda")
+
+
 def load_vae(local_path: str, dtype: str = "fp32", device: str = "cpu"):
-    """Load an AutoencoderKL from a resolved local directory (safetensors only), in eval mode, no gradients."""
+    """Load an AutoencoderKL from a resolved local directory (safetensors only), in eval mode, no gradients.
+
+    On CUDA its weights use the channels-last memory format (cuDNN's fast layout for fp16/bf16 convolutions);
+    on CPU they stay contiguous, so CPU latents are the same bytes as before.
+    """
+    import torch
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(
         local_path, torch_dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=True
     )
     vae.requires_grad_(False)
-    return vae.eval().to(device)
+    vae = vae.eval().to(device)
+    if _is_cuda(device):
+        vae = vae.to(memory_format=torch.channels_last)
+    _VAE_SOURCES[vae] = (local_path, device)
+    return vae
 
 
 def get_vae(local_path: str, dtype: str = "fp32", device: str = "cpu"):
@@ -271,24 +386,111 @@ def pixels_to_tensor(pixels: np.ndarray):
     return images / 127.5 - 1.0
 
 
-def encode_pixels(vae, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior mean and std of crops and their horizontal flips: float32 [N, 2, C, h, w] each (unscaled).
+def _encoder_input(vae, pixels: np.ndarray):
+    """The batch of crops and their horizontal flips (2N) on the VAE's device, in its dtype and memory format.
 
-    The N crops and their N flips go through the encoder as one batch of 2N.
+    On CUDA the uint8 pixels are copied (a quarter of the float bytes, from pinned memory) and converted on the
+    GPU, in channels-last; the arithmetic is the same fp32 `x / 127.5 - 1` as on the CPU.
     """
     import torch
 
-    images = pixels_to_tensor(pixels)
-    count = images.shape[0]
-    both = torch.cat([images, images.flip(-1)])
     parameter = next(vae.parameters())
+    if not _is_cuda(parameter.device):
+        images = pixels_to_tensor(pixels)
+        both = torch.cat([images, images.flip(-1)])
+        return both.to(device=parameter.device, dtype=parameter.dtype)
+    host = torch.from_numpy(np.ascontiguousarray(pixels)).pin_memory()
+    images = host.to(parameter.device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    both = torch.cat([images, images.flip(-1)]).to(parameter.dtype)
+    return both.contiguous(memory_format=torch.channels_last)
+
+
+def _encode_moments(vae, pixels: np.ndarray):
+    """The encoder's posterior for crops + flips: (posterior, moments) on the VAE's device, in its dtype."""
+    import torch
+
     with torch.inference_mode():
-        posterior = vae.encode(both.to(device=parameter.device, dtype=parameter.dtype)).latent_dist
+        posterior = vae.encode(_encoder_input(vae, pixels)).latent_dist
+    return posterior, posterior.parameters
+
+
+def _fits_float16(moments) -> bool:
+    """True when every raw moment (mean and log-variance, before diffusers clamps the log-variance) is finite and
+    within the float16 range: NaN and ±inf compare False, so one reduction catches NaN, inf and overflow."""
+    import torch
+
+    with torch.inference_mode():
+        return bool((moments.float().abs() <= FP16_MAX).all())
+
+
+def fp32_twin(vae):
+    """An fp32 copy of a low-precision VAE on the same device, loaded only when first needed.
+
+    A VAE from `load_vae`/`get_vae` gets the fp32 VAE of the same files through the per-process cache (so the
+    retried batch is exactly what an fp32 encode gives); any other module gets an fp32 copy of its own weights.
+    """
+    source = _VAE_SOURCES.get(vae)
+    if source is not None:
+        local_path, device = source
+        return get_vae(local_path, "fp32", device)
+    with _FP32_RETRY_LOCK:
+        if vae not in _FP32_COPIES:
+            import copy
+
+            _FP32_COPIES[vae] = copy.deepcopy(vae).float()
+        return _FP32_COPIES[vae]
+
+
+def fp32_retry_count() -> int:
+    """How many batches this process encoded again in fp32 because the low-precision result was not finite."""
+    return _FP32_RETRIES
+
+
+def _count_retry(dtype, batch: int) -> int:
+    """Count one fp32 retry and say so (with the running count, which the job may also record)."""
+    global _FP32_RETRIES
+    with _FP32_RETRY_LOCK:
+        _FP32_RETRIES += 1
+        retries = _FP32_RETRIES
+    logger.warning(
+        "VAE encode in %s gave NaN/inf or values outside the float16 range for a batch of %d crops; encoded it "
+        "again in fp32 (%d batch(es) retried in fp32 in process %d so far)",
+        str(dtype).removeprefix("torch."),
+        batch,
+        retries,
+        os.getpid(),
+    )
+    return retries
+
+
+def encode_pixels(vae, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and std of crops and their horizontal flips: float32 [N, 2, C, h, w] each (unscaled).
+
+    The N crops and their N flips go through the encoder as one batch of 2N. A low-precision (fp16/bf16) VAE's
+    batch whose moments are not finite or overflow float16 is encoded again by its fp32 twin (`fp32_twin`), so a
+    retried batch is exactly the fp32 result; `fp32_retry_count` counts these batches (per process).
+    """
+    mean, std, _ = encode_pixels_checked(vae, pixels)
+    return mean, std
+
+
+def encode_pixels_checked(vae, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`encode_pixels`, plus whether this batch was retried in fp32 (for a caller that counts per task: the
+    process-wide `fp32_retry_count` mixes the tasks that a worker's threads run at the same time)."""
+    import torch
+
+    posterior, moments = _encode_moments(vae, pixels)
+    retried = moments.dtype != torch.float32 and not _fits_float16(moments)
+    if retried:
+        _count_retry(moments.dtype, len(pixels))
+        posterior, moments = _encode_moments(fp32_twin(vae), pixels)
+    with torch.inference_mode():
         mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+    count = len(pixels)
     shape = (2, count) + tuple(mean.shape[1:])
     mean = mean.reshape(shape).transpose(0, 1).contiguous().numpy()
     std = std.reshape(shape).transpose(0, 1).contiguous().numpy()
-    return mean, std
+    return mean, std, retried
 
 
 def decode_latents(vae, latents: np.ndarray) -> np.ndarray:

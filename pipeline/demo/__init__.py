@@ -1,5 +1,6 @@
 """The embedded default: a procedural labelled dataset, a small VAE fitted on it, a classifier that judges
-samples, and `run_demo`, which drives encode -> train -> evaluate on them through those stages' public APIs.
+samples, and `run_demo`, which drives encode -> train -> evaluate -> report on them through those stages' public
+APIs.
 
 `procedural` draws and loads the dataset, `vae_fit` fits the domain AutoencoderKL, `classifier` is the
 class-consistency yardstick, `run` is the demo itself, `staging` publishes whole output directories. Other

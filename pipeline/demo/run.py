@@ -19,7 +19,9 @@
               on held-out real images (so the number means something), and their shape consistency, measured
               the same way by a classifier that sees grayscale only (every class has its own colour, so the
               first one accepts a blob of the right colour; this one needs the right shape or texture).
- 5. a summary of where everything is.
+ 5. `report` one self-contained HTML page per training run (curves, sample grids over training, evaluation,
+              lineage with hashes), `report_latent.html` and `report_image.html`;
+    and a summary of where everything is.
 
 Every step is resumable: run the same command again after an interruption and finished steps are skipped by
 the stages' own resume logic.
@@ -179,12 +181,16 @@ class DemoRun:
 
 def _train_config(kind: str, settings: DemoSettings, latent_size: int | None) -> dict[str, Any]:
     """Configuration of one demo training run, in the same schema as the presets in `manifests/`."""
-    common_train = {"mixed_precision": "no", "seed": settings.seed, "log_every": 20, "tracker": "tensorboard"}
+    steps = settings.latent_steps if kind == "latent" else settings.image_steps
+    # Every 20 steps, and at least 20 records per run so that the report's curves have a shape (`--quick`).
+    log_every = min(20, max(steps // 20, 1))
+    common_train = {"mixed_precision": "no", "seed": settings.seed, "log_every": log_every, "tracker": "tensorboard"}
+    # Four sample grids over training, side by side in the report.
+    sample_every = max(steps // 4, 1)
     # Both models are class-conditional with EDM preconditioning and CFG label dropout (see DemoSettings).
     edm = {"type": "edm", "learn_sigma": False, "sigma_data": 0.5}
     data = {"resampled": True, "shuffle_buffer": 500, "num_workers": 1, "hflip": True, "label_dropout": 0.1}
     if kind == "latent":
-        steps = settings.latent_steps
         return {
             "model": {
                 "name": "DiffiT-Tiny/2",
@@ -206,14 +212,13 @@ def _train_config(kind: str, settings: DemoSettings, latent_size: int | None) ->
             "train": {**common_train, "global_batch_size": settings.latent_batch, "max_steps": steps},
             "checkpoint": {"every": max(steps // 3, 1), "keep": 2},
             "sample": {
-                "every": max(steps // 2, 1),
+                "every": sample_every,
                 "count": 16,
                 "sampler": "edm-heun",
                 "steps": 18,
                 "guidance_scale": 1.0,
             },
         }
-    steps = settings.image_steps
     return {
         "model": {"name": "DiffiT-UNet-Tiny", "num_classes": None, "input_size": settings.image_model_resolution},
         # P_mean -0.4 (EDM: -1.2) for the same reason as the latent model: more training at the high noise
@@ -224,7 +229,7 @@ def _train_config(kind: str, settings: DemoSettings, latent_size: int | None) ->
         "ema": {"decay": 0.995},
         "train": {**common_train, "global_batch_size": settings.image_batch, "max_steps": steps},
         "checkpoint": {"every": max(steps // 3, 1), "keep": 2},
-        "sample": {"every": max(steps // 2, 1), "count": 16, "sampler": "edm-heun", "steps": 18, "guidance_scale": 1.0},
+        "sample": {"every": sample_every, "count": 16, "sampler": "edm-heun", "steps": 18, "guidance_scale": 1.0},
     }
 
 
@@ -456,6 +461,24 @@ def evaluate_step(
         }
 
 
+def report_step(demo: DemoRun) -> dict[str, str]:
+    """5: one HTML report per training run, linking its export and evaluation; returns their paths."""
+    from pipeline.report import write_report
+
+    reports = {}
+    with demo.step("5/5 report: one page per run"):
+        for kind in ("latent", "image"):
+            reports[kind] = str(
+                write_report(
+                    demo.paths[f"{kind}_run"],
+                    demo.out / f"report_{kind}.html",
+                    exports=[demo.paths[f"{kind}_model"]],
+                    evaluations=[demo.paths[f"{kind}_eval"]],
+                )
+            )
+    return reports
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     quick: bool = False,
@@ -485,6 +508,7 @@ def run_demo(
     evaluations = {
         kind: evaluate_step(demo, kind, classifiers, class_names, inception_weights) for kind in ("latent", "image")
     }
+    reports = report_step(demo)
 
     summary = {
         "out": str(demo.out),
@@ -500,6 +524,7 @@ def run_demo(
         "training": runs,
         **classifier_entries,
         "evaluation": evaluations,
+        "reports": reports,
         "inception_weights": inception_weights,
     }
     write_text_atomic(demo.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -535,5 +560,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         for name, value in entry["plumbing_only_metrics"].items():
             lines.append(f"{kind} model: {name} = {value:.4g} (PLUMBING-ONLY: non-official Inception weights)")
         lines.append(f"{kind} model: samples grid {entry['grid']}")
+        lines.append(f"{kind} model: run report {summary['reports'][kind]}")
     lines.append(f"everything is under {summary['out']} (summary.json lists every path)")
     return "\n".join(lines)

@@ -1,26 +1,44 @@
 """The encode stage: image sources -> crop -> VAE (or PNG) -> WebDataset shards + manifest, as Dask tasks.
 
-`sources` scans a folder tree or packed shards, `transforms` decodes and center-crops one image, `job` plans,
-runs and resumes the sharded job, `inspect` summarises, verifies and previews a finished dataset. Other stages
-use what this package exports, never its modules' internals.
+`sources` scans a folder tree or packed shards (streaming, stopping early under a limit), `transforms` decodes
+and center-crops one image, `plan` turns the items into compact shard tasks and decides which finished shards
+resume keeps, `cluster` starts or joins the Dask cluster (CPU workers, one worker per GPU, a scheduler file),
+`job` plans, runs and resumes the sharded job, `estimate` is its dry run, `inspect` summarises, verifies and
+previews a finished dataset. Other stages use what this package exports, never its modules' internals.
 """
 
+from pipeline.encode.estimate import DryRun, dry_run, format_dry_run
 from pipeline.encode.inspect import PreviewError, format_summary, summarize, write_preview
-from pipeline.encode.job import JobConfig, JobError, JobResult, command_line, run_job
-from pipeline.encode.sources import Source, SourceError, SourceItem, read_item_bytes, scan_source
+from pipeline.encode.job import JobConfig, JobError, JobPlan, JobResult, command_line, plan_job, run_job
+from pipeline.encode.sources import (
+    Source,
+    SourceError,
+    SourceItem,
+    SourceScan,
+    open_source,
+    read_item_bytes,
+    scan_source,
+)
 from pipeline.encode.transforms import ImageDecodeError, prepare_image
 
 __all__ = [
+    "DryRun",
     "ImageDecodeError",
     "JobConfig",
     "JobError",
+    "JobPlan",
     "JobResult",
     "PreviewError",
     "Source",
     "SourceError",
     "SourceItem",
+    "SourceScan",
     "command_line",
+    "dry_run",
+    "format_dry_run",
     "format_summary",
+    "open_source",
+    "plan_job",
     "prepare_image",
     "read_item_bytes",
     "run_job",

@@ -1,16 +1,18 @@
 """The encode / pack job: source images → center crops → (SD-VAE latents | PNG) → WebDataset shards, on Dask.
 
-The driver (`run_job`) scans the source, checks the VAE before any work, plans one task per output shard
-(items `k * shard_size ... (k + 1) * shard_size - 1` in sorted order go to shard `k`), runs the tasks on a Dask
-cluster and, once every shard is done, writes `failures.jsonl` and then `manifest.json` (the manifest is the
-"dataset complete" marker, so it is removed when a job starts and written last).
+The driver (`run_job`) plans the job (`plan_job`: checks the settings and the VAE before any work, streams the
+source into one task per output shard - items `k * shard_size ... (k + 1) * shard_size - 1` in sorted order go
+to shard `k` - see `pipeline.encode.plan`), keeps the finished shards that resume can trust, runs the other
+tasks on a Dask cluster (`pipeline.encode.cluster`) and, once every shard is done, writes `failures.jsonl` and
+then `manifest.json` (the manifest is the "dataset complete" marker, so it is removed when a job starts and
+written last). `dry_run` plans the same job and times a few batches without writing anything.
 
 A task (`encode_shard`) first checks whether its shard is already done: sidecar present, same fingerprint (the
 items with their sizes and modification times, the resolution, transform, VAE hash and dtype) and the tar's
-sha256 matches. If so it returns the sidecar (resume after a kill); otherwise it decodes, crops and encodes its
-items in batches, streams the samples into a temporary tar and commits it with its sidecar. Bad items become
-failure records; they never stop the task. The VAE is fetched with `pipeline.core.vae.get_vae`, cached per worker
-process.
+sha256 matches. If so it returns the sidecar (resume after a kill, or `--verify`); otherwise it decodes, crops
+and encodes its items in batches, streams the samples into a temporary tar and commits it with its sidecar,
+which it then seals (`seal_sidecar`). Bad items become failure records; they never stop the task. The VAE is
+fetched with `pipeline.core.vae.get_vae`, cached per worker process, on the worker's own GPU if it has one.
 
 What OUT may already hold (`check_overwrite`): nothing, or an earlier run - finished or interrupted - of the same
 job, which is resumed. Anything this job would destroy needs `overwrite`: a manifest of another dataset (other
@@ -19,11 +21,10 @@ the manifest lists) that this job would rewrite with other items or settings, or
 writes fewer shards (`--limit`, a larger `--shard-size`). Leftovers that never formed a finished shard (temporary
 files, a tar without its sidecar) are cleaned up as before.
 
-Dask: by default a `LocalCluster` of `workers` processes with one thread each (torch limited to
-cores // workers threads), or an existing cluster via `scheduler="tcp://host:port"` (the source, the output and
-the VAE directory must then be visible at the same paths on every worker). A worker that dies takes its task
-with it; the scheduler runs the task again elsewhere (`retries` covers exceptions inside a task too). Shards
-whose task still fails are reported by name and the job ends without a manifest; re-running redoes just them.
+A worker that dies takes its task with it; the scheduler runs the task again elsewhere (`retries` covers
+exceptions inside a task too). Shards whose task still fails are reported by name and the job ends without a
+manifest; re-running redoes just them. On a running cluster (`scheduler`, `scheduler_file`) the source, the
+output and the VAE directory must be visible at the same paths on every worker.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,6 @@ from pipeline.core.shards import (
     SIDECAR_NAME_PATTERN,
     ShardWriter,
     image_sample,
-    json_bytes,
     latent_sample,
     read_sidecar,
     shard_name,
@@ -68,7 +68,17 @@ from pipeline.core.shards import (
     write_lines_atomic,
 )
 from pipeline.core.vae import DEFAULT_VAE, VAESpec, resolve_vae
-from pipeline.encode.sources import Source, SourceItem, read_item_bytes, scan_source
+from pipeline.encode.plan import (
+    RECORD_CHECK,
+    ItemBlock,
+    ShardTask,
+    iter_shards,
+    read_sidecars,
+    seal_sidecar,
+    shard_fingerprint,
+    trusted_shards,
+)
+from pipeline.encode.sources import SourceItem, SourceScan, open_source, read_item_bytes
 from pipeline.encode.transforms import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -80,11 +90,6 @@ from pipeline.encode.transforms import (
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".diffit-pipe.lock"
-LOCAL_CLUSTER_CONFIG = {
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "500ms",
-    "distributed.admin.system-monitor.interval": "2s",
-}
 
 
 class JobError(InputError):
@@ -104,9 +109,11 @@ class JobConfig:
     shard_size: int = 1000
     batch_size: int = 32
     workers: int = 1  # 0: run the tasks inside this process (Dask threads, no worker processes)
-    scheduler: str | None = None
+    gpus: int = 0  # > 0: a local cluster of one worker per GPU instead of `workers` CPU workers
+    scheduler: str | None = None  # tcp://HOST:PORT of a running cluster
+    scheduler_file: str | None = None  # or the file `dask scheduler --scheduler-file PATH` wrote
     dtype: str = "fp32"
-    torch_threads: int | None = None  # torch intra-op threads per worker; None: cores // workers
+    torch_threads: int | None = None  # torch intra-op threads per worker; None: cores // local workers
     device: str = "auto"
     max_failure_rate: float = 0.001
     limit: int | None = None
@@ -115,26 +122,25 @@ class JobConfig:
     progress: bool = True
     command: str = ""
     overwrite: bool = False  # replace a different dataset in `out` (see the module docstring)
+    verify: bool = False  # re-hash finished shards on resume instead of trusting their sealed sidecars
+
+    @property
+    def remote(self) -> bool:
+        """True when the job runs on a cluster started elsewhere (its workers choose their torch threads)."""
+        return bool(self.scheduler or self.scheduler_file)
 
 
 @dataclass
-class ShardTask:
-    """Everything one worker needs to produce one shard (pickled to the worker)."""
+class JobPlan:
+    """A planned job: the checked settings, the resolved VAE, the opened source, OUT and the shard tasks."""
 
-    index: int
-    items: list[SourceItem]
-    root: str
-    out: str
-    kind: str
-    resolution: int
-    max_pixels: int
-    batch_size: int
-    fingerprint: str
-    vae_path: str | None
-    dtype: str
-    device: str
-    torch_threads: int | None
-    progress_topic: str | None
+    cfg: JobConfig
+    vae_spec: VAESpec | None
+    source: SourceScan
+    out: Path
+    tasks: list[ShardTask]
+    items: int
+    topic: str
 
 
 @dataclass
@@ -179,18 +185,6 @@ def _report_progress(topic: str | None, index: int, done: int) -> None:
         return
 
 
-def _default_torch_threads() -> int:
-    """cores // Dask threads of this worker: what a task may use without oversubscribing its machine."""
-    cores = _local_cores()
-    try:
-        from distributed import get_worker
-
-        nthreads = get_worker().state.nthreads
-    except (ValueError, AttributeError):
-        nthreads = 1
-    return max(1, cores // max(1, nthreads))
-
-
 def _sample_meta(item: SourceItem, record: dict[str, Any]) -> dict[str, Any]:
     """The `json` member of a sample: source path, original size, crop box (in the original's pixels)."""
     if item.packed_meta is None:
@@ -231,59 +225,75 @@ def _prepare(item: SourceItem, task: ShardTask) -> tuple[np.ndarray, dict[str, A
     return pixels, _sample_meta(item, record)
 
 
+def prepare_batch(batch: list[SourceItem], task: ShardTask, failures: list[dict[str, Any]]) -> list[tuple]:
+    """(item, crop, json record) of the items of `batch` that can be used; the others go to `failures`."""
+    ready = []
+    for item in batch:
+        try:
+            pixels, meta = _prepare(item, task)
+        except ImageDecodeError as error:
+            failures.append(_failure(item, task.root, str(error)))
+            continue
+        ready.append((item, pixels, meta))
+    return ready
+
+
 def _existing_shard(task: ShardTask) -> dict[str, Any] | None:
-    """The sidecar of this shard when a previous run already produced it with the same fingerprint, intact."""
+    """The sidecar of this shard when a previous run already produced it with the same fingerprint and its tar's
+    sha256 matches (the full check: the driver sends a task only for a shard it could not trust, or under
+    --verify)."""
     sidecar = read_sidecar(task.out, task.index)
     if sidecar is None or sidecar.get("fingerprint") != task.fingerprint:
         return None
     if shard_problems(task.out, sidecar):
         return None
-    return sidecar
+    sealed = seal_sidecar({key: value for key, value in sidecar.items() if key != RECORD_CHECK})
+    if sealed != sidecar:  # verified by hash: seal it, so that the dataset's bytes equal an uninterrupted run's
+        write_json_atomic(Path(task.out) / sidecar_name(task.index), sealed)
+    return sealed
+
+
+def task_vae(task: ShardTask):
+    """The VAE of a latent task on this worker's device (its own GPU, or CPU), with the task's torch threads
+    (default: the worker's Dask threads)."""
+    from pipeline.core.vae import get_vae, pick_device, set_torch_threads
+    from pipeline.encode.cluster import worker_threads
+
+    set_torch_threads(task.torch_threads or worker_threads())
+    return get_vae(task.vae_path, task.dtype, pick_device(task.device))
 
 
 def encode_shard(task: ShardTask) -> dict[str, Any]:
     """Produce (or find already done) shard `task.index`; returns its sidecar plus `"skipped": bool`."""
     existing = _existing_shard(task)
     if existing is not None:
-        _report_progress(task.progress_topic, task.index, len(task.items))
+        _report_progress(task.progress_topic, task.index, task.count)
         return {**existing, "skipped": True}
 
-    vae = None
-    if task.kind == "latents":
-        from pipeline.core.vae import get_vae, pick_device, set_torch_threads
-
-        set_torch_threads(task.torch_threads or _default_torch_threads())
-        vae = get_vae(task.vae_path, task.dtype, pick_device(task.device))
-
+    vae = task_vae(task) if task.kind == "latents" else None
+    items = task.block.unpack()
     failures: list[dict[str, Any]] = []
-    done = 0
     with ShardWriter(task.out, task.index) as writer:
-        for start in range(0, len(task.items), task.batch_size):
-            batch = task.items[start : start + task.batch_size]
-            ready = []
-            for item in batch:
-                try:
-                    pixels, meta = _prepare(item, task)
-                except ImageDecodeError as error:
-                    failures.append(_failure(item, task.root, str(error)))
-                    continue
-                ready.append((item, pixels, meta))
-            _write_batch(writer, vae, ready, failures, task)
-            done += len(batch)
-            _report_progress(task.progress_topic, task.index, done)
+        for start in range(0, len(items), task.batch_size):
+            batch = items[start : start + task.batch_size]
+            write_batch(writer, vae, prepare_batch(batch, task, failures), failures, task)
+            _report_progress(task.progress_topic, task.index, start + len(batch))
         sidecar = writer.commit(
             {
                 "fingerprint": task.fingerprint,
-                "items": len(task.items),
-                "first_item": task.items[0].index if task.items else None,
+                "items": len(items),
+                "first_item": items[0].index if items else None,
                 "failures": failures,
-            }
+            },
+            # Sealed: resume trusts this sidecar without re-hashing the tar (see `pipeline.encode.plan`).
+            finish=seal_sidecar,
         )
     return {**sidecar, "skipped": False}
 
 
-def _write_batch(writer: ShardWriter, vae, ready: list, failures: list, task: ShardTask) -> None:
-    """Encode one batch of crops (latents) or PNG-compress them (images) and append the samples in item order."""
+def write_batch(writer, vae, ready: list, failures: list, task: ShardTask) -> None:
+    """Encode one batch of crops (latents) or PNG-compress them (images) and append the samples in item order
+    (`writer`: a ShardWriter, or anything with `write(sample)`)."""
     if not ready:
         return
     if task.kind == "images":
@@ -302,21 +312,145 @@ def _write_batch(writer: ShardWriter, vae, ready: list, failures: list, task: Sh
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Driver side
+# Driver side: planning
 
 
-def plan_shards(items: list[SourceItem], shard_size: int) -> list[list[SourceItem]]:
-    """Split the ordered items into consecutive shards of `shard_size` (the last one may be shorter)."""
-    if shard_size < 1:
-        raise JobError(f"--shard-size must be at least 1, got {shard_size}")
-    return [items[start : start + shard_size] for start in range(0, len(items), shard_size)]
+def _settings_for_fingerprint(cfg: JobConfig, vae_spec: VAESpec | None) -> dict[str, Any]:
+    """Job settings that change shard bytes (the batch size and worker count do not)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": cfg.kind,
+        "resolution": cfg.resolution,
+        "transform": transform_spec(cfg.resolution, cfg.max_pixels),
+        "vae_hash": vae_spec.path_hash if vae_spec else None,
+        "dtype": cfg.dtype if vae_spec else None,
+    }
 
 
-def shard_fingerprint(settings: dict[str, Any], index: int, items: list[SourceItem]) -> str:
-    """sha256 of what determines a shard's content: job settings, shard index and its items' identities."""
-    digest = hashlib.sha256(json_bytes(settings))
-    digest.update(json_bytes([index, [item.fingerprint_fields() for item in items]]))
-    return digest.hexdigest()
+def check_config(cfg: JobConfig) -> None:
+    """Refuse settings that cannot work, with the flag to change."""
+    from pipeline.encode.cluster import check_cluster_settings
+
+    if cfg.kind not in ("latents", "images"):
+        raise JobError(f"unknown job kind {cfg.kind!r}")
+    if cfg.resolution < 8:
+        raise JobError(f"--resolution must be at least 8, got {cfg.resolution}")
+    if cfg.batch_size < 1:
+        raise JobError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.shard_size < 1:
+        raise JobError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    check_cluster_settings(cfg.workers, cfg.gpus, cfg.scheduler, cfg.scheduler_file)
+    if cfg.gpus and cfg.device not in ("auto", "cuda"):
+        raise JobError(f"--gpus puts each worker on its own GPU; --device {cfg.device} contradicts it (use auto)")
+    if not 0.0 <= cfg.max_failure_rate <= 1.0:
+        raise JobError(f"--max-failure-rate must be within [0, 1], got {cfg.max_failure_rate}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise JobError(f"--limit must be at least 1, got {cfg.limit}")
+    if cfg.max_pixels < 1:
+        raise JobError(f"--max-pixels must be positive, got {cfg.max_pixels}")
+    if cfg.dtype not in ("fp32", "fp16", "bf16"):
+        raise JobError(f"--dtype must be fp32, fp16 or bf16, got {cfg.dtype!r}")
+
+
+def torch_threads_per_worker(cfg: JobConfig, remote: bool = False) -> int | None:
+    """Torch threads per worker: `--torch-threads`, else cores // workers for a cluster started here; None on a
+    running cluster (`remote`: a client was passed in, or a scheduler named), whose workers use their Dask
+    thread count."""
+    from pipeline.encode.cluster import local_cores
+
+    if cfg.torch_threads is not None:
+        return cfg.torch_threads
+    if remote or cfg.remote:
+        return None
+    return max(1, local_cores() // max(1, cfg.gpus or cfg.workers))
+
+
+def plan_job(cfg: JobConfig, remote: bool = False) -> JobPlan:
+    """Check the settings and the VAE, open the source and stream it into shard tasks (nothing is written).
+    `remote`: the tasks will run on a cluster this job did not start (a client was passed in)."""
+    check_config(cfg)
+    vae_spec = _resolve_job_vae(cfg) if cfg.kind == "latents" else None  # a bad --vae fails before any work
+    source = open_source(cfg.source, cfg.limit)
+    out = _output_path(cfg.out, source.root)
+    if source.layout == "shards" and source.packed_manifest and cfg.resolution > source.packed_manifest["resolution"]:
+        logger.warning(
+            "encoding at %d px from shards packed at %d px: images are upsampled",
+            cfg.resolution,
+            source.packed_manifest["resolution"],
+        )
+    topic = f"diffit-pipe-progress-{uuid.uuid4().hex[:8]}"
+    settings = _settings_for_fingerprint(cfg, vae_spec)
+    template = ShardTask(
+        index=0,
+        block=ItemBlock(0, 0, b""),
+        root=source.root,
+        out=str(out),
+        kind=cfg.kind,
+        resolution=cfg.resolution,
+        max_pixels=cfg.max_pixels,
+        batch_size=cfg.batch_size,
+        fingerprint="",
+        vae_path=vae_spec.local_path if vae_spec else None,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        torch_threads=torch_threads_per_worker(cfg, remote),
+        progress_topic=topic,
+    )
+    tasks, items = [], 0
+    for index, shard_items in enumerate(iter_shards(source.items, cfg.shard_size)):
+        fingerprint = shard_fingerprint(settings, index, shard_items)
+        tasks.append(replace(template, index=index, block=ItemBlock.pack(shard_items), fingerprint=fingerprint))
+        items += len(shard_items)
+    return JobPlan(cfg, vae_spec, source, out, tasks, items, topic)
+
+
+def _output_path(out_arg: str, source_root: str) -> Path:
+    """The absolute output directory (not created); JobError (one line) when it cannot be one."""
+    try:
+        out = Path(out_arg).expanduser().resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
+        raise JobError(f"the output directory {out_arg} cannot be resolved: {error}") from error
+    if out == Path(source_root) or Path(source_root) in out.parents:
+        # Shards inside the source tree would be read as images (or a class folder) by the next run.
+        raise JobError(f"the output directory {out} is inside the source {source_root}; choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise JobError(f"the output directory {out} is an existing file, not a directory; choose another OUT")
+    return out
+
+
+def _create_output(out: Path) -> None:
+    """Create the output directory; JobError (one line) when it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent is a file (Not a directory), permission denied, read-only file system
+        raise JobError(f"cannot create the output directory {out}: {error.strerror or error}") from error
+
+
+def dataset_identity(plan: JobPlan) -> dict[str, Any]:
+    """What makes a dataset this job's, as its manifest records it (compared by `check_overwrite`)."""
+    cfg = plan.cfg
+    return {
+        "kind": cfg.kind,
+        "source": plan.source.root,
+        "resolution": cfg.resolution,
+        "transform": transform_spec(cfg.resolution, cfg.max_pixels),
+        "vae": [plan.vae_spec.path_hash, cfg.dtype] if plan.vae_spec else None,
+    }
+
+
+def _resolve_job_vae(cfg: JobConfig) -> VAESpec:
+    """The checked `--vae` of a latent job, and whether the resolution fits its downsampling factor."""
+    vae_spec = resolve_vae(cfg.vae, cfg.vae_revision)
+    factor = vae_spec.downsample_factor
+    if cfg.resolution % factor:
+        raise JobError(f"--resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    if cfg.dtype != "fp32" and cfg.device == "cpu":
+        logger.warning("--dtype %s on CPU: half-precision convolutions are usually slower than fp32", cfg.dtype)
+    return vae_spec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side: what OUT holds
 
 
 @contextmanager
@@ -386,9 +520,9 @@ def _manifest_conflict(out: Path, identity: dict[str, Any]) -> str | None:
     )
 
 
-def _finished_shard_indices(out: Path) -> set[int]:
+def _finished_shard_indices(out: Path, sidecars: dict[int, dict[str, Any] | None]) -> set[int]:
     """Shards of an earlier job that were finished: those with a sidecar, and those the manifest lists."""
-    indices = {number for path in out.glob("shard-*.json") if (number := _shard_number(path)) is not None}
+    indices = set(sidecars)
     manifest = _read_json_object(out / MANIFEST_NAME)
     if manifest and isinstance(manifest.get("shards"), list):
         for entry in manifest["shards"]:
@@ -398,26 +532,35 @@ def _finished_shard_indices(out: Path) -> set[int]:
     return indices
 
 
-def overwrite_conflicts(out: Path, identity: dict[str, Any], tasks: list[ShardTask]) -> list[str]:
-    """What in `out` this job would destroy that is not its own earlier work (see the module docstring)."""
+def overwrite_conflicts(
+    out: Path, identity: dict[str, Any], tasks: list[ShardTask], sidecars: dict[int, dict[str, Any] | None]
+) -> list[str]:
+    """What in `out` this job would destroy that is not its own earlier work (see the module docstring);
+    `sidecars`: the sidecars in `out` by shard index (`read_sidecars`)."""
     conflicts = []
     manifest = _manifest_conflict(out, identity)
     if manifest:
         conflicts.append(manifest)
     fingerprints = {task.index: task.fingerprint for task in tasks}
-    for index in sorted(_finished_shard_indices(out)):
+    for index in sorted(_finished_shard_indices(out, sidecars)):
         if index not in fingerprints:
             conflicts.append(f"{shard_name(index)} would be deleted (this job writes {len(tasks)} shard(s))")
             continue
-        sidecar = read_sidecar(out, index)
+        sidecar = sidecars.get(index)
         if sidecar is not None and sidecar.get("fingerprint") != fingerprints[index]:
             conflicts.append(f"{shard_name(index)} holds other items or settings and would be rewritten")
     return conflicts
 
 
-def check_overwrite(out: Path, identity: dict[str, Any], tasks: list[ShardTask], overwrite: bool) -> None:
+def check_overwrite(
+    out: Path,
+    identity: dict[str, Any],
+    tasks: list[ShardTask],
+    sidecars: dict[int, dict[str, Any] | None],
+    overwrite: bool,
+) -> None:
     """Refuse to destroy another dataset in `out` unless `overwrite` (then say what is replaced)."""
-    conflicts = overwrite_conflicts(out, identity, tasks)
+    conflicts = overwrite_conflicts(out, identity, tasks, sidecars)
     if not conflicts:
         return
     more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
@@ -449,70 +592,8 @@ def _prepare_output(out: Path, num_shards: int) -> None:
             path.unlink()
 
 
-def _local_cores() -> int:
-    """CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextmanager
-def quiet_cluster_logs(level: int = logging.ERROR) -> Iterator[None]:
-    """Keep a local cluster's chatter (an INFO line for every scheduler, nanny and worker event) off the terminal.
-
-    LocalCluster's `silence_logs` only quiets the handler that distributed installs for itself, and distributed
-    installs none when logging is already set up (`setup_logging` runs before distributed is imported): its
-    records then reach the root handler. So the level of distributed's loggers is raised while the block runs
-    (after distributed is imported: its import sets that level).
-    """
-    distributed_logger = logging.getLogger("distributed")
-    previous = distributed_logger.level
-    distributed_logger.setLevel(level)
-    try:
-        yield
-    finally:
-        distributed_logger.setLevel(previous)
-
-
-@contextmanager
-def _dask_client(cfg: JobConfig, client=None) -> Iterator[Any]:
-    """A Dask client: the one given, a running cluster (`scheduler`), or a LocalCluster started here."""
-    from distributed import Client, LocalCluster
-
-    if client is not None:
-        yield client
-        return
-    if cfg.scheduler:
-        logger.info("connecting to the Dask scheduler at %s", cfg.scheduler)
-        try:
-            remote = Client(cfg.scheduler, timeout="30s")
-        except OSError as error:
-            raise JobError(f"cannot connect to the Dask scheduler at {cfg.scheduler}: {error}") from error
-        with remote:
-            yield remote
-        return
-    import dask
-
-    processes = cfg.workers > 0
-    n_workers = max(1, cfg.workers)
-    logger.info(
-        "starting a local Dask cluster: %d worker(s) x 1 thread (%s)",
-        n_workers,
-        "processes" if processes else "in-process",
-    )
-    # Without a dashboard nobody reads the statistical profiler (a stack sample every 10 ms) or frequent system
-    # samples; turned off they stop taking CPU and the GIL from the encoding thread (an idle worker: 3% → 0.4%).
-    with dask.config.set(LOCAL_CLUSTER_CONFIG), quiet_cluster_logs():
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=processes,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        try:
-            with Client(cluster) as local:
-                yield local
-        finally:
-            cluster.close()
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side: running
 
 
 class _Progress:
@@ -542,67 +623,33 @@ class _Progress:
         self.bar.close()
 
 
-def _settings_for_fingerprint(cfg: JobConfig, vae_spec: VAESpec | None) -> dict[str, Any]:
-    """Job settings that change shard bytes (the batch size and worker count do not)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": cfg.kind,
-        "resolution": cfg.resolution,
-        "transform": transform_spec(cfg.resolution, cfg.max_pixels),
-        "vae_hash": vae_spec.path_hash if vae_spec else None,
-        "dtype": cfg.dtype if vae_spec else None,
-    }
-
-
-def check_config(cfg: JobConfig) -> None:
-    """Refuse settings that cannot work, with the flag to change."""
-    if cfg.kind not in ("latents", "images"):
-        raise JobError(f"unknown job kind {cfg.kind!r}")
-    if cfg.resolution < 8:
-        raise JobError(f"--resolution must be at least 8, got {cfg.resolution}")
-    if cfg.batch_size < 1:
-        raise JobError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.workers < 0:
-        raise JobError(f"--workers must be 0 (in-process) or more, got {cfg.workers}")
-    if not 0.0 <= cfg.max_failure_rate <= 1.0:
-        raise JobError(f"--max-failure-rate must be within [0, 1], got {cfg.max_failure_rate}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise JobError(f"--limit must be at least 1, got {cfg.limit}")
-    if cfg.max_pixels < 1:
-        raise JobError(f"--max-pixels must be positive, got {cfg.max_pixels}")
-    if cfg.dtype not in ("fp32", "fp16", "bf16"):
-        raise JobError(f"--dtype must be fp32, fp16 or bf16, got {cfg.dtype!r}")
-
-
 def run_job(cfg: JobConfig, client=None) -> JobResult:
     """Run an encode or pack job end to end (see the module docstring); `client`: use this Dask client."""
     started = time.perf_counter()
-    check_config(cfg)
-    vae_spec = _resolve_job_vae(cfg) if cfg.kind == "latents" else None  # a bad --vae fails before any work
-    source = scan_source(cfg.source)
-    items = source.items[: cfg.limit] if cfg.limit else source.items
-    if source.layout == "shards" and source.packed_manifest and cfg.resolution > source.packed_manifest["resolution"]:
-        logger.warning(
-            "encoding at %d px from shards packed at %d px: images are upsampled",
-            cfg.resolution,
-            source.packed_manifest["resolution"],
-        )
-
-    out = _output_directory(cfg.out, source)
-    topic = f"diffit-pipe-progress-{uuid.uuid4().hex[:8]}"
-    tasks = _shard_tasks(cfg, source, items, out, vae_spec, topic, local=not cfg.scheduler and client is None)
-
-    result = JobResult(out=str(out), manifest=None, shards_total=len(tasks), max_failure_rate=cfg.max_failure_rate)
+    plan = plan_job(cfg, remote=client is not None)
+    out = plan.out
+    _create_output(out)
+    result = JobResult(out=str(out), manifest=None, shards_total=len(plan.tasks), max_failure_rate=cfg.max_failure_rate)
     with _output_lock(out):
-        check_overwrite(out, _dataset_identity(cfg, source, vae_spec), tasks, cfg.overwrite)
-        _prepare_output(out, len(tasks))
-        logger.info("%s: %d items from %s in %d shard(s) → %s", cfg.kind, len(items), source.root, len(tasks), out)
-        sidecars = _execute(cfg, tasks, topic, result, client)
+        sidecars = read_sidecars(out)
+        check_overwrite(out, dataset_identity(plan), plan.tasks, sidecars, cfg.overwrite)
+        _prepare_output(out, len(plan.tasks))
+        trusted = {} if cfg.verify else trusted_shards(out, plan.tasks, sidecars)
+        logger.info(
+            "%s: %d items from %s in %d shard(s) → %s (%d already complete)",
+            cfg.kind,
+            plan.items,
+            plan.source.root,
+            len(plan.tasks),
+            out,
+            len(trusted),
+        )
+        done = _execute(plan, trusted, result, client)
         remove_temporary_files(out)  # leftovers of attempts whose worker died
         if result.failed_shards:
             result.elapsed_s = time.perf_counter() - started
             return result
-        manifest, failures = _build_manifest(cfg, source, items, tasks, sidecars, vae_spec)
+        manifest, failures = _build_manifest(plan, done)
         write_lines_atomic(out / FAILURES_NAME, failures)
         write_json_atomic(out / MANIFEST_NAME, manifest)
     result.manifest = manifest
@@ -612,142 +659,80 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
     return result
 
 
-def _output_directory(out_arg: str, source: Source) -> Path:
-    """The absolute output directory, created; JobError (one line) when it cannot be one."""
+def _execute(plan: JobPlan, trusted: dict[int, dict], result: JobResult, client) -> dict[int, dict]:
+    """Run the tasks of the shards that are not `trusted` (kept as they are) on Dask; returns the sidecars of
+    all shards by index and fills the tallies of `result`. No cluster is started when nothing is left to do."""
+    cfg = plan.cfg
+    sidecars: dict[int, dict[str, Any]] = dict(trusted)
+    result.shards_skipped = len(trusted)
+    todo = [task for task in plan.tasks if task.index not in trusted]
+    progress = _Progress(plan.items, cfg.progress and bool(todo), desc=cfg.kind)
     try:
-        out = Path(out_arg).expanduser().resolve()
-    except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
-        raise JobError(f"the output directory {out_arg} cannot be resolved: {error}") from error
-    if out == Path(source.root) or Path(source.root) in out.parents:
-        # Shards inside the source tree would be read as images (or a class folder) by the next run.
-        raise JobError(f"the output directory {out} is inside the source {source.root}; choose another OUT")
-    if out.exists() and not out.is_dir():
-        raise JobError(f"the output directory {out} is an existing file, not a directory; choose another OUT")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a parent is a file (Not a directory), permission denied, read-only file system
-        raise JobError(f"cannot create the output directory {out}: {error.strerror or error}") from error
-    return out
-
-
-def _dataset_identity(cfg: JobConfig, source: Source, vae_spec: VAESpec | None) -> dict[str, Any]:
-    """What makes a dataset this job's, as its manifest records it (compared by `check_overwrite`)."""
-    return {
-        "kind": cfg.kind,
-        "source": source.root,
-        "resolution": cfg.resolution,
-        "transform": transform_spec(cfg.resolution, cfg.max_pixels),
-        "vae": [vae_spec.path_hash, cfg.dtype] if vae_spec else None,
-    }
-
-
-def _resolve_job_vae(cfg: JobConfig) -> VAESpec:
-    """The checked `--vae` of a latent job, and whether the resolution fits its downsampling factor."""
-    vae_spec = resolve_vae(cfg.vae, cfg.vae_revision)
-    factor = vae_spec.downsample_factor
-    if cfg.resolution % factor:
-        raise JobError(f"--resolution {cfg.resolution} is not a multiple of the VAE's downsampling factor {factor}")
-    if cfg.dtype != "fp32" and cfg.device == "cpu":
-        logger.warning("--dtype %s on CPU: half-precision convolutions are usually slower than fp32", cfg.dtype)
-    return vae_spec
-
-
-def _shard_tasks(
-    cfg: JobConfig,
-    source: Source,
-    items: list[SourceItem],
-    out: Path,
-    vae_spec: VAESpec | None,
-    topic: str,
-    local: bool,
-) -> list[ShardTask]:
-    """One task per output shard. `local`: the cluster is started here, so torch threads = cores // workers."""
-    settings = _settings_for_fingerprint(cfg, vae_spec)
-    torch_threads = cfg.torch_threads
-    if torch_threads is None and local:
-        torch_threads = max(1, _local_cores() // max(1, cfg.workers))
-    return [
-        ShardTask(
-            index=index,
-            items=shard_items,
-            root=source.root,
-            out=str(out),
-            kind=cfg.kind,
-            resolution=cfg.resolution,
-            max_pixels=cfg.max_pixels,
-            batch_size=cfg.batch_size,
-            fingerprint=shard_fingerprint(settings, index, shard_items),
-            vae_path=vae_spec.local_path if vae_spec else None,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            torch_threads=torch_threads,
-            progress_topic=topic,
-        )
-        for index, shard_items in enumerate(plan_shards(items, cfg.shard_size))
-    ]
-
-
-def _execute(cfg: JobConfig, tasks: list[ShardTask], topic: str, result: JobResult, client) -> dict[int, dict]:
-    """Run the shard tasks on Dask; returns the sidecars by shard index and fills the tallies of `result`."""
-    from distributed import as_completed
-
-    sidecars: dict[int, dict[str, Any]] = {}
-    progress = _Progress(sum(len(t.items) for t in tasks), cfg.progress, desc=cfg.kind)
-    try:
-        with _dask_client(cfg, client) as dask_client:
-            dask_client.subscribe_topic(topic, progress.on_event)
-            futures = {
-                dask_client.submit(
-                    encode_shard,
-                    task,
-                    key=f"{cfg.kind}-{shard_name(task.index)}-{topic[-8:]}",
-                    pure=False,
-                    retries=cfg.retries,
-                ): task
-                for task in tasks
-            }
-            for future in as_completed(futures):
-                task = futures[future]
-                try:
-                    sidecar = future.result()
-                except Exception as error:  # the task failed on every attempt, or its workers kept dying
-                    result.failed_shards[shard_name(task.index)] = f"{type(error).__name__}: {error}"
-                    logger.error("shard %s failed: %s: %s", shard_name(task.index), type(error).__name__, error)
-                    continue
-                progress.update(task.index, len(task.items))
-                if sidecar.pop("skipped"):
-                    result.shards_skipped += 1
-                else:
-                    result.shards_written += 1
-                sidecars[task.index] = sidecar
-            dask_client.unsubscribe_topic(topic)
+        for task in plan.tasks:
+            if task.index in trusted:
+                progress.update(task.index, task.count)
+        if todo:
+            _run_tasks(plan, todo, progress, sidecars, result, client)
     finally:
         progress.close()
     if result.shards_skipped:
         logger.info(
-            "%d shard(s) were already complete and verified; %d written now",
+            "%d shard(s) were already complete (%d trusted from their sealed sidecars, %d verified by sha256); "
+            "%d written now",
             result.shards_skipped,
+            len(trusted),
+            result.shards_skipped - len(trusted),
             result.shards_written,
         )
     return sidecars
 
 
-def _build_manifest(
-    cfg: JobConfig,
-    source: Source,
-    items: list[SourceItem],
-    tasks: list[ShardTask],
-    sidecars: dict[int, dict[str, Any]],
-    vae_spec: VAESpec | None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _run_tasks(plan: JobPlan, todo: list[ShardTask], progress, sidecars: dict, result: JobResult, client) -> None:
+    """Submit `todo` to the job's Dask cluster and collect the sidecars as the tasks finish."""
+    from distributed import as_completed
+
+    from pipeline.encode.cluster import dask_client
+
+    cfg = plan.cfg
+    with dask_client(cfg.workers, cfg.gpus, cfg.scheduler, cfg.scheduler_file, client) as dask:
+        dask.subscribe_topic(plan.topic, progress.on_event)
+        futures = {
+            dask.submit(
+                encode_shard,
+                task,
+                key=f"{cfg.kind}-{shard_name(task.index)}-{plan.topic[-8:]}",
+                pure=False,
+                retries=cfg.retries,
+            ): task
+            for task in todo
+        }
+        for future in as_completed(futures):
+            task = futures[future]
+            try:
+                sidecar = future.result()
+            except Exception as error:  # the task failed on every attempt, or its workers kept dying
+                result.failed_shards[shard_name(task.index)] = f"{type(error).__name__}: {error}"
+                logger.error("shard %s failed: %s: %s", shard_name(task.index), type(error).__name__, error)
+                continue
+            progress.update(task.index, task.count)
+            if sidecar.pop("skipped"):
+                result.shards_skipped += 1
+            else:
+                result.shards_written += 1
+            sidecars[task.index] = sidecar
+        dask.unsubscribe_topic(plan.topic)
+
+
+def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The manifest and the failure records of a finished job (checking that the sidecars add up)."""
+    cfg, vae_spec, source = plan.cfg, plan.vae_spec, plan.source
     entries, failures = [], []
-    for task in tasks:
+    for task in plan.tasks:
         sidecar = sidecars[task.index]
-        if sidecar["items"] != len(task.items) or sidecar["count"] + len(sidecar["failures"]) != len(task.items):
+        if sidecar["items"] != task.count or sidecar["count"] + len(sidecar["failures"]) != task.count:
             raise JobError(
                 f"sidecar {sidecar_name(task.index)} does not add up: {sidecar['count']} written + "
-                f"{len(sidecar['failures'])} failed != {len(task.items)} items"
+                f"{len(sidecar['failures'])} failed != {task.count} items"
             )
         entries.append(
             {
@@ -760,7 +745,7 @@ def _build_manifest(
         )
         failures.extend(sidecar["failures"])
     written = sum(entry["count"] for entry in entries)
-    seen = len(items)
+    seen = plan.items
     counts = {"seen": seen, "written": written, "failed": len(failures)}
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -773,10 +758,10 @@ def _build_manifest(
         "shard_size": cfg.shard_size,
         "shards": entries,
         "members": list(LATENT_MEMBERS if cfg.kind == "latents" else IMAGE_MEMBERS),
-        "source": source.describe(),
+        "source": source.describe(plan.items),
         "transform": transform_spec(cfg.resolution, cfg.max_pixels),
         "failures_file": FAILURES_NAME,
-        "job_fingerprint": hashlib.sha256("".join(t.fingerprint for t in tasks).encode()).hexdigest(),
+        "job_fingerprint": hashlib.sha256("".join(t.fingerprint for t in plan.tasks).encode()).hexdigest(),
         "command": cfg.command,
         "package_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,15 +1,26 @@
-"""Sample-quality metrics of `evaluate`: FID, Inception Score, precision/recall and KID through torch-fidelity.
+"""Sample-quality metrics of `evaluate` by the ADM evaluator's protocol: FID, sFID, Inception Score, precision /
+recall (and KID), with torch-fidelity's Inception-v3.
 
-The math is torch-fidelity's (feature extraction loop, FID statistics and distance, IS, KID, precision/recall);
-this module supplies what the offline pipeline needs around it:
+The protocol is guided-diffusion's `evaluations/evaluator.py`, the one behind the published ImageNet numbers: FID
+and sFID against the statistics stored in a reference batch (`mu`, `sigma`, `mu_s`, `sigma_s`, computed over the
+whole training set), precision / recall (k = 3) against its images `arr_0`, the Inception Score of the samples.
+The math is in `pipeline.evaluate.adm` (Fréchet distance in float64 with the evaluator's singular-product
+handling, k-NN precision / recall in bounded memory), the features in `pipeline.evaluate.features` (torch-fidelity's
+port of the same TensorFlow Inception graph, plus the sFID layer); IS and KID are torch-fidelity's. This module
+supplies what the offline pipeline needs around it:
 
 - the Inception weights file (`resolve_inception_weights`): it cannot be downloaded here, so it comes from
   `--inception-weights` or torch-fidelity's own cache, is checked before any sampling, loaded only after a
   `torch.load(weights_only=True)` check, and identified by its SHA-256. Metrics computed with a file whose hash is
   not the official one are labelled "plumbing-only" everywhere they are reported (see `InceptionWeights`);
-- torch Datasets returning uint8 CHW tensors that read the zarr sample store and the reference (raw image shards
-  from `pack`, an image folder, or an ADM `.npz`) directly, without writing PNGs;
-- reference features computed once and cached as safetensors beside the reference (or in a cache directory when
+- references (`open_reference`): an ADM reference batch (`arr_0` + statistics), a statistics file (`mu`/`sigma`,
+  optionally `mu_s`/`sigma_s`, e.g. written by `diffit-pipe reference`), an `.npz` of images, an image folder or
+  raw image shards from `pack`, read in place (`pipeline.evaluate.datasets`), never unpacked to PNGs;
+- which reference data feeds which metric (`gather_reference_inputs`, recorded in metrics.json): stored statistics
+  where the reference has them; else the statistics of all its images (streamed and resumable, never all features
+  in memory, when there are more than `prc_reference_limit`); precision / recall and KID against at most
+  `prc_reference_limit` images, a seeded random subset when there are more (logged, never silent);
+- reference features and statistics computed once and cached beside the reference (or in a cache directory when
   the reference is read-only), keyed by the reference's content hash and the feature extractor's identity.
 
 torch-fidelity's own cache (`cache_root`, `input2_cache_name`) is not used: it is keyed by a name only, not by the
@@ -19,11 +30,9 @@ weights file, and reads its entries back with pickle (`torch.load(weights_only=F
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import tarfile
 import time
 import zipfile
 import zlib
@@ -36,10 +45,33 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.core.atomic import AtomicFile, write_bytes_atomic, write_json_atomic
+from pipeline.core.atomic import AtomicFile, atomic_open, write_bytes_atomic, write_json_atomic
 from pipeline.core.errors import InputError
 from pipeline.core.shards import json_bytes, load_manifest, sha256_file, shard_problems, shard_urls
-from pipeline.evaluate.sample_store import SampleStore
+from pipeline.evaluate.adm import (
+    ADM_IS_SPLIT_SIZE,
+    DEFAULT_PRC_MEMORY_BYTES,
+    PRC_NEIGHBOURHOOD,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    subsample_indices,
+)
+
+# The datasets are re-exported: callers and tests read them as `metrics.ArrayDataset` etc.
+from pipeline.evaluate.datasets import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    ArrayDataset,
+    ImageFolderDataset,
+    ReferenceInputError,
+    SampleStoreDataset,
+    ShardImageDataset,
+    _decode_rgb,
+    list_image_files,
+)
+from pipeline.evaluate.features import SFID_LAYER, InceptionFeatures, base_layers, extract_all
+from pipeline.evaluate.reference_batch import accumulate_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +84,12 @@ INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 OFFICIAL_INCEPTION_SHA256_PREFIX = "6726825d"
 PLUMBING_ONLY_LABEL = "plumbing-only (non-official Inception weights)"
 
-METRIC_NAMES = ("fid", "is", "prc", "kid")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METRIC_NAMES = ("fid", "sfid", "is", "prc", "kid")
+STATISTICS_METRICS = ("fid", "sfid")  # compared through mean / covariance (stored or computed)
+FEATURE_METRICS = ("prc", "kid")  # compared feature by feature: need reference images
+# The keys of an ADM reference batch / statistics file holding each metric's statistics, and the layer they are of.
+STORED_STATISTICS = {"fid": ("mu", "sigma", "2048"), "sfid": ("mu_s", "sigma_s", SFID_LAYER)}
+DEFAULT_PRC_REFERENCE_LIMIT = 10_000
 CACHE_DIR_NAME = ".fidelity-cache"
 
 
@@ -63,10 +99,6 @@ class InceptionWeightsError(InputError):
 
 class MissingInceptionWeightsError(InceptionWeightsError, FileNotFoundError):
     """The Inception weights file is not available (it cannot be downloaded offline)."""
-
-
-class ReferenceInputError(InputError):
-    """The reference set is unusable (missing, wrong resolution, no images, ...)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,11 +188,13 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Inceptio
 
 @dataclass
 class FeatureConfig:
-    """Which Inception features each metric uses, and how they are computed.
+    """Which Inception features each metric uses, and how they are computed and compared.
 
-    Defaults are torch-fidelity's (2048-d pool features for FID/KID/precision-recall, unbiased logits for IS);
-    precision/recall use the same Inception network (ADM's evaluator convention) instead of torch-fidelity's
-    VGG16 default, which would need a second download.
+    Defaults are the ADM evaluator's: 2048-d pool features for FID / precision-recall (and KID), the `mixed_6/conv`
+    spatial features for sFID, logits for IS (torch-fidelity's unbiased logits) over consecutive splits of 5000
+    samples, k = 3 neighbours, precision / recall against at most 10,000 reference images. `cuda` runs the
+    network and the distance blocks on the GPU; `prc_memory_bytes` bounds the distance blocks of precision /
+    recall; `num_workers` DataLoader workers decode reference images.
     """
 
     weights: InceptionWeights
@@ -171,15 +205,31 @@ class FeatureConfig:
     batch_size: int = 64
     cuda: bool = False
     isc_splits: int = 10
+    isc_split_size: int | None = ADM_IS_SPLIT_SIZE  # None: torch-fidelity's `isc_splits` parts after a shuffle
     kid_subsets: int = 100
     kid_subset_size: int = 1000
-    prc_neighborhood: int = 3
+    prc_neighborhood: int = PRC_NEIGHBOURHOOD
+    prc_memory_bytes: int = DEFAULT_PRC_MEMORY_BYTES
+    prc_reference_limit: int = DEFAULT_PRC_REFERENCE_LIMIT
+    prc_seed: int = 0
+    num_workers: int = 0
     rng_seed: int = 2020
     verbose: bool = False
+    progress: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.cuda else "cpu")
 
     def layers_for(self, metrics: Iterable[str]) -> dict[str, str]:
         """metric name -> feature layer, for the requested metrics."""
-        layer_of = {"fid": self.layer_fid, "kid": self.layer_kid, "prc": self.layer_prc, "is": self.layer_isc}
+        layer_of = {
+            "fid": self.layer_fid,
+            "sfid": SFID_LAYER,
+            "kid": self.layer_kid,
+            "prc": self.layer_prc,
+            "is": self.layer_isc,
+        }
         return {metric: layer_of[metric] for metric in metrics}
 
     def extractor_identity(self) -> dict[str, Any]:
@@ -194,7 +244,7 @@ class FeatureConfig:
         }
 
     def fidelity_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of torch-fidelity's metric functions."""
+        """Keyword arguments of torch-fidelity's metric functions (IS, KID) and extractor."""
         return {
             "cuda": self.cuda,
             "batch_size": self.batch_size,
@@ -210,16 +260,18 @@ class FeatureConfig:
         }
 
 
-def create_feature_extractor(config: FeatureConfig, layers: Sequence[str]) -> torch.nn.Module:
-    """torch-fidelity's Inception-v3 feature extractor for `layers`, loaded from the checked weights file."""
+def create_feature_extractor(config: FeatureConfig, layers: Sequence[str]) -> InceptionFeatures:
+    """torch-fidelity's Inception-v3 for `layers` (sFID's `SFID_LAYER` included), loaded from the checked
+    weights file, on the GPU when `config.cuda`."""
     from torch_fidelity.utils import create_feature_extractor as fidelity_create
 
     try:
-        return fidelity_create(FEATURE_EXTRACTOR, sorted(set(layers)), **config.fidelity_kwargs())
+        base = fidelity_create(FEATURE_EXTRACTOR, base_layers(layers), **config.fidelity_kwargs())
     except RuntimeError as error:  # load_state_dict: missing / unexpected keys, wrong shapes
         raise InceptionWeightsError(
             f"{config.weights.path}: not torch-fidelity Inception-v3 weights ({error})"
         ) from error
+    return InceptionFeatures(base, layers)
 
 
 def check_feature_layers(config: FeatureConfig, metrics: Iterable[str]) -> None:
@@ -228,169 +280,19 @@ def check_feature_layers(config: FeatureConfig, metrics: Iterable[str]) -> None:
 
     provided = FeatureExtractorInceptionV3.get_provided_features_list()
     for metric, layer in config.layers_for(metrics).items():
-        if layer not in provided:
+        if layer not in provided and layer != SFID_LAYER:
             raise InputError(f"feature layer {layer!r} for {metric} is not one of Inception-v3's {provided}")
 
 
-def extract_features(dataset: Dataset, extractor: torch.nn.Module, config: FeatureConfig) -> dict[str, torch.Tensor]:
-    """Features of every image of `dataset` (uint8 CHW tensors), through torch-fidelity's extraction loop."""
-    from torch_fidelity.utils import get_featuresdict_from_dataset
-
-    if len(dataset) == 0:
-        raise ValueError("cannot extract features of an empty set of images")
-    return get_featuresdict_from_dataset(dataset, extractor, config.batch_size, config.cuda, True, config.verbose)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Datasets of uint8 CHW images
-
-
-class SampleStoreDataset(Dataset):
-    """The images of a zarr sample store as uint8 CHW tensors; keeps the last decoded chunk (reads are in order).
-
-    A store with a chunk not done or whose file is absent is refused here, and a chunk that does not decode
-    stops the read with a `SampleStoreError` naming its file: no fill value (black image) is ever scored.
-    """
-
-    def __init__(self, store_path: str | os.PathLike):
-        self.store = SampleStore.open(store_path, mode="r")
-        self.store.require_complete()
-        self.store.read_labels()  # the labels too must be intact, as for the export
-        self.chunk_size = self.store.layout.chunk_size
-        self._cached_chunk = -1
-        self._cached_images: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self.store.layout.num_samples
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        chunk = index // self.chunk_size
-        if chunk != self._cached_chunk:
-            start, stop = self.store.layout.chunk_range(chunk)
-            self._cached_images = self.store.read_images(start, stop)
-            self._cached_chunk = chunk
-        image = self._cached_images[index - chunk * self.chunk_size]
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-class ArrayDataset(Dataset):
-    """uint8 images of an in-memory or memory-mapped [N, H, W, 3] array, as CHW tensors."""
-
-    def __init__(self, images: np.ndarray, source: str = "array"):
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ReferenceInputError(
-                f"{source}: expected uint8 images [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
-            )
-        self.images = images
-        self.source = source
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[index]).transpose(2, 0, 1).copy())
-
-
-def _decode_rgb(data: bytes | Path, source: str, resolution: tuple[int, int] | None) -> torch.Tensor:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            array = np.asarray(image.convert("RGB"))
-    except Exception as error:  # noqa: BLE001 - PIL raises many types; name the file
-        raise ReferenceInputError(f"{source}: cannot decode image ({error})") from error
-    if resolution is not None and array.shape[:2] != tuple(resolution):
-        raise ReferenceInputError(
-            f"{source}: image is {array.shape[0]}x{array.shape[1]}, the samples are "
-            f"{resolution[0]}x{resolution[1]} (wrong reference resolution)"
-        )
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-
-class ImageFolderDataset(Dataset):
-    """Every image file under a folder (recursive, sorted by relative path), decoded to RGB uint8 CHW."""
-
-    def __init__(self, root: str | os.PathLike, resolution: tuple[int, int] | None = None):
-        self.root = Path(root)
-        self.files = list_image_files(self.root)
-        if not self.files:
-            raise ReferenceInputError(f"{self.root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return _decode_rgb(self.files[index], str(self.files[index]), self.resolution)
-
-
-def list_image_files(root: Path) -> list[Path]:
-    """Image files under `root` (recursive), skipping hidden folders such as the feature cache."""
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        files.extend(
-            Path(directory) / name
-            for name in names
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-        )
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-class ShardImageDataset(Dataset):
-    """The `png` images of raw image shards written by `pack`, read in place from the tar files.
-
-    The tar headers are indexed once (name -> byte offset of each member's data), so reading image i is one seek
-    and one PNG decode; nothing is unpacked to disk.
-    """
-
-    def __init__(self, shard_paths: Sequence[Path], resolution: tuple[int, int] | None = None):
-        self.shard_paths = list(shard_paths)
-        self.resolution = resolution
-        self.entries: list[tuple[int, int, int, str]] = []  # (shard index, data offset, size, sample key)
-        for shard_index, path in enumerate(self.shard_paths):
-            self.entries.extend((shard_index, offset, size, key) for key, offset, size in _index_png_members(path))
-        if not self.entries:
-            raise ReferenceInputError(f"no png images in the shards {[str(p) for p in self.shard_paths[:3]]}…")
-        self._handles: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        shard_index, offset, size, key = self.entries[index]
-        handle = self._handles.get(shard_index)
-        if handle is None:
-            handle = self._handles[shard_index] = open(self.shard_paths[shard_index], "rb")
-        handle.seek(offset)
-        data = handle.read(size)
-        return _decode_rgb(data, f"{self.shard_paths[shard_index]}:{key}.png", self.resolution)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Open file handles do not cross process boundaries (DataLoader workers): reopen lazily there.
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
-
-
-def _index_png_members(path: Path) -> list[tuple[str, int, int]]:
-    """(sample key, data offset, size) of every `png` member of a WebDataset tar, in archive order."""
-    members = []
-    try:
-        with tarfile.open(path, "r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, extension = base.partition(".")
-                if extension.lower() == "png":
-                    directory = member.name[: -len(base)]
-                    members.append((directory + key, member.offset_data, member.size))
-    except (OSError, tarfile.TarError) as error:
-        raise ReferenceInputError(f"{path}: unreadable tar shard ({error})") from error
-    return members
+def extract_features(
+    dataset: Dataset, extractor: torch.nn.Module, config: FeatureConfig, description: str = "features"
+) -> dict[str, torch.Tensor]:
+    """Features of every image of `dataset` (uint8 CHW tensors), batched on the extractor's device, with
+    DataLoader workers where the dataset allows them and a progress bar."""
+    # Worker processes pay off for a stream of images to decode, not for a batch or two (or a zarr store).
+    many = len(dataset) > 2 * config.batch_size
+    workers = config.num_workers if many and getattr(dataset, "supports_workers", True) else 0
+    return extract_all(dataset, extractor, config.batch_size, workers, description, config.progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,8 +303,10 @@ def _index_png_members(path: Path) -> list[tuple[str, int, int]]:
 class Reference:
     """A reference set: where it is, what kind it is, its resolution and size, and its content identity.
 
-    `kind` is one of "shards" (raw image shards from `pack`), "folder" (image files), "npz" (ADM reference batch
-    with `arr_0`) or "stats" (an `.npz` holding only FID statistics `mu`, `sigma`: FID and IS only).
+    `kind` is one of "shards" (raw image shards from `pack`), "folder" (image files), "npz" (an `.npz` of images
+    `arr_0`), "adm" (an ADM reference batch: images `arr_0` and statistics `mu`/`sigma`, usually `mu_s`/`sigma_s`)
+    or "stats" (an `.npz` holding only statistics: FID, sFID when it has `mu_s`/`sigma_s`, and IS).
+    `statistics` lists the statistics keys the file holds.
     """
 
     path: Path
@@ -411,10 +315,18 @@ class Reference:
     num_images: int | None
     details: dict[str, Any] = field(default_factory=dict)
     _content_hash: str | None = None
+    statistics: tuple[str, ...] = ()
 
     @property
     def has_images(self) -> bool:
         return self.kind != "stats"
+
+    def stored_statistics(self, metric: str) -> tuple[str, str] | None:
+        """The (mean, covariance) keys this file stores for `metric` ("fid" / "sfid"), or None."""
+        if metric not in STORED_STATISTICS:
+            return None
+        mean_key, cov_key, _ = STORED_STATISTICS[metric]
+        return (mean_key, cov_key) if {mean_key, cov_key} <= set(self.statistics) else None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -499,29 +411,46 @@ def open_reference(path: str | os.PathLike) -> Reference:
         first = _decode_rgb(files[0], str(files[0]), None)
         return Reference(path, "folder", (int(first.shape[1]), int(first.shape[2])), len(files))
     if path.suffix == ".npz":
-        members = _npz_members(path)
-        if "arr_0" in members:
-            images = _npz_member_array(path, "arr_0")
-            if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-                raise ReferenceInputError(
-                    f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
-                )
-            return Reference(path, "npz", (int(images.shape[1]), int(images.shape[2])), int(images.shape[0]))
-        if "mu" in members and "sigma" in members:
-            _read_statistics(path)  # a damaged file stops the run here, before any sampling
-            return Reference(
-                path,
-                "stats",
-                None,
-                None,
-                {"note": "precomputed FID statistics; their feature extractor cannot be verified"},
-            )
-        raise ReferenceInputError(
-            f"{path}: an .npz reference needs arr_0 (images) or mu and sigma (FID statistics); it has {members}"
-        )
+        return _open_npz_reference(path)
     raise ReferenceInputError(
         f"{path}: unknown reference; give a raw image shard directory (from `pack`), an "
         "image folder, an ADM .npz with arr_0, or an .npz with FID statistics mu/sigma"
+    )
+
+
+def _open_npz_reference(path: Path) -> Reference:
+    """An `.npz` reference: images (`arr_0`), statistics (`mu`/`sigma`, `mu_s`/`sigma_s`), or both (ADM)."""
+    members = _npz_members(path)
+    statistics = tuple(key for key in ("mu", "sigma", "mu_s", "sigma_s") if key in members)
+    has_statistics = {"mu", "sigma"} <= set(statistics) or {"mu_s", "sigma_s"} <= set(statistics)
+    for metric in ("fid", "sfid"):
+        mean_key, cov_key, _ = STORED_STATISTICS[metric]
+        if {mean_key, cov_key} <= set(statistics):
+            _read_statistics(path, mean_key, cov_key)  # a damaged file stops the run here, before any sampling
+    if "arr_0" in members:
+        images = _npz_member_array(path, "arr_0")
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ReferenceInputError(
+                f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
+            )
+        return Reference(
+            path,
+            "adm" if has_statistics else "npz",
+            (int(images.shape[1]), int(images.shape[2])),
+            int(images.shape[0]),
+            statistics=statistics if has_statistics else (),
+        )
+    if has_statistics:
+        return Reference(
+            path,
+            "stats",
+            None,
+            None,
+            {"note": "precomputed statistics; their feature extractor cannot be verified"},
+            statistics=statistics,
+        )
+    raise ReferenceInputError(
+        f"{path}: an .npz reference needs arr_0 (images) or mu and sigma (FID statistics); it has {members}"
     )
 
 
@@ -532,7 +461,7 @@ def reference_dataset(reference: Reference) -> Dataset:
         return ShardImageDataset(paths, reference.resolution)
     if reference.kind == "folder":
         return ImageFolderDataset(reference.path, reference.resolution)
-    if reference.kind == "npz":
+    if reference.kind in ("npz", "adm"):
         return ArrayDataset(_npz_member_array(reference.path, "arr_0"), str(reference.path))
     raise ReferenceInputError(f"{reference.path}: a statistics file has no images")
 
@@ -550,6 +479,14 @@ def check_reference(reference: Reference, resolution: tuple[int, int], metrics: 
             f"{reference.path}: FID statistics only; {sorted(metrics & {'kid', 'prc'})} need reference images "
             "(give shards, an image folder or an ADM .npz with arr_0), or drop them from --metrics"
         )
+    if not reference.has_images:
+        for metric in sorted(metrics & set(STATISTICS_METRICS)):
+            if reference.stored_statistics(metric) is None:
+                mean_key, cov_key, _ = STORED_STATISTICS[metric]
+                raise ReferenceInputError(
+                    f"{reference.path}: no {mean_key}/{cov_key} statistics for {metric}; give a reference batch "
+                    "that has them (`diffit-pipe reference` writes both), or drop it from --metrics"
+                )
     if reference.num_images is not None and reference.num_images == 0:
         raise ReferenceInputError(f"{reference.path}: the reference holds no images")
 
@@ -673,9 +610,18 @@ def reference_content_hash(reference: Reference, cache_dir: Path) -> str:
     return value
 
 
-def _cache_file(cache_dir: Path, content_hash: str, identity: dict[str, Any], layer: str) -> Path:
-    key = sha256_json({"reference": content_hash, "extractor": identity, "layer": layer})
+def _cache_file(
+    cache_dir: Path, content_hash: str, identity: dict[str, Any], layer: str, subset: str | None = None
+) -> Path:
+    fields = {"reference": content_hash, "extractor": identity, "layer": layer}
+    if subset is not None:
+        fields["subset"] = subset  # only then: the cache files of whole references keep their names
+    key = sha256_json(fields)
     return cache_dir / f"features-{content_hash[:12]}-{key[:16]}-{layer}.safetensors"
+
+
+def _subset_key(indices: np.ndarray | None) -> str | None:
+    return None if indices is None else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()
 
 
 def reference_features(
@@ -684,8 +630,10 @@ def reference_features(
     config: FeatureConfig,
     cache_dir: Path,
     extractor: torch.nn.Module | None = None,
+    indices: np.ndarray | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reference features of `layers`: from the cache when present, else extracted once and cached atomically.
+    """Reference features of `layers` (of the images `indices` only, when given): from the cache when present,
+    else extracted once and cached atomically.
 
     Returns (features by layer, cache report {layer: {"file", "hit"}}).
     """
@@ -693,11 +641,12 @@ def reference_features(
 
     content_hash = reference_content_hash(reference, cache_dir)
     identity = config.extractor_identity()
+    subset = _subset_key(indices)
     features: dict[str, torch.Tensor] = {}
     report: dict[str, Any] = {}
     missing = []
     for layer in sorted(set(layers)):
-        path = _cache_file(cache_dir, content_hash, identity, layer)
+        path = _cache_file(cache_dir, content_hash, identity, layer, subset)
         if path.is_file():
             features[layer] = _load_cached_features(path)
             report[layer] = {"file": str(path), "hit": True}
@@ -706,16 +655,18 @@ def reference_features(
             missing.append(layer)
     if missing:
         extractor = extractor if extractor is not None else create_feature_extractor(config, missing)
-        logger.info(
-            "extracting reference features %s from %d images of %s", missing, reference.num_images or 0, reference.path
-        )
-        extracted = extract_features(reference_dataset(reference), extractor, config)
+        dataset = reference_dataset(reference)
+        if indices is not None:
+            dataset = torch.utils.data.Subset(dataset, np.asarray(indices).tolist())
+        logger.info("extracting reference features %s from %d images of %s", missing, len(dataset), reference.path)
+        extracted = extract_features(dataset, extractor, config, "reference features")
         for layer in missing:
-            path = _cache_file(cache_dir, content_hash, identity, layer)
+            path = _cache_file(cache_dir, content_hash, identity, layer, subset)
             metadata = {
                 "reference": json.dumps(reference.describe()),
                 "extractor": json.dumps(identity),
                 "layer": layer,
+                "subset_sha256": subset or "",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             # Serialised in memory, then written through `write_bytes_atomic`: safetensors' own `save_file`
@@ -738,24 +689,180 @@ def _load_cached_features(path: Path) -> torch.Tensor:
         ) from error
 
 
-def _read_statistics(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """`mu`, `sigma` (float64) of a statistics `.npz`; a damaged file is one `ReferenceInputError` naming it."""
+def _read_statistics(path: Path, mean_key: str = "mu", cov_key: str = "sigma") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64) of a statistics `.npz`; a damaged file is one `ReferenceInputError`."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
+            return np.asarray(data[mean_key], dtype=np.float64), np.asarray(data[cov_key], dtype=np.float64)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        raise ReferenceInputError(f"{path}: cannot read mu / sigma ({type(error).__name__}: {error})") from error
+        raise ReferenceInputError(
+            f"{path}: cannot read {mean_key} / {cov_key} ({type(error).__name__}: {error})"
+        ) from error
 
 
-def load_reference_statistics(reference: Reference, feature_dim: int) -> dict[str, np.ndarray]:
-    """`mu`, `sigma` of a statistics-only reference, checked against the FID feature dimension."""
-    mu, sigma = _read_statistics(reference.path)
+def load_reference_statistics(reference: Reference, feature_dim: int, metric: str = "fid") -> dict[str, np.ndarray]:
+    """The stored mean / covariance of `metric` ("fid": mu/sigma, "sfid": mu_s/sigma_s), checked against the
+    feature dimension they will be compared with."""
+    mean_key, cov_key, _ = STORED_STATISTICS[metric]
+    mu, sigma = _read_statistics(reference.path, mean_key, cov_key)
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
         raise ReferenceInputError(
-            f"{reference.path}: mu {mu.shape} / sigma {sigma.shape} do not match the FID "
-            f"feature dimension {feature_dim}"
+            f"{reference.path}: {mean_key} {mu.shape} / {cov_key} {sigma.shape} do not match the "
+            f"{metric.upper()} feature dimension {feature_dim}"
         )
     return {"mu": mu, "sigma": sigma}
+
+
+def streamed_reference_statistics(
+    reference: Reference, layers: Sequence[str], config: FeatureConfig, cache_dir: Path
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """Mean / covariance of `layers` over every image of a large reference, streamed (never all features in
+    memory) and resumable (`reference_batch.accumulate_statistics`), cached as one `.npz` per layer set."""
+    content_hash = reference_content_hash(reference, cache_dir)
+    identity = {"reference": content_hash, "extractor": config.extractor_identity(), "layers": sorted(layers)}
+    key = sha256_json(identity)[:16]
+    path = cache_dir / f"statistics-{content_hash[:12]}-{key}.npz"
+    if path.is_file():
+        logger.info("reference statistics %s: cache hit %s", sorted(layers), path)
+        stats = {layer: _read_statistics(path, f"{layer}.mu", f"{layer}.sigma") for layer in layers}
+        return stats, {"file": str(path), "hit": True}
+    extractor = create_feature_extractor(config, list(layers))
+    workers = config.num_workers
+    moments = accumulate_statistics(
+        reference_dataset(reference),
+        extractor,
+        list(layers),
+        cache_dir / f".statistics-{content_hash[:12]}-{key}.partial",
+        identity,
+        batch_size=config.batch_size,
+        workers=workers,
+        progress=config.progress,
+    )
+    stats = {layer: moments[layer].statistics() for layer in layers}
+    arrays = {
+        f"{layer}.{name}": value
+        for layer, (mu, sigma) in stats.items()
+        for name, value in (("mu", mu), ("sigma", sigma))
+    }
+    with atomic_open(path) as handle:
+        np.savez(handle, **arrays)
+    return stats, {"file": str(path), "hit": False}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which reference data feeds which metric
+
+
+@dataclass
+class ReferenceInputs:
+    """What the reference contributes: statistics per metric (fid / sfid), features per layer (prc / kid), where
+    each came from (for metrics.json), and the cache files used."""
+
+    statistics: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+def _uses_stored_statistics(reference: Reference, metric: str, dim: int) -> bool:
+    """Stored statistics serve `metric` when the file has them and, for a file that also has images, when they are
+    of the dimension of the features compared with them (else, e.g. with a plumbing `--feature-layer`, the images
+    are used, and the record says so). A statistics-only file of another dimension is an error, raised later."""
+    keys = reference.stored_statistics(metric)
+    if keys is None:
+        return False
+    if not reference.has_images:
+        return True
+    stored_dim = _npz_member_array(reference.path, keys[0]).shape
+    if stored_dim != (dim,):
+        logger.warning(
+            "%s: stored %s %s does not match the %d-d features compared with it; %s uses the images (arr_0)",
+            reference.path,
+            keys[0],
+            stored_dim,
+            dim,
+            metric,
+        )
+        return False
+    return True
+
+
+def _stored_statistics(reference, metrics, layers, inputs: ReferenceInputs, feature_dims: dict[str, int]) -> None:
+    for metric in metrics:
+        stored = load_reference_statistics(reference, feature_dims[layers[metric]], metric)
+        inputs.statistics[metric] = (stored["mu"], stored["sigma"])
+        mean_key, cov_key, _ = STORED_STATISTICS[metric]
+        inputs.sources[metric] = {"from": "stored statistics", "file": str(reference.path), "keys": [mean_key, cov_key]}
+
+
+def feature_subset(reference: Reference, config: FeatureConfig) -> np.ndarray | None:
+    """The reference images precision / recall and KID use: None (all) up to `prc_reference_limit`, else a seeded
+    random subset of that many (logged)."""
+    indices = subsample_indices(reference.num_images or 0, config.prc_reference_limit, config.prc_seed)
+    if indices is not None:
+        logger.warning(
+            "%s: %d reference images exceed --prc-reference-limit %d; precision/recall and KID use a random "
+            "subset of %d drawn with seed %d",
+            reference.path,
+            reference.num_images,
+            config.prc_reference_limit,
+            len(indices),
+            config.prc_seed,
+        )
+    return indices
+
+
+def gather_reference_inputs(
+    reference: Reference | None,
+    metrics: Sequence[str],
+    layers: dict[str, str],
+    config: FeatureConfig,
+    cache_dir: Path | None,
+    extractor: torch.nn.Module | None,
+    feature_dims: dict[str, int],
+) -> ReferenceInputs:
+    """The reference side of every requested metric (see the module docstring for which data feeds which)."""
+    inputs = ReferenceInputs()
+    if "is" in metrics:
+        inputs.sources["is"] = {"from": "samples only"}
+    if reference is None:
+        return inputs
+    statistic_metrics = [m for m in metrics if m in STATISTICS_METRICS]
+    stored = [m for m in statistic_metrics if _uses_stored_statistics(reference, m, feature_dims[layers[m]])]
+    _stored_statistics(reference, stored, layers, inputs, feature_dims)
+    from_images = [m for m in statistic_metrics if m not in stored]
+    feature_metrics = [m for m in metrics if m in FEATURE_METRICS]
+    subset = feature_subset(reference, config) if feature_metrics else None
+    streamed = bool(from_images) and (reference.num_images or 0) > config.prc_reference_limit
+    if streamed:
+        stats_layers = sorted({layers[m] for m in from_images})
+        stats, inputs.cache["statistics"] = streamed_reference_statistics(reference, stats_layers, config, cache_dir)
+        for metric in from_images:
+            inputs.statistics[metric] = stats[layers[metric]]
+            inputs.sources[metric] = {
+                "from": "streamed statistics of all reference images",
+                "images": reference.num_images,
+            }
+        from_images = []
+    wanted = sorted({layers[m] for m in from_images + feature_metrics})
+    if wanted:
+        reusable = extractor is not None and set(extractor.get_requested_features_list()) == set(wanted)
+        features, inputs.cache["features"] = reference_features(
+            reference, wanted, config, cache_dir, extractor if reusable else None, subset if feature_metrics else None
+        )
+        for metric in from_images:
+            inputs.statistics[metric] = feature_statistics(features[layers[metric]])
+            inputs.sources[metric] = {"from": "features of all reference images", "images": reference.num_images}
+        inputs.features = {layers[m]: features[layers[m]] for m in feature_metrics}
+    for metric in feature_metrics:
+        used = len(subset) if subset is not None else reference.num_images
+        inputs.sources[metric] = {
+            "from": "reference images",
+            "images": used,
+            "of": reference.num_images,
+            "subset_seed": config.prc_seed if subset is not None else None,
+        }
+    return inputs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -770,17 +877,17 @@ def compute_metrics(
     cache_dir: Path | None,
     extractor: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """FID / IS / precision-recall / KID of `samples` against `reference`, with torch-fidelity's functions.
+    """FID / sFID / IS / precision-recall / KID of `samples` against `reference`, by the ADM evaluator's protocol.
 
     `reference` (and `cache_dir`, where its features are cached) may be None when only IS is requested.
     `extractor` (from `create_feature_extractor(config, layers)` with every layer the metrics need) saves
     re-loading the network when several evaluations run in one process.
 
-    Returns {"values": {metric key: float}, "reference_cache": ..., "timings_s": ..., "num_samples": N}.
+    Returns {"values": {metric key: float}, "sources": {metric: where its reference data came from},
+    "reference_cache": ..., "timings_s": ..., "num_samples": N, "feature_layers": {metric: layer}}.
     """
     _check_metric_request(samples, reference, metrics, config, cache_dir)
     layers = config.layers_for(metrics)
-    binary = [m for m in metrics if m in ("fid", "kid", "prc")]
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -794,28 +901,25 @@ def compute_metrics(
     timings["load_extractor"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sample_features = extract_features(samples, extractor, config)
+    sample_features = extract_features(samples, extractor, config, "sample features")
     timings["sample_features"] = time.perf_counter() - started
 
-    reference_cache: dict[str, Any] = {}
-    reference_feats: dict[str, torch.Tensor] = {}
-    if binary and reference.has_images:
-        started = time.perf_counter()
-        reference_layers = sorted({layers[m] for m in binary})
-        # Reference images only need the binary metrics' layers: an extractor that also computes IS logits would
-        # run the whole network for nothing when those layers are shallower (reference_features builds its own).
-        same_layers = set(extractor.get_requested_features_list()) == set(reference_layers)
-        reference_feats, reference_cache = reference_features(
-            reference, reference_layers, config, cache_dir, extractor if same_layers else None
-        )
-        timings["reference_features"] = time.perf_counter() - started
+    started = time.perf_counter()
+    dims = {layer: int(values.shape[1]) for layer, values in sample_features.items()}
+    reference_layers = {m: layers[m] for m in metrics if m != "is"}
+    # Reference images only need the reference-side layers: an extractor that also computes IS logits would run
+    # the whole network for nothing when those layers are shallower (reference_features builds its own then).
+    inputs = gather_reference_inputs(reference, metrics, reference_layers, config, cache_dir, extractor, dims)
+    timings["reference_features"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    values = _metric_values(metrics, layers, sample_features, reference, reference_feats, config)
+    values = _metric_values(metrics, layers, sample_features, inputs, config)
     timings["metric_math"] = time.perf_counter() - started
     return {
         "values": values,
-        "reference_cache": reference_cache,
+        "sources": inputs.sources,
+        "reference_cache": inputs.cache.get("features", {}),
+        "reference_statistics_cache": inputs.cache.get("statistics"),
         "timings_s": timings,
         "num_samples": len(samples),
         "feature_layers": layers,
@@ -833,11 +937,16 @@ def _check_metric_request(
     unknown = set(metrics) - set(METRIC_NAMES)
     if unknown:
         raise InputError(f"unknown metrics {sorted(unknown)}; choose from {METRIC_NAMES}")
-    binary = [m for m in metrics if m in ("fid", "kid", "prc")]
+    binary = [m for m in metrics if m in STATISTICS_METRICS + FEATURE_METRICS]
     if binary and (reference is None or cache_dir is None):
         raise InputError(f"{binary} need a reference set (and a cache directory for its features)")
+    if "prc" in metrics and len(samples) <= config.prc_neighborhood:
+        raise InputError(f"precision/recall with k = {config.prc_neighborhood} needs more samples, got {len(samples)}")
     if "kid" in metrics:
-        sizes = [len(samples)] + ([reference.num_images] if reference and reference.num_images else [])
+        reference_count = reference.num_images if reference and reference.num_images else None
+        if reference_count is not None:
+            reference_count = min(reference_count, config.prc_reference_limit)
+        sizes = [len(samples)] + ([reference_count] if reference_count else [])
         if config.kid_subset_size > min(sizes):
             raise InputError(
                 f"KID subset size {config.kid_subset_size} exceeds the number of samples "
@@ -849,31 +958,36 @@ def _metric_values(
     metrics: Sequence[str],
     layers: dict[str, str],
     sample_features: dict[str, torch.Tensor],
-    reference: Reference | None,
-    reference_feats: dict[str, torch.Tensor],
+    inputs: ReferenceInputs,
     config: FeatureConfig,
 ) -> dict[str, float]:
-    """The metric values from the extracted features (torch-fidelity's math), as floats by torch-fidelity's keys."""
-    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    """The metric values (the ADM evaluator's math for FID / sFID / IS / precision-recall, torch-fidelity's for
+    KID), as floats by torch-fidelity's keys."""
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
     kwargs = config.fidelity_kwargs()
     values: dict[str, float] = {}
-    if "is" in metrics:
+    if "is" in metrics and config.isc_split_size:
+        mean, std = inception_score(sample_features[layers["is"]], config.isc_split_size)
+        values.update({"inception_score_mean": mean, "inception_score_std": std})
+    elif "is" in metrics:
         values.update(isc_featuresdict_to_metric(sample_features, layers["is"], **kwargs))
-    if "fid" in metrics:
-        sample_stats = fid_featuresdict_to_statistics(sample_features, layers["fid"])
-        if reference.has_images:
-            reference_stats = fid_featuresdict_to_statistics(reference_feats, layers["fid"])
-        else:
-            reference_stats = load_reference_statistics(reference, sample_stats["mu"].shape[0])
-            # torch-fidelity compares dtypes strictly (float32 means from float32 features, float64 covariances).
-            reference_stats = {key: value.astype(sample_stats[key].dtype) for key, value in reference_stats.items()}
-        values.update(fid_statistics_to_metric(sample_stats, reference_stats, config.verbose))
+    for metric, key in (("fid", "frechet_inception_distance"), ("sfid", "spatial_frechet_inception_distance")):
+        if metric in metrics:
+            mu, sigma = feature_statistics(sample_features[layers[metric]], config.device)
+            values[key] = frechet_distance(mu, sigma, *inputs.statistics[metric])
     if "kid" in metrics:
-        values.update(kid_featuresdict_to_metric(sample_features, reference_feats, layers["kid"], **kwargs))
+        values.update(kid_featuresdict_to_metric(sample_features, inputs.features, layers["kid"], **kwargs))
     if "prc" in metrics:
-        values.update(prc_featuresdict_to_metric(sample_features, reference_feats, layers["prc"], **kwargs))
+        values.update(
+            precision_recall(
+                inputs.features[layers["prc"]],
+                sample_features[layers["prc"]],
+                k=config.prc_neighborhood,
+                memory_bytes=config.prc_memory_bytes,
+                device=config.device,
+                progress=config.progress,
+            )
+        )
     return {key: float(value) for key, value in values.items()}

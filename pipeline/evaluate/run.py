@@ -12,18 +12,22 @@
    uint8 HWC) and writes them. Sample i depends only on (`seed`, i) and the settings (see
    `pipeline.evaluate.sample_store`), so the store is the same for any number of processes or batch size, and a killed
    run resumes where it stopped.
-3. Rank 0 only: optional ADM `.npz` export, then FID / IS / precision-recall / KID through torch-fidelity
-   (`pipeline.evaluate.metrics`) and `metrics.json` (atomic).
+3. Rank 0 only: optional ADM `.npz` export, then FID / sFID / IS / precision-recall (KID) by the ADM
+   evaluator's protocol with torch-fidelity's Inception (`pipeline.evaluate.metrics`), and `metrics.json`
+   (atomic), which records which reference data fed each metric.
 
-Defaults follow the paper per model kind (`resolve_sampling`): latent ADM models use DDPM with 250 steps,
-ImageNet-256 guidance 4.6 with MDT's power-cosine schedule on the first three latent channels, ImageNet-512
-guidance 1.49 (constant); image-space EDM models use EDM's Heun sampler with 18 steps at 32 px and 40 at 64 px,
-unguided.
+Sampling defaults (`sampling_defaults`): a model whose config.json records a sampling set-up gets it
+(`import-nvlabs` records the released DiffiT code's: DDPM-250, guidance 4.4 power-cosine on the first three
+latent channels at 256 px, the setting behind its FID 1.73; 1.49 constant at 512 px). Otherwise the paper's
+text per model kind: latent ADM models DDPM with 250 steps, ImageNet-256 guidance 4.6 with MDT's power-cosine
+schedule on the first three latent channels, ImageNet-512 1.49 (constant); image-space EDM models EDM's Heun
+sampler with 18 steps at 32 px and 40 at 64 px, unguided. Either published 256-px setting is `--cfg-scale` away.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -94,13 +98,17 @@ class EvaluateOptions:
     batch_size: int = 32
     reference: Path | None = None
     inception_weights: Path | None = None
-    metrics: tuple[str, ...] = ("fid", "is", "prc")
+    metrics: tuple[str, ...] = ("fid", "sfid", "is", "prc")
     export_npz: bool = False
     vae: Path | None = None
     cache_dir: Path | None = None
     feature_layer: str = "2048"
     feature_batch_size: int = 64
+    feature_workers: int = min(4, os.cpu_count() or 1)
     kid_subset_size: int = 1000
+    prc_memory_gb: float = 2.0
+    prc_reference_limit: int = 10_000
+    prc_seed: int = 0
     device: str | None = None
 
 
@@ -307,35 +315,60 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
 # Sampling settings
 
 
+# ImageNet guidance of the paper's text (latent ADM models, class-conditional), by decoded height: (scale,
+# schedule). The released NVlabs/DiffiT code scores its 256-px FID 1.73 with 4.4 instead (`slurm_sample_256.sh`);
+# `import-nvlabs` records that in the imported model's config.json, where `sampling_defaults` finds it. 512 px:
+# 1.49 constant in both.
+PAPER_GUIDANCE = {256: (4.6, "power-cosine"), 512: (1.49, "constant")}
+
+
+def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
+    """Default sampler, steps, guidance scale and schedule of a model, and where they come from.
+
+    A model whose config.json records a sampling set-up (`import-nvlabs` writes the released code's) gets it;
+    otherwise the paper's settings for its kind: latent ADM models DDPM-250 with `PAPER_GUIDANCE` at 256 / 512 px
+    (unguided elsewhere), image-space EDM models Heun with 18 steps at 32 px and 40 above, unguided.
+    """
+    height = loaded.resolution[0]
+    conditional = loaded.num_classes > 0
+    if loaded.kind == "adm":
+        scale, schedule = PAPER_GUIDANCE.get(height, (1.0, "constant")) if conditional else (1.0, "constant")
+        paper = {"sampler": "ddpm", "steps": 250, "cfg_scale": scale, "cfg_schedule": schedule}
+    else:
+        paper = {
+            "sampler": "edm-heun",
+            "steps": 18 if height <= 32 else 40,
+            "cfg_scale": 1.0,
+            "cfg_schedule": "constant",
+        }
+    recorded = loaded.config.get("sampling") if isinstance(loaded.config, dict) else None
+    if not isinstance(recorded, dict):
+        return paper, "paper"
+    keys = {"sampler": "sampler", "steps": "steps", "cfg_scale": "guidance_scale", "cfg_schedule": "guidance_schedule"}
+    chosen = {name: recorded.get(key, paper[name]) for name, key in keys.items()}
+    return chosen, str(recorded.get("origin", "the model's config.json"))
+
+
 def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedSampling:
-    """Fill unset sampling options with the paper's settings for this kind of model, and check the rest."""
+    """Fill unset sampling options with the model's defaults (`sampling_defaults`), and check the rest."""
     from diffit.guidance import SCHEDULES
     from diffit.sampling import SAMPLERS
 
     defaults: list[str] = []
-    height = loaded.resolution[0]
     conditional = loaded.num_classes > 0
-    if loaded.kind == "adm":
-        paper_scale, paper_schedule = 1.0, "constant"
-        if conditional and height == 256:
-            paper_scale, paper_schedule = 4.6, "power-cosine"
-        elif conditional and height == 512:
-            paper_scale, paper_schedule = 1.49, "constant"
-        default_sampler, default_steps = "ddpm", 250
-    else:
-        paper_scale, paper_schedule = 1.0, "constant"
-        default_sampler, default_steps = "edm-heun", 18 if height <= 32 else 40
+    default, origin = sampling_defaults(loaded)
+    suffix = "" if origin == "paper" else f" ({origin})"
 
-    def pick(name: str, given, default):
+    def pick(name: str, given):
         if given is None:
-            defaults.append(f"{name}={default}")
-            return default
+            defaults.append(f"{name}={default[name]}{suffix}")
+            return default[name]
         return given
 
-    sampler = pick("sampler", options.sampler, default_sampler)
-    steps = pick("steps", options.steps, default_steps)
-    scale = float(pick("cfg_scale", options.cfg_scale, paper_scale))
-    schedule = pick("cfg_schedule", options.cfg_schedule, paper_schedule)
+    sampler = pick("sampler", options.sampler)
+    steps = int(pick("steps", options.steps))
+    scale = float(pick("cfg_scale", options.cfg_scale))
+    schedule = pick("cfg_schedule", options.cfg_schedule)
     if sampler not in SAMPLERS:
         raise EvaluateInputError(f"--sampler {sampler}: expected one of {SAMPLERS}")
     if loaded.kind == "edm" and sampler != "edm-heun":
@@ -473,15 +506,22 @@ def sample_into_store(
     totals = GenerationStats()
     began = time.perf_counter()
     layout = store.layout
-    for chunk in tqdm(mine, desc=f"sampling (rank {rank})", unit="chunk", disable=rank != 0 or not mine):
-        start, stop = layout.chunk_range(chunk)
-        indices = np.arange(start, stop)
-        labels = sample_class_labels(sampling.seed, indices, loaded.num_classes, sampling.classes)
-        images, stats = generate(loaded, sampling, indices, labels, batch_size, device)
-        written = time.perf_counter()
-        store.write_chunk(chunk, images, labels)
-        stats.write_time_s = time.perf_counter() - written
-        totals.add(stats)
+    count = sum(stop - start for start, stop in map(layout.chunk_range, mine))
+    # One bar in images with its ETA; sampling and VAE decoding run batch by batch inside each chunk, so the
+    # postfix shows how the time splits between them.
+    bar = tqdm(total=count, desc=f"sampling+decoding (rank {rank})", unit="img", disable=rank != 0 or not mine)
+    with bar:
+        for chunk in mine:
+            start, stop = layout.chunk_range(chunk)
+            indices = np.arange(start, stop)
+            labels = sample_class_labels(sampling.seed, indices, loaded.num_classes, sampling.classes)
+            images, stats = generate(loaded, sampling, indices, labels, batch_size, device)
+            written = time.perf_counter()
+            store.write_chunk(chunk, images, labels)
+            stats.write_time_s = time.perf_counter() - written
+            totals.add(stats)
+            bar.update(stop - start)
+            bar.set_postfix(sample_s=f"{totals.sampler_time_s:.0f}", decode_s=f"{totals.decode_time_s:.0f}")
     totals.total_time_s = time.perf_counter() - began
     logger.info(
         "rank %d/%d: wrote %d chunks (%d samples) in %.1f s",
@@ -529,6 +569,47 @@ class Preflight:
     feature_config: Any = None
 
 
+def _feature_config(options: EvaluateOptions, device: torch.device | str):
+    """The metrics' `FeatureConfig` (Inception weights checked here, before any sampling)."""
+    from pipeline.evaluate import metrics as metric_lib
+
+    if options.prc_memory_gb <= 0 or options.prc_reference_limit < 1 or options.feature_workers < 0:
+        raise EvaluateInputError("--prc-memory-gb must be > 0, --prc-reference-limit >= 1, --feature-workers >= 0")
+    return metric_lib.FeatureConfig(
+        weights=metric_lib.resolve_inception_weights(options.inception_weights),
+        layer_fid=options.feature_layer,
+        layer_kid=options.feature_layer,
+        layer_prc=options.feature_layer,
+        batch_size=options.feature_batch_size,
+        cuda=torch.device(device).type == "cuda",
+        kid_subset_size=options.kid_subset_size,
+        prc_memory_bytes=int(options.prc_memory_gb * 1024**3),
+        prc_reference_limit=options.prc_reference_limit,
+        prc_seed=options.prc_seed,
+        num_workers=options.feature_workers,
+    )
+
+
+def _check_sample_count(options: EvaluateOptions, chosen: Sequence[str], feature_config) -> None:
+    """Refuse sample counts the requested metrics cannot work with, before sampling them."""
+    if "is" in chosen and not feature_config.isc_split_size and options.num_samples < feature_config.isc_splits:
+        raise EvaluateInputError(
+            f"the Inception Score splits the samples into {feature_config.isc_splits} "
+            f"parts: --num-samples {options.num_samples} is too few"
+        )
+    if "kid" in chosen and options.kid_subset_size > options.num_samples:
+        raise EvaluateInputError(
+            f"--kid-subset-size {options.kid_subset_size} exceeds --num-samples {options.num_samples}"
+        )
+    if "prc" in chosen and options.num_samples <= feature_config.prc_neighborhood:
+        raise EvaluateInputError(
+            f"precision/recall with k = {feature_config.prc_neighborhood}: --num-samples {options.num_samples} "
+            "is too few"
+        )
+    if set(chosen) & {"fid", "sfid"} and options.num_samples < 2:
+        raise EvaluateInputError("FID / sFID need a covariance: --num-samples must be >= 2")
+
+
 def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight:
     """Every check that can fail before sampling (see the module docstring); identical on every rank."""
     from pipeline.evaluate import metrics as metric_lib
@@ -540,36 +621,20 @@ def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight
     chosen = _parse_metrics(options.metrics)
     feature_config = reference = None
     if chosen:
-        if options.reference is None and set(chosen) & {"fid", "kid", "prc"}:
-            raise EvaluateInputError("--reference is required for fid, kid and prc (or use --metrics is)")
-        weights = metric_lib.resolve_inception_weights(options.inception_weights)
-        feature_config = metric_lib.FeatureConfig(
-            weights=weights,
-            layer_fid=options.feature_layer,
-            layer_kid=options.feature_layer,
-            layer_prc=options.feature_layer,
-            batch_size=options.feature_batch_size,
-            cuda=torch.device(device).type == "cuda",
-            kid_subset_size=options.kid_subset_size,
-        )
+        if options.reference is None and set(chosen) & {"fid", "sfid", "kid", "prc"}:
+            raise EvaluateInputError("--reference is required for fid, sfid, kid and prc (or use --metrics is)")
+        feature_config = _feature_config(options, device)
         metric_lib.check_feature_layers(feature_config, chosen)
-        if "is" in chosen and options.num_samples < feature_config.isc_splits:
-            raise EvaluateInputError(
-                f"the Inception Score splits the samples into {feature_config.isc_splits} "
-                f"parts: --num-samples {options.num_samples} is too few"
-            )
-        if "kid" in chosen and options.kid_subset_size > options.num_samples:
-            raise EvaluateInputError(
-                f"--kid-subset-size {options.kid_subset_size} exceeds --num-samples {options.num_samples}"
-            )
+        _check_sample_count(options, chosen, feature_config)
     loaded = load_model(options.model_dir, options.vae, device)
     sampling = resolve_sampling(loaded, options.sampling)
     if chosen and options.reference is not None:
         reference = metric_lib.open_reference(options.reference)
         metric_lib.check_reference(reference, loaded.resolution, chosen)
-        if "kid" in chosen and reference.num_images is not None and options.kid_subset_size > reference.num_images:
+        usable = min(reference.num_images or 0, options.prc_reference_limit)
+        if "kid" in chosen and reference.num_images is not None and options.kid_subset_size > usable:
             raise EvaluateInputError(
-                f"--kid-subset-size {options.kid_subset_size} exceeds the {reference.num_images} reference images"
+                f"--kid-subset-size {options.kid_subset_size} exceeds the {usable} reference images KID uses"
             )
     settings = store_settings(loaded, sampling, options.num_samples)
     layout = StoreLayout(options.num_samples, loaded.resolution[0], loaded.resolution[1], options.batch_size)
@@ -668,7 +733,7 @@ def build_record(
     }
 
 
-STANDARD_LAYERS = {"fid": "2048", "kid": "2048", "prc": "2048", "is": "logits_unbiased"}
+STANDARD_LAYERS = {"fid": "2048", "sfid": "mixed_6_conv", "kid": "2048", "prc": "2048", "is": "logits_unbiased"}
 
 
 def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflight) -> None:
@@ -679,6 +744,7 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
 
     names = {
         "frechet_inception_distance": "fid",
+        "spatial_frechet_inception_distance": "sfid",
         "inception_score_mean": "is_mean",
         "inception_score_std": "is_std",
         "precision": "precision",
@@ -700,8 +766,14 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
         reasons.append(f"plumbing-only (non-standard Inception feature layers {odd_layers})")
     reportable = not reasons
     label = "; ".join(reasons) if reasons else weights.label
+    sources = result.get("sources", {})
     if reference is not None and reference.kind == "stats":
         label += "; FID against precomputed statistics whose feature extractor is not recorded"
+    elif any(source.get("from") == "stored statistics" for source in sources.values()):
+        label += (
+            "; FID/sFID against the reference batch's stored statistics (the ADM evaluator computes them with "
+            "TensorFlow's Inception graph, the samples' features come from torch-fidelity's port of it)"
+        )
     record["inception_weights"] = weights.describe()
     record["official_inception_weights"] = weights.official
     record["reportable"] = reportable
@@ -717,10 +789,18 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
         "kid_subset_size": checks.feature_config.kid_subset_size,
         "kid_subsets": checks.feature_config.kid_subsets,
         "isc_splits": checks.feature_config.isc_splits,
+        "isc_split_size": checks.feature_config.isc_split_size,
         "prc_neighborhood": checks.feature_config.prc_neighborhood,
+        "prc_reference_limit": checks.feature_config.prc_reference_limit,
+        "prc_memory_bytes": checks.feature_config.prc_memory_bytes,
     }
+    record["metric_sources"] = sources
     if reference is not None:
-        record["reference"] = {**reference.describe(), "feature_cache": result["reference_cache"]}
+        record["reference"] = {
+            **reference.describe(),
+            "feature_cache": result["reference_cache"],
+            "statistics_cache": result.get("reference_statistics_cache"),
+        }
 
 
 def format_summary(record: dict[str, Any]) -> str:

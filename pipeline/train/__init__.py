@@ -2,27 +2,51 @@
 
 `config` holds the dataclasses every setting lives in, `data` streams shards into batches, `checks` checks a
 run's inputs before anything starts, `setup` builds what the loop works with, `objective` is the loss, lr and EMA,
-`progress` / `samples` report, `loop` runs training, `checkpoint` saves and restores runs, `export` writes the
-EMA weights as a model directory.
+`progress` / `samples` / `fid` (FID during training) report, `loop` runs training, `checkpoint` saves and
+restores runs, `export` writes the EMA weights as a model directory.
 Other stages use what this package exports, never its modules' internals.
 """
 
-from pipeline.train.checkpoint import CheckpointError
-from pipeline.train.checks import TrainArgs, TrainError
+from pipeline.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    FILE_HASHES,
+    LATEST_POINTER,
+    TRAIN_STATE,
+    CheckpointError,
+    checkpoint_problem,
+    list_checkpoints,
+)
+from pipeline.train.checks import RUN_CONFIG, TrainArgs, TrainError
 from pipeline.train.config import Config, ConfigError, config_from_dict, dump_config, load_config
 from pipeline.train.export import export_checkpoint
 from pipeline.train.loop import NonFiniteLossError, run
+from pipeline.train.preemption import EXIT_STOPPED, TrainingStopped
+from pipeline.train.progress import METRICS
+from pipeline.train.samples import SAMPLES_DIR
+from pipeline.train.setup import RUN_INFO
 
 __all__ = [
+    "CHECKPOINTS_DIR",
+    "FILE_HASHES",
+    "LATEST_POINTER",
+    "METRICS",
+    "RUN_CONFIG",
+    "RUN_INFO",
+    "SAMPLES_DIR",
+    "TRAIN_STATE",
     "CheckpointError",
     "Config",
     "ConfigError",
     "NonFiniteLossError",
     "TrainArgs",
     "TrainError",
+    "checkpoint_problem",
     "config_from_dict",
     "dump_config",
     "export_checkpoint",
+    "list_checkpoints",
     "load_config",
     "run",
+    "EXIT_STOPPED",
+    "TrainingStopped",
 ]

@@ -10,8 +10,9 @@ Layout of a run directory::
 A checkpoint is written into `.tmp-step-XXXXXXX` and published with `pipeline.core.atomic.replace_directory`
 when every file is in place, so a directory named `step-*` is always complete (a kill mid-save leaves only a
 `.tmp-*` directory, removed by the next save); the `latest` pointer is replaced atomically afterwards, and older
-checkpoints beyond `keep` are deleted last. The temporary directory has a fixed name, not a per-process one,
-because every rank writes its RNG state into the same directory.
+checkpoints beyond `keep` are deleted last -- except milestones (`keep_every`: a step that is a multiple of it),
+which rotation never deletes (FID-against-step curves need them). The temporary directory has a fixed name,
+not a per-process one, because every rank writes its RNG state into the same directory.
 Loading never unpickles arbitrary objects: the EMA is safetensors, accelerate's files are read with
 `weights_only=True`. All ranks must call `save_checkpoint` (accelerate writes each rank's RNG state); the run
 directory must be on a filesystem every node sees.
@@ -259,8 +260,10 @@ def save_checkpoint(
     train_state: dict[str, Any],
     config_text: str,
     keep: int,
+    keep_every: int = 0,
 ) -> Path:
-    """Write checkpoint `step` (all ranks call this), point `latest` at it, delete the ones beyond `keep`."""
+    """Write checkpoint `step` (all ranks call this), point `latest` at it, delete the ones beyond `keep` that are
+    not milestones (multiples of `keep_every`)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -280,14 +283,20 @@ def save_checkpoint(
         # `final` exists only after resuming from an older checkpoint: the new one replaces the abandoned branch.
         replace_directory(tmp, final)
         write_text_atomic(root / LATEST_POINTER, final.name + "\n")
-        rotate_checkpoints(run_dir, keep, step)
+        rotate_checkpoints(run_dir, keep, step, keep_every)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate_checkpoints(run_dir: Path, keep: int, step: int | None = None) -> list[Path]:
-    """Delete all but the `keep` newest complete checkpoints and any leftover temporary directories.
+def is_milestone(step: int, keep_every: int) -> bool:
+    """A checkpoint rotation keeps for good: its step is a multiple of `keep_every` (0: no milestones)."""
+    return keep_every > 0 and step % keep_every == 0
+
+
+def rotate_checkpoints(run_dir: Path, keep: int, step: int | None = None, keep_every: int = 0) -> list[Path]:
+    """Delete all but the `keep` newest complete checkpoints and milestones (steps that are multiples of
+    `keep_every`), and any leftover temporary directories.
 
     With `step` (the checkpoint just written) only checkpoints up to it count: newer ones are an abandoned
     branch (the run resumed from an older, e.g. because the newest was damaged), left alone until this run
@@ -299,7 +308,9 @@ def rotate_checkpoints(run_dir: Path, keep: int, step: int | None = None) -> lis
         shutil.rmtree(stale, ignore_errors=True)
         removed.append(stale)
     checkpoints = [(s, path) for s, path in list_checkpoints(run_dir) if step is None or s <= step]
-    for _, path in checkpoints[:-keep] if keep > 0 else []:
+    for old_step, path in checkpoints[:-keep] if keep > 0 else []:
+        if is_milestone(old_step, keep_every):
+            continue
         shutil.rmtree(path)
         removed.append(path)
     return removed

@@ -43,8 +43,13 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)
     # Recompute activations in the backward pass (LatentDiffiT supports it; memory for ~30% more compute).
     gradient_checkpointing: bool = False
-    # torch.compile the training network (the EMA copy and sampling stay eager).
+    # torch.compile the training network (the EMA copy and sampling stay eager). Off by default until measured
+    # faster on a GPU (`bench/train_step.py --device cuda` compares both; compiling costs minutes at start).
     compile: bool = False
+    # Channels-last memory format for the model and its input batches (CUDA). It speeds up convolutions on tensor
+    # cores; the latent DiffiT is a transformer with one convolution (the patch embedding), so it gains nothing
+    # there -- for the image-space U-Net, measure before turning it on.
+    channels_last: bool = False
 
 
 @dataclass
@@ -95,6 +100,8 @@ class OptimConfig:
     decay_fraction: float = 0.0
     # Clip the global gradient norm to this value; None reports the norm without clipping.
     grad_clip: float | None = None
+    # Fused (single-kernel) AdamW / Adam: None = on when every parameter is on a CUDA device, off elsewhere.
+    fused: bool | None = None
 
 
 @dataclass
@@ -121,7 +128,11 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
     log_every: int = 100
-    tracker: Literal["tensorboard", "none"] = "tensorboard"
+    # Any Accelerate tracker ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
+    # "trackio"), a list of them, or "none". Scalars go to every one; sample grids to those that take images.
+    tracker: str | list[str] = "tensorboard"
+    # TF32 tensor-core matmuls and convolutions on CUDA (fp32 parts of the step; no effect on CPU).
+    tf32: bool = True
 
 
 @dataclass
@@ -130,6 +141,9 @@ class CheckpointConfig:
 
     every: int = 5000
     keep: int = 3
+    # Milestones: checkpoints whose step is a multiple of this are never deleted by rotation (0 = none); the
+    # `keep` newest are kept as well, milestones or not.
+    keep_every: int = 0
 
 
 @dataclass
@@ -145,6 +159,33 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID of the EMA model during training (`pipeline.train.fid`), logged as `fid_{N}k` in RUN/metrics.jsonl.
+
+    Every `every` steps (0: never) `num_samples` images are sampled on all processes with the evaluate stage's
+    per-sample seeds and labels (the same images for any number of processes), their Inception features are
+    scored against the cached features / statistics of `reference` (any reference `diffit-pipe evaluate`
+    takes). Non-official Inception weights log `plumbing_only_fid_{N}k` instead.
+    """
+
+    every: int = 0
+    num_samples: int = 5000
+    reference: str | None = None
+    # None: torch-fidelity's cache location (as `diffit-pipe evaluate`).
+    inception_weights: str | None = None
+    feature_layer: str = "2048"
+    cache_dir: str | None = None  # reference feature cache; None: beside the reference (evaluate's default)
+    batch_size: int = 32  # samples per process and sampler call
+    feature_batch_size: int = 64
+    # Sampling; None takes the `sample` section's value.
+    sampler: Literal["ddpm", "ddim", "edm-heun"] | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_schedule: Literal["constant", "power-cosine"] = "constant"
+    seed: int = 0
+
+
+@dataclass
 class Config:
     """The whole training configuration."""
 
@@ -156,6 +197,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Sections whose change would make a resumed run a different experiment (checked by the trainer on resume).
@@ -167,8 +209,13 @@ FREE_ON_RESUME = (
     "data.prefetch_factor",
     "data.on_corrupt_shard",
     "model.compile",
+    "model.channels_last",
     "model.gradient_checkpointing",
+    "optim.fused",
 )
+
+# The trackers `train.tracker` may name (Accelerate's, without "all": a run names what it logs to).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,8 +404,11 @@ def validate(config: Config, source: str = "<config>") -> None:
     need(train.log_every >= 1, f"train.log_every must be >= 1, got {train.log_every}")
     need(config.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {config.checkpoint.every}")
     need(config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {config.checkpoint.keep}")
+    need(config.checkpoint.keep_every >= 0, f"checkpoint.keep_every must be >= 0, got {config.checkpoint.keep_every}")
+    _check_trackers(train.tracker, need)
     need(config.sample.every >= 0, f"sample.every must be >= 0, got {config.sample.every}")
     need(config.sample.count >= 1 and config.sample.steps >= 1, "sample.count and sample.steps must be >= 1")
+    _check_eval(config, need)
     need(0.0 <= data.label_dropout < 1.0, f"data.label_dropout must be in [0, 1), got {data.label_dropout}")
     need(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
     need(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
@@ -406,6 +456,41 @@ def validate(config: Config, source: str = "<config>") -> None:
             f"model.kwargs.learn_sigma={config.model.kwargs['learn_sigma']} contradicts diffusion.learn_sigma="
             f"{config.diffusion.learn_sigma}: set only diffusion.learn_sigma",
         )
+
+
+def _check_eval(config: Config, need) -> None:
+    """`eval.*`: counts, and a reference and the sampler a diffusion type can use when FID is on."""
+    ev = config.eval
+    need(ev.every >= 0, f"eval.every must be >= 0, got {ev.every}")
+    if ev.every == 0:
+        return
+    need(ev.num_samples >= 2, f"eval.num_samples must be >= 2 (a covariance), got {ev.num_samples}")
+    need(ev.batch_size >= 1 and ev.feature_batch_size >= 1, "eval.batch_size and eval.feature_batch_size must be >= 1")
+    need(ev.steps is None or ev.steps >= 1, f"eval.steps must be >= 1, got {ev.steps}")
+    need(ev.reference is not None, "eval.reference: FID during training (eval.every > 0) needs a reference")
+    need(ev.seed >= 0, f"eval.seed must be >= 0, got {ev.seed}")
+    sampler = ev.sampler or config.sample.sampler
+    need(
+        (sampler == "edm-heun") == (config.diffusion.type == "edm"),
+        f"eval.sampler {sampler!r} does not fit diffusion.type {config.diffusion.type!r}",
+    )
+
+
+def tracker_names(setting: str | list[str]) -> list[str]:
+    """The trackers a `train.tracker` setting names, in order, without repeats ("none" and [] name none)."""
+    names = [setting] if isinstance(setting, str) else list(setting)
+    return list(dict.fromkeys(name for name in names if name != "none"))
+
+
+def _check_trackers(setting: str | list[str], need) -> None:
+    """`train.tracker`: known tracker names, or "none" alone."""
+    names = [setting] if isinstance(setting, str) else list(setting)
+    for name in names:
+        need(
+            name in TRACKERS or name == "none",
+            f"train.tracker: {name!r} is not a tracker; one or a list of {', '.join(TRACKERS)}, or 'none'",
+        )
+    need("none" not in names or len(names) == 1, "train.tracker: 'none' cannot be combined with trackers")
 
 
 def dump_config(config: Config) -> str:

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.errors import InputError, PipelineError
 from pipeline.core.shards import load_npy_bytes
+from pipeline.train.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -550,7 +551,8 @@ def make_loader(spec: StreamSpec, num_workers: int, prefetch_factor: int = 2) ->
     check_balanced_split(len(spec.urls), spec.world_size, workers, spec.resampled)
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
+        # Workers ignore SIGTERM / SIGUSR1: the trainer stops on them after a checkpoint, then stops the workers.
+        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False, worker_init_fn=ignore_stop_signals)
     # The loader's own generator: creating its iterator must not draw from the global RNG (which the trainer
     # restores on resume and uses for noise and timesteps).
     generator = torch.Generator().manual_seed(spec.seed)

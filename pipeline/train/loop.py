@@ -21,8 +21,19 @@ checkpoint is restored when resuming (`pipeline.train.setup`), and the loop belo
 optimizer steps of `global_batch_size` images each (per-device batch x processes x accumulation). Every
 `train.log_every` steps loss, lr, grad-norm, images/s and the fraction of step time spent waiting for data go to
 the trackers and to `RUN/metrics.jsonl`; every `sample.every` steps an EMA sample grid goes to `RUN/samples/`;
-every `checkpoint.every` steps (and at the end) a checkpoint (`pipeline.train.checkpoint`). A non-finite loss or
-gradient norm stops the run before the optimizer step, so the last checkpoint is the last good state.
+every `eval.every` steps the EMA's FID against `eval.reference` (`pipeline.train.fid`; every rank samples its
+share) goes to both as `fid_{N}k`; every `checkpoint.every` steps (and at the end) a checkpoint
+(`pipeline.train.checkpoint`; multiples of `checkpoint.keep_every` are kept for good).
+
+A non-finite loss or gradient norm stops the run before anything of it is written, so the last checkpoint is the
+last good state. On CPU it is checked at every step, before the optimizer step. On CUDA reading the loss would
+make the host wait for the GPU at every step, so the step's loss and gradient norm stay on the device and are
+checked -- every step since the last check -- at the next step that reads or writes anything: a log record, a
+sample grid, a checkpoint or a stop. The steps in between may have updated the weights with NaN, but nothing of
+theirs is ever written: the error names the first non-finite step and the step it was found at.
+
+Preemption (`pipeline.train.preemption`): SIGTERM / SIGUSR1 finish the current step; every rank then logs it,
+writes a checkpoint of it and stops with exit code 75; `--resume auto` continues from that checkpoint.
 
 Resume (`--resume auto` = newest complete checkpoint of the run dir whose files match their recorded sha256 --
 a damaged one is skipped with a warning naming the file --, or a checkpoint path, which must verify): model,
@@ -41,25 +52,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from typing import Any
 
 from pipeline.core.errors import EXIT_JOB_FAILED
-from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.checkpoint import CHECKPOINTS_DIR, checkpoint_name, save_checkpoint
 from pipeline.train.checks import TrainArgs, TrainError
 from pipeline.train.objective import Objective, ema_decay, learning_rate, update_ema
+from pipeline.train.preemption import EXIT_STOPPED, StopAgreement, StopSignals, TrainingStopped
 from pipeline.train.progress import Progress
 from pipeline.train.setup import Training, prepare_loop, set_up
 
 logger = logging.getLogger("pipeline.train")
 
-# `run` and the error it adds, and names other code imports from here (they live in the modules named above).
+# `run` and the errors it adds, and names other code imports from here (they live in the modules named above).
 __all__ = [
+    "EXIT_STOPPED",
     "NonFiniteLossError",
     "Objective",
     "TrainArgs",
     "TrainError",
+    "TrainingStopped",
     "ema_decay",
     "learning_rate",
     "run",
@@ -68,15 +81,14 @@ __all__ = [
 
 
 class NonFiniteLossError(TrainError):
-    """The loss or gradient norm became NaN / inf; the run stopped before the optimizer step (exit 1)."""
+    """The loss or gradient norm became NaN / inf; the run stopped before writing anything of it (exit 1)."""
 
     exit_code = EXIT_JOB_FAILED
 
 
 def run(args: TrainArgs) -> dict[str, Any]:
-    """Train (or continue training) one run; returns a summary (final step, last loss, run dir)."""
-    import torch
-
+    """Train (or continue training) one run; returns a summary (final step, last loss, run dir). Raises
+    TrainingStopped (exit 75) after the checkpoint of a stop on SIGTERM / SIGUSR1."""
     training = set_up(args)
     config, accelerator = training.config, training.accelerator
     if training.step >= config.train.max_steps:
@@ -86,56 +98,84 @@ def run(args: TrainArgs) -> dict[str, Any]:
     prepare_loop(training)
 
     progress = Progress(config.train.max_steps, training.step, enabled=accelerator.is_main_process)
+    # The handlers stay until the run has returned or raised: a second signal must not kill a finished checkpoint's
+    # clean-up half way.
+    with StopSignals() as signals:
+        try:
+            stopped = train_steps(training, progress, StopAgreement(accelerator, signals))
+        finally:
+            progress.close()
+            if training.metrics is not None:
+                training.metrics.close()
+        if config.data.on_corrupt_shard == "skip":
+            skipped = skipped_shards(training)
+            if skipped:
+                logger.warning("trained without %d damaged shard(s): %s", len(skipped), ", ".join(skipped))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if stopped:
+            raise TrainingStopped(stop_message(training, signals.received))
+    return training.summary(progress.last_loss)
+
+
+def train_steps(training: Training, progress: Progress, stop: StopAgreement) -> bool:
+    """The optimizer steps up to `train.max_steps`, or up to a stop every rank agreed on. Returns whether the
+    run stopped early."""
+    import torch
+
+    config, accelerator = training.config, training.accelerator
     clip = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
-    last_loss = None
     training.model.train()
-    try:
-        while training.step < config.train.max_steps:
-            # Fetch the micro-batches; forward and backward with gradient accumulation.
-            step_start = time.perf_counter()
-            loss, waited = forward_backward(training)
+    while training.step < config.train.max_steps:
+        # Fetch the micro-batches; forward and backward with gradient accumulation.
+        step_start = time.perf_counter()
+        loss, waited = forward_backward(training)
 
-            # Clip the gradients; stop on a non-finite loss or gradient norm, before the optimizer step.
-            grad_norm = accelerator.clip_grad_norm_(training.model.parameters(), clip)
-            last_loss, grad_value = finite_values(training, loss, grad_norm)
+        # Clip the gradients. Off CUDA, stop on a non-finite loss or gradient norm before the optimizer step.
+        grad_norm = accelerator.clip_grad_norm_(training.model.parameters(), clip)
+        progress.step_values(loss, grad_norm)
+        if training.check_every_step:
+            check_finite(training, progress, inside_step=True)
 
-            # Optimizer step at this step's learning rate, then the EMA.
-            lr = optimizer_step(training)
-            training.step += 1
-            training.images_seen += config.train.global_batch_size
-            progress.step_done(last_loss, grad_value, time.perf_counter() - step_start, waited)
-            step, last = training.step, training.step == config.train.max_steps
+        # Optimizer step at this step's learning rate, then the EMA.
+        lr = optimizer_step(training)
+        training.step += 1
+        training.images_seen += config.train.global_batch_size
+        progress.step_done(time.perf_counter() - step_start, waited)
+        step, last = training.step, training.step == config.train.max_steps
+        stopping = stop.should_stop() and not last  # every rank calls it: a collective on several processes
 
-            # Log the window of steps since the last record.
-            if step % config.train.log_every == 0 or last:
-                log_record(training, progress, lr)
+        # Log the window of steps since the last record.
+        if step % config.train.log_every == 0 or last or stopping:
+            log_record(training, progress, lr)
 
-            # EMA sample grid; previews must not shift the training RNG stream.
-            if training.samples is not None and step % config.sample.every == 0:
+        # EMA sample grid (main process; every rank checks the loss, so that all stop at the same step);
+        # previews must not shift the training RNG stream.
+        if config.sample.every > 0 and step % config.sample.every == 0:
+            check_finite(training, progress)
+            if training.samples is not None:
                 with torch.random.fork_rng(devices=[]):
-                    path = training.samples.write(training.ema, step, training.tracker)
+                    path = training.samples.write(training.ema, step, training.grids)
                 logger.info("wrote %s", path)
 
-            # Checkpoint (every rank takes part).
-            if step % config.checkpoint.every == 0 or last:
-                checkpoint(training)
-    finally:
-        progress.close()
-        if training.metrics is not None:
-            training.metrics.close()
-    if config.data.on_corrupt_shard == "skip":
-        skipped = skipped_shards(training)
-        if skipped:
-            logger.warning("trained without %d damaged shard(s): %s", len(skipped), ", ".join(skipped))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return training.summary(last_loss)
+        # FID of the EMA (every rank samples its share; nothing of the training RNG is drawn).
+        if config.eval.every > 0 and step % config.eval.every == 0:
+            check_finite(training, progress)
+            log_fid(training)
+
+        # Checkpoint (every rank takes part).
+        if step % config.checkpoint.every == 0 or last or stopping:
+            check_finite(training, progress)
+            checkpoint(training)
+        if stopping:
+            return True
+    return False
 
 
 def forward_backward(training: Training) -> tuple[Any, float]:
     """One optimizer step's micro-batches: forward, backward of loss / accumulation (gradients are synchronised
-    between processes on the last micro-batch only). Returns the loss averaged over micro-batches and processes,
-    and the seconds spent waiting for data."""
+    between processes on the last micro-batch only). Returns the loss averaged over micro-batches and processes
+    (a tensor, on the device), and the seconds spent waiting for data."""
     import torch
 
     accelerator, accumulation = training.accelerator, training.layout.accumulation
@@ -153,18 +193,27 @@ def forward_backward(training: Training) -> tuple[Any, float]:
     return accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean"), waited
 
 
-def finite_values(training: Training, loss, grad_norm) -> tuple[float, float]:
-    """(loss, grad-norm) as floats; NonFiniteLossError when either is NaN / inf (the grad-norm is not checked
-    under fp16, whose grad scaler skips such steps itself)."""
-    loss_value = float(loss)
-    grad_value = float(grad_norm) if grad_norm is not None else float("nan")
-    if not math.isfinite(loss_value) or (training.layout.mixed_precision != "fp16" and not math.isfinite(grad_value)):
-        raise NonFiniteLossError(
-            f"non-finite training loss at step {training.step + 1}: loss {loss_value}, grad-norm {grad_value}; "
-            f"stopped before the optimizer step, the last checkpoint in {training.run_dir / 'checkpoints'} is "
-            "intact (lower optim.lr, set optim.grad_clip, or check the data)"
+def check_finite(training: Training, progress: Progress, inside_step: bool = False) -> None:
+    """NonFiniteLossError when a step since the last check had a NaN / inf loss or gradient norm (the
+    gradient norm is not checked under fp16, whose grad scaler skips such steps itself). Reads the values from
+    the device: every rank calls it at the same steps, and all see the same (reduced) values."""
+    fp16 = training.layout.mixed_precision == "fp16"
+    bad = progress.window.first_non_finite(check_grad_norm=not fp16, timed=not inside_step)
+    if bad is None:
+        return
+    bad_step, loss, grad_norm = bad
+    if training.check_every_step:
+        when = "stopped before the optimizer step"
+    else:
+        when = (
+            f"found at step {training.step} (on CUDA the loss is checked at log, sample, checkpoint and stop "
+            "steps), nothing written since"
         )
-    return loss_value, grad_value
+    raise NonFiniteLossError(
+        f"non-finite training loss at step {bad_step}: loss {loss}, grad-norm {grad_norm}; {when}, the last "
+        f"checkpoint in {training.run_dir / CHECKPOINTS_DIR} is intact (lower optim.lr, set optim.grad_clip, or "
+        "check the data)"
+    )
 
 
 def optimizer_step(training: Training) -> float:
@@ -182,14 +231,29 @@ def optimizer_step(training: Training) -> float:
 
 def log_record(training: Training, progress: Progress, lr: float) -> None:
     """The record of the steps since the last one: to the trackers, and (main process) to RUN/metrics.jsonl and
-    the progress bar. With `data.on_corrupt_shard: skip` it counts the damaged shards skipped so far."""
-    record = progress.take_record(training.step, lr, training.images_seen, training.config.train.global_batch_size)
-    if training.config.data.on_corrupt_shard == "skip":
+    the progress bar. Checks the window's losses first. With
+    `data.on_corrupt_shard: skip` it counts the damaged shards skipped so far."""
+    check_finite(training, progress)
+    config = training.config
+    record = progress.take_record(training.step, lr, training.images_seen, config.train.global_batch_size)
+    record.update(training.device_stats.record(record["images_per_s"]))
+    if config.data.on_corrupt_shard == "skip":
         record["skipped_shards"] = len(skipped_shards(training))
     training.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=training.step)
     if training.metrics is not None:
         training.metrics.write(record)
         progress.show(record)
+
+
+def log_fid(training: Training) -> None:
+    """FID of the EMA at this step (every rank takes part) to the trackers and RUN/metrics.jsonl; text values
+    (the plumbing-only label) go to metrics.jsonl only."""
+    record = training.fid.evaluate(training.ema, training.step)
+    if training.accelerator.is_main_process:
+        numbers = {key: value for key, value in record.items() if not isinstance(value, str)}
+        training.accelerator.log(numbers, step=training.step)
+        if training.metrics is not None:
+            training.metrics.write({"step": training.step, **record})
 
 
 def skipped_shards(training: Training) -> list[str]:
@@ -214,4 +278,15 @@ def checkpoint(training: Training) -> None:
         training.train_state(),
         training.config_text,
         config.checkpoint.keep,
+        config.checkpoint.keep_every,
+    )
+
+
+def stop_message(training: Training, signal_name: str | None) -> str:
+    """What a stopped run says: the signal, the step, the checkpoint, how to continue, the exit code."""
+    path = training.run_dir / CHECKPOINTS_DIR / checkpoint_name(training.step)
+    return (
+        f"stopped by {signal_name or 'a signal to another rank'} after step {training.step}: checkpoint {path} "
+        f"written; continue with `diffit-pipe train --run-dir {training.run_dir} --resume auto` "
+        f"(exit code {EXIT_STOPPED})"
     )

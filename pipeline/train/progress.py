@@ -1,15 +1,19 @@
 """What the loop reports: the progress bar, the per-window statistics and `RUN/metrics.jsonl`.
 
-Every `train.log_every` steps (and at the last step) one record -- mean loss and grad-norm over the steps since
-the previous record, the lr of the last step, images/s, the fraction of step time spent waiting for data, images
-seen -- goes to the trackers and, on the main process, to `RUN/metrics.jsonl`.
+Every `train.log_every` steps (and at the last step, and at a stop) one record -- mean loss and grad-norm over the
+steps since the previous record, the lr of the last step, images/s and seconds per thousand images, the fraction
+of step time spent waiting for data, images seen; on CUDA also peak memory and MFU
+(`pipeline.train.performance`) -- goes to the trackers and, on the main process, to `RUN/metrics.jsonl`.
+The loss and gradient norm of each step stay on the device until a record (or a finiteness check) reads them:
+one transfer per record instead of a host synchronisation per step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,31 +56,79 @@ def _keep(line: str, resume_step: int, path: Path) -> bool:
         return False
 
 
-@dataclass
 class LogWindow:
-    """Sums over the optimizer steps since the last record."""
+    """The optimizer steps since the last record: their loss and gradient norm as they came out of the step
+    (0-dim tensors, on the device: reading them would make the host wait for the GPU), and their seconds.
 
-    steps: int = 0
-    loss: float = 0.0
-    grad_norm: float = 0.0
-    seconds: float = 0.0
-    waited: float = 0.0
+    Values are brought to the host when something needs them -- a finiteness check, the record -- in one
+    transfer for all the steps not read yet. The window's steps are numbered from `start + 1` (`start`:
+    optimizer steps taken before it)."""
 
-    def add(self, loss: float, grad_norm: float, seconds: float, waited: float) -> None:
-        self.steps += 1
-        self.loss += loss
-        self.grad_norm += grad_norm
+    def __init__(self, start: int):
+        self.start = start
+        self.losses: list = []  # per step, on the device
+        self.grad_norms: list = []
+        self.read_losses: list[float] = []  # the leading steps' values, read to the host
+        self.read_norms: list[float] = []
+        self.checked = 0  # leading steps already checked finite
+        self.seconds = 0.0
+        self.waited = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    def add(self, loss, grad_norm) -> None:
+        """One step's loss and gradient norm (tensors, or None for a norm the accelerator did not compute)."""
+        import torch
+
+        loss = loss.detach().float().reshape(())
+        self.losses.append(loss)
+        norm = torch.full_like(loss, math.nan) if grad_norm is None else grad_norm.detach().float().reshape(())
+        self.grad_norms.append(norm.to(loss.device))
+
+    def add_time(self, seconds: float, waited: float) -> None:
         self.seconds += seconds
         self.waited += waited
 
+    def read(self, timed: bool = True) -> None:
+        """Bring the values of the steps not read yet to the host: one transfer. With `timed`, the seconds it
+        waits for the device (for work of the window's steps) count as step time -- not when it runs inside a
+        step that is timed as a whole."""
+        import torch
+
+        count = self.steps - len(self.read_losses)
+        if count == 0:
+            return
+        began = time.perf_counter()
+        values = torch.stack(self.losses[-count:] + self.grad_norms[-count:]).tolist()
+        if timed:
+            self.seconds += time.perf_counter() - began
+        self.read_losses += values[:count]
+        self.read_norms += values[count:]
+
+    def first_non_finite(self, check_grad_norm: bool, timed: bool = True) -> tuple[int, float, float] | None:
+        """(step, loss, grad-norm) of the first step since the last check whose loss -- or, with
+        `check_grad_norm`, gradient norm -- is NaN / inf; None when all are finite."""
+        self.read(timed)
+        for index in range(self.checked, self.steps):
+            loss, norm = self.read_losses[index], self.read_norms[index]
+            if not math.isfinite(loss) or (check_grad_norm and not math.isfinite(norm)):
+                return self.start + index + 1, loss, norm
+        self.checked = self.steps
+        return None
+
     def record(self, step: int, lr: float, images_seen: int, global_batch_size: int) -> dict[str, Any]:
         """The metrics record of this window, ending at `step`."""
+        self.read()
+        images = self.steps * global_batch_size
         return {
             "step": step,
-            "loss": self.loss / self.steps,
+            "loss": sum(self.read_losses) / self.steps,
             "lr": lr,
-            "grad_norm": self.grad_norm / self.steps,
-            "images_per_s": self.steps * global_batch_size / self.seconds,
+            "grad_norm": sum(self.read_norms) / self.steps,
+            "images_per_s": images / self.seconds,
+            "sec_per_kimg": self.seconds / images * 1000,
             "data_wait_fraction": self.waited / self.seconds,
             "images_seen": images_seen,
         }
@@ -91,26 +143,39 @@ class Progress:
         self.bar = tqdm(
             total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True
         )
-        self.window = LogWindow()
+        self.window = LogWindow(initial)
+        self.last_loss: float | None = None  # the loss of the last step recorded
 
-    def step_done(self, loss: float, grad_norm: float, seconds: float, waited: float) -> None:
-        """Count one optimizer step: its loss, gradient norm, duration and time spent waiting for data."""
-        self.window.add(loss, grad_norm, seconds, waited)
+    def step_values(self, loss, grad_norm) -> None:
+        """This step's loss and gradient norm (device tensors; nothing is read here)."""
+        self.window.add(loss, grad_norm)
+
+    def step_done(self, seconds: float, waited: float) -> None:
+        """Count one optimizer step: its duration and the time spent waiting for data."""
+        self.window.add_time(seconds, waited)
         self.bar.update(1)
 
     def take_record(self, step: int, lr: float, images_seen: int, global_batch_size: int) -> dict[str, Any]:
         """The record of the steps since the last one (the window starts again)."""
         record = self.window.record(step, lr, images_seen, global_batch_size)
-        self.window = LogWindow()
+        self.last_loss = self.window.read_losses[-1]
+        self.window = LogWindow(step)
         return record
 
     def show(self, record: dict[str, Any]) -> None:
-        """Loss, images/s and data wait of the latest record beside the bar."""
-        self.bar.set_postfix(
-            loss=f"{record['loss']:.4f}",
-            ips=f"{record['images_per_s']:.1f}",
-            wait=f"{record['data_wait_fraction']:.0%}",
-        )
+        """Loss, images/s, seconds per kimg and data wait of the latest record beside the bar (and on CUDA the
+        peak memory and MFU)."""
+        shown = {
+            "loss": f"{record['loss']:.4f}",
+            "ips": f"{record['images_per_s']:.1f}",
+            "s/kimg": f"{record['sec_per_kimg']:.2f}",
+            "wait": f"{record['data_wait_fraction']:.0%}",
+        }
+        if "peak_gpu_mem_gib" in record:
+            shown["mem"] = f"{record['peak_gpu_mem_gib']:.1f}G"
+        if "mfu" in record:
+            shown["mfu"] = f"{record['mfu']:.0%}"
+        self.bar.set_postfix(shown)
 
     def close(self) -> None:
         self.bar.close()

@@ -1,4 +1,4 @@
-"""EMA sample grids written during training: `RUN/samples/step-XXXXXXX.png`, and to the tracker.
+"""EMA sample grids written during training: `RUN/samples/step-XXXXXXX.png`, and to the run's trackers.
 
 Latent models' samples are decoded through the dataset's VAE when its manifest names a local directory that
 loads; otherwise the grid shows the first three latent channels (and says why, once).
@@ -80,8 +80,9 @@ class SampleWriter:
         except Exception as error:  # noqa: BLE001 -- any load failure only changes the preview, and is reported
             return None, f"the dataset's VAE at {path} does not load ({type(error).__name__}: {error})"
 
-    def write(self, ema_model, step: int, tracker=None) -> Path:
-        """Sample `sample.count` images from the EMA (fixed seeds, classes in turn), save the grid; returns its path."""
+    def write(self, ema_model, step: int, grids=None) -> Path:
+        """Sample `sample.count` images from the EMA (fixed seeds, classes in turn), save the grid and send it to
+        the trackers (`grids`: a `pipeline.train.trackers.GridLogger`); returns its path."""
         from diffit.sampling import sample
         from pipeline.core.grids import image_grid, write_png
 
@@ -93,8 +94,8 @@ class SampleWriter:
         samples = sample(ema_model, shape, labels, seeds, settings, device=self.device).cpu()
         grid = image_grid(self._to_images(samples), columns=math.ceil(math.sqrt(count)))
         path = write_png(self.out_dir / f"step-{step:07d}.png", grid)
-        if tracker is not None:
-            tracker.log_images({"samples": grid[None]}, step=step, dataformats="NHWC")
+        if grids is not None:
+            grids.log("samples", grid, step)
         return path
 
     def _to_images(self, samples):

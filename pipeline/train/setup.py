@@ -1,10 +1,10 @@
 """Setting a run up: from the checked inputs to everything the training loop works with (`Training`).
 
 `set_up` checks the inputs (`pipeline.train.checks`, all before Accelerate starts), starts the accelerator,
-writes the run files and builds the model, its fp32 EMA and the optimizer. `prepare_loop` then builds what the
-loop reads and writes -- the (compiled) network, the objective, the shard stream, trackers, metrics log and
-sample writer -- and restores the checkpoint when resuming, last, so that nothing built before it can shift the
-random stream it restores.
+writes the run files and builds the model, its fp32 EMA and the optimizer (fused on CUDA). `prepare_loop` then
+builds what the loop reads and writes -- the (compiled) network, the objective, the shard stream, trackers,
+metrics log and sample writer -- and restores the checkpoint when resuming, last, so that nothing built before it
+can shift the random stream it restores. Device-dependent choices are in `pipeline.train.performance`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ from pipeline.train.checks import (
     resolve_batching,
     resolve_mixed_precision,
 )
-from pipeline.train.config import Config, ConfigError, config_to_dict, dump_config
+from pipeline.train.config import Config, ConfigError, config_to_dict, dump_config, tracker_names
+from pipeline.train.fid import FidEvaluator, rng_devices
 from pipeline.train.objective import Objective
+from pipeline.train.performance import DeviceStats, configure_cuda, training_flops_per_image, use_fused
 from pipeline.train.progress import METRICS, MetricsLog
 from pipeline.train.samples import SampleWriter
+from pipeline.train.trackers import PROJECT, GridLogger, check_trackers_installed, init_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +79,14 @@ class Training:
     objective: Objective | None = None
     batches: Iterator | None = None  # (x, class_labels, seconds waited), on the device
     stream: Any = None  # the ShardStream behind `batches` (which shards its workers found damaged)
-    tracker: Any = None  # the main process's tracker, for sample images
+    grids: GridLogger | None = None  # main process only, with trackers: sample grids to them
     metrics: MetricsLog | None = None  # main process only
     samples: SampleWriter | None = None  # main process only, when sample.every > 0
+    fid: FidEvaluator | None = None  # every process, when eval.every > 0
+    device_stats: DeviceStats | None = None  # peak memory and MFU (CUDA)
+    # Check the loss before every optimizer step (reading it from the device): everywhere but CUDA, where it is
+    # checked at the next log / sample / checkpoint / stop step instead (see `pipeline.train.loop`).
+    check_every_step: bool = True
 
     def train_state(self) -> dict[str, Any]:
         """What a checkpoint records besides the tensors: position, layout, model, data and diffusion."""
@@ -106,6 +114,7 @@ def set_up(args: TrainArgs) -> Training:
     run_dir = Path(args.run_dir)
     checked = check_run(args)
     config = checked.config
+    check_trackers_installed(tracker_names(config.train.tracker))
     accelerator, layout = start_accelerator(config, checked.info, run_dir)
     config_text = dump_config(config)
     if accelerator.is_main_process:
@@ -148,10 +157,11 @@ def start_accelerator(config: Config, info: DatasetInfo, run_dir: Path):
     from pipeline.train.data import check_balanced_split, check_shard_split
 
     mixed_precision = resolve_mixed_precision(config.train.mixed_precision)
+    configure_cuda(config.train.tf32)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
-        log_with=None if config.train.tracker == "none" else config.train.tracker,
+        log_with=tracker_names(config.train.tracker) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
     world_size = accelerator.num_processes
@@ -196,13 +206,19 @@ def build_model(config: Config, info: DatasetInfo, accelerator):
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)
     null_class = model.num_classes if model.num_classes > 0 else None
     resolved_model = dict(model.model_config)
+    # On the device before the optimizer is built: whether it can be fused depends on where the parameters are.
+    model.to(accelerator.device)
+    if config.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(
-        [p for p in model.parameters() if p.requires_grad],
+        params,
         lr=config.optim.lr,
         betas=tuple(config.optim.betas),
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
+        fused=use_fused(config.optim.fused, params),
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
@@ -218,21 +234,51 @@ def prepare_loop(training: Training) -> None:
     """
     import torch
 
-    config = training.config
+    config, accelerator = training.config, training.accelerator
     training.network = torch.compile(training.model) if config.model.compile else training.model
-    training.objective = Objective(config, training.null_class)
+    training.objective = Objective(config, training.null_class, accelerator.device)
     training.batches, training.stream = open_stream(training)
-    main = training.accelerator.is_main_process
-    if config.train.tracker != "none":
-        training.accelerator.init_trackers("train", config=_flat_hparams(config))  # acts on the main process only
+    training.check_every_step = checks_loss_every_step(accelerator.device)
+    training.device_stats = device_stats(training)
+    main = accelerator.is_main_process
+    trackers = tracker_names(config.train.tracker)
+    if trackers:
+        # Acts on the main process only.
+        accelerator.init_trackers(
+            PROJECT, config=_flat_hparams(config), init_kwargs=init_kwargs(trackers, training.run_dir)
+        )
         if main:
-            training.tracker = training.accelerator.get_tracker(config.train.tracker)
+            training.grids = GridLogger(accelerator, trackers)
     if main:
         training.metrics = MetricsLog(training.run_dir / METRICS, training.step)
     if main and config.sample.every > 0:
         training.samples = SampleWriter(config, training.info, training.run_dir, training.accelerator.device)
+    if config.eval.every > 0:
+        # Loading the VAE may initialise weights from the RNG before reading them: keep the training streams.
+        with torch.random.fork_rng(devices=rng_devices(accelerator.device)):
+            training.fid = FidEvaluator(config, training.info, accelerator)
     if training.checkpoint is not None:
         restore_checkpoint(training)
+
+
+def checks_loss_every_step(device) -> bool:
+    """Whether the loss is read and checked before every optimizer step: everywhere but on CUDA, where reading
+    it would make the host wait for the GPU at every step (see `pipeline.train.loop`)."""
+    return device.type != "cuda"
+
+
+def device_stats(training: Training) -> DeviceStats:
+    """Peak memory and MFU reporting; the model's FLOPs are counted (on the meta device) only on CUDA."""
+    device = training.accelerator.device
+    flops = None
+    if device.type == "cuda":
+        try:
+            flops = training_flops_per_image(training.resolved_model["name"], training.resolved_model["kwargs"])
+        except Exception as error:  # noqa: BLE001 -- a FLOP count that fails costs the MFU figure, not the run
+            logger.warning(
+                "MFU not reported: the model's FLOPs could not be counted (%s: %s)", type(error).__name__, error
+            )
+    return DeviceStats(device, flops, training.layout.world_size)
 
 
 def open_stream(training: Training) -> tuple[Iterator, Any]:
@@ -264,16 +310,22 @@ def open_stream(training: Training) -> tuple[Iterator, Any]:
     loader = make_loader(spec, layout.workers, config.data.prefetch_factor)
     shards = {"rank": layout.rank, "world_size": layout.world_size, "shards": process_shards(spec)}
     write_text_atomic(training.run_dir / f"shards-rank{layout.rank}.json", json.dumps(shards, indent=2) + "\n")
-    return _timed_batches(infinite(loader), training.accelerator.device), loader.dataset
+    batches = _timed_batches(infinite(loader), training.accelerator.device, config.model.channels_last)
+    return batches, loader.dataset
 
 
-def _timed_batches(iterator: Iterator, device) -> Iterator[tuple[Any, Any, float]]:
-    """(x, class_labels, seconds waited for the batch) on `device`."""
+def _timed_batches(iterator: Iterator, device, channels_last: bool = False) -> Iterator[tuple[Any, Any, float]]:
+    """(x, class_labels, seconds waited for the batch) on `device`: the loader pins its batches on CUDA, so the
+    copies do not block."""
+    import torch
+
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     while True:
         start = time.perf_counter()
         x, labels = next(iterator)
         waited = time.perf_counter() - start
-        yield x.to(device, non_blocking=True), labels.to(device, non_blocking=True), waited
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        yield x, labels.to(device, non_blocking=True), waited
 
 
 def restore_checkpoint(training: Training) -> None:

@@ -1,0 +1,13 @@
+"""The report stage: a training run -> one self-contained HTML page to look at and to pass around.
+
+`collect` reads what the train, export and evaluate stages wrote (metrics.jsonl, sample grids, config,
+checkpoints with their files.json, exports, metrics.json) and how they link by hash, `charts` draws the curves
+(matplotlib, imported only here) and re-encodes the grids, `page` lays out the HTML (everything from the run's
+files escaped), `build.write_report` writes it atomically. Other packages use what this package exports.
+"""
+
+from pipeline.report.build import REPORT_NAME, write_report
+from pipeline.report.collect import ReportError
+from pipeline.report.page import LINEAGE, NOT_PRESENT, SECTIONS
+
+__all__ = ["LINEAGE", "NOT_PRESENT", "REPORT_NAME", "SECTIONS", "ReportError", "write_report"]

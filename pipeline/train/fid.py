@@ -1,0 +1,237 @@
+"""FID of the EMA model during training (`eval.every` > 0), logged as `fid_{N}k` with the step.
+
+Every `eval.every` steps all processes sample their contiguous share of the sample indices 0..N-1 from the EMA
+model, with the evaluate stage's per-sample noise seeds and class labels (`sample_noise_seeds` /
+`sample_class_labels` of (`eval.seed`, index)), so the N images are the same for any number of processes and
+are the images `diffit-pipe evaluate --seed S --num-samples N` draws from the exported EMA. Latent samples are
+decoded through the dataset's VAE (`vae.decode(latents / scaling_factor)`, as the evaluate stage decodes), the
+images converted to uint8 as the evaluate stage stores them, and each process computes its images' Inception
+features. The features are gathered (`accelerator.gather`) in index order; the main process computes their mean
+and covariance and the Fréchet distance to the reference's statistics -- stored ones, or those of its
+features, which the evaluate stage caches on disk (`.fidelity-cache` beside the reference) and this module keeps
+in memory after the first evaluation.
+
+Key: `fid_{N/1000:g}k` (5000 samples: `fid_5k`, 50: `fid_0.05k`). With Inception weights that are not the
+official torch-fidelity file the value goes under `plumbing_only_fid_{N/1000:g}k` instead, never under a
+`fid_*` key (the run report plots numeric `fid_*` keys as FID), and `fid_note` holds the plumbing-only label
+(the report lists text `fid_*` values as notes).
+
+The sampling runs inside `torch.random.fork_rng`, so the training RNG stream is the same with and without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.train.checks import DatasetInfo
+from pipeline.train.config import Config
+
+logger = logging.getLogger(__name__)
+
+PLUMBING_PREFIX = "plumbing_only_"
+NOTE_KEY = "fid_note"
+
+
+def fid_key(num_samples: int, official: bool) -> str:
+    """`fid_5k` for 5000 samples (`fid_0.05k` for 50); `plumbing_only_fid_5k` for non-official weights."""
+    key = f"fid_{num_samples / 1000:g}k"
+    return key if official else PLUMBING_PREFIX + key
+
+
+def index_share(num_samples: int, rank: int, world_size: int) -> range:
+    """The contiguous sample indices of one process (the first `num_samples % world_size` get one more)."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def rng_devices(device) -> list:
+    """The CUDA device whose RNG `torch.random.fork_rng` must also save (none off CUDA)."""
+    return [device] if device.type == "cuda" else []
+
+
+def eval_sampling_config(config: Config, conditional: bool):
+    """The `SamplingConfig` of the FID samples: `eval.*` settings, unset ones from `sample.*`; guidance built as
+    the evaluate stage builds it (power 4, first three channels) so that both draw the same images."""
+    from diffit.guidance import GuidanceConfig
+    from diffit.sampling import SamplingConfig
+
+    ev, sample = config.eval, config.sample
+    scale = ev.guidance_scale if ev.guidance_scale is not None else sample.guidance_scale
+    return SamplingConfig(
+        sampler=ev.sampler or sample.sampler,
+        steps=ev.steps or sample.steps,
+        guidance=GuidanceConfig(scale=scale if conditional else 1.0, schedule=ev.guidance_schedule),
+        kind=config.diffusion.type,
+        diffusion_steps=config.diffusion.diffusion_steps,
+        noise_schedule=config.diffusion.noise_schedule,
+        sigma_data=config.diffusion.sigma_data,
+    )
+
+
+class FidEvaluator:
+    """FID of the EMA model against `eval.reference`; built on every process (all take part in `evaluate`).
+
+    The Inception weights and the reference are checked when it is built, before the first training step.
+    """
+
+    def __init__(self, config: Config, info: DatasetInfo, accelerator):
+        from pipeline.evaluate import FeatureConfig, open_reference, resolve_inception_weights
+        from pipeline.train.checks import TrainError
+
+        ev = config.eval
+        self.config, self.info, self.accelerator = config, info, accelerator
+        if ev.num_samples < accelerator.num_processes:
+            raise TrainError(
+                f"eval.num_samples {ev.num_samples} is fewer than the {accelerator.num_processes} processes"
+            )
+        weights = resolve_inception_weights(ev.inception_weights)
+        self.features = FeatureConfig(
+            weights=weights,
+            layer_fid=ev.feature_layer,
+            batch_size=ev.feature_batch_size,
+            cuda=accelerator.device.type == "cuda",
+            num_workers=0,
+            progress=False,
+        )
+        self.key = fid_key(ev.num_samples, weights.official)
+        self.reference = open_reference(ev.reference)
+        self.reference_statistics = None  # (mu, sigma), main process, after the first evaluation
+        self.extractor = None
+        self.vae = None
+        if info.kind == "latents":
+            self.vae = self._load_vae(info, accelerator.device)
+
+    @staticmethod
+    def _load_vae(info: DatasetInfo, device):
+        """The dataset's VAE in fp32 on the training device (as the evaluate stage decodes); a VAE that does not
+        load is an error here, before training, since FID needs images."""
+        from pipeline.core.vae import load_vae
+        from pipeline.train.checks import TrainError
+
+        path = info.manifest["vae"].get("path")
+        if not path or not Path(path).is_dir():
+            raise TrainError(f"eval.every > 0: FID needs the dataset's VAE, not found on this machine: {path!r}")
+        try:
+            return load_vae(path, "fp32", str(device))
+        except Exception as error:  # noqa: BLE001 -- any load failure is reported with the file
+            raise TrainError(f"eval.every > 0: the dataset's VAE at {path} does not load ({error})") from error
+
+    def evaluate(self, ema_model, step: int) -> dict[str, Any]:
+        """Sample, score and return the record to log ({key: FID, ...}, plus the label when plumbing-only);
+        every process calls it and gets the same record's keys (the value on the main process)."""
+        import torch
+
+        started = time.perf_counter()
+        was_training = ema_model.training
+        ema_model.eval()
+        # Nothing here may draw from the training RNG streams (the Inception network is built here, the first
+        # time, and a reference's features may be extracted).
+        with torch.random.fork_rng(devices=rng_devices(self.accelerator.device)), torch.no_grad():
+            gathered = self._gather(self._features_of_share(ema_model))
+            value = self._frechet(gathered) if self.accelerator.is_main_process else None
+        ema_model.train(was_training)
+        record: dict[str, Any] = {}
+        if self.accelerator.is_main_process:
+            record[self.key] = value
+            if self.key.startswith(PLUMBING_PREFIX):
+                record[NOTE_KEY] = self.features.weights.label
+            # Not under a `fid_*` key: the run report plots every numeric one as FID.
+            # Not under a `fid_*` key: the run report plots every numeric one as FID.
+            record["eval_seconds"] = time.perf_counter() - started
+            logger.info("step %d: %s = %.4f (%.1f s)", step, self.key, record[self.key], record["eval_seconds"])
+        return record
+
+    def _features_of_share(self, ema_model):
+        """Inception features [n, dim] of this process's share of the sample indices, in index order."""
+        import numpy as np
+
+        from pipeline.evaluate import ArrayDataset, create_feature_extractor, extract_features
+
+        ev = self.config.eval
+        share = index_share(ev.num_samples, self.accelerator.process_index, self.accelerator.num_processes)
+        indices = np.arange(share.start, share.stop)
+        if self.extractor is None:
+            self.extractor = create_feature_extractor(self.features, [ev.feature_layer])
+        images = self._images(ema_model, indices)
+        self._check_resolution(images.shape[1:3])
+        return extract_features(ArrayDataset(images, "training samples"), self.extractor, self.features)[
+            ev.feature_layer
+        ]
+
+    def _check_resolution(self, size) -> None:
+        """The reference's images must be of the samples' size (as `diffit-pipe evaluate` requires)."""
+        from pipeline.train.checks import TrainError
+
+        expected = self.reference.resolution
+        if expected is not None and tuple(expected) != tuple(size):
+            raise TrainError(
+                f"eval.reference {self.reference.path}: reference images are {expected[0]}x{expected[1]}, the "
+                f"model generates {size[0]}x{size[1]} (wrong reference resolution)"
+            )
+
+    def _images(self, ema_model, indices):
+        """uint8 [n, H, W, 3] images of sample `indices`, drawn and converted as the evaluate stage does."""
+        import numpy as np
+
+        from diffit.sampling import sample
+        from pipeline.evaluate import sample_class_labels, sample_noise_seeds, to_uint8_images
+
+        ev = self.config.eval
+        conditional = ema_model.num_classes > 0
+        settings = eval_sampling_config(self.config, conditional)
+        labels = sample_class_labels(ev.seed, indices, ema_model.num_classes)
+        shape = (ema_model.in_channels, ema_model.input_size, ema_model.input_size)
+        outputs = []
+        for start in range(0, len(indices), ev.batch_size):
+            batch = indices[start : start + ev.batch_size]
+            seeds = sample_noise_seeds(ev.seed, batch)
+            batch_labels = labels[start : start + ev.batch_size] if conditional else None
+            samples = sample(ema_model, shape, batch_labels, seeds, settings, device=self.accelerator.device)
+            outputs.append(to_uint8_images(self._decode(samples)))
+        return np.concatenate(outputs)
+
+    def _decode(self, samples):
+        """Sampler output -> images in [-1, 1] (VAE decode of latents / scaling_factor for latent data)."""
+        if self.vae is None:
+            return samples
+        return self.vae.decode(samples / self.info.scaling_factor).sample
+
+    def _gather(self, features):
+        """Every process's features, concatenated in rank (= index) order, on every process: padded to the
+        largest share for `accelerator.gather`, the padding dropped after."""
+        import torch
+
+        accelerator = self.accelerator
+        ev = self.config.eval
+        shares = [
+            len(index_share(ev.num_samples, r, accelerator.num_processes)) for r in range(accelerator.num_processes)
+        ]
+        longest = max(shares)
+        padded = torch.zeros(longest, features.shape[1], dtype=features.dtype, device=accelerator.device)
+        padded[: features.shape[0]] = features.to(accelerator.device)
+        gathered = accelerator.gather(padded).reshape(accelerator.num_processes, longest, -1)
+        return torch.cat([gathered[rank, :count] for rank, count in enumerate(shares)]).cpu()
+
+    def _frechet(self, features) -> float:
+        """FID of the gathered features against the reference (statistics computed once, from the cache)."""
+        from pipeline.evaluate import feature_statistics, frechet_distance
+
+        if self.reference_statistics is None:
+            self.reference_statistics = self._reference_statistics(int(features.shape[1]))
+        mu, sigma = feature_statistics(features, self.features.device)
+        return float(frechet_distance(mu, sigma, *self.reference_statistics))
+
+    def _reference_statistics(self, dim: int):
+        from pipeline.evaluate import gather_reference_inputs, reference_cache_dir
+
+        ev = self.config.eval
+        cache_dir = reference_cache_dir(self.reference, Path(ev.cache_dir) if ev.cache_dir else None)
+        layer = ev.feature_layer
+        inputs = gather_reference_inputs(
+            self.reference, ["fid"], {"fid": layer}, self.features, cache_dir, self.extractor, {layer: dim}
+        )
+        return inputs.statistics["fid"]

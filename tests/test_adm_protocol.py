@@ -1,0 +1,604 @@
+"""The ADM evaluator's protocol (guided-diffusion `evaluations/evaluator.py`): the project's FID, sFID, precision and
+recall against a reimplementation of the evaluator's numpy code on the same features, the sFID layer against a
+forward pass written from the evaluator's definition, the streamed statistics, reference batches (layout,
+resume after a kill), ADM batches feeding FID from their stored statistics, and the released-weights path.
+
+Inception weights are random (plumbing only): the values test the math and the wiring, never paper numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_fixtures import REPO_ROOT, smooth_images, write_folder_reference, write_shard_reference
+from typer.testing import CliRunner
+
+from pipeline.core.errors import JobFailedError
+from pipeline.evaluate import adm
+from pipeline.evaluate import metrics as M
+from pipeline.evaluate.features import SFID_DIM, SFID_LAYER, run_extractor
+from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference, work_dir_for
+
+FIXTURES = str(REPO_ROOT / "tests" / "eval_fixtures.py")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluator's numpy code, reimplemented from guided-diffusion evaluations/evaluator.py (TensorFlow parts in
+# numpy: `_batch_pairwise_distances` in float32; the evaluator's float16 attempt is not reproduced).
+
+
+def evaluator_statistics(activations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`Evaluator.compute_statistics`."""
+    return np.mean(activations, axis=0), np.cov(activations, rowvar=False)
+
+
+def evaluator_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
+    """`FIDStatistics.frechet_distance` (its `sqrtm(..., disp=False)` is silent; scipy 1.17 deprecates `disp`,
+    so the root is taken without it and its warning silenced)."""
+    import warnings
+
+    from scipy import linalg
+
+    warnings.simplefilter("ignore", linalg.LinAlgWarning)
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def evaluator_inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    """`Evaluator.compute_inception_score` (the softmax of the bias-free logits, consecutive splits)."""
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    preds = exp / exp.sum(axis=1, keepdims=True)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i : i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        kl = np.mean(np.sum(kl, 1))
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def _pairwise(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """`_batch_pairwise_distances`: squared distances, float32."""
+    norm_u = np.sum(np.square(u), 1).reshape(-1, 1)
+    norm_v = np.sum(np.square(v), 1).reshape(1, -1)
+    return np.maximum(norm_u - 2 * np.matmul(u, v.T) + norm_v, 0.0)
+
+
+def evaluator_radii(features: np.ndarray, k: int = 3, batch: int = 10000) -> np.ndarray:
+    """`ManifoldEstimator.manifold_radii` with nhood_sizes=(k,)."""
+    n = len(features)
+    radii = np.zeros([n, 1], dtype=np.float32)
+    distance_batch = np.zeros([batch, n], dtype=np.float32)
+    for begin1 in range(0, n, batch):
+        end1 = min(begin1 + batch, n)
+        for begin2 in range(0, n, batch):
+            end2 = min(begin2 + batch, n)
+            distance_batch[0 : end1 - begin1, begin2:end2] = _pairwise(features[begin1:end1], features[begin2:end2])
+        partitioned = np.partition(distance_batch[0 : end1 - begin1, :], np.arange(k + 1), axis=1)
+        radii[begin1:end1, :] = partitioned[:, [k]]
+    return radii
+
+
+def evaluator_precision_recall(reference: np.ndarray, samples: np.ndarray, batch: int = 10000) -> tuple[float, float]:
+    """`Evaluator.compute_prec_recall` -> `ManifoldEstimator.evaluate_pr` / `DistanceBlock.less_thans`."""
+    radii_1, radii_2 = evaluator_radii(reference), evaluator_radii(samples)
+    status_1 = np.zeros([len(reference), 1], dtype=bool)
+    status_2 = np.zeros([len(samples), 1], dtype=bool)
+    for begin_1 in range(0, len(reference), batch):
+        batch_1 = reference[begin_1 : begin_1 + batch]
+        for begin_2 in range(0, len(samples), batch):
+            batch_2 = samples[begin_2 : begin_2 + batch]
+            dist32 = _pairwise(batch_1, batch_2).astype(np.float32)[..., None]
+            status_1[begin_1 : begin_1 + batch] |= np.any(dist32 <= radii_2[begin_2 : begin_2 + batch], axis=1)
+            status_2[begin_2 : begin_2 + batch] |= np.any(dist32 <= radii_1[begin_1 : begin_1 + batch][:, None], axis=0)
+    return float(np.mean(status_2.astype(np.float64))), float(np.mean(status_1.astype(np.float64)))
+
+
+def _quantised_features(rng, count: int, dim: int, shift: float = 0.0) -> np.ndarray:
+    """Gaussian features on a 1/8 grid: every float32 dot product and squared distance is then exact, in numpy
+    and torch alike, so the two implementations must agree bit for bit (ties included)."""
+    return (np.round((rng.normal(0.0, 2.0, (count, dim)) + shift) * 8) / 8).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+@pytest.mark.parametrize("count", [500, 40])  # well-conditioned; singular covariances (fewer images than dims)
+def test_frechet_distance_equals_the_evaluator(count):
+    rng = np.random.default_rng(count)
+    a = rng.normal(0.0, 1.0, (count, 64)).astype(np.float32)
+    b = (rng.normal(0.3, 1.2, (count, 64)) @ rng.normal(0, 0.3, (64, 64))).astype(np.float32)
+    ours = adm.frechet_distance(*adm.feature_statistics(a), *adm.feature_statistics(b))
+    theirs = evaluator_frechet_distance(*evaluator_statistics(a), *evaluator_statistics(b))
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    if count == 500:  # an independent formula: tr sqrt(S1 S2) = sum of the square roots of its eigenvalues
+        mu1, s1 = evaluator_statistics(a.astype(np.float64))
+        mu2, s2 = evaluator_statistics(b.astype(np.float64))
+        roots = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum()
+        assert ours == pytest.approx(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * roots, rel=1e-8)
+
+
+def test_frechet_distance_offsets_a_singular_product_and_refuses_imaginary_roots(caplog):
+    # A nilpotent product has no square root (scipy returns inf): both add eps = 1e-6 to the diagonals, whose
+    # product then has the double eigenvalue ~1e-6 and the root's trace 2 sqrt(1e-6 (1 + 1e-6)).
+    nilpotent, identity, mu = np.array([[0.0, 1.0], [0.0, 0.0]]), np.eye(2), np.zeros(2)
+    with caplog.at_level("WARNING", logger="pipeline.evaluate.adm"):
+        value = adm.frechet_distance(mu, nilpotent, mu + 1, identity)
+    assert value == pytest.approx(evaluator_frechet_distance(mu, nilpotent, mu + 1, identity), rel=1e-6)
+    assert value == pytest.approx(2 + 2 - 4 * np.sqrt(1e-6 * (1 + 1e-6)), rel=1e-9) and "singular" in caplog.text
+    indefinite = np.array([[1.0, 0.0], [0.0, -4.0]])  # not a covariance: its product has a negative eigenvalue
+    with pytest.raises(ValueError, match="Imaginary"):
+        evaluator_frechet_distance(np.zeros(2), indefinite, np.zeros(2), np.eye(2))
+    with pytest.raises(JobFailedError, match="imaginary component"):
+        adm.frechet_distance(np.zeros(2), indefinite, np.zeros(2), np.eye(2))
+
+
+def test_inception_score_equals_the_evaluator():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0.0, 3.0, (12_000, 1008))  # 5000 + 5000 + a partial split of 2000, as the evaluator cuts
+    mean, std = adm.inception_score(logits)
+    assert mean == pytest.approx(evaluator_inception_score(logits), rel=1e-9)
+    assert std > 0 and adm.inception_score(logits[:5000])[1] == 0.0  # one split: no spread
+
+
+def test_running_moments_are_np_cov_whatever_the_chunking():
+    rng = np.random.default_rng(0)
+    features = (rng.normal(5.0, 3.0, (1000, 32)) * rng.uniform(0.1, 10, 32)).astype(np.float32)
+    mean, cov = np.mean(features.astype(np.float64), axis=0), np.cov(features.astype(np.float64), rowvar=False)
+    for sizes in ([1000], [1, 999], [7] * 142 + [6], [300, 300, 400]):
+        parts = np.split(features, np.cumsum(sizes)[:-1])
+        total = adm.RunningMoments.empty(32)
+        for part in parts:
+            chunk = adm.RunningMoments.empty(32)
+            chunk.update(torch.from_numpy(part))
+            restored = adm.RunningMoments.from_arrays(chunk.arrays("x."), "x.")  # as a partial file reads back
+            total.merge(restored)
+        mu, sigma = total.statistics()
+        assert total.count == 1000
+        np.testing.assert_allclose(mu, mean, rtol=1e-12)
+        np.testing.assert_allclose(sigma, cov, rtol=1e-10, atol=1e-10 * np.abs(cov).max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision / recall
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.7])
+def test_precision_recall_equal_the_evaluator_at_any_memory_bound(shift, monkeypatch):
+    rng = np.random.default_rng(1)
+    reference = _quantised_features(rng, 300, 64)
+    samples = _quantised_features(rng, 420, 64, shift)
+    precision, recall = evaluator_precision_recall(reference, samples, batch=128)
+    assert (precision, recall) == evaluator_precision_recall(reference, samples)  # its own blocking is neutral
+    assert 0.0 < precision < 1.0 and 0.0 < recall < 1.0
+
+    largest = []
+    squared = adm.squared_distances
+
+    def recording(u, v, u_norms, v_norms):
+        largest.append(u.shape[0] * v.shape[0])
+        return squared(u, v, u_norms, v_norms)
+
+    monkeypatch.setattr(adm, "squared_distances", recording)
+    for memory_bytes in (adm.DEFAULT_PRC_MEMORY_BYTES, 8 * 420 * 5, 8 * 100):  # whole; rows of 5; column pieces
+        largest.clear()
+        values = adm.precision_recall(reference, samples, memory_bytes=memory_bytes)
+        assert (values["precision"], values["recall"]) == (precision, recall), memory_bytes
+        assert max(largest) * adm.BYTES_PER_BLOCK_ELEMENT <= memory_bytes
+        assert values["f_score"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert min(largest) <= 100  # the smallest bound really split rows into column pieces
+
+
+def test_block_shape_bounds_50k_by_10k_within_the_default():
+    rows, cols = adm.block_shape(10_000, 50_000, adm.DEFAULT_PRC_MEMORY_BYTES)
+    assert cols == 50_000 and rows * cols * adm.BYTES_PER_BLOCK_ELEMENT <= adm.DEFAULT_PRC_MEMORY_BYTES
+    assert adm.block_shape(3, 10, 8) == (1, 1)
+    assert adm.subsample_indices(10, 10, 0) is None
+    chosen = adm.subsample_indices(50, 10, 7)
+    assert len(chosen) == 10 and np.all(np.diff(chosen) > 0)
+    np.testing.assert_array_equal(chosen, adm.subsample_indices(50, 10, 7))  # the seed fixes the subset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sFID layer
+
+
+@pytest.fixture(scope="module")
+def feature_config(inception_weights):
+    return M.FeatureConfig(weights=M.resolve_inception_weights(inception_weights), batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def extractor(feature_config):
+    return M.create_feature_extractor(feature_config, ["2048", SFID_LAYER])
+
+
+def evaluator_spatial_features(base, images: torch.Tensor) -> torch.Tensor:
+    """`mixed_6/conv:0[..., :7]`, reshaped per image, written out from the TensorFlow graph's definition on
+    torch-fidelity's modules: resize to 299 and scale as the graph does, then the stem and the mixed blocks up to
+    `mixed_6` (the 7th: mixed, mixed_1, ..., mixed_6), whose `conv` tower is the 1x1 conv + batchnorm + ReLU."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    x = (x - 128) / 128
+    stem = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+    mixed = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c"]  # mixed .. mixed_5
+    with torch.no_grad():
+        for name in [*stem, "MaxPool_2", *mixed]:
+            x = getattr(base, name)(x)
+        conv = base.Mixed_6d.branch1x1(x)  # mixed_6/conv
+    nhwc = conv.permute(0, 2, 3, 1)  # TensorFlow's layout
+    return nhwc[..., :7].reshape(nhwc.shape[0], -1)
+
+
+def test_sfid_features_are_mixed_6_conv_first_7_channels(extractor, feature_config):
+    blocks = [name for name, _ in extractor.base.named_children() if name.startswith("Mixed_")]
+    tensorflow_blocks = ["mixed"] + [f"mixed_{i}" for i in range(1, 11)]
+    assert len(blocks) == len(tensorflow_blocks) and blocks[tensorflow_blocks.index("mixed_6")] == "Mixed_6d"
+    images = torch.from_numpy(smooth_images(3, size=16, seed=4)).permute(0, 3, 1, 2).contiguous()
+    features = run_extractor(extractor, images)
+    expected = evaluator_spatial_features(extractor.base, images)
+    assert features[SFID_LAYER].shape == (3, SFID_DIM) == (3, 7 * 17 * 17)
+    torch.testing.assert_close(features[SFID_LAYER], expected, rtol=0, atol=0)
+    assert features["2048"].shape == (3, 2048)
+    # Only sFID requested: the network still runs far enough, and the same values come out.
+    only = M.create_feature_extractor(feature_config, [SFID_LAYER])
+    torch.testing.assert_close(run_extractor(only, images)[SFID_LAYER], expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics and ADM reference batches feeding the metrics
+
+
+def _samples(count: int = 12, seed: int = 0) -> np.ndarray:
+    return smooth_images(count, size=16, seed=seed)
+
+
+def test_shifted_mean_moves_fid_by_exactly_the_squared_shift(tmp_path, inception_weights):
+    """The issue's measurement: reference = the samples' own statistics with mu shifted by 3 in every dimension.
+    A statistics-only file and an ADM batch (arr_0 + statistics) must both give FID = 64 x 9 = 576 on 64-d
+    features: FID comes from the stored statistics, never from arr_0 (which here equals the samples)."""
+    config = M.FeatureConfig(weights=M.resolve_inception_weights(inception_weights), layer_fid="64", batch_size=16)
+    extractor64 = M.create_feature_extractor(config, ["64"])
+    images = _samples()
+    samples = M.ArrayDataset(images)
+    features = M.extract_features(samples, extractor64, config)["64"]
+    mu, sigma = adm.feature_statistics(features)
+    np.savez(tmp_path / "same.npz", mu=mu, sigma=sigma)
+    np.savez(tmp_path / "shifted.npz", mu=mu + 3.0, sigma=sigma)
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu + 3.0, sigma=sigma)
+    results = {}
+    for name in ("same", "shifted", "adm"):
+        reference = M.open_reference(tmp_path / f"{name}.npz")
+        results[name] = M.compute_metrics(samples, reference, ["fid"], config, tmp_path / "cache", extractor64)
+    fid = {name: result["values"]["frechet_inception_distance"] for name, result in results.items()}
+    assert M.open_reference(tmp_path / "adm.npz").kind == "adm"
+    assert abs(fid["same"]) < 1e-3
+    assert fid["shifted"] - fid["same"] == pytest.approx(64 * 9.0, rel=1e-9)
+    assert fid["adm"] == pytest.approx(fid["shifted"], rel=1e-12)
+    assert results["adm"]["sources"]["fid"] == {
+        "from": "stored statistics",
+        "file": str(tmp_path / "adm.npz"),
+        "keys": ["mu", "sigma"],
+    }
+
+
+def test_a_reference_above_the_limit_is_subsampled_with_a_logged_seed(tmp_path, inception_weights, caplog):
+    """20 reference images, limit 8: precision/recall against a seeded subset of 8 (logged and recorded), FID
+    from the streamed statistics of all 20 (equal to those of all their features), cached for the next run."""
+    config = _random_weights_config(inception_weights, layer_fid="64", layer_prc="64", prc_seed=5)
+    extractor64 = M.create_feature_extractor(config, ["64"])
+    np.savez(tmp_path / "ref.npz", arr_0=_samples(20, seed=6))
+    reference = M.open_reference(tmp_path / "ref.npz")
+    samples = M.ArrayDataset(_samples(10, seed=7))
+    everything = M.compute_metrics(samples, reference, ["fid", "prc"], config, tmp_path / "all", extractor64)
+    config.prc_reference_limit = 8
+    with caplog.at_level("WARNING", logger="pipeline.evaluate.metrics"):
+        limited = M.compute_metrics(samples, reference, ["fid", "prc"], config, tmp_path / "cache", extractor64)
+    assert "random subset of 8 drawn with seed 5" in caplog.text
+    subset = adm.subsample_indices(20, 8, 5)
+    assert limited["sources"]["prc"] == {"from": "reference images", "images": 8, "of": 20, "subset_seed": 5}
+    assert limited["sources"]["fid"] == {"from": "streamed statistics of all reference images", "images": 20}
+    fid_key = "frechet_inception_distance"
+    assert limited["values"][fid_key] == pytest.approx(everything["values"][fid_key], rel=1e-9)
+    subset_images = torch.utils.data.Subset(M.reference_dataset(reference), subset.tolist())
+    features = M.extract_features(subset_images, extractor64, config)["64"]
+    sample_features = M.extract_features(samples, extractor64, config)["64"]
+    expected = adm.precision_recall(features, sample_features)
+    assert (limited["values"]["precision"], limited["values"]["recall"]) == (expected["precision"], expected["recall"])
+    assert limited["reference_statistics_cache"]["hit"] is False
+    again = M.compute_metrics(samples, reference, ["fid"], config, tmp_path / "cache", extractor64)
+    assert again["reference_statistics_cache"]["hit"] is True
+    assert again["values"][fid_key] == limited["values"][fid_key]
+
+
+def _random_weights_config(weights, **changes) -> M.FeatureConfig:
+    return M.FeatureConfig(weights=M.resolve_inception_weights(weights), batch_size=16, **changes)
+
+
+@pytest.mark.slow
+def test_project_metrics_equal_the_evaluator_on_the_same_features(tmp_path, inception_weights, extractor):
+    """FID (64-d here), sFID (2023-d), precision and recall through `compute_metrics` on an ADM-style image
+    reference, against the reimplemented evaluator fed with the same features (sFID ones from the forward pass
+    written from the evaluator's definition)."""
+    config = _random_weights_config(inception_weights, layer_fid="64", layer_prc="64")
+    reference_images, sample_images = _samples(24, seed=1), _samples(20, seed=2)
+    np.savez(tmp_path / "ref.npz", arr_0=reference_images)
+    reference = M.open_reference(tmp_path / "ref.npz")
+    result = M.compute_metrics(M.ArrayDataset(sample_images), reference, ["fid", "sfid", "prc"], config, tmp_path)
+    values = result["values"]
+
+    pool = M.create_feature_extractor(config, ["64"])
+
+    def features(images):
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        # The pool features batched as compute_metrics batches them: bit-identical to the ones it compared.
+        pooled = M.extract_features(M.ArrayDataset(images), pool, config)["64"].numpy()
+        return pooled, evaluator_spatial_features(extractor.base, batch).numpy()
+
+    (ref64, ref_spatial), (sample64, sample_spatial) = features(reference_images), features(sample_images)
+    fid = evaluator_frechet_distance(*evaluator_statistics(sample64), *evaluator_statistics(ref64))
+    sfid = evaluator_frechet_distance(*evaluator_statistics(sample_spatial), *evaluator_statistics(ref_spatial))
+    assert values["frechet_inception_distance"] == pytest.approx(fid, rel=1e-6)
+    assert values["spatial_frechet_inception_distance"] == pytest.approx(sfid, rel=1e-6)
+    precision, recall = evaluator_precision_recall(ref64, sample64)
+    # numpy's and torch's float32 matmuls may round one borderline distance differently: one point at most.
+    assert abs(values["precision"] - precision) <= 1 / 20 and abs(values["recall"] - recall) <= 1 / 24
+    assert result["sources"]["sfid"]["from"] == "features of all reference images"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `diffit-pipe reference`: ADM-layout batches with streamed, resumable statistics
+
+
+def _source_images() -> np.ndarray:
+    return smooth_images(20, size=16, seed=5)
+
+
+def test_reference_batch_has_the_adm_layout_and_whole_source_statistics(tmp_path, inception_weights, feature_config):
+    images = _source_images()
+    source = write_shard_reference(tmp_path / "shards", images, per_shard=6)
+    out = tmp_path / "ref.npz"
+    options = ReferenceOptions(source, out, inception_weights, subset_size=6, seed=3, chunk_size=8, batch_size=8)
+    options.workers, options.device = 0, "cpu"
+    info = build_reference(options)
+    with np.load(out, allow_pickle=False) as batch:
+        arrays = {key: batch[key] for key in batch.files}
+    assert set(arrays) == {"arr_0", "mu", "sigma", "mu_s", "sigma_s", "subset_indices", "info"}
+    np.testing.assert_array_equal(arrays["subset_indices"], adm.subsample_indices(20, 6, 3))
+    np.testing.assert_array_equal(arrays["arr_0"], images[arrays["subset_indices"]])
+    assert arrays["mu"].shape == (2048,) and arrays["sigma"].shape == (2048, 2048)
+    assert arrays["mu_s"].shape == (SFID_DIM,) and arrays["sigma_s"].shape == (SFID_DIM, SFID_DIM)
+    assert arrays["mu"].dtype == arrays["sigma_s"].dtype == np.float64
+    # Whole-source statistics: np.mean / np.cov of every image's features (batches of 8, as the chunks were).
+    extractor = M.create_feature_extractor(feature_config, ["2048", SFID_LAYER])
+    features = M.extract_all(M.ArrayDataset(images), extractor, batch_size=8, progress=False)
+    for layer, (mean_key, cov_key) in (("2048", ("mu", "sigma")), (SFID_LAYER, ("mu_s", "sigma_s"))):
+        values = features[layer].double().numpy()
+        np.testing.assert_allclose(arrays[mean_key], values.mean(axis=0), rtol=1e-10, atol=1e-12)
+        cov = np.cov(values, rowvar=False)
+        np.testing.assert_allclose(arrays[cov_key], cov, rtol=1e-8, atol=1e-10 * np.abs(cov).max())
+    record = json.loads(str(arrays["info"]))
+    assert record == json.loads(json.dumps(info)) and record["num_images_statistics"] == 20
+    assert record["subset_seed"] == 3 and record["inception_weights"]["official"] is False
+    reference = M.open_reference(out)
+    assert reference.kind == "adm" and reference.num_images == 6
+    # arr_0 is memory-mapped out of the zip64 member the streaming writer wrote: the offsets must be right.
+    dataset = M.reference_dataset(reference)
+    np.testing.assert_array_equal(np.stack([dataset[i].permute(1, 2, 0).numpy() for i in range(6)]), arrays["arr_0"])
+    assert reference.stored_statistics("fid") == ("mu", "sigma")
+    assert reference.stored_statistics("sfid") == ("mu_s", "sigma_s")
+    assert not work_dir_for(out).exists()  # the partial statistics are gone once the batch is written
+
+    # Statistics only (FID and sFID, no images) through the command line; an existing OUT needs --overwrite.
+    from cli.main import app
+
+    stats = tmp_path / "stats.npz"
+    arguments = ["reference", str(source), str(stats), "--inception-weights", str(inception_weights)]
+    arguments += ["--statistics-only", "--chunk-size", "8", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    with np.load(stats) as only:
+        assert set(only.files) == {"mu", "sigma", "mu_s", "sigma_s", "info"}
+        np.testing.assert_array_equal(only["mu"], arrays["mu"])
+    assert M.open_reference(stats).kind == "stats"
+    again = CliRunner().invoke(app, arguments)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def _reference_spec(tmp_path: Path, source: Path, out: Path, weights: Path, delay_s: float) -> Path:
+    spec = {
+        "source": str(source),
+        "out": str(out),
+        "weights": str(weights),
+        "subset": 5,
+        "chunk_size": 8,
+        "batch_size": 4,
+        "delay_s": delay_s,
+    }
+    path = tmp_path / f"spec-{out.stem}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_reference_resumes_after_a_kill(tmp_path, inception_weights, monkeypatch):
+    import pipeline.evaluate.reference_batch as reference_batch
+
+    source = write_folder_reference(tmp_path / "folder", _source_images())
+    out = tmp_path / "resumed.npz"
+    spec = _reference_spec(tmp_path, source, out, inception_weights, delay_s=0.4)
+    worker = subprocess.Popen(
+        [sys.executable, FIXTURES, "slow-reference", str(spec)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and worker.poll() is None:
+            if (work_dir_for(out) / "chunk-000000.npz").exists():
+                break
+            time.sleep(0.05)
+        assert worker.poll() is None, f"the build ended before it could be killed:\n{worker.communicate()[0]}"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert not out.exists() and (work_dir_for(out) / "chunk-000000.npz").exists()
+
+    computed = []
+    compute_part = reference_batch._compute_part
+
+    def counting(dataset, *args, **kwargs):
+        computed.append(dataset.indices[0])
+        return compute_part(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(reference_batch, "_compute_part", counting)
+    options = ReferenceOptions(source, out, inception_weights, subset_size=5, chunk_size=8, batch_size=4)
+    options.workers, options.device, options.progress = 0, "cpu", False
+    build_reference(options)
+    assert 0 not in computed and len(computed) < 3, computed  # chunk 0 (images 0-7) came from the killed run
+    monkeypatch.undo()
+    uninterrupted = tmp_path / "uninterrupted.npz"
+    options.out = uninterrupted
+    build_reference(options)
+    with np.load(out) as resumed, np.load(uninterrupted) as expected:
+        for key in ("arr_0", "subset_indices", "mu", "sigma", "mu_s", "sigma_s"):
+            np.testing.assert_allclose(resumed[key], expected[key], rtol=1e-12, atol=0, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From the released weights to the protocol: `import-nvlabs`, then `evaluate`
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A random tiny model saved as the released code saves its weights (safetensors, released key names)."""
+    from safetensors.torch import save_file
+
+    import diffit
+    from diffit.convert import to_nvlabs_state_dict
+
+    torch.manual_seed(3)
+    model = diffit.create_model("DiffiT-Tiny/2")
+    with torch.no_grad():  # a non-zero output layer, so that the untrained network predicts something
+        model.final_layer.linear.weight.normal_(0, 0.05)
+        model.final_layer.linear.bias.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("released") / "diffit_256.safetensors"
+    save_file({key: value.contiguous() for key, value in to_nvlabs_state_dict(model).items()}, str(path))
+    return path, model
+
+
+def test_import_nvlabs_writes_an_export_with_the_released_setup(released, tiny_vae, tmp_path):
+    from cli.main import app
+    from diffit.io import load_pretrained
+    from pipeline.evaluate import run as ev
+    from pipeline.train.released import released_sampling
+
+    path, model = released
+    out = tmp_path / "imported"
+    result = CliRunner().invoke(app, ["import-nvlabs", str(path), str(out), "--vae", str(tiny_vae)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == {"name": "DiffiT-Tiny/2", "kwargs": {**model.model_config["kwargs"], "mlp_ratio": 4.0}}
+    assert config["diffusion"] == {
+        "type": "adm",
+        "noise_schedule": "linear",
+        "diffusion_steps": 1000,
+        "learn_sigma": True,
+    }
+    sampling = config["sampling"]
+    assert (sampling["sampler"], sampling["steps"], sampling["guidance_scale"], sampling["guidance_schedule"]) == (
+        "ddpm",
+        250,
+        4.4,
+        "power-cosine",
+    )
+    assert (sampling["guidance_power"], sampling["guidance_channels"]) == (4.0, 3)
+    assert config["vae"]["scaling_factor"] == 0.18215 and config["vae"]["path"] == str(tiny_vae.resolve())
+    assert config["released"]["sha256"] == M.sha256_file(path) and config["released"]["null_class"] == 10
+    loaded, _ = load_pretrained(out)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    # `evaluate` samples it with the released set-up by default, and says where the defaults came from.
+    resolved = ev.resolve_sampling(ev.load_model(out), ev.SamplingOptions())
+    assert (resolved.guidance_scale, resolved.guidance_schedule, resolved.steps) == (4.4, "power-cosine", 250)
+    assert "cfg_scale=4.4 (released NVlabs/DiffiT code)" in resolved.defaults_used
+    assert ev.resolve_sampling(ev.load_model(out), ev.SamplingOptions(cfg_scale=4.6)).guidance_scale == 4.6
+    # 512 px (64x64 latents): constant 1.49, as the released code switches above 32x32 latents.
+    assert (released_sampling(64)["guidance_scale"], released_sampling(64)["guidance_schedule"]) == (1.49, "constant")
+
+    # Without --vae: the released sd-vae-ft-ema, resolved when evaluating; a non-empty OUT needs --overwrite.
+    hub = tmp_path / "hub"
+    assert CliRunner().invoke(app, ["import-nvlabs", str(path), str(hub)]).exit_code == 0
+    vae = json.loads((hub / "config.json").read_text())["vae"]
+    assert vae == {"id": "stabilityai/sd-vae-ft-ema", "source": "hub", "scaling_factor": 0.18215}
+    again = CliRunner().invoke(app, ["import-nvlabs", str(path), str(hub)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(foreign))
+    refused = CliRunner().invoke(app, ["import-nvlabs", str(foreign), str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "not a released NVlabs/DiffiT latent checkpoint" in refused.output
+
+
+@pytest.mark.slow
+def test_released_weights_to_the_adm_protocol_end_to_end(released, tiny_vae, inception_weights, tmp_path):
+    """The documented commands: import-nvlabs, reference (for this tiny 16 px model), evaluate with defaults."""
+    from cli.main import app
+
+    path, _ = released
+    runner = CliRunner()
+    model = tmp_path / "model"
+    assert runner.invoke(app, ["import-nvlabs", str(path), str(model), "--vae", str(tiny_vae)]).exit_code == 0
+    source = write_folder_reference(tmp_path / "images", smooth_images(24, size=16, seed=9))
+    reference = tmp_path / "reference.npz"
+    weights = ["--inception-weights", str(inception_weights)]
+    built = runner.invoke(
+        app, ["reference", str(source), str(reference), *weights, "--subset", "12", "--workers", "0", "--device", "cpu"]
+    )
+    assert built.exit_code == 0, built.output
+    arguments = ["evaluate", "--model", str(model), "--reference", str(reference), "--out", str(tmp_path / "eval")]
+    arguments += [*weights, "--num-samples", "10", "--steps", "4", "--batch-size", "5", "--device", "cpu"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert record["sampling"]["guidance_scale"] == 4.4 and record["sampling"]["guidance_schedule"] == "power-cosine"
+    assert record["metrics_requested"] == ["fid", "sfid", "is", "prc"]
+    values = record["plumbing_only_metrics"]
+    assert set(values) == {"fid", "sfid", "is_mean", "is_std", "precision", "recall", "f_score"}
+    assert all(np.isfinite(v) for v in values.values()) and values["fid"] > 0 and values["sfid"] > 0
+    sources = record["metric_sources"]
+    assert sources["fid"] == {"from": "stored statistics", "file": str(reference), "keys": ["mu", "sigma"]}
+    assert sources["sfid"] == {"from": "stored statistics", "file": str(reference), "keys": ["mu_s", "sigma_s"]}
+    assert sources["prc"] == {"from": "reference images", "images": 12, "of": 12, "subset_seed": None}
+    assert sources["is"] == {"from": "samples only"}
+    assert record["reference"]["kind"] == "adm" and record["feature_extractor"]["layers"]["sfid"] == SFID_LAYER
+    assert "stored statistics" in record["label"]
