@@ -508,3 +508,82 @@ def test_cli_killed_midway_then_rerun_gives_identical_shards(data, reference_run
     assert manifest["counts"] == {"seen": 42, "written": 42, "failed": 0}
     assert _comparable(manifest) == _comparable(shards.load_manifest(reference_run))
     assert shards.verify_dataset(out).ok and list(out.glob("*.tmp-*")) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches prepared ahead on threads (issue 16)
+
+
+def _run_shards_with_markers(data, out: Path, kind: str, prefetch: int, monkeypatch) -> dict:
+    """Every shard of the bad corpus written by `encode_shard` with `prefetch` batches prepared ahead (3 items a
+    batch, so a batch can hold several decode failures). The real write_batch is wrapped to append one marker
+    failure per batch (standing in for a VAE failure, which comes after the batch's decode failures) and, when
+    prefetching, to wait until the following batches are being prepared: the overlap is shown, not assumed."""
+    import pipeline.encode.job as job
+
+    prepared: list[tuple[int, int, str]] = []  # (shard, first item, thread name) per prepare_batch call
+    waited: list[bool] = []
+    real_prepare, real_write = job.prepare_batch, job.write_batch
+
+    def recording_prepare(batch, task, failures):
+        prepared.append((task.index, batch[0].index, threading.current_thread().name))
+        return real_prepare(batch, task, failures)
+
+    def write_with_marker(writer, vae, ready, failures, task):
+        batches = -(-task.count // task.batch_size)
+        written = sum(1 for failure in failures if failure["reason"].startswith("marker")) + 1
+        if prefetch:
+            wanted = min(written + prefetch, batches)  # this batch and the ones prepared ahead of it
+            deadline = time.monotonic() + 30
+            while sum(1 for shard, _, _ in prepared if shard == task.index) < wanted and time.monotonic() < deadline:
+                time.sleep(0.001)
+            waited.append(sum(1 for shard, _, _ in prepared if shard == task.index) >= wanted)
+        real_write(writer, vae, ready, failures, task)
+        failures.append({"index": -1, "reason": f"marker {written - 1}"})
+
+    monkeypatch.setattr(job, "prepare_batch", recording_prepare)
+    monkeypatch.setattr(job, "write_batch", write_with_marker)
+    plan = job.plan_job(_config(data, data.bad, out, kind=kind, shard_size=8, batch_size=3))
+    out.mkdir(parents=True)
+    sidecars = [job.encode_shard(task, prefetch_batches=prefetch) for task in plan.tasks]
+    monkeypatch.undo()
+    return {"sidecars": sidecars, "prepared": prepared, "waited": waited, "tasks": plan.tasks}
+
+
+@pytest.mark.parametrize("kind", ["latents", "images"])
+def test_prefetched_batches_give_identical_shards_and_failures(data, tmp_path, monkeypatch, kind):
+    sequential = _run_shards_with_markers(data, tmp_path / "sequential", kind, 0, monkeypatch)
+    prefetched = _run_shards_with_markers(data, tmp_path / "prefetched", kind, 2, monkeypatch)
+
+    assert _shard_bytes(tmp_path / "prefetched") == _shard_bytes(tmp_path / "sequential")
+    assert prefetched["sidecars"] == sequential["sidecars"]  # counts, sha256, and the failure records in order
+    assert {name for _, _, name in sequential["prepared"]} == {"MainThread"}
+    assert all(name.startswith("encode-prepare") for _, _, name in prefetched["prepared"])
+    assert prefetched["waited"] and all(prefetched["waited"])  # batch k + 1 and k + 2 were prepared while k was written
+    # Each batch prepared once, in order: 21 items in shards of 8 and batches of 3 → [0, 3, 6], [8, 11, 14], [16, 19].
+    assert [first for _, first, _ in prefetched["prepared"]] == [0, 3, 6, 8, 11, 14, 16, 19]
+
+    # The order of today's sequential loop: per batch, its decode failures (in item order), then its marker.
+    expected_failed = sorted(name for name, outcome in data.outcome.items() if outcome == "fail")
+    for task, sidecar in zip(sequential["tasks"], sequential["sidecars"]):
+        first = task.block.unpack()[0].index
+        order = [
+            (int(f["reason"].split()[1]), 1) if f["index"] < 0 else ((f["index"] - first) // 3, 0)
+            for f in sidecar["failures"]
+        ]
+        assert order == sorted(order) and [o for o in order if o[1]] == [(b, 1) for b in range(-(-task.count // 3))]
+    decode_failures = [f for s in sequential["sidecars"] for f in s["failures"] if f["index"] >= 0]
+    assert sorted(Path(f["path"]).name for f in decode_failures) == expected_failed
+    assert [f["index"] for f in decode_failures] == sorted(f["index"] for f in decode_failures)
+
+
+def test_walk_progress_counts_items_and_changes_no_file(data, encoded, tmp_path, capsys):
+    out = tmp_path / "with-progress"
+    capsys.readouterr()
+    run_job(_config(data, data.src, out, progress=True))
+    err = capsys.readouterr().err
+    assert re.search(r"listing source: 42 items \[", err), err  # the counter of the walk (no total) ...
+    assert " items/s]" in err  # ... with its rate
+    assert _shard_bytes(out) == _shard_bytes(encoded.out)
+    assert (out / "failures.jsonl").read_bytes() == (encoded.out / "failures.jsonl").read_bytes()
+    assert _comparable(shards.load_manifest(out)) == _comparable(shards.load_manifest(encoded.out))

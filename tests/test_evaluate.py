@@ -531,3 +531,87 @@ def test_sample_command_writes_a_grid(latent_model, tmp_path):
     assert pixels.std() > 1
     bad = CliRunner().invoke(app, ["sample", "--model", str(latent_model), "--grid", str(out), "--classes", "x"])
     assert bad.exit_code == 2 and "--classes" in bad.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Network precision (--precision) and compilation (--compile)
+
+
+def test_precision_auto_is_bf16_on_cuda_only_and_unknown_values_are_refused():
+    assert ev.resolve_precision("auto", "cpu") == "fp32"
+    assert ev.resolve_precision("auto", "cuda") == "bf16"
+    assert ev.resolve_precision("bf16", "cpu") == "bf16" and ev.resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ev.EvaluateInputError, match="--precision fp16"):
+        ev.resolve_precision("fp16", "cpu")
+
+
+def test_bf16_network_runs_under_autocast_and_returns_float32(latent_model):
+    loaded = ev.load_model(latent_model, device="cpu")
+    ev.prepare_network(loaded, "fp32", False, "cpu")
+    assert loaded.network is None and loaded.sampling_network is loaded.model  # the default path is untouched
+    ev.prepare_network(loaded, "bf16", False, "cpu")
+    network = loaded.sampling_network
+    for name in ("num_classes", "null_class", "learn_sigma", "in_channels"):
+        assert getattr(network, name) == getattr(loaded.model, name)
+    seen = []
+    hook = loaded.model.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    x = torch.randn(2, *loaded.sample_shape)
+    t, y = torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        output = network(x, t, y)
+        reference = loaded.model(x, t, y)
+    hook.remove()
+    assert seen[0] == torch.bfloat16 and seen[1] == torch.float32  # bf16 inside the wrapper only
+    assert output.dtype == torch.float32
+    difference = (output - reference).abs().max().item()
+    assert 0 < difference < 0.1 * reference.abs().max().item()
+
+
+def test_bf16_samples_are_close_to_fp32_and_recorded(baseline, tmp_path):
+    fp32 = ev.evaluate(_options(baseline.options.model_dir, tmp_path / "fp32", metrics=(), precision="fp32"))
+    np.testing.assert_array_equal(_images(tmp_path / "fp32"), baseline.images)
+    fp32_store = SampleStore.open(tmp_path / "fp32" / STORE_NAME, mode="r")
+    # The default (fp32, eager) stores exactly the settings stores made before --precision existed.
+    assert fp32_store.settings == SampleStore.open(baseline.out / STORE_NAME, mode="r").settings
+    assert "network" not in fp32_store.settings
+    assert fp32["network"] == {"precision": "fp32", "compile": False, "requested_precision": "fp32"}
+    assert baseline.record["network"] == {"precision": "fp32", "compile": False, "requested_precision": "auto"}
+
+    out = tmp_path / "bf16"
+    ev.evaluate(_options(baseline.options.model_dir, out, metrics=(), precision="bf16"))
+    images = _images(out)
+    difference = np.abs(images.astype(np.int16) - baseline.images.astype(np.int16))
+    assert difference.max() > 0  # bf16 forwards are not the fp32 ones...
+    assert difference.mean() < 0.5 and difference.max() <= 4  # ...but the samples stay close (measured: 0.04, 1)
+    record = json.loads((out / ev.METRICS_FILE).read_text())
+    assert record["network"] == {"precision": "bf16", "compile": False, "requested_precision": "bf16"}
+    stored = SampleStore.open(out / STORE_NAME, mode="r").settings
+    assert stored["network"] == {"precision": "bf16", "compile": False}
+    with pytest.raises(SampleStoreMismatchError, match="network"):
+        ev.evaluate(_options(baseline.options.model_dir, out, metrics=(), precision="fp32"))
+
+
+def test_sample_command_takes_precision(latent_model, tmp_path):
+    from cli.main import app
+
+    arguments = ["sample", "--model", str(latent_model), "--classes", "1,2", "--per-class", "1", "--steps", "2"]
+    arguments += ["--device", "cpu", "--precision"]
+    result = CliRunner().invoke(app, [*arguments, "bf16", "--grid", str(tmp_path / "grid.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grid.png").is_file()
+    bad = CliRunner().invoke(app, [*arguments, "fp16", "--grid", str(tmp_path / "bad.png")])
+    assert bad.exit_code == 2 and "--precision" in bad.output
+
+
+@pytest.mark.slow
+def test_compiled_network_samples_like_the_eager_one_and_is_recorded(latent_model):
+    loaded = ev.load_model(latent_model, device="cpu")
+    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(steps=3, cfg_scale=2.0))
+    indices, labels = np.arange(4), np.array([0, 1, 2, 3])
+    ev.prepare_network(loaded, "fp32", False, "cpu")
+    eager, _ = ev.generate(loaded, sampling, indices, labels, 4, "cpu")
+    ev.prepare_network(loaded, "fp32", True, "cpu")  # torch.compile (inductor, CPU here)
+    compiled, _ = ev.generate(loaded, sampling, indices, labels, 4, "cpu")
+    assert np.abs(compiled.astype(np.int16) - eager.astype(np.int16)).max() <= 1
+    settings = ev.store_settings(loaded, sampling, 4)
+    assert settings["network"] == {"precision": "fp32", "compile": True}

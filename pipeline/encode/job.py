@@ -10,7 +10,8 @@ written last). `dry_run` plans the same job and times a few batches without writ
 A task (`encode_shard`) first checks whether its shard is already done: sidecar present, same fingerprint (the
 items with their sizes and modification times, the resolution, transform, VAE hash and dtype) and the tar's
 sha256 matches. If so it returns the sidecar (resume after a kill, or `--verify`); otherwise it decodes, crops
-and encodes its items in batches, streams the samples into a temporary tar and commits it with its sidecar,
+and encodes its items in batches (the next batches are read and cropped on threads while one is encoded,
+`PREFETCH_BATCHES`), streams the samples into a temporary tar in item order and commits it with its sidecar,
 which it then seals (`seal_sidecar`). Bad items become failure records; they never stop the task. The VAE is
 fetched with `pipeline.core.vae.get_vae`, cached per worker process, on the worker's own GPU if it has one.
 
@@ -39,8 +40,10 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,11 @@ from pipeline.encode.transforms import (
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".diffit-pipe.lock"
+# Batches a task prepares (reads, decodes, crops) ahead of the one being encoded, each on its own thread: PIL's
+# decode and resize release the GIL, so on a GPU the next crops are ready when the VAE finishes a batch. The task's
+# thread still writes every sample, in item order, so the shard bytes do not depend on this. 0: prepare each
+# batch on the task's thread just before it is encoded.
+PREFETCH_BATCHES = 2
 
 
 class JobError(InputError):
@@ -263,8 +271,42 @@ def task_vae(task: ShardTask):
     return get_vae(task.vae_path, task.dtype, pick_device(task.device))
 
 
-def encode_shard(task: ShardTask) -> dict[str, Any]:
-    """Produce (or find already done) shard `task.index`; returns its sidecar plus `"skipped": bool`."""
+def _prepare_alone(batch: list[SourceItem], task: ShardTask) -> tuple[list[tuple], list[dict[str, Any]]]:
+    """`prepare_batch` with failures of its own (merged into the shard's list in batch order by the caller)."""
+    failures: list[dict[str, Any]] = []
+    return prepare_batch(batch, task, failures), failures
+
+
+def prepared_batches(
+    items: list[SourceItem], task: ShardTask, prefetch_batches: int
+) -> Iterator[tuple[list[SourceItem], list[tuple], list[dict[str, Any]]]]:
+    """(batch, ready crops, decode failures) of the consecutive batches of `items`, in order; up to
+    `prefetch_batches` following batches are prepared on worker threads meanwhile (0: none, all on this thread).
+    Close it (`contextlib.closing`) so that an error while a batch is encoded cancels the prefetched work."""
+    batches = [items[start : start + task.batch_size] for start in range(0, len(items), task.batch_size)]
+    if prefetch_batches <= 0:
+        for batch in batches:
+            yield batch, *_prepare_alone(batch, task)
+        return
+    with ThreadPoolExecutor(max_workers=prefetch_batches, thread_name_prefix="encode-prepare") as pool:
+        pending: deque = deque()  # (batch, future) of the batches submitted and not yet handed out, in order
+        try:
+            for batch in batches:
+                pending.append((batch, pool.submit(_prepare_alone, batch, task)))
+                if len(pending) > prefetch_batches:
+                    oldest, future = pending.popleft()
+                    yield oldest, *future.result()
+            while pending:
+                oldest, future = pending.popleft()
+                yield oldest, *future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def encode_shard(task: ShardTask, prefetch_batches: int | None = None) -> dict[str, Any]:
+    """Produce (or find already done) shard `task.index`; returns its sidecar plus `"skipped": bool`.
+    `prefetch_batches`: batches prepared ahead on threads (default `PREFETCH_BATCHES`; 0: sequential)."""
     existing = _existing_shard(task)
     if existing is not None:
         _report_progress(task.progress_topic, task.index, task.count)
@@ -272,12 +314,17 @@ def encode_shard(task: ShardTask) -> dict[str, Any]:
 
     vae = task_vae(task) if task.kind == "latents" else None
     items = task.block.unpack()
+    prefetch = PREFETCH_BATCHES if prefetch_batches is None else prefetch_batches
     failures: list[dict[str, Any]] = []
-    with ShardWriter(task.out, task.index) as writer:
-        for start in range(0, len(items), task.batch_size):
-            batch = items[start : start + task.batch_size]
-            write_batch(writer, vae, prepare_batch(batch, task, failures), failures, task)
-            _report_progress(task.progress_topic, task.index, start + len(batch))
+    done = 0
+    with ShardWriter(task.out, task.index) as writer, closing(prepared_batches(items, task, prefetch)) as batches:
+        for batch, ready, decode_failures in batches:
+            # Same order as preparing and encoding one batch after the other: its decode failures, then its
+            # VAE failures (appended by write_batch), then the next batch's.
+            failures.extend(decode_failures)
+            write_batch(writer, vae, ready, failures, task)
+            done += len(batch)
+            _report_progress(task.progress_topic, task.index, done)
         sidecar = writer.commit(
             {
                 "fingerprint": task.fingerprint,
@@ -397,11 +444,21 @@ def plan_job(cfg: JobConfig, remote: bool = False) -> JobPlan:
         progress_topic=topic,
     )
     tasks, items = [], 0
-    for index, shard_items in enumerate(iter_shards(source.items, cfg.shard_size)):
-        fingerprint = shard_fingerprint(settings, index, shard_items)
-        tasks.append(replace(template, index=index, block=ItemBlock.pack(shard_items), fingerprint=fingerprint))
-        items += len(shard_items)
+    with _walk_progress(cfg.progress) as walked:
+        for index, shard_items in enumerate(iter_shards(source.items, cfg.shard_size)):
+            fingerprint = shard_fingerprint(settings, index, shard_items)
+            tasks.append(replace(template, index=index, block=ItemBlock.pack(shard_items), fingerprint=fingerprint))
+            items += len(shard_items)
+            walked.update(len(shard_items))
     return JobPlan(cfg, vae_spec, source, out, tasks, items, topic)
+
+
+def _walk_progress(enabled: bool):
+    """A counter of the items found while the source is walked, with items/s (the total is known only at the
+    end); on stderr, only with progress enabled."""
+    from tqdm import tqdm
+
+    return tqdm(desc="listing source", unit=" items", disable=not enabled, dynamic_ncols=True)
 
 
 def _output_path(out_arg: str, source_root: str) -> Path:

@@ -110,6 +110,8 @@ class EvaluateOptions:
     prc_reference_limit: int = 10_000
     prc_seed: int = 0
     device: str | None = None
+    precision: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on CUDA, fp32 elsewhere); see `prepare_network`
+    compile: bool = False  # torch.compile the network
 
 
 @dataclass
@@ -182,6 +184,13 @@ class LoadedModel:
     vae: Any = None
     scaling_factor: float | None = None
     identity: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # of the network forward: "fp32" | "bf16" (set by `prepare_network`)
+    compiled: bool = False
+    network: torch.nn.Module | None = None  # what the sampler calls; None: `model` itself (fp32, eager)
+
+    @property
+    def sampling_network(self) -> torch.nn.Module:
+        return self.model if self.network is None else self.network
 
     @property
     def num_classes(self) -> int:
@@ -312,6 +321,65 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Network precision and compilation
+
+PRECISIONS = ("fp32", "bf16", "auto")
+# Attributes the samplers read from the network (guidance's null class, ADM's learned Sigma, shapes).
+FORWARDED_ATTRIBUTES = ("num_classes", "null_class", "learn_sigma", "in_channels", "input_size")
+
+
+class SamplingNetwork(torch.nn.Module):
+    """The network as the sampler calls it: optionally compiled, its forward optionally under bf16 autocast.
+
+    Autocast covers the network call only and its output is returned in float32, so everything the sampler does
+    around it (CFG combination, EDM preconditioning, the DDPM / DDIM posterior, the Heun update) stays in fp32:
+    bf16 there would round the chain's small per-step increments away. Autocasting the whole sampling call would
+    leave those elementwise ops in fp32 too, but it would also run any matmul the samplers may gain under bf16;
+    wrapping the network states the boundary once. The attributes the samplers read are copied from the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, device_type: str, bf16: bool, compile: bool):
+        super().__init__()
+        self.model = model
+        self.call = torch.compile(model) if compile else model
+        self.device_type = device_type
+        self.bf16 = bf16
+        for name in FORWARDED_ATTRIBUTES:
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.call(*args, **kwargs)
+        return output.float()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """--precision to "fp32" or "bf16": auto is bf16 on CUDA (tensor cores) and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise EvaluateInputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def prepare_network(loaded: LoadedModel, precision: str, compile: bool, device: torch.device | str) -> None:
+    """Set the network the sampler calls; fp32 without --compile samples with the model itself (as before)."""
+    loaded.precision = resolve_precision(precision, device)
+    loaded.compiled = bool(compile)
+    bf16 = loaded.precision == "bf16"
+    if bf16 or compile:
+        loaded.network = SamplingNetwork(loaded.model, torch.device(device).type, bf16, compile)
+    else:
+        loaded.network = None
+
+
+def network_settings(loaded: LoadedModel) -> dict[str, Any]:
+    """How the network forward ran: recorded in metrics.json, and in the store settings when not the default."""
+    return {"precision": loaded.precision, "compile": loaded.compiled}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Sampling settings
 
 
@@ -412,7 +480,7 @@ def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples:
     if "vae" in loaded.identity:
         vae = loaded.identity["vae"]
         model["vae"] = {"scaling_factor": vae["scaling_factor"], "path_hash": vae["path_hash"]}
-    return {
+    settings = {
         "model": model,
         "sampling": sampling.describe(),
         "num_samples": int(num_samples),
@@ -420,6 +488,11 @@ def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples:
         "num_classes": loaded.num_classes,
         "package_version": __version__,
     }
+    # bf16 or compiled forwards give (slightly) other samples, so they are part of what a store holds; the
+    # default (fp32, eager) is left out so that stores made before these options existed still resume.
+    if loaded.precision != "fp32" or loaded.compiled:
+        settings["network"] = network_settings(loaded)
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,7 +549,8 @@ def generate(
         seeds = sample_noise_seeds(sampling.seed, batch_indices)
         class_labels = labels[start : start + batch_size] if loaded.num_classes > 0 else None
         began = time.perf_counter()
-        latents, run = sample_with_stats(loaded.model, loaded.sample_shape, class_labels, seeds, config, device=device)
+        network = loaded.sampling_network
+        latents, run = sample_with_stats(network, loaded.sample_shape, class_labels, seeds, config, device=device)
         sampled = time.perf_counter()
         images = to_uint8_images(decode(loaded, latents))
         stats.decode_time_s += time.perf_counter() - sampled
@@ -627,6 +701,7 @@ def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight
         metric_lib.check_feature_layers(feature_config, chosen)
         _check_sample_count(options, chosen, feature_config)
     loaded = load_model(options.model_dir, options.vae, device)
+    prepare_network(loaded, options.precision, options.compile, device)
     sampling = resolve_sampling(loaded, options.sampling)
     if chosen and options.reference is not None:
         reference = metric_lib.open_reference(options.reference)
@@ -721,6 +796,7 @@ def build_record(
         "resolution": list(checks.loaded.resolution),
         "model": checks.loaded.identity,
         "sampling": {**checks.sampling.describe(), "paper_defaults_used": checks.sampling.defaults_used},
+        "network": {**network_settings(checks.loaded), "requested_precision": options.precision},
         "sample_store": {
             "path": str(store.path),
             "chunk_size": store.layout.chunk_size,
@@ -833,10 +909,13 @@ def sample_grid(
     vae: Path | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> Path:
     """Sample a few images (one row per class, or `num` unconditional ones) and save them as one PNG grid."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(model_dir, vae, device)
+    prepare_network(loaded, precision, compile, device)
     options = sampling_options or SamplingOptions()
     if classes is not None:
         options.classes = classes
@@ -867,6 +946,7 @@ __all__ = [
     "SampleStoreMismatchError",
     "evaluate",
     "load_model",
+    "prepare_network",
     "resolve_sampling",
     "generate",
     "sample_into_store",
