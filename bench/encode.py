@@ -40,6 +40,7 @@ memory and how many batches were retried in fp32. On CUDA the VAE runs channels-
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import resource
@@ -536,8 +537,7 @@ def planning(args) -> None:
         print(f"building {args.classes} x {args.per_class} files under {tree} ...", file=sys.stderr, flush=True)
         print(f"built in {build_tree(tree, args.classes, args.per_class):.0f} s", file=sys.stderr, flush=True)
     try:
-        for _ in os.walk(tree):  # warm the directory cache once, so that the first measured run is not the cold one
-            pass
+        collections.deque(os.walk(tree), maxlen=0)  # warm the directory cache: the first measured run is not cold
         variants = [("after", REPO)] + ([("before", args.base)] if args.base else [])
         runs: dict[tuple[str, int], list[dict]] = {}
         for repeat in range(args.repeats):

@@ -31,6 +31,7 @@ member holds and images over Pillow's pixel limit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -238,10 +239,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the temporary file of an unfinished shard."""
         if not self._file.done:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._tar.close()  # flush tarfile's buffer now, into the file about to be deleted, not at GC time
-            except (OSError, ValueError):
-                pass
             self._file.abort()
 
     def __enter__(self) -> ShardWriter:
