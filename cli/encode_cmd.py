@@ -86,11 +86,12 @@ Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show t
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
-def _run(kind: str, source: Path, out: Path, verbose: bool, dry_run: bool, **settings) -> None:
+def _run(kind: str, source: Path, out: str, verbose: bool, dry_run: bool, **settings) -> None:
     """Run an encode / pack job (`settings`: the other `JobConfig` fields), or only its dry run, and turn its
     result into a report; a job whose result is not acceptable raises `JobFailedError` (exit 1)."""
     from pipeline.core.errors import JobFailedError
     from pipeline.core.logs import setup_logging
+    from pipeline.core.storage import join
     from pipeline.encode import JobConfig, command_line, format_dry_run, run_job
     from pipeline.encode import dry_run as plan_and_time
 
@@ -107,7 +108,7 @@ def _run(kind: str, source: Path, out: Path, verbose: bool, dry_run: bool, **set
             f"{listing}\nRe-run the same command to redo only the missing shards."
         )
     counts = result.counts
-    failures = Path(result.out) / "failures.jsonl"
+    failures = join(result.out, "failures.jsonl")
     typer.echo(
         f"wrote {counts['written']} of {counts['seen']} items in {result.shards_total} shard(s) to {result.out} "
         f"({result.shards_skipped} shard(s) were already complete) in {result.elapsed_s:.1f} s; "
@@ -124,9 +125,10 @@ def _run(kind: str, source: Path, out: Path, verbose: bool, dry_run: bool, **set
 def encode(
     source: Source,
     out: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="Output directory for shard-*.tar, their .json sidecars, manifest.json and failures.jsonl."
+            help="Output directory or object-store URL (s3://bucket/prefix, gs://...) for shard-*.tar, their .json "
+            "sidecars, manifest.json and failures.jsonl.",
         ),
     ],
     resolution: Annotated[
@@ -169,6 +171,10 @@ def encode(
     same command resumes: finished shards whose sealed sidecar matches are kept without re-reading them (--verify
     re-hashes them); a different dataset in OUT is only replaced with --overwrite.
 
+    OUT may be an object-store URL (s3://bucket/prefix with s3fs, gs://... with gcsfs; credentials from the usual
+    environment, e.g. AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): each shard is uploaded in one
+    request once complete, its sidecar after it, the manifest last.
+
     Example: diffit-pipe encode /data/imagenet/train /data/in256-latents --resolution 256 --gpus 8
     --vae /models/sd-vae-ft-ema
     """
@@ -177,7 +183,7 @@ def encode(
 
 def pack(
     source: Source,
-    out: Annotated[Path, typer.Argument(help="Output directory for the raw image shards.")],
+    out: Annotated[str, typer.Argument(help="Output directory or object-store URL for the raw image shards.")],
     resolution: Annotated[int, typer.Option("--resolution", "-r", help="Crop size in pixels.")],
     shard_size: ShardSize = 1000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images handled per progress step.")] = 64,
@@ -204,7 +210,9 @@ def pack(
 
 
 def inspect(
-    directory: Annotated[Path, typer.Argument(help="A dataset directory written by encode or pack.")],
+    directory: Annotated[
+        str, typer.Argument(help="A dataset written by encode or pack: a directory or a URL (s3://..., gs://...).")
+    ],
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Re-hash every shard against the manifest and sidecars; exit 1 on any mismatch."),

@@ -48,7 +48,9 @@ REFERENCE_HELP = (
     "An ADM reference batch .npz (arr_0 images + mu/sigma, mu_s/sigma_s statistics, e.g. "
     "VIRTUAL_imagenet256_labeled.npz or one from `diffit-pipe reference`): FID and sFID from its stored statistics, "
     "precision/recall against its images. Also: a statistics-only .npz (FID, sFID, IS), an .npz of images (arr_0), "
-    "an image folder, or raw image shards from `pack`. metrics.json records which source fed which metric."
+    "an image folder, or raw image shards from `pack`. An .npz or a `pack` dataset may be an object-store URL "
+    "(s3://..., gs://...): it is copied once to ~/.cache/diffit-pipe/references, shards checked by sha256. "
+    "metrics.json records which source fed which metric."
 )
 INCEPTION_WEIGHTS_HELP = (
     "Inception-v3 weights file weights-inception-2015-12-05-6726825d.pth (no download offline). "
@@ -158,7 +160,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", help=BATCH_SIZE_HELP)] = 32,
     seed: Seed = 0,
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic).")] = 0.0,
-    reference: Annotated[Path | None, typer.Option("--reference", help=REFERENCE_HELP)] = None,
+    reference: Annotated[str | None, typer.Option("--reference", help=REFERENCE_HELP)] = None,
     inception_weights: Annotated[Path | None, typer.Option("--inception-weights", help=INCEPTION_WEIGHTS_HELP)] = None,
     metrics: Annotated[str, typer.Option("--metrics", help=METRICS_HELP)] = "fid,sfid,is,prc",
     export_npz: Annotated[bool, typer.Option("--export-npz", help=EXPORT_NPZ_HELP)] = False,

@@ -58,7 +58,10 @@ training step); `diffit.load_pretrained(OUT)` rebuilds the model and `diffit-pip
 CONFIG_HELP = (
     "YAML preset, e.g. manifests/imagenet256_latent_xl2.yaml (optional when resuming: RUN/config.yaml is used)."
 )
-DATA_HELP = "Dataset directory written by encode / pack (optional when resuming: the run's recorded data dir)."
+DATA_HELP = (
+    "Dataset written by encode / pack: a directory or an object-store URL (s3://bucket/prefix, gs://...; "
+    "credentials from the usual environment). Optional when resuming: the run's recorded data."
+)
 SET_HELP = "Override one config value: --set optim.lr=1e-4 --set train.max_steps=1000 (repeatable, type-checked)."
 RESUME_HELP = (
     "'auto': continue from the newest complete checkpoint of --run-dir whose files verify (start fresh if none); "
@@ -68,7 +71,7 @@ RESUME_HELP = (
 
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    data: Path | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     run_dir: Path = typer.Option(
         ..., "--run-dir", "-o", help="Run directory: config, metrics, logs, samples, checkpoints."
     ),

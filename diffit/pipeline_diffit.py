@@ -30,8 +30,11 @@ Outputs (`output_type`): "pil" (the uint8 images `diffit-pipe evaluate` stores: 
 [0, 1]) or "latent" (what the sampler returns: latents, or the [-1, 1] images of an image-space model).
 
 `save_pretrained(DIR)` writes `model_index.json` (the components and the sampling settings), `transformer/`
-(the model's export folder) and `vae/`; `DiffiTPipeline.from_pretrained(DIR)` reads it back. This module
-imports diffusers; `import diffit` does not (it loads this module on first use of `diffit.DiffiTPipeline`).
+(the model's export folder) and `vae/`; `DiffiTPipeline.from_pretrained(DIR)` reads it back.
+`save_pretrained(DIR, push_to_hub=True, repo_id=...)` and `push_to_hub(repo_id)` upload that folder with a model
+card (README.md: library `diffit`, the `DiffiTPipeline.from_pretrained(repo_id)` usage; diffusers' own card would
+name diffusers, whose `DiffusionPipeline.from_pretrained` cannot load this pipeline). This module imports
+diffusers; `import diffit` does not (it loads this module on first use of `diffit.DiffiTPipeline`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +62,31 @@ from .sampling import SamplingConfig, paper_sampling_config, sample
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 VAE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SEED_RANGE = 2**31  # seeds are drawn in [0, 2**31)
+
+PIPELINE_CARD = """---
+# Model card metadata: https://github.com/huggingface/hub-docs/blob/main/modelcard.md?plain=1
+{{ card_data }}
+---
+
+# {{ model_name }} pipeline
+
+A [DiffiT](https://arxiv.org/abs/2312.02139) diffusion pipeline (Hatamizadeh et al., "DiffiT: Diffusion Vision
+Transformers for Image Generation") saved with the `diffit` library's `DiffiTPipeline`: `transformer/` holds the
+model (weights and configuration){{ vae_part }} and `model_index.json` the components and the sampling settings
+({{ sampler }} sampler, {{ steps }} steps).
+
+```python
+from diffit import DiffiTPipeline
+
+pipe = DiffiTPipeline.from_pretrained("{{ repo_id }}")
+images = pipe({{ call }}).images
+```
+
+diffusers' `DiffusionPipeline.from_pretrained` does not load it: the pipeline class is `diffit.DiffiTPipeline`.
+
+- Code: https://github.com/NVlabs/DiffiT
+- Paper: https://arxiv.org/abs/2312.02139
+"""
 
 
 def seeds_from_generator(generator: torch.Generator | Sequence[torch.Generator] | None, count: int) -> list[int]:
@@ -266,8 +295,9 @@ class DiffiTPipeline(DiffusionPipeline):
     ) -> None:
         """Write model_index.json, transformer/ (the model's export folder) and vae/ (safetensors only).
 
-        With `push_to_hub=True` the folder is then uploaded to `repo_id` (default: the folder's name); `token`,
-        `private`, `commit_message`, `create_pr` as in diffusers. `diffusers`' `push_to_hub(repo_id)` works too.
+        With `push_to_hub=True` the folder is then uploaded, with a model card (README.md, written into it too), to
+        `repo_id` (default: the folder's name, in the token owner's namespace); `token`, `private`,
+        `commit_message`, `create_pr` as in diffusers. `push_to_hub(repo_id)` uploads without a local folder.
         """
         if not safe_serialization or variant is not None:
             raise ValueError("DiffiTPipeline saves safetensors weights only, without variants")
@@ -278,16 +308,85 @@ class DiffiTPipeline(DiffusionPipeline):
             self.vae.save_pretrained(out / "vae", safe_serialization=True)
         self.save_config(out)
         if push_to_hub:
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=kwargs.get("token"))
-            repo_id = api.create_repo(kwargs.get("repo_id", out.name), private=kwargs.get("private"), exist_ok=True)
-            api.upload_folder(
-                repo_id=repo_id.repo_id,
-                folder_path=out,
-                commit_message=kwargs.get("commit_message", "Upload DiffiTPipeline"),
+            self._push_folder(
+                out,
+                kwargs.get("repo_id", out.name),
+                token=kwargs.get("token"),
+                private=kwargs.get("private"),
+                commit_message=kwargs.get("commit_message"),
                 create_pr=kwargs.get("create_pr", False),
             )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        subfolder: str | None = None,
+    ) -> str:
+        """diffusers' `push_to_hub` (`save_pretrained` into a temporary folder, then one upload, into `subfolder` of
+        the repository if given), with this library's model card instead of diffusers' (module docstring)."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return self._push_folder(
+                Path(folder),
+                repo_id,
+                token=token,
+                private=private,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                path_in_repo=subfolder,
+            )
+
+    def _push_folder(
+        self,
+        folder: Path,
+        repo_id: str,
+        *,
+        token: str | None,
+        private: bool | None,
+        commit_message: str | None,
+        create_pr: bool,
+        path_in_repo: str | None = None,
+    ) -> str:
+        """Create the hub repository if needed (a bare name lands in the token owner's namespace), write the model
+        card into `folder` (not for a subfolder upload), upload `folder`; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if path_in_repo is None:
+            (folder / "README.md").write_text(self.model_card(repo_id))
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            path_in_repo=path_in_repo,
+            commit_message=commit_message or "Upload DiffiTPipeline",
+            create_pr=create_pr,
+        )
+
+    def model_card(self, repo_id: str) -> str:
+        """README.md of the pipeline's hub repository `repo_id` (library `diffit`, usage with `repo_id`)."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        config = self.sampling_config
+        call = "class_labels=[207, 360]" if self.transformer.num_classes else "batch_size=2"
+        vae_part = ", `vae/` the diffusers AutoencoderKL that decodes its latents," if self.vae is not None else ""
+        card = ModelCard.from_template(
+            ModelCardData(library_name="diffit", tags=["diffit", "diffusion", "image-generation"]),
+            template_str=PIPELINE_CARD,
+            model_name=self.transformer.model_config["name"],
+            vae_part=vae_part,
+            sampler=config.sampler,
+            steps=config.steps,
+            repo_id=repo_id,
+            call=call,
+        )
+        return str(card)
 
     # -- generation ---------------------------------------------------------------------------------------------
 

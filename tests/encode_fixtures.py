@@ -226,5 +226,5 @@ def write_small_dataset(directory: Path, kind: str = "latents", num_shards: int 
     else:
         manifest["image_shape"] = [32, 32, 3]
     (directory / "failures.jsonl").write_text("")
-    shards.write_json_atomic(directory / shards.MANIFEST_NAME, manifest)
+    shards.write_json_to(directory, shards.MANIFEST_NAME, manifest)
     return manifest

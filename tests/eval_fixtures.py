@@ -178,7 +178,7 @@ def write_shard_reference(path: Path, images: np.ndarray, per_shard: int = 8) ->
         "counts": {"seen": len(images), "written": len(images), "failed": 0},
         "shards": entries,
     }
-    shards.write_json_atomic(path / shards.MANIFEST_NAME, manifest)
+    shards.write_json_to(path, shards.MANIFEST_NAME, manifest)
     return path
 
 

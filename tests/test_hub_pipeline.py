@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -260,6 +261,130 @@ def test_pipeline_save_pretrained_round_trip(tmp_path, latent_model):
     assert _same_weights(again.transformer, pipe.transformer) and _same_weights(again.vae, pipe.vae)
     first = pipe(class_labels=[0, 9], seeds=[1, 2], output_type="pt").images
     assert torch.equal(again(class_labels=[0, 9], seeds=[1, 2], output_type="pt").images, first)
+
+
+PIPELINE_FILES = [
+    "model_index.json",
+    "transformer/README.md",
+    "transformer/config.json",
+    "transformer/model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """The Hub's two network calls (HfApi.create_repo, HfApi.upload_folder) replaced by a local "hub":
+    `create_repo` answers with the repository's URL (a bare name in the namespace "someone", the token owner's)
+    and `upload_folder` copies the folder to `root/<repo_id>`; both record their arguments, and the client's token,
+    in `calls`. Anything else that reached for the Hub would fail (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoUrl
+
+    hub = SimpleNamespace(root=tmp_path / "hub", calls=[])
+
+    def create_repo(api, repo_id, **kwargs):
+        hub.calls.append(("create_repo", repo_id, {"token": api.token, **kwargs}))
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'someone/' + repo_id}")
+
+    def upload_folder(api, *, repo_id, folder_path, path_in_repo=None, **kwargs):
+        hub.calls.append(("upload_folder", repo_id, {"token": api.token, "path_in_repo": path_in_repo, **kwargs}))
+        shutil.copytree(folder_path, hub.root / repo_id / (path_in_repo or ""), dirs_exist_ok=True)
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return hub
+
+
+def _same_pipeline(folder: Path, pipe) -> None:
+    """`DiffiTPipeline.from_pretrained(folder)` is `pipe`: components, settings and samples, bit for bit."""
+    again = _pipeline(folder)
+    assert again.sampling_config == pipe.sampling_config and again.config.scaling_factor == pipe.config.scaling_factor
+    assert _same_weights(again.transformer, pipe.transformer) and _same_weights(again.vae, pipe.vae)
+    assert again.transformer.pretrained_extra == pipe.transformer.pretrained_extra
+    call = dict(class_labels=[0, 9], num_inference_steps=4, output_type="pt")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(again(**call, generator=torch.Generator().manual_seed(0)).images, expected)
+
+
+def _check_card(readme: Path, repo_id: str, pipe) -> None:
+    """The pipeline's model card: library diffit (not diffusers, whose DiffusionPipeline cannot load it), usage."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(readme)
+    assert card.data.library_name == "diffit" and card.data.tags == ["diffit", "diffusion", "image-generation"]
+    assert f'pipe = DiffiTPipeline.from_pretrained("{repo_id}")\n' in card.text
+    assert f"({pipe.sampling_config.sampler} sampler, {pipe.sampling_config.steps} steps)" in card.text
+    assert card.text.startswith("\n# DiffiT-Tiny/2 pipeline\n")
+
+
+def test_pipeline_save_pretrained_with_push_to_hub_uploads_the_saved_folder(tmp_path, latent_model, local_hub):
+    pipe = _pipeline(latent_model)
+    pipe.save_pretrained(tmp_path / "pipe", push_to_hub=True, repo_id="someone/diffit-pipe", token="hf_x", private=True)
+    pipe.save_pretrained(tmp_path / "diffit-tiny", push_to_hub=True, commit_message="tiny")  # repo: the folder name
+    upload = {"path_in_repo": None, "create_pr": False}
+    assert local_hub.calls == [
+        ("create_repo", "someone/diffit-pipe", {"token": "hf_x", "private": True, "exist_ok": True}),
+        (
+            "upload_folder",
+            "someone/diffit-pipe",
+            {"token": "hf_x", "commit_message": "Upload DiffiTPipeline", **upload},
+        ),
+        ("create_repo", "diffit-tiny", {"token": None, "private": None, "exist_ok": True}),
+        ("upload_folder", "someone/diffit-tiny", {"token": None, "commit_message": "tiny", **upload}),
+    ]
+    uploaded = local_hub.root / "someone" / "diffit-pipe"
+    assert _files(uploaded) == _files(tmp_path / "pipe") == sorted(["README.md", *PIPELINE_FILES])
+    assert all((uploaded / name).read_bytes() == (tmp_path / "pipe" / name).read_bytes() for name in _files(uploaded))
+    _check_card(uploaded / "README.md", "someone/diffit-pipe", pipe)
+    _same_pipeline(uploaded, pipe)
+    assert _files(local_hub.root / "someone" / "diffit-tiny") == sorted(["README.md", *PIPELINE_FILES])
+    _check_card(local_hub.root / "someone" / "diffit-tiny" / "README.md", "someone/diffit-tiny", pipe)
+
+
+def test_diffusers_push_to_hub_uploads_the_pipeline_with_its_model_card(latent_model, local_hub):
+    pipe = _pipeline(latent_model)
+    url = pipe.push_to_hub("someone/diffit-pipe")  # diffusers' signature: save into a temporary folder, upload
+    assert url == "https://huggingface.co/someone/diffit-pipe/commit/0"
+    assert local_hub.calls == [
+        ("create_repo", "someone/diffit-pipe", {"token": None, "private": None, "exist_ok": True}),
+        (
+            "upload_folder",
+            "someone/diffit-pipe",
+            {"token": None, "path_in_repo": None, "commit_message": "Upload DiffiTPipeline", "create_pr": False},
+        ),
+    ]
+    uploaded = local_hub.root / "someone" / "diffit-pipe"
+    assert _files(uploaded) == sorted(["README.md", *PIPELINE_FILES])
+    _check_card(uploaded / "README.md", "someone/diffit-pipe", pipe)
+    _same_pipeline(uploaded, pipe)
+
+    # Into a folder of the repository (no card there: the repository's README.md is its root's), as a PR.
+    pipe.push_to_hub("someone/diffit-pipe", subfolder="pipelines/tiny", create_pr=True, token="hf_x")
+    assert local_hub.calls[2:] == [
+        ("create_repo", "someone/diffit-pipe", {"token": "hf_x", "private": None, "exist_ok": True}),
+        (
+            "upload_folder",
+            "someone/diffit-pipe",
+            {
+                "token": "hf_x",
+                "path_in_repo": "pipelines/tiny",
+                "commit_message": "Upload DiffiTPipeline",
+                "create_pr": True,
+            },
+        ),
+    ]
+    assert _files(uploaded / "pipelines" / "tiny") == PIPELINE_FILES
+    _same_pipeline(uploaded / "pipelines" / "tiny", pipe)
+    with pytest.raises(ValueError, match="safetensors weights only"):
+        pipe.push_to_hub("someone/diffit-pipe", safe_serialization=False)
+    assert len(local_hub.calls) == 4  # refused before any call to the Hub
 
 
 def test_image_space_pipeline_runs_edms_stochastic_sampler(image_model):

@@ -143,7 +143,8 @@ def test_loader_reads_folders_and_procedural_roots(tmp_path):
 
 
 def test_loader_reads_packed_shards(tmp_path):
-    from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample, write_json_atomic
+    from pipeline.core.atomic import write_json_atomic
+    from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample
 
     generate_dataset(tmp_path / "synth", num_classes=2, per_class=2, resolution=16, seed=0, progress=False)
     folder = load_labelled_images(tmp_path / "synth", resolution=16)

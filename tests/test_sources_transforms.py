@@ -290,7 +290,7 @@ def _demo_dataset(directory):
         "counts": {"seen": 3, "written": 3, "failed": 0},
         "shards": [{k: sidecar[k] for k in ("name", "count", "sha256", "bytes")}],
     }
-    shards.write_json_atomic(directory / shards.MANIFEST_NAME, manifest)
+    shards.write_json_to(directory, shards.MANIFEST_NAME, manifest)
     return manifest
 
 

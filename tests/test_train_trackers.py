@@ -1,11 +1,14 @@
-"""Trackers: scalars and sample grids reach TensorBoard and W&B (offline) in each one's own form, read back from
-the files they write; a tracker whose package is missing is an error before any step."""
+"""Trackers: scalars and sample grids reach TensorBoard, W&B (offline), MLflow (file store), Comet (offline),
+ClearML (offline) and Aim in each one's own form, read back from the files they write (each test is skipped where
+its package is not installed); a tracker whose package is missing is an error before any step."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +44,6 @@ def png_pixels(source) -> np.ndarray:
 
 
 def test_tensorboard_event_file_holds_every_scalar_and_the_sample_grids(tmp_path):
-    import io
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = train_with_tracker(tmp_path, "tensorboard")
@@ -137,6 +138,147 @@ def wandb_records(path: Path) -> list[tuple[str, dict]]:
             items = record.history.item if kind == "history" else []
             rows.append((kind, {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}))
     return rows
+
+
+def test_mlflow_file_store_run_holds_every_scalar_and_the_sample_grids(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    store = tmp_path / "mlruns"
+    for name, value in {
+        "MLFLOW_TRACKING_URI": store.as_uri(),
+        "MLFLOW_ALLOW_FILE_STORE": "true",  # MLflow 3 refuses the file store (no database, no server) without it
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    run_dir = train_with_tracker(tmp_path, "mlflow")
+    records = read_metrics(run_dir)
+
+    client = MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if e.name == "train"]
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.info.run_name == "run" and mlflow_run.info.status == "FINISHED"
+    assert set(mlflow_run.data.metrics) == SCALARS
+    for key in SCALARS:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, key))
+        assert history == [(r["step"], r[key]) for r in records]  # exact: the file store keeps float64 as text
+    assert mlflow_run.data.params["train.max_steps"] == "4"
+
+    # `log_image(key=..., step=...)`: images/<key>+step+<step>+timestamp+<ms>+<uuid>.png and a smaller .webp copy.
+    images = client.download_artifacts(mlflow_run.info.run_id, "images", str(tmp_path / "artifacts"))
+    grids = sorted((int(path.name.split("+")[2]), path) for path in Path(images).glob("samples+step+*.png"))
+    assert [step for step, _ in grids] == [2, 4] and len(list(Path(images).glob("*.webp"))) == 2
+    for step, path in grids:
+        assert np.array_equal(png_pixels(path), png_pixels(run_dir / "samples" / f"step-{step:07d}.png"))
+
+
+def test_comet_offline_experiment_holds_every_scalar_and_the_sample_grids(tmp_path, monkeypatch):
+    offline = tmp_path / "comet"
+    for name, value in {
+        "COMET_START_ONLINE": "false",  # comet_ml.start() (what Accelerate calls) makes an OfflineExperiment
+        "COMET_OFFLINE_DIRECTORY": str(offline),
+        "COMET_CONFIG": str(tmp_path / "no-comet.config"),  # not ~/.comet.config
+        "COMET_DISABLE_AUTO_LOGGING": "1",  # read at import: no import hooks into torch/tensorboard/mlflow
+        "COMET_ERROR_TRACKING_ENABLE": "false",
+        "COMET_AUTO_LOG_GIT_METADATA": "false",
+        "COMET_AUTO_LOG_GIT_PATCH": "false",
+        "COMET_AUTO_LOG_ENV_DETAILS": "false",
+    }.items():
+        monkeypatch.setenv(name, value)
+    pytest.importorskip("comet_ml")
+    run_dir = train_with_tracker(tmp_path, "comet_ml")
+    records = read_metrics(run_dir)
+
+    # The offline experiment is one zip: experiment.json, messages.json (a JSON message a line) and the uploads.
+    (archive,) = offline.glob("*.zip")
+    with zipfile.ZipFile(archive) as zipped:
+        assert json.loads(zipped.read("experiment.json"))["project_name"] == "train"
+        messages = [json.loads(line) for line in zipped.read("messages.json").decode().splitlines()]
+        metrics = [m["payload"]["metric"] for m in messages if m["type"] == "metric_msg"]
+        assert {m["metricName"] for m in metrics} == SCALARS
+        for key in SCALARS:
+            logged = [(m["step"], m["metricValue"]) for m in metrics if m["metricName"] == key]
+            assert logged == [(r["step"], r[key]) for r in records]  # exact, via JSON
+        parameters = {
+            m["payload"]["param"]["paramName"]: m["payload"]["param"]["paramValue"]
+            for m in messages
+            if m["type"] == "parameter_msg"
+        }
+        assert parameters["train.max_steps"] == 4
+        uploads = [m["payload"] for m in messages if m["type"] == "file_upload"]
+        images = [u for u in uploads if u["upload_type"] == "visualization"]
+        assert [(u["additional_params"]["figName"], u["additional_params"]["step"]) for u in images] == [
+            ("samples", 2),
+            ("samples", 4),
+        ]
+        for upload in images:
+            step = upload["additional_params"]["step"]
+            pixels = png_pixels(io.BytesIO(zipped.read(upload["file_path"])))
+            assert np.array_equal(pixels, png_pixels(run_dir / "samples" / f"step-{step:07d}.png"))
+
+
+def test_clearml_offline_session_holds_every_scalar_and_the_sample_grids(tmp_path, monkeypatch):
+    # Not ~/clearml.conf: lossless debug images (ClearML's default is JPEG, quality 87), and reports sent from this
+    # process (a reporting subprocess makes `task.close()` wait about 6 s for it).
+    config = tmp_path / "clearml.conf"
+    config.write_text("sdk { metrics { images { format: PNG } }, development { report_use_subprocess: false } }\n")
+    for name, value in {
+        "CLEARML_OFFLINE_MODE": "1",  # read when clearml is imported
+        "CLEARML_CACHE_DIR": str(tmp_path / "clearml"),  # the session: CLEARML_CACHE_DIR/offline/<task id>/
+        "CLEARML_CONFIG_FILE": str(config),
+    }.items():
+        monkeypatch.setenv(name, value)
+    pytest.importorskip("clearml")
+    run_dir = train_with_tracker(tmp_path, "clearml")
+    records = read_metrics(run_dir)
+
+    (session,) = [p for p in (tmp_path / "clearml" / "offline").iterdir() if p.is_dir()]
+    assert json.loads((session / "task.json").read_text())["name"] == "train"
+    # metrics.jsonl: a JSON list of events a line; Accelerate reports scalar `key` as title `key`, series "train".
+    events = [event for line in (session / "metrics.jsonl").read_text().splitlines() for event in json.loads(line)]
+    scalars = [e for e in events if e["type"] == "training_stats_scalar"]
+    assert {(e["metric"], e["variant"]) for e in scalars} == {(key, "train") for key in SCALARS}
+    for key in SCALARS:
+        logged = [(e["iter"], e["value"]) for e in scalars if (e["metric"], e["variant"]) == (key, "train")]
+        assert logged == [(r["step"], r[key]) for r in records]  # exact, via JSON
+    images = [e for e in events if e["type"] == "training_debug_image"]
+    assert [(e["metric"], e["variant"], e["iter"]) for e in images] == [
+        ("samples", "train", 2),
+        ("samples", "train", 4),
+    ]
+    for event in images:
+        step = event["iter"]
+        assert event["url"].endswith(".png") and Path(event["url"]).is_relative_to(session)
+        assert np.array_equal(png_pixels(event["url"]), png_pixels(run_dir / "samples" / f"step-{step:07d}.png"))
+
+
+def test_aim_repository_holds_every_scalar_and_the_sample_grids(tmp_path):
+    pytest.importorskip("aim")
+    from aim import Repo
+    from aim.sdk.index_manager import RepoIndexManager
+    from aim.storage.context import Context
+
+    run_dir = train_with_tracker(tmp_path, "aim")
+    records = read_metrics(run_dir)
+
+    repo = Repo(str(run_dir / "logs"))  # the Aim repository: RUN/logs/.aim
+    (run_hash,) = repo.list_all_runs()
+    # A finished run is read through the repository's index, which `aim up` updates in the background.
+    RepoIndexManager.get_index_manager(repo).index(run_hash)
+    aim_run = repo.get_run(run_hash)
+    assert aim_run.name == "train" and aim_run.end_time is not None
+    assert aim_run["hparams"]["train.max_steps"] == 4
+    assert {m.name for m in aim_run.metrics() if not m.name.startswith("__system__")} == SCALARS
+    for key in SCALARS:
+        steps, (values,) = aim_run.get_metric(key, Context({})).data.view("val").items_list()
+        assert list(zip(steps, values)) == [(r["step"], r[key]) for r in records]
+    steps, (images,) = aim_run.get_image_sequence("samples", Context({})).data.view("val").items_list()
+    assert steps == [2, 4] and [image.caption for image in images] == ["step 2", "step 4"]
+    for step, image in zip(steps, images):
+        pixels = np.asarray(image.to_pil_image().convert("RGB"))
+        assert image.format == "png" and np.array_equal(
+            pixels, png_pixels(run_dir / "samples" / f"step-{step:07d}.png")
+        )
 
 
 def test_a_tracker_that_is_not_installed_is_an_error_before_any_step(tmp_path):

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample, latent_sample, write_json_atomic
+from pipeline.core.atomic import write_json_atomic
+from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample, latent_sample
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -1,6 +1,7 @@
 """The dataset format shared by encode / pack (writers) and train / evaluate (readers).
 
-A dataset is a directory::
+A dataset is a directory, or a prefix in an object store (`s3://bucket/x`, `gs://...`; see `pipeline.core.storage`,
+through which every file here is read and written)::
 
     shard-000000.tar   WebDataset tar; latent samples: KEY.mean.npy, KEY.std.npy, KEY.cls, KEY.json
     shard-000000.json  sidecar: count, sha256, bytes, failures of that shard (written after the tar is complete)
@@ -24,9 +25,9 @@ Readers: `load_manifest(dir)`, `shard_urls(dir, manifest)`, `manifest_hash(dir)`
 
 A dataset may come from anyone, so readers trust nothing in it: `load_manifest` refuses a shard name that is not
 a plain `shard-NNNNNN.tar` (no scheme such as webdataset's `pipe:`, no separator, no `..`) and values that do not
-add up (`check_manifest_values`); `shard_urls` returns absolute local paths; `iter_samples` opens the file itself
-(never through webdataset's URL handlers); `decode_sample` refuses arrays whose header claims more data than the
-member holds and images over Pillow's pixel limit.
+add up (`check_manifest_values`); `shard_urls` returns absolute local paths (or URLs under the dataset's own
+prefix); `iter_samples` opens the file itself (never through webdataset's URL handlers); `decode_sample` refuses
+arrays whose header claims more data than the member holds and images over Pillow's pixel limit.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.core.atomic import AtomicFile, write_bytes_atomic, write_json_atomic
+from pipeline.core.atomic import json_text, write_bytes_atomic
 from pipeline.core.errors import InputError
+from pipeline.core.storage import Location, open_for_reading
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -98,6 +99,16 @@ def json_bytes(obj: Any) -> bytes:
 def write_lines_atomic(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """Write one canonical JSON object per line (JSON Lines) to `path` atomically."""
     write_bytes_atomic(path, b"".join(json_bytes(record) + b"\n" for record in records))
+
+
+def write_json_to(location: str | os.PathLike | Location, name: str, obj: Any) -> None:
+    """`json_text(obj)` as the file `name` of a dataset directory or prefix, atomically."""
+    Location.of(location).write_bytes(name, json_text(obj).encode("ascii"))
+
+
+def write_lines_to(location: str | os.PathLike | Location, name: str, records: list[dict[str, Any]]) -> None:
+    """JSON Lines (`write_lines_atomic`) as the file `name` of a dataset directory or prefix, atomically."""
+    Location.of(location).write_bytes(name, b"".join(json_bytes(record) + b"\n" for record in records))
 
 
 def open_regular_file(path: str | os.PathLike):
@@ -200,14 +211,12 @@ class ShardWriter:
     so a failed or killed attempt never leaves a file under the final name.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, index: int):
+    def __init__(self, out_dir: str | os.PathLike | Location, index: int):
         import webdataset as wds
 
-        self.out_dir = Path(out_dir)
+        self.location = Location.of(out_dir)
         self.index = index
-        self._file = AtomicFile(self.out_dir / shard_name(index))
-        self.final_path = self._file.path
-        self.temp_path = self._file.temp_path
+        self._file = self.location.writer(shard_name(index))  # local: temp + rename; object store: one upload
         self._hashing = _HashingFile(self._file.handle)
         # Fixed mtime / owner / mode: the tar bytes depend only on the samples (reproducible shards).
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0, user="diffit", group="diffit", mode=0o444)
@@ -224,7 +233,7 @@ class ShardWriter:
         self._tar.close()
         self._file.commit()
         sidecar = {
-            "name": self.final_path.name,
+            "name": shard_name(self.index),
             "index": self.index,
             "count": self.count,
             "sha256": self._hashing.digest.hexdigest(),
@@ -233,7 +242,7 @@ class ShardWriter:
         }
         if finish is not None:
             sidecar = finish(sidecar)
-        write_json_atomic(self.out_dir / sidecar_name(self.index), sidecar)
+        write_json_to(self.location, sidecar_name(self.index), sidecar)
         return sidecar
 
     def abort(self) -> None:
@@ -259,11 +268,10 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _read_sidecar_file(path: Path, expected_name: str) -> dict[str, Any] | None:
-    """The sidecar at `path` when it is readable and describes the shard `expected_name`, else None."""
+def _read_sidecar_file(location: Location, expected_name: str) -> dict[str, Any] | None:
+    """The sidecar of the shard `expected_name` in `location` when it is readable and describes that shard."""
     try:
-        with open(path, encoding="ascii") as handle:
-            sidecar = json.load(handle)
+        sidecar = json.loads(location.read_bytes(sidecar_of(expected_name)).decode("ascii"))
     except (OSError, ValueError):
         return None
     if not isinstance(sidecar, dict) or not {"name", "count", "sha256", "bytes"} <= set(sidecar):
@@ -276,24 +284,24 @@ def _read_sidecar_file(path: Path, expected_name: str) -> dict[str, Any] | None:
     return sidecar
 
 
-def read_sidecar(out_dir: str | os.PathLike, index: int) -> dict[str, Any] | None:
+def read_sidecar(out_dir: str | os.PathLike | Location, index: int) -> dict[str, Any] | None:
     """The sidecar of shard `index`, or None when it is missing, unreadable or not that shard's (the shard is
     then redone)."""
-    return _read_sidecar_file(Path(out_dir) / sidecar_name(index), shard_name(index))
+    return _read_sidecar_file(Location.of(out_dir), shard_name(index))
 
 
-def shard_problems(out_dir: str | os.PathLike, entry: dict[str, Any], rehash: bool = True) -> list[str]:
+def shard_problems(out_dir: str | os.PathLike | Location, entry: dict[str, Any], rehash: bool = True) -> list[str]:
     """What is wrong with one shard compared with its record (`entry`: name, bytes, sha256); [] when fine."""
     if not is_shard_name(entry.get("name")):
         return [f"{entry.get('name')!r}: not a shard file name (expected shard-NNNNNN.tar)"]
-    path = Path(out_dir) / entry["name"]
-    if not path.is_file():
+    location = Location.of(out_dir)
+    path, found = location.join(entry["name"]), location.stat(entry["name"])
+    if found is None or not found.regular:
         return [f"{path}: missing"]
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return [f"{path}: {size} bytes, expected {entry['bytes']}"]
+    if found.size != entry["bytes"]:
+        return [f"{path}: {found.size} bytes, expected {entry['bytes']}"]
     if rehash:
-        digest = sha256_file(path)
+        digest = location.sha256(entry["name"])
         if digest != entry["sha256"]:
             return [f"{path}: sha256 {digest} does not match the recorded {entry['sha256']}"]
     return []
@@ -312,10 +320,10 @@ class VerifyReport:
         return not self.problems
 
 
-def _sidecar_problems(out_dir: Path, entry: dict[str, Any]) -> list[str]:
+def _sidecar_problems(location: Location, entry: dict[str, Any]) -> list[str]:
     """The sidecar of the shard `entry` names (found by that name, not by position) against the entry."""
-    path = out_dir / sidecar_of(entry["name"])
-    sidecar = _read_sidecar_file(path, entry["name"])
+    path = location.join(sidecar_of(entry["name"]))
+    sidecar = _read_sidecar_file(location, entry["name"])
     if sidecar is None:
         return [f"{path}: missing or unreadable sidecar of {entry['name']}"]
     fields = ("sha256", "count", "bytes")
@@ -324,25 +332,25 @@ def _sidecar_problems(out_dir: Path, entry: dict[str, Any]) -> list[str]:
     return []
 
 
-def _unlisted_shard_problems(out_dir: Path, listed: set[str]) -> list[str]:
-    """One line per shard number that has a tar or a sidecar in `out_dir` but no manifest entry."""
+def _unlisted_shard_problems(location: Location, listed: set[str]) -> list[str]:
+    """One line per shard number that has a tar or a sidecar in `location` but no manifest entry."""
     unlisted: dict[str, list[str]] = {}
-    for path in sorted(out_dir.glob("shard-*")):
-        if SHARD_NAME_PATTERN.fullmatch(path.name) or SIDECAR_NAME_PATTERN.fullmatch(path.name):
-            shard = path.name.rsplit(".", 1)[0] + ".tar"
+    for name in location.names():
+        if SHARD_NAME_PATTERN.fullmatch(name) or SIDECAR_NAME_PATTERN.fullmatch(name):
+            shard = name.rsplit(".", 1)[0] + ".tar"
             if shard not in listed:
-                unlisted.setdefault(shard, []).append(path.name)
+                unlisted.setdefault(shard, []).append(name)
     return [
-        f"{out_dir / shard}: {' and '.join(names)} on disk but not listed in {MANIFEST_NAME}"
+        f"{location.join(shard)}: {' and '.join(names)} present but not listed in {MANIFEST_NAME}"
         for shard, names in unlisted.items()
     ]
 
 
-def verify_dataset(out_dir: str | os.PathLike, progress: bool = False) -> VerifyReport:
-    """Re-hash every shard of a dataset and compare it with its manifest entry and its sidecar (matched by
-    name), and list shard files the manifest does not know. The manifest's own values are checked by
-    `load_manifest` (a ManifestError)."""
-    out_dir = Path(out_dir)
+def verify_dataset(out_dir: str | os.PathLike | Location, progress: bool = False) -> VerifyReport:
+    """Re-hash every shard of a dataset (a directory or an object-store prefix) and compare it with its manifest
+    entry and its sidecar (matched by name), and list shard files the manifest does not know. The manifest's own
+    values are checked by `load_manifest` (a ManifestError)."""
+    out_dir = Location.of(out_dir)
     manifest = load_manifest(out_dir)
     report = VerifyReport()
     shards = manifest["shards"]
@@ -476,18 +484,23 @@ def check_manifest_values(manifest: dict[str, Any], path: str | os.PathLike) -> 
 # Reading
 
 
-def load_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check `DIR/manifest.json`; raises ManifestError naming the file when it is missing or invalid."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        hint = ""
-        if Path(directory).is_dir() and any(Path(directory).glob("shard-*.json")):
-            hint = " (shards exist but the job did not finish: re-run the same encode/pack command to complete it)"
-        raise ManifestError(f"no dataset manifest at {path}{hint}")
+def load_manifest(directory: str | os.PathLike | Location) -> dict[str, Any]:
+    """Read and check `DIR/manifest.json` (DIR: a directory or an object-store URL); raises ManifestError naming
+    the file when it is missing or invalid."""
+    location = Location.of(directory)
+    path = location.join(MANIFEST_NAME)
     try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError) as error:
+        data = location.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        hint = ""
+        if any(SIDECAR_NAME_PATTERN.fullmatch(name) for name in location.names()):
+            hint = " (shards exist but the job did not finish: re-run the same encode/pack command to complete it)"
+        raise ManifestError(f"no dataset manifest at {path}{hint}") from None
+    except OSError as error:
+        raise ManifestError(f"cannot read {path}: {error}") from error
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except ValueError as error:
         raise ManifestError(f"cannot read {path}: {error}") from error
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path} does not hold a JSON object")
@@ -504,33 +517,34 @@ def load_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def shard_urls(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
-    """Absolute local paths of the shards that hold samples, in manifest order (empty shards, whose items all
-    failed, are left out).
+def shard_urls(directory: str | os.PathLike | Location, manifest: dict[str, Any]) -> list[str]:
+    """Absolute local paths (or object-store URLs) of the shards that hold samples, in manifest order (empty
+    shards, whose items all failed, are left out).
 
-    Absolute, so that no path can ever be read as a URL with a scheme (webdataset runs `pipe:CMD` through a
-    shell), even for `--data .`; and every name is checked again, for manifests that did not come through
-    `load_manifest`.
+    Absolute, so that no path can ever be read as a URL with another scheme (webdataset runs `pipe:CMD` through
+    a shell), even for `--data .`; and every name is checked again, for manifests that did not come through
+    `load_manifest`. Readers open these themselves (`open_for_reading`), never through webdataset's handlers.
     """
-    base = Path(os.path.abspath(directory))
+    location = Location.of(directory)
     urls = []
     for entry in manifest["shards"]:
         if not is_shard_name(entry.get("name")):
             raise ManifestError(
-                f"{base / MANIFEST_NAME}: shard name {entry.get('name')!r} is not a plain shard file name "
+                f"{location.join(MANIFEST_NAME)}: shard name {entry.get('name')!r} is not a plain shard file name "
                 "(shard-NNNNNN.tar)"
             )
         if entry["count"] > 0:
-            urls.append(str(base / entry["name"]))
+            urls.append(location.join(entry["name"]))
     return urls
 
 
-def manifest_hash(directory: str | os.PathLike) -> str:
+def manifest_hash(directory: str | os.PathLike | Location) -> str:
     """sha256 of the manifest file's bytes: identifies the exact dataset a model was trained on."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"no dataset manifest at {path}")
-    return sha256_file(path)
+    location = Location.of(directory)
+    try:
+        return hashlib.sha256(location.read_bytes(MANIFEST_NAME)).hexdigest()
+    except FileNotFoundError:
+        raise ManifestError(f"no dataset manifest at {location.join(MANIFEST_NAME)}") from None
 
 
 def iter_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -541,7 +555,7 @@ def iter_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    with open_regular_file(path) as stream:
+    with open_for_reading(path) as stream:
         members = tar_file_expander([{"url": str(path), "stream": stream}])
         for sample in group_by_keys(members):
             yield {k: v for k, v in sample.items() if k != "__url__" and k != "__local_path__"}

@@ -133,7 +133,7 @@ def _time_batches(plan: JobPlan, batches: list[list], vae) -> tuple[list[float],
 
 def _out_state(plan: JobPlan) -> tuple[int, list[str]]:
     """How many shards of an earlier run resume would keep, and what the run would refuse to overwrite."""
-    if not plan.out.is_dir():
+    if not plan.out.exists():
         return 0, []
     sidecars = read_sidecars(plan.out)
     conflicts = overwrite_conflicts(plan.out, dataset_identity(plan), plan.tasks, sidecars)

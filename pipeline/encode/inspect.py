@@ -13,7 +13,6 @@ import json
 import os
 import re
 import tarfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from pipeline.core.errors import InputError
 from pipeline.core.grids import image_grid, write_png
 from pipeline.core.shards import FAILURES_NAME, ManifestError, decode_sample, iter_samples, load_manifest, shard_urls
+from pipeline.core.storage import Location
 
 PREVIEW_PADDING = 2  # white pixels between (and around) the preview's images
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -36,29 +36,33 @@ def _reason_group(reason: str) -> str:
     return reason.split(" (")[0].split(": ")[0]
 
 
-def read_failures(directory: str | os.PathLike) -> list[dict[str, Any]]:
+def read_failures(directory: str | os.PathLike | Location) -> list[dict[str, Any]]:
     """The records of `failures.jsonl` (empty when every item was written)."""
-    path = Path(directory) / FAILURES_NAME
-    if not path.is_file():
+    location = Location.of(directory)
+    path = location.join(FAILURES_NAME)
+    try:
+        text = location.read_bytes(FAILURES_NAME).decode("utf-8")
+    except FileNotFoundError:
         return []
+    except (OSError, ValueError) as error:
+        raise ManifestError(f"{path}: cannot read ({error})") from error
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as error:
-                raise ManifestError(f"{path}: line {number} is not JSON ({error})") from error
-            if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("path", "reason")):
-                raise ManifestError(f"{path}: line {number} is not a failure record (needs 'path' and 'reason' texts)")
-            records.append(record)
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise ManifestError(f"{path}: line {number} is not JSON ({error})") from error
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("path", "reason")):
+            raise ManifestError(f"{path}: line {number} is not a failure record (needs 'path' and 'reason' texts)")
+        records.append(record)
     return records
 
 
 def summarize(directory: str | os.PathLike) -> dict[str, Any]:
     """Facts about a dataset: counts, classes, shards, bytes, failure reasons, VAE."""
-    directory = Path(directory)
+    directory = Location.of(directory)
     manifest = load_manifest(directory)
     failures = read_failures(directory)
     reasons = collections.Counter(_reason_group(f["reason"]) for f in failures)
@@ -66,7 +70,7 @@ def summarize(directory: str | os.PathLike) -> dict[str, Any]:
     for failure in failures:
         examples.setdefault(_reason_group(failure["reason"]), failure["path"])
     return {
-        "directory": str(directory.resolve()),
+        "directory": directory.url,
         "kind": manifest["kind"],
         "format_version": manifest["format_version"],
         "resolution": manifest["resolution"],
@@ -137,7 +141,7 @@ def _printable(text: str) -> str:
 
 def first_samples(directory: str | os.PathLike, count: int) -> list[dict[str, Any]]:
     """The first `count` decoded samples in shard order."""
-    directory = Path(directory)
+    directory = Location.of(directory)
     manifest = load_manifest(directory)
     samples: list[dict[str, Any]] = []
     for url in shard_urls(directory, manifest):

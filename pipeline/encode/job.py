@@ -51,7 +51,6 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.core.atomic import remove_temporary_files, write_json_atomic
 from pipeline.core.errors import InputError
 from pipeline.core.shards import (
     FAILURES_NAME,
@@ -68,8 +67,10 @@ from pipeline.core.shards import (
     shard_name,
     shard_problems,
     sidecar_name,
-    write_lines_atomic,
+    write_json_to,
+    write_lines_to,
 )
+from pipeline.core.storage import Location, StorageError, is_url
 from pipeline.core.vae import DEFAULT_VAE, VAESpec, resolve_vae
 from pipeline.encode.plan import (
     RECORD_CHECK,
@@ -92,7 +93,6 @@ from pipeline.encode.transforms import (
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".diffit-pipe.lock"
 # Batches a task prepares (reads, decodes, crops) ahead of the one being encoded, each on its own thread: PIL's
 # decode and resize release the GIL, so on a GPU the next crops are ready when the VAE finishes a batch. The task's
 # thread still writes every sample, in item order, so the shard bytes do not depend on this. 0: prepare each
@@ -145,7 +145,7 @@ class JobPlan:
     cfg: JobConfig
     vae_spec: VAESpec | None
     source: SourceScan
-    out: Path
+    out: Location
     tasks: list[ShardTask]
     items: int
     topic: str
@@ -257,7 +257,7 @@ def _existing_shard(task: ShardTask) -> dict[str, Any] | None:
         return None
     sealed = seal_sidecar({key: value for key, value in sidecar.items() if key != RECORD_CHECK})
     if sealed != sidecar:  # verified by hash: seal it, so that the dataset's bytes equal an uninterrupted run's
-        write_json_atomic(Path(task.out) / sidecar_name(task.index), sealed)
+        write_json_to(task.out, sidecar_name(task.index), sealed)
     return sealed
 
 
@@ -461,8 +461,11 @@ def _walk_progress(enabled: bool):
     return tqdm(desc="listing source", unit=" items", disable=not enabled, dynamic_ncols=True)
 
 
-def _output_path(out_arg: str, source_root: str) -> Path:
-    """The absolute output directory (not created); JobError (one line) when it cannot be one."""
+def _output_path(out_arg: str, source_root: str) -> Location:
+    """The output: an object-store prefix (URL), or the absolute output directory (not created); JobError (one
+    line) when it cannot be one."""
+    if is_url(out_arg):
+        return Location.of(out_arg)
     try:
         out = Path(out_arg).expanduser().resolve()
     except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
@@ -472,13 +475,13 @@ def _output_path(out_arg: str, source_root: str) -> Path:
         raise JobError(f"the output directory {out} is inside the source {source_root}; choose another OUT")
     if out.exists() and not out.is_dir():
         raise JobError(f"the output directory {out} is an existing file, not a directory; choose another OUT")
-    return out
+    return Location.of(out)
 
 
-def _create_output(out: Path) -> None:
-    """Create the output directory; JobError (one line) when it cannot be."""
+def _create_output(out: Location) -> None:
+    """Create the output directory (object stores: check the bucket); JobError (one line) when it cannot be."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.create()
     except OSError as error:  # a parent is a file (Not a directory), permission denied, read-only file system
         raise JobError(f"cannot create the output directory {out}: {error.strerror or error}") from error
 
@@ -511,53 +514,47 @@ def _resolve_job_vae(cfg: JobConfig) -> VAESpec:
 
 
 @contextmanager
-def _output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output directory so two jobs never write the same shards."""
-    import fcntl
-
+def _output_lock(out: Location) -> Iterator[None]:
+    """Hold an exclusive lock on the output directory so two jobs never write the same shards (object stores
+    have no locks: see `pipeline.core.storage`)."""
     try:
-        handle = open(out / LOCK_NAME, "a")
-    except OSError as error:
-        raise JobError(f"cannot write to the output directory {out}: {error.strerror or error}") from error
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        handle.close()
-        raise JobError(f"another diffit-pipe job is writing to {out} (lock {out / LOCK_NAME} is held)") from error
+        lock = out.lock()
+        lock.__enter__()
+    except StorageError as error:
+        raise JobError(str(error)) from None
     try:
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        lock.__exit__(None, None, None)
 
 
-def _shard_number(path: Path) -> int | None:
+def _shard_number(name: str) -> int | None:
     """The index of a shard tar or sidecar file name (`shard-000042.tar` → 42), None for any other file."""
-    if SHARD_NAME_PATTERN.fullmatch(path.name) or SIDECAR_NAME_PATTERN.fullmatch(path.name):
-        return int(path.name[len("shard-") :].split(".")[0])
+    if SHARD_NAME_PATTERN.fullmatch(name) or SIDECAR_NAME_PATTERN.fullmatch(name):
+        return int(name[len("shard-") :].split(".")[0])
     return None
 
 
-def _read_json_object(path: Path) -> dict[str, Any] | None:
-    """A JSON object from `path`; None when the file is missing. Not an object or unreadable: {"": error}."""
-    if not path.exists():
-        return None
+def _read_json_object(out: Location, name: str) -> dict[str, Any] | None:
+    """A JSON object from the file `name` in `out`; None when it is missing. Not an object or unreadable:
+    {"": error}."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
+        value = json.loads(out.read_bytes(name).decode("utf-8"))
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as error:
         return {"": str(error)}
     return value if isinstance(value, dict) else {"": "not a JSON object"}
 
 
-def _manifest_conflict(out: Path, identity: dict[str, Any]) -> str | None:
+def _manifest_conflict(out: Location, identity: dict[str, Any]) -> str | None:
     """Why the manifest in `out` describes another dataset than `identity` (kind, source, resolution,
     transform, VAE of this job), or None when there is none or it is this job's."""
-    manifest = _read_json_object(out / MANIFEST_NAME)
+    manifest = _read_json_object(out, MANIFEST_NAME)
     if manifest is None:
         return None
     if "" in manifest:
-        return f"{out / MANIFEST_NAME} cannot be read ({manifest['']}), so it may describe another dataset"
+        return f"{out.join(MANIFEST_NAME)} cannot be read ({manifest['']}), so it may describe another dataset"
     source = manifest.get("source")
     vae = manifest.get("vae")
     recorded = {
@@ -572,25 +569,25 @@ def _manifest_conflict(out: Path, identity: dict[str, Any]) -> str | None:
         return None
     first = differing[0]
     return (
-        f"{out / MANIFEST_NAME} describes another dataset ({', '.join(differing)} differ; e.g. {first} "
+        f"{out.join(MANIFEST_NAME)} describes another dataset ({', '.join(differing)} differ; e.g. {first} "
         f"{recorded[first]!r}, this job {identity[first]!r})"
     )
 
 
-def _finished_shard_indices(out: Path, sidecars: dict[int, dict[str, Any] | None]) -> set[int]:
+def _finished_shard_indices(out: Location, sidecars: dict[int, dict[str, Any] | None]) -> set[int]:
     """Shards of an earlier job that were finished: those with a sidecar, and those the manifest lists."""
     indices = set(sidecars)
-    manifest = _read_json_object(out / MANIFEST_NAME)
+    manifest = _read_json_object(out, MANIFEST_NAME)
     if manifest and isinstance(manifest.get("shards"), list):
         for entry in manifest["shards"]:
             name = entry.get("name") if isinstance(entry, dict) else None
             if isinstance(name, str) and SHARD_NAME_PATTERN.fullmatch(name):
-                indices.add(_shard_number(Path(name)))
+                indices.add(_shard_number(name))
     return indices
 
 
 def overwrite_conflicts(
-    out: Path, identity: dict[str, Any], tasks: list[ShardTask], sidecars: dict[int, dict[str, Any] | None]
+    out: Location, identity: dict[str, Any], tasks: list[ShardTask], sidecars: dict[int, dict[str, Any] | None]
 ) -> list[str]:
     """What in `out` this job would destroy that is not its own earlier work (see the module docstring);
     `sidecars`: the sidecars in `out` by shard index (`read_sidecars`)."""
@@ -610,7 +607,7 @@ def overwrite_conflicts(
 
 
 def check_overwrite(
-    out: Path,
+    out: Location,
     identity: dict[str, Any],
     tasks: list[ShardTask],
     sidecars: dict[int, dict[str, Any] | None],
@@ -630,23 +627,23 @@ def check_overwrite(
     )
 
 
-def _prepare_output(out: Path, num_shards: int) -> None:
+def _prepare_output(out: Location, num_shards: int) -> None:
     """Clear what a previous run left that is not a reusable shard: temp files, the manifest, stale shards
     (`check_overwrite` has made sure that they are this job's own or that --overwrite was given)."""
-    removed = remove_temporary_files(out)
+    removed = out.remove_temporary_files()
     if removed:
         logger.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
     for name in (MANIFEST_NAME, FAILURES_NAME):
         # The manifest marks a complete dataset; it is written again at the end of this run.
-        (out / name).unlink(missing_ok=True)
-    numbered = ((path, _shard_number(path)) for path in sorted(out.glob("shard-*.*")))
-    stale = [path for path, number in numbered if number is not None and number >= num_shards]
+        out.remove(name)
+    numbered = ((name, _shard_number(name)) for name in out.names())
+    stale = [name for name, number in numbered if number is not None and number >= num_shards]
     if stale:
         logger.warning(
-            "removing %d shard file(s) of a previous, larger run in %s (first: %s)", len(stale), out, stale[0].name
+            "removing %d shard file(s) of a previous, larger run in %s (first: %s)", len(stale), out, stale[0]
         )
-        for path in stale:
-            path.unlink()
+        for name in stale:
+            out.remove(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -702,13 +699,13 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
             len(trusted),
         )
         done = _execute(plan, trusted, result, client)
-        remove_temporary_files(out)  # leftovers of attempts whose worker died
+        out.remove_temporary_files()  # leftovers of attempts whose worker died
         if result.failed_shards:
             result.elapsed_s = time.perf_counter() - started
             return result
         manifest, failures = _build_manifest(plan, done)
-        write_lines_atomic(out / FAILURES_NAME, failures)
-        write_json_atomic(out / MANIFEST_NAME, manifest)
+        write_lines_to(out, FAILURES_NAME, failures)
+        write_json_to(out, MANIFEST_NAME, manifest)  # last: the dataset is complete
     result.manifest = manifest
     result.counts = manifest["counts"]
     result.failure_rate = manifest["failure_rate"]

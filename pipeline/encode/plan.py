@@ -14,24 +14,23 @@ trusted) and the tar was not modified after the sidecar was written (modificatio
 every shard under `--verify`, goes to a worker, which re-hashes the tar against the sidecar and keeps the shard
 only when the sha256 matches (`encode_shard`), else writes it again.
 
-The functions here read OUT through a few small helpers (`read_sidecars`, `_stat`) so that a storage layer can
-replace them; they never write.
+The functions here read OUT (a local directory or an object-store prefix) through its `Location`
+(`pipeline.core.storage`); they never write. Object stores report modification times to the second, which
+the rule below only compares (a tar uploaded before its sidecar never has the later time).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import pickle
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from stat import S_ISREG
 from typing import Any
 
 from pipeline.core.shards import SIDECAR_NAME_PATTERN, json_bytes, read_sidecar, sidecar_of
+from pipeline.core.storage import Location
 from pipeline.encode.sources import SourceItem
 
 RECORD_CHECK = "record_sha256"  # sidecar field: sha256 of the sidecar's other fields (see `seal_sidecar`)
@@ -137,36 +136,28 @@ def _shard_number(name: str) -> int:
     return int(name[len("shard-") :].split(".")[0])
 
 
-def read_sidecars(out: Path) -> dict[int, dict[str, Any] | None]:
+def read_sidecars(out: Location) -> dict[int, dict[str, Any] | None]:
     """The sidecars in `out` by shard index (None: a sidecar file that is unreadable or names another shard)."""
-    try:
-        names = [entry.name for entry in os.scandir(out) if SIDECAR_NAME_PATTERN.fullmatch(entry.name)]
-    except FileNotFoundError:
-        return {}
+    out = Location.of(out)
+    names = [name for name in out.names() if SIDECAR_NAME_PATTERN.fullmatch(name)]
     return {_shard_number(name): read_sidecar(out, _shard_number(name)) for name in names}
 
 
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
-
-
-def trusted_shard(out: Path, sidecar: dict[str, Any], fingerprint: str) -> bool:
+def trusted_shard(out: Location, sidecar: dict[str, Any], fingerprint: str) -> bool:
     """True when the finished shard of `sidecar` can be taken as done without re-hashing its tar: same
     fingerprint (items, sizes, modification times, settings), the sidecar is sealed and unchanged, the tar is a
     file of the recorded size, and it was not modified after its sidecar was written."""
     if sidecar.get("fingerprint") != fingerprint or sidecar.get(RECORD_CHECK) != _record_digest(sidecar):
         return False
-    tar, record = _stat(out / sidecar["name"]), _stat(out / sidecar_of(sidecar["name"]))
-    if tar is None or record is None or not S_ISREG(tar.st_mode):
+    out = Location.of(out)
+    tar, record = out.stat(sidecar["name"]), out.stat(sidecar_of(sidecar["name"]))
+    if tar is None or record is None or not tar.regular or tar.mtime_ns is None or record.mtime_ns is None:
         return False
-    return tar.st_size == sidecar["bytes"] and tar.st_mtime_ns <= record.st_mtime_ns
+    return tar.size == sidecar["bytes"] and tar.mtime_ns <= record.mtime_ns
 
 
 def trusted_shards(
-    out: Path, tasks: list[ShardTask], sidecars: dict[int, dict[str, Any] | None]
+    out: Location, tasks: list[ShardTask], sidecars: dict[int, dict[str, Any] | None]
 ) -> dict[int, dict[str, Any]]:
     """The sidecars of the shards of `tasks` that resume can keep without reading them (`trusted_shard`)."""
     trusted = {}

@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from pipeline.core.atomic import AtomicFile, atomic_open, write_bytes_atomic, write_json_atomic
 from pipeline.core.errors import InputError
 from pipeline.core.shards import json_bytes, load_manifest, sha256_file, shard_problems, shard_urls
+from pipeline.core.storage import is_url
 from pipeline.evaluate.adm import (
     ADM_IS_SPLIT_SIZE,
     DEFAULT_PRC_MEMORY_BYTES,
@@ -385,6 +386,12 @@ def open_reference(path: str | os.PathLike) -> Reference:
     Only headers are read here (manifest, npz headers, the first image of a folder), so that resolution
     mismatches and unusable inputs stop `evaluate` before sampling.
     """
+    if is_url(path):  # an object-store reference: used from a checked local copy
+        from pipeline.evaluate.remote_reference import stage_reference
+
+        reference = open_reference(stage_reference(str(path)))
+        reference.details["url"] = str(path)
+        return reference
     path = Path(path)
     if not path.exists():
         raise ReferenceInputError(f"{path}: reference does not exist")

@@ -96,7 +96,7 @@ class EvaluateOptions:
     num_samples: int = 50_000
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     batch_size: int = 32
-    reference: Path | None = None
+    reference: str | Path | None = None  # a path or an object-store URL (copied to a local cache first)
     inception_weights: Path | None = None
     metrics: tuple[str, ...] = ("fid", "sfid", "is", "prc")
     export_npz: bool = False

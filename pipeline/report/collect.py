@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, PipelineError
 from pipeline.core.shards import FAILURES_NAME, MANIFEST_NAME, sha256_file
+from pipeline.core.storage import Location, is_url, join
 from pipeline.evaluate import METRICS_FILE
 from pipeline.train import (
     CHECKPOINTS_DIR,
@@ -189,7 +190,7 @@ def size_problem(checkpoint_dir: Path, files: dict[str, dict[str, Any]]) -> str 
 class Dataset:
     """The dataset the run trained on: its manifest, the hash the run recorded for it, its first failures."""
 
-    path: Path | None
+    path: Path | str | None  # a local directory or a dataset URL
     manifest: Loaded | None
     recorded_hash: str | None
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -203,9 +204,30 @@ def read_dataset(run_info: dict[str, Any], checkpoints: list[Checkpoint]) -> Dat
     recorded = entry.get("manifest_hash") if isinstance(entry.get("manifest_hash"), str) else None
     if not isinstance(entry.get("path"), str):
         return Dataset(None, None, recorded)
+    if is_url(entry["path"]):  # a dataset in object storage: its manifest is read from there (failures are not)
+        return Dataset(entry["path"], read_object_manifest(entry["path"]), recorded)
     path = Path(entry["path"])
     manifest = read_file(path / MANIFEST_NAME, "json")
     return Dataset(path, manifest, recorded, first_failures(path / FAILURES_NAME))
+
+
+def read_object_manifest(url: str) -> Loaded:
+    """The manifest of a dataset URL as a `Loaded` (named by its URL); a store that cannot be reached (offline,
+    no credentials) is a problem shown on the page, not an error."""
+    loaded = Loaded(join(url, MANIFEST_NAME))  # type: ignore[arg-type]  # a URL, shown as text
+    try:
+        raw = Location.of(url).read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        return loaded
+    except (OSError, PipelineError) as error:
+        loaded.sha256, loaded.problem = "", f"cannot be read ({error})"
+        return loaded
+    loaded.sha256 = hashlib.sha256(raw).hexdigest()
+    try:
+        loaded.data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        loaded.problem = f"not JSON ({error})"
+    return loaded
 
 
 def first_failures(path: Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import InputError
+from pipeline.core.storage import Location
 from pipeline.train.checkpoint import (
     CONFIG_COPY,
     CheckpointError,
@@ -48,7 +49,7 @@ class TrainArgs:
 
     run_dir: Path
     config_path: Path | None = None
-    data_dir: Path | None = None
+    data_dir: str | Path | None = None  # a directory or an object-store URL (s3://..., gs://...)
     overrides: list[str] = field(default_factory=list)
     resume: str | None = None  # None, "auto" or a checkpoint / run path
 
@@ -58,7 +59,7 @@ class DatasetInfo:
     """The checked dataset: manifest, shard paths and their sha256 (the loader checks every shard it reads
     against it), the manifest's hash, and the number of classes the model is built with."""
 
-    data_dir: Path
+    data_dir: str  # an absolute local path or an object-store URL
     manifest: dict[str, Any]
     urls: list[str]
     manifest_hash: str
@@ -74,7 +75,7 @@ class DatasetInfo:
         """Identity of the data recorded in checkpoints and exports."""
         entry = {
             "manifest_hash": self.manifest_hash,
-            "path": str(self.data_dir),
+            "path": self.data_dir,
             "kind": self.kind,
             "resolution": self.manifest["resolution"],
             "num_classes": self.num_classes,
@@ -113,8 +114,8 @@ def check_run(args: TrainArgs) -> CheckedRun:
     if data_dir is None:
         if resume_state is None:
             raise TrainError("--data is required (the output directory of `diffit-pipe encode` / `pack`)")
-        data_dir = Path(resume_state["dataset"]["path"])
-    info = check_dataset(config, Path(data_dir))
+        data_dir = resume_state["dataset"]["path"]
+    info = check_dataset(config, data_dir)
     check_model_builds(config.model.name, model_kwargs(config, info))
     if resume_state is not None and resume_state["dataset"]["manifest_hash"] != info.manifest_hash:
         raise TrainError(
@@ -129,14 +130,15 @@ def check_run(args: TrainArgs) -> CheckedRun:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_dataset(config: Config, data_dir: Path) -> DatasetInfo:
-    """Read the manifest and refuse data that does not fit the model config (clear error, no step taken)."""
+def check_dataset(config: Config, data_dir: str | Path | Location) -> DatasetInfo:
+    """Read the manifest and refuse data that does not fit the model config (clear error, no step taken).
+    `data_dir`: a directory or an object-store URL."""
     from diffit.models import model_family, resolve_model_kwargs
     from pipeline.core.shards import manifest_hash
 
-    data_dir = Path(data_dir)
+    data_dir = _data_location(data_dir)
     manifest = _read_manifest(data_dir)
-    where = data_dir / "manifest.json"
+    where = data_dir.join("manifest.json")
     family = model_family(config.model.name)
     _check_kind(config, family, manifest, where)
     built = resolve_model_kwargs(config.model.name, **configured_model_kwargs(config))
@@ -147,7 +149,7 @@ def check_dataset(config: Config, data_dir: Path) -> DatasetInfo:
     num_classes = _resolve_num_classes(config, manifest, where)
     urls, digests = _check_shards(data_dir, manifest, where)
     return DatasetInfo(
-        data_dir=data_dir,
+        data_dir=data_dir.url,
         manifest=manifest,
         urls=urls,
         manifest_hash=manifest_hash(data_dir),
@@ -157,10 +159,20 @@ def check_dataset(config: Config, data_dir: Path) -> DatasetInfo:
     )
 
 
-def _read_manifest(data_dir: Path) -> dict[str, Any]:
+def _data_location(data_dir: str | Path | Location) -> Location:
+    """The Location of --data; TrainError (one line) when its URL cannot be opened."""
+    from pipeline.core.storage import StorageError
+
+    try:
+        return Location.of(data_dir)
+    except StorageError as error:
+        raise TrainError(f"--data {data_dir}: {error}") from None
+
+
+def _read_manifest(data_dir: Location) -> dict[str, Any]:
     from pipeline.core.shards import ManifestError, load_manifest
 
-    if not data_dir.is_dir():
+    if data_dir.is_local and not data_dir.exists():
         raise TrainError(
             f"--data {data_dir}: no such directory (pass the output directory of `diffit-pipe encode` "
             "or `diffit-pipe pack`)"
@@ -171,7 +183,7 @@ def _read_manifest(data_dir: Path) -> dict[str, Any]:
         raise TrainError(f"--data {data_dir}: {error}") from None
 
 
-def _check_kind(config: Config, family: str, manifest: dict[str, Any], where: Path) -> None:
+def _check_kind(config: Config, family: str, manifest: dict[str, Any], where: str) -> None:
     """Latent models train on latent shards (`encode`), image-space models on image shards (`pack`)."""
     kind = manifest["kind"]
     wanted = "latents" if family == "latent" else "images"
@@ -182,7 +194,7 @@ def _check_kind(config: Config, family: str, manifest: dict[str, Any], where: Pa
         )
 
 
-def _check_latents_fit(config: Config, built: dict[str, Any], manifest: dict[str, Any], where: Path) -> None:
+def _check_latents_fit(config: Config, built: dict[str, Any], manifest: dict[str, Any], where: str) -> None:
     """Unscaled latents with a scaling factor, as many channels and the same grid size as the model takes."""
     for key in ("latent_channels", "latent_size", "vae"):
         if key not in manifest:
@@ -209,7 +221,7 @@ def _check_latents_fit(config: Config, built: dict[str, Any], manifest: dict[str
         )
 
 
-def _check_images_fit(config: Config, built: dict[str, Any], manifest: dict[str, Any], where: Path) -> None:
+def _check_images_fit(config: Config, built: dict[str, Any], manifest: dict[str, Any], where: str) -> None:
     """RGB images at the resolution the model is built for."""
     if manifest["resolution"] != built["img_resolution"]:
         raise TrainError(
@@ -220,7 +232,7 @@ def _check_images_fit(config: Config, built: dict[str, Any], manifest: dict[str,
         raise TrainError(f"{where}: image shards are RGB but the model takes {built['in_channels']} channels")
 
 
-def _resolve_num_classes(config: Config, manifest: dict[str, Any], where: Path) -> int:
+def _resolve_num_classes(config: Config, manifest: dict[str, Any], where: str) -> int:
     """model.num_classes, or the dataset's when it is null; a conditional model needs labels covering its
     classes (0 trains an unconditional model, ignoring any labels)."""
     data_classes = int(manifest.get("num_classes") or 0)
@@ -241,7 +253,7 @@ def _resolve_num_classes(config: Config, manifest: dict[str, Any], where: Path) 
     return num_classes
 
 
-def _check_shards(data_dir: Path, manifest: dict[str, Any], where: Path) -> tuple[list[str], list[str]]:
+def _check_shards(data_dir: Location, manifest: dict[str, Any], where: str) -> tuple[list[str], list[str]]:
     """The paths of the non-empty shards, each present with the size the manifest records, and the sha256 the
     manifest records for each (the loader checks every shard against it as it reads it: no second pass here)."""
     from pipeline.core.shards import shard_problems, shard_urls

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.errors import InputError, PipelineError
 from pipeline.core.shards import load_npy_bytes
+from pipeline.core.storage import is_url, open_for_reading
 from pipeline.train.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -162,9 +163,12 @@ _VERIFIED: set[tuple] = set()
 
 
 def read_shard(url: str, expected_sha256: str | None) -> bytearray:
-    """The bytes of a local shard file, hashed block by block as they are read (one pass); CorruptShardError
-    when the sha256 differs from `expected_sha256` (None: not checked) or the file cannot be read. A file this
-    process already verified and that has not changed since is not hashed again."""
+    """The bytes of a shard (a local file or an object-store URL), hashed block by block as they are read (one
+    pass); CorruptShardError when the sha256 differs from `expected_sha256` (None: not checked) or the shard
+    cannot be read. A local file this process already verified and that has not changed since is not hashed
+    again; objects are downloaded, so hashed, every time."""
+    if is_url(url):
+        return _read_object(url, expected_sha256)
     try:
         with open(url, "rb", buffering=0) as handle:
             stat = os.fstat(handle.fileno())
@@ -192,6 +196,25 @@ def read_shard(url: str, expected_sha256: str | None) -> bytearray:
                 "damaged (re-run encode/pack, or set data.on_corrupt_shard: skip to train without it)"
             )
         _VERIFIED.add(identity)
+    return data
+
+
+def _read_object(url: str, expected_sha256: str | None) -> bytearray:
+    """`read_shard` for an object: streamed into memory and hashed on the way."""
+    digest = hashlib.sha256()
+    data = bytearray()
+    try:
+        with open_for_reading(url) as handle:
+            for block in iter(lambda: handle.read(_READ_BLOCK), b""):
+                digest.update(block)
+                data += block
+    except (OSError, PipelineError) as error:  # FileNotFoundError, a dropped connection, no credentials
+        raise CorruptShardError(f"{url}: cannot read the shard ({error})") from None
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        raise CorruptShardError(
+            f"{url}: sha256 {digest.hexdigest()} does not match the manifest's {expected_sha256}: the shard is "
+            "damaged (re-run encode/pack, or set data.on_corrupt_shard: skip to train without it)"
+        )
     return data
 
 

@@ -49,12 +49,14 @@ def check_trackers_installed(names: list[str]) -> None:
 
 
 def init_kwargs(names: list[str], run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Per-tracker arguments of `accelerator.init_trackers`: W&B's run name and directory."""
+    """Per-tracker arguments of `accelerator.init_trackers`: W&B's run name and directory, MLflow's run name."""
     kwargs: dict[str, dict[str, Any]] = {}
     if "wandb" in names:
         wandb_dir = os.environ.get("WANDB_DIR") or str(run_dir / "logs")
         Path(wandb_dir).mkdir(parents=True, exist_ok=True)
         kwargs["wandb"] = {"name": run_dir.resolve().name, "dir": wandb_dir}
+    if "mlflow" in names:
+        kwargs["mlflow"] = {"run_name": run_dir.resolve().name}
     return kwargs
 
 
@@ -91,13 +93,23 @@ def _aim(accelerator, key: str, grid, step: int) -> None:
 
 
 def _mlflow(accelerator, key: str, grid, step: int) -> None:
-    import mlflow
+    import inspect
 
-    mlflow.log_image(grid, key=key, step=step)  # the active run Accelerate started
+    from mlflow import MlflowClient
+
+    # The run Accelerate started, written before returning: MLflow 3's `log_image` uploads from background threads
+    # by default (they keep the interpreter alive about a second longer at exit); 2.12's has no `synchronous`
+    # argument and always writes at once.
+    run_id = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
+    now = {"synchronous": True} if "synchronous" in inspect.signature(MlflowClient.log_image).parameters else {}
+    MlflowClient().log_image(run_id, grid, key=key, step=step, **now)
 
 
 def _comet(accelerator, key: str, grid, step: int) -> None:
-    accelerator.get_tracker("comet_ml", unwrap=True).log_image(grid, name=key, step=step)
+    from PIL import Image
+
+    # A PIL image: Comet first tries an array as a file path (`os.path.isfile(array)`, a DeprecationWarning).
+    accelerator.get_tracker("comet_ml", unwrap=True).log_image(Image.fromarray(grid), name=key, step=step)
 
 
 def _clearml(accelerator, key: str, grid, step: int) -> None:

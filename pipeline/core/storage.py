@@ -1,0 +1,388 @@
+"""Where datasets live: a local directory or an object-store prefix (an fsspec URL), behind one small interface.
+
+    location = Location.of("s3://bucket/imagenet256")  # or gs://..., memory://..., /data/x, file:///data/x
+    location.read_bytes("manifest.json")
+    location.write_bytes("manifest.json", data)        # atomic
+    writer = location.writer("shard-000000.tar"); writer.handle.write(...); writer.commit()   # or abort()
+
+Local directories keep the recipe of `pipeline.core.atomic` (temporary file beside the target, fsync, rename)
+and an `fcntl` lock per output directory. Object stores have neither renames nor locks, but an object becomes
+visible only when its upload completes (one PUT, or the completion of a multipart upload), so a writer spools
+to a local temporary file and uploads it in one call on commit: a killed writer leaves nothing under the final
+name (an unfinished multipart upload is invisible; bucket lifecycle rules expire it). What readers see is then
+ordered by the writers: a shard's tar, then its sidecar (the shard's commit marker), the manifest last.
+
+Credentials and endpoints come from each file system's usual environment (s3fs: `AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, ...; gcsfs: `GOOGLE_APPLICATION_CREDENTIALS`) or from
+fsspec's configuration (`FSSPEC_S3='{"endpoint_url": "http://..."}'`, `FSSPEC_S3_KEY=...`, or a JSON file in
+`~/.config/fsspec/`), which fsspec applies to every file system it creates, in every process.
+
+File systems are looked up per call (`fsspec.core.url_to_fs`, which caches instances per process), never
+pickled: async file systems such as s3fs cannot cross a fork, and Dask workers and data-loader workers each
+build their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.core.atomic import TEMP_MARK, AtomicFile, remove_temporary_files, write_bytes_atomic
+from pipeline.core.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = 1 << 20
+LOCK_NAME = ".diffit-pipe.lock"
+
+
+class StorageError(InputError):
+    """An object-store URL that cannot be used: unknown protocol, its package missing, or no access."""
+
+
+def is_url(location: Any) -> bool:
+    """True for a URL with a scheme other than `file://` (`s3://b/x`, `gs://b/x`, `memory://x`); local paths and
+    `file://` URLs are local."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(location: str | os.PathLike) -> Path:
+    """A local path or `file://` URL as an absolute Path (symlinks resolved)."""
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return Path(text).expanduser().resolve()
+
+
+def join(location: str | os.PathLike, name: str) -> str:
+    """The path or URL of the file `name` inside the directory or prefix `location`."""
+    if is_url(location):
+        return str(location).rstrip("/") + "/" + name
+    return str(local_path(location) / name)
+
+
+@contextlib.contextmanager
+def store_errors(url: str) -> Iterator[None]:
+    """Turn what an object-store client raises besides OSError (botocore's NoCredentialsError, ClientError, ...,
+    google-auth errors) into one StorageError line naming `url`; FileNotFoundError and other OSErrors pass."""
+    try:
+        yield
+    except (OSError, StorageError):
+        raise
+    except Exception as error:  # the clients' exception types differ per protocol
+        raise StorageError(f"{url}: {type(error).__name__}: {error}") from error
+
+
+def url_to_fs(url: str):
+    """(file system, path inside it) for an object-store URL; StorageError naming the URL when the protocol is
+    unknown or its package (s3fs, gcsfs, ...) is not installed."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        raise StorageError(
+            f"{url}: cannot open this URL ({error}); s3:// needs `pip install s3fs`, gs:// needs `pip install gcsfs`"
+        ) from None
+
+
+def open_for_reading(path_or_url: str | os.PathLike) -> IO[bytes]:
+    """A binary file object for reading a local file (regular files only: a FIFO or device would block or never
+    end) or an object-store URL."""
+    if is_url(path_or_url):
+        fs, path = url_to_fs(str(path_or_url))
+        fs.invalidate_cache(path)  # a cached listing from before the object was written would say "not found"
+        return fs.open(path, "rb")
+    from pipeline.core.shards import open_regular_file
+
+    return open_regular_file(local_path(path_or_url))
+
+
+def read_url_bytes(path_or_url: str | os.PathLike) -> bytes:
+    """All bytes of a local file or an object."""
+    with store_errors(str(path_or_url)), open_for_reading(path_or_url) as handle:
+        return handle.read()
+
+
+def sha256_of(path_or_url: str | os.PathLike) -> str:
+    """Hex sha256 of a local file or an object, read block by block."""
+    digest = hashlib.sha256()
+    with store_errors(str(path_or_url)), open_for_reading(path_or_url) as handle:
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What resume and verification need to know of a file: its size, its modification time (ns; None where
+    the store does not say) and whether it is a plain file."""
+
+    size: int
+    mtime_ns: int | None
+    regular: bool
+
+
+class Location:
+    """A directory (local) or a prefix (object store) holding a dataset's flat set of files. `Location.of`."""
+
+    url: str  # what logs and manifests show: an absolute local path, or the URL
+
+    @staticmethod
+    def of(location: str | os.PathLike | Location) -> Location:
+        """The Location of a local path, a `file://` URL or an object-store URL (a Location is returned as is)."""
+        if isinstance(location, Location):
+            return location
+        return ObjectPrefix(str(location)) if is_url(location) else LocalDirectory(local_path(location))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self, LocalDirectory)
+
+    def join(self, name: str) -> str:
+        """The path or URL of the file `name` here."""
+        return join(self.url, name)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __fspath__(self) -> str:  # so that os.fspath / Path() of a local location keep working
+        if not self.is_local:
+            raise TypeError(f"{self.url} is not a local path")
+        return self.url
+
+    # Interface (both kinds implement every method).
+    def exists(self) -> bool: ...  # the directory exists (object stores: any object under the prefix)
+    def create(self) -> None: ...
+    def names(self) -> list[str]: ...  # names of the files directly inside
+    def stat(self, name: str) -> FileStat | None: ...
+    def read_bytes(self, name: str) -> bytes: ...
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+    def writer(self, name: str): ...  # an AtomicFile-like object: .handle, .commit(), .abort(), .done
+    def remove(self, name: str) -> None: ...
+    def remove_temporary_files(self) -> list[str]: ...
+    def lock(self): ...
+
+    def has(self, name: str) -> bool:
+        """True when the file `name` exists here."""
+        return self.stat(name) is not None
+
+    def sha256(self, name: str) -> str:
+        return sha256_of(self.join(name))
+
+
+class LocalDirectory(Location):
+    """A local directory: atomic files by rename, an `fcntl` lock."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.url = str(path)
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(entry.name for entry in os.scandir(self.path) if entry.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+    def stat(self, name: str) -> FileStat | None:
+        import stat as stat_module
+
+        try:
+            result = os.stat(self.path / name)
+        except OSError:
+            return None
+        return FileStat(result.st_size, result.st_mtime_ns, stat_module.S_ISREG(result.st_mode))
+
+    def read_bytes(self, name: str) -> bytes:
+        return read_url_bytes(self.path / name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        write_bytes_atomic(self.path / name, data)
+
+    def writer(self, name: str) -> AtomicFile:
+        return AtomicFile(self.path / name)
+
+    def remove(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def remove_temporary_files(self) -> list[str]:
+        return remove_temporary_files(self.path)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock on the directory: a second job writing here fails at once (StorageError)."""
+        import fcntl
+
+        try:
+            handle = open(self.path / LOCK_NAME, "a")
+        except OSError as error:
+            raise StorageError(f"cannot write to the output directory {self.path}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StorageError(
+                f"another diffit-pipe job is writing to {self.path} (lock {self.path / LOCK_NAME} is held)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+class SpooledUpload:
+    """A file written to a local temporary file and uploaded to `url` in one call by `commit()`: the object
+    appears complete or not at all. `abort()` (or an exception in a `with` block) uploads nothing."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._spool = tempfile.NamedTemporaryFile(prefix="diffit-pipe-upload-", suffix=TEMP_MARK.strip("-"))
+        self.handle: IO = self._spool
+        self.done = False
+
+    def commit(self) -> str:
+        try:
+            self._spool.flush()
+            fs, path = url_to_fs(self.url)
+            with store_errors(self.url):
+                fs.put_file(self._spool.name, path)
+        finally:
+            self.done = True
+            self._spool.close()  # deletes the spool file
+        return self.url
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self._spool.close()
+
+    def __enter__(self) -> SpooledUpload:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.done:
+            self.commit()
+        else:
+            self.abort()
+
+
+class ObjectPrefix(Location):
+    """A prefix in an object store (`s3://bucket/datasets/x`): one upload per file, listings never cached.
+    Client errors other than OSError (no credentials, access denied, ...) become one StorageError line."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = url_to_fs(self.url)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def exists(self) -> bool:
+        try:
+            return bool(self._listing())
+        except OSError as error:
+            raise StorageError(f"{self.url}: cannot list ({error})") from None
+
+    def create(self) -> None:
+        # Prefixes need not be created; check that the bucket is reachable now rather than after the first shard.
+        bucket = self.root.split("/", 1)[0]
+        try:
+            with store_errors(self.url):
+                self.fs.ls(bucket, detail=False)
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}: the bucket {bucket!r} does not exist (create it first)") from None
+        except OSError as error:
+            raise StorageError(f"{self.url}: cannot access the bucket {bucket!r} ({error})") from None
+
+    def _listing(self) -> list[dict[str, Any]]:
+        # Other processes (Dask workers, a previous run) write here: never answer from a cached listing.
+        self.fs.invalidate_cache(self.root)
+        try:
+            with store_errors(self.url):
+                return self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+
+    def names(self) -> list[str]:
+        return sorted(entry["name"].rsplit("/", 1)[-1] for entry in self._listing() if entry.get("type") == "file")
+
+    def stat(self, name: str) -> FileStat | None:
+        self.fs.invalidate_cache(self._path(name))
+        try:
+            with store_errors(self.join(name)):
+                info = self.fs.info(self._path(name))
+        except FileNotFoundError:
+            return None
+        return FileStat(int(info.get("size") or 0), _mtime_ns(info), info.get("type") == "file")
+
+    def read_bytes(self, name: str) -> bytes:
+        self.fs.invalidate_cache(self._path(name))
+        try:
+            with store_errors(self.join(name)):
+                return self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.join(name)}: no such object") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with store_errors(self.join(name)):
+            self.fs.pipe_file(self._path(name), data)  # one PUT: the object appears complete or not at all
+
+    def writer(self, name: str) -> SpooledUpload:
+        return SpooledUpload(self.join(name))
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError), store_errors(self.join(name)):
+            self.fs.rm_file(self._path(name))
+
+    def remove_temporary_files(self) -> list[str]:
+        removed = [name for name in self.names() if TEMP_MARK in name]
+        for name in removed:
+            self.remove(name)
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Object stores have no locks: say so once; running two jobs on one prefix is the user's to avoid."""
+        logger.info("%s is an object store, which has no locks: run one encode/pack job per output URL", self.url)
+        yield
+
+
+def _mtime_ns(info: dict[str, Any]) -> int | None:
+    """The modification time in an fsspec `info` dict (s3fs: LastModified, gcsfs: updated, local: mtime)."""
+    import datetime
+
+    for key in ("LastModified", "last_modified", "updated", "mtime", "modified"):
+        value = info.get(key)
+        if isinstance(value, datetime.datetime):
+            return int(value.timestamp() * 1_000_000_000)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return int(value * 1_000_000_000)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+    return None
+
+
+def download(url: str, target: Path) -> Path:
+    """Copy an object to a local file atomically (a killed copy leaves no file under `target`)."""
+    from pipeline.core.atomic import atomic_open
+
+    with open_for_reading(url) as source, atomic_open(target) as handle:
+        shutil.copyfileobj(source, handle, _BLOCK)
+    return target

@@ -1,0 +1,109 @@
+"""References in object storage (`--reference s3://...`, `eval.reference: gs://...`): copied once to a local cache.
+
+An ADM batch or statistics `.npz` is read by random access (`np.load`, memory maps), and reference features are
+cached beside the reference, so a reference URL is first copied to `$XDG_CACHE_HOME/diffit-pipe/references/`
+(`~/.cache/...`): an `.npz` object as one file, a `pack` dataset as its manifest and every listed shard, each
+shard checked against the manifest's sha256 while it is copied. The copy is named after the URL and the object's
+size and modification time (the manifest's hash for datasets), so a changed object is copied again, and every
+file is written atomically, so concurrent ranks and killed runs never leave a partial reference behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from pipeline.core.atomic import atomic_open
+from pipeline.core.errors import InputError
+from pipeline.core.shards import MANIFEST_NAME, json_bytes, load_manifest
+from pipeline.core.storage import Location, download, url_to_fs
+
+logger = logging.getLogger(__name__)
+
+_BLOCK = 1 << 20
+
+
+class RemoteReferenceError(InputError):
+    """A reference URL that is neither an `.npz` object nor a dataset prefix with a manifest, or whose shards do
+    not match their manifest."""
+
+
+def reference_download_dir() -> Path:
+    """Where reference URLs are copied: `$XDG_CACHE_HOME/diffit-pipe/references` (default `~/.cache/...`)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "diffit-pipe" / "references"
+
+
+def _tag(*parts: object) -> str:
+    return hashlib.sha256(json_bytes([str(part) for part in parts])).hexdigest()[:16]
+
+
+def stage_reference(url: str, cache: Path | None = None) -> Path:
+    """A local copy of the reference at `url` (see the module docstring); reused while the object is unchanged."""
+    cache = cache or reference_download_dir()
+    if url.rstrip("/").endswith(".npz"):
+        return _stage_file(url.rstrip("/"), cache)
+    location = Location.of(url)
+    if location.has(MANIFEST_NAME):
+        return _stage_dataset(location, cache)
+    raise RemoteReferenceError(
+        f"{url}: not an .npz object and no {MANIFEST_NAME} under it; a reference in object storage is an ADM / "
+        "statistics .npz or a raw image dataset written by `diffit-pipe pack` (image folders: pack them first)"
+    )
+
+
+def _stage_file(url: str, cache: Path) -> Path:
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise RemoteReferenceError(f"{url}: no such object") from None
+    stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+    target = cache / f"{_tag(url, info.get('size'), stamp)}-{url.rsplit('/', 1)[-1]}"
+    if target.is_file() and target.stat().st_size == info.get("size"):
+        logger.info("reference %s: using the local copy %s", url, target)
+        return target
+    logger.info("reference %s: copying %.1f MB to %s", url, (info.get("size") or 0) / 1e6, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return download(url, target)
+
+
+def _stage_dataset(location: Location, cache: Path) -> Path:
+    manifest_bytes = location.read_bytes(MANIFEST_NAME)
+    target = cache / _tag(location.url, hashlib.sha256(manifest_bytes).hexdigest())
+    if (target / MANIFEST_NAME).is_file():  # written last: the copy is complete
+        logger.info("reference %s: using the local copy %s", location.url, target)
+        return target
+    manifest = load_manifest(location)  # checks the names and values before anything is copied
+    shards = [entry for entry in manifest["shards"] if entry["count"] > 0]
+    logger.info("reference %s: copying %d shard(s) to %s", location.url, len(shards), target)
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in shards:
+        _copy_checked(location, entry, target / entry["name"])
+    with atomic_open(target / MANIFEST_NAME) as handle:
+        handle.write(manifest_bytes)
+    return target
+
+
+def _copy_checked(location: Location, entry: dict, target: Path) -> None:
+    """Copy one shard, hashing it on the way; RemoteReferenceError (nothing kept) when it is not the manifest's."""
+    if target.is_file() and target.stat().st_size == entry["bytes"]:
+        return  # copied (and checked) by an earlier, interrupted staging
+    from pipeline.core.storage import open_for_reading
+
+    digest = hashlib.sha256()
+    with open_for_reading(location.join(entry["name"])) as source, atomic_open(target) as handle:
+        for block in iter(lambda: source.read(_BLOCK), b""):
+            digest.update(block)
+            handle.write(block)
+        if digest.hexdigest() != entry["sha256"]:
+            raise RemoteReferenceError(
+                f"{location.join(entry['name'])}: sha256 {digest.hexdigest()} does not match the manifest's "
+                f"{entry['sha256']}; the reference is damaged"
+            )
+
+
+__all__ = ["RemoteReferenceError", "reference_download_dir", "stage_reference"]
