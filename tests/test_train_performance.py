@@ -106,14 +106,30 @@ def test_channels_last_feeds_channels_last_batches_and_trains_the_same(tmp_path)
     assert np.allclose(train_losses(tmp_path, "channels-last", channels_last, data), reference, rtol=1e-4, atol=0)
 
 
-def test_every_record_has_seconds_per_kimg_and_no_gpu_figures_on_cpu(tmp_path):
+def records_of_a_four_step_run(tmp_path: Path) -> list[dict]:
+    """The metrics records of 4 steps of DiffiT-Tiny/2 at batch 4, one record every 2 steps."""
     data = write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=1, num_classes=10)
     config = tiny_latent_config(train={"max_steps": 4, "log_every": 2, "global_batch_size": 4})
     run_dir = tmp_path / "run"
     run(TrainArgs(run_dir=run_dir, config_path=write_config(tmp_path / "c.yaml", config), data_dir=data))
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [2, 4]
-    for record in records:
+    return records
+
+
+def test_every_record_has_seconds_per_kimg_and_no_gpu_figures_on_cpu(tmp_path):
+    for record in records_of_a_four_step_run(tmp_path):
         # 2 steps x 4 images per record: seconds per 1000 images and images per second describe the same window.
         assert record["sec_per_kimg"] == pytest.approx(1000 / record["images_per_s"], rel=1e-9)
         assert "peak_gpu_mem_gib" not in record and "mfu" not in record
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_every_record_has_peak_memory_seconds_per_kimg_and_mfu_where_the_gpu_is_listed(tmp_path):
+    # Run by bench/device_check.py (`pytest -m cuda`) on a lent GPU: the CUDA-only log fields of issue 17.
+    listed = peak_bf16_tflops(torch.cuda.get_device_name()) is not None
+    for record in records_of_a_four_step_run(tmp_path):
+        assert record["sec_per_kimg"] == pytest.approx(1000 / record["images_per_s"], rel=1e-9)
+        assert 0 < record["peak_gpu_mem_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+        assert ("mfu" in record) == listed and (not listed or 0 < record["mfu"] < 1)

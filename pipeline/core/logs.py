@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-QUIET_LIBRARIES = ("accelerate", "distributed", "fsspec", "urllib3", "PIL")
+QUIET_LIBRARIES = ("accelerate", "distributed", "fsspec", "s3fs", "botocore", "aiobotocore", "urllib3", "PIL")
 
 
 def process_rank() -> int:

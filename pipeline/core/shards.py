@@ -271,8 +271,16 @@ def _is_count(value: Any) -> bool:
 def _read_sidecar_file(location: Location, expected_name: str) -> dict[str, Any] | None:
     """The sidecar of the shard `expected_name` in `location` when it is readable and describes that shard."""
     try:
-        sidecar = json.loads(location.read_bytes(sidecar_of(expected_name)).decode("ascii"))
-    except (OSError, ValueError):
+        return parse_sidecar(location.read_bytes(sidecar_of(expected_name)), expected_name)
+    except OSError:
+        return None
+
+
+def parse_sidecar(data: bytes, expected_name: str) -> dict[str, Any] | None:
+    """The sidecar in `data` when it is JSON describing the shard `expected_name`, else None."""
+    try:
+        sidecar = json.loads(data.decode("ascii"))
+    except ValueError:
         return None
     if not isinstance(sidecar, dict) or not {"name", "count", "sha256", "bytes"} <= set(sidecar):
         return None

@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,6 +94,32 @@ def url_to_fs(url: str):
         ) from None
 
 
+def release_clients() -> None:
+    """Close this process's object-store clients (async fsspec file systems such as s3fs) before it forks: a
+    forked child that garbage-collects an inherited client shuts down connections it shares with the parent, whose
+    next request then waits for the read timeout (measured: 15 s with s3fs). The parent opens new ones on use."""
+    import gc
+    import sys
+
+    if "fsspec" not in sys.modules:
+        return
+    import fsspec
+
+    for cls in list(fsspec.registry.values()):
+        if getattr(cls, "async_impl", False):
+            cls.clear_instance_cache()
+    gc.collect()  # runs the clients' finalizers here, in the parent, on the parent's own event loop
+
+
+def read_object(url: str) -> bytes:
+    """An object's bytes in one GET of the whole object (ranged reads of large objects through `open` fail on
+    some S3 servers' checksums, and one request is also the fastest way to read a shard whole)."""
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
+    with store_errors(url):
+        return fs.cat_file(path)
+
+
 def open_for_reading(path_or_url: str | os.PathLike) -> IO[bytes]:
     """A binary file object for reading a local file (regular files only: a FIFO or device would block or never
     end) or an object-store URL."""
@@ -114,7 +139,9 @@ def read_url_bytes(path_or_url: str | os.PathLike) -> bytes:
 
 
 def sha256_of(path_or_url: str | os.PathLike) -> str:
-    """Hex sha256 of a local file or an object, read block by block."""
+    """Hex sha256 of a local file (read block by block) or an object (one GET of the whole object)."""
+    if is_url(path_or_url):
+        return hashlib.sha256(read_object(str(path_or_url))).hexdigest()
     digest = hashlib.sha256()
     with store_errors(str(path_or_url)), open_for_reading(path_or_url) as handle:
         for block in iter(lambda: handle.read(_BLOCK), b""):
@@ -171,6 +198,20 @@ class Location:
     def remove(self, name: str) -> None: ...
     def remove_temporary_files(self) -> list[str]: ...
     def lock(self): ...
+
+    def stats(self) -> dict[str, FileStat]:
+        """`stat` of every file directly inside, by name (object stores: one listing, not a request per file)."""
+        return {name: found for name in self.names() if (found := self.stat(name)) is not None}
+
+    def read_many(self, names: list[str]) -> dict[str, bytes | None]:
+        """The bytes of each file of `names` (None: missing or unreadable); object stores fetch them concurrently."""
+        found: dict[str, bytes | None] = {}
+        for name in names:
+            try:
+                found[name] = self.read_bytes(name)
+            except OSError:
+                found[name] = None
+        return found
 
     def has(self, name: str) -> bool:
         """True when the file `name` exists here."""
@@ -322,6 +363,33 @@ class ObjectPrefix(Location):
     def names(self) -> list[str]:
         return sorted(entry["name"].rsplit("/", 1)[-1] for entry in self._listing() if entry.get("type") == "file")
 
+    def stats(self) -> dict[str, FileStat]:
+        return {
+            entry["name"].rsplit("/", 1)[-1]: FileStat(int(entry.get("size") or 0), _mtime_ns(entry), True)
+            for entry in self._listing()
+            if entry.get("type") == "file"
+        }
+
+    def read_many(self, names: list[str]) -> dict[str, bytes | None]:
+        self.fs.invalidate_cache(self.root)
+        paths = [self._path(name) for name in names]
+        if getattr(self.fs, "async_impl", False):
+            results = _fetch_concurrently(self.fs, paths)
+        else:
+            results = []
+            for path in paths:
+                try:
+                    results.append(self.fs.cat_file(path))
+                except Exception as error:  # collected like the concurrent branch's, sorted out below
+                    results.append(error)
+        found: dict[str, bytes | None] = {}
+        for name, result in zip(names, results):
+            if isinstance(result, BaseException) and not isinstance(result, OSError):
+                with store_errors(self.join(name)):
+                    raise result  # no credentials, access denied, ...: one StorageError line
+            found[name] = None if isinstance(result, BaseException) else bytes(result)
+        return found
+
     def stat(self, name: str) -> FileStat | None:
         self.fs.invalidate_cache(self._path(name))
         try:
@@ -363,6 +431,29 @@ class ObjectPrefix(Location):
         yield
 
 
+_CONCURRENT_REQUESTS = 64
+
+
+def _fetch_concurrently(fs, paths: list[str]) -> list:
+    """`fs._cat_file` of every path on the file system's event loop, at most `_CONCURRENT_REQUESTS` at a time
+    (fsspec's own `cat` of a list first asks for each path's info: a request more per object); exceptions are
+    returned in place of their results."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def fetch_all() -> list:
+        limit = asyncio.Semaphore(_CONCURRENT_REQUESTS)
+
+        async def fetch(path: str):
+            async with limit:
+                return await fs._cat_file(path)
+
+        return await asyncio.gather(*(fetch(path) for path in paths), return_exceptions=True)
+
+    return sync(fs.loop, fetch_all)
+
+
 def _mtime_ns(info: dict[str, Any]) -> int | None:
     """The modification time in an fsspec `info` dict (s3fs: LastModified, gcsfs: updated, local: mtime)."""
     import datetime
@@ -380,9 +471,12 @@ def _mtime_ns(info: dict[str, Any]) -> int | None:
 
 
 def download(url: str, target: Path) -> Path:
-    """Copy an object to a local file atomically (a killed copy leaves no file under `target`)."""
-    from pipeline.core.atomic import atomic_open
+    """Copy an object to a local file atomically (a killed copy leaves no file under `target`), streamed in one
+    GET of the whole object."""
+    from pipeline.core.atomic import atomic_path
 
-    with open_for_reading(url) as source, atomic_open(target) as handle:
-        shutil.copyfileobj(source, handle, _BLOCK)
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
+    with atomic_path(target) as temp, store_errors(url):
+        fs.get_file(path, str(temp))
     return target

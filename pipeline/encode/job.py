@@ -547,6 +547,14 @@ def _read_json_object(out: Location, name: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else {"": "not a JSON object"}
 
 
+def _same_dataset(previous: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """True when two manifests describe the same dataset: equal but for when and by which command line."""
+    volatile = ("created", "command")
+    return {k: v for k, v in previous.items() if k not in volatile} == {
+        k: v for k, v in manifest.items() if k not in volatile
+    }
+
+
 def _manifest_conflict(out: Location, identity: dict[str, Any]) -> str | None:
     """Why the manifest in `out` describes another dataset than `identity` (kind, source, resolution,
     transform, VAE of this job), or None when there is none or it is this job's."""
@@ -687,6 +695,7 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
     with _output_lock(out):
         sidecars = read_sidecars(out)
         check_overwrite(out, dataset_identity(plan), plan.tasks, sidecars, cfg.overwrite)
+        previous = _read_json_object(out, MANIFEST_NAME)
         _prepare_output(out, len(plan.tasks))
         trusted = {} if cfg.verify else trusted_shards(out, plan.tasks, sidecars)
         logger.info(
@@ -705,6 +714,10 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
             return result
         manifest, failures = _build_manifest(plan, done)
         write_lines_to(out, FAILURES_NAME, failures)
+        if previous is not None and _same_dataset(previous, manifest):
+            # Same shards, counts and settings: keep the manifest's bytes (and hash, which trained runs record).
+            logger.info("the dataset in %s is unchanged: manifest.json is kept as it was", out)
+            manifest = previous
         write_json_to(out, MANIFEST_NAME, manifest)  # last: the dataset is complete
     result.manifest = manifest
     result.counts = manifest["counts"]

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.shards import SIDECAR_NAME_PATTERN, json_bytes, read_sidecar, sidecar_of
-from pipeline.core.storage import Location
+from pipeline.core.shards import SIDECAR_NAME_PATTERN, json_bytes, parse_sidecar, shard_name, sidecar_of
+from pipeline.core.storage import FileStat, Location
 from pipeline.encode.sources import SourceItem
 
 RECORD_CHECK = "record_sha256"  # sidecar field: sha256 of the sidecar's other fields (see `seal_sidecar`)
@@ -137,20 +137,27 @@ def _shard_number(name: str) -> int:
 
 
 def read_sidecars(out: Location) -> dict[int, dict[str, Any] | None]:
-    """The sidecars in `out` by shard index (None: a sidecar file that is unreadable or names another shard)."""
+    """The sidecars in `out` by shard index (None: a sidecar file that is unreadable or names another shard).
+    Object stores fetch them in concurrent batches, not one request after the other."""
     out = Location.of(out)
     names = [name for name in out.names() if SIDECAR_NAME_PATTERN.fullmatch(name)]
-    return {_shard_number(name): read_sidecar(out, _shard_number(name)) for name in names}
+    found = out.read_many(names)
+    return {
+        _shard_number(name): None
+        if found[name] is None
+        else parse_sidecar(found[name], shard_name(_shard_number(name)))
+        for name in names
+    }
 
 
-def trusted_shard(out: Location, sidecar: dict[str, Any], fingerprint: str) -> bool:
+def trusted_shard(stats: dict[str, FileStat], sidecar: dict[str, Any], fingerprint: str) -> bool:
     """True when the finished shard of `sidecar` can be taken as done without re-hashing its tar: same
     fingerprint (items, sizes, modification times, settings), the sidecar is sealed and unchanged, the tar is a
-    file of the recorded size, and it was not modified after its sidecar was written."""
+    file of the recorded size, and it was not modified after its sidecar was written (`stats`: the files of
+    OUT, `Location.stats`)."""
     if sidecar.get("fingerprint") != fingerprint or sidecar.get(RECORD_CHECK) != _record_digest(sidecar):
         return False
-    out = Location.of(out)
-    tar, record = out.stat(sidecar["name"]), out.stat(sidecar_of(sidecar["name"]))
+    tar, record = stats.get(sidecar["name"]), stats.get(sidecar_of(sidecar["name"]))
     if tar is None or record is None or not tar.regular or tar.mtime_ns is None or record.mtime_ns is None:
         return False
     return tar.size == sidecar["bytes"] and tar.mtime_ns <= record.mtime_ns
@@ -161,8 +168,9 @@ def trusted_shards(
 ) -> dict[int, dict[str, Any]]:
     """The sidecars of the shards of `tasks` that resume can keep without reading them (`trusted_shard`)."""
     trusted = {}
+    stats = Location.of(out).stats() if any(sidecars.values()) else {}
     for task in tasks:
         sidecar = sidecars.get(task.index)
-        if sidecar is not None and trusted_shard(out, sidecar, task.fingerprint):
+        if sidecar is not None and trusted_shard(stats, sidecar, task.fingerprint):
             trusted[task.index] = sidecar
     return trusted

@@ -15,14 +15,12 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.core.atomic import atomic_open
+from pipeline.core.atomic import atomic_open, atomic_path
 from pipeline.core.errors import InputError
-from pipeline.core.shards import MANIFEST_NAME, json_bytes, load_manifest
+from pipeline.core.shards import MANIFEST_NAME, json_bytes, load_manifest, sha256_file
 from pipeline.core.storage import Location, download, url_to_fs
 
 logger = logging.getLogger(__name__)
-
-_BLOCK = 1 << 20
 
 
 class RemoteReferenceError(InputError):
@@ -89,20 +87,16 @@ def _stage_dataset(location: Location, cache: Path) -> Path:
 
 
 def _copy_checked(location: Location, entry: dict, target: Path) -> None:
-    """Copy one shard, hashing it on the way; RemoteReferenceError (nothing kept) when it is not the manifest's."""
+    """Copy one shard and check its sha256; RemoteReferenceError (nothing kept) when it is not the manifest's."""
     if target.is_file() and target.stat().st_size == entry["bytes"]:
         return  # copied (and checked) by an earlier, interrupted staging
-    from pipeline.core.storage import open_for_reading
-
-    digest = hashlib.sha256()
-    with open_for_reading(location.join(entry["name"])) as source, atomic_open(target) as handle:
-        for block in iter(lambda: source.read(_BLOCK), b""):
-            digest.update(block)
-            handle.write(block)
-        if digest.hexdigest() != entry["sha256"]:
+    url = location.join(entry["name"])
+    with atomic_path(target) as temp:
+        download(url, temp)
+        digest = sha256_file(temp)
+        if digest != entry["sha256"]:
             raise RemoteReferenceError(
-                f"{location.join(entry['name'])}: sha256 {digest.hexdigest()} does not match the manifest's "
-                f"{entry['sha256']}; the reference is damaged"
+                f"{url}: sha256 {digest} does not match the manifest's {entry['sha256']}; the reference is damaged"
             )
 
 

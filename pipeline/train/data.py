@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.errors import InputError, PipelineError
 from pipeline.core.shards import load_npy_bytes
-from pipeline.core.storage import is_url, open_for_reading
+from pipeline.core.storage import is_url, read_object, release_clients
 from pipeline.train.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -200,22 +200,19 @@ def read_shard(url: str, expected_sha256: str | None) -> bytearray:
 
 
 def _read_object(url: str, expected_sha256: str | None) -> bytearray:
-    """`read_shard` for an object: streamed into memory and hashed on the way."""
-    digest = hashlib.sha256()
-    data = bytearray()
+    """`read_shard` for an object: one GET of the whole object, then its sha256."""
     try:
-        with open_for_reading(url) as handle:
-            for block in iter(lambda: handle.read(_READ_BLOCK), b""):
-                digest.update(block)
-                data += block
+        data = read_object(url)
     except (OSError, PipelineError) as error:  # FileNotFoundError, a dropped connection, no credentials
         raise CorruptShardError(f"{url}: cannot read the shard ({error})") from None
-    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-        raise CorruptShardError(
-            f"{url}: sha256 {digest.hexdigest()} does not match the manifest's {expected_sha256}: the shard is "
-            "damaged (re-run encode/pack, or set data.on_corrupt_shard: skip to train without it)"
-        )
-    return data
+    if expected_sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected_sha256:
+            raise CorruptShardError(
+                f"{url}: sha256 {digest} does not match the manifest's {expected_sha256}: the shard is "
+                "damaged (re-run encode/pack, or set data.on_corrupt_shard: skip to train without it)"
+            )
+    return bytearray(data)
 
 
 class _BufferReader(io.RawIOBase):
@@ -596,8 +593,12 @@ def infinite(loader: DataLoader) -> Iterator:
     "Caught ... in DataLoader worker process N. Original Traceback ..." text; it is raised again here with its
     own one-line message, so the user sees the shard and the problem, not a traceback.
     """
+    spec = getattr(loader.dataset, "spec", None)
+    remote = loader.num_workers > 0 and spec is not None and any(is_url(url) for url in spec.urls)
     while True:
         yielded = False
+        if remote:
+            release_clients()  # before the workers fork (see `pipeline.core.storage.release_clients`)
         try:
             for batch in loader:
                 yielded = True
