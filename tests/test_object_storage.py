@@ -218,6 +218,21 @@ def test_a_rerun_trusts_uploaded_shards_by_their_sidecars_and_verify_rehashes_th
     assert shards.verify_dataset(url).ok and shards.manifest_hash(url) == manifest_hash
 
 
+def test_dry_run_against_a_url_counts_the_finished_shards_and_writes_nothing(data, s3):
+    from pipeline.encode import dry_run
+
+    url, stored = s3.url("dry"), s3.root / BUCKET / "dry"
+    planned = dry_run(_job(data, url))
+    assert planned.complete_shards == 0 and planned.out == url and not stored.exists()
+    assert run_job(_job(data, url)).ok
+    before = {path.name: path.stat().st_mtime_ns for path in stored.iterdir()}
+    again = dry_run(_job(data, url))
+    assert again.complete_shards == again.shards == -(-data.items // SHARD_SIZE) and again.conflicts == []
+    assert {path.name: path.stat().st_mtime_ns for path in stored.iterdir()} == before
+    other = dry_run(_job(data, url, resolution=64))  # another dataset would replace this one: said, not done
+    assert other.complete_shards == 0 and "describes another dataset (resolution" in other.conflicts[0]
+
+
 def test_pack_to_s3_then_inspect_and_verify_find_a_damaged_object(data, s3):
     url = s3.url("images")
     assert run_job(_job(data, url, kind="images")).ok
