@@ -599,12 +599,19 @@ def infinite(loader: DataLoader) -> Iterator:
         yielded = False
         if remote:
             release_clients()  # before the workers fork (see `pipeline.core.storage.release_clients`)
+        batches, failure = iter(loader), None
         try:
-            for batch in loader:
+            for batch in batches:
                 yielded = True
                 yield batch
         except PipelineError as error:
-            raise worker_error(error) from None
+            failure = worker_error(error).with_traceback(None)  # holds no frame that holds the loader's iterator
+        if failure is not None:
+            # Stop and join the workers now. Left to interpreter exit, a worker that already ended with this
+            # error can fire the DataLoader's SIGCHLD check inside multiprocessing's atexit join, which prints a
+            # traceback after the one-line error.
+            del batches
+            raise failure from None
         if not yielded:
             raise DataFormatError(
                 "the data stream produced no batch: the shards hold fewer samples than one batch per worker?"
