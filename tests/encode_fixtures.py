@@ -228,3 +228,29 @@ def write_small_dataset(directory: Path, kind: str = "latents", num_shards: int 
     (directory / "failures.jsonl").write_text("")
     shards.write_json_to(directory, shards.MANIFEST_NAME, manifest)
     return manifest
+
+
+def kill_job_midway(command: list[str], cwd: Path, env: dict[str, str], watched: Path, shards: int = 2) -> str:
+    """Start an encode / pack command in its own process group, SIGKILL the whole group (CLI, Dask scheduler,
+    nanny, worker) once `watched` holds `shards` sidecars (or the command ended, or 180 s passed), wait for the
+    orphaned workers to go, and return the command's output."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 180
+    while len(list(watched.glob("shard-*.json"))) < shards and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    log = process.communicate()[0].decode(errors="replace")
+    for _ in range(200):  # orphaned workers notice their parent is gone and exit
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    return log

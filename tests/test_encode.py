@@ -21,7 +21,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from encode_fixtures import CLASS_NAMES, TEST_MAX_PIXELS, make_bad_corpus, make_image_tree, save_tiny_vae
+from encode_fixtures import (
+    CLASS_NAMES,
+    TEST_MAX_PIXELS,
+    kill_job_midway,
+    make_bad_corpus,
+    make_image_tree,
+    save_tiny_vae,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -473,31 +480,13 @@ def _cli_command(data, out) -> list[str]:
 def test_cli_killed_midway_then_rerun_gives_identical_shards(data, reference_run, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        _cli_command(data, out),
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while len(list(out.glob("shard-*.json"))) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)  # the CLI, its Dask scheduler, nanny and worker: the whole job
-    log = process.communicate()[0].decode(errors="replace")
+    log = kill_job_midway(_cli_command(data, out), REPO, env, out)
     total = len(list(reference_run.glob("shard-*.tar")))
     done_before = len(list(out.glob("shard-*.json")))
     assert 2 <= done_before < total, f"kill did not land mid-job ({done_before}/{total} shards):\n{log}"
     assert not (out / "manifest.json").exists()
     with pytest.raises(shards.ManifestError, match="did not finish: re-run"):
         shards.load_manifest(out)
-    for _ in range(200):  # orphaned workers notice their parent is gone and exit
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
 
     rerun = subprocess.run(_cli_command(data, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

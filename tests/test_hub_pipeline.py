@@ -237,32 +237,6 @@ def test_pipeline_seeds_generators_and_output_types(latent_model):
     assert isinstance(images_tuple, tuple) and torch.equal(images_tuple[0], by_seeds)
 
 
-def test_pipeline_save_pretrained_round_trip(tmp_path, latent_model):
-    from diffit import DiffiTPipeline
-
-    loaded = _pipeline(latent_model)
-    settings = dataclasses.replace(loaded.sampling_config, sampler="ddim", steps=7, eta=0.25)
-    pipe = DiffiTPipeline(loaded.transformer, loaded.vae, settings.to_dict())
-    pipe.save_pretrained(tmp_path / "pipe")
-    names = sorted(str(p.relative_to(tmp_path / "pipe")) for p in (tmp_path / "pipe").rglob("*") if p.is_file())
-    assert names == [
-        "model_index.json",
-        "transformer/README.md",
-        "transformer/config.json",
-        "transformer/model.safetensors",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-    ]
-    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["_class_name"] == "DiffiTPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
-    assert index["transformer"] == ["diffit.latent", "LatentDiffiT"] and index["scaling_factor"] == 0.18215
-    again = _pipeline(tmp_path / "pipe")
-    assert again.sampling_config == settings
-    assert _same_weights(again.transformer, pipe.transformer) and _same_weights(again.vae, pipe.vae)
-    first = pipe(class_labels=[0, 9], seeds=[1, 2], output_type="pt").images
-    assert torch.equal(again(class_labels=[0, 9], seeds=[1, 2], output_type="pt").images, first)
-
-
 PIPELINE_FILES = [
     "model_index.json",
     "transformer/README.md",
@@ -271,6 +245,25 @@ PIPELINE_FILES = [
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
+
+
+def test_pipeline_save_pretrained_round_trip(tmp_path, latent_model):
+    from diffit import DiffiTPipeline
+
+    loaded = _pipeline(latent_model)
+    settings = dataclasses.replace(loaded.sampling_config, sampler="ddim", steps=7, eta=0.25)
+    pipe = DiffiTPipeline(loaded.transformer, loaded.vae, settings.to_dict())
+    pipe.save_pretrained(tmp_path / "pipe")
+    names = sorted(str(p.relative_to(tmp_path / "pipe")) for p in (tmp_path / "pipe").rglob("*") if p.is_file())
+    assert names == PIPELINE_FILES
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["_class_name"] == "DiffiTPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["transformer"] == ["diffit.latent", "LatentDiffiT"] and index["scaling_factor"] == 0.18215
+    again = _pipeline(tmp_path / "pipe")
+    assert again.sampling_config == settings
+    assert _same_weights(again.transformer, pipe.transformer) and _same_weights(again.vae, pipe.vae)
+    first = pipe(class_labels=[0, 9], seeds=[1, 2], output_type="pt").images
+    assert torch.equal(again(class_labels=[0, 9], seeds=[1, 2], output_type="pt").images, first)
 
 
 def _files(folder: Path) -> list[str]:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from encode_fixtures import make_image_tree, save_tiny_vae
+from encode_fixtures import kill_job_midway, make_image_tree, save_tiny_vae
 from s3_server import rclone_s3_server
 from train_fixtures import read_metrics, tiny_latent_config, write_config
 from typer.testing import CliRunner
@@ -158,19 +157,7 @@ def test_encode_to_s3_killed_midway_then_rerun_gives_the_local_bytes(data, local
     url = s3.url("killed")
     stored = s3.root / BUCKET / "killed"  # what the server holds, seen from its disk
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        _cli_command(data, url),
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while len(list(stored.glob("shard-*.json"))) < 2 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)  # the CLI, its Dask scheduler and worker: the whole job
-    log = process.communicate()[0].decode(errors="replace")
+    log = kill_job_midway(_cli_command(data, url), REPO, env, stored)
     total = len(list(local_latents.glob("shard-*.tar")))
     done_before = len(list(stored.glob("shard-*.json")))
     assert 2 <= done_before < total, f"kill did not land mid-job ({done_before}/{total} shards):\n{log}"

@@ -73,7 +73,29 @@ def _discard(temp: Path) -> None:
         temp.unlink()
 
 
-class AtomicFile:
+class CommitOnSuccess:
+    """A writer used as a context manager: a block that ends normally commits (unless `commit()` was called
+    already), one that raises aborts and re-raises. Subclasses define `commit()`, `abort()` and `done`."""
+
+    done: bool
+
+    def commit(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.done:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicFile(CommitOnSuccess):
     """An open file written under a temporary name beside `path`; `commit()` publishes it, `abort()` drops it.
 
     As a context manager: a block that ends normally commits (unless `commit()` was called already), one that
@@ -111,15 +133,6 @@ class AtomicFile:
         with contextlib.suppress(OSError, ValueError):
             self.handle.close()
         _discard(self.temp_path)
-
-    def __enter__(self) -> AtomicFile:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self.done:
-            self.commit()
-        else:
-            self.abort()
 
 
 @contextlib.contextmanager

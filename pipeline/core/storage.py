@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.core.atomic import TEMP_MARK, AtomicFile, remove_temporary_files, write_bytes_atomic
+from pipeline.core.atomic import TEMP_MARK, AtomicFile, CommitOnSuccess, remove_temporary_files, write_bytes_atomic
 from pipeline.core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class LocalDirectory(Location):
             handle.close()
 
 
-class SpooledUpload:
+class SpooledUpload(CommitOnSuccess):
     """A file written to a local temporary file and uploaded to `url` in one call by `commit()`: the object
     appears complete or not at all. `abort()` (or an exception in a `with` block) uploads nothing."""
 
@@ -312,15 +312,6 @@ class SpooledUpload:
         if not self.done:
             self.done = True
             self._spool.close()
-
-    def __enter__(self) -> SpooledUpload:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self.done:
-            self.commit()
-        else:
-            self.abort()
 
 
 class ObjectPrefix(Location):
