@@ -49,7 +49,7 @@ def rclone_binary() -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -59,7 +59,7 @@ def _free_port() -> int:
 def rclone_s3_server(root: Path, bucket: str, access_key: str, secret_key: str) -> Iterator[RcloneServer]:
     """Serve `root` (with the bucket directory created) until the block ends; RuntimeError when it cannot start."""
     (root / bucket).mkdir(parents=True, exist_ok=True)
-    rclone, port = rclone_binary(), _free_port()
+    rclone, port = rclone_binary(), free_port()
     version = subprocess.run([rclone, "version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
     log_path = root.parent / "rclone.log"
     with open(log_path, "wb") as log:
