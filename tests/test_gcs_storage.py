@@ -8,7 +8,6 @@ imported) selects the plain JSON-API file system. Everything else is the pipelin
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -58,17 +57,12 @@ def gcs(tmp_path_factory):
                 server.kill()
                 pytest.fail(f"the GCS emulator did not start: {log.read_text(errors='replace')}")
             time.sleep(0.1)
-    environment = {"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
     try:
-        yield SimpleNamespace(endpoint=endpoint, url=lambda name: f"gs://{BUCKET}/{name}")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+            patch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            yield SimpleNamespace(endpoint=endpoint, url=lambda name: f"gs://{BUCKET}/{name}")
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.terminate()
         server.wait(timeout=10)
 

@@ -44,18 +44,12 @@ def s3(tmp_path_factory):
     """A running `rclone serve s3` on a local directory, one bucket, and the environment that points s3fs at it."""
     root = tmp_path_factory.mktemp("s3-root")
     with rclone_s3_server(root, BUCKET, ACCESS_KEY, SECRET_KEY) as server:
-        saved = {key: os.environ.get(key) for key in server.environment}
-        os.environ.update(server.environment)
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in server.environment.items():
+                patch.setenv(key, value)
             yield SimpleNamespace(
                 root=root, endpoint=server.endpoint, env=server.environment, url=lambda name: f"s3://{BUCKET}/{name}"
             )
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

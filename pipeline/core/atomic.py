@@ -14,6 +14,7 @@ KeyboardInterrupt) the temporary file is removed and the old file is left as it 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -73,17 +74,19 @@ def _discard(temp: Path) -> None:
         temp.unlink()
 
 
-class CommitOnSuccess:
+class CommitOnSuccess(abc.ABC):
     """A writer used as a context manager: a block that ends normally commits (unless `commit()` was called
-    already), one that raises aborts and re-raises. Subclasses define `commit()`, `abort()` and `done`."""
+    already), one that raises aborts and re-raises."""
 
-    done: bool
+    done: bool  # committed or aborted: nothing more to do
 
+    @abc.abstractmethod
     def commit(self):
-        raise NotImplementedError
+        """Publish what was written."""
 
+    @abc.abstractmethod
     def abort(self) -> None:
-        raise NotImplementedError
+        """Drop what was written."""
 
     def __enter__(self):
         return self

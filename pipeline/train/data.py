@@ -162,7 +162,7 @@ def check_balanced_split(num_shards: int, world_size: int, num_workers: int, res
 _VERIFIED: set[tuple] = set()
 
 
-def read_shard(url: str, expected_sha256: str | None) -> bytearray:
+def read_shard(url: str, expected_sha256: str | None) -> bytes | bytearray:
     """The bytes of a shard (a local file or an object-store URL), hashed block by block as they are read (one
     pass); CorruptShardError when the sha256 differs from `expected_sha256` (None: not checked) or the shard
     cannot be read. A local file this process already verified and that has not changed since is not hashed
@@ -199,7 +199,7 @@ def read_shard(url: str, expected_sha256: str | None) -> bytearray:
     return data
 
 
-def _read_object(url: str, expected_sha256: str | None) -> bytearray:
+def _read_object(url: str, expected_sha256: str | None) -> bytes:
     """`read_shard` for an object: one GET of the whole object, then its sha256."""
     try:
         data = read_object(url)
@@ -212,7 +212,7 @@ def _read_object(url: str, expected_sha256: str | None) -> bytearray:
                 f"{url}: sha256 {digest} does not match the manifest's {expected_sha256}: the shard is "
                 "damaged (re-run encode/pack, or set data.on_corrupt_shard: skip to train without it)"
             )
-    return bytearray(data)
+    return data  # parsed as it is: no copy of the shard
 
 
 class _BufferReader(io.RawIOBase):
