@@ -55,6 +55,22 @@ from .guidance import ClassifierFreeGuidance, GuidanceConfig, sigma_progress, ti
 
 SAMPLERS = ("ddpm", "ddim", "edm-heun")
 KINDS = ("adm", "edm")
+# How [-1, 1] samples become uint8 pixels (what the Inception network of FID sees):
+#   "round":    clamp(127.5 x + 128, 0, 255) -> uint8, i.e. floor(127.5 x + 128): DiT's sample_ddp.py and EDM's
+#               generate.py (nearest grey level, half-way values rounding up); the default for models trained here.
+#   "truncate": clamp((x + 1) * 127.5, 0, 255) -> uint8, i.e. floor(127.5 x + 127.5): guided-diffusion's
+#               image_sample.py and NVlabs/DiffiT's sample.py, the code behind the paper's FID 1.73.
+# They differ by one grey level wherever frac(127.5 x + 127.5) >= 0.5 (x = 0: 128 vs 127).
+PIXEL_QUANTIZATIONS = ("round", "truncate")
+
+
+def to_uint8(images: torch.Tensor, quantization: str = "round") -> torch.Tensor:
+    """[-1, 1] float images -> uint8 of the same shape, by `quantization` (one of PIXEL_QUANTIZATIONS)."""
+    if quantization == "round":
+        return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    if quantization == "truncate":
+        return ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"unknown pixel quantization {quantization!r}; expected one of {PIXEL_QUANTIZATIONS}")
 
 
 @dataclass
@@ -154,7 +170,7 @@ class SamplingConfig:
     [-1, 1] (image space; keep False for latents). sigma_min / sigma_max / rho: EDM Heun's grid. S_churn / S_min /
     S_max / S_noise: EDM's stochastic sampler (churn strength, the sigma range it applies to, noise inflation).
     sigma_data: EDM preconditioning. generator_device: "cpu" (seeds reproducible on any device) or None (the
-    sampling device).
+    sampling device). pixels: how samples become uint8 images ("round" | "truncate", see `to_uint8`).
     """
 
     sampler: str = "ddpm"
@@ -175,6 +191,7 @@ class SamplingConfig:
     S_noise: float = 1.0
     sigma_data: float = 0.5
     generator_device: str | None = "cpu"
+    pixels: str = "round"
 
     def check(self) -> None:
         """Raise ValueError for a combination no sampler accepts."""
@@ -190,6 +207,8 @@ class SamplingConfig:
             raise ValueError(
                 f"{self.sampler} needs steps >= 2: respacing to one step keeps only t=0, not a denoising chain"
             )
+        if self.pixels not in PIXEL_QUANTIZATIONS:
+            raise ValueError(f"unknown pixel quantization {self.pixels!r}; expected one of {PIXEL_QUANTIZATIONS}")
         for name in ("S_churn", "S_min", "S_max"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (as in EDM's generate.py), got {getattr(self, name)}")
