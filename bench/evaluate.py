@@ -40,7 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluate import run as ev  # noqa: E402
+from pipeline.evaluate import (
+    generation,  # noqa: E402
+    sampling_settings,  # noqa: E402
+)
+from pipeline.evaluate import model_loading as loading  # noqa: E402
+from pipeline.evaluate import options as opts  # noqa: E402
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, StoreLayout  # noqa: E402
 
 
@@ -84,7 +89,7 @@ def bench_sampling(name: str, vae, batch_size: int, num_samples: int, steps: int
     torch.manual_seed(0)
     model = diffit.create_model(name, num_classes=1000).to(device).eval()
     latent = model.input_size
-    loaded = ev.LoadedModel(
+    loaded = loading.LoadedModel(
         model_dir=Path(name),
         model=model,
         config={"diffusion": {"type": "adm"}},
@@ -95,13 +100,15 @@ def bench_sampling(name: str, vae, batch_size: int, num_samples: int, steps: int
         vae=vae,
         scaling_factor=0.18215,
     )
-    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(steps=steps, cfg_scale=4.6, cfg_schedule="power-cosine"))
+    sampling = sampling_settings.resolve_sampling(
+        loaded, opts.SamplingOptions(steps=steps, cfg_scale=4.6, cfg_schedule="power-cosine")
+    )
     # Warm-up (first-call allocations, kernel selection) outside the timed run.
-    ev.generate(loaded, sampling, np.arange(1), np.array([0]), 1, device)
+    generation.generate(loaded, sampling, np.arange(1), np.array([0]), 1, device)
     with tempfile.TemporaryDirectory() as directory:
         layout = StoreLayout(num_samples, *loaded.resolution, batch_size)
         store = SampleStore.create(Path(directory) / STORE_NAME, layout, {"bench": name})
-        stats = ev.sample_into_store(store, loaded, sampling, 0, 1, batch_size, device)
+        stats = generation.sample_into_store(store, loaded, sampling, 0, 1, batch_size, device)
     network_images = stats.network_calls * 2 * min(batch_size, num_samples)  # CFG doubles each batch
     outside = stats.total_time_s - stats.network_time_s - stats.decode_time_s
     return {

@@ -199,12 +199,14 @@ def _slow_sample(spec_path: str) -> None:
 
     import torch
 
-    from pipeline.evaluate import run as ev
+    from pipeline.evaluate import generation, sample_store, sampling_settings
+    from pipeline.evaluate import model_loading as loading
+    from pipeline.evaluate import options as opts
     from pipeline.evaluate.sample_store import STORE_NAME, SampleStore
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
-    loaded = ev.load_model(Path(spec["model"]))
+    loaded = loading.load_model(Path(spec["model"]))
     forward = loaded.model.forward
 
     def slow_forward(*args, **kwargs):
@@ -212,12 +214,12 @@ def _slow_sample(spec_path: str) -> None:
         return forward(*args, **kwargs)
 
     loaded.model.forward = slow_forward
-    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(**spec["sampling"]))
-    settings = ev.store_settings(loaded, sampling, spec["num_samples"])
-    layout = ev.StoreLayout(spec["num_samples"], *loaded.resolution, spec["batch_size"])
+    sampling = sampling_settings.resolve_sampling(loaded, opts.SamplingOptions(**spec["sampling"]))
+    settings = sampling_settings.store_settings(loaded, sampling, spec["num_samples"])
+    layout = sample_store.StoreLayout(spec["num_samples"], *loaded.resolution, spec["batch_size"])
     store = SampleStore.open_or_create(Path(spec["out"]) / STORE_NAME, layout, settings)
     print("started", flush=True)
-    ev.sample_into_store(store, loaded, sampling, 0, 1, spec["batch_size"], "cpu")
+    generation.sample_into_store(store, loaded, sampling, 0, 1, spec["batch_size"], "cpu")
 
 
 def _slow_reference(spec_path: str) -> None:

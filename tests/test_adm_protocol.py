@@ -23,8 +23,15 @@ from eval_fixtures import REPO_ROOT, smooth_images, write_folder_reference, writ
 from typer.testing import CliRunner
 
 from pipeline.core.errors import JobFailedError
-from pipeline.evaluate import adm
+from pipeline.core.shards import sha256_file
+from pipeline.evaluate import adm, sampling_settings
+from pipeline.evaluate import datasets as ds
+from pipeline.evaluate import features as features_lib
+from pipeline.evaluate import inception as incep
 from pipeline.evaluate import metrics as M
+from pipeline.evaluate import model_loading as loading
+from pipeline.evaluate import options as opts
+from pipeline.evaluate import references as refs
 from pipeline.evaluate.features import SFID_DIM, SFID_LAYER, run_extractor
 from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference, work_dir_for
 
@@ -227,12 +234,12 @@ def test_block_shape_bounds_50k_by_10k_within_the_default():
 
 @pytest.fixture(scope="module")
 def feature_config(inception_weights):
-    return M.FeatureConfig(weights=M.resolve_inception_weights(inception_weights), batch_size=16)
+    return incep.FeatureConfig(weights=incep.resolve_inception_weights(inception_weights), batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def extractor(feature_config):
-    return M.create_feature_extractor(feature_config, ["2048", SFID_LAYER])
+    return incep.create_feature_extractor(feature_config, ["2048", SFID_LAYER])
 
 
 def evaluator_spatial_features(base, images: torch.Tensor) -> torch.Tensor:
@@ -264,7 +271,7 @@ def test_sfid_features_are_mixed_6_conv_first_7_channels(extractor, feature_conf
     torch.testing.assert_close(features[SFID_LAYER], expected, rtol=0, atol=0)
     assert features["2048"].shape == (3, 2048)
     # Only sFID requested: the network still runs far enough, and the same values come out.
-    only = M.create_feature_extractor(feature_config, [SFID_LAYER])
+    only = incep.create_feature_extractor(feature_config, [SFID_LAYER])
     torch.testing.assert_close(run_extractor(only, images)[SFID_LAYER], expected, rtol=0, atol=0)
 
 
@@ -280,21 +287,23 @@ def test_shifted_mean_moves_fid_by_exactly_the_squared_shift(tmp_path, inception
     """The issue's measurement: reference = the samples' own statistics with mu shifted by 3 in every dimension.
     A statistics-only file and an ADM batch (arr_0 + statistics) must both give FID = 64 x 9 = 576 on 64-d
     features: FID comes from the stored statistics, never from arr_0 (which here equals the samples)."""
-    config = M.FeatureConfig(weights=M.resolve_inception_weights(inception_weights), layer_fid="64", batch_size=16)
-    extractor64 = M.create_feature_extractor(config, ["64"])
+    config = incep.FeatureConfig(
+        weights=incep.resolve_inception_weights(inception_weights), layer_fid="64", batch_size=16
+    )
+    extractor64 = incep.create_feature_extractor(config, ["64"])
     images = _samples()
-    samples = M.ArrayDataset(images)
-    features = M.extract_features(samples, extractor64, config)["64"]
+    samples = ds.ArrayDataset(images)
+    features = incep.extract_features(samples, extractor64, config)["64"]
     mu, sigma = adm.feature_statistics(features)
     np.savez(tmp_path / "same.npz", mu=mu, sigma=sigma)
     np.savez(tmp_path / "shifted.npz", mu=mu + 3.0, sigma=sigma)
     np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu + 3.0, sigma=sigma)
     results = {}
     for name in ("same", "shifted", "adm"):
-        reference = M.open_reference(tmp_path / f"{name}.npz")
+        reference = refs.open_reference(tmp_path / f"{name}.npz")
         results[name] = M.compute_metrics(samples, reference, ["fid"], config, tmp_path / "cache", extractor64)
     fid = {name: result["values"]["frechet_inception_distance"] for name, result in results.items()}
-    assert M.open_reference(tmp_path / "adm.npz").kind == "adm"
+    assert refs.open_reference(tmp_path / "adm.npz").kind == "adm"
     assert abs(fid["same"]) < 1e-3
     assert fid["shifted"] - fid["same"] == pytest.approx(64 * 9.0, rel=1e-9)
     assert fid["adm"] == pytest.approx(fid["shifted"], rel=1e-12)
@@ -309,10 +318,10 @@ def test_a_reference_above_the_limit_is_subsampled_with_a_logged_seed(tmp_path, 
     """20 reference images, limit 8: precision/recall against a seeded subset of 8 (logged and recorded), FID
     from the streamed statistics of all 20 (equal to those of all their features), cached for the next run."""
     config = _random_weights_config(inception_weights, layer_fid="64", layer_prc="64", prc_seed=5)
-    extractor64 = M.create_feature_extractor(config, ["64"])
+    extractor64 = incep.create_feature_extractor(config, ["64"])
     np.savez(tmp_path / "ref.npz", arr_0=_samples(20, seed=6))
-    reference = M.open_reference(tmp_path / "ref.npz")
-    samples = M.ArrayDataset(_samples(10, seed=7))
+    reference = refs.open_reference(tmp_path / "ref.npz")
+    samples = ds.ArrayDataset(_samples(10, seed=7))
     everything = M.compute_metrics(samples, reference, ["fid", "prc"], config, tmp_path / "all", extractor64)
     config.prc_reference_limit = 8
     with caplog.at_level("WARNING", logger="pipeline.evaluate.metrics"):
@@ -323,9 +332,9 @@ def test_a_reference_above_the_limit_is_subsampled_with_a_logged_seed(tmp_path, 
     assert limited["sources"]["fid"] == {"from": "streamed statistics of all reference images", "images": 20}
     fid_key = "frechet_inception_distance"
     assert limited["values"][fid_key] == pytest.approx(everything["values"][fid_key], rel=1e-9)
-    subset_images = torch.utils.data.Subset(M.reference_dataset(reference), subset.tolist())
-    features = M.extract_features(subset_images, extractor64, config)["64"]
-    sample_features = M.extract_features(samples, extractor64, config)["64"]
+    subset_images = torch.utils.data.Subset(refs.reference_dataset(reference), subset.tolist())
+    features = incep.extract_features(subset_images, extractor64, config)["64"]
+    sample_features = incep.extract_features(samples, extractor64, config)["64"]
     expected = adm.precision_recall(features, sample_features)
     assert (limited["values"]["precision"], limited["values"]["recall"]) == (expected["precision"], expected["recall"])
     assert limited["reference_statistics_cache"]["hit"] is False
@@ -334,8 +343,8 @@ def test_a_reference_above_the_limit_is_subsampled_with_a_logged_seed(tmp_path, 
     assert again["values"][fid_key] == limited["values"][fid_key]
 
 
-def _random_weights_config(weights, **changes) -> M.FeatureConfig:
-    return M.FeatureConfig(weights=M.resolve_inception_weights(weights), batch_size=16, **changes)
+def _random_weights_config(weights, **changes) -> incep.FeatureConfig:
+    return incep.FeatureConfig(weights=incep.resolve_inception_weights(weights), batch_size=16, **changes)
 
 
 @pytest.mark.slow
@@ -346,16 +355,16 @@ def test_project_metrics_equal_the_evaluator_on_the_same_features(tmp_path, ince
     config = _random_weights_config(inception_weights, layer_fid="64", layer_prc="64")
     reference_images, sample_images = _samples(24, seed=1), _samples(20, seed=2)
     np.savez(tmp_path / "ref.npz", arr_0=reference_images)
-    reference = M.open_reference(tmp_path / "ref.npz")
-    result = M.compute_metrics(M.ArrayDataset(sample_images), reference, ["fid", "sfid", "prc"], config, tmp_path)
+    reference = refs.open_reference(tmp_path / "ref.npz")
+    result = M.compute_metrics(ds.ArrayDataset(sample_images), reference, ["fid", "sfid", "prc"], config, tmp_path)
     values = result["values"]
 
-    pool = M.create_feature_extractor(config, ["64"])
+    pool = incep.create_feature_extractor(config, ["64"])
 
     def features(images):
         batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         # The pool features batched as compute_metrics batches them: bit-identical to the ones it compared.
-        pooled = M.extract_features(M.ArrayDataset(images), pool, config)["64"].numpy()
+        pooled = incep.extract_features(ds.ArrayDataset(images), pool, config)["64"].numpy()
         return pooled, evaluator_spatial_features(extractor.base, batch).numpy()
 
     (ref64, ref_spatial), (sample64, sample_spatial) = features(reference_images), features(sample_images)
@@ -393,8 +402,8 @@ def test_reference_batch_has_the_adm_layout_and_whole_source_statistics(tmp_path
     assert arrays["mu_s"].shape == (SFID_DIM,) and arrays["sigma_s"].shape == (SFID_DIM, SFID_DIM)
     assert arrays["mu"].dtype == arrays["sigma_s"].dtype == np.float64
     # Whole-source statistics: np.mean / np.cov of every image's features (batches of 8, as the chunks were).
-    extractor = M.create_feature_extractor(feature_config, ["2048", SFID_LAYER])
-    features = M.extract_all(M.ArrayDataset(images), extractor, batch_size=8, progress=False)
+    extractor = incep.create_feature_extractor(feature_config, ["2048", SFID_LAYER])
+    features = features_lib.extract_all(ds.ArrayDataset(images), extractor, batch_size=8, progress=False)
     for layer, (mean_key, cov_key) in (("2048", ("mu", "sigma")), (SFID_LAYER, ("mu_s", "sigma_s"))):
         values = features[layer].double().numpy()
         np.testing.assert_allclose(arrays[mean_key], values.mean(axis=0), rtol=1e-10, atol=1e-12)
@@ -403,10 +412,10 @@ def test_reference_batch_has_the_adm_layout_and_whole_source_statistics(tmp_path
     record = json.loads(str(arrays["info"]))
     assert record == json.loads(json.dumps(info)) and record["num_images_statistics"] == 20
     assert record["subset_seed"] == 3 and record["inception_weights"]["official"] is False
-    reference = M.open_reference(out)
+    reference = refs.open_reference(out)
     assert reference.kind == "adm" and reference.num_images == 6
     # arr_0 is memory-mapped out of the zip64 member the streaming writer wrote: the offsets must be right.
-    dataset = M.reference_dataset(reference)
+    dataset = refs.reference_dataset(reference)
     np.testing.assert_array_equal(np.stack([dataset[i].permute(1, 2, 0).numpy() for i in range(6)]), arrays["arr_0"])
     assert reference.stored_statistics("fid") == ("mu", "sigma")
     assert reference.stored_statistics("sfid") == ("mu_s", "sigma_s")
@@ -423,7 +432,7 @@ def test_reference_batch_has_the_adm_layout_and_whole_source_statistics(tmp_path
     with np.load(stats) as only:
         assert set(only.files) == {"mu", "sigma", "mu_s", "sigma_s", "info"}
         np.testing.assert_array_equal(only["mu"], arrays["mu"])
-    assert M.open_reference(stats).kind == "stats"
+    assert refs.open_reference(stats).kind == "stats"
     again = CliRunner().invoke(app, arguments)
     assert again.exit_code == 2 and "--overwrite" in again.output
 
@@ -518,7 +527,6 @@ def released(tmp_path_factory):
 def test_import_nvlabs_writes_an_export_with_the_released_setup(released, tiny_vae, tmp_path):
     from cli.main import app
     from diffit.io import load_pretrained
-    from pipeline.evaluate import run as ev
     from pipeline.train.released import released_sampling
 
     path, model = released
@@ -542,15 +550,18 @@ def test_import_nvlabs_writes_an_export_with_the_released_setup(released, tiny_v
     )
     assert (sampling["guidance_power"], sampling["guidance_channels"]) == (4.0, 3)
     assert config["vae"]["scaling_factor"] == 0.18215 and config["vae"]["path"] == str(tiny_vae.resolve())
-    assert config["released"]["sha256"] == M.sha256_file(path) and config["released"]["null_class"] == 10
+    assert config["released"]["sha256"] == sha256_file(path) and config["released"]["null_class"] == 10
     loaded, _ = load_pretrained(out)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     # `evaluate` samples it with the released set-up by default, and says where the defaults came from.
-    resolved = ev.resolve_sampling(ev.load_model(out), ev.SamplingOptions())
+    resolved = sampling_settings.resolve_sampling(loading.load_model(out), opts.SamplingOptions())
     assert (resolved.guidance_scale, resolved.guidance_schedule, resolved.steps) == (4.4, "power-cosine", 250)
     assert "cfg_scale=4.4 (released NVlabs/DiffiT code)" in resolved.defaults_used
-    assert ev.resolve_sampling(ev.load_model(out), ev.SamplingOptions(cfg_scale=4.6)).guidance_scale == 4.6
+    assert (
+        sampling_settings.resolve_sampling(loading.load_model(out), opts.SamplingOptions(cfg_scale=4.6)).guidance_scale
+        == 4.6
+    )
     # 512 px (64x64 latents): constant 1.49, as the released code switches above 32x32 latents.
     assert (released_sampling(64)["guidance_scale"], released_sampling(64)["guidance_schedule"]) == (1.49, "constant")
 

@@ -19,7 +19,13 @@ import torch
 from eval_fixtures import REPO_ROOT, make_latent_model_dir, make_tiny_vae, smooth_images, write_npz_reference
 from typer.testing import CliRunner
 
-from pipeline.evaluate import metrics as M
+from pipeline import __version__ as pipeline_version
+from pipeline.core.shards import sha256_file
+from pipeline.evaluate import datasets as ds
+from pipeline.evaluate import generation, sampling_settings
+from pipeline.evaluate import inception as incep
+from pipeline.evaluate import model_loading as loading
+from pipeline.evaluate import options as opts
 from pipeline.evaluate import run as ev
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, SampleStoreMismatchError
 
@@ -34,14 +40,14 @@ def reference(tmp_path_factory):
     return write_npz_reference(tmp_path_factory.mktemp("reference") / "ref.npz", smooth_images(8, size=16))
 
 
-def _options(model, out, reference=None, weights=None, metrics=("fid", "prc"), **changes) -> ev.EvaluateOptions:
+def _options(model, out, reference=None, weights=None, metrics=("fid", "prc"), **changes) -> opts.EvaluateOptions:
     sampling = {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine", **changes.pop("sampling", {})}
     settings = dict(
         model_dir=model,
         out_dir=out,
         num_samples=NUM_SAMPLES,
         batch_size=BATCH,
-        sampling=ev.SamplingOptions(**sampling),
+        sampling=opts.SamplingOptions(**sampling),
         reference=reference,
         inception_weights=weights,
         metrics=metrics,
@@ -50,10 +56,10 @@ def _options(model, out, reference=None, weights=None, metrics=("fid", "prc"), *
         device="cpu",
     )
     settings.update(changes)
-    return ev.EvaluateOptions(**settings)
+    return opts.EvaluateOptions(**settings)
 
 
-def _cli_arguments(options: ev.EvaluateOptions) -> list[str]:
+def _cli_arguments(options: opts.EvaluateOptions) -> list[str]:
     """The `diffit-pipe evaluate` arguments equivalent to `options` (as built by `_options`)."""
     return [
         "evaluate",
@@ -111,12 +117,12 @@ def test_evaluate_writes_store_metrics_json_and_npz(baseline, inception_weights,
     assert record["num_samples"] == NUM_SAMPLES and record["num_processes"] == 1
     # Random Inception weights: the values exist, but only under the plumbing-only key, never as "metrics".
     assert record["official_inception_weights"] is False and record["metrics"] == {}
-    assert record["reportable"] is False and record["label"].startswith(M.PLUMBING_ONLY_LABEL)
+    assert record["reportable"] is False and record["label"].startswith(incep.PLUMBING_ONLY_LABEL)
     assert "non-standard Inception feature layers" in record["label"]
     values = record["plumbing_only_metrics"]
     assert set(values) == {"fid", "precision", "recall", "f_score"}
     assert values["fid"] > 0 and 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
-    assert record["inception_weights"]["sha256"] == M.sha256_file(inception_weights)
+    assert record["inception_weights"]["sha256"] == sha256_file(inception_weights)
     sampling = record["sampling"]
     assert (
         sampling["sampler"],
@@ -125,7 +131,7 @@ def test_evaluate_writes_store_metrics_json_and_npz(baseline, inception_weights,
         sampling["guidance_schedule"],
         sampling["guidance_channels"],
     ) == ("ddpm", STEPS, 4.6, "power-cosine", 3)
-    assert record["model"]["weights_sha256"] == M.sha256_file(Path(baseline.options.model_dir) / "model.safetensors")
+    assert record["model"]["weights_sha256"] == sha256_file(Path(baseline.options.model_dir) / "model.safetensors")
     assert record["reference"]["kind"] == "npz" and len(record["reference"]["content_sha256"]) == 64
     assert record["feature_extractor"]["layers"] == {"fid": "64", "prc": "64"}
     assert {"rank0_sampling", "total", "metrics_sample_features"} <= set(record["timings_s"])
@@ -137,7 +143,7 @@ def test_evaluate_writes_store_metrics_json_and_npz(baseline, inception_weights,
         labels = data["arr_1"]
     assert labels.min() >= 0 and labels.max() < 10
     store = SampleStore.open(baseline.out / STORE_NAME, mode="r")
-    assert store.settings["sampling"]["seed"] == 0 and store.settings["package_version"] == ev.__version__
+    assert store.settings["sampling"]["seed"] == 0 and store.settings["package_version"] == pipeline_version
 
 
 def test_same_seed_same_samples_whatever_the_batch_size(baseline, tmp_path):
@@ -241,12 +247,12 @@ def test_killed_sampling_resumes_to_the_same_store_and_metrics(baseline, tmp_pat
 def test_image_space_edm_model(image_model, tmp_path):
     model = image_model
     record = ev.evaluate(
-        ev.EvaluateOptions(
+        opts.EvaluateOptions(
             model_dir=model,
             out_dir=tmp_path,
             num_samples=3,
             batch_size=2,
-            sampling=ev.SamplingOptions(steps=3),
+            sampling=opts.SamplingOptions(steps=3),
             metrics=(),
             device="cpu",
         )
@@ -266,7 +272,7 @@ def test_only_official_weights_with_standard_layers_are_reported_as_metrics(ince
         ("0" * 64, {"fid": "2048", "is": "logits_unbiased"}, False),
     ]
     for sha256, layers, reportable in cases:
-        config = M.FeatureConfig(weights=M.InceptionWeights(Path(inception_weights), sha256))
+        config = incep.FeatureConfig(weights=incep.InceptionWeights(Path(inception_weights), sha256))
         checks = SimpleNamespace(feature_config=config, reference=None, metrics=("fid", "is"))
         record = {
             "num_samples": 10,
@@ -289,7 +295,7 @@ def test_only_official_weights_with_standard_layers_are_reported_as_metrics(ince
 
 def test_missing_inception_weights_stop_before_sampling(latent_model, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    with pytest.raises(M.MissingInceptionWeightsError, match="--inception-weights"):
+    with pytest.raises(incep.MissingInceptionWeightsError, match="--inception-weights"):
         ev.evaluate(_options(latent_model, tmp_path / "out", reference, None))
     assert not (tmp_path / "out" / STORE_NAME).exists()
 
@@ -301,7 +307,7 @@ def test_missing_inception_weights_stop_before_sampling(latent_model, reference,
     arguments.remove("--inception-weights")
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 2
-    assert M.INCEPTION_WEIGHTS_FILENAME in result.output and "--inception-weights" in result.output
+    assert incep.INCEPTION_WEIGHTS_FILENAME in result.output and "--inception-weights" in result.output
     assert not (tmp_path / "cli-out" / STORE_NAME).exists()
 
 
@@ -321,7 +327,7 @@ def test_damaged_sample_store_is_one_error_line(latent_model, tmp_path):
 
 def test_wrong_reference_resolution_stops_before_sampling(latent_model, inception_weights, tmp_path):
     reference = write_npz_reference(tmp_path / "ref32.npz", smooth_images(4, size=32))
-    with pytest.raises(M.ReferenceInputError, match="wrong reference resolution"):
+    with pytest.raises(ds.ReferenceInputError, match="wrong reference resolution"):
         ev.evaluate(_options(latent_model, tmp_path / "out", reference, inception_weights))
     assert not (tmp_path / "out" / STORE_NAME).exists()
 
@@ -330,18 +336,18 @@ def test_wrong_reference_resolution_stops_before_sampling(latent_model, inceptio
 def test_model_vae_mismatch_and_offline_hub_vae_stop_before_sampling(tmp_path):
     vae8 = make_tiny_vae(tmp_path / "vae8", latent_channels=8)
     mismatched = make_latent_model_dir(tmp_path / "mismatched", vae8)
-    with pytest.raises(ev.EvaluateInputError, match="model/VAE mismatch"):
+    with pytest.raises(opts.EvaluateInputError, match="model/VAE mismatch"):
         ev.evaluate(_options(mismatched, tmp_path / "out", metrics=()))
     hub = make_latent_model_dir(
         tmp_path / "hub", None, vae_entry={"id": "stabilityai/sd-vae-ft-ema", "scaling_factor": 0.18215}
     )
-    with pytest.raises(ev.EvaluateInputError, match="--vae PATH"):
+    with pytest.raises(opts.EvaluateInputError, match="--vae PATH"):
         ev.evaluate(_options(hub, tmp_path / "out", metrics=()))
     gone = str(tmp_path / "no-such-vae")
     missing_path = make_latent_model_dir(
         tmp_path / "gone", None, vae_entry={"id": gone, "path": gone, "scaling_factor": 0.18215}
     )
-    with pytest.raises(ev.EvaluateInputError, match="no-such-vae"):
+    with pytest.raises(opts.EvaluateInputError, match="no-such-vae"):
         ev.evaluate(_options(missing_path, tmp_path / "out", metrics=()))
     assert not (tmp_path / "out" / STORE_NAME).exists()
 
@@ -352,10 +358,10 @@ def test_vae_files_differing_from_training_are_refused_unless_chosen(tiny_vae, t
     vae = tiny_vae
     entry = {**resolve_vae(str(vae)).manifest_entry("fp32"), "path_hash": "0" * 64}  # latents encoded elsewhere
     model = make_latent_model_dir(tmp_path / "model", None, vae_entry=entry)
-    with pytest.raises(ev.EvaluateInputError, match="not the VAE the training latents were encoded with"):
+    with pytest.raises(opts.EvaluateInputError, match="not the VAE the training latents were encoded with"):
         ev.evaluate(_options(model, tmp_path / "out", metrics=()))
     assert not (tmp_path / "out" / STORE_NAME).exists()
-    chosen = ev.load_model(model, vae_override=vae)  # --vae: decoding with another VAE on purpose
+    chosen = loading.load_model(model, vae_override=vae)  # --vae: decoding with another VAE on purpose
     assert chosen.identity["vae"]["differs_from_training_vae"] is True
     assert chosen.resolution == (16, 16)
 
@@ -364,9 +370,9 @@ def test_vae_files_differing_from_training_are_refused_unless_chosen(tiny_vae, t
 # Sampling settings
 
 
-def _stand_in(family="latent", kind="adm", resolution=256, num_classes=1000) -> ev.LoadedModel:
+def _stand_in(family="latent", kind="adm", resolution=256, num_classes=1000) -> loading.LoadedModel:
     network = SimpleNamespace(num_classes=num_classes)
-    return ev.LoadedModel(
+    return loading.LoadedModel(
         model_dir=Path("stand-in"),
         model=network,
         config={},
@@ -378,7 +384,7 @@ def _stand_in(family="latent", kind="adm", resolution=256, num_classes=1000) -> 
 
 
 def test_paper_defaults_per_model_kind():
-    in256 = ev.resolve_sampling(_stand_in(resolution=256), ev.SamplingOptions())
+    in256 = sampling_settings.resolve_sampling(_stand_in(resolution=256), opts.SamplingOptions())
     assert (in256.sampler, in256.steps, in256.guidance_scale, in256.guidance_schedule, in256.guidance_channels) == (
         "ddpm",
         250,
@@ -386,20 +392,20 @@ def test_paper_defaults_per_model_kind():
         "power-cosine",
         3,
     )
-    in512 = ev.resolve_sampling(_stand_in(resolution=512), ev.SamplingOptions())
+    in512 = sampling_settings.resolve_sampling(_stand_in(resolution=512), opts.SamplingOptions())
     assert (in512.sampler, in512.steps, in512.guidance_scale, in512.guidance_schedule) == (
         "ddpm",
         250,
         1.49,
         "constant",
     )
-    cifar = ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions())
-    ffhq = ev.resolve_sampling(_stand_in("image", "edm", 64, 0), ev.SamplingOptions())
+    cifar = sampling_settings.resolve_sampling(_stand_in("image", "edm", 32, 0), opts.SamplingOptions())
+    ffhq = sampling_settings.resolve_sampling(_stand_in("image", "edm", 64, 0), opts.SamplingOptions())
     assert (cifar.sampler, cifar.steps, cifar.guidance_scale) == ("edm-heun", 18, 1.0)
     assert (ffhq.sampler, ffhq.steps, ffhq.guidance_scale) == ("edm-heun", 40, 1.0)
-    explicit = ev.resolve_sampling(
+    explicit = sampling_settings.resolve_sampling(
         _stand_in(),
-        ev.SamplingOptions(sampler="ddim", steps=50, cfg_scale=1.5, cfg_schedule="constant", cfg_channels="all"),
+        opts.SamplingOptions(sampler="ddim", steps=50, cfg_scale=1.5, cfg_schedule="constant", cfg_channels="all"),
     )
     assert (explicit.sampler, explicit.steps, explicit.guidance_channels, explicit.defaults_used) == (
         "ddim",
@@ -408,18 +414,18 @@ def test_paper_defaults_per_model_kind():
         [],
     )
 
-    with pytest.raises(ev.EvaluateInputError, match="unconditional"):
-        ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions(cfg_scale=2.0))
-    with pytest.raises(ev.EvaluateInputError, match="edm-heun"):
-        ev.resolve_sampling(_stand_in("image", "edm", 32, 0), ev.SamplingOptions(sampler="ddpm"))
-    with pytest.raises(ev.EvaluateInputError, match="classes"):
-        ev.resolve_sampling(_stand_in(), ev.SamplingOptions(classes=[3, 1000]))
+    with pytest.raises(opts.EvaluateInputError, match="unconditional"):
+        sampling_settings.resolve_sampling(_stand_in("image", "edm", 32, 0), opts.SamplingOptions(cfg_scale=2.0))
+    with pytest.raises(opts.EvaluateInputError, match="edm-heun"):
+        sampling_settings.resolve_sampling(_stand_in("image", "edm", 32, 0), opts.SamplingOptions(sampler="ddpm"))
+    with pytest.raises(opts.EvaluateInputError, match="classes"):
+        sampling_settings.resolve_sampling(_stand_in(), opts.SamplingOptions(classes=[3, 1000]))
 
 
 def test_power_cosine_schedule_end_points_and_midpoint():
     from diffit.guidance import guidance_scale, guidance_scale_at_timestep
 
-    config = ev.resolve_sampling(_stand_in(resolution=256), ev.SamplingOptions()).guidance()
+    config = sampling_settings.resolve_sampling(_stand_in(resolution=256), opts.SamplingOptions()).guidance()
     assert guidance_scale(config, 0.0) == pytest.approx(1.0)  # start of sampling: no guidance
     assert guidance_scale(config, 1.0) == pytest.approx(4.6)  # end of sampling: full scale
     # p^4 = 1/2 puts the cosine at pi/2: halfway between 1 and 4.6.
@@ -453,9 +459,9 @@ def test_cfg_channels_three_guides_only_the_first_three_latent_channels():
         ("3", [5.6, 11.2, 16.8, 8.0, 11.0, 21.0, 31.0, 41.0]),
         ("all", [5.6, 11.2, 16.8, 22.4, 11.0, 21.0, 31.0, 41.0]),
     ):
-        sampling = ev.resolve_sampling(
+        sampling = sampling_settings.resolve_sampling(
             _stand_in(resolution=512, num_classes=10),
-            ev.SamplingOptions(cfg_scale=4.6, cfg_schedule="constant", cfg_channels=channels),
+            opts.SamplingOptions(cfg_scale=4.6, cfg_schedule="constant", cfg_channels=channels),
         )
         guided = ClassifierFreeGuidance(network, sampling.guidance(), network.null_class, lambda n: n)(x, t, y)
         # uncond + 4.6 (cond - uncond) on the guided eps channels; the conditional output elsewhere.
@@ -474,8 +480,10 @@ def test_generate_passes_the_resolved_guidance_to_the_sampler(monkeypatch):
     monkeypatch.setattr(diffit.sampling, "sample_with_stats", fake_sample_with_stats)
     loaded = _stand_in("image", "adm", 16, 10)
     loaded.sample_shape, loaded.config = (3, 16, 16), {"diffusion": {"type": "adm"}}
-    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(cfg_scale=3.0, cfg_channels="3", steps=7))
-    images, _ = ev.generate(loaded, sampling, np.arange(5, 8), np.array([1, 2, 3]), batch_size=8, device="cpu")
+    sampling = sampling_settings.resolve_sampling(
+        loaded, opts.SamplingOptions(cfg_scale=3.0, cfg_channels="3", steps=7)
+    )
+    images, _ = generation.generate(loaded, sampling, np.arange(5, 8), np.array([1, 2, 3]), batch_size=8, device="cpu")
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
     config = captured["config"]
     assert config.guidance.scale == 3.0 and config.guidance.channels == 3
@@ -489,7 +497,7 @@ def test_generate_passes_the_resolved_guidance_to_the_sampler(monkeypatch):
 
 def test_uint8_conversion_rounds_and_clamps():
     images = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
-    pixels = ev.to_uint8_images(images)
+    pixels = generation.to_uint8_images(images)
     assert pixels.shape == (1, 1, 6, 3)
     np.testing.assert_array_equal(pixels[0, 0, :, 0], [0, 0, 128, 255, 255, 255])
 
@@ -538,18 +546,18 @@ def test_sample_command_writes_a_grid(latent_model, tmp_path):
 
 
 def test_precision_auto_is_bf16_on_cuda_only_and_unknown_values_are_refused():
-    assert ev.resolve_precision("auto", "cpu") == "fp32"
-    assert ev.resolve_precision("auto", "cuda") == "bf16"
-    assert ev.resolve_precision("bf16", "cpu") == "bf16" and ev.resolve_precision("fp32", "cuda") == "fp32"
-    with pytest.raises(ev.EvaluateInputError, match="--precision fp16"):
-        ev.resolve_precision("fp16", "cpu")
+    assert loading.resolve_precision("auto", "cpu") == "fp32"
+    assert loading.resolve_precision("auto", "cuda") == "bf16"
+    assert loading.resolve_precision("bf16", "cpu") == "bf16" and loading.resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(opts.EvaluateInputError, match="--precision fp16"):
+        loading.resolve_precision("fp16", "cpu")
 
 
 def test_bf16_network_runs_under_autocast_and_returns_float32(latent_model):
-    loaded = ev.load_model(latent_model, device="cpu")
-    ev.prepare_network(loaded, "fp32", False, "cpu")
+    loaded = loading.load_model(latent_model, device="cpu")
+    loading.prepare_network(loaded, "fp32", False, "cpu")
     assert loaded.network is None and loaded.sampling_network is loaded.model  # the default path is untouched
-    ev.prepare_network(loaded, "bf16", False, "cpu")
+    loading.prepare_network(loaded, "bf16", False, "cpu")
     network = loaded.sampling_network
     for name in ("num_classes", "null_class", "learn_sigma", "in_channels"):
         assert getattr(network, name) == getattr(loaded.model, name)
@@ -605,13 +613,13 @@ def test_sample_command_takes_precision(latent_model, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_network_samples_like_the_eager_one_and_is_recorded(latent_model):
-    loaded = ev.load_model(latent_model, device="cpu")
-    sampling = ev.resolve_sampling(loaded, ev.SamplingOptions(steps=3, cfg_scale=2.0))
+    loaded = loading.load_model(latent_model, device="cpu")
+    sampling = sampling_settings.resolve_sampling(loaded, opts.SamplingOptions(steps=3, cfg_scale=2.0))
     indices, labels = np.arange(4), np.array([0, 1, 2, 3])
-    ev.prepare_network(loaded, "fp32", False, "cpu")
-    eager, _ = ev.generate(loaded, sampling, indices, labels, 4, "cpu")
-    ev.prepare_network(loaded, "fp32", True, "cpu")  # torch.compile (inductor, CPU here)
-    compiled, _ = ev.generate(loaded, sampling, indices, labels, 4, "cpu")
+    loading.prepare_network(loaded, "fp32", False, "cpu")
+    eager, _ = generation.generate(loaded, sampling, indices, labels, 4, "cpu")
+    loading.prepare_network(loaded, "fp32", True, "cpu")  # torch.compile (inductor, CPU here)
+    compiled, _ = generation.generate(loaded, sampling, indices, labels, 4, "cpu")
     assert np.abs(compiled.astype(np.int16) - eager.astype(np.int16)).max() <= 1
-    settings = ev.store_settings(loaded, sampling, 4)
+    settings = sampling_settings.store_settings(loaded, sampling, 4)
     assert settings["network"] == {"precision": "fp32", "compile": True}

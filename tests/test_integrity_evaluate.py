@@ -25,7 +25,13 @@ import torch
 from eval_fixtures import smooth_images, write_npz_reference
 from typer.testing import CliRunner
 
+from pipeline.core.shards import sha256_file
+from pipeline.evaluate import datasets as ds
+from pipeline.evaluate import inception as incep
 from pipeline.evaluate import metrics as M
+from pipeline.evaluate import options as opts
+from pipeline.evaluate import reference_cache as ref_cache
+from pipeline.evaluate import references as refs
 from pipeline.evaluate import run as ev
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, SampleStoreError, StoreLayout, export_npz
 
@@ -41,13 +47,13 @@ def _chunk_file(store: Path, name: str, chunk: int) -> Path:
     return store / name / "c" / str(chunk) / ("0/0/0" if name == "samples" else "")
 
 
-def _options(model: Path, out: Path) -> ev.EvaluateOptions:
-    return ev.EvaluateOptions(
+def _options(model: Path, out: Path) -> opts.EvaluateOptions:
+    return opts.EvaluateOptions(
         model_dir=model,
         out_dir=out,
         num_samples=NUM_SAMPLES,
         batch_size=BATCH,
-        sampling=ev.SamplingOptions(steps=STEPS, cfg_scale=4.6, cfg_schedule="power-cosine"),
+        sampling=opts.SamplingOptions(steps=STEPS, cfg_scale=4.6, cfg_schedule="power-cosine"),
         metrics=(),
         export_npz=True,
         device="cpu",
@@ -165,7 +171,7 @@ def test_export_and_metric_dataset_refuse_a_damaged_chunk(tmp_path, damage):
     assert not (tmp_path / "samples.npz").exists() and not list(tmp_path.glob("*.tmp-*"))
 
     with pytest.raises(SampleStoreError, match=expected):
-        dataset = M.SampleStoreDataset(path)
+        dataset = ds.SampleStoreDataset(path)
         [dataset[index] for index in range(len(dataset))]
 
 
@@ -309,10 +315,10 @@ def test_mode_collapsed_samples_give_full_precision_and_low_recall(tmp_path):
     sample_rows = np.repeat(np.arange(20), 10)
     table = torch.from_numpy(reference_features)
 
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", _index_images(np.arange(200))))
-    samples = M.ArrayDataset(_index_images(sample_rows))
-    config = M.FeatureConfig(
-        weights=M.InceptionWeights(Path("table-features"), "0" * 64), layer_prc="2048", batch_size=64
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", _index_images(np.arange(200))))
+    samples = ds.ArrayDataset(_index_images(sample_rows))
+    config = incep.FeatureConfig(
+        weights=incep.InceptionWeights(Path("table-features"), "0" * 64), layer_prc="2048", batch_size=64
     )
     result = M.compute_metrics(samples, reference, ["prc"], config, tmp_path / "cache", _table_extractor(table))
     values = result["values"]
@@ -356,15 +362,15 @@ def test_damaged_array_metadata_is_one_line_naming_the_file(uninterrupted, laten
 
 
 def test_damaged_content_hash_memo_is_rebuilt(tmp_path, caplog):
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", smooth_images(4)))
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", smooth_images(4)))
     cache = tmp_path / "cache"
     cache.mkdir()
-    expected = M.sha256_file(tmp_path / "ref.npz")
+    expected = sha256_file(tmp_path / "ref.npz")
     for text in ("[1, 2]", '"text"', json.dumps({"x": 5}), "{not json"):
         (cache / "content-hashes.json").write_text(text)
         reference._content_hash = None
-        with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.metrics"):
-            assert M.reference_content_hash(reference, cache) == expected
+        with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.reference_cache"):
+            assert ref_cache.reference_content_hash(reference, cache) == expected
         assert expected in json.loads((cache / "content-hashes.json").read_text()).values()
     assert "content-hashes.json" in caplog.text
 
@@ -381,13 +387,13 @@ def test_damaged_reference_npz_is_one_line_naming_the_file(tmp_path):
     compressed = tmp_path / "compressed.npz"
     np.savez_compressed(compressed, arr_0=images)
     _corrupt_middle(compressed)
-    with pytest.raises(M.ReferenceInputError, match=re.escape(str(compressed))) as error:
-        M.open_reference(compressed)
+    with pytest.raises(ds.ReferenceInputError, match=re.escape(str(compressed))) as error:
+        refs.open_reference(compressed)
     assert error.value.exit_code == 2
 
     # Statistics are checked when the reference is opened (before any sampling), not after sampling.
     statistics = tmp_path / "stats.npz"
     np.savez(statistics, mu=np.zeros(64), sigma=np.eye(64))
     _corrupt_middle(statistics)
-    with pytest.raises(M.ReferenceInputError, match=re.escape(str(statistics)) + ": cannot read mu / sigma"):
-        M.open_reference(statistics)
+    with pytest.raises(ds.ReferenceInputError, match=re.escape(str(statistics)) + ": cannot read mu / sigma"):
+        refs.open_reference(statistics)

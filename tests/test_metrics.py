@@ -13,7 +13,11 @@ import pytest
 import torch
 from eval_fixtures import smooth_images, write_folder_reference, write_npz_reference, write_shard_reference
 
+from pipeline.evaluate import datasets as ds
+from pipeline.evaluate import inception as incep
 from pipeline.evaluate import metrics as M
+from pipeline.evaluate import reference_cache as ref_cache
+from pipeline.evaluate import references as refs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,15 +30,15 @@ def images():
 @pytest.fixture(scope="module")
 def extractor64(inception_weights):
     """One 64-channel feature extractor for the module (loading the network costs ~1 s each time)."""
-    return M.create_feature_extractor(_config(inception_weights), ["64"])
+    return incep.create_feature_extractor(_config(inception_weights), ["64"])
 
 
-def _config(weights_path, **overrides) -> M.FeatureConfig:
+def _config(weights_path, **overrides) -> incep.FeatureConfig:
     settings = dict(
         layer_fid="64", layer_kid="64", layer_prc="64", batch_size=16, kid_subsets=20, kid_subset_size=8, isc_splits=2
     )
     settings.update(overrides)
-    return M.FeatureConfig(weights=M.resolve_inception_weights(weights_path), **settings)
+    return incep.FeatureConfig(weights=incep.resolve_inception_weights(weights_path), **settings)
 
 
 def _perturbed(images: np.ndarray, noise: float, seed: int = 1) -> np.ndarray:
@@ -48,47 +52,47 @@ def _perturbed(images: np.ndarray, noise: float, seed: int = 1) -> np.ndarray:
 
 def test_missing_weights_name_the_file_and_the_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    with pytest.raises(M.MissingInceptionWeightsError) as error:
-        M.resolve_inception_weights(None)
+    with pytest.raises(incep.MissingInceptionWeightsError) as error:
+        incep.resolve_inception_weights(None)
     message = str(error.value)
-    assert M.INCEPTION_WEIGHTS_FILENAME in message and "--inception-weights" in message
+    assert incep.INCEPTION_WEIGHTS_FILENAME in message and "--inception-weights" in message
     assert str(tmp_path / "torch-home") in message
-    with pytest.raises(M.MissingInceptionWeightsError, match="nope.pth"):
-        M.resolve_inception_weights(tmp_path / "nope.pth")
+    with pytest.raises(incep.MissingInceptionWeightsError, match="nope.pth"):
+        incep.resolve_inception_weights(tmp_path / "nope.pth")
 
 
 def test_weights_in_torch_home_are_found(tmp_path, monkeypatch, inception_weights):
     checkpoints = tmp_path / "torch-home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    (checkpoints / M.INCEPTION_WEIGHTS_FILENAME).symlink_to(inception_weights)
+    (checkpoints / incep.INCEPTION_WEIGHTS_FILENAME).symlink_to(inception_weights)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    found = M.resolve_inception_weights(None)
+    found = incep.resolve_inception_weights(None)
     # Named like the release file, but its hash says it is not: still plumbing-only.
-    assert found.path.name == M.INCEPTION_WEIGHTS_FILENAME or found.path == inception_weights.resolve()
-    assert not found.official and found.label == M.PLUMBING_ONLY_LABEL
+    assert found.path.name == incep.INCEPTION_WEIGHTS_FILENAME or found.path == inception_weights.resolve()
+    assert not found.official and found.label == incep.PLUMBING_ONLY_LABEL
 
 
 def test_unsafe_or_foreign_weights_are_refused(tmp_path, inception_weights):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pth"):
-        M.resolve_inception_weights(garbage)
+        incep.resolve_inception_weights(garbage)
     pickled = tmp_path / "pickled.pth"
     torch.save({"weights": torch.zeros(2), "callback": print}, pickled)  # needs pickle: refused by weights_only
     with pytest.raises(ValueError, match="pickled.pth"):
-        M.resolve_inception_weights(pickled)
+        incep.resolve_inception_weights(pickled)
     foreign = tmp_path / "foreign.pth"
     torch.save({"conv.weight": torch.zeros(2, 2)}, foreign)  # loadable, but not Inception-v3
-    config = M.FeatureConfig(weights=M.resolve_inception_weights(foreign))
+    config = incep.FeatureConfig(weights=incep.resolve_inception_weights(foreign))
     with pytest.raises(ValueError, match="not torch-fidelity Inception-v3 weights"):
-        M.create_feature_extractor(config, ["64"])
+        incep.create_feature_extractor(config, ["64"])
 
 
 def test_official_label_follows_the_file_hash(inception_weights):
-    official = M.InceptionWeights(inception_weights, M.OFFICIAL_INCEPTION_SHA256_PREFIX + "0" * 56)
+    official = incep.InceptionWeights(inception_weights, incep.OFFICIAL_INCEPTION_SHA256_PREFIX + "0" * 56)
     assert official.official and "official" in official.label
-    ours = M.resolve_inception_weights(inception_weights)
-    assert not ours.official and ours.describe()["label"] == M.PLUMBING_ONLY_LABEL
+    ours = incep.resolve_inception_weights(inception_weights)
+    assert not ours.official and ours.describe()["label"] == incep.PLUMBING_ONLY_LABEL
     assert len(ours.sha256) == 64
 
 
@@ -98,12 +102,12 @@ def test_official_label_follows_the_file_hash(inception_weights):
 
 def test_fid_is_zero_against_itself_and_grows_with_perturbation(tmp_path, inception_weights, images, extractor64):
     images = images[:12]
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images))
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", images))
     config = _config(inception_weights)
-    cache = M.reference_cache_dir(reference)
+    cache = ref_cache.reference_cache_dir(reference)
     fids = []
     for noise in (0.0, 12.0, 48.0):
-        samples = M.ArrayDataset(_perturbed(images, noise) if noise else images)
+        samples = ds.ArrayDataset(_perturbed(images, noise) if noise else images)
         fids.append(
             M.compute_metrics(samples, reference, ["fid"], config, cache, extractor64)["values"][
                 "frechet_inception_distance"
@@ -114,14 +118,14 @@ def test_fid_is_zero_against_itself_and_grows_with_perturbation(tmp_path, incept
 
 
 def test_is_prc_kid_ranges(tmp_path, inception_weights, images, extractor64):
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:8]))
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:8]))
     config = _config(inception_weights, kid_subset_size=4)
-    samples = M.ArrayDataset(_perturbed(images[:4], 30.0))
+    samples = ds.ArrayDataset(_perturbed(images[:4], 30.0))
     inception_score = M.compute_metrics(samples, None, ["is"], config, None)
     assert 1.0 - 1e-6 <= inception_score["values"]["inception_score_mean"] <= 1008  # 1008 Inception classes
     assert inception_score["feature_layers"] == {"is": "logits_unbiased"}
     result = M.compute_metrics(
-        samples, reference, ["prc", "kid"], config, M.reference_cache_dir(reference), extractor64
+        samples, reference, ["prc", "kid"], config, ref_cache.reference_cache_dir(reference), extractor64
     )
     values = result["values"]
     assert 0.0 <= values["precision"] <= 1.0 and 0.0 <= values["recall"] <= 1.0
@@ -130,23 +134,25 @@ def test_is_prc_kid_ranges(tmp_path, inception_weights, images, extractor64):
 
     # Identical sets: every sample lies inside the other set's k-NN balls.
     same = M.compute_metrics(
-        M.ArrayDataset(images[:8]), reference, ["prc"], config, M.reference_cache_dir(reference), extractor64
+        ds.ArrayDataset(images[:8]), reference, ["prc"], config, ref_cache.reference_cache_dir(reference), extractor64
     )
     assert same["values"]["precision"] == 1.0 and same["values"]["recall"] == 1.0
 
 
 def test_kid_subset_larger_than_samples_is_refused(tmp_path, inception_weights, images):
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images))  # 16 images
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", images))  # 16 images
     config = _config(inception_weights, kid_subset_size=12)
     with pytest.raises(ValueError, match="KID subset size 12"):  # before any feature extraction
-        M.compute_metrics(M.ArrayDataset(images[:10]), reference, ["kid"], config, M.reference_cache_dir(reference))
+        M.compute_metrics(
+            ds.ArrayDataset(images[:10]), reference, ["kid"], config, ref_cache.reference_cache_dir(reference)
+        )
     with pytest.raises(ValueError, match="KID subset size 20"):
         M.compute_metrics(
-            M.ArrayDataset(images),
+            ds.ArrayDataset(images),
             reference,
             ["kid"],
             _config(inception_weights, kid_subset_size=20),
-            M.reference_cache_dir(reference),
+            ref_cache.reference_cache_dir(reference),
         )
 
 
@@ -157,51 +163,56 @@ def test_kid_subset_larger_than_samples_is_refused(tmp_path, inception_weights, 
 def test_reference_kinds_give_identical_features(tmp_path, inception_weights, images, extractor64):
     subset = images[:12]
     references = [
-        M.open_reference(write_npz_reference(tmp_path / "ref.npz", subset)),
-        M.open_reference(write_folder_reference(tmp_path / "folder", subset)),
-        M.open_reference(write_shard_reference(tmp_path / "shards", subset, per_shard=5)),
+        refs.open_reference(write_npz_reference(tmp_path / "ref.npz", subset)),
+        refs.open_reference(write_folder_reference(tmp_path / "folder", subset)),
+        refs.open_reference(write_shard_reference(tmp_path / "shards", subset, per_shard=5)),
     ]
     assert [r.kind for r in references] == ["npz", "folder", "shards"]
     assert all(r.resolution == (16, 16) and r.num_images == 12 for r in references)
     config = _config(inception_weights)
     features = [
-        M.reference_features(r, ["64"], config, M.reference_cache_dir(r), extractor64)[0]["64"] for r in references
+        ref_cache.reference_features(r, ["64"], config, ref_cache.reference_cache_dir(r), extractor64)[0]["64"]
+        for r in references
     ]
     assert features[0].shape == (12, 64)
     folder_order = sorted(range(12), key=lambda i: (i % 2, i))  # part0/*, then part1/* (sorted relative paths)
     torch.testing.assert_close(features[1], features[0][folder_order], rtol=0, atol=0)
     torch.testing.assert_close(features[2], features[0], rtol=0, atol=0)
     # The cache lives beside each reference, in a hidden folder the folder listing skips.
-    assert (tmp_path / "folder" / M.CACHE_DIR_NAME).is_dir() and (tmp_path / "shards" / M.CACHE_DIR_NAME).is_dir()
-    assert len(M.reference_dataset(references[1])) == 12
+    assert (tmp_path / "folder" / ref_cache.CACHE_DIR_NAME).is_dir() and (
+        tmp_path / "shards" / ref_cache.CACHE_DIR_NAME
+    ).is_dir()
+    assert len(refs.reference_dataset(references[1])) == 12
 
 
 def test_reference_features_are_cached_by_content_and_extractor(
     tmp_path, inception_weights, images, monkeypatch, extractor64
 ):
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:8]))
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:8]))
     config = _config(inception_weights)
-    cache = M.reference_cache_dir(reference)
-    first, report = M.reference_features(reference, ["64"], config, cache, extractor64)
+    cache = ref_cache.reference_cache_dir(reference)
+    first, report = ref_cache.reference_features(reference, ["64"], config, cache, extractor64)
     assert report["64"]["hit"] is False
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(M, "extract_features", no_extraction)
-    again, report = M.reference_features(M.open_reference(tmp_path / "ref.npz"), ["64"], config, cache)
+    monkeypatch.setattr(ref_cache, "extract_features", no_extraction)
+    again, report = ref_cache.reference_features(refs.open_reference(tmp_path / "ref.npz"), ["64"], config, cache)
     assert report["64"]["hit"] is True
     torch.testing.assert_close(again["64"], first["64"], rtol=0, atol=0)
     monkeypatch.undo()
 
     # Other weights (another hash) or other content: a different cache entry, computed afresh.
-    other_weights = M.FeatureConfig(
-        weights=M.InceptionWeights(config.weights.path, "f" * 64), layer_fid="64", batch_size=16
+    other_weights = incep.FeatureConfig(
+        weights=incep.InceptionWeights(config.weights.path, "f" * 64), layer_fid="64", batch_size=16
     )
-    _, report_weights = M.reference_features(reference, ["64"], other_weights, cache, extractor64)
+    _, report_weights = ref_cache.reference_features(reference, ["64"], other_weights, cache, extractor64)
     assert report_weights["64"]["hit"] is False
     write_npz_reference(tmp_path / "ref.npz", images[8:16])
-    _, report_content = M.reference_features(M.open_reference(tmp_path / "ref.npz"), ["64"], config, cache, extractor64)
+    _, report_content = ref_cache.reference_features(
+        refs.open_reference(tmp_path / "ref.npz"), ["64"], config, cache, extractor64
+    )
     assert report_content["64"]["hit"] is False
     assert len(list(cache.glob("features-*.safetensors"))) == 3
     mask = os.umask(0)
@@ -212,74 +223,74 @@ def test_reference_features_are_cached_by_content_and_extractor(
     # A damaged cache file is reported by name, with the way out.
     damaged = Path(report_content["64"]["file"])
     damaged.write_bytes(b"not safetensors")
-    with pytest.raises(M.ReferenceInputError, match=f"{damaged.name}: unreadable reference feature cache .*delete it"):
-        M.reference_features(M.open_reference(tmp_path / "ref.npz"), ["64"], config, cache, extractor64)
+    with pytest.raises(ds.ReferenceInputError, match=f"{damaged.name}: unreadable reference feature cache .*delete it"):
+        ref_cache.reference_features(refs.open_reference(tmp_path / "ref.npz"), ["64"], config, cache, extractor64)
 
 
 def test_read_only_reference_caches_in_user_cache(tmp_path, images, monkeypatch):
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:4]))
-    monkeypatch.setattr(M, "_writable", lambda directory: False)
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:4]))
+    monkeypatch.setattr(ref_cache, "_writable", lambda directory: False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert M.reference_cache_dir(reference) == tmp_path / "xdg" / "diffit-pipe" / "fidelity"
-    assert M.reference_cache_dir(reference, tmp_path / "mine") == tmp_path / "mine"
+    assert ref_cache.reference_cache_dir(reference) == tmp_path / "xdg" / "diffit-pipe" / "fidelity"
+    assert ref_cache.reference_cache_dir(reference, tmp_path / "mine") == tmp_path / "mine"
 
 
 def test_statistics_reference_gives_the_same_fid(tmp_path, inception_weights, images, extractor64):
     from pipeline.evaluate.adm import feature_statistics
 
     images = images[:12]
-    image_reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images))
+    image_reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", images))
     config = _config(inception_weights)
-    cache = M.reference_cache_dir(image_reference)
-    features, _ = M.reference_features(image_reference, ["64"], config, cache, extractor64)
+    cache = ref_cache.reference_cache_dir(image_reference)
+    features, _ = ref_cache.reference_features(image_reference, ["64"], config, cache, extractor64)
     mu, sigma = feature_statistics(features["64"])  # what the project writes (float64, as `np.cov`)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
-    stats_reference = M.open_reference(tmp_path / "stats.npz")
+    stats_reference = refs.open_reference(tmp_path / "stats.npz")
     assert stats_reference.kind == "stats" and not stats_reference.has_images
 
-    samples = M.ArrayDataset(_perturbed(images, 20.0))
+    samples = ds.ArrayDataset(_perturbed(images, 20.0))
     from_images = M.compute_metrics(samples, image_reference, ["fid"], config, cache, extractor64)["values"]
     from_stats = M.compute_metrics(samples, stats_reference, ["fid"], config, cache, extractor64)["values"]
     assert from_stats["frechet_inception_distance"] == pytest.approx(
         from_images["frechet_inception_distance"], rel=1e-9
     )
-    with pytest.raises(M.ReferenceInputError, match="need reference images"):
-        M.check_reference(stats_reference, (16, 16), ["fid", "kid"])
-    with pytest.raises(M.ReferenceInputError, match="feature dimension 192"):
-        M.load_reference_statistics(stats_reference, 192)  # statistics of another layer
+    with pytest.raises(ds.ReferenceInputError, match="need reference images"):
+        refs.check_reference(stats_reference, (16, 16), ["fid", "kid"])
+    with pytest.raises(ds.ReferenceInputError, match="feature dimension 192"):
+        refs.load_reference_statistics(stats_reference, 192)  # statistics of another layer
 
 
 def test_reference_problems_are_reported_clearly(tmp_path, images):
-    reference = M.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:4]))
-    with pytest.raises(M.ReferenceInputError, match="wrong reference resolution"):
-        M.check_reference(reference, (32, 32), ["fid"])
-    with pytest.raises(M.ReferenceInputError, match="does not exist"):
-        M.open_reference(tmp_path / "missing")
+    reference = refs.open_reference(write_npz_reference(tmp_path / "ref.npz", images[:4]))
+    with pytest.raises(ds.ReferenceInputError, match="wrong reference resolution"):
+        refs.check_reference(reference, (32, 32), ["fid"])
+    with pytest.raises(ds.ReferenceInputError, match="does not exist"):
+        refs.open_reference(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(M.ReferenceInputError, match="no image files"):
-        M.open_reference(tmp_path / "empty")
+    with pytest.raises(ds.ReferenceInputError, match="no image files"):
+        refs.open_reference(tmp_path / "empty")
     np.savez(tmp_path / "other.npz", something=np.zeros(3))
-    with pytest.raises(M.ReferenceInputError, match="arr_0"):
-        M.open_reference(tmp_path / "other.npz")
+    with pytest.raises(ds.ReferenceInputError, match="arr_0"):
+        refs.open_reference(tmp_path / "other.npz")
 
     # A folder with one image of another size: the error names that file.
     folder = write_folder_reference(tmp_path / "mixed", images[:3])
     from PIL import Image
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "part0" / "zz-small.png")
-    dataset = M.reference_dataset(M.open_reference(folder))
-    with pytest.raises(M.ReferenceInputError, match="zz-small.png"):
+    dataset = refs.reference_dataset(refs.open_reference(folder))
+    with pytest.raises(ds.ReferenceInputError, match="zz-small.png"):
         [dataset[i] for i in range(len(dataset))]
 
     # Latent shards are not a reference; neither are shards whose files changed after packing.
     shards = write_shard_reference(tmp_path / "shards", images[:4], per_shard=2)
     manifest = json.loads((shards / "manifest.json").read_text())
     (shards / "manifest.json").write_text(json.dumps({**manifest, "kind": "latents"}))
-    with pytest.raises(M.ReferenceInputError, match="not latents"):
-        M.open_reference(shards)
+    with pytest.raises(ds.ReferenceInputError, match="not latents"):
+        refs.open_reference(shards)
     (shards / "manifest.json").write_text(json.dumps(manifest))
     with open(shards / "shard-000001.tar", "ab") as handle:
         handle.write(b"\0" * 512)
-    reference = M.open_reference(shards)
-    with pytest.raises(M.ReferenceInputError, match="shard-000001.tar"):
-        M.reference_content_hash(reference, M.reference_cache_dir(reference))
+    reference = refs.open_reference(shards)
+    with pytest.raises(ds.ReferenceInputError, match="shard-000001.tar"):
+        ref_cache.reference_content_hash(reference, ref_cache.reference_cache_dir(reference))

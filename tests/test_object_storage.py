@@ -370,7 +370,7 @@ def test_evaluate_with_a_reference_url_scores_as_the_local_file(
 
 
 def test_a_pack_dataset_reference_url_is_copied_checked_and_a_damaged_shard_refused(data, s3, tmp_path):
-    from pipeline.evaluate.metrics import open_reference
+    from pipeline.evaluate.references import open_reference
     from pipeline.evaluate.remote_reference import RemoteReferenceError, stage_reference
 
     url = s3.url("ref-images")

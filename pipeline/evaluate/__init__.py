@@ -1,34 +1,35 @@
 """The evaluate stage: exported model -> seeded sampling into a zarr store -> decode -> metrics.json / npz.
 
-`run` resolves the model and sampling settings and fills the store (any number of processes, resumable),
-`sample_store` is the zarr store itself, `metrics` scores it against a reference by the ADM evaluator's protocol
-(`adm`: the metric math, `features`: torch-fidelity's Inception plus the sFID layer, `datasets`: the images), and
-`reference_batch` builds ADM-layout reference batches with streamed, resumable statistics. Other stages use
+One concern per module:
+
+- `run`: the command (pre-flight checks, then sampling on every rank, then metrics and `metrics.json` on rank 0);
+  `options`: what it is asked; `model_loading`: the exported model, its VAE and the network's precision;
+  `sampling_settings`: defaults and checks of the sampling settings; `generation`: seeded samples into the store;
+  `sample_store`: the zarr store itself;
+- `metrics`: which reference data feeds which metric, and the metric values (ADM evaluator's protocol);
+  `adm`: the metric math; `inception`: the weights file and feature configuration; `features`: torch-fidelity's
+  Inception plus the sFID layer; `references`: reference formats; `reference_cache`: content hashes and cached
+  features; `datasets`: the images; `reference_batch`: ADM-layout reference batches and streamed, resumable
+  statistics; `remote_reference`: reference URLs copied once and checked. Other stages use
 what this package exports, never its modules' internals.
 """
 
 from pipeline.evaluate.adm import feature_statistics, frechet_distance
 from pipeline.evaluate.datasets import ArrayDataset
-from pipeline.evaluate.metrics import (
+from pipeline.evaluate.generation import to_uint8_images
+from pipeline.evaluate.inception import (
     PLUMBING_ONLY_LABEL,
     FeatureConfig,
     create_feature_extractor,
     extract_features,
-    gather_reference_inputs,
-    open_reference,
-    reference_cache_dir,
     resolve_inception_weights,
 )
+from pipeline.evaluate.metrics import gather_reference_inputs
+from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, SamplingOptions
 from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
-from pipeline.evaluate.run import (
-    METRICS_FILE,
-    EvaluateInputError,
-    EvaluateOptions,
-    SamplingOptions,
-    evaluate,
-    sample_grid,
-    to_uint8_images,
-)
+from pipeline.evaluate.reference_cache import reference_cache_dir
+from pipeline.evaluate.references import open_reference
+from pipeline.evaluate.run import METRICS_FILE, evaluate, sample_grid
 from pipeline.evaluate.sample_store import (
     STORE_NAME,
     SampleStore,

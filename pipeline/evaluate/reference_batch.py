@@ -38,6 +38,9 @@ from pipeline.core.atomic import atomic_open, atomic_path, json_text, remove_tem
 from pipeline.core.errors import InputError
 from pipeline.evaluate.adm import RunningMoments, subsample_indices
 from pipeline.evaluate.features import SFID_LAYER, iterate_features
+from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, resolve_inception_weights
+from pipeline.evaluate.reference_cache import reference_content_hash, sha256_json
+from pipeline.evaluate.references import Reference, _read_statistics, open_reference, reference_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -263,26 +266,24 @@ def _subset(count: int, options: ReferenceOptions) -> np.ndarray:
 
 def build_reference(options: ReferenceOptions) -> dict[str, Any]:
     """Write the ADM-layout reference batch of `options.source` to `options.out`; returns its `info` record."""
-    from pipeline.evaluate import metrics as metric_lib
-
     _check_options(options)
     began = time.perf_counter()
-    reference = metric_lib.open_reference(options.source)
+    reference = open_reference(options.source)
     if not reference.has_images:
         raise InputError(f"{options.source}: a statistics file has no images to build a reference batch from")
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = metric_lib.FeatureConfig(
-        weights=metric_lib.resolve_inception_weights(options.inception_weights),
+    config = FeatureConfig(
+        weights=resolve_inception_weights(options.inception_weights),
         batch_size=options.batch_size,
         cuda=device.type == "cuda",
         num_workers=options.workers,
     )
-    dataset = metric_lib.reference_dataset(reference)
+    dataset = reference_dataset(reference)
     work_dir = work_dir_for(options.out)
-    content_hash = metric_lib.reference_content_hash(reference, work_dir)
+    content_hash = reference_content_hash(reference, work_dir)
     identity = {"source_sha256": content_hash, "extractor": config.extractor_identity()}
     logger.info("reference statistics of %d images of %s (%s)", len(dataset), options.source, device)
-    extractor = metric_lib.create_feature_extractor(config, list(STATISTICS_KEYS))
+    extractor = create_feature_extractor(config, list(STATISTICS_KEYS))
     settings = {"chunk_size": options.chunk_size, "batch_size": options.batch_size, "workers": options.workers}
     moments = accumulate_statistics(
         dataset, extractor, list(STATISTICS_KEYS), work_dir, identity, progress=options.progress, **settings
@@ -312,3 +313,39 @@ def build_reference(options: ReferenceOptions) -> dict[str, Any]:
     shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("wrote %s in %.1f s", options.out, time.perf_counter() - began)
     return info
+
+
+def streamed_reference_statistics(
+    reference: Reference, layers: Sequence[str], config: FeatureConfig, cache_dir: Path
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """Mean / covariance of `layers` over every image of a large reference, streamed (never all features in
+    memory) and resumable (`reference_batch.accumulate_statistics`), cached as one `.npz` per layer set."""
+    content_hash = reference_content_hash(reference, cache_dir)
+    identity = {"reference": content_hash, "extractor": config.extractor_identity(), "layers": sorted(layers)}
+    key = sha256_json(identity)[:16]
+    path = cache_dir / f"statistics-{content_hash[:12]}-{key}.npz"
+    if path.is_file():
+        logger.info("reference statistics %s: cache hit %s", sorted(layers), path)
+        stats = {layer: _read_statistics(path, f"{layer}.mu", f"{layer}.sigma") for layer in layers}
+        return stats, {"file": str(path), "hit": True}
+    extractor = create_feature_extractor(config, list(layers))
+    workers = config.num_workers
+    moments = accumulate_statistics(
+        reference_dataset(reference),
+        extractor,
+        list(layers),
+        cache_dir / f".statistics-{content_hash[:12]}-{key}.partial",
+        identity,
+        batch_size=config.batch_size,
+        workers=workers,
+        progress=config.progress,
+    )
+    stats = {layer: moments[layer].statistics() for layer in layers}
+    arrays = {
+        f"{layer}.{name}": value
+        for layer, (mu, sigma) in stats.items()
+        for name, value in (("mu", mu), ("sigma", sigma))
+    }
+    with atomic_open(path) as handle:
+        np.savez(handle, **arrays)
+    return stats, {"file": str(path), "hit": False}

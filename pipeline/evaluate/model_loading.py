@@ -1,0 +1,228 @@
+"""An exported model ready to sample: the network, the VAE its latents decode with (checked to be the one the training
+latents were encoded with), and how the network forward runs (fp32 or bf16 autocast, optionally compiled)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core.shards import sha256_file
+from pipeline.evaluate.options import EvaluateInputError
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and VAE
+
+
+@dataclass
+class LoadedModel:
+    """An exported model ready to sample: network, optional VAE, and what they produce."""
+
+    model_dir: Path
+    model: torch.nn.Module
+    config: dict[str, Any]
+    kind: str  # "adm" | "edm"
+    family: str  # "latent" | "image"
+    sample_shape: tuple[int, int, int]  # what the sampler produces per sample (C, H, W)
+    resolution: tuple[int, int]  # decoded image size (H, W)
+    vae: Any = None
+    scaling_factor: float | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # of the network forward: "fp32" | "bf16" (set by `prepare_network`)
+    compiled: bool = False
+    network: torch.nn.Module | None = None  # what the sampler calls; None: `model` itself (fp32, eager)
+
+    @property
+    def sampling_network(self) -> torch.nn.Module:
+        return self.model if self.network is None else self.network
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0))
+
+
+def load_vae(
+    vae_config: dict[str, Any], override: Path | None, model_dir: Path, device: str | torch.device = "cpu"
+) -> tuple[Any, dict[str, Any]]:
+    """The diffusers AutoencoderKL the model's latents decode with, resolved like `encode` resolves `--vae`.
+
+    Source: `override` (--vae), else the config's local `path` when it still exists, else its `id` (a local path
+    or a hub id: looked up in the local Hugging Face cache, never downloaded when HF_HUB_OFFLINE=1). The VAE's
+    files are hashed (`path_hash`, as in the dataset manifest): when they differ from the ones the training
+    latents were encoded with, that is an error unless the user chose another VAE with --vae (then it is logged
+    and recorded).
+    """
+    from pipeline.core.vae import VAEError, resolve_vae
+    from pipeline.core.vae import load_vae as load_vae_files
+
+    config_path = model_dir / "config.json"
+    if override is not None:
+        spec_text, revision = str(override), None
+    elif vae_config.get("path") and Path(vae_config["path"]).is_dir():
+        spec_text, revision = str(vae_config["path"]), None
+    elif vae_config.get("id") or vae_config.get("path"):
+        spec_text = str(vae_config.get("id") or vae_config.get("path"))
+        revision = vae_config.get("revision") if vae_config.get("source") == "hub" else None
+    else:
+        raise EvaluateInputError(f"{config_path}: 'vae' has neither 'path' nor 'id'; pass --vae PATH")
+    try:
+        spec = resolve_vae(spec_text, revision)
+    except VAEError as error:
+        origin = "--vae" if override is not None else f"the VAE named in {config_path}"
+        raise EvaluateInputError(
+            f"{origin}: {error}. Pass --vae PATH to a local diffusers AutoencoderKL folder."
+        ) from error
+    identity = {
+        "id": spec.id,
+        "source": spec.source,
+        "revision": spec.revision,
+        "local_path": spec.local_path,
+        "path_hash": spec.path_hash,
+    }
+    trained_hash = vae_config.get("path_hash")
+    if trained_hash and trained_hash != spec.path_hash:
+        if override is None:
+            raise EvaluateInputError(
+                f"model/VAE mismatch: {spec.local_path} (path_hash {spec.path_hash[:12]}…) is not the VAE the "
+                f"training latents were encoded with (path_hash {trained_hash[:12]}… in {config_path}); its files "
+                "changed. Pass --vae PATH to decode with another VAE on purpose."
+            )
+        logger.warning(
+            "--vae %s differs from the VAE the training latents were encoded with (%s…); decoding with it as requested",
+            override,
+            trained_hash[:12],
+        )
+        identity["differs_from_training_vae"] = True
+    try:
+        vae = load_vae_files(spec.local_path, "fp32", str(device))
+    except Exception as error:  # noqa: BLE001 - diffusers raises many types; name the folder
+        raise EvaluateInputError(f"{spec.local_path}: cannot load a diffusers AutoencoderKL ({error})") from error
+    return vae, identity
+
+
+def load_model(model_dir: Path, vae_override: Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an exported model (and its VAE for latent models), checking that the two fit together."""
+    import diffit
+    from diffit.models import model_family
+
+    model_dir = Path(model_dir)
+    try:
+        model, config = diffit.load_pretrained(model_dir, device="cpu")
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        raise EvaluateInputError(f"{model_dir}: cannot load the exported model ({error})") from error
+    diffusion = config.get("diffusion")
+    if not isinstance(diffusion, dict) or diffusion.get("type") not in ("adm", "edm"):
+        raise EvaluateInputError(
+            f"{model_dir / 'config.json'}: needs 'diffusion': {{'type': 'adm' | 'edm', ...}}, got {diffusion!r}"
+        )
+    family = model_family(config["model"]["name"])
+    channels, size = int(model.in_channels), int(model.input_size)
+    identity = {
+        "path": str(model_dir.resolve()),
+        "name": config["model"]["name"],
+        "weights_sha256": sha256_file(model_dir / "model.safetensors"),
+        "config_sha256": sha256_file(model_dir / "config.json"),
+    }
+    loaded = LoadedModel(
+        model_dir=model_dir,
+        model=model.to(device).eval(),
+        config=config,
+        kind=diffusion["type"],
+        family=family,
+        sample_shape=(channels, size, size),
+        resolution=(size, size),
+        identity=identity,
+    )
+    if family == "latent":
+        vae_config = config.get("vae")
+        if vae_override is None and not isinstance(vae_config, dict):
+            raise EvaluateInputError(
+                f"{model_dir / 'config.json'}: a latent model needs a 'vae' entry "
+                "({id or path, scaling_factor}); pass --vae PATH"
+            )
+        vae_config = vae_config if isinstance(vae_config, dict) else {}
+        vae, vae_identity = load_vae(vae_config, vae_override, model_dir, device)
+        latent_channels = int(vae.config.latent_channels)
+        if latent_channels != channels:
+            raise EvaluateInputError(
+                f"model/VAE mismatch: {model_dir} generates {channels}-channel latents, the VAE "
+                f"{vae_identity['local_path']} decodes {latent_channels}-channel latents"
+            )
+        scaling_factor = vae_config.get("scaling_factor")
+        if scaling_factor is None:
+            raise EvaluateInputError(
+                f"{model_dir / 'config.json'}: 'vae' lacks 'scaling_factor' (the factor the "
+                "model's latents were multiplied by in training)"
+            )
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        loaded.vae = vae
+        loaded.scaling_factor = float(scaling_factor)
+        loaded.resolution = (size * factor, size * factor)
+        loaded.identity["vae"] = {**vae_identity, "scaling_factor": float(scaling_factor)}
+    elif channels != 3:
+        raise EvaluateInputError(f"{model_dir}: image-space model with {channels} channels; expected RGB (3)")
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Network precision and compilation
+
+PRECISIONS = ("fp32", "bf16", "auto")
+# Attributes the samplers read from the network (guidance's null class, ADM's learned Sigma, shapes).
+FORWARDED_ATTRIBUTES = ("num_classes", "null_class", "learn_sigma", "in_channels", "input_size")
+
+
+class SamplingNetwork(torch.nn.Module):
+    """The network as the sampler calls it: optionally compiled, its forward optionally under bf16 autocast.
+
+    Autocast covers the network call only and its output is returned in float32, so everything the sampler does
+    around it (CFG combination, EDM preconditioning, the DDPM / DDIM posterior, the Heun update) stays in fp32:
+    bf16 there would round the chain's small per-step increments away. Autocasting the whole sampling call would
+    leave those elementwise ops in fp32 too, but it would also run any matmul the samplers may gain under bf16;
+    wrapping the network states the boundary once. The attributes the samplers read are copied from the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, device_type: str, bf16: bool, compile: bool):
+        super().__init__()
+        self.model = model
+        self.call = torch.compile(model) if compile else model
+        self.device_type = device_type
+        self.bf16 = bf16
+        for name in FORWARDED_ATTRIBUTES:
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.call(*args, **kwargs)
+        return output.float()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """--precision to "fp32" or "bf16": auto is bf16 on CUDA (tensor cores) and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise EvaluateInputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def prepare_network(loaded: LoadedModel, precision: str, compile: bool, device: torch.device | str) -> None:
+    """Set the network the sampler calls; fp32 without --compile samples with the model itself (as before)."""
+    loaded.precision = resolve_precision(precision, device)
+    loaded.compiled = bool(compile)
+    bf16 = loaded.precision == "bf16"
+    if bf16 or compile:
+        loaded.network = SamplingNetwork(loaded.model, torch.device(device).type, bf16, compile)
+    else:
+        loaded.network = None
+
+
+def network_settings(loaded: LoadedModel) -> dict[str, Any]:
+    """How the network forward ran: recorded in metrics.json, and in the store settings when not the default."""
+    return {"precision": loaded.precision, "compile": loaded.compiled}

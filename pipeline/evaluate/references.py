@@ -1,0 +1,264 @@
+"""Reference sets, identified cheaply before any sampling: raw image shards from `pack`, an image folder, an
+`.npz` of images (`arr_0`), an ADM reference batch (`arr_0` + `mu`/`sigma`, `mu_s`/`sigma_s`) or a statistics-only
+`.npz`; read in place (`pipeline.evaluate.datasets`), never unpacked to PNGs. Object-store URLs are used from a
+checked local copy (`pipeline.evaluate.remote_reference`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from pipeline.core.shards import load_manifest, shard_urls
+from pipeline.core.storage import is_url
+from pipeline.evaluate.datasets import (
+    IMAGE_EXTENSIONS,
+    ArrayDataset,
+    ImageFolderDataset,
+    ReferenceInputError,
+    ShardImageDataset,
+    _decode_rgb,
+    list_image_files,
+)
+from pipeline.evaluate.features import SFID_LAYER
+
+logger = logging.getLogger(__name__)
+
+# The keys of an ADM reference batch / statistics file holding each metric's statistics, and the layer they are of.
+STATISTICS_METRICS = ("fid", "sfid")  # compared through mean / covariance (stored or computed)
+STORED_STATISTICS = {"fid": ("mu", "sigma", "2048"), "sfid": ("mu_s", "sigma_s", SFID_LAYER)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References
+
+
+@dataclass
+class Reference:
+    """A reference set: where it is, what kind it is, its resolution and size, and its content identity.
+
+    `kind` is one of "shards" (raw image shards from `pack`), "folder" (image files), "npz" (an `.npz` of images
+    `arr_0`), "adm" (an ADM reference batch: images `arr_0` and statistics `mu`/`sigma`, usually `mu_s`/`sigma_s`)
+    or "stats" (an `.npz` holding only statistics: FID, sFID when it has `mu_s`/`sigma_s`, and IS).
+    `statistics` lists the statistics keys the file holds.
+    """
+
+    path: Path
+    kind: str
+    resolution: tuple[int, int] | None
+    num_images: int | None
+    details: dict[str, Any] = field(default_factory=dict)
+    _content_hash: str | None = None
+    statistics: tuple[str, ...] = ()
+
+    @property
+    def has_images(self) -> bool:
+        return self.kind != "stats"
+
+    def stored_statistics(self, metric: str) -> tuple[str, str] | None:
+        """The (mean, covariance) keys this file stores for `metric` ("fid" / "sfid"), or None."""
+        if metric not in STORED_STATISTICS:
+            return None
+        mean_key, cov_key, _ = STORED_STATISTICS[metric]
+        return (mean_key, cov_key) if {mean_key, cov_key} <= set(self.statistics) else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "num_images": self.num_images,
+            "resolution": list(self.resolution) if self.resolution else None,
+            "content_sha256": self._content_hash,
+            **self.details,
+        }
+
+
+def _npz_member_array(path: Path, name: str) -> np.ndarray:
+    """Array `name` of an `.npz`, memory-mapped when it is stored uncompressed (the `np.savez` default)."""
+    try:
+        return _map_npz_member(path, name)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ReferenceInputError(f"{path}: cannot read {name} ({type(error).__name__}: {error})") from error
+
+
+def _map_npz_member(path: Path, name: str) -> np.ndarray:
+    member_name = f"{name}.npy"
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member_name)
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(member)
+            header_length = member.tell()
+        if info.compress_type != zipfile.ZIP_STORED or fortran_order or dtype.hasobject:
+            logger.info("%s: %s is compressed, loading it into memory", path, member_name)
+            with np.load(path, allow_pickle=False) as data:
+                return data[name]
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local_header = handle.read(30)
+        name_length = int.from_bytes(local_header[26:28], "little")
+        extra_length = int.from_bytes(local_header[28:30], "little")
+    data_offset = info.header_offset + 30 + name_length + extra_length + header_length
+    return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape)
+
+
+def _npz_members(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
+    except (OSError, zipfile.BadZipFile) as error:
+        raise ReferenceInputError(f"{path}: not an .npz archive ({error})") from error
+
+
+def open_reference(path: str | os.PathLike) -> Reference:
+    """Identify a reference path (shard directory, image folder, ADM `.npz`, or statistics `.npz`) cheaply.
+
+    Only headers are read here (manifest, npz headers, the first image of a folder), so that resolution
+    mismatches and unusable inputs stop `evaluate` before sampling.
+    """
+    if is_url(path):  # an object-store reference: used from a checked local copy
+        from pipeline.evaluate.remote_reference import stage_reference
+
+        reference = open_reference(stage_reference(str(path)))
+        reference.details["url"] = str(path)
+        return reference
+    path = Path(path)
+    if not path.exists():
+        raise ReferenceInputError(f"{path}: reference does not exist")
+    if path.is_dir() and (path / "manifest.json").is_file():
+        manifest = load_manifest(path)
+        if manifest.get("kind") != "images":
+            raise ReferenceInputError(
+                f"{path}: shards of kind {manifest.get('kind')!r}; the reference must be raw image shards "
+                "(kind 'images', written by `diffit-pipe pack`), not latents"
+            )
+        resolution = int(manifest["resolution"])
+        count = sum(int(shard["count"]) for shard in manifest["shards"])
+        return Reference(
+            path,
+            "shards",
+            (resolution, resolution),
+            count,
+            {"manifest_created": manifest.get("created"), "num_shards": len(manifest["shards"])},
+        )
+    if path.is_dir():
+        files = list_image_files(path)
+        if not files:
+            raise ReferenceInputError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        first = _decode_rgb(files[0], str(files[0]), None)
+        return Reference(path, "folder", (int(first.shape[1]), int(first.shape[2])), len(files))
+    if path.suffix == ".npz":
+        return _open_npz_reference(path)
+    raise ReferenceInputError(
+        f"{path}: unknown reference; give a raw image shard directory (from `pack`), an "
+        "image folder, an ADM .npz with arr_0, or an .npz with FID statistics mu/sigma"
+    )
+
+
+def _open_npz_reference(path: Path) -> Reference:
+    """An `.npz` reference: images (`arr_0`), statistics (`mu`/`sigma`, `mu_s`/`sigma_s`), or both (ADM)."""
+    members = _npz_members(path)
+    statistics = tuple(key for key in ("mu", "sigma", "mu_s", "sigma_s") if key in members)
+    has_statistics = {"mu", "sigma"} <= set(statistics) or {"mu_s", "sigma_s"} <= set(statistics)
+    for metric in ("fid", "sfid"):
+        mean_key, cov_key, _ = STORED_STATISTICS[metric]
+        if {mean_key, cov_key} <= set(statistics):
+            _read_statistics(path, mean_key, cov_key)  # a damaged file stops the run here, before any sampling
+    if "arr_0" in members:
+        images = _npz_member_array(path, "arr_0")
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ReferenceInputError(
+                f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
+            )
+        return Reference(
+            path,
+            "adm" if has_statistics else "npz",
+            (int(images.shape[1]), int(images.shape[2])),
+            int(images.shape[0]),
+            statistics=statistics if has_statistics else (),
+        )
+    if has_statistics:
+        return Reference(
+            path,
+            "stats",
+            None,
+            None,
+            {"note": "precomputed statistics; their feature extractor cannot be verified"},
+            statistics=statistics,
+        )
+    raise ReferenceInputError(
+        f"{path}: an .npz reference needs arr_0 (images) or mu and sigma (FID statistics); it has {members}"
+    )
+
+
+def reference_dataset(reference: Reference) -> Dataset:
+    """The images of `reference` as a Dataset of uint8 CHW tensors."""
+    if reference.kind == "shards":
+        paths = [Path(url) for url in shard_urls(reference.path, load_manifest(reference.path))]
+        return ShardImageDataset(paths, reference.resolution)
+    if reference.kind == "folder":
+        return ImageFolderDataset(reference.path, reference.resolution)
+    if reference.kind in ("npz", "adm"):
+        return ArrayDataset(_npz_member_array(reference.path, "arr_0"), str(reference.path))
+    raise ReferenceInputError(f"{reference.path}: a statistics file has no images")
+
+
+def check_reference(reference: Reference, resolution: tuple[int, int], metrics: Iterable[str]) -> None:
+    """Refuse a reference that cannot serve the requested metrics for samples of `resolution`."""
+    metrics = set(metrics)
+    if reference.resolution is not None and tuple(reference.resolution) != tuple(resolution):
+        raise ReferenceInputError(
+            f"{reference.path}: reference images are {reference.resolution[0]}x{reference.resolution[1]}, the model "
+            f"generates {resolution[0]}x{resolution[1]} (wrong reference resolution)"
+        )
+    if not reference.has_images and metrics & {"kid", "prc"}:
+        raise ReferenceInputError(
+            f"{reference.path}: FID statistics only; {sorted(metrics & {'kid', 'prc'})} need reference images "
+            "(give shards, an image folder or an ADM .npz with arr_0), or drop them from --metrics"
+        )
+    if not reference.has_images:
+        for metric in sorted(metrics & set(STATISTICS_METRICS)):
+            if reference.stored_statistics(metric) is None:
+                mean_key, cov_key, _ = STORED_STATISTICS[metric]
+                raise ReferenceInputError(
+                    f"{reference.path}: no {mean_key}/{cov_key} statistics for {metric}; give a reference batch "
+                    "that has them (`diffit-pipe reference` writes both), or drop it from --metrics"
+                )
+    if reference.num_images is not None and reference.num_images == 0:
+        raise ReferenceInputError(f"{reference.path}: the reference holds no images")
+
+
+def _read_statistics(path: Path, mean_key: str = "mu", cov_key: str = "sigma") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64) of a statistics `.npz`; a damaged file is one `ReferenceInputError`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data[mean_key], dtype=np.float64), np.asarray(data[cov_key], dtype=np.float64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ReferenceInputError(
+            f"{path}: cannot read {mean_key} / {cov_key} ({type(error).__name__}: {error})"
+        ) from error
+
+
+def load_reference_statistics(reference: Reference, feature_dim: int, metric: str = "fid") -> dict[str, np.ndarray]:
+    """The stored mean / covariance of `metric` ("fid": mu/sigma, "sfid": mu_s/sigma_s), checked against the
+    feature dimension they will be compared with."""
+    mean_key, cov_key, _ = STORED_STATISTICS[metric]
+    mu, sigma = _read_statistics(reference.path, mean_key, cov_key)
+    if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
+        raise ReferenceInputError(
+            f"{reference.path}: {mean_key} {mu.shape} / {cov_key} {sigma.shape} do not match the "
+            f"{metric.upper()} feature dimension {feature_dim}"
+        )
+    return {"mu": mu, "sigma": sigma}

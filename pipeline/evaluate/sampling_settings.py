@@ -1,0 +1,128 @@
+"""Sampling defaults per model (recorded set-up, else the paper's), the checks of the user's choices, and the
+settings a sample store depends on (compared on resume)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline import __version__
+from pipeline.evaluate.model_loading import LoadedModel, network_settings
+from pipeline.evaluate.options import EvaluateInputError, ResolvedSampling, SamplingOptions
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling settings
+
+
+# ImageNet guidance of the paper's text (latent ADM models, class-conditional), by decoded height: (scale,
+# schedule). The released NVlabs/DiffiT code scores its 256-px FID 1.73 with 4.4 instead (`slurm_sample_256.sh`);
+# `import-nvlabs` records that in the imported model's config.json, where `sampling_defaults` finds it. 512 px:
+# 1.49 constant in both.
+PAPER_GUIDANCE = {256: (4.6, "power-cosine"), 512: (1.49, "constant")}
+
+
+def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
+    """Default sampler, steps, guidance scale and schedule of a model, and where they come from.
+
+    A model whose config.json records a sampling set-up (`import-nvlabs` writes the released code's) gets it;
+    otherwise the paper's settings for its kind: latent ADM models DDPM-250 with `PAPER_GUIDANCE` at 256 / 512 px
+    (unguided elsewhere), image-space EDM models Heun with 18 steps at 32 px and 40 above, unguided.
+    """
+    height = loaded.resolution[0]
+    conditional = loaded.num_classes > 0
+    if loaded.kind == "adm":
+        scale, schedule = PAPER_GUIDANCE.get(height, (1.0, "constant")) if conditional else (1.0, "constant")
+        paper = {"sampler": "ddpm", "steps": 250, "cfg_scale": scale, "cfg_schedule": schedule}
+    else:
+        paper = {
+            "sampler": "edm-heun",
+            "steps": 18 if height <= 32 else 40,
+            "cfg_scale": 1.0,
+            "cfg_schedule": "constant",
+        }
+    recorded = loaded.config.get("sampling") if isinstance(loaded.config, dict) else None
+    if not isinstance(recorded, dict):
+        return paper, "paper"
+    keys = {"sampler": "sampler", "steps": "steps", "cfg_scale": "guidance_scale", "cfg_schedule": "guidance_schedule"}
+    chosen = {name: recorded.get(key, paper[name]) for name, key in keys.items()}
+    return chosen, str(recorded.get("origin", "the model's config.json"))
+
+
+def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedSampling:
+    """Fill unset sampling options with the model's defaults (`sampling_defaults`), and check the rest."""
+    from diffit.guidance import SCHEDULES
+    from diffit.sampling import SAMPLERS
+
+    defaults: list[str] = []
+    conditional = loaded.num_classes > 0
+    default, origin = sampling_defaults(loaded)
+    suffix = "" if origin == "paper" else f" ({origin})"
+
+    def pick(name: str, given):
+        if given is None:
+            defaults.append(f"{name}={default[name]}{suffix}")
+            return default[name]
+        return given
+
+    sampler = pick("sampler", options.sampler)
+    steps = int(pick("steps", options.steps))
+    scale = float(pick("cfg_scale", options.cfg_scale))
+    schedule = pick("cfg_schedule", options.cfg_schedule)
+    if sampler not in SAMPLERS:
+        raise EvaluateInputError(f"--sampler {sampler}: expected one of {SAMPLERS}")
+    if loaded.kind == "edm" and sampler != "edm-heun":
+        raise EvaluateInputError(f"{loaded.model_dir}: an EDM model samples with edm-heun, not {sampler}")
+    if schedule not in SCHEDULES:
+        raise EvaluateInputError(f"--cfg-schedule {schedule}: expected one of {SCHEDULES}")
+    if steps < 1:
+        raise EvaluateInputError(f"--steps must be >= 1, got {steps}")
+    if scale != 1.0 and not conditional:
+        raise EvaluateInputError(f"--cfg-scale {scale}: {loaded.model_dir} is unconditional (no guidance)")
+    if options.cfg_channels not in ("3", "all"):
+        raise EvaluateInputError(f"--cfg-channels {options.cfg_channels}: expected 3 or all")
+    classes = options.classes
+    if classes is not None:
+        if not conditional:
+            raise EvaluateInputError(f"--classes: {loaded.model_dir} is unconditional")
+        bad = [c for c in classes if not 0 <= c < loaded.num_classes]
+        if bad or not classes:
+            raise EvaluateInputError(f"--classes {classes}: labels must lie in [0, {loaded.num_classes})")
+    if options.seed < 0:
+        raise EvaluateInputError(f"--seed must be >= 0, got {options.seed}")
+    return ResolvedSampling(
+        kind=loaded.kind,
+        sampler=sampler,
+        steps=int(steps),
+        guidance_scale=scale,
+        guidance_schedule=schedule,
+        guidance_power=float(options.cfg_power),
+        guidance_channels=3 if options.cfg_channels == "3" else None,
+        classes=list(classes) if classes is not None else None,
+        seed=int(options.seed),
+        eta=float(options.eta),
+        defaults_used=defaults,
+    )
+
+
+def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples: int) -> dict[str, Any]:
+    """What the samples depend on: stored in the zarr attributes and compared on resume."""
+    # Content hashes, not paths: a moved model directory or VAE folder still resumes its store.
+    model = {key: value for key, value in loaded.identity.items() if key not in ("path", "vae")}
+    if "vae" in loaded.identity:
+        vae = loaded.identity["vae"]
+        model["vae"] = {"scaling_factor": vae["scaling_factor"], "path_hash": vae["path_hash"]}
+    settings = {
+        "model": model,
+        "sampling": sampling.describe(),
+        "num_samples": int(num_samples),
+        "resolution": list(loaded.resolution),
+        "num_classes": loaded.num_classes,
+        "package_version": __version__,
+    }
+    # bf16 or compiled forwards give (slightly) other samples, so they are part of what a store holds; the
+    # default (fp32, eager) is left out so that stores made before these options existed still resume.
+    if loaded.precision != "fp32" or loaded.compiled:
+        settings["network"] = network_settings(loaded)
+    return settings
