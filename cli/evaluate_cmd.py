@@ -37,6 +37,16 @@ class Precision(str, Enum):
     auto = "auto"
 
 
+class DistancePrecision(str, Enum):
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Pixels(str, Enum):
+    round = "round"
+    truncate = "truncate"
+
+
 class FeatureLayer(str, Enum):
     f64 = "64"
     f192 = "192"
@@ -59,6 +69,16 @@ INCEPTION_WEIGHTS_HELP = (
 FEATURE_LAYER_HELP = (
     "Inception features for FID/KID/precision-recall. 2048 is the standard; smaller layers are for quick plumbing "
     "checks only."
+)
+PRC_PRECISION_HELP = (
+    "Arithmetic of precision/recall's pairwise distances: fp16 as the ADM evaluator (float16 blocks, a block "
+    "with a non-finite value recomputed in float32; its ties on the radius test are part of the published "
+    "numbers) or fp32 (every distance in float32). metrics.json records which."
+)
+PIXELS_HELP = (
+    "How [-1, 1] samples become uint8 pixels: round = clamp(127.5 x + 128) (DiT, EDM; the default for models "
+    "trained here), truncate = clamp((x + 1) * 127.5) (guided-diffusion, NVlabs/DiffiT sample.py: the default for "
+    "models imported with import-nvlabs, whose config.json records it). Recorded in metrics.json and the npz."
 )
 BATCH_SIZE_HELP = "Samples per network batch and per process; also the chunk size of a new sample store."
 CLASSES_HELP = "'all' (uniform labels) or a list to cycle through, e.g. 88,207,360 or 0-9."
@@ -131,7 +151,7 @@ def parse_classes(text: str) -> list[int] | None:
     return labels
 
 
-def _sampling_options(sampler, steps, cfg_scale, cfg_schedule, cfg_channels, seed, **more):
+def _sampling_options(sampler, steps, cfg_scale, cfg_schedule, cfg_channels, seed, pixels=None, **more):
     """The `SamplingOptions` of the parsed command-line values (enums to their strings)."""
     from pipeline.evaluate import SamplingOptions
 
@@ -142,6 +162,7 @@ def _sampling_options(sampler, steps, cfg_scale, cfg_schedule, cfg_channels, see
         cfg_schedule=cfg_schedule.value if cfg_schedule else None,
         cfg_channels=cfg_channels.value,
         seed=seed,
+        pixels=pixels.value if pixels else None,
         **more,
     )
 
@@ -160,6 +181,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", help=BATCH_SIZE_HELP)] = 32,
     seed: Seed = 0,
     eta: Annotated[float, typer.Option("--eta", help="DDIM eta (0 = deterministic).")] = 0.0,
+    pixels: Annotated[Pixels | None, typer.Option("--pixels", help=PIXELS_HELP)] = None,
     reference: Annotated[str | None, typer.Option("--reference", help=REFERENCE_HELP)] = None,
     inception_weights: Annotated[Path | None, typer.Option("--inception-weights", help=INCEPTION_WEIGHTS_HELP)] = None,
     metrics: Annotated[str, typer.Option("--metrics", help=METRICS_HELP)] = "fid,sfid,is,prc",
@@ -173,6 +195,9 @@ def evaluate(
     feature_workers: Annotated[int, typer.Option("--feature-workers", help=FEATURE_WORKERS_HELP)] = WORKERS,
     kid_subset_size: Annotated[int, typer.Option("--kid-subset-size", help="KID subset size (<= samples).")] = 1000,
     prc_memory_gb: Annotated[float, typer.Option("--prc-memory-gb", help=PRC_MEMORY_HELP)] = 2.0,
+    prc_precision: Annotated[
+        DistancePrecision, typer.Option("--prc-precision", help=PRC_PRECISION_HELP)
+    ] = DistancePrecision.fp16,
     prc_reference_limit: Annotated[int, typer.Option("--prc-reference-limit", help=PRC_LIMIT_HELP)] = 10_000,
     prc_seed: Annotated[int, typer.Option("--prc-seed", help="Seed of the reference subset.")] = 0,
     device: Device = None,
@@ -205,7 +230,16 @@ def evaluate(
     setup_logging()
     labels = parse_classes(classes)
     sampling = _sampling_options(
-        sampler, steps, cfg_scale, cfg_schedule, cfg_channels, seed, cfg_power=cfg_power, eta=eta, classes=labels
+        sampler,
+        steps,
+        cfg_scale,
+        cfg_schedule,
+        cfg_channels,
+        seed,
+        pixels,
+        cfg_power=cfg_power,
+        eta=eta,
+        classes=labels,
     )
     options = EvaluateOptions(
         model_dir=model,
@@ -224,6 +258,7 @@ def evaluate(
         feature_workers=feature_workers,
         kid_subset_size=kid_subset_size,
         prc_memory_gb=prc_memory_gb,
+        prc_precision=prc_precision.value,
         prc_reference_limit=prc_reference_limit,
         prc_seed=prc_seed,
         device=device,
@@ -250,6 +285,7 @@ def sample(
     cfg_schedule: CfgSchedule = None,
     cfg_channels: CfgChannels = GuidedChannels.three,
     seed: Seed = 0,
+    pixels: Annotated[Pixels | None, typer.Option("--pixels", help=PIXELS_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per network batch.")] = 16,
     vae: Vae = None,
     device: Device = None,
@@ -267,7 +303,7 @@ def sample(
         parse_classes(classes),
         per_class=per_class,
         num=num,
-        sampling_options=_sampling_options(sampler, steps, cfg_scale, cfg_schedule, cfg_channels, seed),
+        sampling_options=_sampling_options(sampler, steps, cfg_scale, cfg_schedule, cfg_channels, seed, pixels),
         vae=vae,
         batch_size=batch_size,
         device=device,

@@ -42,7 +42,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluator's numpy code, reimplemented from guided-diffusion evaluations/evaluator.py (TensorFlow parts in
-# numpy: `_batch_pairwise_distances` in float32; the evaluator's float16 attempt is not reproduced).
+# numpy). `DistanceBlock` casts both batches to float16 and runs `_batch_pairwise_distances` in float16; when the
+# whole block is finite it is used (cast to float32), else the block is recomputed in float32. float16 arithmetic
+# as TensorFlow's GPU kernels round it: each elementwise op rounded to float16, the reductions (the norms' sum,
+# the matmul) accumulated in float32 and rounded once.
 
 
 def evaluator_statistics(activations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +95,26 @@ def _pairwise(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.maximum(norm_u - 2 * np.matmul(u, v.T) + norm_v, 0.0)
 
 
-def evaluator_radii(features: np.ndarray, k: int = 3, batch: int = 10000) -> np.ndarray:
+def _pairwise_fp16(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """`_batch_pairwise_distances(tf.cast(U, tf.float16), tf.cast(V, tf.float16))`, float16."""
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    norm_u = np.square(u16).astype(np.float32).sum(1).astype(np.float16).reshape(-1, 1)
+    norm_v = np.square(v16).astype(np.float32).sum(1).astype(np.float16).reshape(1, -1)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the case the fallback is for
+        products = np.matmul(u16.astype(np.float32), v16.astype(np.float32).T).astype(np.float16)
+        return np.maximum(norm_u - np.float16(2) * products + norm_v, np.float16(0))
+
+
+def distance_block(u: np.ndarray, v: np.ndarray, precision: str = "fp16") -> np.ndarray:
+    """`DistanceBlock.distance_block` (precision "fp32": the float32 graph alone)."""
+    if precision == "fp16":
+        block16 = _pairwise_fp16(u, v)
+        if np.all(np.isfinite(block16)):
+            return block16.astype(np.float32)
+    return _pairwise(u, v).astype(np.float32)
+
+
+def evaluator_radii(features: np.ndarray, k: int = 3, batch: int = 10000, precision: str = "fp16") -> np.ndarray:
     """`ManifoldEstimator.manifold_radii` with nhood_sizes=(k,)."""
     n = len(features)
     radii = np.zeros([n, 1], dtype=np.float32)
@@ -101,22 +123,27 @@ def evaluator_radii(features: np.ndarray, k: int = 3, batch: int = 10000) -> np.
         end1 = min(begin1 + batch, n)
         for begin2 in range(0, n, batch):
             end2 = min(begin2 + batch, n)
-            distance_batch[0 : end1 - begin1, begin2:end2] = _pairwise(features[begin1:end1], features[begin2:end2])
+            distance_batch[0 : end1 - begin1, begin2:end2] = distance_block(
+                features[begin1:end1], features[begin2:end2], precision
+            )
         partitioned = np.partition(distance_batch[0 : end1 - begin1, :], np.arange(k + 1), axis=1)
         radii[begin1:end1, :] = partitioned[:, [k]]
     return radii
 
 
-def evaluator_precision_recall(reference: np.ndarray, samples: np.ndarray, batch: int = 10000) -> tuple[float, float]:
+def evaluator_precision_recall(
+    reference: np.ndarray, samples: np.ndarray, batch: int = 10000, precision: str = "fp16", k: int = 3
+) -> tuple[float, float]:
     """`Evaluator.compute_prec_recall` -> `ManifoldEstimator.evaluate_pr` / `DistanceBlock.less_thans`."""
-    radii_1, radii_2 = evaluator_radii(reference), evaluator_radii(samples)
+    radii_1 = evaluator_radii(reference, k, batch, precision)
+    radii_2 = evaluator_radii(samples, k, batch, precision)
     status_1 = np.zeros([len(reference), 1], dtype=bool)
     status_2 = np.zeros([len(samples), 1], dtype=bool)
     for begin_1 in range(0, len(reference), batch):
         batch_1 = reference[begin_1 : begin_1 + batch]
         for begin_2 in range(0, len(samples), batch):
             batch_2 = samples[begin_2 : begin_2 + batch]
-            dist32 = _pairwise(batch_1, batch_2).astype(np.float32)[..., None]
+            dist32 = distance_block(batch_1, batch_2, precision)[..., None]
             status_1[begin_1 : begin_1 + batch] |= np.any(dist32 <= radii_2[begin_2 : begin_2 + batch], axis=1)
             status_2[begin_2 : begin_2 + batch] |= np.any(dist32 <= radii_1[begin_1 : begin_1 + batch][:, None], axis=0)
     return float(np.mean(status_2.astype(np.float64))), float(np.mean(status_1.astype(np.float64)))
@@ -192,30 +219,68 @@ def test_running_moments_are_np_cov_whatever_the_chunking():
 # Precision / recall
 
 
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
 @pytest.mark.parametrize("shift", [0.0, 0.7])
-def test_precision_recall_equal_the_evaluator_at_any_memory_bound(shift, monkeypatch):
+def test_precision_recall_equal_the_evaluator_at_any_memory_bound(shift, precision, monkeypatch):
     rng = np.random.default_rng(1)
     reference = _quantised_features(rng, 300, 64)
     samples = _quantised_features(rng, 420, 64, shift)
-    precision, recall = evaluator_precision_recall(reference, samples, batch=128)
-    assert (precision, recall) == evaluator_precision_recall(reference, samples)  # its own blocking is neutral
-    assert 0.0 < precision < 1.0 and 0.0 < recall < 1.0
+    precision_value, recall = evaluator_precision_recall(reference, samples, batch=128, precision=precision)
+    assert (precision_value, recall) == evaluator_precision_recall(reference, samples, precision=precision)
+    assert 0.0 < precision_value < 1.0 and 0.0 < recall < 1.0
 
     largest = []
-    squared = adm.squared_distances
+    measured = "squared_distances_fp16" if precision == "fp16" else "squared_distances"
+    original = getattr(adm, measured)
 
     def recording(u, v, u_norms, v_norms):
         largest.append(u.shape[0] * v.shape[0])
-        return squared(u, v, u_norms, v_norms)
+        return original(u, v, u_norms, v_norms)
 
-    monkeypatch.setattr(adm, "squared_distances", recording)
+    monkeypatch.setattr(adm, measured, recording)
     for memory_bytes in (adm.DEFAULT_PRC_MEMORY_BYTES, 8 * 420 * 5, 8 * 100):  # whole; rows of 5; column pieces
         largest.clear()
-        values = adm.precision_recall(reference, samples, memory_bytes=memory_bytes)
-        assert (values["precision"], values["recall"]) == (precision, recall), memory_bytes
+        values = adm.precision_recall(reference, samples, memory_bytes=memory_bytes, precision=precision)
+        assert (values["precision"], values["recall"]) == (precision_value, recall), memory_bytes
         assert max(largest) * adm.BYTES_PER_BLOCK_ELEMENT <= memory_bytes
-        assert values["f_score"] == pytest.approx(2 * precision * recall / (precision + recall))
+        assert values["f_score"] == pytest.approx(2 * precision_value * recall / (precision_value + recall))
     assert min(largest) <= 100  # the smallest bound really split rows into column pieces
+
+
+def test_float16_distances_differ_from_float32_as_the_evaluator_rounds_them():
+    """A hand-computed case (k = 1, one dimension) where the evaluator's float16 distances change recall.
+
+    Reference {48, 45}, samples {43.5, 43}. float32: the samples' radius is (43.5 - 43)^2 = 0.25 and no reference
+    point lies within 0.25 of a sample (the nearest pair is 45 / 43.5 at 2.25): recall 0; both samples lie within
+    the reference radius (48 - 45)^2 = 9: precision 1. float16 (grid step 1 in [1024, 2048), 2 in [2048, 4096)):
+    43.5^2 = 1892.25 -> 1892; 43.5 * 43 = 1870.5 -> 1870 (half to even), so the samples' radius is
+    1892 - 3740 + 1849 = 1; 45 * 43.5 = 1957.5 -> 1958, so |45 - 43.5|^2 = 2025 - 3916 + 1892 = 1 <= 1: 45 is
+    inside a sample's ball, recall 1/2."""
+    reference = np.array([[48.0], [45.0]], np.float32)
+    samples = np.array([[43.5], [43.0]], np.float32)
+    u16 = torch.tensor([[45.0]]).half()
+    v16 = torch.tensor([[43.5]]).half()
+    assert adm.squared_distances_fp16(u16, v16, adm.half_norms(u16), adm.half_norms(v16)).item() == 1.0
+    assert adm.half_norms(v16).item() == 1892.0
+    for precision, expected in (("fp16", (1.0, 0.5)), ("fp32", (1.0, 0.0))):
+        values = adm.precision_recall(reference, samples, k=1, precision=precision)
+        assert (values["precision"], values["recall"]) == expected, precision
+        assert evaluator_precision_recall(reference, samples, precision=precision, k=1) == expected, precision
+
+
+def test_a_non_finite_float16_block_is_recomputed_in_float32_block_by_block(monkeypatch):
+    """Features whose squared norms overflow float16 (> 65504) make their evaluator block float32; the other
+    blocks stay float16. With evaluator blocks of 8 rows, only the blocks touching the large rows fall back."""
+    rng = np.random.default_rng(3)
+    reference = _quantised_features(rng, 24, 16, 40.0)  # norms ~ 16 * 40^2 = 25,600: finite in float16
+    samples = _quantised_features(rng, 20, 16, 40.0)
+    reference[:4] *= 2  # ~102,400: these blocks overflow
+    expected = evaluator_precision_recall(reference, samples, batch=8, precision="fp16")
+    assert expected != evaluator_precision_recall(reference, samples, batch=8, precision="fp32")
+    assert expected != evaluator_precision_recall(reference, samples, batch=24, precision="fp16")
+    monkeypatch.setattr(adm, "EVALUATOR_BLOCK", 8)
+    values = adm.precision_recall(reference, samples, precision="fp16", memory_bytes=8 * 3 * 8)
+    assert (values["precision"], values["recall"]) == expected
 
 
 def test_block_shape_bounds_50k_by_10k_within_the_default():

@@ -19,6 +19,7 @@ import torch
 from eval_fixtures import REPO_ROOT, make_latent_model_dir, make_tiny_vae, smooth_images, write_npz_reference
 from typer.testing import CliRunner
 
+from diffit.sampling import to_uint8
 from pipeline import __version__ as pipeline_version
 from pipeline.core.shards import sha256_file
 from pipeline.evaluate import datasets as ds
@@ -134,6 +135,8 @@ def test_evaluate_writes_store_metrics_json_and_npz(baseline, inception_weights,
     assert record["model"]["weights_sha256"] == sha256_file(Path(baseline.options.model_dir) / "model.safetensors")
     assert record["reference"]["kind"] == "npz" and len(record["reference"]["content_sha256"]) == 64
     assert record["feature_extractor"]["layers"] == {"fid": "64", "prc": "64"}
+    assert record["feature_extractor"]["prc_distance_precision"] == "fp16"  # the ADM evaluator's, by default
+    assert record["sampling"]["pixels"] == "round"
     assert {"rank0_sampling", "total", "metrics_sample_features"} <= set(record["timings_s"])
 
     images = baseline.images
@@ -490,7 +493,7 @@ def test_generate_passes_the_resolved_guidance_to_the_sampler(monkeypatch):
     assert config.steps == 7 and config.sampler == "ddpm" and config.kind == "adm"
     assert captured["device"] == "cpu"
     assert list(captured["class_labels"]) == [1, 2, 3]
-    from pipeline.evaluate.sample_store import sample_noise_seeds
+    from pipeline.evaluate.sample_seeds import sample_noise_seeds
 
     assert captured["seeds"] == sample_noise_seeds(0, [5, 6, 7])
 
@@ -500,6 +503,34 @@ def test_uint8_conversion_rounds_and_clamps():
     pixels = generation.to_uint8_images(images)
     assert pixels.shape == (1, 1, 6, 3)
     np.testing.assert_array_equal(pixels[0, 0, :, 0], [0, 0, 128, 255, 255, 255])
+
+
+def test_pixel_quantization_formulas_on_hand_computed_values():
+    """round = floor(127.5 x + 128) (DiT / EDM), truncate = floor(127.5 x + 127.5) (ADM / NVlabs sample.py)."""
+    x = torch.tensor([-1.0, -0.99, 0.0, 0.5, 0.996, 1.0])
+    # 127.5 x + 128 = 0.5, 1.775, 128, 191.75, 254.99, 255.5;  127.5 x + 127.5 = 0, 1.275, 127.5, 191.25, 254.49, 255
+    assert to_uint8(x, "round").tolist() == [0, 1, 128, 191, 254, 255]
+    assert to_uint8(x, "truncate").tolist() == [0, 1, 127, 191, 254, 255]
+    with pytest.raises(ValueError, match="unknown pixel quantization 'nearest'"):
+        to_uint8(x, "nearest")
+
+
+def test_pixels_setting_is_applied_recorded_and_exported(baseline, tmp_path):
+    """--pixels truncate: the same decoded samples, one grey level darker wherever frac(127.5 x + 127.5) >= 0.5;
+    recorded in metrics.json, the store settings and the npz; a store of the other setting is refused."""
+    model = baseline.options.model_dir
+    out = tmp_path / "truncate"
+    record = ev.evaluate(_options(model, out, metrics=(), export_npz=True, sampling={"pixels": "truncate"}))
+    truncated = _images(out)
+    difference = baseline.images.astype(int) - truncated.astype(int)
+    assert set(np.unique(difference)) == {0, 1} and difference.mean() > 0.2
+    assert record["sampling"]["pixels"] == "truncate"
+    assert SampleStore.open(out / STORE_NAME, mode="r").settings["sampling"]["pixels"] == "truncate"
+    with np.load(out / "samples.npz") as data:
+        assert str(data["pixel_quantization"]) == "truncate"
+        np.testing.assert_array_equal(data["arr_0"], truncated)
+    with pytest.raises(SampleStoreMismatchError):
+        ev.evaluate(_options(model, out, metrics=()))  # round into the truncate store
 
 
 # ----------------------------------------------------------------------------------------------------------------

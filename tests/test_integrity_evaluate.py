@@ -33,7 +33,8 @@ from pipeline.evaluate import options as opts
 from pipeline.evaluate import reference_cache as ref_cache
 from pipeline.evaluate import references as refs
 from pipeline.evaluate import run as ev
-from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, SampleStoreError, StoreLayout, export_npz
+from pipeline.evaluate.npz_export import export_npz
+from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, SampleStoreError, StoreLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,15 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
+from pipeline.evaluate.npz_export import export_npz
+from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
 from pipeline.evaluate.sample_store import (
     SampleStore,
     SampleStoreError,
     SampleStoreMismatchError,
     StoreLayout,
     assign_chunks,
-    export_npz,
-    sample_class_labels,
-    sample_noise_seeds,
 )
 
 SETTINGS = {"model": {"weights_sha256": "abc"}, "sampling": {"sampler": "ddpm", "steps": 4, "seed": 0}}
@@ -132,7 +131,8 @@ def test_export_npz_is_the_adm_layout(tmp_path):
         store.write_chunk(chunk, *_fake_chunk(layout, chunk))
     path = export_npz(store, tmp_path / "samples.npz", batch=2)
     with np.load(path) as data:
-        assert sorted(data.files) == ["arr_0", "arr_1"]
+        assert sorted(data.files) == ["arr_0", "arr_1", "pixel_quantization"]
+        assert str(data["pixel_quantization"]) == "round"
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 4, 4, 3)
         np.testing.assert_array_equal(data["arr_0"], store.read_images(0, 7))
         np.testing.assert_array_equal(data["arr_1"], np.arange(7) * 10)

@@ -30,13 +30,12 @@ from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
 from pipeline.evaluate.reference_cache import reference_cache_dir
 from pipeline.evaluate.references import open_reference
 from pipeline.evaluate.run import METRICS_FILE, evaluate, sample_grid
+from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
 from pipeline.evaluate.sample_store import (
     STORE_NAME,
     SampleStore,
     SampleStoreError,
     SampleStoreMismatchError,
-    sample_class_labels,
-    sample_noise_seeds,
 )
 
 __all__ = [

@@ -15,8 +15,14 @@ published ImageNet numbers, in bounded memory and on the GPU when there is one.
   evaluator's `_batch_pairwise_distances`, computed block by block so that the distance blocks never exceed
   `memory_bytes`, whatever the numbers of samples and references.
 
-One deliberate difference: the evaluator computes the distance blocks in float16 when they are finite (falling
-back to float32); here they are float32 throughout, so a point exactly on a ball's boundary may count differently.
+  Precision ("fp16", the default, as the evaluator): `DistanceBlock` casts both feature batches to float16 and
+  computes the distances in float16; where a block of the evaluator's size (10,000 x 10,000, `EVALUATOR_BLOCK`)
+  holds a value that is not finite, that whole block is recomputed in float32. At pool-feature norms the float16
+  grid is coarse (steps of 2 near 2,000), so many distances tie on the `<=` radius test: the published precision /
+  recall carry those ties. Float16 arithmetic is emulated the way the evaluator's GPU kernels round: each
+  elementwise op (square, -2 u.v + |u|^2, + |v|^2) rounded to float16, the sums of the norms and of the matmul
+  accumulated in float32 and rounded to float16 once. "fp32" computes every distance in float32 (the choice of
+  torch-fidelity and of this project before the evaluator's rounding was reproduced).
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ FRECHET_EPS = 1e-6
 # bool comparison results (one alive at a time) plus slack for the matmul's own workspace.
 BYTES_PER_BLOCK_ELEMENT = 8
 DEFAULT_PRC_MEMORY_BYTES = 2 * 1024**3
+# `ManifoldEstimator(row_batch_size=10000, col_batch_size=10000)`: the blocks whose float16 distances are kept
+# when all finite and recomputed in float32 otherwise.
+EVALUATOR_BLOCK = 10_000
+DISTANCE_PRECISIONS = ("fp16", "fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,6 +221,51 @@ def squared_distances(u: torch.Tensor, v: torch.Tensor, u_norms: torch.Tensor, v
     return distances.clamp_(min=0)
 
 
+def squared_distances_fp16(
+    u: torch.Tensor, v: torch.Tensor, u_norms: torch.Tensor, v_norms: torch.Tensor
+) -> torch.Tensor:
+    """`_batch_pairwise_distances` on float16 features and norms (`half_norms`), rounded as in float16: the
+    matmul accumulated in float32 (exact products of float16 values) and rounded once, then -2 u.v + |u|^2 and
+    + |v|^2 each rounded to float16 (a - 2b and -2b + a are the same IEEE operation). Returns float16."""
+    distances = (u.float() @ v.float().T).half()
+    distances.mul_(-2).add_(u_norms[:, None]).add_(v_norms[None, :])
+    return distances.clamp_(min=0)
+
+
+def half_norms(features: torch.Tensor) -> torch.Tensor:
+    """|u|^2 of float16 rows as the evaluator's float16 graph gives it: squares rounded to float16, summed in
+    float32, the sum rounded to float16."""
+    return (features * features).float().sum(dim=1).half()
+
+
+@dataclass
+class _Points:
+    """A feature set with what the distance blocks need: float32 rows and norms, and their float16 versions."""
+
+    values: torch.Tensor
+    norms: torch.Tensor
+    values16: torch.Tensor | None = None
+    norms16: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, features: torch.Tensor, precision: str) -> _Points:
+        points = cls(features, features.pow(2).sum(dim=1))
+        if precision == "fp16":
+            points.values16 = features.half()
+            points.norms16 = half_norms(points.values16)
+        return points
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+
+def _distance_block(a: _Points, rows: tuple[int, int], b: _Points, cols: tuple[int, int], fp16: bool) -> torch.Tensor:
+    (r0, r1), (c0, c1) = rows, cols
+    if fp16:
+        return squared_distances_fp16(a.values16[r0:r1], b.values16[c0:c1], a.norms16[r0:r1], b.norms16[c0:c1])
+    return squared_distances(a.values[r0:r1], b.values[c0:c1], a.norms[r0:r1], b.norms[c0:c1])
+
+
 def _blocks(count: int, size: int):
     return [(start, min(start + size, count)) for start in range(0, count, size)]
 
@@ -221,14 +276,56 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="block", disable=not enabled, leave=False)
 
 
+def _tiles(rows: int, cols: int, memory_bytes: int):
+    """The evaluator's blocks ((row range), (column range)) and, for each, the memory-bounded blocks inside it."""
+    plan = []
+    for tile_rows in _blocks(rows, EVALUATOR_BLOCK):
+        for tile_cols in _blocks(cols, EVALUATOR_BLOCK):
+            height, width = block_shape(tile_rows[1] - tile_rows[0], tile_cols[1] - tile_cols[0], memory_bytes)
+            inner = [
+                ((tile_rows[0] + r0, tile_rows[0] + r1), (tile_cols[0] + c0, tile_cols[0] + c1))
+                for r0, r1 in _blocks(tile_rows[1] - tile_rows[0], height)
+                for c0, c1 in _blocks(tile_cols[1] - tile_cols[0], width)
+            ]
+            plan.append((tile_rows, tile_cols, inner))
+    return plan
+
+
+def _per_tile(a: _Points, b: _Points, precision: str, memory_bytes: int, progress, description: str, reduce):
+    """Run `reduce(rows, cols, block, state)` over every memory block of every evaluator block, in `precision`;
+    an evaluator block with a non-finite float16 distance is run again from a fresh state in float32. Yields
+    (tile rows, tile cols, state) per evaluator block."""
+    plan = _tiles(len(a), len(b), memory_bytes)
+    with _progress(sum(len(inner) for *_, inner in plan), description, progress) as bar:
+        for tile_rows, tile_cols, inner in plan:
+            fp16 = precision == "fp16"
+            while True:
+                state, finite = {}, True
+                for rows, cols in inner:
+                    block = _distance_block(a, rows, b, cols, fp16)
+                    if fp16 and not bool(torch.isfinite(block).all()):
+                        finite = False
+                        break
+                    reduce(rows, cols, block, state)
+                    del block
+                    bar.update(1)
+                if finite:
+                    break
+                logger.info("%s: a float16 distance block is not finite; recomputing it in float32", description)
+                fp16 = False
+            yield tile_rows, tile_cols, state
+
+
 def manifold_radii(
     features: torch.Tensor,
     k: int = PRC_NEIGHBOURHOOD,
     memory_bytes: int = DEFAULT_PRC_MEMORY_BYTES,
     progress: bool = False,
     description: str = "k-NN radii",
+    precision: str = "fp16",
 ) -> torch.Tensor:
-    """The k-th smallest squared distance of every row to the rows of `features` (itself included, at index 0).
+    """The k-th smallest squared distance of every row to the rows of `features` (itself included, at index 0),
+    float32 (of float16 distances when `precision` is "fp16").
 
     The k + 1 smallest distances of a row block are kept while its column blocks stream past, so memory is one
     distance block, however many rows there are.
@@ -236,48 +333,58 @@ def manifold_radii(
     count = features.shape[0]
     if count <= k:
         raise InputError(f"precision/recall with k = {k} needs more than {k} feature vectors per set, got {count}")
-    norms = features.pow(2).sum(dim=1)
-    rows, cols = block_shape(count, count, memory_bytes)
-    row_blocks, col_blocks = _blocks(count, rows), _blocks(count, cols)
+    points = _Points.of(features, _check_precision(precision))
+
+    def keep_nearest(rows, cols, block, state):
+        smallest = torch.topk(block.float(), min(k + 1, cols[1] - cols[0]), dim=1, largest=False).values
+        previous = state.get(rows)
+        merged = smallest if previous is None else torch.cat([previous, smallest], dim=1)
+        state[rows] = torch.topk(merged, min(k + 1, merged.shape[1]), dim=1, largest=False).values
+
+    nearest: dict[tuple[int, int], torch.Tensor] = {}  # evaluator row block -> its k + 1 smallest so far
+    for tile_rows, _, state in _per_tile(points, points, precision, memory_bytes, progress, description, keep_nearest):
+        candidates = torch.cat([state[rows] for rows in sorted(state)], dim=0)  # the memory blocks' rows, in order
+        previous = nearest.get(tile_rows)
+        merged = candidates if previous is None else torch.cat([previous, candidates], dim=1)
+        nearest[tile_rows] = torch.topk(merged, min(k + 1, merged.shape[1]), dim=1, largest=False).values
     radii = torch.empty(count, dtype=torch.float32, device=features.device)
-    with _progress(len(row_blocks) * len(col_blocks), description, progress) as bar:
-        for r0, r1 in row_blocks:
-            nearest = None
-            for c0, c1 in col_blocks:
-                block = squared_distances(features[r0:r1], features[c0:c1], norms[r0:r1], norms[c0:c1])
-                smallest = torch.topk(block, min(k + 1, c1 - c0), dim=1, largest=False).values
-                nearest = smallest if nearest is None else torch.cat([nearest, smallest], dim=1)
-                nearest = torch.topk(nearest, min(k + 1, nearest.shape[1]), dim=1, largest=False).values
-                del block
-                bar.update(1)
-            radii[r0:r1] = torch.sort(nearest, dim=1).values[:, k]
+    for (r0, r1), candidates in nearest.items():
+        radii[r0:r1] = torch.sort(candidates, dim=1).values[:, k]
     return radii
 
 
 def _block_memberships(
-    reference: torch.Tensor,
-    reference_norms: torch.Tensor,
+    reference: _Points,
     reference_radii: torch.Tensor,
-    samples: torch.Tensor,
-    sample_norms: torch.Tensor,
+    samples: _Points,
     sample_radii: torch.Tensor,
     memory_bytes: int,
     progress: bool,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference point inside some sample ball, sample inside some reference ball), over all blocks."""
-    reference_in = torch.zeros(reference.shape[0], dtype=torch.bool, device=reference.device)
-    samples_in = torch.zeros(samples.shape[0], dtype=torch.bool, device=reference.device)
-    rows, cols = block_shape(reference.shape[0], samples.shape[0], memory_bytes)
-    row_blocks, col_blocks = _blocks(reference.shape[0], rows), _blocks(samples.shape[0], cols)
-    with _progress(len(row_blocks) * len(col_blocks), "precision/recall", progress) as bar:
-        for r0, r1 in row_blocks:
-            for c0, c1 in col_blocks:
-                block = squared_distances(reference[r0:r1], samples[c0:c1], reference_norms[r0:r1], sample_norms[c0:c1])
-                reference_in[r0:r1] |= (block <= sample_radii[None, c0:c1]).any(dim=1)
-                samples_in[c0:c1] |= (block <= reference_radii[r0:r1, None]).any(dim=0)
-                del block
-                bar.update(1)
+    reference_in = torch.zeros(len(reference), dtype=torch.bool, device=reference.values.device)
+    samples_in = torch.zeros(len(samples), dtype=torch.bool, device=reference.values.device)
+
+    def memberships(rows, cols, block, state):
+        (r0, r1), (c0, c1) = rows, cols
+        state.setdefault(("reference", rows), torch.zeros(r1 - r0, dtype=torch.bool, device=block.device))
+        state.setdefault(("samples", cols), torch.zeros(c1 - c0, dtype=torch.bool, device=block.device))
+        state[("reference", rows)] |= (block <= sample_radii[None, c0:c1]).any(dim=1)
+        state[("samples", cols)] |= (block <= reference_radii[r0:r1, None]).any(dim=0)
+
+    tiles = _per_tile(reference, samples, precision, memory_bytes, progress, "precision/recall", memberships)
+    for _, _, state in tiles:
+        for (side, (start, stop)), inside in state.items():
+            target = reference_in if side == "reference" else samples_in
+            target[start:stop] |= inside
     return reference_in, samples_in
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in DISTANCE_PRECISIONS:
+        raise InputError(f"precision/recall distances: expected one of {DISTANCE_PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def precision_recall(
@@ -287,34 +394,37 @@ def precision_recall(
     memory_bytes: int = DEFAULT_PRC_MEMORY_BYTES,
     device: torch.device | str | None = None,
     progress: bool = False,
+    precision: str = "fp16",
 ) -> dict[str, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) as the ADM evaluator computes them.
 
-    `reference` [n_ref, d] and `samples` [n_samples, d] features (float32 on `device`, default: where they are).
+    `reference` [n_ref, d] and `samples` [n_samples, d] features (float32 on `device`, default: where they are);
+    `precision` of the distances: "fp16" (the evaluator's, see the module docstring) or "fp32".
     Returns {"precision", "recall", "f_score"} (f_score = harmonic mean, as torch-fidelity reports it).
     """
+    _check_precision(precision)
     reference, samples = torch.as_tensor(reference), torch.as_tensor(samples)
     device = torch.device(device) if device is not None else reference.device
     reference = reference.to(device=device, dtype=torch.float32)
     samples = samples.to(device=device, dtype=torch.float32)
     if reference.ndim != 2 or samples.ndim != 2 or reference.shape[1] != samples.shape[1]:
         raise InputError(f"precision/recall needs [n, d] features of one d, got {reference.shape} / {samples.shape}")
-    reference_radii = manifold_radii(reference, k, memory_bytes, progress, "k-NN radii (reference)")
-    sample_radii = manifold_radii(samples, k, memory_bytes, progress, "k-NN radii (samples)")
+    reference_radii = manifold_radii(reference, k, memory_bytes, progress, "k-NN radii (reference)", precision)
+    sample_radii = manifold_radii(samples, k, memory_bytes, progress, "k-NN radii (samples)", precision)
     reference_in, samples_in = _block_memberships(
-        reference,
-        reference.pow(2).sum(dim=1),
+        _Points.of(reference, precision),
         reference_radii,
-        samples,
-        samples.pow(2).sum(dim=1),
+        _Points.of(samples, precision),
         sample_radii,
         memory_bytes,
         progress,
+        precision,
     )
-    precision = float(samples_in.double().mean())
+    precision_value = float(samples_in.double().mean())
     recall = float(reference_in.double().mean())
-    f_score = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"precision": precision, "recall": recall, "f_score": f_score}
+    total = precision_value + recall
+    f_score = 2 * precision_value * recall / total if total > 0 else 0.0
+    return {"precision": precision_value, "recall": recall, "f_score": f_score}
 
 
 def peak_block_bytes(rows: int, cols: int, memory_bytes: int) -> int:

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.evaluate.model_loading import LoadedModel
 from pipeline.evaluate.options import ResolvedSampling
-from pipeline.evaluate.sample_store import SampleStore, assign_chunks, sample_class_labels, sample_noise_seeds
+from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
+from pipeline.evaluate.sample_store import SampleStore, assign_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ class GenerationStats:
             setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
 
 
-def to_uint8_images(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float [N, 3, H, W] -> uint8 [N, H, W, 3], rounding to nearest (EDM / DiT convention)."""
-    pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8_images(images: torch.Tensor, pixels: str = "round") -> np.ndarray:
+    """[-1, 1] float [N, 3, H, W] -> uint8 [N, H, W, 3] by `pixels` ("round" | "truncate", see `to_uint8`)."""
+    from diffit.sampling import to_uint8
+
+    return to_uint8(images, pixels).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def decode(loaded: LoadedModel, samples: torch.Tensor) -> torch.Tensor:
@@ -73,7 +75,7 @@ def generate(
         network = loaded.sampling_network
         latents, run = sample_with_stats(network, loaded.sample_shape, class_labels, seeds, config, device=device)
         sampled = time.perf_counter()
-        images = to_uint8_images(decode(loaded, latents))
+        images = to_uint8_images(decode(loaded, latents), sampling.pixels)
         stats.decode_time_s += time.perf_counter() - sampled
         stats.sampler_time_s += sampled - began
         stats.network_calls += run.network_calls

@@ -130,6 +130,7 @@ class FeatureConfig:
     spatial features for sFID, logits for IS (torch-fidelity's unbiased logits) over consecutive splits of 5000
     samples, k = 3 neighbours, precision / recall against at most 10,000 reference images. `cuda` runs the
     network and the distance blocks on the GPU; `prc_memory_bytes` bounds the distance blocks of precision /
+    recall, `prc_precision` is their arithmetic (the evaluator's float16 with its float32 fallback, or float32);
     recall; `num_workers` DataLoader workers decode reference images.
     """
 
@@ -146,6 +147,7 @@ class FeatureConfig:
     kid_subset_size: int = 1000
     prc_neighborhood: int = PRC_NEIGHBOURHOOD
     prc_memory_bytes: int = DEFAULT_PRC_MEMORY_BYTES
+    prc_precision: str = "fp16"  # of the distances: "fp16" as the ADM evaluator (fp32 fallback), or "fp32"
     prc_reference_limit: int = DEFAULT_PRC_REFERENCE_LIMIT
     prc_seed: int = 0
     num_workers: int = 0

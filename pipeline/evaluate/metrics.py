@@ -288,6 +288,7 @@ def _metric_values(
                 sample_features[layers["prc"]],
                 k=config.prc_neighborhood,
                 memory_bytes=config.prc_memory_bytes,
+                precision=config.prc_precision,
                 device=config.device,
                 progress=config.progress,
             )

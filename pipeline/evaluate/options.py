@@ -38,6 +38,7 @@ class SamplingOptions:
     classes: list[int] | None = None  # None: uniform over all classes; a list: cycled through
     seed: int = 0
     eta: float = 0.0  # DDIM only
+    pixels: str | None = None  # "round" | "truncate" (see diffit.sampling.to_uint8); None: the model's default
 
 
 @dataclass
@@ -60,6 +61,7 @@ class EvaluateOptions:
     feature_workers: int = min(4, os.cpu_count() or 1)
     kid_subset_size: int = 1000
     prc_memory_gb: float = 2.0
+    prc_precision: str = "fp16"  # precision/recall distances: "fp16" (the ADM evaluator's) or "fp32"
     prc_reference_limit: int = 10_000
     prc_seed: int = 0
     device: str | None = None
@@ -81,6 +83,7 @@ class ResolvedSampling:
     classes: list[int] | None
     seed: int
     eta: float
+    pixels: str = "round"  # how samples become uint8 images (diffit.sampling.to_uint8)
     defaults_used: list[str] = field(default_factory=list)
 
     def guidance(self):
@@ -111,6 +114,7 @@ class ResolvedSampling:
             diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
             noise_schedule=diffusion.get("noise_schedule", "linear"),
             sigma_data=float(diffusion.get("sigma_data", 0.5)),
+            pixels=self.pixels,
         )
 
     def describe(self) -> dict[str, Any]:

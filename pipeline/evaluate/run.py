@@ -52,10 +52,12 @@ from pipeline.evaluate.inception import (
 )
 from pipeline.evaluate.metrics import METRIC_NAMES, compute_metrics
 from pipeline.evaluate.model_loading import LoadedModel, load_model, network_settings, prepare_network
+from pipeline.evaluate.npz_export import export_npz
 from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, ResolvedSampling, SamplingOptions
 from pipeline.evaluate.reference_cache import reference_cache_dir
 from pipeline.evaluate.references import check_reference, open_reference
-from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, StoreLayout, export_npz, sample_class_labels
+from pipeline.evaluate.sample_seeds import sample_class_labels
+from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, StoreLayout
 from pipeline.evaluate.sampling_settings import resolve_sampling, store_settings
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ def _feature_config(options: EvaluateOptions, device: torch.device | str):
         cuda=torch.device(device).type == "cuda",
         kid_subset_size=options.kid_subset_size,
         prc_memory_bytes=int(options.prc_memory_gb * 1024**3),
+        prc_precision=options.prc_precision,
         prc_reference_limit=options.prc_reference_limit,
         prc_seed=options.prc_seed,
         num_workers=options.feature_workers,
@@ -317,6 +320,7 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
         "prc_neighborhood": checks.feature_config.prc_neighborhood,
         "prc_reference_limit": checks.feature_config.prc_reference_limit,
         "prc_memory_bytes": checks.feature_config.prc_memory_bytes,
+        "prc_distance_precision": checks.feature_config.prc_precision,
     }
     record["metric_sources"] = sources
     if reference is not None:

@@ -18,10 +18,10 @@ absent or undecodable instead of reading the fill value. New stores also keep zs
 flipped bit fails to decode) and write every chunk, even one that equals the fill value (zarr skips those by
 default, which would make a legitimately black chunk, or the -1 labels of an unconditional model, look missing).
 
-What sample `i` holds depends only on (`seed`, `i`) and the sampling settings (see `sample_noise_seeds`,
-`sample_class_labels`): never on the number of processes or the batch size. The settings are stored in the
-group attributes; re-opening a store with other settings is refused (`SampleStoreMismatchError`) instead of
-silently mixing samples of two configurations.
+What sample `i` holds depends only on (`seed`, `i`) and the sampling settings (`pipeline.evaluate.sample_seeds`):
+never on the number of processes or the batch size. The settings are stored in the group attributes; re-opening
+a store with other settings is refused (`SampleStoreMismatchError`) instead of silently mixing samples of two
+configurations.
 """
 
 from __future__ import annotations
@@ -37,19 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_path, replace_directory, temp_path_for
+from pipeline.core.atomic import replace_directory, temp_path_for
 from pipeline.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STORE_NAME = "samples.zarr"
-
-# Independent streams of the per-sample hash: the noise seed and the class label of sample i must not be
-# correlated, so each gets its own constant mixed into the key.
-_NOISE_STREAM = 0x6E6F697365  # "noise"
-_LABEL_STREAM = 0x6C6162656C  # "label"
-
 
 ARRAY_NAMES = ("samples", "labels", "done")
 CHUNKED_ARRAYS = ("samples", "labels")  # the arrays whose chunk c holds the data of work unit c
@@ -88,52 +82,6 @@ class StoreLayout:
         """Sample indices [start, stop) of chunk `chunk`."""
         start = chunk * self.chunk_size
         return start, min(start + self.chunk_size, self.num_samples)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-sample seeds and labels
-
-
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on uint64 arrays: a cheap, platform-independent 64-bit hash (wrap-around intended)."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _per_sample_hash(seed: int, indices: np.ndarray, stream: int) -> np.ndarray:
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    key = _splitmix64(np.array([(seed ^ stream) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    return _splitmix64(key ^ np.asarray(indices, dtype=np.uint64))
-
-
-def sample_noise_seeds(seed: int, indices: Sequence[int] | np.ndarray) -> list[int]:
-    """The noise seed of each sample index: a 63-bit hash of (`seed`, index), usable with `torch.Generator`."""
-    hashed = _per_sample_hash(seed, np.asarray(indices), _NOISE_STREAM) >> np.uint64(1)
-    return [int(value) for value in hashed]
-
-
-def sample_class_labels(
-    seed: int, indices: Sequence[int] | np.ndarray, num_classes: int, classes: Sequence[int] | None = None
-) -> np.ndarray:
-    """Class label of each sample index (int64).
-
-    `classes` given: sample i gets `classes[i % len(classes)]` (cycling, e.g. for a class-balanced set).
-    Otherwise uniform over `num_classes` from a hash of (`seed`, i); the modulo bias of a 64-bit hash is < 1e-15.
-    Unconditional models (`num_classes == 0`) get -1.
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    if classes is not None:
-        if len(classes) == 0:
-            raise ValueError("classes: empty list")
-        return np.asarray(classes, dtype=np.int64)[indices % len(classes)]
-    if num_classes <= 0:
-        return np.full(indices.shape, -1, dtype=np.int64)
-    hashed = _per_sample_hash(seed, indices, _LABEL_STREAM)
-    return (hashed % np.uint64(num_classes)).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,6 +321,13 @@ class SampleStore:
     def is_complete(self) -> bool:
         return bool(self.done_mask().all())
 
+    @property
+    def pixel_quantization(self) -> str:
+        """How the stored samples became uint8 ("round" when the settings do not say: stores made before it was a
+        setting, and every store of a model sampled with the default)."""
+        sampling = self.settings.get("sampling")
+        return str(sampling.get("pixels", "round")) if isinstance(sampling, dict) else "round"
+
     def _required_arrays(self) -> tuple[str, ...]:
         """The arrays whose chunk files must exist for a chunk to count as present.
 
@@ -522,39 +477,3 @@ def assign_chunks(missing: Sequence[int], rank: int, world_size: int) -> list[in
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return list(missing[rank::world_size])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ADM evaluator export
-
-
-def export_npz(store: SampleStore, path: str | os.PathLike, batch: int | None = None) -> Path:
-    """Write the store as an ADM-evaluator `.npz` (`arr_0` uint8 [N, H, W, 3], `arr_1` int64 labels), atomically.
-
-    The archive is streamed chunk by chunk (uncompressed, like `np.savez`), so 50k images at 512 px never need
-    to fit in memory at once. A store with a chunk not done, absent or undecodable is refused with a
-    `SampleStoreError` naming it (and no file is left behind): zarr would read it as black images with label -1.
-    """
-    import zipfile
-
-    store.require_complete()  # every chunk done and its files present: nothing read below is a fill value
-    labels = store.read_labels()  # checked before the long image stream
-    layout = store.layout
-    batch = batch or layout.chunk_size
-    with (
-        atomic_path(path) as temp,
-        zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
-    ):
-        shape = (layout.num_samples, layout.height, layout.width, 3)
-        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array_header_2_0(
-                member,
-                {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape},
-            )
-            for start in range(0, layout.num_samples, batch):
-                stop = min(start + batch, layout.num_samples)
-                member.write(np.ascontiguousarray(store.read_images(start, stop)).tobytes())
-        with archive.open("arr_1.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, labels.astype(np.int64))
-    logger.info("exported %d samples to %s", layout.num_samples, path)
-    return Path(path)

@@ -28,24 +28,33 @@ def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
 
     A model whose config.json records a sampling set-up (`import-nvlabs` writes the released code's) gets it;
     otherwise the paper's settings for its kind: latent ADM models DDPM-250 with `PAPER_GUIDANCE` at 256 / 512 px
-    (unguided elsewhere), image-space EDM models Heun with 18 steps at 32 px and 40 above, unguided.
+    (unguided elsewhere), image-space EDM models Heun with 18 steps at 32 px and 40 above, unguided. Pixels:
+    the recorded "pixels" (`import-nvlabs` records "truncate", the released code's conversion), else "round"
+    (the default for models trained here: DiT's and EDM's conversion).
     """
     height = loaded.resolution[0]
     conditional = loaded.num_classes > 0
     if loaded.kind == "adm":
         scale, schedule = PAPER_GUIDANCE.get(height, (1.0, "constant")) if conditional else (1.0, "constant")
-        paper = {"sampler": "ddpm", "steps": 250, "cfg_scale": scale, "cfg_schedule": schedule}
+        paper = {"sampler": "ddpm", "steps": 250, "cfg_scale": scale, "cfg_schedule": schedule, "pixels": "round"}
     else:
         paper = {
             "sampler": "edm-heun",
             "steps": 18 if height <= 32 else 40,
             "cfg_scale": 1.0,
             "cfg_schedule": "constant",
+            "pixels": "round",
         }
     recorded = loaded.config.get("sampling") if isinstance(loaded.config, dict) else None
     if not isinstance(recorded, dict):
         return paper, "paper"
-    keys = {"sampler": "sampler", "steps": "steps", "cfg_scale": "guidance_scale", "cfg_schedule": "guidance_schedule"}
+    keys = {
+        "sampler": "sampler",
+        "steps": "steps",
+        "cfg_scale": "guidance_scale",
+        "cfg_schedule": "guidance_schedule",
+        "pixels": "pixels",
+    }
     chosen = {name: recorded.get(key, paper[name]) for name, key in keys.items()}
     return chosen, str(recorded.get("origin", "the model's config.json"))
 
@@ -53,7 +62,7 @@ def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
 def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedSampling:
     """Fill unset sampling options with the model's defaults (`sampling_defaults`), and check the rest."""
     from diffit.guidance import SCHEDULES
-    from diffit.sampling import SAMPLERS
+    from diffit.sampling import PIXEL_QUANTIZATIONS, SAMPLERS
 
     defaults: list[str] = []
     conditional = loaded.num_classes > 0
@@ -70,6 +79,10 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
     steps = int(pick("steps", options.steps))
     scale = float(pick("cfg_scale", options.cfg_scale))
     schedule = pick("cfg_schedule", options.cfg_schedule)
+    # Not listed in defaults_used (recorded as "pixels" in every record): the conversion, not a sampler setting.
+    pixels = options.pixels if options.pixels is not None else default["pixels"]
+    if pixels not in PIXEL_QUANTIZATIONS:
+        raise EvaluateInputError(f"--pixels {pixels}: expected one of {', '.join(PIXEL_QUANTIZATIONS)}")
     if sampler not in SAMPLERS:
         raise EvaluateInputError(f"--sampler {sampler}: expected one of {SAMPLERS}")
     if loaded.kind == "edm" and sampler != "edm-heun":
@@ -102,6 +115,7 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
         classes=list(classes) if classes is not None else None,
         seed=int(options.seed),
         eta=float(options.eta),
+        pixels=pixels,
         defaults_used=defaults,
     )
 
@@ -113,9 +127,12 @@ def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples:
     if "vae" in loaded.identity:
         vae = loaded.identity["vae"]
         model["vae"] = {"scaling_factor": vae["scaling_factor"], "path_hash": vae["path_hash"]}
+    described = sampling.describe()
+    if described["pixels"] == "round":  # the conversion of stores made before it was a setting: they still resume
+        del described["pixels"]
     settings = {
         "model": model,
-        "sampling": sampling.describe(),
+        "sampling": described,
         "num_samples": int(num_samples),
         "resolution": list(loaded.resolution),
         "num_classes": loaded.num_classes,
