@@ -81,6 +81,9 @@ def frechet_distance(
             f"Fréchet distance of statistics of different sizes: mu {mu1.shape} / {mu2.shape}, "
             f"sigma {sigma1.shape} / {sigma2.shape}"
         )
+    for name, values in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(values).all():
+            raise InputError(f"Fréchet distance: {name} holds NaN or inf values; statistics must be finite")
     diff = mu1 - mu2
     covmean = _matrix_sqrt(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():

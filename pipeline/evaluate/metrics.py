@@ -16,6 +16,7 @@ them (`compute_metrics`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, JobFailedError
 from pipeline.evaluate.adm import (
     feature_statistics,
     frechet_distance,
@@ -35,13 +36,13 @@ from pipeline.evaluate.adm import (
     subsample_indices,
 )
 from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, extract_features
+from pipeline.evaluate.npz_files import read_member_header
 from pipeline.evaluate.reference_batch import streamed_reference_statistics
 from pipeline.evaluate.reference_cache import reference_features
 from pipeline.evaluate.references import (
     STATISTICS_METRICS,
     STORED_STATISTICS,
     Reference,
-    _npz_member_array,
     load_reference_statistics,
 )
 
@@ -75,7 +76,7 @@ def _uses_stored_statistics(reference: Reference, metric: str, dim: int) -> bool
         return False
     if not reference.has_images:
         return True
-    stored_dim = _npz_member_array(reference.path, keys[0]).shape
+    stored_dim = read_member_header(reference.path, keys[0]).shape
     if stored_dim != (dim,):
         logger.warning(
             "%s: stored %s %s does not match the %d-d features compared with it; %s uses the images (arr_0)",
@@ -204,6 +205,7 @@ def compute_metrics(
 
     started = time.perf_counter()
     sample_features = extract_features(samples, extractor, config, "sample features")
+    require_finite(sample_features, f"the features of the samples ({describe_dataset(samples)})", config)
     timings["sample_features"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -212,6 +214,7 @@ def compute_metrics(
     # Reference images only need the reference-side layers: an extractor that also computes IS logits would run
     # the whole network for nothing when those layers are shallower (reference_features builds its own then).
     inputs = gather_reference_inputs(reference, metrics, reference_layers, config, cache_dir, extractor, dims)
+    require_finite(inputs.features, f"the features of the reference {reference.path if reference else ''}", config)
     timings["reference_features"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -293,4 +296,31 @@ def _metric_values(
                 progress=config.progress,
             )
         )
-    return {key: float(value) for key, value in values.items()}
+    values = {key: float(value) for key, value in values.items()}
+    bad = sorted(key for key, value in values.items() if not math.isfinite(value))
+    if bad:
+        raise JobFailedError(f"metrics {bad} are not finite ({ {key: values[key] for key in bad} }); nothing written")
+    return values
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    """Where a dataset's images come from, for error messages."""
+    store = getattr(dataset, "store", None)
+    if store is not None:
+        return str(store.path)
+    for name in ("path", "source", "name"):
+        value = getattr(dataset, name, None)
+        if value is not None:
+            return str(value)
+    return f"{type(dataset).__name__} of {len(dataset)} images"
+
+
+def require_finite(features: dict[str, torch.Tensor], source: str, config: FeatureConfig) -> None:
+    """Refuse features holding NaN or inf (e.g. from a damaged Inception weights file): never a metric of them."""
+    for layer, values in features.items():
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            raise JobFailedError(
+                f"{source}: {int((~finite).sum())} non-finite values in the {layer} features computed with the "
+                f"Inception weights {config.weights.path}; the weights or the images are damaged"
+            )

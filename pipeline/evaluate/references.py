@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from pipeline.evaluate.datasets import (
     list_image_files,
 )
 from pipeline.evaluate.features import SFID_LAYER
+from pipeline.evaluate.npz_files import load_member, npz_member_names, read_member_header
 
 logger = logging.getLogger(__name__)
 
@@ -83,43 +82,8 @@ class Reference:
 
 
 def _npz_member_array(path: Path, name: str) -> np.ndarray:
-    """Array `name` of an `.npz`, memory-mapped when it is stored uncompressed (the `np.savez` default)."""
-    try:
-        return _map_npz_member(path, name)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        raise ReferenceInputError(f"{path}: cannot read {name} ({type(error).__name__}: {error})") from error
-
-
-def _map_npz_member(path: Path, name: str) -> np.ndarray:
-    member_name = f"{name}.npy"
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(member_name)
-        with archive.open(info) as member:
-            version = np.lib.format.read_magic(member)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran_order, dtype = read_header(member)
-            header_length = member.tell()
-        if info.compress_type != zipfile.ZIP_STORED or fortran_order or dtype.hasobject:
-            logger.info("%s: %s is compressed, loading it into memory", path, member_name)
-            with np.load(path, allow_pickle=False) as data:
-                return data[name]
-    with open(path, "rb") as handle:
-        handle.seek(info.header_offset)
-        local_header = handle.read(30)
-        name_length = int.from_bytes(local_header[26:28], "little")
-        extra_length = int.from_bytes(local_header[28:30], "little")
-    data_offset = info.header_offset + 30 + name_length + extra_length + header_length
-    return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape)
-
-
-def _npz_members(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
-    except (OSError, zipfile.BadZipFile) as error:
-        raise ReferenceInputError(f"{path}: not an .npz archive ({error})") from error
+    """Array `name` of an `.npz`, its header checked first (`pipeline.evaluate.npz_files`)."""
+    return load_member(path, name)
 
 
 def open_reference(path: str | os.PathLike) -> Reference:
@@ -169,7 +133,7 @@ def open_reference(path: str | os.PathLike) -> Reference:
 
 def _open_npz_reference(path: Path) -> Reference:
     """An `.npz` reference: images (`arr_0`), statistics (`mu`/`sigma`, `mu_s`/`sigma_s`), or both (ADM)."""
-    members = _npz_members(path)
+    members = npz_member_names(path)
     statistics = tuple(key for key in ("mu", "sigma", "mu_s", "sigma_s") if key in members)
     has_statistics = {"mu", "sigma"} <= set(statistics) or {"mu_s", "sigma_s"} <= set(statistics)
     for metric in ("fid", "sfid"):
@@ -177,11 +141,10 @@ def _open_npz_reference(path: Path) -> Reference:
         if {mean_key, cov_key} <= set(statistics):
             _read_statistics(path, mean_key, cov_key)  # a damaged file stops the run here, before any sampling
     if "arr_0" in members:
-        images = _npz_member_array(path, "arr_0")
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ReferenceInputError(
-                f"{path}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
-            )
+        header = read_member_header(path, "arr_0")  # shape and dtype checked before any data is read
+        if len(header.shape) != 4 or header.shape[-1] != 3 or header.dtype != np.uint8:
+            raise ReferenceInputError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {header.dtype} {header.shape}")
+        images = load_member(path, "arr_0", header)
         return Reference(
             path,
             "adm" if has_statistics else "npz",
@@ -240,15 +203,35 @@ def check_reference(reference: Reference, resolution: tuple[int, int], metrics: 
         raise ReferenceInputError(f"{reference.path}: the reference holds no images")
 
 
+# Inception's widest feature layer is 2048-d (sFID's 2023): statistics of a wider one are not of this evaluator,
+# and a declared covariance is checked against this before it is read (4096^2 float64 = 128 MiB at most).
+MAX_STATISTICS_DIM = 4096
+
+
 def _read_statistics(path: Path, mean_key: str = "mu", cov_key: str = "sigma") -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (float64) of a statistics `.npz`; a damaged file is one `ReferenceInputError`."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return np.asarray(data[mean_key], dtype=np.float64), np.asarray(data[cov_key], dtype=np.float64)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    """Mean and covariance (float64) of a statistics `.npz`: shapes ([d], [d, d], d <= MAX_STATISTICS_DIM) and
+    float dtypes checked from the headers before reading, every value finite. Any problem is one
+    `ReferenceInputError` naming the file and the key."""
+    mean_header, cov_header = read_member_header(path, mean_key), read_member_header(path, cov_key)
+    for header in (mean_header, cov_header):
+        if header.dtype.kind != "f":
+            raise ReferenceInputError(f"{path}: {header.name} must be floating point, got {header.dtype}")
+    dim = mean_header.shape[0] if len(mean_header.shape) == 1 else None
+    if dim is None or not 1 <= dim <= MAX_STATISTICS_DIM or cov_header.shape != (dim, dim):
         raise ReferenceInputError(
-            f"{path}: cannot read {mean_key} / {cov_key} ({type(error).__name__}: {error})"
-        ) from error
+            f"{path}: {mean_key} {mean_header.shape} / {cov_key} {cov_header.shape} are not a mean [d] and a "
+            f"covariance [d, d] with 1 <= d <= {MAX_STATISTICS_DIM}"
+        )
+    try:  # read, not mapped: small, and the zip's CRC then finds a damaged file
+        mean = np.asarray(load_member(path, mean_key, mean_header, memory_map=False), dtype=np.float64)
+        cov = np.asarray(load_member(path, cov_key, cov_header, memory_map=False), dtype=np.float64)
+    except ReferenceInputError as error:
+        raise ReferenceInputError(f"{path}: cannot read {mean_key} / {cov_key} ({error})") from error
+    for key, values in ((mean_key, mean), (cov_key, cov)):
+        if not np.isfinite(values).all():
+            bad = int(np.size(values) - np.isfinite(values).sum())
+            raise ReferenceInputError(f"{path}: {key} holds {bad} non-finite values (NaN or inf): not statistics")
+    return mean, cov
 
 
 def load_reference_statistics(reference: Reference, feature_dim: int, metric: str = "fid") -> dict[str, np.ndarray]:
