@@ -330,6 +330,7 @@ def test_storage_round_trip_of_names_stats_and_atomic_writers(s3):
     assert stat.size == 3000 and stat.regular and stat.mtime_ns is not None
     assert location.stat("c.bin") is None and location.read_bytes("a.json") == b"{}"
     location.remove("a.json")
+    assert Location.of(s3.url("unit").replace("s3://", "s3a://", 1)).names() == ["b.bin"]  # s3fs's other name
     assert location.names() == ["b.bin"] and np.array_equal(
         np.frombuffer(location.read_bytes("b.bin"), np.uint8), np.full(3000, ord("x"), np.uint8)
     )
@@ -607,6 +608,10 @@ def test_only_not_found_means_missing_in_a_local_directory(tmp_path):
     assert unreadable.value.exit_code == 1
     with pytest.raises(StorageReadError, match=rf"^{sidecar}: cannot be read"):
         location.read_many(["shard-000000.json"])
+    (tmp_path / "a-file").write_text("x")  # a path through a file (NotADirectoryError): nothing can be there
+    assert Location.of(tmp_path / "a-file").stat("manifest.json") is None
+    with pytest.raises(shards.ManifestError, match=rf"^no dataset manifest at {tmp_path / 'a-file'}/manifest.json$"):
+        shards.load_manifest(tmp_path / "a-file")
 
 
 def test_a_reference_manifest_is_read_once_and_staged_as_the_bytes_parsed(data, tmp_path, observed_memory):

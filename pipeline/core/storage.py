@@ -30,9 +30,10 @@ half-written tar or manifest under its final name after a crash: refused with a 
 local file atomically), never as a dataset `Location`, which may be written.
 
 Only "not found" means missing: `FileNotFoundError` is what a missing file or object raises (and `stat` answers
-None for it); any other failure to read or list (a dropped connection, a permission error, a directory where a
-file belongs) is a `StorageReadError` naming the file, so that nothing is concluded from it (a shard is never
-rewritten because its sidecar could not be read).
+None for it; a local path through a file, NotADirectoryError, is not found either); any other failure to read or
+list (a dropped connection, a permission error, a directory where a file belongs) is a `StorageReadError` naming
+the file, so that nothing is concluded from it (a shard is never rewritten because its sidecar could not be
+read).
 """
 
 from __future__ import annotations
@@ -140,13 +141,16 @@ def join(location: str | os.PathLike, name: str) -> str:
 
 @contextlib.contextmanager
 def reading(url: str) -> Iterator[None]:
-    """Around a read or listing of `url`: FileNotFoundError passes (the file is missing), any other OSError
-    becomes a StorageReadError naming `url`, client errors a StorageError (`store_errors`)."""
+    """Around a read or listing of `url`: FileNotFoundError passes (the file is missing; so is a local path that
+    runs through a file, NotADirectoryError, where nothing can exist), any other OSError becomes a StorageReadError
+    naming `url`, client errors a StorageError (`store_errors`)."""
     try:
         with store_errors(url):
             yield
     except FileNotFoundError:
         raise
+    except NotADirectoryError as error:
+        raise FileNotFoundError(error.errno, error.strerror, error.filename) from error
     except OSError as error:
         raise StorageReadError(
             f"{url}: cannot be read ({type(error).__name__}: {error.strerror or error}); nothing was concluded from "
