@@ -10,6 +10,7 @@ A cycle is a strongly connected component of that graph with more than one modul
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,7 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return found
 
 
+@functools.cache  # parsed once per test session
 def import_graph() -> dict[str, set[str]]:
     modules = project_modules()
     return {name: imported_modules(name, path, modules) for name, path in modules.items()}
