@@ -102,6 +102,7 @@ def test_encode_to_gs_equals_local_resumes_from_sidecars_and_trains(data, gcs, t
         torch.set_num_threads(threads)
     assert first.ok and first.shards_written == first.shards_total == -(-data.items // SHARD_SIZE)
     assert _shard_files(url) == _shard_files(local)  # tars and sidecars, byte for byte
+    assert _shard_files(url.replace("gs://", "gcs://", 1)) == _shard_files(local)  # gcsfs's other name
     assert rerun.ok and rerun.shards_skipped == rerun.shards_total  # trusted from sealed sidecars and GCS times
     manifest = shards.load_manifest(url)
     assert {k: v for k, v in manifest.items() if k not in ("created", "command")} == {

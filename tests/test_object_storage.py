@@ -330,6 +330,7 @@ def test_storage_round_trip_of_names_stats_and_atomic_writers(s3):
     assert stat.size == 3000 and stat.regular and stat.mtime_ns is not None
     assert location.stat("c.bin") is None and location.read_bytes("a.json") == b"{}"
     location.remove("a.json")
+    assert Location.of(s3.url("unit").replace("s3://", "s3a://", 1)).names() == ["b.bin"]  # s3fs's other name
     assert location.names() == ["b.bin"] and np.array_equal(
         np.frombuffer(location.read_bytes("b.bin"), np.uint8), np.full(3000, ord("x"), np.uint8)
     )
@@ -443,3 +444,229 @@ def test_a_shard_larger_than_one_upload_part_round_trips(s3, tmp_path):
     assert read_object(url) == data
     assert sha256_of(url) == hashlib.sha256(data).hexdigest()
     assert download(url, tmp_path / "copy.tar").read_bytes() == data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which stores are accepted, what "missing" means, the Location interface
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sftp://host/x",
+        "ssh://host/x",
+        "ftp://host/x",
+        "hdfs://namenode/x",
+        "webhdfs://namenode/x",
+        "webdav://host/x",
+        "https://host/x",
+        "local:///tmp/x",
+        "simplecache::s3://bucket/x",
+    ],
+)
+def test_stores_that_write_in_place_are_refused_by_their_url_alone(url):
+    import fsspec
+
+    loaded = set(fsspec.registry)
+    with pytest.raises(StorageError) as refused:
+        Location.of(url)
+    message = str(refused.value)
+    assert message.startswith(f"{url}: ") and refused.value.exit_code == 2
+    accepted = (
+        "accepted: a local path or file:// URL, s3://, s3a://, gs://, gcs://, az://, abfs://, abfss://, memory://"
+    )
+    assert accepted in message
+    assert set(fsspec.registry) == loaded  # no file system class was even imported: nothing was connected to
+
+
+def test_encode_to_sftp_is_one_error_line_before_any_connection(data):
+    # paramiko (sftp) is not installed here: were the URL handed to fsspec, the error would be its ImportError.
+    result = CliRunner().invoke(
+        app, ["encode", str(data.src), "sftp://host/x", "--resolution", "32", "--vae", data.vae, "--no-progress"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: sftp://host/x: the protocol sftp:// is not supported: a dataset's files must appear whole or not at "
+        "all, and a store that writes in place (sftp, ftp, hdfs, webdav, ...) leaves a half-written file under its "
+        "final name after a crash; accepted: a local path or file:// URL, s3://, s3a://, gs://, gcs://, az://, "
+        "abfs://, abfss://, memory:// (stores whose single-request uploads appear whole), and http(s):// only to "
+        "read one reference .npz"
+    ]
+
+
+def test_a_reference_npz_can_be_read_over_http_but_http_holds_no_dataset(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from pipeline.evaluate.remote_reference import stage_reference
+
+    served = tmp_path / "served"
+    served.mkdir()
+    np.savez(served / "reference.npz", arr_0=np.arange(48, dtype=np.uint8).reshape(1, 4, 4, 3))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        copy = stage_reference(f"{base}/reference.npz", tmp_path / "cache")
+        assert copy.parent == tmp_path / "cache" and copy.read_bytes() == (served / "reference.npz").read_bytes()
+        with pytest.raises(StorageError, match=rf"^{base}/dataset: http:// is read-only here"):
+            stage_reference(f"{base}/dataset/", tmp_path / "cache")
+        with pytest.raises(StorageError, match=rf"^{base}/out: http:// is read-only here"):
+            Location.of(f"{base}/out")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def observed_memory():
+    """fsspec's memory file system, as `memory://`, with two misbehaviours of real remote stores switched on per
+    test: `unreachable` (an fnmatch pattern): reads of those objects fail as a dropped connection does;
+    `replaced_after_read` {path: bytes}: an object replaced by another writer just after its first read. `reads`
+    lists every object read. A real file system subclass: everything else is the memory store's own code."""
+    import fnmatch
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class ObservedMemory(MemoryFileSystem):
+        unreachable: str | None = None
+        replaced_after_read: dict[str, bytes] = {}
+        reads: list[str] = []
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            path = self._strip_protocol(path)
+            type(self).reads.append(path)
+            if self.unreachable and fnmatch.fnmatch(path, self.unreachable):
+                raise ConnectionResetError(104, "Connection reset by peer")
+            data = super().cat_file(path, start, end, **kwargs)
+            if path in self.replaced_after_read:
+                self.pipe_file(path, self.replaced_after_read.pop(path))
+            return data
+
+    fsspec.register_implementation("memory", ObservedMemory, clobber=True)
+    try:
+        yield ObservedMemory
+    finally:
+        fsspec.register_implementation("memory", MemoryFileSystem, clobber=True)
+
+
+def _memory_url(tmp_path: Path, name: str) -> str:
+    return f"memory://{tmp_path.name}/{name}"  # the memory store is one per process: a prefix per test
+
+
+def test_a_sidecar_that_cannot_be_read_stops_the_job_and_no_shard_is_rewritten(data, tmp_path, observed_memory):
+    import fsspec
+
+    from pipeline.core.storage import StorageReadError
+    from pipeline.encode.job import JobError
+
+    url = _memory_url(tmp_path, "images")
+    assert run_job(_job(data, url, kind="images")).ok
+    memory = fsspec.filesystem("memory")
+    memory.rm_file(f"{url}/manifest.json")  # as a job killed before its manifest: the sidecars are the record
+    before = {path: memory.cat_file(path) for path in memory.ls(url, detail=False)}
+
+    # Readable sidecars: a job with other settings would rewrite their shards, so it is refused.
+    with pytest.raises(JobError, match=r"holds another dataset: shard-000000.tar holds other items or settings"):
+        run_job(_job(data, url, kind="images", resolution=16))
+    observed_memory.unreachable = "*/shard-*.json"
+    with pytest.raises(StorageReadError) as unreadable:
+        run_job(_job(data, url, kind="images", resolution=16))
+    assert str(unreadable.value) == (
+        f"{url}/shard-000000.json: cannot be read (ConnectionResetError: Connection reset by peer); nothing was "
+        "concluded from it: re-run once it can be read"
+    )
+    result = CliRunner().invoke(
+        app, ["pack", str(data.src), url, "--resolution", "16", "--shard-size", str(SHARD_SIZE), "--workers", "0"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error: ")] == [f"error: {unreadable.value}"]
+    observed_memory.unreachable = None
+    assert {path: memory.cat_file(path) for path in memory.ls(url, detail=False)} == before
+
+
+def test_only_not_found_means_missing_in_a_local_directory(tmp_path):
+    from pipeline.core.storage import StorageReadError
+
+    location = Location.of(tmp_path)
+    assert shards.read_sidecar(tmp_path, 0) is None and location.stat("shard-000000.json") is None
+    assert location.read_many(["shard-000000.json"]) == {"shard-000000.json": None}
+    (tmp_path / "shard-000000.json").mkdir()  # a real failure that is not "not found" (root ignores chmod)
+    sidecar = tmp_path / "shard-000000.json"
+    with pytest.raises(StorageReadError) as unreadable:
+        shards.read_sidecar(tmp_path, 0)
+    assert str(unreadable.value) == (
+        f"{sidecar}: cannot be read (OSError: {sidecar}: not a regular file); nothing was concluded from it: re-run "
+        "once it can be read"
+    )
+    assert unreadable.value.exit_code == 1
+    with pytest.raises(StorageReadError, match=rf"^{sidecar}: cannot be read"):
+        location.read_many(["shard-000000.json"])
+    (tmp_path / "a-file").write_text("x")  # a path through a file (NotADirectoryError): nothing can be there
+    assert Location.of(tmp_path / "a-file").stat("manifest.json") is None
+    with pytest.raises(shards.ManifestError, match=rf"^no dataset manifest at {tmp_path / 'a-file'}/manifest.json$"):
+        shards.load_manifest(tmp_path / "a-file")
+
+
+def test_a_reference_manifest_is_read_once_and_staged_as_the_bytes_parsed(data, tmp_path, observed_memory):
+    import fsspec
+
+    from pipeline.evaluate.remote_reference import stage_reference
+
+    url, other = _memory_url(tmp_path, "reference"), _memory_url(tmp_path, "other")
+    assert run_job(_job(data, url, kind="images")).ok
+    assert run_job(_job(data, other, kind="images", resolution=16)).ok  # same shard names, other contents
+    memory = fsspec.filesystem("memory")
+    first = memory.cat_file(f"{url}/manifest.json")
+    # Another writer replaces the dataset's manifest just after it is read (its shards would follow).
+    manifest_path = memory._strip_protocol(f"{url}/manifest.json")
+    observed_memory.replaced_after_read = {manifest_path: memory.cat_file(f"{other}/manifest.json")}
+    observed_memory.reads = []
+    copy = stage_reference(url, tmp_path / "cache")
+    assert observed_memory.reads.count(manifest_path) == 1
+    assert (copy / "manifest.json").read_bytes() == first
+    staged = json.loads(first)
+    for entry in (entry for entry in staged["shards"] if entry["count"]):
+        assert hashlib.sha256((copy / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_location_is_an_abstract_base_and_no_stub_returns_none():
+    import ast
+
+    assert Location.__abstractmethods__ == {
+        "exists",
+        "create",
+        "names",
+        "stat",
+        "read_bytes",
+        "write_bytes",
+        "writer",
+        "remove",
+        "remove_temporary_files",
+        "lock",
+    }
+
+    class OnlyExists(Location):
+        def exists(self) -> bool:
+            return True
+
+    with pytest.raises(TypeError, match="abstract"):
+        OnlyExists()
+    stubs = []  # functions whose body is `...` (after a docstring) that are not abstract: they return None
+    for path in sorted(p for package in ("diffit", "pipeline", "cli") for p in (REPO / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            value = body[0].value if len(body) == 1 and isinstance(body[0], ast.Expr) else None
+            is_stub = isinstance(value, ast.Constant) and value.value is Ellipsis
+            decorators = {ast.unparse(decorator).rsplit(".", 1)[-1] for decorator in node.decorator_list}
+            if is_stub and not decorators & {"abstractmethod", "overload"}:
+                stubs.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert stubs == []

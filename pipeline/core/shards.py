@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +48,7 @@ import numpy as np
 from pipeline.core.atomic import json_text, write_bytes_atomic
 from pipeline.core.errors import InputError
 from pipeline.core.storage import Location, open_for_reading
+from pipeline.core.storage import open_regular_file as open_regular_file  # moved to storage; kept importable here
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -109,22 +109,6 @@ def write_json_to(location: str | os.PathLike | Location, name: str, obj: Any) -
 def write_lines_to(location: str | os.PathLike | Location, name: str, records: list[dict[str, Any]]) -> None:
     """JSON Lines (`write_lines_atomic`) as the file `name` of a dataset directory or prefix, atomically."""
     Location.of(location).write_bytes(name, b"".join(json_bytes(record) + b"\n" for record in records))
-
-
-def open_regular_file(path: str | os.PathLike):
-    """`open(path, "rb")` that refuses anything but a regular file (OSError "not a regular file"): a FIFO would
-    block the open forever and a device such as /dev/zero would never end a read. The open itself does not block
-    (O_NONBLOCK, which has no effect on regular files)."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise OSError(f"{path}: not a regular file")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(descriptor, True)
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
 
 
 def update_digest(digest, path: str | os.PathLike) -> None:
@@ -269,10 +253,12 @@ def _is_count(value: Any) -> bool:
 
 
 def _read_sidecar_file(location: Location, expected_name: str) -> dict[str, Any] | None:
-    """The sidecar of the shard `expected_name` in `location` when it is readable and describes that shard."""
+    """The sidecar of the shard `expected_name` in `location` when it exists and describes that shard; None when
+    it is missing or damaged. A sidecar that cannot be read (a dropped connection, a permission error) is a
+    StorageReadError, never "missing": the shard it seals would be rewritten."""
     try:
         return parse_sidecar(location.read_bytes(sidecar_of(expected_name)), expected_name)
-    except OSError:
+    except FileNotFoundError:
         return None
 
 
@@ -293,8 +279,8 @@ def parse_sidecar(data: bytes, expected_name: str) -> dict[str, Any] | None:
 
 
 def read_sidecar(out_dir: str | os.PathLike | Location, index: int) -> dict[str, Any] | None:
-    """The sidecar of shard `index`, or None when it is missing, unreadable or not that shard's (the shard is
-    then redone)."""
+    """The sidecar of shard `index`, or None when it is missing, not JSON or not that shard's (the shard is then
+    redone); StorageReadError when it cannot be read."""
     return _read_sidecar_file(Location.of(out_dir), shard_name(index))
 
 
@@ -504,8 +490,12 @@ def load_manifest(directory: str | os.PathLike | Location) -> dict[str, Any]:
         if any(SIDECAR_NAME_PATTERN.fullmatch(name) for name in location.names()):
             hint = " (shards exist but the job did not finish: re-run the same encode/pack command to complete it)"
         raise ManifestError(f"no dataset manifest at {path}{hint}") from None
-    except OSError as error:
-        raise ManifestError(f"cannot read {path}: {error}") from error
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: bytes, path: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest in `data`, the bytes of the manifest at `path` (named in errors); ManifestError when
+    it is invalid. For callers that must use the very bytes they read (and hash, or copy)."""
     try:
         manifest = json.loads(data.decode("utf-8"))
     except ValueError as error:

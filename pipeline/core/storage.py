@@ -20,22 +20,45 @@ fsspec's configuration (`FSSPEC_S3='{"endpoint_url": "http://..."}'`, `FSSPEC_S3
 File systems are looked up per call (`fsspec.core.url_to_fs`, which caches instances per process), never
 pickled: async file systems such as s3fs cannot cross a fork, and Dask workers and data-loader workers each
 build their own.
+
+Which URLs are accepted (`check_protocol`, before fsspec is asked for anything, so before any connection): only
+stores whose single-request upload appears whole, `WRITABLE_PROTOCOLS` (S3, GCS, Azure Blob, and the in-process
+`memory://` of tests); local paths and `file://` URLs go to a `LocalDirectory`. File systems that write in place
+(`sftp://`, `ftp://`, `hdfs://`, WebDAV, `local://`, chained URLs such as `simplecache::s3://`) would leave a
+half-written tar or manifest under its final name after a crash: refused with a `StorageError` naming the URL.
+`http(s)://` is accepted for reading one object only (`READ_ONLY_PROTOCOLS`: a reference `.npz`, copied to a
+local file atomically), never as a dataset `Location`, which may be written.
+
+Only "not found" means missing: `FileNotFoundError` is what a missing file or object raises (and `stat` answers
+None for it; a local path through a file, NotADirectoryError, is not found either); any other failure to read or
+list (a dropped connection, a permission error, a directory where a file belongs) is a `StorageReadError` naming
+the file, so that nothing is concluded from it (a shard is never rewritten because its sidecar could not be
+read).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import logging
 import os
+import stat as stat_module
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.core.atomic import TEMP_MARK, AtomicFile, CommitOnSuccess, remove_temporary_files, write_bytes_atomic
-from pipeline.core.errors import InputError
+from pipeline.core.atomic import (
+    TEMP_MARK,
+    AtomicFile,
+    CommitOnSuccess,
+    atomic_path,
+    remove_temporary_files,
+    write_bytes_atomic,
+)
+from pipeline.core.errors import EXIT_JOB_FAILED, InputError, PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +66,55 @@ _BLOCK = 1 << 20
 LOCK_NAME = ".diffit-pipe.lock"
 
 
+# Stores whose upload of a file in one request (a PUT, or a multipart upload completed in one call) appears whole
+# or not at all, by fsspec protocol name. `memory://` is process-local (tests): a crash loses all of it anyway.
+WRITABLE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+# Protocols from which one object may be read (and copied atomically to a local file), never written.
+READ_ONLY_PROTOCOLS = ("http", "https")
+_ACCEPTED = (
+    "accepted: a local path or file:// URL, "
+    + ", ".join(f"{protocol}://" for protocol in WRITABLE_PROTOCOLS)
+    + " (stores whose single-request uploads appear whole), and http(s):// only to read one reference .npz"
+)
+
+
 class StorageError(InputError):
-    """An object-store URL that cannot be used: unknown protocol, its package missing, or no access."""
+    """A storage URL that cannot be used (exit 2): a protocol that is not accepted (see `check_protocol`), its
+    package missing, no credentials or no access."""
+
+
+class StorageReadError(PipelineError):
+    """A file or object that may exist but could not be read or listed: a dropped connection, a permission or
+    I/O error, a directory where a file belongs (anything but "not found"). Exit 1: the job stops without
+    concluding anything from it (a sidecar that cannot be read is not taken as missing); re-run when the store
+    answers again."""
+
+    exit_code = EXIT_JOB_FAILED
+
+
+def protocol_of(url: str) -> str:
+    """The fsspec protocol of a URL (`s3` of `s3://b/x`; a chained URL's whole chain, `simplecache::s3`)."""
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def check_protocol(url: str, writing: bool) -> None:
+    """StorageError naming `url` unless its protocol is accepted: `WRITABLE_PROTOCOLS` for a location that may be
+    written (`writing`), also `READ_ONLY_PROTOCOLS` for reading one object. Only the URL's text is looked at."""
+    protocol = protocol_of(url)
+    if protocol in WRITABLE_PROTOCOLS:
+        return
+    if protocol in READ_ONLY_PROTOCOLS:
+        if writing:
+            raise StorageError(
+                f"{url}: {protocol}:// is read-only here (one reference .npz can be read from it, but a dataset or "
+                f"an output cannot live there); {_ACCEPTED}"
+            )
+        return
+    raise StorageError(
+        f"{url}: the protocol {protocol}:// is not supported: a dataset's files must appear whole or not at all, and "
+        f"a store that writes in place (sftp, ftp, hdfs, webdav, ...) leaves a half-written file under its final "
+        f"name after a crash; {_ACCEPTED}"
+    )
 
 
 def is_url(location: Any) -> bool:
@@ -70,20 +140,41 @@ def join(location: str | os.PathLike, name: str) -> str:
 
 
 @contextlib.contextmanager
+def reading(url: str) -> Iterator[None]:
+    """Around a read or listing of `url`: FileNotFoundError passes (the file is missing; so is a local path that
+    runs through a file, NotADirectoryError, where nothing can exist), any other OSError becomes a StorageReadError
+    naming `url`, client errors a StorageError (`store_errors`)."""
+    try:
+        with store_errors(url):
+            yield
+    except FileNotFoundError:
+        raise
+    except NotADirectoryError as error:
+        raise FileNotFoundError(error.errno, error.strerror, error.filename) from error
+    except OSError as error:
+        raise StorageReadError(
+            f"{url}: cannot be read ({type(error).__name__}: {error.strerror or error}); nothing was concluded from "
+            "it: re-run once it can be read"
+        ) from error
+
+
+@contextlib.contextmanager
 def store_errors(url: str) -> Iterator[None]:
     """Turn what an object-store client raises besides OSError (botocore's NoCredentialsError, ClientError, ...,
-    google-auth errors) into one StorageError line naming `url`; FileNotFoundError and other OSErrors pass."""
+    google-auth errors) into one StorageError line naming `url`; OSErrors and PipelineErrors pass."""
     try:
         yield
-    except (OSError, StorageError):
+    except (OSError, PipelineError):
         raise
     except Exception as error:  # the clients' exception types differ per protocol
         raise StorageError(f"{url}: {type(error).__name__}: {error}") from error
 
 
-def url_to_fs(url: str):
+def url_to_fs(url: str, writing: bool = False):
     """(file system, path inside it) for an object-store URL; StorageError naming the URL when the protocol is
-    unknown or its package (s3fs, gcsfs, ...) is not installed."""
+    not accepted (`check_protocol`: checked first, so a refused URL is never connected to) or its package (s3fs,
+    gcsfs, ...) is not installed."""
+    check_protocol(url, writing)
     import fsspec
 
     try:
@@ -113,11 +204,28 @@ def release_clients() -> None:
 
 def read_object(url: str) -> bytes:
     """An object's bytes in one GET of the whole object (ranged reads of large objects through `open` fail on
-    some S3 servers' checksums, and one request is also the fastest way to read a shard whole)."""
+    some S3 servers' checksums, and one request is also the fastest way to read a shard whole).
+    FileNotFoundError when it does not exist, StorageReadError when it cannot be read."""
     fs, path = url_to_fs(url)
     fs.invalidate_cache(path)
-    with store_errors(url):
+    with reading(url):
         return fs.cat_file(path)
+
+
+def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
+    """`open(path, "rb")` that refuses anything but a regular file (OSError "not a regular file"): a FIFO would
+    block the open forever and a device such as /dev/zero would never end a read. The open itself does not block
+    (O_NONBLOCK, which has no effect on regular files)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat_module.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def open_for_reading(path_or_url: str | os.PathLike) -> IO[bytes]:
@@ -127,23 +235,22 @@ def open_for_reading(path_or_url: str | os.PathLike) -> IO[bytes]:
         fs, path = url_to_fs(str(path_or_url))
         fs.invalidate_cache(path)  # a cached listing from before the object was written would say "not found"
         return fs.open(path, "rb")
-    from pipeline.core.shards import open_regular_file
-
     return open_regular_file(local_path(path_or_url))
 
 
 def read_url_bytes(path_or_url: str | os.PathLike) -> bytes:
-    """All bytes of a local file or an object."""
-    with store_errors(str(path_or_url)), open_for_reading(path_or_url) as handle:
+    """All bytes of a local file or an object (FileNotFoundError: missing; StorageReadError: unreadable)."""
+    with reading(str(path_or_url)), open_for_reading(path_or_url) as handle:
         return handle.read()
 
 
 def sha256_of(path_or_url: str | os.PathLike) -> str:
-    """Hex sha256 of a local file (read block by block) or an object (one GET of the whole object)."""
+    """Hex sha256 of a local file (read block by block) or an object (one GET of the whole object);
+    FileNotFoundError when it does not exist, StorageReadError when it cannot be read."""
     if is_url(path_or_url):
         return hashlib.sha256(read_object(str(path_or_url))).hexdigest()
     digest = hashlib.sha256()
-    with store_errors(str(path_or_url)), open_for_reading(path_or_url) as handle:
+    with reading(str(path_or_url)), open_for_reading(path_or_url) as handle:
         for block in iter(lambda: handle.read(_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -159,14 +266,18 @@ class FileStat:
     regular: bool
 
 
-class Location:
-    """A directory (local) or a prefix (object store) holding a dataset's flat set of files. `Location.of`."""
+class Location(abc.ABC):
+    """A directory (local) or a prefix (object store) holding a dataset's flat set of files. `Location.of`.
+
+    Reads follow one rule: a missing file is FileNotFoundError (`stat`: None), any other failure is a
+    StorageReadError naming the file (see the module docstring)."""
 
     url: str  # what logs and manifests show: an absolute local path, or the URL
 
     @staticmethod
     def of(location: str | os.PathLike | Location) -> Location:
-        """The Location of a local path, a `file://` URL or an object-store URL (a Location is returned as is)."""
+        """The Location of a local path, a `file://` URL or an object-store URL (a Location is returned as is);
+        StorageError for a URL whose protocol is not accepted (`check_protocol`)."""
         if isinstance(location, Location):
             return location
         return ObjectPrefix(str(location)) if is_url(location) else LocalDirectory(local_path(location))
@@ -187,29 +298,59 @@ class Location:
             raise TypeError(f"{self.url} is not a local path")
         return self.url
 
-    # Interface (both kinds implement every method).
-    def exists(self) -> bool: ...  # the directory exists (object stores: any object under the prefix)
-    def create(self) -> None: ...
-    def names(self) -> list[str]: ...  # names of the files directly inside
-    def stat(self, name: str) -> FileStat | None: ...
-    def read_bytes(self, name: str) -> bytes: ...
-    def write_bytes(self, name: str, data: bytes) -> None: ...
-    def writer(self, name: str): ...  # an AtomicFile-like object: .handle, .commit(), .abort(), .done
-    def remove(self, name: str) -> None: ...
-    def remove_temporary_files(self) -> list[str]: ...
-    def lock(self): ...
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """The directory exists (object stores: any object under the prefix)."""
+
+    @abc.abstractmethod
+    def create(self) -> None:
+        """Create the directory (object stores: check that the bucket can be reached)."""
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Sorted names of the files directly inside ([] when the directory does not exist)."""
+
+    @abc.abstractmethod
+    def stat(self, name: str) -> FileStat | None:
+        """The file `name`'s size, modification time and kind; None when it does not exist."""
+
+    @abc.abstractmethod
+    def read_bytes(self, name: str) -> bytes:
+        """All bytes of the file `name` (FileNotFoundError when it does not exist)."""
+
+    @abc.abstractmethod
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write the file `name` atomically: readers see the old file or all of `data`."""
+
+    @abc.abstractmethod
+    def writer(self, name: str) -> CommitOnSuccess:
+        """A writer of the file `name` (`.handle`, `.commit()`, `.abort()`, `.done`): nothing appears under the
+        name before `commit()`."""
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> None:
+        """Remove the file `name` (no error when it does not exist)."""
+
+    @abc.abstractmethod
+    def remove_temporary_files(self) -> list[str]:
+        """Remove what killed writers left (temporary names); returns the removed names."""
+
+    @abc.abstractmethod
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """A context manager held while a job writes here (StorageError when another job holds it)."""
 
     def stats(self) -> dict[str, FileStat]:
         """`stat` of every file directly inside, by name (object stores: one listing, not a request per file)."""
         return {name: found for name in self.names() if (found := self.stat(name)) is not None}
 
     def read_many(self, names: list[str]) -> dict[str, bytes | None]:
-        """The bytes of each file of `names` (None: missing or unreadable); object stores fetch them concurrently."""
+        """The bytes of each file of `names` (None: missing; any other failure: StorageReadError); object stores
+        fetch them concurrently."""
         found: dict[str, bytes | None] = {}
         for name in names:
             try:
                 found[name] = self.read_bytes(name)
-            except OSError:
+            except FileNotFoundError:
                 found[name] = None
         return found
 
@@ -236,16 +377,16 @@ class LocalDirectory(Location):
 
     def names(self) -> list[str]:
         try:
-            return sorted(entry.name for entry in os.scandir(self.path) if entry.is_file(follow_symlinks=False))
+            with reading(self.url):
+                return sorted(entry.name for entry in os.scandir(self.path) if entry.is_file(follow_symlinks=False))
         except FileNotFoundError:
             return []
 
     def stat(self, name: str) -> FileStat | None:
-        import stat as stat_module
-
         try:
-            result = os.stat(self.path / name)
-        except OSError:
+            with reading(self.join(name)):
+                result = os.stat(self.path / name)
+        except FileNotFoundError:
             return None
         return FileStat(result.st_size, result.st_mtime_ns, stat_module.S_ISREG(result.st_mode))
 
@@ -300,7 +441,7 @@ class SpooledUpload(CommitOnSuccess):
     def commit(self) -> str:
         try:
             self._spool.flush()
-            fs, path = url_to_fs(self.url)
+            fs, path = url_to_fs(self.url, writing=True)
             with store_errors(self.url):
                 fs.put_file(self._spool.name, path)
         finally:
@@ -316,20 +457,18 @@ class SpooledUpload(CommitOnSuccess):
 
 class ObjectPrefix(Location):
     """A prefix in an object store (`s3://bucket/datasets/x`): one upload per file, listings never cached.
-    Client errors other than OSError (no credentials, access denied, ...) become one StorageError line."""
+    Client errors other than OSError (no credentials, access denied, ...) become one StorageError line, failed
+    reads other than "not found" a StorageReadError."""
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.fs, self.root = url_to_fs(self.url)
+        self.fs, self.root = url_to_fs(self.url, writing=True)  # a Location may be written: atomic uploads only
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
     def exists(self) -> bool:
-        try:
-            return bool(self._listing())
-        except OSError as error:
-            raise StorageError(f"{self.url}: cannot list ({error})") from None
+        return bool(self._listing())
 
     def create(self) -> None:
         # Prefixes need not be created; check that the bucket is reachable now rather than after the first shard.
@@ -346,7 +485,7 @@ class ObjectPrefix(Location):
         # Other processes (Dask workers, a previous run) write here: never answer from a cached listing.
         self.fs.invalidate_cache(self.root)
         try:
-            with store_errors(self.url):
+            with reading(self.url):
                 return self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return []
@@ -375,16 +514,19 @@ class ObjectPrefix(Location):
                     results.append(error)
         found: dict[str, bytes | None] = {}
         for name, result in zip(names, results):
-            if isinstance(result, BaseException) and not isinstance(result, OSError):
-                with store_errors(self.join(name)):
-                    raise result  # no credentials, access denied, ...: one StorageError line
-            found[name] = None if isinstance(result, BaseException) else bytes(result)
+            if isinstance(result, FileNotFoundError):
+                found[name] = None
+            elif isinstance(result, BaseException):
+                with reading(self.join(name)):
+                    raise result  # a dropped connection, no credentials, ...: one error line, never "missing"
+            else:
+                found[name] = bytes(result)
         return found
 
     def stat(self, name: str) -> FileStat | None:
         self.fs.invalidate_cache(self._path(name))
         try:
-            with store_errors(self.join(name)):
+            with reading(self.join(name)):
                 info = self.fs.info(self._path(name))
         except FileNotFoundError:
             return None
@@ -393,7 +535,7 @@ class ObjectPrefix(Location):
     def read_bytes(self, name: str) -> bytes:
         self.fs.invalidate_cache(self._path(name))
         try:
-            with store_errors(self.join(name)):
+            with reading(self.join(name)):
                 return self.fs.cat_file(self._path(name))
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.join(name)}: no such object") from None
@@ -463,11 +605,10 @@ def _mtime_ns(info: dict[str, Any]) -> int | None:
 
 def download(url: str, target: Path) -> Path:
     """Copy an object to a local file atomically (a killed copy leaves no file under `target`), streamed in one
-    GET of the whole object."""
-    from pipeline.core.atomic import atomic_path
-
+    GET of the whole object; FileNotFoundError when it does not exist, StorageReadError (naming the URL) for any
+    other failure of the copy."""
     fs, path = url_to_fs(url)
     fs.invalidate_cache(path)
-    with atomic_path(target) as temp, store_errors(url):
+    with atomic_path(target) as temp, reading(url):
         fs.get_file(path, str(temp))
     return target

@@ -6,6 +6,13 @@ cached beside the reference, so a reference URL is first copied to `$XDG_CACHE_H
 shard checked against the manifest's sha256 while it is copied. The copy is named after the URL and the object's
 size and modification time (the manifest's hash for datasets), so a changed object is copied again, and every
 file is written atomically, so concurrent ranks and killed runs never leave a partial reference behind.
+
+A dataset's `manifest.json` is read once: the bytes that are hashed (naming the copy) are the bytes parsed
+(choosing and checking the shards) and the bytes written into the copy, so a manifest replaced while a reference
+is staged can never pair the shards of one version with the manifest of another.
+
+URLs: those of `pipeline.core.storage` (s3://, gs://, az://, memory://); an `.npz` may also be read over
+http(s):// (read-only: nothing is written there, the copy is local and atomic).
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from pathlib import Path
 
 from pipeline.core.atomic import atomic_open, atomic_path
 from pipeline.core.errors import InputError
-from pipeline.core.shards import MANIFEST_NAME, json_bytes, load_manifest, sha256_file
-from pipeline.core.storage import Location, download, url_to_fs
+from pipeline.core.shards import MANIFEST_NAME, json_bytes, parse_manifest, sha256_file
+from pipeline.core.storage import Location, download, reading, url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +63,8 @@ def _stage_file(url: str, cache: Path) -> Path:
     fs, path = url_to_fs(url)
     fs.invalidate_cache(path)
     try:
-        info = fs.info(path)
+        with reading(url):
+            info = fs.info(path)
     except FileNotFoundError:
         raise RemoteReferenceError(f"{url}: no such object") from None
     stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime")
@@ -70,12 +78,17 @@ def _stage_file(url: str, cache: Path) -> Path:
 
 
 def _stage_dataset(location: Location, cache: Path) -> Path:
-    manifest_bytes = location.read_bytes(MANIFEST_NAME)
+    """Copy the dataset at `location` (manifest read once: see the module docstring)."""
+    try:
+        manifest_bytes = location.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:  # removed since `stage_reference` saw it
+        raise RemoteReferenceError(f"{location.join(MANIFEST_NAME)}: no such object") from None
     target = cache / _tag(location.url, hashlib.sha256(manifest_bytes).hexdigest())
     if (target / MANIFEST_NAME).is_file():  # written last: the copy is complete
         logger.info("reference %s: using the local copy %s", location.url, target)
         return target
-    manifest = load_manifest(location)  # checks the names and values before anything is copied
+    # These very bytes: their names and values are checked before anything is copied.
+    manifest = parse_manifest(manifest_bytes, location.join(MANIFEST_NAME))
     shards = [entry for entry in manifest["shards"] if entry["count"] > 0]
     logger.info("reference %s: copying %d shard(s) to %s", location.url, len(shards), target)
     target.mkdir(parents=True, exist_ok=True)
@@ -92,7 +105,10 @@ def _copy_checked(location: Location, entry: dict, target: Path) -> None:
         return  # copied (and checked) by an earlier, interrupted staging
     url = location.join(entry["name"])
     with atomic_path(target) as temp:
-        download(url, temp)
+        try:
+            download(url, temp)
+        except FileNotFoundError:
+            raise RemoteReferenceError(f"{url}: listed in {MANIFEST_NAME} but no such object") from None
         digest = sha256_file(temp)
         if digest != entry["sha256"]:
             raise RemoteReferenceError(
