@@ -285,8 +285,11 @@ class DiffiTScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def for_sampling(cls, config: SamplingConfig) -> DiffiTScheduler:
         """The marker for a pipeline whose stored settings are `config` (its chain in the config; EDM models have
-        no chain, so they get the defaults, DiT's chain)."""
-        return cls(**chain_scheduler_config(config)) if config.kind == "adm" else cls()
+        no chain, so they get DiT's). Every value is passed explicitly: `from_config` of another class skips the
+        values a config marks as defaults (`_use_default_values`), e.g. it would keep DDIM's clip_sample=True."""
+        chain = chain_scheduler_config(config) if config.kind == "adm" else {}
+        defaults = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+        return cls(**{**defaults, **chain}, clip_sample=False, prediction_type="epsilon")
 
     def _refuse(self, *args, **kwargs):
         raise NotImplementedError(
