@@ -141,6 +141,21 @@ def test_ddim_scheduler_matches_a_hand_written_ddim_loop_with_dits_guidance(late
     assert x.abs().max() > 10  # a random network: the x0 estimates are far from the [-1, 1] clip range
 
 
+def test_a_sigma_space_scheduler_agrees_with_the_projects_ddim(latent_model):
+    # Deterministic DDIM is Euler's method on x / sqrt(alpha_bar) over sigma = sqrt(1 / alpha_bar - 1), so diffusers'
+    # EulerDiscreteScheduler (initial noise x sigma_max = 157.4, inputs scaled by 1 / sqrt(sigma^2 + 1), float
+    # timesteps) must reproduce the project's DDIM: the grids differ only by ADM rounding the respaced timesteps
+    # linspace(0, 999, N) to integers.
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = _pipeline(latent_model)
+    own = pipe([1, 2], 2.0, None, 25, "latent", seeds=[3, 4], sampler="ddim", eta=0.0).images
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    euler = pipe([1, 2], 2.0, None, 25, "latent", seeds=[3, 4]).images
+    assert pipe.scheduler.init_noise_sigma > 157 and own.abs().max() > 100
+    torch.testing.assert_close(euler, own, rtol=0, atol=1e-4 * own.abs().max().item())
+
+
 def test_stochastic_schedulers_draw_each_samples_noise_from_its_seed(latent_model):
     from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler
 
