@@ -204,6 +204,35 @@ def test_a_saved_pipeline_keeps_its_diffusers_scheduler(tmp_path, latent_model):
     assert public(again.scheduler.config) == public(pipe.scheduler.config)
     call = dict(num_inference_steps=6, output_type="latent", seeds=[1, 2])
     assert torch.equal(again([0, 9], 2.0, **call).images, pipe([0, 9], 2.0, **call).images)
+    given = _pipeline(latent_model, scheduler=UniPCMultistepScheduler.from_config(pipe.scheduler.config))
+    assert torch.equal(given([0, 9], 2.0, **call).images, pipe([0, 9], 2.0, **call).images)
+
+
+def test_the_constructor_takes_dits_components_in_dits_order(latent_model):
+    from diffit import DiffiTPipeline
+
+    pipe = _pipeline(latent_model)
+    with pytest.raises(
+        TypeError, match="scheduler must be a diffusers scheduler or None, got dict.*sampling=\\.\\.\\."
+    ):
+        DiffiTPipeline(pipe.transformer, pipe.vae, pipe.sampling_config.to_dict())
+    rebuilt = DiffiTPipeline(**pipe.components, id2label={3: "three, drei"})
+    assert rebuilt.get_label_ids(["drei"]) == [3] and rebuilt.labels == {"drei": 3, "three": 3}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_stochastic_diffusers_scheduler_on_cuda_matches_cpu(latent_model):
+    from diffusers import DDPMScheduler
+
+    pipe = _pipeline(latent_model)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    call = dict(num_inference_steps=10, output_type="latent", seeds=[3, 4])
+    on_cpu = pipe([1, 2], 2.0, **call).images
+    on_gpu = pipe.to("cuda")([1, 2], 2.0, **call).images
+    assert on_gpu.device.type == "cuda"
+    scale = on_cpu.abs().max().item()  # a random network: latents in the hundreds
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3 * scale)  # CPU generators: same noise
 
 
 # ---------------------------------------------------------------------------------------------------------------
