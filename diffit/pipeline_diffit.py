@@ -1,67 +1,133 @@
-"""`DiffiTPipeline`: a diffusers `DiffusionPipeline` holding a DiffiT model, its VAE and its sampling settings.
+"""`DiffiTPipeline`: a diffusers `DiffusionPipeline` holding a DiffiT model, its VAE, a scheduler and its sampling
+settings, called like diffusers' `DiTPipeline`.
 
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
     from diffit import DiffiTPipeline
 
-    pipe = DiffiTPipeline.from_pretrained("models/xl2")  # `diffit-pipe export` output, a saved pipeline or a hub id
-    images = pipe(class_labels=[207, 360], num_inference_steps=250, generator=torch.Generator().manual_seed(0)).images
+    pipe = DiffiTPipeline.from_pretrained("models/xl2", torch_dtype=torch.bfloat16).to("cuda")
+    ids = pipe.get_label_ids(["golden retriever", "otter"])             # [207, 360] (ImageNet exports)
+    images = pipe(ids, 4.0, torch.Generator().manual_seed(0)).images     # the recorded sampler, guidance 4.0
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    images = pipe(ids, 4.0, num_inference_steps=25).images              # DPM-Solver++, 25 steps, as DiT users do
 
 Components: `transformer` (`LatentDiffiT` or `DiffiTUNet`), `vae` (diffusers `AutoencoderKL`, latent models only;
 the one the export's config.json names under "vae": its local `path` when that still exists, else its `id`, a
-local path or a hub id) and the configuration entries `sampling` (a `diffit.sampling.SamplingConfig` as a dict:
-sampler, steps, guidance, EDM's S_churn / S_min / S_max / S_noise, ...; from an export: what its config.json
-records under "sampling", e.g. the released code's set-up written by `diffit-pipe import-nvlabs`, over the
-paper's settings for that model, `diffit.sampling.paper_sampling_config`) and `scaling_factor` (latents are
-divided by it before decoding).
+local path or a hub id) and `scheduler`; configuration entries: `sampling` (a `diffit.sampling.SamplingConfig` as
+a dict: sampler, steps, guidance, EDM's S_churn / S_min / S_max / S_noise, pixels, ...; from an export: what its
+config.json records under "sampling", e.g. the released code's set-up written by `diffit-pipe import-nvlabs`, over
+the paper's settings for that model, `diffit.sampling.paper_sampling_config`), `scaling_factor` (latents are
+divided by it before decoding) and `id2label` (class index -> "comma, separated, names", see `diffit.labels`).
 
-Released NVlabs weights (diffit_256.safetensors / diffit_512.safetensors): `diffit-pipe import-nvlabs FILE DIR`
-writes an export folder (weights read with safetensors, the released sampling set-up recorded), then
-`DiffiTPipeline.from_pretrained(DIR)`.
+Which sampler runs: the `scheduler` component decides.
 
-Sampling is `diffit.sampling.sample` itself, so the pipeline's samples are those of `sample` for the same seeds
-and settings, bit for bit on the same device. Sample i is drawn from a `torch.Generator` seeded with seeds[i]:
+* `DiffiTScheduler` (the default of every loaded export) or None: the project's own sampler,
+  `diffit.sampling.sample` with the stored `sampling` settings (ADM DDPM / DDIM with the learned Sigma, EDM-Heun).
+  `DiffiTScheduler` runs no steps itself; its config is the model's training chain in diffusers' names
+  (num_train_timesteps, beta_start, beta_end, beta_schedule, clip_sample=False, prediction_type="epsilon"), so
+  `AnyScheduler.from_config(pipe.scheduler.config)` builds a diffusers scheduler for the same chain, and
+  `pipe.scheduler = DiffiTScheduler.from_config(pipe.scheduler.config)` switches back.
+* any other diffusers scheduler with `alphas_cumprod` (every scheduler `DiTPipeline` accepts: DDIM, DDPM,
+  DPM-Solver(++), UniPC, Euler, Heun, PNDM, LMS, ...): DiT's loop, for latent (ADM) models only. The scheduler's
+  noise schedule must be the model's training chain and its prediction_type "epsilon" (checked at the call);
+  a learned-Sigma model's 2C output channels are cut to the C eps channels unless the scheduler's variance_type
+  is "learned" / "learned_range" (then it gets all 2C), as in DiT. Guidance is the stored guidance (schedule,
+  power, guided channels) with `guidance_scale`, on one doubled batch per step; the scheduler state stays in
+  float32 whatever the model's dtype. Settings only the project's sampler has (sampler, eta, S_churn, ...) are
+  refused per call. A `clip_sample=True` scheduler (DDIMScheduler()'s default) clamps latents to [-1, 1]: build
+  it from `pipe.scheduler.config` (clip_sample=False). Image-space EDM models (`DiffiTUNet`) are refused with an
+  error: diffusers' DDPM-family schedulers do not drive an EDM-preconditioned network.
+
+`__call__(class_labels, guidance_scale, generator, num_inference_steps, output_type, return_dict)`: DiT's order and
+meaning (positional calls mean what they mean for `DiTPipeline`), with `None` defaults meaning "the stored
+setting" (steps, guidance) rather than DiT's 50 steps / 4.0. `guidance_scale <= 1` means no guidance, as in DiT;
+a scale > 1 replaces the stored scale and keeps its schedule, power and guided channels (the paper's
+three-channel power-cosine guidance for ImageNet-256 exports). Keyword-only extras: `seeds=`, `batch_size=`
+(unconditional models) and any `SamplingConfig` field for this call (`sampler="ddim"`, `eta=0.0`,
+`S_churn=40, S_min=0.05, S_max=50, S_noise=1.003`, `pixels="truncate"`).
+
+Seeds: sample i draws all its randomness from a `torch.Generator` seeded with seeds[i] (the project's sampler, and
+the diffusers-scheduler loop: initial noise and every stochastic scheduler step), so the project's sampler gives
+the samples of `diffit.sampling.sample` for the same seeds and settings, bit for bit on the same device:
 
 * `seeds=[...]`: used as they are (one per image); an image does not depend on the others in the batch.
 * `generator=g` (one generator): seeds = torch.randint(0, 2**31, (N,), generator=g).tolist().
 * `generator=[g_0, ..., g_{N-1}]`: seeds[i] = torch.randint(0, 2**31, (1,), generator=g_i).item().
 * neither: seeds drawn from torch's global generator as above (reproducible after `torch.manual_seed`).
 
-Outputs (`output_type`): "pil" (the uint8 images `diffit-pipe evaluate` stores: floor(127.5 x + 128) of the
-[-1, 1] image x, EDM's conversion), "np" (float32 [N, H, W, 3] in [0, 1]), "pt" (float32 [N, 3, H, W] in
-[0, 1]) or "latent" (what the sampler returns: latents, or the [-1, 1] images of an image-space model).
+Outputs (`output_type`): "pil" (the uint8 images `diffit-pipe evaluate` stores for the same settings:
+`diffit.sampling.to_uint8(x, sampling.pixels)` of the [-1, 1] image x, "round" = floor(127.5 x + 128) or
+"truncate" = floor(127.5 x + 127.5)), "np" (float32 [N, H, W, 3] in [0, 1]), "pt" (float32 [N, 3, H, W] in
+[0, 1]) or "latent" (what the sampler returns: float32 latents, or the [-1, 1] images of an image-space model).
 
-`save_pretrained(DIR)` writes `model_index.json` (the components and the sampling settings), `transformer/`
-(the model's export folder) and `vae/`; `DiffiTPipeline.from_pretrained(DIR)` reads it back.
-`save_pretrained(DIR, push_to_hub=True, repo_id=...)` and `push_to_hub(repo_id)` upload that folder with a model
-card (README.md: library `diffit`, the `DiffiTPipeline.from_pretrained(repo_id)` usage; diffusers' own card would
-name diffusers, whose `DiffusionPipeline.from_pretrained` cannot load this pipeline). This module imports
-diffusers; `import diffit` does not (it loads this module on first use of `diffit.DiffiTPipeline`).
+Precision and devices: `from_pretrained(..., torch_dtype=torch.bfloat16)` (or a {"transformer": ..., "vae": ...,
+"default": ...} dict) and `pipe.to(dtype)` / `pipe.to(device)` cast the modules; noise is drawn in float32 from the
+CPU generators, the network runs in its own dtype, its output and the sampler's state are float32. Other diffusers
+loading keywords: `use_safetensors=True`, `variant=None` and `low_cpu_mem_usage` are accepted (the files are
+safetensors without variants, read whole); anything else (`device_map`, `use_safetensors=False`, a variant,
+`custom_pipeline`, ...) is an error naming it. Progress bars: `set_progress_bar_config(**tqdm_kwargs)` as in
+diffusers; the diffusers-scheduler loop passes every keyword to tqdm, the project's sampler (whose bar
+`diffit.sampling` draws) honours `disable` only.
+
+Labels: `pipe.id2label`, `pipe.labels` (name -> index, every comma-separated name of one class) and
+`pipe.get_label_ids("golden retriever")`, as in DiT; from the export's dataset label map (ImageNet synsets -> their
+English names, `diffit/data/imagenet_classes.json`), ImageNet's for released NVlabs weights, or `id2label=`.
+
+Released NVlabs weights (diffit_256.safetensors / diffit_512.safetensors): `diffit-pipe import-nvlabs FILE DIR`
+writes an export folder (weights read with safetensors, the released sampling set-up recorded), then
+`DiffiTPipeline.from_pretrained(DIR)`.
+
+`save_pretrained(DIR)` writes `model_index.json` (the components, the sampling settings, id2label),
+`transformer/` (the model's export folder), `scheduler/` and `vae/`; `DiffiTPipeline.from_pretrained(DIR)` reads
+it back (a diffusers scheduler included). `save_pretrained(DIR, push_to_hub=True, repo_id=...)` and
+`push_to_hub(repo_id)` upload that folder with a model card (README.md: library `diffit`, the
+`DiffiTPipeline.from_pretrained(repo_id)` usage; diffusers' own card would name diffusers, whose
+`DiffusionPipeline.from_pretrained` cannot load this pipeline). This module imports diffusers; `import diffit`
+does not (it loads this module on first use of `diffit.DiffiTPipeline`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from PIL import Image
 from torch import nn
 
-from .guidance import GuidanceConfig
+from .diffusion import create_diffusion, randn_per_sample
+from .guidance import ClassifierFreeGuidance, GuidanceConfig, timestep_progress
 from .hub import DiffiTModelHubMixin, PretrainedNotFoundError, resolve_pretrained_dir
+from .labels import checked_id2label, export_id2label, label_ids, label_lookup
 from .models import model_family
-from .sampling import SamplingConfig, paper_sampling_config, sample
+from .sampling import SamplingConfig, paper_sampling_config, sample, to_uint8
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 VAE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 SEED_RANGE = 2**31  # seeds are drawn in [0, 2**31)
+# SamplingConfig fields a call may change when a diffusers scheduler samples (the others configure the project's
+# sampler, which does not run then).
+SCHEDULER_CALL_FIELDS = ("guidance", "pixels", "generator_device")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# diffusers loading keywords that change nothing here: their accepted values, and why.
+HARMLESS_LOAD_KEYWORDS = {
+    "use_safetensors": ((True, None), "DiffiT exports and saved pipelines hold safetensors weights only"),
+    "variant": ((None,), "DiffiT pipelines are saved without weight variants"),
+    "low_cpu_mem_usage": ((True, False, None), ""),
+}
 
 PIPELINE_CARD = """---
 # Model card metadata: https://github.com/huggingface/hub-docs/blob/main/modelcard.md?plain=1
@@ -99,11 +165,12 @@ def seeds_from_generator(generator: torch.Generator | Sequence[torch.Generator] 
     return torch.randint(0, SEED_RANGE, (count,), generator=generator, device=device).tolist()
 
 
-def to_output(images: torch.Tensor, output_type: str):
-    """[-1, 1] float images [N, 3, H, W] -> the requested output type (module docstring)."""
+def to_output(images: torch.Tensor, output_type: str, pixels: str = "round"):
+    """[-1, 1] float images [N, 3, H, W] -> the requested output type (module docstring); "pil" quantises with
+    `diffit.sampling.to_uint8(images, pixels)`, as `diffit-pipe evaluate` does."""
     if output_type == "pil":
-        pixels = (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-        return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+        uint8 = to_uint8(images, pixels)
+        return [Image.fromarray(array) for array in uint8.permute(0, 2, 3, 1).cpu().numpy()]
     unit = (images.float() / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return unit
@@ -179,27 +246,167 @@ def load_vae(entry: dict[str, Any] | str, model_dir: Path) -> AutoencoderKL:
     return vae.eval().requires_grad_(False)
 
 
+def chain_scheduler_config(config: SamplingConfig) -> dict[str, Any]:
+    """The ADM training chain of `config` in diffusers' scheduler names (DiT's scheduler_config.json keys)."""
+    if config.noise_schedule == "linear":
+        scale = 1000.0 / config.diffusion_steps  # ADM rescales the linear betas for other chain lengths
+        betas = {"beta_start": scale * 1e-4, "beta_end": scale * 0.02, "beta_schedule": "linear"}
+    elif config.noise_schedule == "cosine":
+        betas = {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "squaredcos_cap_v2"}
+    else:
+        raise ValueError(f"no diffusers beta schedule for noise_schedule {config.noise_schedule!r}")
+    return {"num_train_timesteps": int(config.diffusion_steps), **betas}
+
+
+class DiffiTScheduler(SchedulerMixin, ConfigMixin):
+    """The project's own sampler as the pipeline's `scheduler` component (module docstring): while it is set,
+    `DiffiTPipeline` runs `diffit.sampling.sample` with its stored `sampling` settings.
+
+    It runs no steps itself. Its config is the model's ADM training chain in diffusers' names, so
+    `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` builds a diffusers scheduler for that chain.
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles = [entry.name for entry in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        clip_sample: bool = False,
+        prediction_type: str = "epsilon",
+    ):
+        self.init_noise_sigma = 1.0
+
+    @classmethod
+    def for_sampling(cls, config: SamplingConfig) -> DiffiTScheduler:
+        """The marker for a pipeline whose stored settings are `config` (its chain in the config; EDM models have
+        no chain, so they get DiT's). Every value is passed explicitly: `from_config` of another class skips the
+        values a config marks as defaults (`_use_default_values`), e.g. it would keep DDIM's clip_sample=True."""
+        chain = chain_scheduler_config(config) if config.kind == "adm" else {}
+        defaults = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+        return cls(**{**defaults, **chain}, clip_sample=False, prediction_type="epsilon")
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError(
+            "DiffiTScheduler marks the project's sampler (diffit.sampling.sample) in a DiffiTPipeline and runs no "
+            "steps itself; build a stepping scheduler with e.g. DDIMScheduler.from_config(scheduler.config)"
+        )
+
+    set_timesteps = step = scale_model_input = add_noise = _refuse
+
+
+class ComputeInDtype(nn.Module):
+    """A network that runs in its parameters' dtype (e.g. bfloat16) inside float32 samplers: inputs are cast to it,
+    outputs back to float32. The attributes samplers read from the network are copied."""
+
+    FORWARDED = ("learn_sigma", "num_classes", "null_class", "in_channels", "input_size")
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.compute_dtype = net.dtype
+        for name in self.FORWARDED:
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """net(x in its dtype, noise labels, class labels) as float32."""
+        return self.net(x.to(self.compute_dtype), noise_labels, class_labels).float()
+
+
+def float32_network(model: nn.Module) -> nn.Module:
+    """`model` itself when it computes in float32 (so samples stay bit-identical to `sample(model, ...)`), else
+    wrapped in `ComputeInDtype`."""
+    return model if model.dtype == torch.float32 else ComputeInDtype(model)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Eval mode (label dropout off) for a sampling run; the module's mode is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def check_load_keywords(kwargs: Mapping[str, Any]) -> None:
+    """Accept diffusers' harmless loading keywords (HARMLESS_LOAD_KEYWORDS with their accepted values), refuse the
+    rest with a message naming each."""
+    for name, value in kwargs.items():
+        if name in HARMLESS_LOAD_KEYWORDS:
+            accepted, why = HARMLESS_LOAD_KEYWORDS[name]
+            if value not in accepted:
+                raise ValueError(f"DiffiTPipeline.from_pretrained: {name}={value!r} is not supported ({why})")
+        elif name == "device_map":
+            raise ValueError(
+                "DiffiTPipeline.from_pretrained does not take device_map: it loads on the CPU; move the pipeline "
+                "with pipe.to('cuda') (or enable_model_cpu_offload())"
+            )
+        else:
+            raise TypeError(
+                f"DiffiTPipeline.from_pretrained got the unsupported keyword {name}={value!r}; it takes vae, "
+                "scheduler, id2label, torch_dtype, revision, cache_dir, token, local_files_only, force_download "
+                f"and, as accepted no-ops, {sorted(HARMLESS_LOAD_KEYWORDS)}"
+            )
+
+
+def component_dtype(torch_dtype: torch.dtype | Mapping[str, torch.dtype] | None, name: str) -> torch.dtype | None:
+    """The dtype `torch_dtype` (one dtype, or diffusers' {component: dtype, "default": dtype}) gives `name`."""
+    dtype = torch_dtype.get(name, torch_dtype.get("default")) if isinstance(torch_dtype, Mapping) else torch_dtype
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"torch_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    return dtype
+
+
+def load_scheduler(entry: Sequence[str | None] | None, folder: Path) -> SchedulerMixin | None:
+    """The scheduler a saved pipeline's model_index.json names: diffusers' classes or `DiffiTScheduler`."""
+    if not entry or entry[0] is None:
+        return None
+    library, class_name = entry
+    if library == "diffusers" and isinstance(getattr(diffusers, str(class_name), None), type):
+        scheduler_class = getattr(diffusers, class_name)
+    elif (library, class_name) == (DiffiTScheduler.__module__, DiffiTScheduler.__name__):
+        scheduler_class = DiffiTScheduler
+    else:
+        raise ValueError(f"{folder / 'model_index.json'}: unknown scheduler {library}.{class_name}")
+    return scheduler_class.from_pretrained(folder, subfolder="scheduler")
+
+
 class DiffiTPipeline(DiffusionPipeline):
     """Class-conditional (or unconditional) image generation with a DiffiT model; see the module docstring.
 
-    `__call__(class_labels, num_inference_steps, guidance_scale, generator, *, seeds, batch_size, output_type,
-    return_dict, **sampling)` where `sampling` replaces fields of the stored `SamplingConfig` for this call
-    (e.g. `sampler="ddim"`, `eta=0.0`, `S_churn=40, S_min=0.05, S_max=50, S_noise=1.003`).
+    `__call__(class_labels, guidance_scale, generator, num_inference_steps, output_type, return_dict, *, seeds,
+    batch_size, **sampling)`: DiT's positional order; `sampling` replaces fields of the stored `SamplingConfig` for
+    this call (e.g. `sampler="ddim"`, `eta=0.0`, `S_churn=40, S_min=0.05, S_max=50, S_noise=1.003`).
     """
 
     model_cpu_offload_seq = "transformer->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "scheduler"]
 
     def __init__(
         self,
         transformer: nn.Module,
         vae: AutoencoderKL | None = None,
+        scheduler: SchedulerMixin | None = None,
+        id2label: Mapping[int | str, str] | None = None,
         sampling: dict[str, Any] | None = None,
         scaling_factor: float | None = None,
     ):
         super().__init__()
         if not isinstance(transformer, DiffiTModelHubMixin) or not hasattr(transformer, "model_config"):
             raise TypeError(f"transformer must be a DiffiT model built by diffit.create_model, got {type(transformer)}")
+        if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
+            raise TypeError(
+                f"scheduler must be a diffusers scheduler or None, got {type(scheduler).__name__} (the arguments are "
+                "DiT's: transformer, vae, scheduler, id2label; pass the sampling settings as sampling=...)"
+            )
         latent = model_family(transformer.model_config["name"]) == "latent"
         if latent and vae is None:
             raise ValueError("a latent DiffiT model needs its VAE (vae=AutoencoderKL) to decode images")
@@ -207,9 +414,19 @@ class DiffiTPipeline(DiffusionPipeline):
             scaling_factor = float(vae.config.scaling_factor)
         if sampling is None:
             sampling = self.default_sampling(transformer, vae).to_dict()
-        SamplingConfig.from_dict(sampling).check()  # refuse bad settings here, not at the first call
-        self.register_modules(transformer=transformer, vae=vae)
-        self.register_to_config(sampling=dict(sampling), scaling_factor=scaling_factor)
+        config = SamplingConfig.from_dict(sampling)
+        config.check()  # refuse bad settings here, not at the first call
+        if scheduler is None:
+            scheduler = DiffiTScheduler.for_sampling(config)
+        id2label = checked_id2label(id2label, int(transformer.num_classes))
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        self.register_to_config(
+            sampling=dict(sampling),
+            scaling_factor=scaling_factor,
+            id2label=None if id2label is None else {str(index): names for index, names in id2label.items()},
+        )
+        # DiT's name -> class id map (every comma-separated name of one class), plus the names classes share.
+        self.labels, self._shared_labels = label_lookup(id2label)
 
     @staticmethod
     def default_sampling(transformer: nn.Module, vae: AutoencoderKL | None) -> SamplingConfig:
@@ -230,6 +447,21 @@ class DiffiTPipeline(DiffusionPipeline):
         """The stored sampling settings."""
         return SamplingConfig.from_dict(self.config.sampling)
 
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class index -> "comma, separated, names" (empty when the model records no class names)."""
+        return {int(index): names for index, names in (self.config.id2label or {}).items()}
+
+    @property
+    def uses_diffit_sampler(self) -> bool:
+        """True while the project's sampler runs (scheduler: `DiffiTScheduler` or None), False for a diffusers one."""
+        return self.scheduler is None or isinstance(self.scheduler, DiffiTScheduler)
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of label names (one name or a list), as DiT's `get_label_ids`; an unknown name is a ValueError
+        listing the closest names, a name several classes share (ImageNet's "crane") one listing their ids."""
+        return label_ids(label, self.labels, self._shared_labels)
+
     # -- loading and saving ----------------------------------------------------------------------------------
 
     @classmethod
@@ -238,17 +470,26 @@ class DiffiTPipeline(DiffusionPipeline):
         pretrained_model_name_or_path: str | os.PathLike,
         *,
         vae: AutoencoderKL | str | None = None,
+        scheduler: SchedulerMixin | None = None,
+        id2label: Mapping[int | str, str] | None = None,
+        torch_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
+        **kwargs: Any,
     ) -> DiffiTPipeline:
         """Load an export folder (`diffit-pipe export`: model.safetensors + config.json), a folder written by
         `DiffiTPipeline.save_pretrained` (model_index.json), or a hub repository holding either.
 
         `vae`: an AutoencoderKL, or a local folder / hub id to load, instead of the one the export names.
+        `scheduler`: a diffusers scheduler instead of the project's sampler (module docstring). `id2label`: class
+        names instead of the recorded ones. `torch_dtype`: a dtype, or {"transformer": ..., "vae": ...,
+        "default": ...}, for the loaded modules. Other diffusers keywords: see the module docstring.
         """
+        check_load_keywords(kwargs)
+        dtypes = {name: component_dtype(torch_dtype, name) for name in ("transformer", "vae")}
         folder = resolve_pretrained_dir(
             pretrained_model_name_or_path,
             allow_patterns=["*.json", "*.safetensors", "*.md"],
@@ -259,7 +500,18 @@ class DiffiTPipeline(DiffusionPipeline):
             local_files_only=local_files_only,
         )
         if (folder / "model_index.json").is_file():
-            return cls._from_pipeline_folder(folder, vae)
+            pipe = cls._from_pipeline_folder(folder, vae, scheduler, id2label)
+        else:
+            pipe = cls._from_export_folder(folder, vae, scheduler, id2label)
+        loaded_vae = not isinstance(vae, nn.Module)  # a VAE passed in keeps its dtype
+        for name, module in (("transformer", pipe.transformer), ("vae", pipe.vae if loaded_vae else None)):
+            if module is not None and dtypes[name] is not None:
+                module.to(dtypes[name])
+        return pipe
+
+    @classmethod
+    def _from_export_folder(cls, folder: Path, vae, scheduler, id2label) -> DiffiTPipeline:
+        """An export folder: model.safetensors + config.json (its "vae", "sampling", "dataset" entries)."""
         transformer = DiffiTModelHubMixin.from_pretrained(folder)
         extra = transformer.pretrained_extra
         if model_family(transformer.model_config["name"]) == "latent" and not isinstance(vae, nn.Module):
@@ -267,12 +519,15 @@ class DiffiTPipeline(DiffusionPipeline):
             if entry is None:
                 raise ValueError(f"{folder / 'config.json'}: a latent model needs a 'vae' entry; pass vae=PATH")
             vae = load_vae(entry, folder)
+        if id2label is None:
+            id2label = export_id2label(extra, int(transformer.num_classes), str(folder / "config.json"))
         scaling_factor = (extra.get("vae") or {}).get("scaling_factor")
-        return cls(transformer, vae, None, None if scaling_factor is None else float(scaling_factor))
+        scaling_factor = None if scaling_factor is None else float(scaling_factor)
+        return cls(transformer, vae, scheduler, id2label, None, scaling_factor)
 
     @classmethod
-    def _from_pipeline_folder(cls, folder: Path, vae: AutoencoderKL | str | None) -> DiffiTPipeline:
-        """A folder written by `save_pretrained`: transformer/, vae/ and model_index.json."""
+    def _from_pipeline_folder(cls, folder: Path, vae, scheduler, id2label) -> DiffiTPipeline:
+        """A folder written by `save_pretrained`: transformer/, vae/, scheduler/ and model_index.json."""
         index = json.loads((folder / "model_index.json").read_text())
         if index.get("_class_name") != cls.__name__:
             raise ValueError(
@@ -283,7 +538,11 @@ class DiffiTPipeline(DiffusionPipeline):
             vae = load_vae(vae, folder)
         elif vae is None and (index.get("vae") or [None])[0] is not None:
             vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
-        return cls(transformer, vae, index.get("sampling"), index.get("scaling_factor"))
+        if scheduler is None:
+            scheduler = load_scheduler(index.get("scheduler"), folder)
+        if id2label is None:
+            id2label = index.get("id2label")
+        return cls(transformer, vae, scheduler, id2label, index.get("sampling"), index.get("scaling_factor"))
 
     def save_pretrained(
         self,
@@ -293,7 +552,7 @@ class DiffiTPipeline(DiffusionPipeline):
         push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Write model_index.json, transformer/ (the model's export folder) and vae/ (safetensors only).
+        """Write model_index.json, transformer/ (the model's export folder), scheduler/ and vae/ (safetensors only).
 
         With `push_to_hub=True` the folder is then uploaded, with a model card (README.md, written into it too), to
         `repo_id` (default: the folder's name, in the token owner's namespace); `token`, `private`,
@@ -306,6 +565,8 @@ class DiffiTPipeline(DiffusionPipeline):
         self.transformer.save_pretrained(out / "transformer")
         if self.vae is not None:
             self.vae.save_pretrained(out / "vae", safe_serialization=True)
+        if self.scheduler is not None:
+            self.scheduler.save_pretrained(out / "scheduler")
         self.save_config(out)
         if push_to_hub:
             self._push_folder(
@@ -390,6 +651,8 @@ class DiffiTPipeline(DiffusionPipeline):
 
     # -- generation ---------------------------------------------------------------------------------------------
 
+    # -- generation ---------------------------------------------------------------------------------------------
+
     def _labels(self, class_labels) -> list[int] | None:
         """Class labels as a checked list (None for an unconditional call)."""
         if class_labels is None:
@@ -405,15 +668,84 @@ class DiffiTPipeline(DiffusionPipeline):
         return labels
 
     def _call_config(self, num_inference_steps, guidance_scale, overrides: dict[str, Any]) -> SamplingConfig:
-        """The stored settings with this call's replacements."""
+        """The stored settings with this call's replacements; guidance_scale <= 1 turns guidance off (DiT)."""
         config = dataclasses.replace(self.sampling_config, **overrides)
         if num_inference_steps is not None:
             config = dataclasses.replace(config, steps=int(num_inference_steps))
         if guidance_scale is not None:
-            guidance = dataclasses.replace(config.guidance or GuidanceConfig(), scale=float(guidance_scale))
-            config = dataclasses.replace(config, guidance=guidance)
+            if float(guidance_scale) <= 1.0:
+                config = dataclasses.replace(config, guidance=None)
+            else:
+                guidance = dataclasses.replace(config.guidance or GuidanceConfig(), scale=float(guidance_scale))
+                config = dataclasses.replace(config, guidance=guidance)
         config.check()
         return config
+
+    def check_scheduler(self, config: SamplingConfig | None = None) -> None:
+        """Raise ValueError unless `self.scheduler` (a diffusers scheduler) can sample this model: a latent (ADM)
+        model, epsilon prediction, and the model's training chain as its noise schedule."""
+        config = config or self.sampling_config
+        scheduler, name = self.scheduler, type(self.scheduler).__name__
+        if config.kind != "adm":
+            raise ValueError(
+                f"pipe.scheduler is a {name}, but this {self.transformer.model_config['name']} is an image-space "
+                "EDM model: diffusers' DDPM-family schedulers do not drive an EDM-preconditioned network. Sample it "
+                "with the project's EDM-Heun sampler: pipe.scheduler = DiffiTScheduler()"
+            )
+        if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(
+                f"pipe.scheduler ({name}) predicts {scheduler.config.prediction_type!r}; DiffiT predicts eps"
+            )
+        alphas = getattr(scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            raise ValueError(f"pipe.scheduler ({name}) has no alphas_cumprod: not a DDPM-family (DiT) scheduler")
+        chain = create_diffusion(None, config.noise_schedule, diffusion_steps=config.diffusion_steps).alphas_cumprod
+        alphas = torch.as_tensor(alphas, dtype=torch.float64).cpu()
+        # diffusers builds its betas in float32, ADM in float64: they agree to ~1e-7.
+        if alphas.shape != chain.shape or not torch.allclose(alphas, chain, rtol=1e-4, atol=1e-6):
+            expected = chain_scheduler_config(config)
+            raise ValueError(
+                f"pipe.scheduler ({name}) has another noise schedule than the model's training chain {expected}; "
+                f"build it with {name}.from_config(DiffiTScheduler.for_sampling(pipe.sampling_config).config)"
+            )
+
+    def _sample_with_diffit(self, labels, seeds, config: SamplingConfig) -> torch.Tensor:
+        """`diffit.sampling.sample` (bit-identical for a float32 model); a bfloat16 / float16 model runs in its
+        dtype inside the float32 sampler."""
+        model = self.transformer
+        shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
+        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        network = float32_network(model)
+        return sample(network, shape, labels, seeds, config, device=self._execution_device, progress=progress)
+
+    def _sample_with_scheduler(self, labels, seeds, config: SamplingConfig) -> torch.Tensor:
+        """DiT's loop with `self.scheduler`: sample i's initial noise and every stochastic step draw from a
+        generator seeded with seeds[i]; the stored guidance on one doubled batch; learned Sigma cut as in DiT."""
+        self.check_scheduler(config)
+        scheduler, model, device = self.scheduler, self.transformer, self._execution_device
+        channels = int(model.in_channels)
+        shape = (channels, int(model.input_size), int(model.input_size))
+        generator_device = device if config.generator_device is None else torch.device(config.generator_device)
+        generators = [torch.Generator(device=generator_device).manual_seed(int(seed)) for seed in seeds]
+        latents = randn_per_sample(generators, shape, device=device) * scheduler.init_noise_sigma
+        class_labels = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
+        network = float32_network(model)
+        guidance = config.guidance or GuidanceConfig()
+        if guidance.enabled:
+            progress = lambda t: timestep_progress(t.to(torch.float64), config.diffusion_steps)  # noqa: E731
+            network = ClassifierFreeGuidance(network, guidance, int(model.null_class), progress)
+        learned_variance = scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
+        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        scheduler.set_timesteps(config.steps, device=device)
+        with eval_mode(model):
+            for t in self.progress_bar(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(latents, t)
+                timesteps = torch.as_tensor(t, device=device).to(torch.float32).expand(len(seeds))
+                output = network(model_input, timesteps, class_labels).float()
+                if output.shape[1] == 2 * channels and not learned_variance:
+                    output = output[:, :channels]  # eps only, as DiT: the scheduler has its own variance
+                latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
+        return latents.float()
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Sampler output -> images in [-1, 1]: VAE decode of samples / scaling_factor for latent models."""
@@ -426,20 +758,21 @@ class DiffiTPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: Sequence[int] | int | torch.Tensor | None = None,
-        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
         *,
         seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
         **sampling: Any,
     ) -> ImagePipelineOutput | tuple:
         """Generate one image per class label (or `batch_size` / len(seeds) unconditional images).
 
-        num_inference_steps / guidance_scale replace the stored steps / guidance scale (the schedule, power and
-        guided channels stay: the paper's three-channel power-cosine guidance for ImageNet-256 exports).
+        DiT's arguments and order. guidance_scale: None = the stored guidance; <= 1 = none; > 1 replaces the
+        stored scale (its schedule, power and guided channels stay). num_inference_steps: None = the stored steps.
+        `seeds`, `batch_size` and `SamplingConfig` fields (`sampling`) are keyword-only (module docstring).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -449,10 +782,17 @@ class DiffiTPipeline(DiffusionPipeline):
         seeds = [int(seed) for seed in seeds] if seeds is not None else seeds_from_generator(generator, count)
         if len(seeds) != count:
             raise ValueError(f"got {len(seeds)} seeds for {count} images; pass one seed per image")
-        model = self.transformer
-        shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
-        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
-        samples = sample(model, shape, labels, seeds, config, device=self._execution_device, progress=progress)
-        images = samples if output_type == "latent" else to_output(self.decode(samples), output_type)
+        if self.uses_diffit_sampler:
+            samples = self._sample_with_diffit(labels, seeds, config)
+        else:
+            ignored = sorted(set(sampling) - set(SCHEDULER_CALL_FIELDS))
+            if ignored:
+                raise ValueError(
+                    f"{ignored} configure the project's sampler, but pipe.scheduler is a "
+                    f"{type(self.scheduler).__name__}: set them on that scheduler, or switch back with "
+                    "pipe.scheduler = DiffiTScheduler.from_config(pipe.scheduler.config)"
+                )
+            samples = self._sample_with_scheduler(labels, seeds, config)
+        images = samples if output_type == "latent" else to_output(self.decode(samples), output_type, config.pixels)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

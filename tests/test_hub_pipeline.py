@@ -193,7 +193,7 @@ def test_guidance_scale_keeps_the_stored_three_channel_power_cosine_schedule(lat
 
     loaded = _pipeline(latent_model)
     paper = dataclasses.replace(loaded.sampling_config, guidance=GuidanceConfig(scale=4.6, schedule="power-cosine"))
-    pipe = DiffiTPipeline(loaded.transformer, loaded.vae, paper.to_dict())
+    pipe = DiffiTPipeline(loaded.transformer, loaded.vae, sampling=paper.to_dict())
     out = pipe(class_labels=[2, 3], num_inference_steps=4, guidance_scale=3.0, seeds=[5, 6], output_type="latent")
     guidance = GuidanceConfig(scale=3.0, schedule="power-cosine", power=4.0, channels=3)
     expected = sample(pipe.transformer, (4, 8, 8), [2, 3], [5, 6], paper, steps=4, guidance=guidance)
@@ -239,6 +239,7 @@ def test_pipeline_seeds_generators_and_output_types(latent_model):
 
 PIPELINE_FILES = [
     "model_index.json",
+    "scheduler/scheduler_config.json",
     "transformer/README.md",
     "transformer/config.json",
     "transformer/model.safetensors",
@@ -252,7 +253,7 @@ def test_pipeline_save_pretrained_round_trip(tmp_path, latent_model):
 
     loaded = _pipeline(latent_model)
     settings = dataclasses.replace(loaded.sampling_config, sampler="ddim", steps=7, eta=0.25)
-    pipe = DiffiTPipeline(loaded.transformer, loaded.vae, settings.to_dict())
+    pipe = DiffiTPipeline(loaded.transformer, loaded.vae, sampling=settings.to_dict())
     pipe.save_pretrained(tmp_path / "pipe")
     names = sorted(str(p.relative_to(tmp_path / "pipe")) for p in (tmp_path / "pipe").rglob("*") if p.is_file())
     assert names == PIPELINE_FILES
