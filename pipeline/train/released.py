@@ -102,6 +102,8 @@ def load_released_model(checkpoint: str | Path, max_parameters: int | None = Non
         return load_nvlabs_model(path, max_parameters)
     except InvalidModelFileError as error:
         raise InputError(str(error)) from error
+    except ValueError as error:  # the bound itself: a bad $DIFFIT_MAX_PARAMETERS
+        raise InputError(f"{path}: {error}") from error
     except OSError as error:
         raise InputError(f"{path}: cannot read ({error})") from error
 
