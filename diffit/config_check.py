@@ -7,10 +7,11 @@ list zero-element tensors whose shapes decide the architecture. Everything here 
 text, so a bad file is refused before a model, a tensor or a diffusion schedule exists:
 
 - `check_model_config(config, path)`: a config.json dict. Known keys only in `model` / `model.kwargs` /
-  `diffusion`, types and ranges per field, then the parameter count and memory the architecture implies
-  (`implied_size`, exact, computed without building the model) against a bound: `DEFAULT_MAX_PARAMETERS`
-  (4e9; DiffiT-XL/2 is 561M), raised with the environment variable `DIFFIT_MAX_PARAMETERS` or the
-  `max_parameters=` argument of the loaders.
+  `diffusion` / `sampling`, types and ranges per field (`diffusion_steps` and sampling `steps` <= 100,000), then
+  the parameter count and memory the architecture implies (`implied_size`, exact, computed without building the
+  model) against a bound: `DEFAULT_MAX_PARAMETERS` (4e9; DiffiT-XL/2 is 561M), raised with the environment
+  variable `DIFFIT_MAX_PARAMETERS` or the `max_parameters=` argument of the loaders. Other top-level entries
+  (`save_pretrained(extra=...)` is free-form) must only be objects where the pipeline reads objects.
 - `expected_state_shapes(name, kwargs)`: the state-dict shapes of a checked config, from a model built on the
   meta device (no memory).
 - `check_safetensors_header(path, expected_shapes)`: the 8-byte length and the JSON header read by hand
@@ -139,6 +140,20 @@ DIFFUSION_FIELDS = {
     "P_mean": ("float", -100.0, 100.0),
     "P_std": ("float", 1e-6, 100.0),
 }
+# The "sampling" entry (`import-nvlabs` writes it; `evaluate` and `DiffiTPipeline` read it as defaults). Samplers and
+# schedules as in `diffit.sampling.SAMPLERS` / `diffit.guidance.SCHEDULES` (pinned by a test; not imported here,
+# since those modules import torch).
+SAMPLING_FIELDS = {
+    "sampler": ("choice", "ddpm", "ddim", "edm-heun"),
+    "steps": ("int", 1, MAX_DIFFUSION_STEPS),
+    "eta": ("float", 0.0, 10.0),
+    "guidance_scale": ("float", 0.0, 1000.0),
+    "guidance_schedule": ("choice", "constant", "power-cosine"),
+    "guidance_power": ("float", 0.0, 1000.0),
+    "guidance_channels": ("channels", 1, MAX_IN_CHANNELS),
+    "origin": ("str", 0, 1000),
+    "reference": ("str", 0, 1000),
+}
 # config.json entries that the pipeline reads as objects; other top-level entries are the exporter's own
 # (`save_pretrained(extra=...)`) and travel untouched.
 OBJECT_SECTIONS = ("diffusion", "vae", "dataset", "train", "sampling", "released")
@@ -156,6 +171,13 @@ def _check_field(where: str, value: Any, spec: tuple) -> str | None:
     if kind == "choice":
         return None if value in spec[1:] else f"{where} must be one of {list(spec[1:])}, got {value!r}"
     low, high = spec[1], spec[2]
+    if kind == "str":
+        ok = isinstance(value, str) and low <= len(value) <= high
+        return None if ok else f"{where} must be a string of at most {high} characters, got {value!r:.80}"
+    if kind == "channels" and (value is None or value == "all"):
+        return None
+    if kind == "channels":
+        kind = "int"
     if kind == "optional_int" and value is None:
         return None
     if kind in ("int", "optional_int"):
@@ -355,6 +377,8 @@ def check_model_config(
                 raise ValueError(f"{section} must be an object, got {type(config[section]).__name__}")
         if "diffusion" in config:
             _check_fields("diffusion", config["diffusion"], DIFFUSION_FIELDS)
+        if "sampling" in config:
+            _check_fields("sampling", config["sampling"], SAMPLING_FIELDS)
         return check_model_kwargs(model["name"], model.get("kwargs", {}), max_parameters)
     except ValueError as error:
         raise InvalidModelFileError(path, str(error)) from None

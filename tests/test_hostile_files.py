@@ -93,6 +93,10 @@ def latent_config(**kwargs):
         ({**latent_config(), "diffusion": {"type": "adm", "steps": 10}}, "diffusion has unknown keys ['steps']"),
         ({**latent_config(), "diffusion": {"type": "ddim"}}, "diffusion.type must be one of ['adm', 'edm']"),
         ({"model": {"name": "DiffiT-UNet-Tiny", "kwargs": {"channels": [32]}}}, "channels [32] and blocks_per_stage"),
+        ({**latent_config(), "sampling": {"steps": 10**10}}, "sampling.steps must be in [1, 100000], got 10000000000"),
+        ({**latent_config(), "sampling": {"steps": "250"}}, "sampling.steps must be an integer, got '250'"),
+        ({**latent_config(), "sampling": {"guidance_channels": 0}}, "sampling.guidance_channels must be in [1, 1024]"),
+        ({**latent_config(), "sampling": {"cfg": 4}}, "sampling has unknown keys ['cfg']"),
     ],
 )
 def test_config_schema_refusals(config, problem):
@@ -100,6 +104,21 @@ def test_config_schema_refusals(config, problem):
         check_model_config(config, "m/config.json")
     assert str(caught.value).startswith("m/config.json: ") and problem in str(caught.value)
     assert caught.value.path == "m/config.json"
+
+
+def test_config_schema_accepts_what_the_writers_write():
+    """import-nvlabs' sampling entry (guidance on 3 channels, notes) and the other accepted spellings; the
+    schema's samplers and schedules are the library's."""
+    from diffit.config_check import SAMPLING_FIELDS
+    from diffit.guidance import SCHEDULES
+    from diffit.sampling import SAMPLERS
+    from pipeline.train.released import released_sampling
+
+    assert SAMPLING_FIELDS["sampler"][1:] == SAMPLERS and SAMPLING_FIELDS["guidance_schedule"][1:] == SCHEDULES
+    for channels in (3, "all", None):
+        sampling = {**released_sampling(64), "guidance_channels": channels, "eta": 0}
+        resolved = check_model_config({**latent_config(mlp_ratio=4), "sampling": sampling, "mine": [1]})
+        assert resolved == {**MODEL_CONFIGS["DiffiT-Tiny/2"]["kwargs"], "mlp_ratio": 4}
 
 
 def test_parameter_bound_and_how_to_raise_it(monkeypatch):
