@@ -31,6 +31,10 @@ def import_nvlabs(
     scale 4.4 at 256 px (the released code's setting for FID 1.73; the paper text says 4.6, pass --cfg-scale 4.6
     to evaluate with it) and a constant 1.49 at 512 px.
 
+    The file is checked before anything is allocated (header, floating dtypes, names and shapes); the
+    architecture its shapes imply may hold at most 4e9 parameters (DiffiT-XL/2: 561M): set the environment
+    variable DIFFIT_MAX_PARAMETERS to import a larger model.
+
     Then: diffit-pipe evaluate --model OUT --reference VIRTUAL_imagenet256_labeled.npz --out EVAL
     """
     from pipeline.core.logs import setup_logging

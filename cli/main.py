@@ -6,12 +6,14 @@
 Each stage lives in its own small module that exposes `register(app)`; heavy imports (torch, diffusers,
 dask, torch-fidelity) happen inside the command bodies so that `diffit-pipe --help` stays fast. Every
 `PipelineError` a command raises becomes one `error: ...` line on stderr and that error's exit code
-(`pipeline.core.errors`), the same for every command.
+(`pipeline.core.errors`), the same for every command; so does `diffit`'s `InvalidModelFileError` (a model file
+refused by the library's loaders, exit 2).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 from typer.core import TyperGroup
@@ -21,13 +23,22 @@ class PipelineCommands(TyperGroup):
     """The command group: turns any `PipelineError` into one clear line and its exit code."""
 
     def invoke(self, ctx):
-        from pipeline.core.errors import PipelineError
+        from pipeline.core.errors import EXIT_BAD_INPUT, PipelineError
 
         try:
             return super().invoke(ctx)
         except PipelineError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
+        except ValueError as error:
+            # `diffit` (which never imports `pipeline`) refuses a bad model file with its own ValueError,
+            # `InvalidModelFileError` ("<file>: <problem>"): bad input, whichever stage reached the loader.
+            # Looked up in sys.modules so that --help does not import diffit (torch); not imported = not raised.
+            checks = sys.modules.get("diffit.config_check")
+            if checks is None or not isinstance(error, checks.InvalidModelFileError):
+                raise
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 app = typer.Typer(

@@ -5,6 +5,10 @@ The released code (`diffit/diffit.py` of NVlabs/DiffiT) names its modules after 
 `relative_position_bias_table`, ...) and ships the weights as flat safetensors files (`diffit_256.safetensors`,
 `diffit_512.safetensors`), read with `safetensors.torch.load_file`, never unpickled.
 
+- `load_nvlabs_model` is the checked entry point: it reads the safetensors header only (`released_layout`),
+  reads the architecture off its shapes, bounds it (`diffit.config_check`), converts names and shapes against a
+  model on the meta device, and only then reads the tensors and builds the model; every problem with the file
+  is an `InvalidModelFileError` (`<file>: <problem>`), int / bool weights included;
 - `load_nvlabs_file` reads a released file (safetensors; a `.pt` only through `torch.load(weights_only=True)`);
 - `nvlabs_model_kwargs` reads the architecture off the tensor shapes (depth, width, heads, patch, latent size,
   classes, learned sigma), so one code path serves XL/2 at 256 and 512 px and any smaller configuration;
@@ -16,12 +20,22 @@ The released code (`diffit/diffit.py` of NVlabs/DiffiT) names its modules after 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .config_check import (
+    FLOAT_DTYPES,
+    INTEGER_DTYPES,
+    InvalidModelFileError,
+    check_dtypes,
+    check_model_kwargs,
+    read_safetensors_header,
+)
 
 # (pattern on the released key, replacement in ours). Applied in order; the first match wins.
 _RENAMES = [
@@ -46,6 +60,20 @@ _INVERSE_RENAMES = [
     (r"^blocks\.(\d+)\.attn\.relative_position_bias$", r"blocks.\1.attn.relative_position_bias_table"),
 ]
 _INDEX_KEY = re.compile(r"^blocks\.(\d+)\.attn\.relative_position_index$")
+# The index buffers under any wrapper prefix: the only tensors of a released file that are integers.
+_ANY_INDEX_KEY = re.compile(r"(^|\.)blocks\.\d+\.attn\.relative_position_index$")
+# safetensors dtype names of the tensors a released file may hold -> torch dtypes (for meta tensors).
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+}
+assert set(_TORCH_DTYPES) == set(FLOAT_DTYPES) | set(INTEGER_DTYPES)
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 # Prefixes a whole released file may carry (DDP's `module.`, EMA / model wrappers of training scripts).
 _WRAPPER_PREFIXES = ("module.", "ema.", "model.")
 
@@ -61,25 +89,77 @@ def _unwrap(checkpoint: dict) -> dict:
     return checkpoint
 
 
+def _is_index(name: str) -> bool:
+    return bool(_ANY_INDEX_KEY.search(name))
+
+
 def load_nvlabs_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The released state dict of `path`: safetensors through `safetensors.torch.load_file` (the released
-    format), a `.pt` / `.pth` file through `torch.load(weights_only=True)`; wrappers removed (see `_unwrap`)."""
+    format), a `.pt` / `.pth` file through `torch.load(weights_only=True)`; wrappers removed (see `_unwrap`).
+    Floating weights only (integer relative-position index buffers aside); `InvalidModelFileError` otherwise."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        read_safetensors_header(path)  # a clear message for an empty, truncated or garbled file
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise InvalidModelFileError(path, f"cannot read the weights ({error})") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        import pickle
+        import zipfile
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
+            raise InvalidModelFileError(
+                path, f"not a tensors-only torch file ({type(error).__name__}: {error})"
+            ) from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return _unwrap(state)
+        raise InvalidModelFileError(path, f"expected a state dict of tensors, got {type(state).__name__}")
+    state = _unwrap(state)
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise InvalidModelFileError(path, f"entry {name!r} is a {type(value).__name__}, not a tensor")
+    dtypes = {name: _SAFETENSORS_NAMES.get(value.dtype, str(value.dtype)) for name, value in state.items()}
+    check_dtypes(path, dtypes, _is_index)
+    return state
 
 
-def _shape(state: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
+def released_layout(path: str | Path) -> dict[str, torch.Tensor]:
+    """The names, shapes and dtypes of a released file as meta tensors (unwrapped), without reading a tensor:
+    for safetensors from its header (checked against the file size; floating weights, integer index buffers).
+    A `.pt` has no header: it is loaded (`load_nvlabs_file`) and its tensors moved to the meta device."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {name: value.to("meta") for name, value in load_nvlabs_file(path).items()}
+    header = read_safetensors_header(path)
+    check_dtypes(path, {name: info["dtype"] for name, info in header.items()}, _is_index)
+    return _unwrap(
+        {
+            name: torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]], device="meta")
+            for name, info in header.items()
+        }
+    )
+
+
+def _shape(state: dict[str, torch.Tensor], key: str, rank: int) -> tuple[int, ...]:
+    """The shape of `state[key]`, which must have `rank` dimensions."""
     if key not in state:
         raise KeyError(f"released checkpoint lacks {key!r}: not the NVlabs/DiffiT latent layout")
-    return tuple(state[key].shape)
+    shape = tuple(state[key].shape)
+    if len(shape) != rank:
+        raise ValueError(f"{key} has shape {list(shape)}, expected {rank} dimensions")
+    return shape
+
+
+def _positive(**sizes: int) -> None:
+    """The sizes read off the shapes are the architecture: none may be zero (a zero-element tensor)."""
+    for what, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{what} read off the tensor shapes is {size}")
 
 
 def nvlabs_model_kwargs(checkpoint: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -91,18 +171,21 @@ def nvlabs_model_kwargs(checkpoint: dict[str, torch.Tensor]) -> dict[str, Any]:
     mlp ratio from `fc1`.
     """
     state = _unwrap(checkpoint)
-    hidden, channels, patch, _ = _shape(state, "x_embedder.proj.weight")
-    tokens = _shape(state, "pos_embed")[1]
-    grid = round(tokens**0.5)
+    hidden, channels, patch, _ = _shape(state, "x_embedder.proj.weight", 4)
+    tokens = _shape(state, "pos_embed", 3)[1]
+    heads = _shape(state, "blocks.0.attn.relative_position_bias_table", 2)[1]
+    outputs = _shape(state, "final_layer.linear.weight", 2)[0]
+    mlp_hidden = _shape(state, "blocks.0.mlp.fc1.weight", 2)[0]
+    _positive(hidden_size=hidden, in_channels=channels, patch_size=patch, tokens=tokens, num_heads=heads)
+    _positive(final_layer_outputs=outputs, mlp_hidden=mlp_hidden)
+    grid = math.isqrt(tokens)
     if grid * grid != tokens:
         raise ValueError(f"pos_embed holds {tokens} tokens, not a square grid")
     depth = 1 + max(int(match.group(1)) for key in state if (match := re.match(r"^blocks\.(\d+)\.", key)))
-    heads = _shape(state, "blocks.0.attn.relative_position_bias_table")[1]
-    outputs = _shape(state, "final_layer.linear.weight")[0]
     if outputs not in (patch * patch * channels, patch * patch * 2 * channels):
         raise ValueError(f"final_layer has {outputs} outputs, expected p^2 C or p^2 2C with p={patch}, C={channels}")
     table_rows = (
-        _shape(state, "y_embedder.embedding_table.weight")[0] if "y_embedder.embedding_table.weight" in state else 0
+        _shape(state, "y_embedder.embedding_table.weight", 2)[0] if "y_embedder.embedding_table.weight" in state else 0
     )
     return {
         "depth": depth,
@@ -113,7 +196,7 @@ def nvlabs_model_kwargs(checkpoint: dict[str, torch.Tensor]) -> dict[str, Any]:
         "in_channels": channels,
         "num_classes": max(table_rows - 1, 0),
         "learn_sigma": outputs == patch * patch * 2 * channels,
-        "mlp_ratio": _shape(state, "blocks.0.mlp.fc1.weight")[0] / hidden,
+        "mlp_ratio": mlp_hidden / hidden,
     }
 
 
@@ -137,9 +220,13 @@ def convert_nvlabs_state_dict(checkpoint: dict, model: nn.Module) -> dict[str, t
         key = key.removeprefix("module.")
         index_match = _INDEX_KEY.match(key)
         if index_match:
-            expected = _expected_index(model, index_match.group(1))
-            if not value.is_meta and not torch.equal(value.to(expected.dtype), expected):
-                raise ValueError(f"{key}: relative position index differs from this model's window layout")
+            tokens = model.grid_size**2
+            if tuple(value.shape) != (tokens, tokens):
+                raise ValueError(f"{key}: shape {list(value.shape)} != [{tokens}, {tokens}] of this model's token grid")
+            if not value.is_meta:  # values are checked once they are read (a meta value has none)
+                expected = _expected_index(model, index_match.group(1))
+                if not torch.equal(value.to(expected.dtype), expected):
+                    raise ValueError(f"{key}: relative position index differs from this model's window layout")
             continue
         for pattern, replacement in _RENAMES:
             new_key, hits = re.subn(pattern, replacement, key)
@@ -176,6 +263,65 @@ def to_nvlabs_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for index in range(len(model.blocks)):
         released[f"blocks.{index}.attn.relative_position_index"] = _expected_index(model, str(index)).clone()
     return released
+
+
+def nvlabs_model_name(kwargs: dict[str, Any]) -> str:
+    """The named configuration with this architecture (depth, width, heads, patch), for the record; the full
+    constructor arguments are stored beside it, so any released size loads."""
+    from .models import MODEL_CONFIGS
+
+    keys = ("depth", "hidden_size", "num_heads", "patch_size", "in_channels")
+    for name, entry in MODEL_CONFIGS.items():
+        if entry["family"] == "latent" and all(entry["kwargs"].get(key) == kwargs[key] for key in keys):
+            return name
+    name = f"DiffiT-XL/{kwargs['patch_size']}"
+    return name if name in MODEL_CONFIGS else "DiffiT-XL/2"
+
+
+def _layout_problem(error: Exception) -> str:
+    """A conversion error as the file's problem (KeyError's message without its quotes)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return f"not a released NVlabs/DiffiT latent checkpoint ({message})"
+
+
+def check_nvlabs_file(path: str | Path, max_parameters: int | None = None) -> tuple[str, dict[str, Any]]:
+    """(model name, constructor kwargs) of a released file, every check done before a weight is read or a
+    model built: the header (`released_layout`), the architecture its shapes imply against the schema and the
+    parameter bound, then every name and shape against a model on the meta device."""
+    from .models import create_model
+
+    path = Path(path)
+    layout = released_layout(path)
+    try:
+        kwargs = nvlabs_model_kwargs(layout)
+    except (KeyError, ValueError) as error:
+        raise InvalidModelFileError(path, _layout_problem(error)) from None
+    name = nvlabs_model_name(kwargs)
+    try:
+        check_model_kwargs(name, kwargs, max_parameters)
+    except ValueError as error:
+        raise InvalidModelFileError(path, f"the architecture read off the tensor shapes is refused: {error}") from None
+    try:
+        with torch.device("meta"):
+            convert_nvlabs_state_dict(layout, create_model(name, **kwargs))
+    except (KeyError, ValueError) as error:
+        raise InvalidModelFileError(path, _layout_problem(error)) from None
+    return name, kwargs
+
+
+def load_nvlabs_model(path: str | Path, max_parameters: int | None = None) -> tuple[nn.Module, dict[str, Any], str]:
+    """(model with the released weights, its constructor kwargs, its name) of a released file, checked first
+    (`check_nvlabs_file`); any problem with the file is an `InvalidModelFileError` naming it."""
+    from .models import create_model
+
+    name, kwargs = check_nvlabs_file(path, max_parameters)
+    state = load_nvlabs_file(path)
+    model = create_model(name, **kwargs)
+    try:  # the values now: the index buffers must equal ours
+        model.load_state_dict(convert_nvlabs_state_dict(state, model), strict=True)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise InvalidModelFileError(path, _layout_problem(error)) from None
+    return model.eval(), kwargs, name
 
 
 def load_nvlabs_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

@@ -3,6 +3,9 @@
 `config.json` holds `{"model": {"name", "kwargs"}, ...extra}`; `extra` is what the exporter adds (diffusion
 type and settings, VAE, dataset identity), so that `load_pretrained(dir)` rebuilds the model in one call and
 `evaluate` knows how to sample it. Weights never go through pickle.
+
+Both files are checked before anything is allocated (`diffit.config_check`); a damaged or hostile file raises
+`InvalidModelFileError` (a ValueError) whose message is `<file>: <problem>`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config_check import (
+    InvalidModelFileError,
+    check_model_config,
+    check_safetensors_header,
+    expected_state_shapes,
+    parse_config_file,
+)
 from .models import create_model
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "InvalidModelFileError",
+    "check_model_config",
+    "check_safetensors_header",
+    "load_pretrained",
+    "load_weights",
+    "pretrained_files",
+    "read_config",
+    "save_pretrained",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -54,33 +77,49 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, extra: dict[st
     return out
 
 
-def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The `config.json` of an exported model, with a clear error when it is missing or malformed."""
+def read_config(model_dir: str | os.PathLike, max_parameters: int | None = None) -> dict[str, Any]:
+    """The `config.json` of an exported model, checked before anything is built (`check_model_config`: schema,
+    ranges, the parameter bound); `InvalidModelFileError` naming the file otherwise."""
     path = Path(model_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no such file; an exported model directory holds {CONFIG_NAME} and "
             f"{WEIGHTS_NAME} (write one with `diffit-pipe export`)"
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(config.get("model"), dict) or "name" not in config["model"]:
-        raise ValueError(f"{path}: missing the 'model': {{'name', 'kwargs'}} entry")
+    config = parse_config_file(path)
+    check_model_config(config, path, max_parameters)
     return config
 
 
-def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild an exported model: `(model in eval mode, config dict)`. Loading is strict. The same as
-    `Model.from_pretrained(model_dir)` (`diffit.hub`), which also accepts hub ids."""
+def load_weights(path: str | os.PathLike, expected_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after its header was checked against `expected_shapes` (names,
+    shapes, floating dtypes, offsets; see `check_safetensors_header`); any damage is an `InvalidModelFileError`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = read_config(model_dir)
+    check_safetensors_header(path, expected_shapes)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:  # changed or unreadable after the header was checked
+        raise InvalidModelFileError(path, f"cannot read the weights ({error})") from None
+
+
+def load_pretrained(
+    model_dir: str | os.PathLike, device: str | torch.device = "cpu", max_parameters: int | None = None
+) -> tuple[nn.Module, dict]:
+    """Rebuild an exported model: `(model in eval mode, config dict)`. Loading is strict. The same as
+    `Model.from_pretrained(model_dir)` (`diffit.hub`), which also accepts hub ids.
+
+    Nothing is allocated before both files are checked: config.json against the schema and the parameter bound
+    (`max_parameters`, default `$DIFFIT_MAX_PARAMETERS` or 4e9), the weights' header against the shapes the
+    config implies (computed on the meta device). A bad file raises `InvalidModelFileError` (a ValueError)."""
+    config = read_config(model_dir, max_parameters)
     weights = Path(model_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no such file (the model directory has a config but no weights)")
-    model = create_model(config["model"]["name"], **config["model"].get("kwargs", {}))
-    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    name, kwargs = config["model"]["name"], config["model"].get("kwargs", {})
+    state = load_weights(weights, expected_state_shapes(name, kwargs, Path(model_dir) / CONFIG_NAME))
+    model = create_model(name, **kwargs)
+    model.load_state_dict(state, strict=True)
     model.pretrained_extra = {key: value for key, value in config.items() if key != "model"}
     return model.to(device).eval(), config

@@ -19,8 +19,12 @@ dividing by 0.18215, samples with the ADM diffusion (linear schedule, 1000 steps
 `--cfg_scale 1.49`; `DiffiT.forward_with_cfg` guides the first 3 eps channels, with the power-cosine schedule
 (`scale_pow` 4) for latents up to 32x32 (256 px) and a constant scale above (512 px).
 
-The weights are read with `safetensors.torch.load_file` (`diffit.convert.load_nvlabs_file`), converted strictly
-(`diffit.convert.convert_nvlabs_state_dict`), and the directory is written beside OUT and renamed into place.
+The file is checked before anything is allocated (`diffit.convert.check_nvlabs_file`: the safetensors header
+read by hand, floating weights only, the architecture its shapes imply bounded by `$DIFFIT_MAX_PARAMETERS`
+(default 4e9 parameters), every name and shape against a model on the meta device); then the weights are read
+with `safetensors.torch.load_file`, converted strictly (`diffit.convert.convert_nvlabs_state_dict`), and the
+directory is written beside OUT and renamed into place. A bad file is one `error: <file>: <problem>` line, exit 2,
+and OUT is not created.
 """
 
 from __future__ import annotations
@@ -63,15 +67,10 @@ def released_sampling(latent_size: int) -> dict[str, Any]:
 
 
 def _model_name(kwargs: dict[str, Any]) -> str:
-    """The named configuration with this architecture (depth, width, heads, patch), for the record; the full
-    constructor arguments are stored beside it, so any released size loads."""
-    from diffit.models import MODEL_CONFIGS
+    """The named configuration recorded for this architecture (see `diffit.convert.nvlabs_model_name`)."""
+    from diffit.convert import nvlabs_model_name
 
-    keys = ("depth", "hidden_size", "num_heads", "patch_size", "in_channels")
-    for name, entry in MODEL_CONFIGS.items():
-        if entry["family"] == "latent" and all(entry["kwargs"].get(key) == kwargs[key] for key in keys):
-            return name
-    return f"DiffiT-XL/{kwargs['patch_size']}"
+    return nvlabs_model_name(kwargs)
 
 
 def _vae_entry(vae: str | None) -> dict[str, Any]:
@@ -87,23 +86,26 @@ def _vae_entry(vae: str | None) -> dict[str, Any]:
     return {**spec.manifest_entry("fp32"), "scaling_factor": RELEASED_SCALING_FACTOR}
 
 
-def load_released_model(checkpoint: str | Path):
-    """(model with the released weights, its constructor kwargs, the model name) of a released file."""
-    from diffit.convert import convert_nvlabs_state_dict, load_nvlabs_file, nvlabs_model_kwargs
-    from diffit.models import create_model
+def load_released_model(checkpoint: str | Path, max_parameters: int | None = None):
+    """(model with the released weights, its constructor kwargs, the model name) of a released file.
+
+    Everything about the file is checked before a weight is read or the model is built
+    (`diffit.convert.load_nvlabs_model`: header, floating dtypes, the architecture's size against the bound of
+    `$DIFFIT_MAX_PARAMETERS` / `max_parameters`, names and shapes); a refusal is one `InputError` line."""
+    from diffit.config_check import InvalidModelFileError
+    from diffit.convert import load_nvlabs_model
 
     path = Path(checkpoint)
     if not path.is_file():
         raise InputError(f"{path}: no such file (the released weights, e.g. diffit_256.safetensors)")
     try:
-        state = load_nvlabs_file(path)
-        kwargs = nvlabs_model_kwargs(state)
-        name = _model_name(kwargs)
-        model = create_model(name, **kwargs)
-        model.load_state_dict(convert_nvlabs_state_dict(state, model), strict=True)
-    except (KeyError, ValueError, RuntimeError, OSError) as error:
-        raise InputError(f"{path}: not a released NVlabs/DiffiT latent checkpoint ({error})") from error
-    return model.eval(), kwargs, name
+        return load_nvlabs_model(path, max_parameters)
+    except InvalidModelFileError as error:
+        raise InputError(str(error)) from error
+    except ValueError as error:  # the bound itself: a bad $DIFFIT_MAX_PARAMETERS
+        raise InputError(f"{path}: {error}") from error
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error})") from error
 
 
 def import_nvlabs(
