@@ -243,6 +243,20 @@ def test_a_sidecar_edited_after_it_was_sealed_is_not_trusted(pack_source, tmp_pa
     assert entry["sha256"] == truth == shards.sha256_file(out / "shard-000001.tar")
 
 
+def test_a_tar_of_another_size_than_its_sidecar_records_is_not_trusted(pack_source, tmp_path):
+    out = tmp_path / "out"
+    assert _pack(pack_source, out).exit_code == 0
+    tar = out / "shard-000001.tar"
+    original, before = tar.read_bytes(), tar.stat()
+    with open(tar, "ab") as handle:  # one more zero block: still a readable tar, but not the one recorded
+        handle.write(bytes(512))
+    os.utime(tar, ns=(before.st_atime_ns, before.st_mtime_ns))  # and no newer than its sidecar
+    result = _pack(pack_source, out)
+    assert result.exit_code == 0, result.output
+    assert "(2 shard(s) were already complete)" in result.output, result.output
+    assert tar.read_bytes() == original
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Verification: shards while training, checkpoints before resuming
 
@@ -537,11 +551,12 @@ def test_an_object_written_by_another_client_is_listed_and_found(s3):
     assert location.names() == ["shard-000000.json"]  # fills this process's listing cache
     other = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's client: its own connections, no cache
     other.pipe_file("bucket/dataset/shard-000001.json", b'{"x": 1}')
+    assert location.stat("shard-000001.json").size == 8  # asked before any new listing
+    assert location.read_bytes("shard-000001.json") == b'{"x": 1}'
     assert location.names() == ["shard-000000.json", "shard-000001.json"]
     assert set(location.stats()) == {"shard-000000.json", "shard-000001.json"}
-    assert location.stat("shard-000001.json").size == 8
-    assert location.read_bytes("shard-000001.json") == b'{"x": 1}'
     other.rm_file("bucket/dataset/shard-000001.json")
-    assert location.names() == ["shard-000000.json"] and location.stat("shard-000001.json") is None
+    assert location.stat("shard-000001.json") is None
+    assert location.names() == ["shard-000000.json"] and set(location.stats()) == {"shard-000000.json"}
     with pytest.raises(StorageError):
         Location.of("s3://no-such-bucket-here/x").create()
