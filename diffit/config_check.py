@@ -12,15 +12,15 @@ text, so a bad file is refused before a model, a tensor or a diffusion schedule 
   model) against a bound: `DEFAULT_MAX_PARAMETERS` (4e9; DiffiT-XL/2 is 561M), raised with the environment
   variable `DIFFIT_MAX_PARAMETERS` or the `max_parameters=` argument of the loaders. Other top-level entries
   (`save_pretrained(extra=...)` is free-form) must only be objects where the pipeline reads objects.
-- `expected_state_shapes(name, kwargs)`: the state-dict shapes of a checked config, from a model built on the
-  meta device (no memory).
+- the state-dict shapes a checked config implies come from a model built on the meta device (no memory):
+  `diffit.export_format.meta_state_shapes`, `diffit.io.expected_state_shapes`.
 - `check_safetensors_header(path, expected_shapes)`: the 8-byte length and the JSON header read by hand
   (bounded, against the file size), floating dtypes only, data offsets consistent with the shapes and the file,
   the names and shapes equal to the expected ones. Reads the header, never the tensors.
 
 Every refusal is an `InvalidModelFileError` (a `ValueError`) whose message is `<file>: <problem>`; `diffit` does
 not know the pipeline's error types, so its callers (and `cli.main`) turn this one into their one-line error.
-This module imports torch only inside `expected_state_shapes`.
+This module imports no torch and no model class (the configurations are data, `diffit.configs`).
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ SAMPLING_FIELDS = {
     "guidance_channels": ("channels", 1, MAX_IN_CHANNELS),
     "origin": ("str", 0, 1000),
     "reference": ("str", 0, 1000),
+    "pixels": ("choice", "round", "truncate"),  # diffit.sampling.PIXEL_QUANTIZATIONS
 }
 # config.json entries that the pipeline reads as objects; other top-level entries are the exporter's own
 # (`save_pretrained(extra=...)`) and travel untouched.
@@ -306,7 +307,7 @@ def _unet_size(k: dict[str, Any]) -> tuple[int, int]:
 def _all_fields(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Every schema field of `create_model(name, **overrides)`: the named configuration, the overrides, and the
     constructor defaults of what neither sets."""
-    from .models import model_family, resolve_model_kwargs
+    from .configs import model_family, resolve_model_kwargs
 
     family = model_family(name)
     resolved = resolve_model_kwargs(name, **overrides)
@@ -317,7 +318,7 @@ def _all_fields(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
 def implied_size(name: str, overrides: dict[str, Any] | None = None) -> tuple[int, int]:
     """(parameters, buffer bytes) of `create_model(name, **overrides)`, computed arithmetically (no model is
     built; equal to `count_parameters` and the buffers' bytes). `overrides` must have passed the schema."""
-    from .models import model_family
+    from .configs import model_family
 
     fields = _all_fields(name, overrides or {})
     return _latent_size(fields) if model_family(name) == "latent" else _unet_size(fields)
@@ -337,7 +338,7 @@ _CONSTRUCTOR_DEFAULTS = {
 def check_model_kwargs(name: Any, kwargs: Any, limit: int | None = None) -> dict[str, Any]:
     """The resolved constructor arguments of a `model` entry, after the schema and the size bound; raises
     ValueError (message without the file name) otherwise."""
-    from .models import MODEL_CONFIGS, model_family, resolve_model_kwargs
+    from .configs import MODEL_CONFIGS, model_family, resolve_model_kwargs
 
     if not isinstance(name, str) or name not in MODEL_CONFIGS:
         raise ValueError(f"model.name {name!r} is not a known model; known: {', '.join(MODEL_CONFIGS)}")
@@ -398,23 +399,6 @@ def parse_config_file(path: str | os.PathLike) -> Any:
         raise InvalidModelFileError(path, f"not valid JSON ({error})") from None
     except RecursionError:
         raise InvalidModelFileError(path, "JSON nested too deeply") from None
-
-
-def expected_state_shapes(
-    name: str, kwargs: dict[str, Any], path: str | os.PathLike = "config.json"
-) -> dict[str, tuple[int, ...]]:
-    """State-dict shapes of `create_model(name, **kwargs)`, built on the meta device (no memory); call after
-    `check_model_config`. A constructor's own refusal becomes `InvalidModelFileError(path, ...)`."""
-    import torch
-
-    from .models import create_model
-
-    try:
-        with torch.device("meta"):
-            model = create_model(name, **kwargs)
-    except (ValueError, TypeError, KeyError) as error:
-        raise InvalidModelFileError(path, f"model.kwargs: {error}") from None
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -510,7 +494,7 @@ def check_safetensors_header(
     path: str | os.PathLike, expected_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Check a weights file's header (format, file size, floating dtypes) and, when given, that it holds
-    exactly `expected_shapes` (see `expected_state_shapes`); returns the header entries."""
+    exactly `expected_shapes` (see `diffit.io.expected_state_shapes`); returns the header entries."""
     header = read_safetensors_header(path)
     check_dtypes(path, {name: info["dtype"] for name, info in header.items()})
     if expected_shapes is not None:

@@ -27,8 +27,9 @@ from typing import Any
 
 from huggingface_hub import PyTorchModelHubMixin
 
-from .io import CONFIG_NAME, WEIGHTS_NAME, read_config
-from .io import save_pretrained as write_export
+from .configs import model_class, model_family, resolve_model_kwargs
+from .export_format import CONFIG_NAME, WEIGHTS_NAME, load_weights, meta_state_shapes, read_config
+from .export_format import save_pretrained as write_export
 
 MODEL_CARD = """---
 # Model card metadata: https://github.com/huggingface/hub-docs/blob/main/modelcard.md?plain=1
@@ -138,8 +139,11 @@ class DiffiTModelHubMixin(
     """`save_pretrained` / `from_pretrained` / `push_to_hub` for DiffiT models in the export format (module doc).
 
     A model built by `diffit.create_model` carries `model_config = {"name", "kwargs"}`; `pretrained_extra` holds
-    the other config.json entries (empty for a fresh model).
+    the other config.json entries (empty for a fresh model). `diffit_family` ("latent" / "image", set by each
+    model class) is the family of configurations (`diffit.configs`) a class builds.
     """
+
+    diffit_family: str | None = None
 
     @property
     def device(self):
@@ -220,11 +224,8 @@ class DiffiTModelHubMixin(
         strict: bool = True,
         **model_kwargs: Any,
     ):
-        """Rebuild the model config.json in the local folder `model_id` names and load its weights."""
-        from safetensors.torch import load_file
-
-        from .models import create_model
-
+        """Rebuild the model config.json in the local folder `model_id` names and load its weights (both files
+        checked before anything is allocated, as `diffit.load_pretrained` does)."""
         if model_kwargs:
             raise TypeError(
                 f"from_pretrained takes no model arguments ({sorted(model_kwargs)}): config.json rebuilds the model"
@@ -233,12 +234,18 @@ class DiffiTModelHubMixin(
         weights = Path(model_id) / WEIGHTS_NAME
         if not weights.is_file():
             raise PretrainedNotFoundError(f"{weights}: no such file (the folder has a config but no weights)")
-        model = create_model(config["model"]["name"], **config["model"].get("kwargs", {}))
-        if not isinstance(model, cls):
+        name = config["model"]["name"]
+        family = model_family(name)
+        builder = model_class(name)  # on the mixin itself: whichever class config.json names
+        if cls.diffit_family is not None and family != cls.diffit_family:
             raise TypeError(
-                f"{model_id} holds a {config['model']['name']} ({type(model).__name__}), not a {cls.__name__}; "
-                f"load it with {type(model).__name__}.from_pretrained or DiffiTModelHubMixin.from_pretrained"
+                f"{model_id} holds a {name} ({builder.__name__}), not a {cls.__name__}; load it with "
+                f"{builder.__name__}.from_pretrained or DiffiTModelHubMixin.from_pretrained"
             )
-        model.load_state_dict(load_file(str(weights), device="cpu"), strict=strict)
+        kwargs = resolve_model_kwargs(name, **config["model"].get("kwargs", {}))
+        state = load_weights(weights, meta_state_shapes(lambda: builder(**kwargs), Path(model_id) / CONFIG_NAME))
+        model = builder(**kwargs)
+        model.load_state_dict(state, strict=strict)
+        model.model_config = {"name": name, "kwargs": kwargs}
         model.pretrained_extra = {key: value for key, value in config.items() if key != "model"}
         return model.to(map_location).eval()

@@ -56,6 +56,8 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
     `save_pretrained` / `from_pretrained` / `push_to_hub`: see `diffit.hub`.
     """
 
+    diffit_family = "latent"
+
     def __init__(
         self,
         input_size: int = 32,

@@ -7,133 +7,25 @@ Latent models `DiffiT-{S,B,L,XL}/{2,4,8}` follow DiT's sizes (depth x hidden x h
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-# (depth, hidden_size, num_heads) of the latent sizes, as in DiT.
-LATENT_SIZES = {
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    # The supplementary (Sec. H.2) says depth 30; the released model and the 561M of Table 9 are depth 28.
-    "XL": (28, 1152, 16),
-}
+from .configs import LATENT_SIZES, MODEL_CONFIGS, PAPER_TABLE9, _lookup, model_class, model_family, resolve_model_kwargs
 
-
-def _latent_configs() -> dict[str, dict[str, Any]]:
-    configs = {}
-    for size, (depth, hidden, heads) in LATENT_SIZES.items():
-        for patch in (2, 4, 8):
-            configs[f"DiffiT-{size}/{patch}"] = {
-                "family": "latent",
-                "kwargs": {
-                    "depth": depth,
-                    "hidden_size": hidden,
-                    "num_heads": heads,
-                    "patch_size": patch,
-                    "input_size": 32,
-                    "in_channels": 4,
-                    "num_classes": 1000,
-                    "learn_sigma": True,
-                },
-                "native_resolution": 256,
-            }
-    configs["DiffiT-Tiny/2"] = {
-        "family": "latent",
-        "kwargs": {
-            "depth": 2,
-            "hidden_size": 64,
-            "num_heads": 2,
-            "patch_size": 2,
-            "input_size": 8,
-            "in_channels": 4,
-            "num_classes": 10,
-            "learn_sigma": True,
-        },
-        "native_resolution": 64,
-    }
-    return configs
-
-
-def _image_configs() -> dict[str, dict[str, Any]]:
-    # Supplementary Sec. I: channels 128 in the first stage and 256 after (kept constant to hold parameters and
-    # latency), windows of 4 (CIFAR-10) / 8 (FFHQ-64), blocks per stage (2, 2, 2) / (1, 2, 2, 2). Sec. H lists
-    # L = 4 blocks per stage instead; Sec. I is the trained configuration, so it is the default here and
-    # `blocks_per_stage` overrides it. The paper follows EDM's training setup, hence EDM's residual dropout
-    # (0.13 on CIFAR-10, 0.05 on FFHQ-64).
-    return {
-        "DiffiT-CIFAR10": {
-            "family": "image",
-            "kwargs": {
-                "img_resolution": 32,
-                "in_channels": 3,
-                "channels": [128, 256, 256],
-                "blocks_per_stage": [2, 2, 2],
-                "window_size": 4,
-                "num_heads": 4,
-                "num_classes": 0,
-                "dropout": 0.13,
-            },
-            "native_resolution": 32,
-        },
-        "DiffiT-FFHQ64": {
-            "family": "image",
-            "kwargs": {
-                "img_resolution": 64,
-                "in_channels": 3,
-                "channels": [128, 256, 256, 256],
-                "blocks_per_stage": [1, 2, 2, 2],
-                "window_size": 8,
-                "num_heads": 4,
-                "num_classes": 0,
-                "dropout": 0.05,
-            },
-            "native_resolution": 64,
-        },
-        "DiffiT-UNet-Tiny": {
-            "family": "image",
-            "kwargs": {
-                "img_resolution": 16,
-                "in_channels": 3,
-                "channels": [32, 64],
-                "blocks_per_stage": [1, 1],
-                "window_size": 4,
-                "num_heads": 2,
-                "num_classes": 0,
-            },
-            "native_resolution": 16,
-        },
-    }
-
-
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {**_latent_configs(), **_image_configs()}
-
-# Paper Table 9 (ImageNet-256): parameters and GFLOPs as published, shown beside ours by `diffit-pipe models`.
-PAPER_TABLE9 = {
-    "DiT-XL/2": {"params_m": 675, "gflops": 119},
-    "DiffiT-XL/2": {"params_m": 561, "gflops": 114},
-}
-
-
-def model_family(name: str) -> str:
-    """'latent' or 'image'."""
-    return _lookup(name)["family"]
-
-
-def _lookup(name: str) -> dict[str, Any]:
-    if name not in MODEL_CONFIGS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODEL_CONFIGS)}")
-    return MODEL_CONFIGS[name]
-
-
-def resolve_model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
-    """The named configuration's constructor arguments with `overrides` applied."""
-    kwargs = copy.deepcopy(_lookup(name)["kwargs"])
-    kwargs.update(overrides)
-    return kwargs
+__all__ = [
+    "LATENT_SIZES",
+    "MODEL_CONFIGS",
+    "PAPER_TABLE9",
+    "count_flops",
+    "count_parameters",
+    "create_model",
+    "model_class",
+    "model_family",
+    "model_stats",
+    "resolve_model_kwargs",
+]
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -144,14 +36,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     `pretrained_extra` (the other config.json entries, filled by `from_pretrained`; see `diffit.hub`).
     """
     kwargs = resolve_model_kwargs(name, **overrides)
-    if model_family(name) == "latent":
-        from .latent import LatentDiffiT
-
-        model = LatentDiffiT(**kwargs)
-    else:
-        from .unet import DiffiTUNet
-
-        model = DiffiTUNet(**kwargs)
+    model = model_class(name)(**kwargs)
     model.model_config = {"name": name, "kwargs": kwargs}
     model.pretrained_extra = {}  # config.json entries besides "model" (see diffit.hub)
     return model

@@ -179,8 +179,9 @@ def to_output(images: torch.Tensor, output_type: str, pixels: str = "round"):
 
 def with_recorded_sampling(config: SamplingConfig, recorded: dict[str, Any]) -> SamplingConfig:
     """`config` with an export's "sampling" entry applied: sampler, steps, eta and guidance_scale /
-    guidance_schedule / guidance_power / guidance_channels (3, or None / "all" for every eps channel), the
-    names `diffit-pipe evaluate` records; other keys (origin, reference) are notes."""
+    guidance_schedule / guidance_power / guidance_channels (3, or None / "all" for every eps channel) and pixels
+    (how PIL outputs are quantised), the names `diffit-pipe evaluate` records; other keys (origin, reference) are
+    notes."""
     guidance = config.guidance or GuidanceConfig()
     channels = recorded.get("guidance_channels", guidance.channels)
     guidance = GuidanceConfig(
@@ -195,6 +196,7 @@ def with_recorded_sampling(config: SamplingConfig, recorded: dict[str, Any]) -> 
         steps=int(recorded.get("steps", config.steps)),
         eta=float(recorded.get("eta", config.eta)),
         guidance=guidance,
+        pixels=str(recorded.get("pixels", config.pixels)),
     )
 
 

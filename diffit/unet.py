@@ -166,6 +166,8 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
     `num_groups` caps the GroupNorm groups (see `group_count`); `dropout` is residual-branch dropout.
     """
 
+    diffit_family = "image"
+
     def __init__(
         self,
         img_resolution: int = 32,

@@ -621,6 +621,10 @@ def test_import_nvlabs_writes_an_export_with_the_released_setup(released, tiny_v
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     # `evaluate` samples it with the released set-up by default, and says where the defaults came from.
     resolved = sampling_settings.resolve_sampling(loading.load_model(out), opts.SamplingOptions())
+    assert resolved.pixels == "truncate"  # the released sample.py's conversion
+    assert sampling_settings.resolve_sampling(loading.load_model(out), opts.SamplingOptions(pixels="round")).pixels == (
+        "round"
+    )
     assert (resolved.guidance_scale, resolved.guidance_schedule, resolved.steps) == (4.4, "power-cosine", 250)
     assert "cfg_scale=4.4 (released NVlabs/DiffiT code)" in resolved.defaults_used
     assert (

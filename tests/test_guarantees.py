@@ -143,12 +143,6 @@ def test_a_crash_while_a_directory_is_swapped_in_keeps_the_old_directory_complet
     assert survivors, sorted(p.name for p in tmp_path.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/core/atomic.py replace_directory: the old directory is renamed aside before the new one is "
-    "renamed in, and not renamed back when that second rename fails, so the target is absent (its docstring "
-    "says it is always the old or the new complete directory)",
-)
 def test_a_failed_directory_swap_leaves_the_old_directory_under_its_name(tmp_path, monkeypatch):
     target, new = _directory(tmp_path / "model", "old"), _directory(tmp_path / ".model.tmp-x", "new")
     old_contents = _contents(target)

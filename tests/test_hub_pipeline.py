@@ -463,6 +463,7 @@ def test_released_layout_weights_load_into_the_model_class_and_the_pipeline(tmp_
         scale=recorded["guidance_scale"], schedule=recorded["guidance_schedule"], power=4.0, channels=3
     )
     assert config.guidance.schedule == "power-cosine"  # 8x8 latents: the released code's 256-px branch
+    assert config.pixels == recorded["pixels"] == "truncate"  # PIL images as the released sample.py writes them
     out = pipe(class_labels=[3], num_inference_steps=3, seeds=[1], output_type="latent").images
     assert torch.equal(out, sample(model, (4, 8, 8), [3], [1], config, steps=3))
 

@@ -184,13 +184,19 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 def replace_directory(new: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Put the finished directory `new` in place of `target` (which may exist): two renames, then the old
-    directory is removed, so `target` is always either the old or the new complete directory."""
+    """Put the finished directory `new` in place of `target` (which may exist): the old one is renamed aside,
+    the new one renamed in, then the old one removed. When the second rename fails, the old directory is renamed
+    back before the error propagates, so `target` is the old or the new complete directory; only a process killed
+    between the two renames leaves the old one under `.NAME.old-*` (complete, beside the target)."""
     new, target = Path(new), Path(target)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
-        os.replace(new, target)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)

@@ -60,9 +60,11 @@ def released_sampling(latent_size: int) -> dict[str, Any]:
         **guidance,
         "guidance_power": 4.0,
         "guidance_channels": 3,
+        "pixels": "truncate",  # sample.py: ((x + 1) * 127.5).clamp(0, 255).to(uint8)
         "origin": RELEASED_ORIGIN,
-        "reference": f"NVlabs/DiffiT {script} (--cfg_scale, --num_sampling_steps 250) and "
-        "diffit/diffit.py DiffiT.forward_with_cfg (first 3 eps channels, scale_pow 4)",
+        "reference": f"NVlabs/DiffiT {script} (--cfg_scale, --num_sampling_steps 250), "
+        "diffit/diffit.py DiffiT.forward_with_cfg (first 3 eps channels, scale_pow 4) and sample.py (pixels "
+        "truncated: ((x + 1) * 127.5).clamp(0, 255).to(uint8))",
     }
 
 
