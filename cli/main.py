@@ -23,13 +23,27 @@ class PipelineCommands(TyperGroup):
     """The command group: turns any `PipelineError` into one clear line and its exit code."""
 
     def invoke(self, ctx):
-        from pipeline.core.errors import EXIT_BAD_INPUT, PipelineError
+        from pipeline.core.errors import EXIT_BAD_INPUT, EXIT_JOB_FAILED, PipelineError
 
         try:
             return super().invoke(ctx)
         except PipelineError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
+        except MemoryError:
+            typer.echo(
+                f"error: diffit-pipe {ctx.invoked_subcommand}: out of memory; lower the batch size or the worker "
+                "count, or run on a machine with more memory (a rerun resumes)",
+                err=True,
+            )
+            raise typer.Exit(EXIT_JOB_FAILED) from None
+        except OSError as error:
+            from pipeline.core.errors import disk_full_error, is_disk_full
+
+            if not is_disk_full(error):
+                raise
+            typer.echo(f"error: {disk_full_error('.', error, 'the job resumes')}", err=True)
+            raise typer.Exit(EXIT_JOB_FAILED) from None
         except ValueError as error:
             # `diffit` (which never imports `pipeline`) refuses a bad model file with its own ValueError,
             # `InvalidModelFileError` ("<file>: <problem>"): bad input, whichever stage reached the loader.

@@ -407,3 +407,26 @@ def test_load_pretrained_refuses_hostile_file(probe, case):
     assert outcome["message"].startswith(f"{probe['dirs'][case] / file_name}: ")
     assert problem in outcome["message"] and "\n" not in outcome["message"]
     assert_within_memory(outcome)
+
+
+@pytest.mark.parametrize("case", ["config_depth_1e7", "config_diffusion_steps_1e10", "weights_renamed_pt"])
+def test_evaluate_and_sample_refuse_a_hostile_model_in_one_line(tmp_path, case):
+    """The same files through `evaluate` (no metrics: no Inception weights needed) and `sample`: exit 2, one
+    `error:` line naming the directory and the file, nothing written."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    model = write_library_cases(tmp_path / "models")[case]
+    runs = {
+        "evaluate": ["evaluate", "--model", str(model), "--out", str(tmp_path / "eval"), "--num-samples", "2",
+                     "--metrics", "", "--device", "cpu"],
+        "sample": ["sample", "--model", str(model), "--grid", str(tmp_path / "grid.png"), "--device", "cpu"],
+    }  # fmt: skip
+    for command, arguments in runs.items():
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 2, (command, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip() and "WARNING" not in line]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {model}"), (command, lines)
+        assert LIBRARY_CASES[case][1] in lines[0] and LIBRARY_CASES[case][2] in lines[0], lines[0]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "grid.png").exists()

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.core.atomic import atomic_open, atomic_path, json_text, remove_temporary_files, write_json_atomic
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, reporting_disk_full
 from pipeline.evaluate.adm import RunningMoments, subsample_indices
 from pipeline.evaluate.features import SFID_LAYER, iterate_features
 from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, resolve_inception_weights
@@ -265,7 +265,14 @@ def _subset(count: int, options: ReferenceOptions) -> np.ndarray:
 
 
 def build_reference(options: ReferenceOptions) -> dict[str, Any]:
-    """Write the ADM-layout reference batch of `options.source` to `options.out`; returns its `info` record."""
+    """Write the ADM-layout reference batch of `options.source` to `options.out`; returns its `info` record.
+    Out of disk space is one error line (exit 1): the finished chunks are kept and a rerun resumes."""
+    resume = f"the finished statistics chunks in {work_dir_for(options.out)} are kept and the build resumes"
+    with reporting_disk_full(options.out, resume):
+        return _build_reference(options)
+
+
+def _build_reference(options: ReferenceOptions) -> dict[str, Any]:
     _check_options(options)
     began = time.perf_counter()
     reference = open_reference(options.source)

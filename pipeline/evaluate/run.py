@@ -39,7 +39,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.core.atomic import write_json_atomic
-from pipeline.core.errors import JobFailedError
+from pipeline.core.errors import JobFailedError, reporting_disk_full
 from pipeline.core.grids import image_grid, write_png
 from pipeline.evaluate.datasets import SampleStoreDataset
 from pipeline.evaluate.generation import GenerationStats, generate, sample_into_store
@@ -175,7 +175,14 @@ def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight
 
 
 def evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
-    """Run the evaluate stage in this process (one rank of a launch); returns the metrics record on rank 0."""
+    """Run the evaluate stage in this process (one rank of a launch); returns the metrics record on rank 0.
+    Out of disk space is one error line (exit 1): the chunks already written are kept and a rerun resumes."""
+    resume = "the sample chunks already written are kept and sampling resumes where it stopped"
+    with reporting_disk_full(options.out_dir, resume):
+        return _evaluate(options)
+
+
+def _evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
     state = _distributed_state(options.device)
     rank, world_size, device = state.process_index, state.num_processes, state.device
     began = time.perf_counter()
