@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .diffusion import randn_per_sample
+from .progress import progress_bar
 
 
 def _sigma_as_batch(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ def edm_heun_sampler(
     S_noise: float = 1.0,
     generators: Sequence[torch.Generator] | None = None,
     round_sigma: Callable | None = None,
-    progress: bool = False,
+    progress: bool | dict = False,
 ) -> torch.Tensor:
     """EDM Algorithm 2: Heun's 2nd-order ODE solver with optional churn; 2*num_steps - 1 denoiser calls.
 
@@ -182,7 +182,7 @@ def edm_heun_sampler(
 
     x_next = latents.to(torch.float64) * t_steps[0]
     steps = list(zip(t_steps[:-1], t_steps[1:]))
-    for i, (t_cur, t_next) in enumerate(tqdm(steps, desc="edm-heun", disable=not progress)):
+    for i, (t_cur, t_next) in enumerate(progress_bar(steps, "edm-heun", progress)):
         x_cur = x_next
         # Churn: temporarily raise the noise level to t_hat by adding fresh noise, on steps with
         # S_min <= t_cur <= S_max (gamma = 0 elsewhere).

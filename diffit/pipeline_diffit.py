@@ -716,7 +716,7 @@ class DiffiTPipeline(DiffusionPipeline):
         dtype inside the float32 sampler."""
         model = self.transformer
         shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
-        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        progress = dict(getattr(self, "_progress_bar_config", {}))  # set_progress_bar_config's tqdm settings
         network = float32_network(model)
         return sample(network, shape, labels, seeds, config, device=self._execution_device, progress=progress)
 

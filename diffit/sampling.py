@@ -47,11 +47,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .diffusion import create_diffusion, randn_per_sample
 from .edm import ADMDenoiser, EDMPrecond, edm_heun_sampler
 from .guidance import ClassifierFreeGuidance, GuidanceConfig, sigma_progress, timestep_progress
+from .progress import progress_bar
 
 SAMPLERS = ("ddpm", "ddim", "edm-heun")
 KINDS = ("adm", "edm")
@@ -273,7 +273,7 @@ def sample(
     config: SamplingConfig | None = None,
     *,
     device=None,
-    progress: bool = False,
+    progress: bool | dict = False,
     **overrides,
 ) -> torch.Tensor:
     """Generate len(seeds) samples of per-sample `shape` (C, H, W); returns float32 [N, C, H, W] on `device`.
@@ -296,7 +296,7 @@ def sample_with_stats(
     config: SamplingConfig | None = None,
     *,
     device=None,
-    progress: bool = False,
+    progress: bool | dict = False,
     **overrides,
 ) -> tuple[torch.Tensor, SamplingStats]:
     """`sample(...)` that also returns `SamplingStats` (network calls and time, wall time)."""
@@ -418,7 +418,7 @@ def _sample_adm_chain(
     noise_schedule: str,
     learn_sigma: bool,
     clip_denoised: bool,
-    progress: bool,
+    progress: bool | dict,
 ) -> torch.Tensor:
     """DDPM / DDIM loop over `steps` respaced timesteps, noise for sample i from generators[i]."""
     diffusion = create_diffusion(str(steps), noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
@@ -426,7 +426,7 @@ def _sample_adm_chain(
     x = initial_noise
     per_sample_shape = initial_noise.shape[1:]
     batch = initial_noise.shape[0]
-    for index in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc=sampler, disable=not progress):
+    for index in progress_bar(range(diffusion.num_timesteps - 1, -1, -1), sampler, progress):
         t = torch.full((batch,), index, dtype=torch.long, device=x.device)
         if sampler == "ddpm":
             # Drawn at t=0 too (and masked there) so every sample consumes its generator identically.

@@ -363,3 +363,15 @@ def test_progress_bar_configuration_reaches_tqdm(latent_model, capsys):
     pipe.set_progress_bar_config(disable=True)
     pipe([1], num_inference_steps=3, output_type="latent", seeds=[0])
     assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_configuration_reaches_the_own_samplers_bar(latent_model, capsys):
+    pipe = _pipeline(latent_model)  # the default scheduler: diffit.sampling.sample
+    pipe.set_progress_bar_config(desc="own-sampler", disable=False, ncols=70)
+    pipe([1], num_inference_steps=3, output_type="latent", seeds=[0])
+    bars = capsys.readouterr().err
+    assert "own-sampler: 100%" in bars and "3/3" in bars
+    assert max(len(line) for line in bars.replace("\r", "\n").splitlines()) <= 70
+    pipe.set_progress_bar_config(disable=True)
+    pipe([1], num_inference_steps=3, output_type="latent", seeds=[0])
+    assert capsys.readouterr().err == ""
