@@ -98,7 +98,6 @@ def run(args: TrainArgs) -> dict[str, Any]:
     # The handlers come first and stay until the run has returned or raised: a signal at any moment -- set-up,
     # a step, a checkpoint write, teardown -- is an orderly stop, never a kill (pipeline.train.preemption).
     with StopSignals() as signals:
-        pause_point("setup")
         lock = run_dir_lock(args.run_dir) if is_lock_rank() else contextlib.nullcontext()
         with lock, disk_full_as_error(args.run_dir):
             return _run(args, signals)
@@ -106,6 +105,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
 
 def _run(args: TrainArgs, signals: StopSignals) -> dict[str, Any]:
     """`run` under the handlers and the run directory's lock."""
+    pause_point("setup")
     training = set_up(args)
     config, accelerator = training.config, training.accelerator
     if training.step >= config.train.max_steps:

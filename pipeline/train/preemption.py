@@ -82,6 +82,7 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         global _ACTIVE
         _ACTIVE = self
+        _PAUSED.clear()  # each run pauses at its phase once
         if threading.current_thread() is not threading.main_thread():
             logger.debug("not the main thread: SIGTERM / SIGUSR1 keep their handlers (no stop with a checkpoint)")
             return self
