@@ -7,7 +7,9 @@ the test sends the signal once the marker exists. No sleeps decide where a signa
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -67,6 +69,12 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.fixture
 def dataset(tmp_path):
     return write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=1, num_classes=10)
+
+
+@pytest.fixture
+def two_shards(tmp_path):
+    """A dataset two processes can split (one shard each)."""
+    return write_latent_dataset(tmp_path / "data2", num_samples=8, num_shards=2, num_classes=10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,3 +269,114 @@ def test_a_full_disk_in_a_checkpoint_write_is_one_error_leaves_no_temporary_file
     filler.unlink()
     assert run(args)["step"] == 2
     assert [step for step, _ in list_checkpoints(run_dir)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real two-node launch: two `accelerate launch` processes, one machine rank each
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_launch(command: list[str], machines: int, machine_rank: int | None, port: int) -> list[str]:
+    """`accelerate launch` of a trainer command: 2 processes in all, on one machine or one per machine."""
+    import sys
+
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+    if machine_rank is not None:
+        launch += ["--machine_rank", str(machine_rank)]
+    return [*launch, "-m", *command[2:]]
+
+
+def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def two_node_launch(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, ...]:
+    """Two launcher processes on this machine, `--num_machines 2 --machine_rank 0|1`, 1 process each."""
+    port = free_port()
+    return tuple(start(accelerate_launch(command, 2, rank, port), env) for rank in (0, 1))
+
+
+def finish(processes, timeout: float = 240) -> list[str]:
+    """Wait for the launchers; their stderr. On a timeout each is killed with its trainers (a failed test's)."""
+    import psutil
+    from test_preemption import kill_tree
+
+    stderrs = []
+    for process in processes:
+        try:
+            stderrs.append(process.communicate(timeout=timeout)[1])
+        except subprocess.TimeoutExpired:
+            kill_tree(psutil.Process(process.pid))
+            stderrs.append(process.communicate()[1])
+    return stderrs
+
+
+@pytest.mark.slow
+def test_two_node_launch_trains_like_two_processes_on_one_node(tmp_path, two_shards):
+    dataset = two_shards
+    from test_preemption import assert_same_weights
+
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_latent_config(train={"max_steps": 2, "global_batch_size": 4}, checkpoint={"every": 100}),
+    )
+    one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
+    single = start(accelerate_launch(train_command(config, dataset, one_node), 1, None, free_port()))
+    (stderr,) = finish([single])
+    assert single.returncode == 0, stderr[-3000:]
+    launchers = two_node_launch(train_command(config, dataset, two_nodes))
+    stderrs = finish(launchers)
+    assert [p.returncode for p in launchers] == [0, 0], stderrs[0][-2000:] + stderrs[1][-2000:]
+
+    assert json.loads((two_nodes / "run.json").read_text())["world_size"] == 2
+    ours, theirs = read_metrics(two_nodes), read_metrics(one_node)
+    assert [r["step"] for r in ours] == [1, 2]
+    assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]
+    assert [r["grad_norm"] for r in ours] == [r["grad_norm"] for r in theirs]
+    assert_same_weights(two_nodes / "checkpoints" / "step-0000002", one_node / "checkpoints" / "step-0000002")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_node_stops_both_nodes_with_exit_75(tmp_path, two_shards):
+    dataset = two_shards
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_latent_config(train={"max_steps": 1000, "global_batch_size": 4}, checkpoint={"every": 100}),
+    )
+    run_dir, marker = tmp_path / "run", tmp_path / "step.marker"
+    env = subprocess_env()
+    # Rank 1 (machine rank 1) waits in its first step for the signal; rank 0 waits for it in the next collective.
+    env.update({PAUSE_AT_ENV: "step", PAUSE_MARKER_ENV: str(marker), "DIFFIT_PIPE_TEST_PAUSE_RANK": "1"})
+    launchers = two_node_launch(train_command(config, dataset, run_dir), env)
+    signalled = False
+    try:
+        wait_for_file(marker, launchers[1], timeout=180)
+        # SIGTERM to node 1's trainer (the pid its pause marker names), as SLURM signals a task.
+        os.kill(int(marker.read_text().split()[1]), signal.SIGTERM)
+        signalled = True
+    finally:
+        stderrs = finish(launchers, 240 if signalled else 0.1)
+    both = "".join(stderrs)
+    # Each trainer exits 75 after the checkpoint of step 1: torch elastic's launcher reports a child that failed
+    # as exit code 1 and names the child's code in its summary (the sbatch template runs the trainers as srun
+    # tasks, whose codes reach the job script).
+    assert [p.returncode for p in launchers] == [1, 1], both[-4000:]
+    assert "error: stopped by SIGTERM after step 1:" in stderrs[1]
+    assert "error: stopped by a signal to another rank after step 1:" in stderrs[0]
+    for stderr in stderrs:
+        assert re.search(r"exitcode\s*:\s*75\b", stderr), stderr[-3000:]
+    ((step, checkpoint),) = list_checkpoints(run_dir)
+    assert step == 1 and checkpoint_problem(checkpoint) is None
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.atomic import write_text_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.train.runlock import close_inherited_lock
 
@@ -203,7 +204,8 @@ def pause_point(phase: str) -> None:
         return
     _PAUSED.add(phase)
     signals = _ACTIVE
-    Path(os.environ[PAUSE_MARKER_ENV]).write_text(f"{phase} {os.getpid()}\n")
+    # Atomic: the test reads the pid as soon as the file exists.
+    write_text_atomic(Path(os.environ[PAUSE_MARKER_ENV]), f"{phase} {os.getpid()}\n")
     deadline = time.monotonic() + PAUSE_TIMEOUT_S
     while (signals is None or signals.received is None) and time.monotonic() < deadline:
         time.sleep(0.005)
