@@ -33,7 +33,13 @@ sample grid, a checkpoint or a stop. The steps in between may have updated the w
 theirs is ever written: the error names the first non-finite step and the step it was found at.
 
 Preemption (`pipeline.train.preemption`): SIGTERM / SIGUSR1 finish the current step; every rank then logs it,
-writes a checkpoint of it and stops with exit code 75; `--resume auto` continues from that checkpoint.
+writes a checkpoint of it and stops with exit code 75; `--resume auto` continues from that checkpoint. The
+handlers are installed before any set-up work and stay through teardown: a signal during set-up stops with 75
+before the first step (nothing to save), one after the last step lets the run finish (exit 0).
+
+One trainer per run directory (`pipeline.train.runlock`): rank 0 holds the run directory's lock for the whole run;
+a second trainer fails with one line (exit 2). A full disk (`pipeline.train.diskfull`) is one line naming the
+file, exit 1; a checkpoint write that fails removes its temporary directory at once.
 
 Resume (`--resume auto` = newest complete checkpoint of the run dir whose files match their recorded sha256 --
 a damaged one is skipped with a warning naming the file --, or a checkpoint path, which must verify): model,
