@@ -134,14 +134,16 @@ def test_second_trainer_is_refused_a_setup_signal_exits_75_and_a_killed_trainers
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def signal_at(phase: str, tmp_path: Path, monkeypatch, number: int = signal.SIGTERM) -> threading.Thread:
-    """Make this process's run pause at `phase` and send it `number` once it is there."""
+def signal_at(phase: str, tmp_path: Path, monkeypatch, number: int = signal.SIGTERM, before=None) -> threading.Thread:
+    """Make this process's run pause at `phase` and send it `number` once it is there (after calling `before`)."""
     marker = tmp_path / f"{phase}.marker"
     monkeypatch.setenv(PAUSE_AT_ENV, phase)
     monkeypatch.setenv(PAUSE_MARKER_ENV, str(marker))
 
     def send() -> None:
         wait_for_file(marker)
+        if before is not None:
+            before()
         os.kill(os.getpid(), number)
 
     sender = threading.Thread(target=send, daemon=True)
@@ -149,17 +151,30 @@ def signal_at(phase: str, tmp_path: Path, monkeypatch, number: int = signal.SIGT
     return sender
 
 
-def train_args(tmp_path: Path, data: Path, run_dir: Path, resume: str | None = None, **sections) -> TrainArgs:
+def train_args(tmp_path: Path, data_dir: Path, run_dir: Path, resume: str | None = None, **sections) -> TrainArgs:
     config = write_config(tmp_path / "c.yaml", tiny_latent_config(**sections))
-    return TrainArgs(run_dir=run_dir, config_path=config, data_dir=data, resume=resume)
+    return TrainArgs(run_dir=run_dir, config_path=config, data_dir=data_dir, resume=resume)
 
 
 def test_a_signal_in_the_first_step_checkpoints_step_1_and_exits_75(tmp_path, monkeypatch, dataset):
+    import psutil
+
     run_dir = tmp_path / "run"
-    signal_at("step", tmp_path, monkeypatch, signal.SIGUSR1)
-    args = train_args(tmp_path, dataset, run_dir, train={"max_steps": 5}, checkpoint={"every": 100})
+    seen = {}
+
+    def look() -> None:  # while paused: which processes hold the lock file open
+        holders = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        seen["workers"] = len(holders) - 1
+        seen["holders"] = [p.pid for p in holders if str(lock_path(run_dir)) in {f.path for f in p.open_files()}]
+
+    signal_at("step", tmp_path, monkeypatch, signal.SIGUSR1, before=look)
+    args = train_args(
+        tmp_path, dataset, run_dir, data={"num_workers": 1}, train={"max_steps": 5}, checkpoint={"every": 100}
+    )
     with pytest.raises(TrainingStopped, match=r"^stopped by SIGUSR1 after step 1: checkpoint ") as stopped:
         run(args)
+    # The trainer holds the lock; its DataLoader worker closed the copy it inherited.
+    assert seen == {"workers": 1, "holders": [os.getpid()]}
     assert stopped.value.exit_code == 75
     ((step, checkpoint),) = list_checkpoints(run_dir)
     assert step == 1 and checkpoint_problem(checkpoint) is None
