@@ -399,3 +399,57 @@ def test_the_report_command_does_not_load_matplotlib_until_it_runs():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+def test_links_out_of_the_run_and_non_regular_files_are_skipped_and_listed(tmp_path):
+    from PIL import Image
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.yaml").write_text("model:\n  name: SECRET-CONFIG-TEXT\n")
+    (outside / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 123.456}) + "\n")
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(outside / "private.png")
+    run_dir = tmp_path / "run"
+    samples = run_dir / "samples"
+    samples.mkdir(parents=True)
+    (run_dir / "config.yaml").symlink_to(outside / "secret.yaml")
+    (run_dir / "metrics.jsonl").symlink_to(outside / "metrics.jsonl")
+    (samples / "step-0000001.png").symlink_to(outside / "private.png")
+    # A link that stays inside the run is followed (it shows nothing the run does not hold).
+    Image.new("RGB", (8, 8), (0, 0, 2)).save(run_dir / "kept.png")
+    (samples / "step-0000002.png").symlink_to(run_dir / "kept.png")
+    Image.new("RGB", (8, 8), (0, 0, 3)).save(samples / "step-0000003.png")
+    os.mkfifo(samples / "step-0000004.png")  # would block a reader forever
+    (samples / "step-0000005.png").symlink_to(tmp_path / "missing.png")  # dangling: simply not present
+
+    result = run_report(run_dir)
+    assert result.exit_code == 0, result.output
+    page = (run_dir / "report.html").read_text()
+    assert "SECRET-CONFIG-TEXT" not in page and "123.456" not in page and str(outside) not in page
+    images = dict(images_of(page))
+    assert sorted(images) == ["samples at step 2", "samples at step 3"]
+    assert {reencoded_pixel(images[name]) for name in images} == {(0, 0, 2), (0, 0, 3)}
+    skipped = page[page.index('<section id="skipped">') :]
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", skipped)
+    link = "a symbolic link pointing outside the run (not read)"
+    assert rows == [
+        ("RUN/config.yaml", link),
+        ("RUN/metrics.jsonl", link),
+        ("RUN/samples/step-0000001.png", link),
+        ("RUN/samples/step-0000004.png", "not a regular file where a file was expected (not read)"),
+    ]
+
+
+def test_a_run_without_links_lists_no_skipped_files(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert run_report(tmp_path / "run").exit_code == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Skipped files</h2>" in page
+    assert "none: every file shown was read from inside the run" in page
+
+
+def reencoded_pixel(png: bytes) -> tuple[int, int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return image.convert("RGB").getpixel((0, 0))

@@ -55,5 +55,6 @@ def render(run: RunFiles) -> str:
         page.fid_section(run, charts.fid_png(run.records), charts.fid_keys(run.records), charts.fid_notes(run.records)),
         page.evaluation_section(run),
         page.lineage_section(run),
+        page.skipped_section(run),
     ]
     return page.document(f"Run report: {run.run_dir.resolve().name}", sections)

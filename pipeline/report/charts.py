@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.report.collect import is_number
+from pipeline.report.collect import is_number, open_admitted
 
 # A figure is 5.6 x 3.2 inches at 100 dpi: 560 x 320 px, two side by side on the page.
 FIGURE_SIZE = (5.6, 3.2)
@@ -136,7 +136,8 @@ def grid_png(path: Path) -> tuple[bytes | None, str | None]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        # By its resolved path, refusing a link swapped in since `collect` admitted it.
+        with open_admitted(path) as handle, Image.open(handle) as image:
             image = image.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         return None, f"not a readable image ({type(error).__name__})"

@@ -4,6 +4,15 @@ Everything here is read as untrusted data and nothing is required: a missing fil
 cannot be read is recorded with the reason (`Loaded.problem`), and neither stops the report. Only a run
 directory that does not exist is an error (`ReportError`).
 
+The page is meant to be mailed, so nothing from outside the run may reach it: every file and directory is looked
+at through one gate (`Gate.admits`), which lets through only regular files (and directories) whose real path --
+every symbolic link resolved -- lies inside an allowed root: the run directory, the export and evaluation
+directories given on the command line, and the dataset directory the run recorded (its manifest and failures are
+the run's lineage). A symbolic link that stays inside a root is followed (it cannot show anything the root does
+not hold); one that points outside, and anything that is not a regular file (a FIFO, a device), is skipped and
+listed in the page's "skipped" section with the reason -- never its target. Files are then opened by their
+resolved path with O_NOFOLLOW, so a link swapped in after the check is not followed either.
+
 The lineage, each link checked by hash where the files record one:
 
     dataset manifest (sha256 of manifest.json; the run recorded it in RUN/run.json and every checkpoint)
@@ -15,16 +24,19 @@ The lineage, each link checked by hash where the files record one:
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import InputError, PipelineError
-from pipeline.core.shards import FAILURES_NAME, MANIFEST_NAME, sha256_file
+from pipeline.core.shards import FAILURES_NAME, MANIFEST_NAME
 from pipeline.core.storage import Location, is_url, join
 from pipeline.evaluate import METRICS_FILE
 from pipeline.train import (
@@ -69,16 +81,67 @@ class Loaded:
         return self.present and self.problem is None
 
 
+@dataclass
+class Gate:
+    """Which paths the report may read (see the module docstring), and the ones it refused, with why."""
+
+    roots: list[str] = field(default_factory=list)  # real paths
+    skipped: dict[str, str] = field(default_factory=dict)  # path as met -> reason
+
+    def allow(self, root: str | Path) -> None:
+        """Add a root (its real path)."""
+        real = os.path.realpath(root)
+        if real not in self.roots:
+            self.roots.append(real)
+
+    def admits(self, path: str | Path, directory: bool = False) -> bool:
+        """Whether `path` exists, is a regular file (a directory with `directory`) and resolves inside a root;
+        a path that exists but is refused is recorded in `skipped`."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False  # missing, or a dangling link: not present
+        real = os.path.realpath(path)
+        if not any(os.path.commonpath([real, root]) == root for root in self.roots):
+            self.skipped[str(path)] = "a symbolic link pointing outside the run (not read)"
+            return False
+        wanted = stat.S_ISDIR if directory else stat.S_ISREG
+        if not wanted(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            self.skipped[str(path)] = f"{kind} where a {'directory' if directory else 'file'} was expected (not read)"
+            return False
+        return True
+
+
+# The gate of the run being read (`read_run` sets it); outside `read_run` every path is admitted unchecked.
+_GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("report_gate", default=None)
+
+
+def admitted(path: str | Path, directory: bool = False) -> bool:
+    """`path` passes the current gate (see `Gate.admits`); without one, it exists as that kind."""
+    gate = _GATE.get()
+    if gate is None:
+        return Path(path).is_dir() if directory else Path(path).is_file()
+    return gate.admits(path, directory)
+
+
+def open_admitted(path: str | Path, mode: str = "rb", **kwargs):
+    """Open an admitted file by its resolved path, refusing a symbolic link swapped in since (O_NOFOLLOW)."""
+    descriptor = os.open(os.path.realpath(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    return os.fdopen(descriptor, mode, **kwargs)
+
+
 def read_file(path: Path, parse: str = "text") -> Loaded:
     """`path` as text, JSON ("json": a JSON object) or as its size only ("hash"), with its sha256."""
     loaded = Loaded(Path(path))
-    if not loaded.path.is_file():
+    if not admitted(loaded.path):
         return loaded
     try:
-        if parse == "hash":
-            loaded.sha256 = sha256_file(loaded.path)
-            return loaded
-        raw = loaded.path.read_bytes()
+        with open_admitted(loaded.path) as handle:
+            if parse == "hash":
+                loaded.sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+                return loaded
+            raw = handle.read()
     except OSError as error:
         loaded.sha256, loaded.problem = "", f"cannot be read ({error})"
         return loaded
@@ -111,9 +174,11 @@ def is_number(value: Any) -> bool:
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The records of RUN/metrics.jsonl that have an integer step, and how many lines were not such a record."""
     records, skipped = [], 0
-    if not path.is_file():
+    if not admitted(path):
         return records, skipped
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    with open_admitted(path, "r", encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().splitlines()
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -131,12 +196,12 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
 def sample_grids(run_dir: Path) -> list[tuple[int, Path]]:
     """The EMA sample grids RUN/samples/step-*.png, as (step, path), by step."""
     directory = run_dir / SAMPLES_DIR
-    if not directory.is_dir():
+    if not admitted(directory, directory=True):
         return []
     found = []
     for path in directory.iterdir():
         match = _GRID_NAME.match(path.name)
-        if match and path.is_file():
+        if match and admitted(path):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -160,6 +225,8 @@ def read_checkpoints(run_dir: Path, verify: bool) -> list[Checkpoint]:
     latest = pointer.data.strip() if pointer.usable else None
     checkpoints = []
     for step, path in list_checkpoints(run_dir):
+        if not admitted(path, directory=True):
+            continue
         record = read_file(path / FILE_HASHES, "json")
         files = {str(name): mapping(entry) for name, entry in mapping(mapping(record.data).get("files")).items()}
         if record.problem:
@@ -167,7 +234,12 @@ def read_checkpoints(run_dir: Path, verify: bool) -> list[Checkpoint]:
         elif not record.present:
             status = f"no {FILE_HASHES} (an older checkpoint): not verifiable"
         elif verify:
-            status = checkpoint_problem(path) or "verified: every file matches its sha256"
+            refused = [name for name in files if (path / name).exists() and not admitted(path / name)]
+            status = (
+                f"{refused[0]}: skipped (see skipped files), not verified"
+                if refused
+                else checkpoint_problem(path) or "verified: every file matches its sha256"
+            )
         else:
             status = size_problem(path, files) or f"sizes match {FILE_HASHES} (--verify re-hashes)"
         state = mapping(read_file(path / TRAIN_STATE, "json").data)
@@ -179,8 +251,8 @@ def size_problem(checkpoint_dir: Path, files: dict[str, dict[str, Any]]) -> str 
     """The first recorded file of a checkpoint that is missing or has another size (no hashing: cheap)."""
     for name, entry in files.items():
         path = checkpoint_dir / name
-        if not path.is_file():
-            return f"{name}: missing"
+        if not admitted(path):
+            return f"{name}: missing or skipped"
         if path.stat().st_size != entry.get("bytes"):
             return f"{name}: {path.stat().st_size} bytes, {FILE_HASHES} records {entry.get('bytes')}"
     return None
@@ -233,9 +305,9 @@ def read_object_manifest(url: str) -> Loaded:
 def first_failures(path: Path) -> list[dict[str, Any]]:
     """The first `MAX_FAILURES_SHOWN` records of a dataset's failures.jsonl (read no further: it may be long)."""
     failures = []
-    if not path.is_file():
+    if not admitted(path):
         return failures
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open_admitted(path, "r", encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if len(failures) == MAX_FAILURES_SHOWN:
                 break
@@ -277,13 +349,13 @@ def read_export(directory: Path) -> Export:
 
 def read_evaluation(path: Path) -> Evaluation:
     """An evaluate output directory (or its metrics.json itself)."""
-    directory = path.parent if path.name == METRICS_FILE and path.is_file() else path
+    directory = path.parent if path.name == METRICS_FILE and admitted(path) else path
     return Evaluation(directory, read_file(directory / METRICS_FILE, "json"))
 
 
 def found_inside(run_dir: Path, pattern: str, marker: str) -> list[Path]:
     """Directories RUN/<pattern> that hold `marker` (exports and evaluations kept inside the run directory)."""
-    return sorted(path for path in run_dir.glob(pattern) if path.is_dir() and (path / marker).is_file())
+    return sorted(path for path in run_dir.glob(pattern) if admitted(path, directory=True) and admitted(path / marker))
 
 
 def unique(paths: list[Path]) -> list[Path]:
@@ -315,6 +387,7 @@ class RunFiles:
     dataset: Dataset
     exports: list[Export]
     evaluations: list[Evaluation]
+    skipped: dict[str, str] = field(default_factory=dict)  # paths not read (links outside the run, ...): why
 
 
 def read_run(
@@ -325,11 +398,26 @@ def read_run(
     if not run_dir.is_dir():
         what = "is not a directory" if run_dir.exists() else "does not exist"
         raise ReportError(f"{run_dir}: {what} (expected a run directory written by `diffit-pipe train`)")
+    gate = Gate()
+    for root in (run_dir, *exports, *[path.parent if path.name == METRICS_FILE else path for path in evaluations]):
+        gate.allow(root)
+    token = _GATE.set(gate)
+    try:
+        return _read_run(run_dir, gate, list(map(Path, exports)), list(map(Path, evaluations)), verify)
+    finally:
+        _GATE.reset(token)
+
+
+def _read_run(run_dir: Path, gate: Gate, exports: list[Path], evaluations: list[Path], verify: bool) -> RunFiles:
+    """`read_run` behind its gate."""
     records, skipped = read_metrics(run_dir / METRICS)
     run_info = read_file(run_dir / RUN_INFO, "json")
     checkpoints = read_checkpoints(run_dir, verify)
-    export_dirs = unique([*map(Path, exports), *found_inside(run_dir, "export*", EXPORT_CONFIG)])
-    eval_dirs = unique([*map(Path, evaluations), *found_inside(run_dir, "eval*", METRICS_FILE)])
+    dataset_dir = mapping(mapping(run_info.data).get("dataset")).get("path")
+    if isinstance(dataset_dir, str) and not is_url(dataset_dir):
+        gate.allow(dataset_dir)  # the recorded dataset: part of the lineage (see the module docstring)
+    export_dirs = unique([*exports, *found_inside(run_dir, "export*", EXPORT_CONFIG)])
+    eval_dirs = unique([*evaluations, *found_inside(run_dir, "eval*", METRICS_FILE)])
     return RunFiles(
         run_dir=run_dir,
         records=records,
@@ -341,4 +429,5 @@ def read_run(
         dataset=read_dataset(mapping(run_info.data), checkpoints),
         exports=[read_export(path) for path in export_dirs],
         evaluations=[read_evaluation(path) for path in eval_dirs],
+        skipped=gate.skipped,
     )

@@ -23,6 +23,7 @@ SECTIONS = (
     ("fid", "FID during training"),
     ("evaluation", "Evaluation"),
     ("lineage", "Lineage"),
+    ("skipped", "Skipped files"),
 )
 # The lineage, from the data to the numbers (the "Lineage" section's steps, in order).
 LINEAGE = ("Dataset manifest", "Run config", "Checkpoints", "Export", "Metrics")
@@ -411,6 +412,23 @@ def metrics_node(run: RunFiles) -> str:
 def lineage_section(run: RunFiles) -> str:
     nodes = (dataset_node(run.dataset), config_node(run), checkpoints_node(run), export_node(run), metrics_node(run))
     return section("lineage", "".join(node(step, body) for step, body in enumerate(nodes)))
+
+
+def skipped_section(run: RunFiles) -> str:
+    """The paths the report refused to read (symbolic links out of the run, non-regular files), with why; the
+    link targets are not shown (they name places outside the run)."""
+    if not run.skipped:
+        return section("skipped", '<p class="absent">none: every file shown was read from inside the run</p>')
+    rows = [[relative(run, path), why] for path, why in sorted(run.skipped.items())]
+    return section("skipped", table(["path", "why"], rows))
+
+
+def relative(run: RunFiles, path: str) -> str:
+    """`path` relative to the run directory when it is under it (as met, links not resolved), else as is."""
+    try:
+        return "RUN/" + Path(path).relative_to(run.run_dir).as_posix()
+    except ValueError:
+        return path
 
 
 def document(title: str, sections: list[str]) -> str:

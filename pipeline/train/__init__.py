@@ -18,10 +18,12 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.checks import RUN_CONFIG, TrainArgs, TrainError
 from pipeline.train.config import Config, ConfigError, config_from_dict, dump_config, load_config
+from pipeline.train.diskfull import DiskFullError
 from pipeline.train.export import export_checkpoint
 from pipeline.train.loop import NonFiniteLossError, run
 from pipeline.train.preemption import EXIT_STOPPED, TrainingStopped
 from pipeline.train.progress import METRICS
+from pipeline.train.runlock import RunLockedError
 from pipeline.train.samples import SAMPLES_DIR
 from pipeline.train.setup import RUN_INFO
 
@@ -37,7 +39,9 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
+    "DiskFullError",
     "NonFiniteLossError",
+    "RunLockedError",
     "TrainArgs",
     "TrainError",
     "checkpoint_problem",

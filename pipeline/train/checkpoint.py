@@ -38,8 +38,10 @@ import torch
 from torch import nn
 
 from pipeline.core.atomic import atomic_path, replace_directory, write_json_atomic, write_text_atomic
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, JobFailedError
 from pipeline.core.shards import sha256_file
+from pipeline.train.diskfull import DiskFullError, disk_full_message, is_disk_full
+from pipeline.train.preemption import pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -267,26 +269,69 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def publish() -> None:
         save_ema(ema_model, tmp / EMA_WEIGHTS)
         write_text_atomic(tmp / CONFIG_COPY, config_text)
         write_json_atomic(tmp / TRAIN_STATE, train_state)
         write_file_hashes(tmp)  # last: it covers every other file, every rank's RNG state included
+        pause_point("checkpoint")
         # `final` exists only after resuming from an older checkpoint: the new one replaces the abandoned branch.
         replace_directory(tmp, final)
         write_text_atomic(root / LATEST_POINTER, final.name + "\n")
         rotate_checkpoints(run_dir, keep, step, keep_every)
         logger.info("saved checkpoint %s", final)
-    accelerator.wait_for_everyone()
+
+    # Each phase ends with every rank learning whether any rank failed in it (instead of a plain barrier), so a
+    # write that fails on one rank -- a full disk on rank 0's model file -- stops all of them with the same error.
+    failure = _attempt(prepare) if main else None
+    _agree_on_failure(accelerator, failure, run_dir, tmp, step)
+    failure = _attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    _agree_on_failure(accelerator, failure, run_dir, tmp, step)
+    failure = _attempt(publish) if main else None
+    _agree_on_failure(accelerator, failure, run_dir, tmp, step)
     return final
+
+
+def _attempt(action) -> Exception | None:
+    """Run `action`; the exception it raised, or None."""
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 -- handed to _agree_on_failure, which raises it (or a clearer one)
+        return error
+    return None
+
+
+def _agree_on_failure(accelerator, failure: Exception | None, run_dir: Path, tmp: Path, step: int) -> None:
+    """After one phase of a checkpoint write: when any rank failed, remove the temporary directory at once (main
+    process) and raise on every rank -- DiskFullError for a full disk, otherwise the error itself (on the rank
+    that had it) or a CheckpointWriteError naming it (on the others)."""
+    disk_full = failure is not None and is_disk_full(failure, tmp)  # before the removal frees the space
+    failed = failure is not None
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([float(failed), float(disk_full)], device=accelerator.device)
+        flags = accelerator.reduce(flags, reduction="sum")
+        failed, disk_full = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+    if not failed:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if disk_full:
+        raise DiskFullError(disk_full_message(tmp, run_dir, f"the checkpoint of step {step}")) from None
+    if failure is not None:
+        raise failure
+    raise CheckpointWriteError(f"{tmp}: the checkpoint of step {step} failed on another rank (see its error)")
+
+
+class CheckpointWriteError(JobFailedError):
+    """Writing a checkpoint failed on another rank (exit 1)."""
 
 
 def is_milestone(step: int, keep_every: int) -> bool:

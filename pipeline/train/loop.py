@@ -33,7 +33,13 @@ sample grid, a checkpoint or a stop. The steps in between may have updated the w
 theirs is ever written: the error names the first non-finite step and the step it was found at.
 
 Preemption (`pipeline.train.preemption`): SIGTERM / SIGUSR1 finish the current step; every rank then logs it,
-writes a checkpoint of it and stops with exit code 75; `--resume auto` continues from that checkpoint.
+writes a checkpoint of it and stops with exit code 75; `--resume auto` continues from that checkpoint. The
+handlers are installed before any set-up work and stay through teardown: a signal during set-up stops with 75
+before the first step (nothing to save), one after the last step lets the run finish (exit 0).
+
+One trainer per run directory (`pipeline.train.runlock`): rank 0 holds the run directory's lock for the whole run;
+a second trainer fails with one line (exit 2). A full disk (`pipeline.train.diskfull`) is one line naming the
+file, exit 1; a checkpoint write that fails removes its temporary directory at once.
 
 Resume (`--resume auto` = newest complete checkpoint of the run dir whose files match their recorded sha256 --
 a damaged one is skipped with a warning naming the file --, or a checkpoint path, which must verify): model,
@@ -58,9 +64,11 @@ from typing import Any
 from pipeline.core.errors import EXIT_JOB_FAILED
 from pipeline.train.checkpoint import CHECKPOINTS_DIR, checkpoint_name, save_checkpoint
 from pipeline.train.checks import TrainArgs, TrainError
+from pipeline.train.diskfull import DiskFullError, disk_full_as_error
 from pipeline.train.objective import Objective, ema_decay, learning_rate, update_ema
-from pipeline.train.preemption import EXIT_STOPPED, StopAgreement, StopSignals, TrainingStopped
+from pipeline.train.preemption import EXIT_STOPPED, StopAgreement, StopSignals, TrainingStopped, pause_point
 from pipeline.train.progress import Progress
+from pipeline.train.runlock import RunLockedError, is_lock_rank, run_dir_lock
 from pipeline.train.setup import Training, prepare_loop, set_up
 
 logger = logging.getLogger("pipeline.train")
@@ -68,9 +76,11 @@ logger = logging.getLogger("pipeline.train")
 # `run` and the errors it adds, and names other code imports from here (they live in the modules named above).
 __all__ = [
     "EXIT_STOPPED",
+    "DiskFullError",
     "NonFiniteLossError",
     "Objective",
     "TrainArgs",
+    "RunLockedError",
     "TrainError",
     "TrainingStopped",
     "ema_decay",
@@ -88,34 +98,60 @@ class NonFiniteLossError(TrainError):
 
 def run(args: TrainArgs) -> dict[str, Any]:
     """Train (or continue training) one run; returns a summary (final step, last loss, run dir). Raises
-    TrainingStopped (exit 75) after the checkpoint of a stop on SIGTERM / SIGUSR1."""
+    TrainingStopped (exit 75) on SIGTERM / SIGUSR1 (after the checkpoint of the current step; before the first
+    step with nothing to save), RunLockedError (exit 2) when another trainer uses the run directory, DiskFullError
+    (exit 1) when the disk fills up."""
+    # The handlers come first and stay until the run has returned or raised: a signal at any moment -- set-up,
+    # a step, a checkpoint write, teardown -- is an orderly stop, never a kill (pipeline.train.preemption).
+    with StopSignals() as signals:
+        lock = run_dir_lock(args.run_dir) if is_lock_rank() else contextlib.nullcontext()
+        with lock, disk_full_as_error(args.run_dir):
+            return _run(args, signals)
+
+
+def _run(args: TrainArgs, signals: StopSignals) -> dict[str, Any]:
+    """`run` under the handlers and the run directory's lock."""
+    pause_point("setup")
     training = set_up(args)
     config, accelerator = training.config, training.accelerator
     if training.step >= config.train.max_steps:
         logger.info("step %d >= train.max_steps %d: nothing to do", training.step, config.train.max_steps)
         accelerator.end_training()
         return training.summary(None)
-    prepare_loop(training)
-
-    progress = Progress(config.train.max_steps, training.step, enabled=accelerator.is_main_process)
-    # The handlers stay until the run has returned or raised: a second signal must not kill a finished checkpoint's
-    # clean-up half way.
-    with StopSignals() as signals:
-        try:
-            stopped = train_steps(training, progress, StopAgreement(accelerator, signals))
-        finally:
-            progress.close()
-            if training.metrics is not None:
-                training.metrics.close()
+    stop = StopAgreement(accelerator, signals)
+    progress = None
+    try:
+        prepare_loop(training)
+        if stop.before_first_step():
+            raise TrainingStopped(setup_stop_message(training, signals.received))
+        progress = Progress(config.train.max_steps, training.step, enabled=accelerator.is_main_process)
+        stopped = train_steps(training, progress, stop)
         if config.data.on_corrupt_shard == "skip":
             skipped = skipped_shards(training)
             if skipped:
                 logger.warning("trained without %d damaged shard(s): %s", len(skipped), ", ".join(skipped))
+        pause_point("teardown")
         accelerator.wait_for_everyone()
-        accelerator.end_training()
-        if stopped:
-            raise TrainingStopped(stop_message(training, signals.received))
+    finally:
+        close_loop(training, progress)
+    accelerator.end_training()
+    if stopped:
+        raise TrainingStopped(stop_message(training, signals.received))
+    if signals.received is not None:
+        logger.warning("received %s after the last step: the run is complete (exit code 0)", signals.received)
     return training.summary(progress.last_loss)
+
+
+def close_loop(training: Training, progress: Progress | None) -> None:
+    """Close the progress bar and metrics log and stop the DataLoader workers (here, under the handlers, rather
+    than whenever the garbage collector gets to them)."""
+    if progress is not None:
+        progress.close()
+    if training.metrics is not None:
+        training.metrics.close()
+    if training.batches is not None:
+        training.batches.close()  # ends the loader's iterator: its workers are shut down now
+        training.batches = None
 
 
 def train_steps(training: Training, progress: Progress, stop: StopAgreement) -> bool:
@@ -139,6 +175,7 @@ def train_steps(training: Training, progress: Progress, stop: StopAgreement) -> 
 
         # Optimizer step at this step's learning rate, then the EMA.
         lr = optimizer_step(training)
+        pause_point("step")
         training.step += 1
         training.images_seen += config.train.global_batch_size
         progress.step_done(time.perf_counter() - step_start, waited)
@@ -288,5 +325,15 @@ def stop_message(training: Training, signal_name: str | None) -> str:
     return (
         f"stopped by {signal_name or 'a signal to another rank'} after step {training.step}: checkpoint {path} "
         f"written; continue with `diffit-pipe train --run-dir {training.run_dir} --resume auto` "
+        f"(exit code {EXIT_STOPPED})"
+    )
+
+
+def setup_stop_message(training: Training, signal_name: str | None) -> str:
+    """What a run stopped during set-up says: nothing was saved, how to continue, the exit code."""
+    where = f"checkpoint {training.checkpoint}" if training.checkpoint is not None else "step 0"
+    return (
+        f"stopped by {signal_name or 'a signal to another rank'} during set-up, before the first step: nothing to "
+        f"save (the run continues from {where}); continue with the same command and `--resume auto` "
         f"(exit code {EXIT_STOPPED})"
     )

@@ -19,6 +19,21 @@ step on every rank. A single process reads its own flag.
 DataLoader workers ignore both signals unless their own trainer sends them (`ignore_stop_signals`): SLURM
 signals every process of the job step, and a worker killed by SIGTERM would end the run before its checkpoint;
 the trainer shuts them down itself.
+
+The handlers are installed before any set-up work (`pipeline.train.loop.run`) and stay until the run has returned
+or raised, teardown included, so a signal at any moment is an orderly stop:
+
+* during set-up (before the first step): set-up finishes, the ranks agree, and every rank stops with exit 75
+  without writing anything (there is nothing new to save; `--resume auto` starts again where this one would);
+* during a step or a checkpoint write: the step (and the write) completes, a checkpoint of that step is written,
+  exit 75;
+* during the last step or after it: the run is complete -- its final checkpoint is written and the teardown
+  finishes --, exit 0 (a requeue would find nothing to do).
+
+Test hook: `DIFFIT_PIPE_TEST_PAUSE_AT=<phase>` makes the process of rank `DIFFIT_PIPE_TEST_PAUSE_RANK` (default 0)
+write the file `DIFFIT_PIPE_TEST_PAUSE_MARKER` when it first reaches `<phase>` (`setup`, `step`, `checkpoint`,
+`teardown`: see `pause_point`) and wait there until a stop signal arrives, so that a test's signal lands in that
+phase for sure rather than after a guessed sleep.
 """
 
 from __future__ import annotations
@@ -27,14 +42,27 @@ import logging
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
+from pipeline.core.atomic import write_text_atomic
 from pipeline.core.errors import PipelineError
+from pipeline.train.runlock import close_inherited_lock
 
 logger = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint written; continue with --resume auto
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+PAUSE_AT_ENV = "DIFFIT_PIPE_TEST_PAUSE_AT"
+PAUSE_MARKER_ENV = "DIFFIT_PIPE_TEST_PAUSE_MARKER"
+PAUSE_RANK_ENV = "DIFFIT_PIPE_TEST_PAUSE_RANK"
+PAUSE_PHASES = ("setup", "step", "checkpoint", "teardown")
+PAUSE_TIMEOUT_S = 120.0
+
+# The StopSignals in force (None: none), for `pause_point`.
+_ACTIVE: StopSignals | None = None
+_PAUSED: set[str] = set()
 
 
 class TrainingStopped(PipelineError):
@@ -53,6 +81,9 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
+        global _ACTIVE
+        _ACTIVE = self
+        _PAUSED.clear()  # each run pauses at its phase once
         if threading.current_thread() is not threading.main_thread():
             logger.debug("not the main thread: SIGTERM / SIGUSR1 keep their handlers (no stop with a checkpoint)")
             return self
@@ -63,6 +94,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        global _ACTIVE
+        _ACTIVE = None
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
@@ -90,6 +123,17 @@ class StopAgreement:
             logger.warning(
                 "received %s: finishing this step, writing a checkpoint, then stopping", self.signals.received
             )
+        return self._agree(read_now=False)
+
+    def before_first_step(self) -> bool:
+        """Whether any rank was signalled during set-up (every rank calls it once, before the first step; the
+        sum is read at once, also on CUDA: nothing is queued yet)."""
+        if self.signals.received is not None:
+            self.announced = True
+            logger.warning("received %s during set-up: stopping before the first step", self.signals.received)
+        return self._agree(read_now=True)
+
+    def _agree(self, read_now: bool) -> bool:
         if self.accelerator.num_processes == 1:
             return self.signals.received is not None
         import torch
@@ -98,7 +142,7 @@ class StopAgreement:
         # torch.full launches a fill kernel: no host-to-device copy, no wait.
         flag = torch.full((1,), 1.0 if self.signals.received is not None else 0.0, device=device)
         total = self.accelerator.reduce(flag, reduction="sum")
-        if device.type != "cuda":
+        if device.type != "cuda" or read_now:
             return bool(total.item() > 0)
         previous, self.pending = self.pending, _copy_to_host(total)
         if previous is None:
@@ -128,6 +172,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     `sigwaitinfo`, which names the sender: from the parent the signal ends the worker as it would have, from
     anyone else it is dropped. Where `sigwaitinfo` does not exist (macOS) the signals keep their default action.
     """
+    close_inherited_lock()  # a worker orphaned by a killed trainer must not keep the run locked
     numbers = {getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)}
     if not hasattr(signal, "sigwaitinfo") or not numbers:
         return
@@ -148,3 +193,21 @@ def _take_stop_signals(numbers: set[int], parent: int) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {info.si_signo})
             os.kill(os.getpid(), info.si_signo)
             return
+
+
+def pause_point(phase: str) -> None:
+    """Test hook (see the module docstring): at the first `phase` named by DIFFIT_PIPE_TEST_PAUSE_AT, write the
+    marker file and wait for a stop signal (at most PAUSE_TIMEOUT_S). Does nothing unless the variable is set."""
+    if os.environ.get(PAUSE_AT_ENV) != phase or phase in _PAUSED:
+        return
+    if os.environ.get("RANK", "0") != os.environ.get(PAUSE_RANK_ENV, "0"):
+        return
+    _PAUSED.add(phase)
+    signals = _ACTIVE
+    # Atomic: the test reads the pid as soon as the file exists.
+    write_text_atomic(Path(os.environ[PAUSE_MARKER_ENV]), f"{phase} {os.getpid()}\n")
+    deadline = time.monotonic() + PAUSE_TIMEOUT_S
+    while (signals is None or signals.received is None) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if signals is None or signals.received is None:
+        logger.warning("test pause at %s: no stop signal within %.0f s, going on", phase, PAUSE_TIMEOUT_S)
