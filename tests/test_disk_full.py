@@ -62,7 +62,7 @@ def test_evaluate_out_of_space_is_one_line_and_a_rerun_finishes(latent_model, sm
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.output
-    assert "no space left on the device" in lines[0] and "MiB free on the file system of" in lines[0], lines[0]
+    assert "no space left on the device" in lines[0] and "MiB free on its file system" in lines[0], lines[0]
     assert "sampling resumes where it stopped" in lines[0]
     assert leftovers(out) == []
     filler.unlink()

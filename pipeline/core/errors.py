@@ -37,26 +37,50 @@ class JobFailedError(PipelineError, RuntimeError):
     exit_code = EXIT_JOB_FAILED
 
 
-# Out of space: errno ENOSPC (device full) or EDQUOT (quota); libraries that wrap the OSError keep its text.
+# Out of space: errno ENOSPC (device full) or EDQUOT (quota). Libraries report it each in their own way: Python's
+# OSError, safetensors' `SafetensorError("... No space left on device (os error 28)")`, zarr and numpy re-raising
+# the OSError, and `torch.save`'s `RuntimeError("[enforce fail at inline_container.cc] ...")`, which does not say
+# why at all: for that one the free space of the file system decides.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+NEARLY_FULL_BYTES = 1 << 20  # below this, a write error without a reason (torch.save's) is taken for a full disk
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """True for an out-of-space failure, raised by the OS or wrapped by a library (safetensors, zarr)."""
+class DiskFullError(JobFailedError):
+    """The disk (or quota) filled up while a job wrote; nothing half-written was left (exit 1)."""
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes of the file system holding `path` (or its nearest existing parent); None if unknown."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def is_disk_full(error: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether `error` (raised while writing under `path`) means the disk or quota is full."""
     if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
         return True
-    return any(text in str(error) for text in ("No space left on device", "Disk quota exceeded"))
+    text = str(error).lower()
+    if any(marker in text for marker in DISK_FULL_TEXTS):
+        return True
+    if path is not None and isinstance(error, RuntimeError) and "inline_container" in text:
+        free = free_bytes(path)
+        return free is not None and free < NEARLY_FULL_BYTES
+    return False
 
 
-def disk_full_error(where: str | os.PathLike, error: BaseException, resume: str) -> JobFailedError:
+def disk_full_error(where: str | os.PathLike, error: BaseException, resume: str) -> DiskFullError:
     """The one-line error of a job that ran out of space while writing under `where`: the file, what is free
     on that file system, and what a rerun does (`resume`)."""
     target = Path(getattr(error, "filename", None) or where)
-    existing = next((p for p in (target, *target.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(existing).free
-    return JobFailedError(
-        f"{target}: no space left on the device ({free / 2**20:.1f} MiB free on the file system of {existing}); "
-        f"free space there and run the same command again: {resume}"
+    free = free_bytes(target)
+    free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+    return DiskFullError(
+        f"{target}: no space left on the device ({free_text} on its file system); free space there and run the "
+        f"same command again: {resume}"
     )
 
 
@@ -68,6 +92,6 @@ def reporting_disk_full(where: str | os.PathLike, resume: str):
     except PipelineError:
         raise
     except Exception as error:
-        if not is_disk_full(error):
+        if not is_disk_full(error, where):
             raise
-        raise disk_full_error(where, error, resume) from error
+        raise disk_full_error(where, error, resume) from None

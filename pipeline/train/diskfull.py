@@ -3,53 +3,22 @@
 The libraries a trainer writes through report a full disk each in their own way: Python's `OSError` (errno 28,
 ENOSPC, or 122, EDQUOT), safetensors' `SafetensorError("... No space left on device (os error 28)")`, and
 `torch.save`'s `RuntimeError("[enforce fail at inline_container.cc] ... unexpected pos ...")`, which does not say
-why at all -- for that one the free space of the file system decides. `disk_full_as_error` turns any of them into
-`DiskFullError` (exit 1). The checkpoint writer removes its temporary directory before the error goes up
-(`pipeline.train.checkpoint.save_checkpoint`), so a full disk leaves nothing behind but the last complete
-checkpoint, and `--resume auto` continues from it once space is freed.
+why at all -- for that one the free space of the file system decides (`pipeline.core.errors.is_disk_full`).
+`disk_full_as_error` turns any of them into `DiskFullError` (exit 1). The checkpoint writer removes its temporary
+directory before the error goes up (`pipeline.train.checkpoint.save_checkpoint`), so a full disk leaves nothing
+behind but the last complete checkpoint, and `--resume auto` continues from it once space is freed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.core.errors import JobFailedError
+from pipeline.core.errors import DiskFullError, free_bytes, is_disk_full
 
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
-# Below this many free bytes a write error without a reason (torch.save's) is taken for a full disk.
-NEARLY_FULL_BYTES = 1 << 20
-
-
-class DiskFullError(JobFailedError):
-    """The disk (or quota) of the run directory filled up; nothing half-written was left (exit 1)."""
-
-
-def free_bytes(path: str | os.PathLike) -> int | None:
-    """Free bytes of the file system holding `path` (or its nearest existing parent); None if unknown."""
-    path = Path(path)
-    for candidate in (path, *path.parents):
-        with contextlib.suppress(OSError):
-            return shutil.disk_usage(candidate).free
-    return None
-
-
-def is_disk_full(error: BaseException, path: str | os.PathLike) -> bool:
-    """Whether `error`, raised while writing under `path`, means the disk or quota is full."""
-    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-        return True
-    text = str(error).lower()
-    if any(marker in text for marker in DISK_FULL_TEXTS):
-        return True
-    if isinstance(error, RuntimeError) and "inline_container" in text:  # torch.save: the reason is not given
-        free = free_bytes(path)
-        return free is not None and free < NEARLY_FULL_BYTES
-    return False
+__all__ = ["DiskFullError", "disk_full_as_error", "disk_full_message", "is_disk_full"]
 
 
 def disk_full_message(path: str | os.PathLike, run_dir: str | os.PathLike, what: str) -> str:
