@@ -334,6 +334,12 @@ def test_export_round_trip_and_sample_grid_through_the_vae(tmp_path):
         == json.loads((run_dir / "run.json").read_text())["dataset"]["manifest_hash"]
     )
     assert exported["dataset"]["num_classes"] == 10 and exported["train"]["step"] == 4
+    # The dataset's class names travel with the model: DiffiTPipeline's id2label / get_label_ids read them.
+    label_map = json.loads((data / "manifest.json").read_text())["label_map"]
+    assert exported["dataset"]["label_map"] == label_map and sorted(label_map.values()) == list(range(10))
+    from diffit.labels import export_id2label
+
+    assert export_id2label(exported, 10, "config.json") == {index: name for name, index in label_map.items()}
     # The exported model is the EMA of the latest checkpoint: identical outputs.
     reference = diffit.create_model(exported["model"]["name"], **exported["model"]["kwargs"])
     load_ema(reference, run_dir / "checkpoints" / "step-0000004" / EMA_WEIGHTS)

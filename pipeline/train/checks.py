@@ -80,6 +80,8 @@ class DatasetInfo:
             "resolution": self.manifest["resolution"],
             "num_classes": self.num_classes,
             "samples": self.manifest["counts"].get("written"),
+            # {class folder name: index}: the export's class names (`diffit.labels`, DiffiTPipeline.id2label).
+            "label_map": self.manifest["label_map"],
         }
         if self.kind == "latents":
             entry.update(latent_channels=self.manifest["latent_channels"], latent_size=self.manifest["latent_size"])
