@@ -88,7 +88,6 @@ does not (it loads this module on first use of `diffit.DiffiTPipeline`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -113,7 +112,7 @@ from .guidance import ClassifierFreeGuidance, GuidanceConfig, timestep_progress
 from .hub import DiffiTModelHubMixin, PretrainedNotFoundError, resolve_pretrained_dir
 from .labels import checked_id2label, export_id2label, label_ids, label_lookup
 from .models import model_family
-from .sampling import SamplingConfig, paper_sampling_config, sample, to_uint8
+from .sampling import SamplingConfig, eval_mode, paper_sampling_config, sample, to_uint8
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 VAE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -325,17 +324,6 @@ def float32_network(model: nn.Module) -> nn.Module:
     """`model` itself when it computes in float32 (so samples stay bit-identical to `sample(model, ...)`), else
     wrapped in `ComputeInDtype`."""
     return model if model.dtype == torch.float32 else ComputeInDtype(model)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    """Eval mode (label dropout off) for a sampling run; the module's mode is restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def check_load_keywords(kwargs: Mapping[str, Any]) -> None:

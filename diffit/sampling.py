@@ -120,7 +120,7 @@ class CountingModel(nn.Module):
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
+def eval_mode(module: nn.Module):
     """Temporarily switch a module to eval mode (e.g. label dropout off), restoring its mode afterwards."""
     was_training = module.training
     module.eval()
@@ -322,7 +322,7 @@ def sample_with_stats(
         network = EDMPrecond(model, sigma_data=config.sigma_data)
     counted = CountingModel(network, synchronize=device.type == "cuda")
 
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         run = _run_edm if config.kind == "edm" else _run_adm
         samples = run(model, network, counted, initial_noise, labels, generators, config, guidance, progress)
     stats = SamplingStats(

@@ -57,3 +57,20 @@ def image_model(tmp_path_factory):
     from eval_fixtures import make_image_model_dir
 
     return make_image_model_dir(tmp_path_factory.mktemp("image-model") / "model")
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A real small file system (tmpfs, 256 MiB unless a test marks `@pytest.mark.disk_size("8m")`) at
+    tmp_path/disk: the kernel answers ENOSPC when the tests fill it. Mounting needs root: skipped elsewhere."""
+    import subprocess
+
+    marker = request.node.get_closest_marker("disk_size")
+    size = marker.args[0] if marker else "256m"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a real full disk (needs root / CAP_SYS_ADMIN): {mounted.stderr!r}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -5,7 +5,6 @@ uninterrupted run."""
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +16,6 @@ from cli.main import app
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 MiB tmpfs, filled by the tests (mounting needs root; skipped where not permitted), unmounted after."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
 
 
 def fill(mount: Path, leave: int) -> Path:

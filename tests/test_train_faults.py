@@ -241,18 +241,7 @@ def test_the_lock_is_held_for_the_run_and_released_on_an_error(tmp_path, dataset
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 8 MiB file system (tmpfs) at tmp_path/disk: the kernel answers ENOSPC when it is full."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a real full disk (needs root / CAP_SYS_ADMIN): {mounted.stderr!r}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
+@pytest.mark.disk_size("8m")
 def test_a_full_disk_in_a_checkpoint_write_is_one_error_leaves_no_temporary_files_and_a_rerun_resumes(
     tmp_path, dataset, small_disk
 ):
