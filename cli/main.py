@@ -84,6 +84,7 @@ COMMAND_MODULES = [
     "cli.vae_cmd",
     "cli.report_cmd",
     "cli.demo_cmd",
+    "cli.study_cmd",
 ]
 
 for _name in COMMAND_MODULES:

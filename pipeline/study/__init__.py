@@ -1,0 +1,41 @@
+"""The study stage: ablations as studies of ordinary runs.
+
+`spec` reads a study file (a base preset, axes of overrides, seeds, one budget) and expands it into units (one
+ordinary training run each) and evaluations; `runner` runs a unit through the train / export / evaluate stages'
+entry points, skipping complete outputs; `demo_metrics` is FD_demo and the consistencies at demo scale; `stats`
+the interval arithmetic; `aggregate` writes `study.json`; `page` the HTML page; `slurm` the job-array scripts.
+"""
+
+from pipeline.study.aggregate import STUDY_JSON, StudyIncompleteError, aggregate
+from pipeline.study.demo_metrics import FD_DEMO, classifier_features
+from pipeline.study.page import STUDY_HTML, write_page
+from pipeline.study.runner import PLAN_FILE, RESULT_FILE, prepare_directory, run_all, run_unit, unit_state
+from pipeline.study.slurm import AGGREGATE_SBATCH, SBATCH, write_sbatch
+from pipeline.study.spec import BUDGET_KEYS, Study, StudyError, check_model_kwargs, load_study
+from pipeline.study.stats import interval, paired_difference
+
+__all__ = [
+    "AGGREGATE_SBATCH",
+    "BUDGET_KEYS",
+    "FD_DEMO",
+    "PLAN_FILE",
+    "RESULT_FILE",
+    "SBATCH",
+    "STUDY_HTML",
+    "STUDY_JSON",
+    "Study",
+    "StudyError",
+    "StudyIncompleteError",
+    "aggregate",
+    "check_model_kwargs",
+    "classifier_features",
+    "interval",
+    "load_study",
+    "paired_difference",
+    "prepare_directory",
+    "run_all",
+    "run_unit",
+    "unit_state",
+    "write_page",
+    "write_sbatch",
+]

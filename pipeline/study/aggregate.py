@@ -1,0 +1,167 @@
+"""A finished study's aggregate: `study.json` (the table and the curves), read from the runs' own outputs.
+
+The table: for each metric and variant, the values by seed, their mean and 95% Student-t interval, and the paired
+difference to the baseline variant over the seeds both have (`pipeline.study.stats`). The curves: each
+variant's training metrics against the step (`loss`, and `fid_*` / `plumbing_only_fid_*` when FID ran during
+training), the mean over seeds at the steps every seed logged. Nothing in `study.json` depends on where the
+study directory is or when it ran, so a study killed and resumed gives the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import JobFailedError
+from pipeline.study.demo_metrics import FD_DEMO
+from pipeline.study.runner import read_result
+from pipeline.study.spec import Study
+from pipeline.study.stats import interval, paired_difference
+
+STUDY_JSON = "study.json"
+FORMAT_VERSION = 1
+# Metrics where lower is better (the page says which way is better).
+LOWER_IS_BETTER = (FD_DEMO, "fid", "sfid", "kid")
+
+
+class StudyIncompleteError(JobFailedError):
+    """The study cannot be aggregated: some evaluations have no result yet."""
+
+
+def collect_results(study: Study, out: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> result.json of every evaluation; an error listing the missing ones."""
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    missing = []
+    for unit in study.units():
+        for evaluation in unit.evaluations:
+            result = read_result(out / evaluation.out_dir)
+            if result is None:
+                missing.append(evaluation.out_dir)
+            else:
+                results.setdefault(evaluation.variant, {})[evaluation.seed] = result
+    if missing:
+        raise StudyIncompleteError(
+            f"{out}: {len(missing)} evaluation(s) have no result yet ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}): run the study (or its missing array elements) first"
+        )
+    return results
+
+
+def metric_table(study: Study, results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (metric, variant): values by seed, interval, paired difference to the baseline."""
+    names: list[str] = []
+    for by_seed in results.values():
+        for result in by_seed.values():
+            names += [name for name in result["metrics"] if name not in names]
+    rows = []
+    for metric in names:
+        baseline = _values(results.get(study.baseline, {}), metric)
+        for variant in study.variants:
+            values = _values(results.get(variant.name, {}), metric)
+            if not values:
+                continue
+            row = {"metric": metric, "variant": variant.name, "values": {str(s): v for s, v in values.items()}}
+            row.update(interval([values[s] for s in sorted(values)]))
+            row["difference_to_baseline"] = (
+                None if variant.name == study.baseline else paired_difference(values, baseline)
+            )
+            rows.append(row)
+    return rows
+
+
+def _values(by_seed: dict[int, dict[str, Any]], metric: str) -> dict[int, float]:
+    return {
+        seed: float(result["metrics"][metric])
+        for seed, result in sorted(by_seed.items())
+        if isinstance(result["metrics"].get(metric), (int, float))
+    }
+
+
+def read_training_records(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """step -> the last record logged for it in RUN/metrics.jsonl (numbers only; unreadable lines skipped)."""
+    path = run_dir / "metrics.jsonl"
+    records: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return records
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records[record["step"]] = record
+    return records
+
+
+def curve_keys(record: dict[str, Any]) -> list[str]:
+    """The training metrics a study plots: the loss and every numeric FID-during-training key."""
+    return [
+        key
+        for key, value in record.items()
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (key == "loss" or key.startswith("fid_") or key.startswith("plumbing_only_fid_"))
+    ]
+
+
+def training_curves(study: Study, out: Path) -> dict[str, dict[str, dict[str, list]]]:
+    """variant -> metric -> {"step": [...], "mean": [...], "n": seeds}: the mean over seeds at common steps."""
+    curves: dict[str, dict[str, dict[str, list]]] = {}
+    runs = {(u.train_name, u.seed): u.run_dir for u in study.units()}
+    for variant in study.variants:
+        per_seed = [read_training_records(out / runs[(variant.train_name, seed)]) for seed in study.seeds]
+        keys = sorted({key for records in per_seed for record in records.values() for key in curve_keys(record)})
+        for key in keys:
+            series = [{step: r[key] for step, r in records.items() if key in curve_keys(r)} for records in per_seed]
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            if steps:
+                mean = [sum(float(s[step]) for s in series) / len(series) for step in steps]
+                curves.setdefault(variant.name, {})[key] = {"step": steps, "mean": mean, "n": len(series)}
+    return curves
+
+
+def budget(study: Study) -> dict[str, Any]:
+    """What every run of the study shares."""
+    from pipeline.study.spec import training_config
+
+    config = training_config(study, study.units()[0])
+    evaluate = study.evaluate
+    return {
+        "max_steps": config.train.max_steps,
+        "global_batch_size": config.train.global_batch_size,
+        "images_seen": config.train.max_steps * config.train.global_batch_size,
+        "model": config.model.name,
+        "diffusion": config.diffusion.type,
+        "sampler": evaluate.get("sampler"),
+        "sampling_steps": evaluate.get("steps"),
+        "num_samples": evaluate.get("num_samples", 50_000),
+    }
+
+
+def aggregate(study: Study, out: Path) -> dict[str, Any]:
+    """The contents of `study.json` (see the module docstring); an error when runs are missing."""
+    results = collect_results(study, out)
+    details = {}
+    for by_seed in results.values():
+        for result in by_seed.values():
+            for metric, detail in (result.get("details") or {}).items():
+                details.setdefault(metric, detail)
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": study.name,
+        "description": study.description,
+        "scale": study.scale,
+        "base": study.base.name,
+        "seeds": study.seeds,
+        "baseline": study.baseline,
+        "budget": budget(study),
+        "variants": [
+            {"name": v.name, "train_overrides": v.train, "evaluate_overrides": v.evaluate, "run": v.train_name}
+            for v in study.variants
+        ],
+        "metric_details": details,
+        "lower_is_better": [m for m in LOWER_IS_BETTER],
+        "table": metric_table(study, results),
+        "curves": training_curves(study, out),
+    }

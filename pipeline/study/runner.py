@@ -1,0 +1,178 @@
+"""Running a study's units: each one the ordinary train -> export -> evaluate, through the stages' entry points
+(`pipeline.train.run`, `pipeline.train.export_checkpoint`, `pipeline.evaluate.evaluate`: what the CLI calls).
+
+Locally the units run one after another in this process; on a cluster each unit is one element of a SLURM job
+array (`pipeline.study.slurm`) that runs `diffit-pipe study STUDY.yaml --run-index I`. Either way a unit's finished
+parts are recognised by their complete outputs, never by a log:
+
+- training + export: the exported model's `config.json` records `train.step == train.max_steps` and its weights
+  file is there (each file is written atomically). Otherwise the trainer runs with `--resume auto`: it continues
+  from the newest checkpoint that verifies (or does nothing when the last one is at max_steps), then exports.
+- an evaluation: `result.json` in its directory, written atomically after `metrics.json` (evaluate's own last
+  file). Otherwise `evaluate` runs; it keeps the samples already in its zarr store and fills the rest.
+
+The study directory's `plan.json` records what the study is (variants, overrides, seeds, budget); a rerun with
+another study file against the same directory is refused instead of mixing the results of two studies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.atomic import write_json_atomic
+from pipeline.study.demo_metrics import demo_metrics
+from pipeline.study.spec import Study, StudyError, Unit, check_model_kwargs, training_config
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+RESULT_FILE = "result.json"
+SAMPLING_KEYS = ("sampler", "steps", "cfg_scale", "cfg_schedule", "cfg_power", "cfg_channels", "classes", "eta")
+SAMPLING_KEYS += ("pixels",)
+PATH_KEYS = ("inception_weights", "cache_dir")
+
+
+def prepare_directory(study: Study, out: Path) -> None:
+    """Create the study directory with its `plan.json`, or check that an existing one holds this same study."""
+    plan = study.describe()
+    path = out / PLAN_FILE
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise StudyError(f"{path}: unreadable ({error}); remove it to start this study afresh") from None
+        if stored != json.loads(json.dumps(plan)):
+            raise StudyError(
+                f"{out} holds another study (its {PLAN_FILE} differs from {study.path}): use another --out, or "
+                "remove the directory to start afresh"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, plan)
+
+
+def export_complete(model_dir: Path, max_steps: int) -> bool:
+    """Whether `model_dir` holds a complete export of a run trained to `max_steps`."""
+    config_path = model_dir / "config.json"
+    if not (config_path.is_file() and (model_dir / "model.safetensors").is_file()):
+        return False
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("train") or {}).get("step") == max_steps
+
+
+def read_result(eval_dir: Path) -> dict[str, Any] | None:
+    """The finished evaluation's `result.json`, or None when it is not there (an unfinished evaluation)."""
+    path = eval_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise StudyError(f"{path}: not a JSON result ({error}); remove it to evaluate again") from None
+
+
+def unit_state(study: Study, unit: Unit, out: Path) -> str:
+    """'done' (every evaluation has its result), 'trained' (the export is complete) or 'todo'."""
+    if all(read_result(out / e.out_dir) is not None for e in unit.evaluations):
+        return "done"
+    max_steps = training_config(study, unit).train.max_steps
+    return "trained" if export_complete(out / unit.model_dir, max_steps) else "todo"
+
+
+def evaluate_options(study: Study, variant_name: str, seed: int, model_dir: Path, out_dir: Path):
+    """The `EvaluateOptions` of one evaluation: the study's settings, the variant's, this seed."""
+    from pipeline.evaluate import EvaluateOptions, SamplingOptions
+
+    settings = study.evaluate_settings(study.variant(variant_name))
+    sampling = {key: settings[key] for key in SAMPLING_KEYS if key in settings}
+    if "cfg_channels" in sampling:
+        sampling["cfg_channels"] = str(sampling["cfg_channels"])
+    rest = {key: value for key, value in settings.items() if key not in SAMPLING_KEYS}
+    for key in PATH_KEYS:
+        if rest.get(key) is not None:
+            rest[key] = Path(rest[key])
+    rest["metrics"] = tuple(rest.get("metrics") or ())
+    return EvaluateOptions(
+        model_dir=model_dir, out_dir=out_dir, sampling=SamplingOptions(seed=seed, **sampling), **rest
+    )
+
+
+def train_unit(study: Study, unit: Unit, out: Path) -> None:
+    """Train (or resume) the unit's run to max_steps and export its EMA; nothing when the export is complete."""
+    from pipeline.train import TrainArgs, export_checkpoint, run
+
+    max_steps = training_config(study, unit).train.max_steps
+    model_dir = out / unit.model_dir
+    if export_complete(model_dir, max_steps):
+        return
+    if study.data is None:
+        raise StudyError(f"{study.path}: no dataset: set 'data' in the study file or pass --set data=PATH")
+    check_model_kwargs(study, [unit])  # checked lazily: only the unit about to train
+    run_dir = out / unit.run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("study %s: training %s", study.name, unit.run_dir)
+    run(
+        TrainArgs(run_dir=run_dir, config_path=study.base, data_dir=study.data, overrides=unit.overrides, resume="auto")
+    )
+    export_checkpoint(run_dir, model_dir)
+
+
+def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
+    """Every evaluation of the unit's model that has no result yet: evaluate, demo metrics, `result.json`."""
+    from pipeline.evaluate import evaluate
+
+    for evaluation in unit.evaluations:
+        eval_dir = out / evaluation.out_dir
+        if read_result(eval_dir) is not None:
+            continue
+        logger.info("study %s: evaluating %s", study.name, evaluation.out_dir)
+        options = evaluate_options(study, evaluation.variant, evaluation.seed, out / unit.model_dir, eval_dir)
+        record = evaluate(options)
+        images, labels = _read_samples(eval_dir)
+        values, details = demo_metrics(study.demo_metrics, images, labels)
+        metrics = {**values, **(record.get("metrics") or {})}
+        plumbing = {f"plumbing_only_{k}": v for k, v in (record.get("plumbing_only_metrics") or {}).items()}
+        result = {
+            "variant": evaluation.variant,
+            "seed": evaluation.seed,
+            "run_dir": unit.run_dir,
+            "model_dir": unit.model_dir,
+            "metrics": {**metrics, **plumbing},
+            "details": details,
+            "num_samples": int(len(images)),
+        }
+        write_json_atomic(eval_dir / RESULT_FILE, result)
+
+
+def _read_samples(eval_dir: Path):
+    """The samples and their labels from an evaluation's complete zarr store."""
+    from pipeline.evaluate import STORE_NAME, SampleStore
+
+    store = SampleStore.open(eval_dir / STORE_NAME, mode="r")
+    store.require_complete()
+    return store.read_images(0, store.layout.num_samples), store.read_labels()
+
+
+def run_unit(study: Study, unit: Unit, out: Path) -> None:
+    """One unit, as one array element runs it: train + export (unless complete), then its evaluations."""
+    if unit_state(study, unit, out) == "done":
+        logger.info("study %s: %s is complete", study.name, unit.run_dir)
+        return
+    train_unit(study, unit, out)
+    evaluate_unit(study, unit, out)
+
+
+def run_all(study: Study, out: Path, log=print) -> None:
+    """Every unit, one after another, skipping finished ones (the local runner)."""
+    units = study.units()
+    for unit in units:
+        state = unit_state(study, unit, out)
+        log(f"[study] run {unit.index + 1}/{len(units)} {unit.run_dir}: {state}")
+        if state != "done":
+            run_unit(study, unit, out)

@@ -1,0 +1,430 @@
+"""A study file -> a plan of ordinary runs.
+
+A study is a base preset plus axes of overrides (variants) times seeds, at one budget:
+
+    name: time-embedding-demo
+    base: ../demo.yaml                  # a training preset, relative to this file
+    data: null                          # the dataset (`train --data`); `--set data=PATH` on the command line
+    set: {train.max_steps: 300}         # overrides every run gets (the budget lives here or in the preset)
+    seeds: [0, 1, 2]
+    axes:                               # each axis: variant name -> overrides; several axes: their product
+      time_embedding:
+        positional: {model.kwargs.time_embedding: positional}
+        fourier: {model.kwargs.time_embedding: fourier}
+    baseline: positional                # paired differences are taken against this variant
+    evaluate: {num_samples: 256, steps: 18, metrics: []}   # `diffit-pipe evaluate` settings of every run
+    demo_metrics: {reference: PATH, classifier: PATH, shape_classifier: PATH}   # FD_demo, consistencies
+
+An override key is a training-config key (`SECTION.FIELD`, `model.kwargs.NAME`, checked like `train --set`) or
+`evaluate.FIELD` (an evaluate setting such as `evaluate.cfg_scale`). Variants that differ only in evaluate
+settings share one trained model per seed (the guidance-scale curve: one training, many scales). Variants may
+not change the budget (`BUDGET_KEYS`): every run trains the same steps on the same batch and is scored on the same
+number of samples with the same sampler.
+
+Expansion: one *unit* per (training overrides, seed) = one ordinary run directory `runs/TRAIN/seed-S` (train ->
+export to `runs/TRAIN/seed-S/model`), and one evaluation per (variant, seed) in `evals/VARIANT/seed-S`. Units are
+numbered in order (variant-major, then seed); a SLURM array element runs one unit (`--run-index`).
+
+Checks that need the model library (whether a `model.kwargs` name is accepted by the model) are made when a unit
+runs (`check_model_kwargs` can be called earlier): a study file for model variants that do not exist yet still
+loads and plans.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core.errors import InputError
+
+
+class StudyError(InputError):
+    """A study file that does not fit the schema, or a study directory that belongs to another study."""
+
+
+TOP_LEVEL_KEYS = ("name", "description", "scale", "paper", "base", "data", "set", "seeds", "axes", "baseline")
+TOP_LEVEL_KEYS += ("evaluate", "demo_metrics")
+REQUIRED_KEYS = ("name", "base", "seeds", "axes")
+# What variants may not change: every run of a study has the same budget.
+BUDGET_KEYS = (
+    "train.max_steps",
+    "train.global_batch_size",
+    "train.seed",
+    "evaluate.num_samples",
+    "evaluate.sampler",
+    "evaluate.steps",
+    "evaluate.seed",
+)
+# `diffit-pipe evaluate` settings a study may give (EvaluateOptions / SamplingOptions fields; paths and the
+# per-run seed are the study's own).
+EVALUATE_KEYS = (
+    "num_samples",
+    "batch_size",
+    "sampler",
+    "steps",
+    "cfg_scale",
+    "cfg_schedule",
+    "cfg_power",
+    "cfg_channels",
+    "classes",
+    "eta",
+    "pixels",
+    "reference",
+    "inception_weights",
+    "metrics",
+    "feature_layer",
+    "feature_batch_size",
+    "feature_workers",
+    "kid_subset_size",
+    "cache_dir",
+    "prc_memory_gb",
+    "prc_precision",
+    "prc_reference_limit",
+    "prc_seed",
+    "device",
+    "precision",
+)
+DEMO_METRIC_KEYS = ("reference", "classifier", "shape_classifier", "max_reference_images")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+EVALUATE_PREFIX = "evaluate."
+
+
+@dataclass
+class Variant:
+    """One point of the study's grid: its name, its training overrides and its evaluate settings."""
+
+    name: str
+    train: dict[str, Any]
+    evaluate: dict[str, Any]
+    train_name: str  # the run-directory name of its training ("base" when it changes no training setting)
+
+
+@dataclass
+class Evaluation:
+    """One (variant, seed) evaluation of a unit's model."""
+
+    variant: str
+    seed: int
+    out_dir: str  # relative to the study directory
+
+
+@dataclass
+class Unit:
+    """One ordinary training run (a SLURM array element) and the evaluations of its model."""
+
+    index: int
+    train_name: str
+    seed: int
+    run_dir: str  # relative to the study directory
+    overrides: list[str]  # `train --set` arguments, common ones first
+    evaluations: list[Evaluation] = field(default_factory=list)
+
+    @property
+    def model_dir(self) -> str:
+        """Where the run's EMA is exported (beside the run directory, which the trainer owns)."""
+        return f"models/{self.train_name}/seed-{self.seed}"
+
+
+@dataclass
+class Study:
+    """A parsed study file."""
+
+    path: Path
+    name: str
+    description: str
+    scale: str
+    paper: Any
+    base: Path
+    data: str | None
+    common: dict[str, Any]
+    seeds: list[int]
+    variants: list[Variant]
+    baseline: str
+    evaluate: dict[str, Any]
+    demo_metrics: dict[str, Any]
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise StudyError(f"{self.path}: no variant {name!r}; variants: {', '.join(v.name for v in self.variants)}")
+
+    def units(self) -> list[Unit]:
+        """The runs of the study, in a fixed order: one per (training overrides, seed)."""
+        units: dict[tuple[str, int], Unit] = {}
+        common = [override_text(k, v) for k, v in self.common.items()]
+        for variant in self.variants:
+            for seed in self.seeds:
+                key = (variant.train_name, seed)
+                if key not in units:
+                    overrides = common + [override_text(k, v) for k, v in variant.train.items()]
+                    overrides.append(override_text("train.seed", seed))
+                    run_dir = f"runs/{variant.train_name}/seed-{seed}"
+                    units[key] = Unit(len(units), variant.train_name, seed, run_dir, overrides)
+                units[key].evaluations.append(Evaluation(variant.name, seed, f"evals/{variant.name}/seed-{seed}"))
+        return list(units.values())
+
+    def evaluate_settings(self, variant: Variant) -> dict[str, Any]:
+        """The evaluate settings of one variant: the study's, then the variant's."""
+        return {**self.evaluate, **variant.evaluate}
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the study's results (written as plan.json; a rerun must match it)."""
+        return {
+            "name": self.name,
+            "base": self.base.name,
+            "base_sha256": _sha256(self.base),
+            "common": self.common,
+            "seeds": self.seeds,
+            "variants": [asdict(v) for v in self.variants],
+            "baseline": self.baseline,
+            "evaluate": self.evaluate,
+            "units": [asdict(u) for u in self.units()],
+        }
+
+
+def override_text(key: str, value: Any) -> str:
+    """`KEY=VALUE` as `train --set` reads it (the value as JSON, which YAML reads back unchanged)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_study(path: str | Path, settings: list[str] | tuple[str, ...] = ()) -> Study:
+    """Read and check a study file; `settings` are `KEY=VALUE` overrides of its own keys (`data=PATH`,
+    `demo_metrics.classifier=PATH`, `evaluate.num_samples=64`, `seeds=[0,1]`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such study file")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise StudyError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(mapping, dict):
+        raise StudyError(f"{path}: the top level must be a mapping, got {type(mapping).__name__}")
+    for setting in settings:
+        _apply_setting(mapping, setting, path)
+    return parse_study(mapping, path)
+
+
+def _apply_setting(mapping: dict, setting: str, path: Path) -> None:
+    """One `--set KEY=VALUE` on the study file's own keys (one level of nesting: `evaluate.steps=18`)."""
+    if "=" not in setting:
+        raise StudyError(f"--set {setting!r}: expected KEY=VALUE, e.g. data=data/demo or evaluate.num_samples=64")
+    key, raw = setting.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parts = key.strip().split(".", 1)
+    if parts[0] not in TOP_LEVEL_KEYS:
+        raise StudyError(f"--set {setting!r}: unknown study key {parts[0]!r}; known: {', '.join(TOP_LEVEL_KEYS)}")
+    if len(parts) == 1:
+        mapping[parts[0]] = value
+        return
+    section = mapping.get(parts[0])
+    if section is None:
+        section = mapping[parts[0]] = {}
+    if not isinstance(section, dict):
+        raise StudyError(f"--set {setting!r}: {parts[0]!r} of {path} is not a mapping")
+    section[parts[1]] = value
+
+
+def _need(condition: bool, path: Path, message: str) -> None:
+    if not condition:
+        raise StudyError(f"{path}: {message}")
+
+
+def _mapping(value: Any, path: Path, where: str) -> dict:
+    _need(value is None or isinstance(value, dict), path, f"{where} must be a mapping, got {type(value).__name__}")
+    return dict(value or {})
+
+
+def _check_keys(mapping: dict, known: tuple[str, ...], path: Path, where: str) -> None:
+    unknown = sorted(set(mapping) - set(known))
+    _need(not unknown, path, f"unknown key {unknown[0]!r} in {where}; known: {', '.join(known)}" if unknown else "")
+
+
+def parse_study(mapping: dict, path: Path) -> Study:
+    """A `Study` from the file's mapping: every key and override checked, the variants expanded."""
+    _check_keys(mapping, TOP_LEVEL_KEYS, path, "the study")
+    missing = [key for key in REQUIRED_KEYS if mapping.get(key) is None]
+    _need(not missing, path, f"missing {', '.join(missing)}")
+    name = mapping["name"]
+    _need(isinstance(name, str) and bool(NAME.match(name)), path, f"name {name!r} must match {NAME.pattern}")
+    base = (path.parent / str(mapping["base"])).resolve()
+    _need(base.is_file(), path, f"base preset {mapping['base']!r} not found (looked for {base})")
+    seeds = mapping["seeds"]
+    _need(
+        isinstance(seeds, list) and bool(seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+        path,
+        f"seeds must be a non-empty list of integers, got {seeds!r}",
+    )
+    _need(len(set(seeds)) == len(seeds), path, f"seeds repeat: {seeds}")
+    common = _mapping(mapping.get("set"), path, "set")
+    for key in common:
+        _check_override_key(key, path, "set")
+    evaluate = _mapping(mapping.get("evaluate"), path, "evaluate")
+    _check_keys(evaluate, EVALUATE_KEYS, path, "evaluate")
+    demo_metrics = _mapping(mapping.get("demo_metrics"), path, "demo_metrics")
+    _check_keys(demo_metrics, DEMO_METRIC_KEYS, path, "demo_metrics")
+    variants = _expand_axes(mapping["axes"], path)
+    for key in list(common):
+        if key.startswith(EVALUATE_PREFIX):
+            evaluate[key[len(EVALUATE_PREFIX) :]] = common.pop(key)
+    baseline = mapping.get("baseline") or variants[0].name
+    names = [v.name for v in variants]
+    _need(baseline in names, path, f"baseline {baseline!r} is not a variant; variants: {', '.join(names)}")
+    data = mapping.get("data")
+    study = Study(
+        path=path,
+        name=name,
+        description=str(mapping.get("description") or ""),
+        scale=str(mapping.get("scale") or ""),
+        paper=mapping.get("paper"),
+        base=base,
+        data=None if data is None else str(data),
+        common=common,
+        seeds=list(seeds),
+        variants=variants,
+        baseline=baseline,
+        evaluate=evaluate,
+        demo_metrics=demo_metrics,
+    )
+    check_training_configs(study)
+    return study
+
+
+def _check_override_key(key: Any, path: Path, where: str) -> None:
+    """An override key: `evaluate.FIELD` (a known evaluate setting) or a training key."""
+    _need(isinstance(key, str) and "." in key, path, f"{where}: override key {key!r} must be SECTION.FIELD")
+    if key.startswith(EVALUATE_PREFIX):
+        field_name = key[len(EVALUATE_PREFIX) :]
+        _need(
+            field_name in EVALUATE_KEYS,
+            path,
+            f"{where}: unknown key {key!r}; evaluate settings: {', '.join(EVALUATE_KEYS)}",
+        )
+        return
+    # A training key is checked by the trainer's own loader (`check_training_configs`), as `train --set` is.
+
+
+def _expand_axes(axes: Any, path: Path) -> list[Variant]:
+    """The product of the axes' variants, in file order; names joined with '+'."""
+    _need(isinstance(axes, dict) and bool(axes), path, "axes must be a non-empty mapping of axis -> variants")
+    per_axis = []
+    for axis, variants in axes.items():
+        _need(isinstance(variants, dict) and bool(variants), path, f"axis {axis!r}: expected variant -> overrides")
+        options = []
+        for name, overrides in variants.items():
+            _need(isinstance(name, str) and bool(NAME.match(name)), path, f"axis {axis!r}: bad variant name {name!r}")
+            overrides = _mapping(overrides, path, f"axes.{axis}.{name}")
+            for key in overrides:
+                _check_override_key(key, path, f"axes.{axis}.{name}")
+                _need(
+                    key not in BUDGET_KEYS,
+                    path,
+                    f"axes.{axis}.{name}: {key!r} is part of the budget, which every variant shares "
+                    f"({', '.join(BUDGET_KEYS)}); set it under 'set'",
+                )
+            options.append((name, overrides))
+        per_axis.append((axis, options))
+    variants = [_combine(combination, path) for combination in itertools.product(*(o for _, o in per_axis))]
+    names = [v.name for v in variants]
+    _need(len(set(names)) == len(names), path, f"variant names repeat: {names}")
+    by_train_name: dict[str, dict] = {}
+    for variant in variants:
+        other = by_train_name.setdefault(variant.train_name, variant.train)
+        _need(
+            other == variant.train,
+            path,
+            f"two training set-ups are both named {variant.train_name!r}: rename a variant",
+        )
+    return variants
+
+
+def _combine(combination: tuple[tuple[str, dict], ...], path: Path) -> Variant:
+    """One variant from one choice per axis (an override set by two axes is an error)."""
+    train: dict[str, Any] = {}
+    evaluate: dict[str, Any] = {}
+    train_parts = []
+    for name, overrides in combination:
+        for key, value in overrides.items():
+            _need(key not in train and key[len(EVALUATE_PREFIX) :] not in evaluate, path, f"{key!r} set by two axes")
+            if key.startswith(EVALUATE_PREFIX):
+                evaluate[key[len(EVALUATE_PREFIX) :]] = value
+            else:
+                train[key] = value
+        if any(not key.startswith(EVALUATE_PREFIX) for key in overrides):
+            train_parts.append(name)
+    return Variant(
+        name="+".join(name for name, _ in combination),
+        train=train,
+        evaluate=evaluate,
+        train_name="+".join(train_parts) or "base",
+    )
+
+
+def training_config(study: Study, unit: Unit):
+    """The resolved training `Config` of one unit (the preset, then its overrides, checked)."""
+    from pipeline.train import load_config
+
+    return load_config(study.base, unit.overrides)
+
+
+def check_training_configs(study: Study) -> None:
+    """Every unit's training config loads (known keys, types, ranges); the budget is the same for all."""
+    from pipeline.train import ConfigError
+
+    budgets = set()
+    for unit in study.units():
+        try:
+            config = training_config(study, unit)
+        except ConfigError as error:
+            raise StudyError(f"{study.path}: run {unit.run_dir}: {error}") from None
+        budgets.add((config.train.max_steps, config.train.global_batch_size))
+    _need(len(budgets) == 1, study.path, f"runs differ in (max_steps, global_batch_size): {sorted(budgets)}")
+
+
+def check_model_kwargs(study: Study, units: list[Unit] | None = None) -> None:
+    """Every unit's (or those of `units`) `model.kwargs` are accepted by its model class: a study of variants the
+    library does not have yet is an error here, before anything trains."""
+    for unit in study.units() if units is None else units:
+        config = training_config(study, unit)
+        known = _known_kwargs(config.model.name)
+        unknown = sorted(set(config.model.kwargs) - known)
+        if unknown:
+            raise StudyError(
+                f"{study.path}: run {unit.run_dir}: model {config.model.name!r} does not accept "
+                f"model.kwargs {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})"
+            )
+
+
+def _known_kwargs(model_name: str) -> set[str]:
+    """The keyword arguments the class of `model_name` takes (what `diffit.models.create_model` passes on)."""
+    import inspect
+
+    from diffit.models import model_class
+
+    parameters = inspect.signature(model_class(model_name).__init__).parameters
+    return {
+        name for name, p in parameters.items() if name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def evaluate_fields() -> set[str]:
+    """The option names of the evaluate stage (to keep EVALUATE_KEYS honest in the tests)."""
+    from pipeline.evaluate import EvaluateOptions, SamplingOptions
+
+    return {f.name for f in fields(EvaluateOptions)} | {f.name for f in fields(SamplingOptions)}

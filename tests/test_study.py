@@ -1,0 +1,307 @@
+"""`diffit-pipe study`: the interval arithmetic, the study-file schema, a tiny study end to end (killed and
+resumed to the same study.json), its page in headless Chromium, the SLURM scripts, the shipped studies."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from train_fixtures import PYTHON, REPO, subprocess_env, tiny_image_config, write_config, write_image_dataset
+from typer.testing import CliRunner
+
+from cli.main import app
+from pipeline.study import StudyError, check_model_kwargs, interval, load_study, paired_difference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+T_975_2 = 4.302652729749464  # Student-t quantile 0.975 with 2 degrees of freedom (tables: 4.302653)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arithmetic (hand-computed cases)
+
+
+def test_interval_of_one_two_three_is_the_mean_two_and_t_times_s_over_root_three():
+    result = interval([1.0, 2.0, 3.0])
+    assert result["mean"] == 2.0 and result["std"] == 1.0 and result["n"] == 3
+    assert result["half_width"] == pytest.approx(T_975_2 / math.sqrt(3), rel=1e-12)
+    assert result["half_width"] == pytest.approx(2.484137711750330, rel=1e-12)
+    assert (result["low"], result["high"]) == (2.0 - result["half_width"], 2.0 + result["half_width"])
+
+
+def test_interval_of_two_values_uses_t_12_706():
+    # mean 5, s = sqrt(2), half = 12.706204736 * sqrt(2) / sqrt(2) = 12.706204736
+    result = interval([4.0, 6.0])
+    assert result["mean"] == 5.0
+    assert result["half_width"] == pytest.approx(12.706204736174698, rel=1e-12)
+
+
+def test_one_value_has_a_mean_and_no_interval():
+    assert interval([7.5]) == {"n": 1, "mean": 7.5, "std": None, "half_width": None, "low": None, "high": None}
+
+
+def test_paired_difference_uses_the_common_seeds_only():
+    # differences over seeds 0, 1, 2: 0.5, 1.0, 0.0 -> mean 0.5, s = 0.5, half = 4.302653 * 0.5 / sqrt(3)
+    variant = {0: 1.0, 1: 3.0, 2: 4.0, 3: 100.0}
+    baseline = {0: 0.5, 1: 2.0, 2: 4.0}
+    result = paired_difference(variant, baseline)
+    assert result["seeds"] == [0, 1, 2] and result["n"] == 3
+    assert result["mean"] == 0.5 and result["std"] == 0.5
+    assert result["half_width"] == pytest.approx(T_975_2 * 0.5 / math.sqrt(3), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study file
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A 16 px labelled image dataset (2 classes), a random demo classifier, a tiny U-Net preset, a study file."""
+    from pipeline.demo.classifier import ClassifierConfig, SmallCNN, save_classifier
+
+    root = tmp_path_factory.mktemp("study")
+    write_image_dataset(root / "data", num_samples=8, num_shards=1, resolution=16, num_classes=2)
+    torch.manual_seed(0)
+    save_classifier(SmallCNN(ClassifierConfig(num_classes=2, resolution=16, channels=(8, 16), groups=4)), root / "clf")
+    config = tiny_image_config(
+        train={"global_batch_size": 4, "max_steps": 4, "mixed_precision": "no", "log_every": 1, "tracker": "none"},
+        checkpoint={"every": 2, "keep": 2},
+    )
+    config["model"]["kwargs"] = {"channels": [16, 16], "blocks_per_stage": [1, 1], "num_heads": 2, "num_groups": 4}
+    write_config(root / "base.yaml", config)
+    (root / "study.yaml").write_text(STUDY.format(root=root))
+    return root
+
+
+STUDY = """
+name: tiny
+base: base.yaml
+data: {root}/data
+seeds: [0, 1]
+axes:
+  time_embedding:
+    positional: {{model.kwargs.time_embedding: positional}}
+    fourier: {{model.kwargs.time_embedding: fourier}}
+evaluate: {{num_samples: 8, batch_size: 8, steps: 2, metrics: []}}
+demo_metrics: {{reference: {root}/data, classifier: {root}/clf}}
+"""
+
+
+def edited(tiny: Path, old: str, new: str) -> Path:
+    path = tiny / f"edited-{abs(hash((old, new)))}.yaml"
+    text = (tiny / "study.yaml").read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_the_study_expands_into_variants_times_seeds_with_the_seed_and_overrides_of_each(tiny):
+    study = load_study(tiny / "study.yaml")
+    units = study.units()
+    assert [u.run_dir for u in units] == [
+        "runs/positional/seed-0",
+        "runs/positional/seed-1",
+        "runs/fourier/seed-0",
+        "runs/fourier/seed-1",
+    ]
+    assert units[3].overrides == ['model.kwargs.time_embedding="fourier"', "train.seed=1"]
+    assert [(e.variant, e.out_dir) for e in units[3].evaluations] == [("fourier", "evals/fourier/seed-1")]
+    assert study.baseline == "positional"
+
+
+def test_an_axis_of_evaluate_settings_shares_one_training_per_seed(tiny):
+    path = edited(
+        tiny,
+        "  time_embedding:\n    positional: {model.kwargs.time_embedding: positional}\n"
+        "    fourier: {model.kwargs.time_embedding: fourier}",
+        "  cfg:\n    s1: {evaluate.cfg_scale: 1.0}\n    s3: {evaluate.cfg_scale: 3.0}",
+    )
+    units = load_study(path).units()
+    assert [u.run_dir for u in units] == ["runs/base/seed-0", "runs/base/seed-1"]
+    assert [e.out_dir for e in units[0].evaluations] == ["evals/s1/seed-0", "evals/s3/seed-0"]
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("seeds: [0, 1]", "seeds: [0, 1]\nsteps: 3", "unknown key 'steps' in the study"),
+        ("name: tiny", "name: tiny\nbaseline: sinusoidal", "baseline 'sinusoidal' is not a variant; variants: "),
+        ("{model.kwargs.time_embedding: fourier}", "{model.kwarg.x: 1}", "unknown key 'model.kwarg'"),
+        ("{model.kwargs.time_embedding: fourier}", "{train.max_steps: 8}", "'train.max_steps' is part of the budget"),
+        ("{model.kwargs.time_embedding: fourier}", "{evaluate.cfg: 2}", "unknown key 'evaluate.cfg'"),
+        ("metrics: []", "metric: []", "unknown key 'metric' in evaluate"),
+    ],
+)
+def test_a_study_file_with_an_unknown_key_or_variant_is_a_clear_error(tiny, old, new, message):
+    path = edited(tiny, old, new)
+    with pytest.raises(StudyError, match=str(path).replace(".", r"\.")) as error:
+        load_study(path)
+    assert message in str(error.value)
+    result = CliRunner().invoke(app, ["study", str(path), "--out", str(tiny / "never")])
+    assert result.exit_code == 2 and f"error: {path}" in result.output and message in result.output
+    assert not (tiny / "never").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: an uninterrupted study and a killed + resumed one give the same study.json
+
+
+def study_process(tiny: Path, out: Path) -> subprocess.Popen:
+    command = [PYTHON, "-m", "cli.main", "study", str(tiny / "study.yaml"), "--out", str(out)]
+    return subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def studies(tiny) -> tuple[Path, Path]:
+    whole, resumed = tiny / "whole", tiny / "resumed"
+    process = study_process(tiny, whole)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    # Killed in the third run's training (after its first checkpoint), then run again.
+    process = study_process(tiny, resumed)
+    marker = resumed / "runs/fourier/seed-0/checkpoints/step-0000002"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the study finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "study.json").exists() and not (resumed / "evals/fourier/seed-0/result.json").exists()
+    kept = {p: p.stat().st_mtime_ns for p in resumed.glob("evals/positional/*/result.json")}
+    assert len(kept) == 2
+    process = study_process(tiny, resumed)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "runs/positional/seed-0: done" in output and "runs/fourier/seed-0: todo" in output
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished runs were kept, not redone
+    assert "continuing from" in output.lower() or "resum" in output.lower(), output[-3000:]
+    return whole, resumed
+
+
+def test_a_killed_and_resumed_study_writes_the_same_study_json_as_an_uninterrupted_one(studies):
+    whole, resumed = studies
+    assert (whole / "study.json").read_text() == (resumed / "study.json").read_text()
+
+
+def test_study_json_holds_fd_demo_per_variant_with_its_interval_and_the_paired_difference(studies):
+    study = json.loads((studies[0] / "study.json").read_text())
+    rows = {(r["metric"], r["variant"]): r for r in study["table"]}
+    assert set(rows) == {(m, v) for m in ("FD_demo", "class_consistency") for v in ("positional", "fourier")}
+    fd = rows[("FD_demo", "fourier")]
+    values = [fd["values"]["0"], fd["values"]["1"]]
+    assert fd["mean"] == pytest.approx(sum(values) / 2, rel=1e-12)
+    assert fd["half_width"] == pytest.approx(12.706204736174698 * abs(values[0] - values[1]) / 2, rel=1e-9)
+    base = rows[("FD_demo", "positional")]["values"]
+    differences = [values[0] - base["0"], values[1] - base["1"]]
+    assert fd["difference_to_baseline"]["mean"] == pytest.approx(sum(differences) / 2, rel=1e-9)
+    assert rows[("FD_demo", "positional")]["difference_to_baseline"] is None
+    # Each value is the one the run's own result.json holds.
+    result = json.loads((studies[0] / "evals/fourier/seed-1/result.json").read_text())
+    assert result["metrics"]["FD_demo"] == fd["values"]["1"]
+    assert study["metric_details"]["FD_demo"] == {
+        "feature_dim": 16,
+        "features": "demo classifier head input (global average of the last conv stage)",
+        "num_reference_images": 8,
+        "num_samples": 8,
+    }
+    assert study["budget"]["images_seen"] == 16 and study["budget"]["num_samples"] == 8
+    assert study["curves"]["fourier"]["loss"]["step"] == [1, 2, 3, 4]
+    # Each run is an ordinary run directory and export.
+    assert (studies[0] / "runs/fourier/seed-1/checkpoints/step-0000004").is_dir()
+    assert json.loads((studies[0] / "models/fourier/seed-1/config.json").read_text())["train"]["step"] == 4
+
+
+def test_fd_demo_of_the_reference_against_itself_is_zero_and_consistency_counts_matches(tiny):
+    from pipeline.demo import load_classifier, load_labelled_images, predict
+    from pipeline.study.demo_metrics import demo_metrics
+
+    images = load_labelled_images(tiny / "data", 16).images
+    labels = np.arange(8) % 2
+    values, details = demo_metrics({"reference": str(tiny / "data"), "classifier": str(tiny / "clf")}, images, labels)
+    assert values["FD_demo"] == pytest.approx(0.0, abs=1e-9)
+    expected = float(np.mean(predict(load_classifier(tiny / "clf"), images) == labels))
+    assert values["class_consistency"] == expected
+    assert details["FD_demo"]["feature_dim"] == 16
+
+
+def test_a_rerun_of_another_study_against_the_same_directory_is_refused(tiny, studies):
+    path = edited(tiny, "seeds: [0, 1]", "seeds: [0, 1, 2]")
+    result = CliRunner().invoke(app, ["study", str(path), "--out", str(studies[0]), "--plan"])
+    assert result.exit_code == 2 and "holds another study" in result.output
+
+
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run")
+
+
+def test_the_study_page_renders_in_headless_chromium(studies, tmp_path):
+    from PIL import Image
+
+    if os.environ.get("DIFFIT_NO_BROWSER") == "1":
+        pytest.skip("DIFFIT_NO_BROWSER=1: the page is not rendered in a browser")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail("headless Chromium is not installed: apt-get install -y chromium (or DIFFIT_NO_BROWSER=1)")
+    page = studies[0] / "study.html"
+    text = page.read_text()
+    assert "FD_demo" in text and "paired difference to positional" in text and "FID" not in text
+    shot = tmp_path / "shot.png"
+    command = [browser, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400"]
+    result = subprocess.run(
+        [*command, f"--screenshot={shot}", page.resolve().as_uri()], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    non_white = (pixels < 250).any(axis=2)
+    # The table alone is grey text on white; the loss chart's coloured lines bring many more colours.
+    assert non_white.mean() > 0.03, non_white.mean()
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 300
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLURM and the shipped studies
+
+
+def test_slurm_writes_a_job_array_of_one_element_per_run_and_an_aggregate_job(tiny, tmp_path):
+    out = tmp_path / "slurm-study"
+    result = CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--slurm"])
+    assert result.exit_code == 0, result.output
+    array = (out / "study.sbatch").read_text()
+    assert "#SBATCH --array=0-3\n" in array
+    assert f'study {tiny / "study.yaml"} --out {out} --run-index "$SLURM_ARRAY_TASK_ID"' in array
+    assert "--aggregate-only" in (out / "study-aggregate.sbatch").read_text()
+    for script in ("study.sbatch", "study-aggregate.sbatch"):
+        assert subprocess.run(["bash", "-n", str(out / script)]).returncode == 0
+    assert not (out / "runs").exists()
+
+
+SHIPPED = sorted((REPO / "manifests" / "studies").glob("*.yaml"))
+
+
+def test_the_shipped_studies_cover_every_ablation_at_both_scales():
+    names = {path.stem for path in SHIPPED}
+    for ablation in ("time_conditioning", "time_embedding", "window_size", "guidance_scale"):
+        assert f"{ablation}_demo" in names
+        assert any(name.startswith(ablation) and not name.endswith("_demo") for name in names), ablation
+    assert "time_conditioning_imagenet256" in names and "time_conditioning_cifar10" in names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_a_shipped_study_loads_and_its_models_accept_its_kwargs(path):
+    study = load_study(path)
+    assert len(study.units()) >= 2 and study.baseline in [v.name for v in study.variants]
+    try:
+        check_model_kwargs(study)
+    except StudyError as error:
+        if "time_conditioning" in str(error):
+            pytest.skip(f"model.kwargs.time_conditioning is not in the model library yet: {error}")
+        raise
