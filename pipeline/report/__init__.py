@@ -7,7 +7,18 @@ files escaped), `build.write_report` writes it atomically. Other packages use wh
 """
 
 from pipeline.report.build import REPORT_NAME, write_report
+from pipeline.report.charts import line_chart
 from pipeline.report.collect import ReportError
-from pipeline.report.page import LINEAGE, NOT_PRESENT, SECTIONS
+from pipeline.report.page import CSP, LINEAGE, NOT_PRESENT, SECTIONS, STYLE
 
-__all__ = ["LINEAGE", "NOT_PRESENT", "REPORT_NAME", "SECTIONS", "ReportError", "write_report"]
+__all__ = [
+    "CSP",
+    "LINEAGE",
+    "NOT_PRESENT",
+    "REPORT_NAME",
+    "SECTIONS",
+    "STYLE",
+    "ReportError",
+    "line_chart",
+    "write_report",
+]

@@ -6,30 +6,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import write_text_atomic
+from pipeline.report import CSP, STYLE, line_chart
 
 STUDY_HTML = "study.html"
 SECTIONS = (("table", "Results"), ("curves", "Curves"), ("variants", "Variants"), ("budget", "Budget"))
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-# The run report's style sheet (pipeline/report/page.py), the parts this page uses.
-STYLE = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #212529;
-       background: #fff; margin: 0 auto; padding: 16px 24px 48px; max-width: 1220px; }
-h1 { font-size: 22px; margin: 8px 0 4px; } h2 { font-size: 18px; border-bottom: 2px solid #dee2e6;
-     padding-bottom: 4px; margin-top: 32px; } h3 { font-size: 15px; margin: 14px 0 6px; }
-nav a { margin-right: 14px; } .meta { color: #6c757d; margin: 0 0 10px; }
-table { border-collapse: collapse; margin: 6px 0; } td, th { border: 1px solid #dee2e6; padding: 3px 8px;
-        text-align: left; vertical-align: top; } th { background: #f1f3f5; font-weight: 600; }
-code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
-.absent { color: #868e96; font-style: italic; } .ok { color: #2b8a3e; } .bad { color: #c92a2a; font-weight: 600; }
-.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 8px; }
-.charts img { width: 560px; max-width: 100%; border: 1px solid #e9ecef; }
-"""
-COLOURS = ("#1f6fb4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#495057")
 
 
 def esc(value: Any) -> str:
@@ -82,26 +66,6 @@ def table_section(study: dict[str, Any]) -> str:
     return _section("table", body + notes)
 
 
-def _chart(title: str, lines: dict[str, tuple[list[int], list[float]]]) -> bytes:
-    """A PNG of one line per variant against the step (matplotlib, imported here only)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5.6, 3.2), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for index, (label, (steps, values)) in enumerate(lines.items()):
-        axes.plot(steps, values, marker="o", markersize=3, linewidth=1.4, label=label, color=COLOURS[index % 6])
-    axes.set_title(title, fontsize=11)
-    axes.set_xlabel("step")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
 def curves_section(study: dict[str, Any]) -> str:
     """One chart per training metric, a line per variant (the mean over seeds)."""
     keys = sorted({key for per_variant in study["curves"].values() for key in per_variant})
@@ -112,7 +76,7 @@ def curves_section(study: dict[str, Any]) -> str:
             for variant, curves in study["curves"].items()
             if key in curves
         }
-        png = base64.b64encode(_chart(f"{key} (mean over seeds)", lines)).decode("ascii")
+        png = base64.b64encode(line_chart(f"{key} (mean over seeds)", key, lines)).decode("ascii")
         images.append(f'<img alt="{esc(key)}" src="data:image/png;base64,{png}">')
     body = f'<div class="charts">{"".join(images)}</div>' if images else '<p class="absent">no curves</p>'
     return _section("curves", body)
