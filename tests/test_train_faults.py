@@ -173,8 +173,9 @@ def test_a_signal_in_the_first_step_checkpoints_step_1_and_exits_75(tmp_path, mo
     )
     with pytest.raises(TrainingStopped, match=r"^stopped by SIGUSR1 after step 1: checkpoint ") as stopped:
         run(args)
-    # The trainer holds the lock; its DataLoader worker closed the copy it inherited.
-    assert seen == {"workers": 1, "holders": [os.getpid()]}
+    # The trainer holds the lock; its DataLoader worker (a child; earlier tests of a session may have left
+    # others, such as a test server or compile workers) closed the copy it inherited.
+    assert seen["workers"] >= 1 and seen["holders"] == [os.getpid()]
     assert stopped.value.exit_code == 75
     ((step, checkpoint),) = list_checkpoints(run_dir)
     assert step == 1 and checkpoint_problem(checkpoint) is None
