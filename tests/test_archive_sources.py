@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from archive_fixtures import class_members, make_train_archive, tar_bytes
 from encode_fixtures import CLASS_NAMES, kill_job_midway, make_image_tree, save_tiny_vae
@@ -238,3 +239,122 @@ def test_webdataset_tars_labels_and_an_unreadable_label_is_a_failure(data, tmp_p
     assert result.counts == {"seen": 18, "written": 17, "failed": 1}
     [failure] = _failures(tmp_path / "out")
     assert failure["key"] == "00001/000012" and "unreadable cls label" in failure["reason"]
+
+
+def test_webdataset_tars_at_an_s3_url_encode_as_the_local_tars(data, tmp_path):
+    from s3_server import rclone_s3_server
+
+    _wds_tars(data, tmp_path / "server" / "bucket" / "wds")  # written before the server starts: it lists them
+    local = run_job(_job(tmp_path / "server" / "bucket" / "wds", tmp_path / "local", max_failure_rate=1.0))
+    with rclone_s3_server(tmp_path / "server", "bucket", "accesskey123", "secretkey123") as server:
+        saved = {k: os.environ.get(k) for k in server.environment}
+        os.environ.update(server.environment)
+        try:
+            remote = run_job(_job("s3://bucket/wds", tmp_path / "remote", max_failure_rate=1.0))
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert remote.counts == local.counts == {"seen": 18, "written": 17, "failed": 1}
+    assert _files(tmp_path / "remote") == _files(tmp_path / "local")
+    assert remote.manifest["source"]["root"] == "s3://bucket/wds"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face parquet shards
+
+
+def _parquet_shards(data, directory: Path) -> list[tuple[str, int]]:
+    """Two parquet files in the HF image schema (row groups of 4 rows), one row with null image bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [((data.src / rel).read_bytes(), label) for rel, label in sorted(data.labels.items())]
+    rows[5] = (None, rows[5][1])
+    features = {"features": {"label": {"names": list(CLASS_NAMES)}}}
+    schema = pa.schema(
+        [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+        metadata={"huggingface": json.dumps({"info": features})},
+    )
+    for index, chunk in enumerate((rows[:11], rows[11:])):
+        table = pa.table(
+            {"image": [{"bytes": b, "path": None} for b, _ in chunk], "label": [label for _, label in chunk]},
+            schema=schema,
+        )
+        pq.write_table(table, directory / f"train-{index:05d}-of-00002.parquet", row_group_size=4)
+    return rows
+
+
+def test_parquet_shards_rows_labels_and_a_corrupt_row(data, tmp_path):
+    rows = _parquet_shards(data, tmp_path / "pq")
+    scan = scan_source(tmp_path / "pq")
+    assert scan.layout == "parquet" and scan.label_map == {name: i for i, name in enumerate(CLASS_NAMES)}
+    assert [i.label for i in scan.items] == [label for _, label in rows]
+    assert scan.items[12].path == "train-00001-of-00002/00000001" and scan.items[12].member_offset == 0
+    result = run_job(_job(tmp_path / "pq", tmp_path / "out", max_failure_rate=1.0))
+    assert result.counts == {"seen": 18, "written": 17, "failed": 1}
+    [failure] = _failures(tmp_path / "out")
+    assert failure["key"] == "train-00000-of-00002/00000005" and "no image bytes" in failure["reason"]
+    # Every row but the corrupt one is written, with its label, in row order.
+    from pipeline.core import shards
+
+    manifest = shards.load_manifest(tmp_path / "out")
+    labels = [
+        shards.decode_sample(raw)["cls"]
+        for url in shards.shard_urls(tmp_path / "out", manifest)
+        for raw in shards.iter_samples(url)
+    ]
+    assert labels == [label for i, (_, label) in enumerate(rows) if i != 5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The validation archive + devkit labels
+
+
+def _val_archive(data, directory: Path) -> dict[str, str]:
+    """ILSVRC2012_img_val.tar of the tree's images renamed ILSVRC2012_val_0000000N.JPEG; returns name → synset."""
+    directory.mkdir(parents=True, exist_ok=True)
+    truth, members = {}, []
+    for number, rel in enumerate(sorted(data.labels), start=1):
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        members.append((name, (data.src / rel).read_bytes()))
+        truth[name] = rel.split("/")[0]
+    (directory / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(members[::-1]))
+    return truth
+
+
+def test_val_archive_with_loc_val_solution_csv(data, tmp_path):
+    truth = _val_archive(data, tmp_path / "val")
+    lines = ["ImageId,PredictionString"]
+    lines += [f"{name[:-5]},{synset} 1 2 3 4 {synset} 5 6 7 8" for name, synset in truth.items() if "00004" not in name]
+    (tmp_path / "val" / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    scan = scan_source(tmp_path / "val" / "ILSVRC2012_img_val.tar")
+    assert scan.layout == "imagenet-val" and scan.label_map == {name: i for i, name in enumerate(CLASS_NAMES)}
+    items = scan.items
+    assert [i.path for i in items] == sorted(truth)
+    assert [i.label for i in items if i.packed_meta is None] == [
+        CLASS_NAMES.index(truth[i.path]) for i in items if i.packed_meta is None
+    ]
+    result = run_job(_job(tmp_path / "val" / "ILSVRC2012_img_val.tar", tmp_path / "out", max_failure_rate=1.0))
+    assert result.counts == {"seen": 18, "written": 17, "failed": 1}
+    [failure] = _failures(tmp_path / "out")
+    assert failure["key"] == "ILSVRC2012_val_00000004" and "no label for this image" in failure["reason"]
+
+
+def test_val_archive_with_the_devkit_ground_truth_and_meta_mat(data, tmp_path):
+    from scipy.io import savemat
+
+    truth = _val_archive(data, tmp_path / "val")
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    # ILSVRC2012 ids are not in synset order (as in the real meta.mat); a non-leaf synset has children.
+    ids = {CLASS_NAMES[2]: 1, CLASS_NAMES[0]: 2, CLASS_NAMES[1]: 3}
+    synsets = np.array(
+        [(ids[s], s, "words", 0) for s in CLASS_NAMES] + [(4, "n00001740", "entity", 3)],
+        dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")],
+    )
+    savemat(devkit / "meta.mat", {"synsets": synsets})
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[s]}\n" for s in truth.values()))
+    scan = scan_source(tmp_path / "val" / "ILSVRC2012_img_val.tar", labels=str(devkit.parent))
+    assert scan.label_map == {name: i for i, name in enumerate(CLASS_NAMES)}
+    assert [(i.path, i.label) for i in scan.items] == [(n, CLASS_NAMES.index(truth[n])) for n in sorted(truth)]
