@@ -16,7 +16,18 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit
 
 SOURCE_HELP = (
     "Images to read: an ImageNet-style tree (ROOT/<class folder>/*.JPEG; class index = position of the folder "
-    "in the sorted folder list), a flat folder (unlabelled, class -1), or a directory of raw shards from `pack`."
+    "in the sorted folder list), a flat folder (unlabelled, class -1), a directory of raw shards from `pack`, "
+    "ILSVRC2012_img_train.tar or ILSVRC2012_img_val.tar as downloaded (read in place, never extracted), "
+    "WebDataset tars (a .tar, a directory or s3:// / gs:// prefix of them) or Hugging Face parquet shards."
+)
+SOURCE_FORMAT_HELP = (
+    "What SOURCE is: auto (detected from its contents), folder, shards, imagenet-train, imagenet-val, webdataset "
+    "or parquet. Archive and parquet sources are indexed in one pass over their headers; the index is kept in OUT "
+    "(source-index.npz) and a resumed run plans from it."
+)
+LABELS_HELP = (
+    "Labels of ILSVRC2012_img_val.tar: the devkit (ILSVRC2012_devkit_t12.tar.gz or its directory: ground truth + "
+    "meta.mat) or LOC_val_solution.csv (default: one of them found beside the archive)."
 )
 VAE_HELP = (
     "Hugging Face hub id, or a local directory with config.json and diffusion_pytorch_model.safetensors "
@@ -58,7 +69,9 @@ DRY_RUN_HELP = (
 )
 
 # Options shared by `encode` and `pack`.
-Source = Annotated[Path, typer.Argument(help=SOURCE_HELP)]
+Source = Annotated[str, typer.Argument(help=SOURCE_HELP)]
+SourceFormat = Annotated[str, typer.Option("--source-format", help=SOURCE_FORMAT_HELP)]
+Labels = Annotated[str | None, typer.Option("--labels", help=LABELS_HELP)]
 ShardSize = Annotated[
     int,
     typer.Option(
@@ -86,7 +99,7 @@ Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show t
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
-def _run(kind: str, source: Path, out: str, verbose: bool, dry_run: bool, **settings) -> None:
+def _run(kind: str, source: str, out: str, verbose: bool, dry_run: bool, **settings) -> None:
     """Run an encode / pack job (`settings`: the other `JobConfig` fields), or only its dry run, and turn its
     result into a report; a job whose result is not acceptable raises `JobFailedError` (exit 1)."""
     from pipeline.core.errors import JobFailedError
@@ -96,7 +109,10 @@ def _run(kind: str, source: Path, out: str, verbose: bool, dry_run: bool, **sett
     from pipeline.encode import dry_run as plan_and_time
 
     setup_logging(verbose)
-    config = JobConfig(kind=kind, source=str(source), out=str(out), command=command_line(), **settings)
+    # A dry run writes nothing: it reads a cached member index but does not keep one it builds.
+    config = JobConfig(
+        kind=kind, source=source, out=str(out), command=command_line(), cache_index=not dry_run, **settings
+    )
     if dry_run:
         typer.echo(format_dry_run(plan_and_time(config), config.overwrite))
         return
@@ -155,6 +171,8 @@ def encode(
     ] = "auto",
     max_failure_rate: MaxFailureRate = 0.001,
     limit: Limit = None,
+    source_format: SourceFormat = "auto",
+    labels: Labels = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     overwrite: Overwrite = False,
     verify: Verify = False,
@@ -175,7 +193,7 @@ def encode(
     environment, e.g. AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): each shard is uploaded in one
     request once complete, its sidecar after it, the manifest last.
 
-    Example: diffit-pipe encode /data/imagenet/train /data/in256-latents --resolution 256 --gpus 8
+    Example: diffit-pipe encode ILSVRC2012_img_train.tar /data/in256-latents --resolution 256 --gpus 8
     --vae /models/sd-vae-ft-ema
     """
     _run("latents", **locals())  # the parameters are JobConfig's fields, plus --verbose
@@ -192,6 +210,8 @@ def pack(
     scheduler_file: SchedulerFile = None,
     max_failure_rate: MaxFailureRate = 0.001,
     limit: Limit = None,
+    source_format: SourceFormat = "auto",
+    labels: Labels = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     overwrite: Overwrite = False,
     verify: Verify = False,

@@ -72,6 +72,7 @@ from pipeline.core.shards import (
 )
 from pipeline.core.storage import Location, StorageError, is_url
 from pipeline.core.vae import DEFAULT_VAE, VAESpec, resolve_vae
+from pipeline.encode.member_index import IndexCache
 from pipeline.encode.plan import (
     RECORD_CHECK,
     ItemBlock,
@@ -111,6 +112,9 @@ class JobConfig:
     source: str
     out: str
     kind: str = "latents"
+    source_format: str = "auto"  # see `pipeline.encode.sources.SOURCE_FORMATS`
+    labels: str | None = None  # the ImageNet validation archive's devkit or LOC_val_solution.csv
+    cache_index: bool = True  # write an archive / parquet source's member index into OUT (False: a dry run)
     resolution: int = 256
     vae: str = DEFAULT_VAE
     vae_revision: str | None = None
@@ -417,8 +421,9 @@ def plan_job(cfg: JobConfig, remote: bool = False) -> JobPlan:
     `remote`: the tasks will run on a cluster this job did not start (a client was passed in)."""
     check_config(cfg)
     vae_spec = _resolve_job_vae(cfg) if cfg.kind == "latents" else None  # a bad --vae fails before any work
-    source = open_source(cfg.source, cfg.limit)
-    out = _output_path(cfg.out, source.root)
+    out = _output_path(cfg.out, _local_root(cfg.source))
+    # An archive's member index is kept in OUT: a resumed run plans from it without reading the archive again.
+    source = open_source(cfg.source, cfg.limit, cfg.source_format, cfg.labels, IndexCache(out, cfg.cache_index))
     if source.layout == "shards" and source.packed_manifest and cfg.resolution > source.packed_manifest["resolution"]:
         logger.warning(
             "encoding at %d px from shards packed at %d px: images are upsampled",
@@ -459,6 +464,11 @@ def _walk_progress(enabled: bool):
     from tqdm import tqdm
 
     return tqdm(desc="listing source", unit=" items", disable=not enabled, dynamic_ncols=True)
+
+
+def _local_root(source: str) -> str:
+    """The absolute path of a local source (a URL as it is), to check that OUT is not inside it."""
+    return source if is_url(source) else str(Path(source).expanduser().resolve())
 
 
 def _output_path(out_arg: str, source_root: str) -> Location:

@@ -535,27 +535,123 @@ def _index_packed_shard(shard_path: Path, shard_sha256: str, start: int, num_cla
     return items
 
 
-def open_source(root: str | os.PathLike, limit: int | None = None) -> SourceScan:
-    """Open any supported source for streaming (packed shards when `root/manifest.json` exists, else an image
-    folder); its items stop after the first `limit`."""
-    if (Path(root).expanduser() / MANIFEST_NAME).is_file():
+SOURCE_FORMATS = ("auto", "folder", "shards", "imagenet-train", "imagenet-val", "webdataset", "parquet")
+
+
+def detect_format(root: str) -> str:
+    """The format of a source (see `SOURCE_FORMATS`) from what it holds: packed shards (`manifest.json`),
+    parquet files, WebDataset tars (a directory or URL prefix of `.tar` files), a tar (train archive when its
+    members are `nXXXXXXXX.tar`, validation archive when they are `ILSVRC2012_val_*.JPEG`, else WebDataset), else
+    an image folder."""
+    from pipeline.core.storage import is_url
+
+    if root.endswith(".parquet"):
+        return "parquet"
+    if is_url(root):
+        if root.endswith(".tar"):
+            from pipeline.encode.archive_sources import looks_like
+
+            return looks_like(root) or "webdataset"
+        from pipeline.encode.archive_sources import list_tars
+
+        return "webdataset" if list_tars(root) else "parquet"
+    path = Path(root).expanduser()
+    if path.is_file():
+        from pipeline.encode.archive_sources import looks_like
+
+        found = looks_like(str(path))
+        if found is None:
+            raise SourceError(f"source {root} is not a directory, a tar archive or a .parquet file")
+        return found
+    if (path / MANIFEST_NAME).is_file():
+        return "shards"
+    if path.is_dir():
+        names = [name for name in os.listdir(path) if not _is_hidden(name)]
+        files = [name for name in names if (path / name).is_file()]
+        if files and len(files) == len(names):
+            if all(name.endswith(".parquet") for name in files):
+                return "parquet"
+            if any(name.endswith(".tar") for name in files) and not any(_looks_like_image(n) for n in files):
+                return "webdataset"  # img2dataset also writes .parquet / _stats.json files beside its tars
+    return "folder"
+
+
+def _looks_like_image(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def open_source(
+    root: str | os.PathLike,
+    limit: int | None = None,
+    source_format: str = "auto",
+    labels: str | None = None,
+    index_cache=None,
+) -> SourceScan:
+    """Open any supported source for streaming; its items stop after the first `limit`.
+
+    `source_format`: one of `SOURCE_FORMATS` ("auto": `detect_format`). `labels`: the devkit or
+    LOC_val_solution.csv of the ImageNet validation archive. `index_cache`: a `Location` (OUT) where archive and
+    parquet sources keep their member index (read, and written after a complete walk; None: not cached)."""
+    root = os.fspath(root)
+    if source_format not in SOURCE_FORMATS:
+        raise SourceError(f"--source-format must be one of {', '.join(SOURCE_FORMATS)}, got {source_format!r}")
+    if source_format == "auto":
+        source_format = detect_format(root)
+    if labels is not None and source_format != "imagenet-val":
+        raise SourceError(f"--labels is for the ImageNet validation archive, not a {source_format} source")
+    if source_format == "shards":
         return open_packed(root, limit)
-    return open_folder(root, limit)
+    if source_format == "folder":
+        return open_folder(root, limit)
+    from pipeline.encode import archive_sources
+
+    location = _archive_location(root, need_file=source_format.startswith("imagenet-"))
+    if source_format == "imagenet-train":
+        return archive_sources.open_train_archive(location, limit, index_cache)
+    if source_format == "imagenet-val":
+        return archive_sources.open_val_archive(location, limit, index_cache, labels)
+    if source_format == "webdataset":
+        return archive_sources.open_webdataset(location, limit, index_cache)
+    from pipeline.encode.parquet_source import open_parquet
+
+    return open_parquet(location, limit, index_cache)
 
 
-def scan_source(root: str | os.PathLike, limit: int | None = None) -> Source:
+def _archive_location(root: str, need_file: bool) -> str:
+    """A URL as it is, a local path made absolute (SourceError when it does not exist, or is not a file where
+    an archive file is `need_file`)."""
+    from pipeline.core.storage import check_protocol, is_url
+
+    if is_url(root):
+        check_protocol(root, writing=False)
+        return root
+    path = Path(root).expanduser().resolve()
+    if not path.exists():
+        raise SourceError(f"source {root} does not exist")
+    if need_file and not path.is_file():
+        raise SourceError(f"source {root} is not a tar archive file")
+    return str(path)
+
+
+def scan_source(
+    root: str | os.PathLike, limit: int | None = None, source_format: str = "auto", labels: str | None = None
+) -> Source:
     """Scan any supported source (see `open_source`) into a Source with its item list."""
-    return _collect(open_source(root, limit))
+    return _collect(open_source(root, limit, source_format, labels))
 
 
 def read_item_bytes(item: SourceItem, root: str) -> bytes:
-    """The encoded image bytes of an item (file contents, or the PNG member of a packed shard)."""
+    """The encoded image bytes of an item: file contents, the PNG member of a packed shard, an archive member
+    (seek + read, or a ranged GET for a URL), or a parquet row's image bytes. OSError with the reason when they
+    cannot be read, or when the index found the member damaged (`index_problem`)."""
     if item.shard_file is not None:
-        with open(item.shard_file, "rb") as handle:
-            handle.seek(item.member_offset)
-            data = handle.read(item.member_size)
-        if len(data) != item.member_size:
-            raise OSError(f"packed shard {item.shard_file} is shorter than its index says")
-        return data
+        problem = item.packed_meta.get("index_problem") if item.packed_meta else None
+        if item.shard_file.endswith(".parquet"):
+            from pipeline.encode.parquet_source import read_row
+
+            return read_row(item.shard_file, item.member_offset, item.member_size, problem)
+        from pipeline.encode.archives import read_member
+
+        return read_member(item.shard_file, item.member_offset, item.member_size, problem)
     with open_regular_file(os.path.join(root, item.path)) as handle:  # a FIFO or device fails, never blocks
         return handle.read()
