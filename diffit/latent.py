@@ -29,7 +29,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .hub import DiffiTModelHubMixin
-from .layers import DiffiTTransformerBlock, LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .layers import (
+    TIME_CONDITIONINGS,
+    DiffiTTransformerBlock,
+    LabelEmbedder,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
 
 
 class PatchEmbed(nn.Module):
@@ -100,6 +107,8 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes = num_classes
         self.grid_size = input_size // patch_size
+        if time_conditioning not in TIME_CONDITIONINGS:  # also where no block would check it (no blocks)
+            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; expected one of {TIME_CONDITIONINGS}")
         self.time_conditioning = time_conditioning
         time_dim = hidden_size if time_dim is None else time_dim
 

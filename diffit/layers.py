@@ -6,7 +6,7 @@
   memory-efficient kernel, which returns the bias gradient), "flex" FlexAttention with the bias as a
   `score_mod` (compiled; torch >= 2.5, no CPU backward), "math" the explicit formula (the reference).
 * `window_partition` / `window_reverse`: non-overlapping local windows for the image-space model.
-* `TimestepEmbedder`: sinusoidal (or Gaussian-Fourier, paper Table 7) features -> MLP with Swish, the
+* `TimestepEmbedder`: sinusoidal (or Gaussian-Fourier, paper Table 8) features -> MLP with Swish, the
   "time token" x_t of the paper (Sec. 3.2).
 * `LabelEmbedder`: class embedding with one extra "null" row used by classifier-free guidance.
 * `get_2d_sincos_pos_embed`: the fixed 2-D sin-cos position embedding of MAE / DiT.
@@ -88,7 +88,7 @@ class TimestepEmbedder(nn.Module):
     """Noise label -> time token x_t: frequency features followed by Linear -> Swish -> Linear (paper Sec. 3.2).
 
     `embedding="positional"` uses the transformer sinusoids of DDPM/ADM (the default, used by the released
-    latent DiffiT); `embedding="fourier"` uses random Fourier features, the alternative compared in Table 7.
+    latent DiffiT); `embedding="fourier"` uses random Fourier features, the alternative compared in Table 8.
     """
 
     def __init__(

@@ -40,7 +40,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .hub import DiffiTModelHubMixin
-from .layers import DiffiTTransformerBlock, LabelEmbedder, TimestepEmbedder, window_partition, window_reverse
+from .layers import (
+    TIME_CONDITIONINGS,
+    DiffiTTransformerBlock,
+    LabelEmbedder,
+    TimestepEmbedder,
+    window_partition,
+    window_reverse,
+)
 
 
 def group_count(channels: int, num_groups: int = 32, min_channels_per_group: int = 4) -> int:
@@ -171,7 +178,7 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
     Arguments: `channels[i]` / `blocks_per_stage[i]` are the width / ResBlock count of stage i (resolution
     halves between stages); `window_size` is the TMSA window at every stage, or the whole feature map where the
     map is smaller than the window; `time_dim` is the width of the time token (default 4 * channels[0], the
-    DDPM / DDPM++ convention); `time_embedding` is "positional" (paper Sec. 3.2) or "fourier" (Table 7);
+    DDPM / DDPM++ convention); `time_embedding` is "positional" (paper Sec. 3.2) or "fourier" (Table 8);
     `num_groups` caps the GroupNorm groups (see `group_count`); `dropout` is residual-branch dropout;
     `time_conditioning` is where the time token enters each transformer block ("tmsa", the paper's; the
     ablations "adaln", "bias", "mlp", "decoupled": see `diffit.layers.DiffiTTransformerBlock`).
@@ -208,6 +215,8 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         self.channels = channels
         self.stage_windows = stage_windows
         self.time_dim = time_dim if time_dim is not None else 4 * channels[0]
+        if time_conditioning not in TIME_CONDITIONINGS:  # also where no block would check it (no blocks)
+            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; expected one of {TIME_CONDITIONINGS}")
         self.time_conditioning = time_conditioning
 
         # Sinusoid width = channels[0] and token width = 4 * channels[0], as DDPM++ in EDM (noise_channels =

@@ -470,6 +470,9 @@ def test_a_time_dependent_variant_refuses_a_missing_time_token():
             make_block(variant).attn(torch.randn(1, 9, 32), None)
     with pytest.raises(ValueError, match="unknown time_conditioning 'film'"):
         DiffiTTransformerBlock(32, 4, 3, 24, time_conditioning="film")
+    for name, overrides in [("DiffiT-Tiny/2", {}), ("DiffiT-UNet-Tiny", {"blocks_per_stage": [0, 0]})]:
+        with pytest.raises(ValueError, match="unknown time_conditioning 'FiLM'"):
+            create_model(name, time_conditioning="FiLM", **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
