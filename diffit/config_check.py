@@ -106,12 +106,17 @@ def parameter_bound(override: int | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Schema: (kind, low, high) per constructor argument; "choice" fields list their values instead of a range.
 
+# `diffit.layers.TIME_CONDITIONINGS` (not imported: layers imports torch; a test pins the two equal).
+TIME_CONDITIONINGS = ("tmsa", "adaln", "bias", "mlp", "decoupled")
+
 _COMMON_FIELDS = {
     "in_channels": ("int", 1, MAX_IN_CHANNELS),
     "num_heads": ("int", 1, MAX_WIDTH),
     "mlp_ratio": ("float", 0.01, 64.0),
     "num_classes": ("int", 0, MAX_CLASSES),
     "time_embedding": ("choice", "positional", "fourier"),
+    "time_conditioning": ("choice", *TIME_CONDITIONINGS),
+    "time_dim": ("optional_int", 1, MAX_WIDTH),
 }
 LATENT_FIELDS = {
     **_COMMON_FIELDS,
@@ -127,7 +132,6 @@ IMAGE_FIELDS = {
     "channels": ("int_list", 1, MAX_WIDTH),
     "blocks_per_stage": ("int_list", 0, MAX_DEPTH),
     "window_size": ("int", 1, MAX_RESOLUTION),
-    "time_dim": ("optional_int", 1, MAX_WIDTH),
     "num_groups": ("int", 1, MAX_WIDTH),
     "dropout": ("float", 0.0, 1.0),
 }
@@ -250,41 +254,47 @@ def _conv3x3(fan_in: int, fan_out: int) -> int:
     return fan_in * fan_out * 9 + fan_out
 
 
-def _transformer_block(dim: int, heads: int, window: int, time_dim: int, mlp_ratio: float) -> int:
-    """`DiffiTTransformerBlock`: TMSA (spatial + time q/k/v, bias table, projection) and the MLP; no LN affine."""
+def _transformer_block(dim: int, heads: int, window: int, time_dim: int, mlp_ratio: float, conditioning: str) -> int:
+    """`DiffiTTransformerBlock`: attention (spatial q/k/v, bias table unless adaLN, projection), the MLP (no LN
+    affine), and the one time-token projection of `conditioning`."""
     hidden = int(dim * mlp_ratio)
-    tmsa = _linear(dim, 3 * dim) + _linear(time_dim, 3 * dim) + (2 * window - 1) ** 2 * heads + _linear(dim, dim)
-    return tmsa + _linear(dim, hidden) + _linear(hidden, dim)
+    table = (2 * window - 1) ** 2 * heads
+    attention = _linear(dim, 3 * dim) + _linear(dim, dim) + (0 if conditioning == "adaln" else table)
+    time_outputs = {"tmsa": 3 * dim, "adaln": 6 * dim, "bias": table, "mlp": dim, "decoupled": 2 * dim}
+    return attention + _linear(time_dim, time_outputs[conditioning]) + _linear(dim, hidden) + _linear(hidden, dim)
 
 
-def _index_bytes(window: int) -> int:
-    """The int64 relative-position index buffer of one TMSA layer: [window^2, window^2]."""
-    return window**4 * 8
+def _index_bytes(window: int, conditioning: str) -> int:
+    """The int64 relative-position index buffer of one TMSA layer: [window^2, window^2] (none under adaLN)."""
+    return 0 if conditioning == "adaln" else window**4 * 8
 
 
 def _latent_size(k: dict[str, Any]) -> tuple[int, int]:
     h, p, c = k["hidden_size"], k["patch_size"], k["in_channels"]
+    t, conditioning = k["time_dim"] or h, k["time_conditioning"]
     grid = k["input_size"] // p
     out = 2 * c if k["learn_sigma"] else c
     params = h * c * p * p + h  # patch embedding
     params += grid * grid * h  # fixed position embedding (a parameter, as in DiT)
-    params += _linear(256, h) + _linear(h, h)  # time MLP on 256 sinusoidal features
-    params += (k["num_classes"] + 1) * h if k["num_classes"] > 0 else 0  # label table with the null row
-    params += k["depth"] * _transformer_block(h, k["num_heads"], grid, h, k["mlp_ratio"])
+    params += _linear(256, t) + _linear(t, t)  # time MLP on 256 sinusoidal features
+    params += (k["num_classes"] + 1) * t if k["num_classes"] > 0 else 0  # label table with the null row
+    params += k["depth"] * _transformer_block(h, k["num_heads"], grid, t, k["mlp_ratio"], conditioning)
     params += _linear(h, p * p * out)  # final layer
-    buffers = k["depth"] * _index_bytes(grid) + (128 * 4 if k["time_embedding"] == "fourier" else 0)
+    params += _linear(t, 2 * h) if conditioning == "adaln" else 0  # DiT's final adaLN (shift, scale)
+    buffers = k["depth"] * _index_bytes(grid, conditioning) + (128 * 4 if k["time_embedding"] == "fourier" else 0)
     return params, buffers
 
 
 def _unet_size(k: dict[str, Any]) -> tuple[int, int]:
     channels, blocks, cin = list(k["channels"]), list(k["blocks_per_stage"]), k["in_channels"]
-    time_dim = k.get("time_dim") or 4 * channels[0]
+    time_dim, conditioning = k.get("time_dim") or 4 * channels[0], k["time_conditioning"]
     windows = [min(k["window_size"], k["img_resolution"] // 2**stage) for stage in range(len(channels))]
 
     def res_block(stage: int) -> int:
         width = channels[stage]
         block = 2 * width + _conv3x3(width, width)  # GroupNorm (scale, shift) + 3x3 conv
-        return block + _transformer_block(width, k["num_heads"], windows[stage], time_dim, k["mlp_ratio"])
+        transformer = _transformer_block(width, k["num_heads"], windows[stage], time_dim, k["mlp_ratio"], conditioning)
+        return block + transformer
 
     params = _linear(channels[0], time_dim) + _linear(time_dim, time_dim)  # time MLP on channels[0] features
     params += (k["num_classes"] + 1) * time_dim if k["num_classes"] > 0 else 0
@@ -298,8 +308,8 @@ def _unet_size(k: dict[str, Any]) -> tuple[int, int]:
         params += blocks[stage] * res_block(stage)
     params += 2 * channels[0] + _conv3x3(channels[0], cin)  # head: GroupNorm + conv
     # One index buffer per ResBlock: the encoder's stages and the decoder's (all but the deepest).
-    index = sum(blocks[s] * _index_bytes(windows[s]) for s in range(len(channels)))
-    index += sum(blocks[s] * _index_bytes(windows[s]) for s in range(len(channels) - 1))
+    index = sum(blocks[s] * _index_bytes(windows[s], conditioning) for s in range(len(channels)))
+    index += sum(blocks[s] * _index_bytes(windows[s], conditioning) for s in range(len(channels) - 1))
     fourier = channels[0] // 2 * 4 if k["time_embedding"] == "fourier" else 0
     return params, index + fourier
 
@@ -330,8 +340,15 @@ def implied_size(name: str, overrides: dict[str, Any] | None = None) -> tuple[in
 
 # Constructor defaults of the fields the named configurations leave out (LatentDiffiT / DiffiTUNet signatures).
 _CONSTRUCTOR_DEFAULTS = {
-    "latent": {"mlp_ratio": 4.0, "time_embedding": "positional"},
-    "image": {"mlp_ratio": 4.0, "time_embedding": "positional", "time_dim": None, "num_groups": 32, "dropout": 0.0},
+    "latent": {"mlp_ratio": 4.0, "time_embedding": "positional", "time_conditioning": "tmsa", "time_dim": None},
+    "image": {
+        "mlp_ratio": 4.0,
+        "time_embedding": "positional",
+        "time_conditioning": "tmsa",
+        "time_dim": None,
+        "num_groups": 32,
+        "dropout": 0.0,
+    },
 }
 
 

@@ -11,6 +11,15 @@ What the paper leaves open is settled by the released NVlabs/DiffiT model: atten
 position bias spans the whole token grid), LayerNorms have no affine parameters, the time MLP has a 256-dim
 sinusoidal input, the label table has a null row for classifier-free guidance, and XL/2 has depth 28 (the
 supplementary text says 30; 28 is what gives the 561M of Table 9).
+
+Variants (constructor arguments, saved in config.json like any other): `time_conditioning` (see
+`diffit.layers.DiffiTTransformerBlock`: "tmsa" default, "adaln", "bias", "mlp", "decoupled"), `time_embedding`
+("positional" / "fourier", Table 8) and `time_dim` (width of the time token, Table 3; default hidden_size).
+With `time_conditioning="adaln"` the blocks are DiT's adaLN-Zero blocks and the final layer is DiT's (LN ->
+adaLN shift/scale from the time token -> Linear, zero-initialised): DiT's block and final layer in this model's
+shell, whose patch embedding, fixed sin-cos position embedding, 256 -> hidden -> hidden time MLP and 1001-row
+label table are already DiT's. `create_model("DiffiT-XL/2", time_conditioning="adaln")` is therefore DiT-XL/2,
+675,129,632 parameters at 256 px, exactly the public DiT-XL/2's.
 """
 
 from __future__ import annotations
@@ -20,7 +29,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .hub import DiffiTModelHubMixin
-from .layers import DiffiTTransformerBlock, LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
+from .layers import (
+    TIME_CONDITIONINGS,
+    DiffiTTransformerBlock,
+    LabelEmbedder,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
 
 
 class PatchEmbed(nn.Module):
@@ -36,16 +52,24 @@ class PatchEmbed(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm -> SiLU -> Linear to p*p*out_channels values per token."""
+    """LayerNorm -> SiLU -> Linear to p*p*out_channels values per token (the released DiffiT).
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    With `adaln_time_dim` it is DiT's final layer instead: LayerNorm -> modulate(shift, scale) with
+    (shift, scale) = Linear(SiLU(x_t)) -> Linear, no SiLU on the tokens."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaln_time_dim: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.act = nn.SiLU()
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        adaln = adaln_time_dim is not None
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_time_dim, 2 * hidden_size)) if adaln else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.act(self.norm(x)))
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor | None = None) -> torch.Tensor:
+        if self.adaLN_modulation is None:
+            return self.linear(self.act(self.norm(x)))
+        shift, scale = self.adaLN_modulation(time_token).to(x.dtype).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
@@ -70,6 +94,8 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         time_embedding: str = "positional",
+        time_conditioning: str = "tmsa",
+        time_dim: int | None = None,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -81,19 +107,24 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes = num_classes
         self.grid_size = input_size // patch_size
+        if time_conditioning not in TIME_CONDITIONINGS:  # also where no block would check it (no blocks)
+            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; expected one of {TIME_CONDITIONINGS}")
+        self.time_conditioning = time_conditioning
+        time_dim = hidden_size if time_dim is None else time_dim
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, hidden_size)
         # A parameter (not a buffer) so that checkpoints and parameter counts match DiT / the released DiffiT;
         # it is fixed (requires_grad=False), so optimizers and DDP never see it.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
-        self.time_embed = TimestepEmbedder(hidden_size, embedding=time_embedding)
-        self.label_embed = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.time_embed = TimestepEmbedder(time_dim, embedding=time_embedding)
+        self.label_embed = LabelEmbedder(num_classes, time_dim) if num_classes > 0 else None
         # The relative position bias spans the whole token grid: attention is global in the latent model.
         self.blocks = nn.ModuleList(
-            DiffiTTransformerBlock(hidden_size, num_heads, self.grid_size, time_dim=hidden_size, mlp_ratio=mlp_ratio)
+            DiffiTTransformerBlock(hidden_size, num_heads, self.grid_size, time_dim, mlp_ratio, time_conditioning)
             for _ in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        adaln_time_dim = time_dim if time_conditioning == "adaln" else None
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaln_time_dim)
         # Recompute block activations in the backward pass (trades ~30% compute for memory; XL/2 at large
         # per-GPU batches). Set by the trainer.
         self.gradient_checkpointing = False
@@ -106,7 +137,9 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
     def initialize_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears with zero bias (stable start for deep pre-norm stacks),
         N(0, 0.02) embeddings, the patch projection initialised like a linear layer, and a zero final layer so
-        that the untrained model predicts epsilon = 0 and Sigma at the midpoint of its learned range."""
+        that the untrained model predicts epsilon = 0 and Sigma at the midpoint of its learned range. With
+        `time_conditioning="adaln"`, DiT's adaLN-Zero: every adaLN modulation (blocks and final layer) is zero, so
+        each block starts as the identity."""
 
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -125,7 +158,12 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
         # Re-draw the relative position bias after the blanket init above (it is not a Linear, so untouched).
         for block in self.blocks:
-            nn.init.trunc_normal_(block.attn.relative_position_bias, std=0.02)
+            if block.attn.relative_position_bias is not None:
+                nn.init.trunc_normal_(block.attn.relative_position_bias, std=0.02)
+        for modulation in [b.adaLN_modulation for b in self.blocks] + [self.final_layer.adaLN_modulation]:
+            if modulation is not None:
+                nn.init.zeros_(modulation[-1].weight)
+                nn.init.zeros_(modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -162,4 +200,4 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, time_token, use_reentrant=False)
             else:
                 tokens = block(tokens, time_token)
-        return self.unpatchify(self.final_layer(tokens))
+        return self.unpatchify(self.final_layer(tokens, time_token))

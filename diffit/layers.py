@@ -6,10 +6,12 @@
   memory-efficient kernel, which returns the bias gradient), "flex" FlexAttention with the bias as a
   `score_mod` (compiled; torch >= 2.5, no CPU backward), "math" the explicit formula (the reference).
 * `window_partition` / `window_reverse`: non-overlapping local windows for the image-space model.
-* `TimestepEmbedder`: sinusoidal (or Gaussian-Fourier, paper Table 7) features -> MLP with Swish, the
+* `TimestepEmbedder`: sinusoidal (or Gaussian-Fourier, paper Table 8) features -> MLP with Swish, the
   "time token" x_t of the paper (Sec. 3.2).
 * `LabelEmbedder`: class embedding with one extra "null" row used by classifier-free guidance.
 * `get_2d_sincos_pos_embed`: the fixed 2-D sin-cos position embedding of MAE / DiT.
+* `TIME_CONDITIONINGS`: where the time token enters a `DiffiTTransformerBlock` (TMSA, or the paper's ablations:
+  DiT's adaLN-Zero, the relative position bias, the MLP, a separate attention token); see the block.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class TimestepEmbedder(nn.Module):
     """Noise label -> time token x_t: frequency features followed by Linear -> Swish -> Linear (paper Sec. 3.2).
 
     `embedding="positional"` uses the transformer sinusoids of DDPM/ADM (the default, used by the released
-    latent DiffiT); `embedding="fourier"` uses random Fourier features, the alternative compared in Table 7.
+    latent DiffiT); `embedding="fourier"` uses random Fourier features, the alternative compared in Table 8.
     """
 
     def __init__(
@@ -180,16 +182,28 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 ATTENTION_BACKENDS = ("sdpa", "flex", "math")
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim) + bias) v written out (paper Eq. 6): the "math" backend and the reference
-    the others are tested against. Scores and softmax in float32 whatever the input dtype."""
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1]) + bias.float()
+    the others are tested against. Scores and softmax in float32 whatever the input dtype; no bias: plain
+    attention."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.float()
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def flex_bias_score_mod(bias: torch.Tensor):
-    """FlexAttention `score_mod` adding bias[head, query, key] to each score (the bias is captured, so its
-    gradient is returned by FlexAttention's backward)."""
+def flex_bias_score_mod(bias: torch.Tensor | None):
+    """FlexAttention `score_mod` adding bias[head, query, key] (or bias[batch, head, query, key] for a 4-D bias)
+    to each score (the bias is captured, so its gradient is returned by FlexAttention's backward); None for no
+    bias."""
+    if bias is None:
+        return None
+    if bias.ndim == 4:
+
+        def add_batch_bias(score, batch, head, query, key):
+            return score + bias[batch, head, query, key]
+
+        return add_batch_bias
 
     def add_bias(score, batch, head, query, key):
         return score + bias[head, query, key]
@@ -206,7 +220,7 @@ def _is_compiling() -> bool:
 
 
 def flex_attention_with_bias(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, compiled: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, compiled: bool = True
 ) -> torch.Tensor:
     """Eq. 6 with FlexAttention (torch >= 2.5): the bias enters as a `score_mod`, so no [B, heads, N, N] mask is
     materialised and the fused kernel stays usable. `compiled=False` runs FlexAttention's unfused reference
@@ -217,8 +231,8 @@ def flex_attention_with_bias(
     except ImportError as error:  # torch < 2.5
         raise RuntimeError(f"attention backend 'flex' needs torch >= 2.5 (this is {torch.__version__})") from error
     if not torch.is_grad_enabled():  # no graph is recorded; FlexAttention on CPU refuses inputs that need grad
-        q, k, v, bias = (t.detach() for t in (q, k, v, bias))
-    elif q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v, bias)):
+        q, k, v, bias = (t.detach() if t is not None else None for t in (q, k, v, bias))
+    elif q.device.type == "cpu" and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
         raise RuntimeError("attention backend 'flex' has no backward on CPU in torch; train on CPU with backend 'sdpa'")
     if compiled and _is_compiling():
         compiled = False  # inside an outer torch.compile, which compiles FlexAttention itself
@@ -230,10 +244,11 @@ def flex_attention_with_bias(
 
 
 def attention_with_bias(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, backend: str = "sdpa"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, backend: str = "sdpa"
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + bias) v for q, k, v [B, heads, N, head_dim] and a bias [heads, N, N]
-    shared by the batch (paper Eq. 6), on `backend`:
+    """softmax(q k^T / sqrt(head_dim) + bias) v for q [B, heads, N, head_dim], k and v [B, heads, M, head_dim]
+    and a bias [heads, N, M] shared by the batch (paper Eq. 6), or [B, heads, N, M] per batch element (the
+    time-dependent bias of `time_conditioning="bias"`), or None (plain attention, `"adaln"`), on `backend`:
 
     * "sdpa": PyTorch's SDPA with the bias as a float mask; its backward returns the bias gradient. A float mask
       rules out the flash kernel, so on CUDA this is the memory-efficient kernel (or cuDNN where PyTorch picks it).
@@ -241,7 +256,8 @@ def attention_with_bias(
     * "math": `reference_attention`, the formula written out (float32 scores).
     """
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0))
+        mask = None if bias is None else bias.to(q.dtype) if bias.ndim == 4 else bias.to(q.dtype).unsqueeze(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "flex":
         return flex_attention_with_bias(q, k, v, bias)
     if backend == "math":
@@ -261,6 +277,22 @@ def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
+# Where the time token x_t enters a `DiffiTTransformerBlock` (paper Sec. 3.2 and its ablations); the first is
+# DiffiT itself. `diffit.config_check.TIME_CONDITIONINGS` repeats this tuple (it imports no torch; a test pins it).
+TIME_CONDITIONINGS = ("tmsa", "adaln", "bias", "mlp", "decoupled")
+
+
+def per_window(values: torch.Tensor, batch_windows: int) -> torch.Tensor:
+    """[B, ...] per-image values -> [B * nW, ...]: each image's row repeated over its nW consecutive windows
+    (the order of `window_partition`)."""
+    return values.repeat_interleave(batch_windows // values.shape[0], dim=0)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DiT's adaLN: x * (1 + scale) + shift with one (shift, scale) per image, x [B, N, D], shift/scale [B, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
 class TMSA(nn.Module):
     """Time-dependent multi-head self-attention (paper Eq. 3-6).
 
@@ -271,23 +303,54 @@ class TMSA(nn.Module):
 
     Input tokens: [B * nW, window_size**2, dim]; time token: [B, time_dim] (repeated over the nW windows of
     each image), or None for an attention without time dependence.
+
+    `time_conditioning` (see `DiffiTTransformerBlock`) decides what the time token does here: "tmsa" the q/k/v
+    term above; "bias" a time-dependent bias table (`bias_time`) added to B; "decoupled" a separate key/value
+    token (`kv_time`); "mlp" nothing (the block uses it); "adaln" nothing, and no B either (DiT's plain
+    self-attention).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, time_dim: int | None = None, qkv_bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        time_dim: int | None = None,
+        qkv_bias: bool = True,
+        time_conditioning: str = "tmsa",
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if time_conditioning not in TIME_CONDITIONINGS:
+            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; expected one of {TIME_CONDITIONINGS}")
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
+        self.time_conditioning = time_conditioning
+        rows = (2 * window_size - 1) ** 2
+
+        def time_linear(variant: str, width: int) -> nn.Linear | None:
+            return nn.Linear(time_dim, width) if time_dim is not None and time_conditioning == variant else None
+
         self.qkv_spatial = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # [W_qs | W_ks | W_vs]
-        self.qkv_time = nn.Linear(time_dim, 3 * dim) if time_dim is not None else None  # [W_qt | W_kt | W_vt]
-        self.relative_position_bias = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias, std=0.02)
-        # Derived from window_size; not saved so that checkpoints hold only learned values.
-        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.qkv_time = time_linear("tmsa", 3 * dim)  # [W_qt | W_kt | W_vt]
+        self.bias_time = time_linear("bias", rows * num_heads)  # x_t -> a [(2ws-1)^2, heads] table added to B
+        self.kv_time = time_linear("decoupled", 2 * dim)  # x_t -> [k_t | v_t] of the separate time token
+        if time_conditioning == "adaln":  # DiT's attention has no position bias (its tokens carry a position embedding)
+            self.relative_position_bias = None
+        else:
+            self.relative_position_bias = nn.Parameter(torch.zeros(rows, num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias, std=0.02)
+            # Derived from window_size; not saved so that checkpoints hold only learned values.
+            self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
         self.proj = nn.Linear(dim, dim)
         self.attention_backend = "sdpa"  # see `set_attention_backend`
+
+    @property
+    def time_dependent(self) -> bool:
+        """Whether the forward pass reads the time token."""
+        return any(m is not None for m in (self.qkv_time, self.bias_time, self.kv_time))
 
     def attention_bias(self) -> torch.Tensor:
         """B of Eq. 6 as [heads, N, N]."""
@@ -298,21 +361,42 @@ class TMSA(nn.Module):
         bias = torch.index_select(self.relative_position_bias.t(), 1, self.relative_position_index.reshape(-1))
         return bias.reshape(self.num_heads, n, n)
 
+    def time_dependent_bias(self, time_token: torch.Tensor) -> torch.Tensor:
+        """B + B(x_t) as [B, heads, N, N] ("bias" conditioning): the learned table plus one table per image
+        projected from its time token, gathered by the same relative-position index."""
+        n, rows = self.window_size**2, self.relative_position_bias.shape[0]
+        tables = self.relative_position_bias + self.bias_time(time_token).reshape(-1, rows, self.num_heads)
+        bias = torch.index_select(tables.transpose(1, 2), 2, self.relative_position_index.reshape(-1))
+        return bias.reshape(-1, self.num_heads, n, n)
+
     def forward(self, x: torch.Tensor, time_token: torch.Tensor | None) -> torch.Tensor:
         batch_windows, tokens, dim = x.shape
         if tokens != self.window_size**2:
             raise ValueError(f"TMSA built for {self.window_size}x{self.window_size} windows got {tokens} tokens")
+        if self.time_dependent and time_token is None:
+            raise ValueError("this TMSA layer is time-dependent: pass the time token")
         qkv = self.qkv_spatial(x)
         if self.qkv_time is not None:
-            if time_token is None:
-                raise ValueError("this TMSA layer is time-dependent: pass the time token")
             qkv_t = self.qkv_time(time_token).to(qkv.dtype)  # [B, 3*dim]
             qkv_t = qkv_t.repeat_interleave(batch_windows // qkv_t.shape[0], dim=0)
             qkv = qkv + qkv_t[:, None, :]
         head_dim = dim // self.num_heads
         qkv = qkv.reshape(batch_windows, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B*nW, heads, N, head_dim]
-        out = attention_with_bias(q, k, v, self.attention_bias(), self.attention_backend)
+        if self.relative_position_bias is None:
+            bias = None
+        elif self.bias_time is not None:
+            bias = per_window(self.time_dependent_bias(time_token).to(q.dtype), batch_windows)
+        else:
+            bias = self.attention_bias()
+        if self.kv_time is not None:
+            # The time token as one more key/value (no position: zero bias); it is no query, since x_t reaches
+            # every block unchanged, so its own attention output would be discarded.
+            kv_t = per_window(self.kv_time(time_token).to(q.dtype), batch_windows)
+            kv_t = kv_t.reshape(batch_windows, 2, self.num_heads, 1, head_dim)
+            k, v = torch.cat([k, kv_t[:, 0]], dim=2), torch.cat([v, kv_t[:, 1]], dim=2)
+            bias = F.pad(bias, (0, 1))
+        out = attention_with_bias(q, k, v, bias, self.attention_backend)
         out = out.transpose(1, 2).reshape(batch_windows, tokens, dim)
         return self.proj(out)
 
@@ -332,15 +416,58 @@ class Mlp(nn.Module):
 
 class DiffiTTransformerBlock(nn.Module):
     """x = x + TMSA(LN(x), x_t); x = x + MLP(LN(x))  (paper Eq. 7-8). LayerNorms carry no affine parameters,
-    as in the released model: the time token conditions the block only through TMSA."""
+    as in the released model: the time token conditions the block only through TMSA.
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, time_dim: int, mlp_ratio: float = 4.0):
+    `time_conditioning` moves the time token x_t [B, time_dim] elsewhere, for the paper's ablations (one switch
+    here, not parallel blocks; every variant keeps the block's input/output contract):
+
+    * "tmsa" (default; Table 6 H): q/k/v = x_s W_s + x_t W_t (`TMSA.qkv_time`). Unchanged weights and outputs.
+    * "adaln" (Fig. 7b, "DiT modulation"): DiT's adaLN-Zero block. `adaLN_modulation` = SiLU -> Linear(time_dim,
+      6 dim) gives shift/scale/gate for attention and MLP, x = x + gate * attn(modulate(LN(x), shift, scale))
+      (same for the MLP), and the attention is DiT's plain self-attention: no time term and no relative
+      position bias (DiT has none; the latent model's tokens carry the sin-cos position embedding, the U-Net's
+      the convolutions' position information). The owning model zero-initialises `adaLN_modulation` (adaLN-Zero).
+    * "bias" (Table 6 F, "relative position bias"): the time token only changes B of Eq. 6, as B + B(x_t) with
+      B(x_t) = reshape(W_b x_t) a full [(2ws-1)^2, heads] table per image (`TMSA.bias_time`). The paper gives no
+      formula; this reading is the one under which the time token can act at all: a per-head constant added to
+      every logit cancels in the softmax, so the time term must vary with the query-key offset. Its cost is
+      time_dim * (2ws-1)^2 * heads per block (CIFAR-10, window 4: 100K; latent XL/2, global 16x16: 17.7M).
+    * "mlp" (Table 6 G): the time token only enters the MLP's input, x = x + MLP(LN(x) + W_m x_t) (`mlp_time`,
+      Linear(time_dim, dim)); TMSA keeps its (time-free) relative position bias. The paper says "add temporal
+      tokens to the MLP layer": added at the MLP's input, like TMSA adds it at the attention's input.
+    * "decoupled" (Table 7, "Separate" vs "Mixed"): x_t is a separate token in self-attention: spatial q/k/v
+      from x_s alone, plus one key/value [k_t | v_t] = W_kv x_t (`TMSA.kv_time`, Linear(time_dim, 2 dim), its
+      own projection since time_dim may differ from dim) that every spatial query attends to with zero
+      position bias. The time token is no query: x_t reaches every block unchanged (Sec. 3.2), so its own
+      output would be discarded.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        time_dim: int,
+        mlp_ratio: float = 4.0,
+        time_conditioning: str = "tmsa",
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = TMSA(dim, num_heads, window_size, time_dim=time_dim)
+        self.attn = TMSA(dim, num_heads, window_size, time_dim=time_dim, time_conditioning=time_conditioning)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp_time = nn.Linear(time_dim, dim) if time_conditioning == "mlp" else None
+        adaln = time_conditioning == "adaln"
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 6 * dim)) if adaln else None
 
     def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        if self.adaLN_modulation is not None:
+            modulation = per_window(self.adaLN_modulation(time_token).to(x.dtype), x.shape[0])
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), None)
+            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         x = x + self.attn(self.norm1(x), time_token)
+        if self.mlp_time is not None:
+            time_term = per_window(self.mlp_time(time_token).to(x.dtype), x.shape[0])
+            return x + self.mlp(self.norm2(x) + time_term[:, None, :])
         return x + self.mlp(self.norm2(x))

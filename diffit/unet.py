@@ -24,6 +24,12 @@ channels 128 then a constant 256). Sec. I is the default in `diffit.models` (`Di
 pass `blocks_per_stage=[4, 4, 4]` for the Sec. H variant.
 
 Noise labels follow EDM: the network is called inside `EDMPrecond` with c_noise = ln(sigma) / 4.
+
+Variants for the paper's ablations (constructor arguments, saved in config.json): `time_conditioning` (every
+ResBlock's transformer; see `diffit.layers.DiffiTTransformerBlock`: "tmsa", "adaln", "bias" = Table 6 F,
+"mlp" = Table 6 G, "decoupled" = Table 7), `time_embedding` (Table 8), `window_size` (Fig. 8) and `time_dim`
+(the time-token width of Table 3). With "adaln" only the transformer blocks change (DiT's adaLN-Zero block,
+modulation zero-initialised); the U-Net keeps its own output head, DiT has no counterpart of it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .hub import DiffiTModelHubMixin
-from .layers import DiffiTTransformerBlock, LabelEmbedder, TimestepEmbedder, window_partition, window_reverse
+from .layers import (
+    TIME_CONDITIONINGS,
+    DiffiTTransformerBlock,
+    LabelEmbedder,
+    TimestepEmbedder,
+    window_partition,
+    window_reverse,
+)
 
 
 def group_count(channels: int, num_groups: int = 32, min_channels_per_group: int = 4) -> int:
@@ -70,13 +83,16 @@ class DiffiTResBlock(nn.Module):
         mlp_ratio: float = 4.0,
         num_groups: int = 32,
         dropout: float = 0.0,
+        time_conditioning: str = "tmsa",
     ):
         super().__init__()
         self.window_size = window_size
         self.norm = normalization(channels, num_groups)
         self.act = nn.SiLU()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.transformer = DiffiTTransformerBlock(channels, num_heads, window_size, time_dim, mlp_ratio)
+        self.transformer = DiffiTTransformerBlock(
+            channels, num_heads, window_size, time_dim, mlp_ratio, time_conditioning
+        )
         self.dropout = nn.Dropout(dropout)
 
     def windowed_transformer(self, x_hat: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
@@ -162,8 +178,10 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
     Arguments: `channels[i]` / `blocks_per_stage[i]` are the width / ResBlock count of stage i (resolution
     halves between stages); `window_size` is the TMSA window at every stage, or the whole feature map where the
     map is smaller than the window; `time_dim` is the width of the time token (default 4 * channels[0], the
-    DDPM / DDPM++ convention); `time_embedding` is "positional" (paper Sec. 3.2) or "fourier" (Table 7);
-    `num_groups` caps the GroupNorm groups (see `group_count`); `dropout` is residual-branch dropout.
+    DDPM / DDPM++ convention); `time_embedding` is "positional" (paper Sec. 3.2) or "fourier" (Table 8);
+    `num_groups` caps the GroupNorm groups (see `group_count`); `dropout` is residual-branch dropout;
+    `time_conditioning` is where the time token enters each transformer block ("tmsa", the paper's; the
+    ablations "adaln", "bias", "mlp", "decoupled": see `diffit.layers.DiffiTTransformerBlock`).
     """
 
     diffit_family = "image"
@@ -182,6 +200,7 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         time_dim: int | None = None,
         num_groups: int = 32,
         dropout: float = 0.0,
+        time_conditioning: str = "tmsa",
     ):
         super().__init__()
         channels, blocks_per_stage = list(channels), list(blocks_per_stage)
@@ -196,6 +215,9 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         self.channels = channels
         self.stage_windows = stage_windows
         self.time_dim = time_dim if time_dim is not None else 4 * channels[0]
+        if time_conditioning not in TIME_CONDITIONINGS:  # also where no block would check it (no blocks)
+            raise ValueError(f"unknown time_conditioning {time_conditioning!r}; expected one of {TIME_CONDITIONINGS}")
+        self.time_conditioning = time_conditioning
 
         # Sinusoid width = channels[0] and token width = 4 * channels[0], as DDPM++ in EDM (noise_channels =
         # model_channels, emb_channels = 4 * model_channels).
@@ -205,7 +227,14 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         def res_blocks(stage: int) -> list[DiffiTResBlock]:
             return [
                 DiffiTResBlock(
-                    channels[stage], num_heads, stage_windows[stage], self.time_dim, mlp_ratio, num_groups, dropout
+                    channels[stage],
+                    num_heads,
+                    stage_windows[stage],
+                    self.time_dim,
+                    mlp_ratio,
+                    num_groups,
+                    dropout,
+                    time_conditioning,
                 )
                 for _ in range(blocks_per_stage[stage])
             ]
@@ -289,6 +318,8 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
           when the data's std equals sigma_data (the preconditioning scales F's target to unit variance).
           Every parameter still gets a gradient tensor (DDP needs that); the gradients are non-zero from
           the second update on, once the head weights are.
+        * adaLN modulation (`time_conditioning="adaln"`): zero, DiT's adaLN-Zero (each transformer branch
+          starts as zero, so each ResBlock as the identity).
         """
 
         def basic_init(module: nn.Module) -> None:
@@ -302,6 +333,10 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.table.weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, DiffiTTransformerBlock) and module.adaLN_modulation is not None:
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.head.conv.weight)
         nn.init.zeros_(self.head.conv.bias)
 

@@ -22,6 +22,7 @@ import diffit
 from diffit.config_check import (
     DEFAULT_MAX_PARAMETERS,
     MAX_PARAMETERS_ENV,
+    TIME_CONDITIONINGS,
     InvalidModelFileError,
     check_model_config,
     check_safetensors_header,
@@ -43,6 +44,11 @@ VARIANTS = [(name, {}) for name in MODEL_CONFIGS] + [
     ("DiffiT-UNet-Tiny", {"time_embedding": "fourier", "num_classes": 7, "time_dim": 48, "mlp_ratio": 3.0}),
     ("DiffiT-CIFAR10", {"blocks_per_stage": [4, 4, 4], "window_size": 8, "num_groups": 8}),
     ("DiffiT-UNet-Tiny", {"channels": [32, 64, 64], "blocks_per_stage": [0, 2, 1], "in_channels": 1}),
+    # The time-conditioning variants (diffit.layers.DiffiTTransformerBlock), with the time-token width and window.
+    *[("DiffiT-Tiny/2", {"time_conditioning": c, "time_dim": 48, "num_classes": 3}) for c in TIME_CONDITIONINGS],
+    *[("DiffiT-XL/2", {"time_conditioning": c}) for c in TIME_CONDITIONINGS],
+    *[("DiffiT-UNet-Tiny", {"time_conditioning": c, "time_dim": 40, "window_size": 2}) for c in TIME_CONDITIONINGS],
+    ("DiffiT-FFHQ64", {"time_conditioning": "adaln", "window_size": 4, "time_embedding": "fourier"}),
 ]
 
 
