@@ -62,6 +62,34 @@ def test_sample_key_is_webdataset_safe():
     assert sample_key("c/a b.png") != sample_key("c/a_b .png")
 
 
+def test_plain_paths_take_a_shortcut_to_the_same_keys(monkeypatch):
+    """`sample_key` answers plain paths (safe names, one extension) without the general rule: the same keys, on
+    every path of a random alphabet that includes dots, slashes, accents and spaces."""
+    import random
+    import re
+
+    from pipeline.encode import sources
+
+    paths = ["n01440764/n01440764_10026.JPEG", "a" * 76 + ".jpg", "a" * 77 + ".jpg", "x.tar.gz", "_a/-b.c"]
+    rng = random.Random(0)
+    paths += ["".join(rng.choice("ab_-.Z9/é ") for _ in range(rng.randint(1, 12))) for _ in range(20_000)]
+
+    def keys() -> list[str]:
+        out = []
+        for path in paths:
+            try:
+                out.append(sources.sample_key(path))
+            except sources.SourceError as error:
+                out.append(f"error: {error}")
+        return out
+
+    fast = keys()
+    assert fast[:5] == ["n01440764/n01440764_10026", "a" * 76, "a" * 77, "x_tar-92b6fce3", "_a/-b"]
+    assert sum(sources._PLAIN_PATH.fullmatch(path) is not None for path in paths) > 300  # the shortcut is taken
+    monkeypatch.setattr(sources, "_PLAIN_PATH", re.compile(r"(?!)"))  # never: the general rule for every path
+    assert keys() == fast
+
+
 def test_unique_keys_separates_same_stem_files():
     keys = unique_keys(["c/dup.jpg", "c/dup.png", "c/other.png"])
     assert len(set(keys)) == 3
