@@ -14,7 +14,8 @@ from encode_fixtures import CLASS_NAMES, make_image_tree, save_tiny_vae
 from PIL import Image
 
 from pipeline.core import shards as shards
-from pipeline.encode.sources import SourceError, sample_key, scan_folder, scan_source, unique_keys
+from pipeline.encode.source_items import SourceError, sample_key, unique_keys
+from pipeline.encode.sources import scan_folder, scan_source
 from pipeline.encode.transforms import (
     ImageDecodeError,
     center_crop,
@@ -68,7 +69,7 @@ def test_plain_paths_take_a_shortcut_to_the_same_keys(monkeypatch):
     import random
     import re
 
-    from pipeline.encode import sources
+    from pipeline.encode import source_items as sources
 
     paths = ["n01440764/n01440764_10026.JPEG", "a" * 76 + ".jpg", "a" * 77 + ".jpg", "x.tar.gz", "_a/-b.c"]
     rng = random.Random(0)

@@ -10,11 +10,8 @@ previews a finished dataset. Other stages use what this package exports, never i
 from pipeline.encode.estimate import DryRun, dry_run, format_dry_run
 from pipeline.encode.inspect import PreviewError, format_summary, summarize, write_preview
 from pipeline.encode.job import JobConfig, JobError, JobPlan, JobResult, command_line, plan_job, run_job
+from pipeline.encode.source_items import Source, SourceError, SourceItem, SourceScan
 from pipeline.encode.sources import (
-    Source,
-    SourceError,
-    SourceItem,
-    SourceScan,
     open_source,
     read_item_bytes,
     scan_source,

@@ -37,7 +37,7 @@ from pipeline.encode.archives import (
     scan_tar,
 )
 from pipeline.encode.member_index import IndexCache, MemberIndex, load_cached_index, save_index
-from pipeline.encode.sources import SourceError, SourceItem, SourceScan, unique_keys
+from pipeline.encode.source_items import SourceError, SourceItem, SourceScan, keys_per_directory
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def group_items(groups: Iterator[Group], mtimes: dict[str, int], limit: int | No
     relative path (`prefix/name`), as the folder walk does, so an archive and its extraction give equal keys."""
     count = 0
     for group in groups:
-        paths = [f"{group.prefix}/{m.name}" if group.prefix else m.name for m in group.members]
-        keys = _keys_per_directory(paths)
+        paths = group.paths()
+        keys = group.keys if group.keys is not None else keys_per_directory(paths)
         for member, path, key in zip(group.members, paths, keys):
             yield SourceItem(
                 index=count,
@@ -75,18 +75,6 @@ def group_items(groups: Iterator[Group], mtimes: dict[str, int], limit: int | No
                 return
     if count == 0:
         raise SourceError("the archive source holds no image member")
-
-
-def _keys_per_directory(paths: list[str]) -> list[str]:
-    """`unique_keys` applied to the paths of each directory on their own (the folder walk's rule)."""
-    by_directory: dict[str, list[int]] = {}
-    for i, path in enumerate(paths):
-        by_directory.setdefault(path.rpartition("/")[0], []).append(i)
-    keys = [""] * len(paths)
-    for positions in by_directory.values():
-        for i, key in zip(positions, unique_keys([paths[i] for i in positions])):
-            keys[i] = key
-    return keys
 
 
 def _scan(

@@ -43,7 +43,7 @@ _TAR_BLOCK = 512
 _MAX_TAIL_BYTES = 1 << 20
 
 
-@dataclass
+@dataclass(slots=True)
 class Member:
     """One image of an archive: its name inside its tar, where its data lies in the archive file, its label (-1:
     none, or the group's) and the problem found by the index (None: readable)."""
@@ -169,6 +169,11 @@ class Group:
     prefix: str
     location: str
     members: list[Member] = field(default_factory=list)
+    keys: list[str] | None = None  # the members' sample keys, when a cached index holds them
+
+    def paths(self) -> list[str]:
+        """The members' relative paths (`prefix/name`): what their keys are made from."""
+        return [f"{self.prefix}/{m.name}" if self.prefix else m.name for m in self.members]
 
 
 def _cut_off(member: tarfile.TarInfo, available: int, tar_name: str) -> str | None:

@@ -23,11 +23,12 @@ import numpy as np
 
 from pipeline.core.storage import Location
 from pipeline.encode.archives import ArchiveIdentity, Group, Member
+from pipeline.encode.source_items import keys_per_directory
 
 logger = logging.getLogger(__name__)
 
 SOURCE_INDEX_NAME = "source-index.npz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the sample keys are stored (a resumed plan does not recompute 1.28M keys)
 
 
 @dataclass
@@ -61,11 +62,14 @@ def index_bytes(index: MemberIndex) -> bytes:
         "ignored": index.ignored,
     }
     names = "\0".join(member.name for member in members).encode("utf-8", "surrogateescape")
+    keys = [key for group in index.groups for key in (group.keys or keys_per_directory(group.paths()))]
+    keys_blob = "\0".join(keys).encode("ascii")  # sample keys are ASCII by construction
     buffer = io.BytesIO()
     np.savez(
         buffer,
         meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
         names=np.frombuffer(names, dtype=np.uint8),
+        keys=np.frombuffer(keys_blob, dtype=np.uint8),
         offsets=np.array([m.offset for m in members], dtype=np.int64),
         sizes=np.array([m.size for m in members], dtype=np.int64),
         labels=np.array([m.label for m in members], dtype=np.int32),
@@ -79,18 +83,22 @@ def index_from_bytes(data: bytes) -> MemberIndex:
         meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
         blob = arrays["names"].tobytes().decode("utf-8", "surrogateescape")
         names = blob.split("\0") if blob or meta["groups"] else []
+        key_blob = arrays["keys"].tobytes().decode("ascii")
+        keys = key_blob.split("\0") if key_blob or meta["groups"] else []
         offsets, sizes, labels = arrays["offsets"].tolist(), arrays["sizes"].tolist(), arrays["labels"].tolist()
-    if not len(names) == len(offsets) == len(sizes) == len(labels) == sum(g[2] for g in meta["groups"]):
+    count = sum(g[2] for g in meta["groups"])
+    if not len(names) == len(keys) == len(offsets) == len(sizes) == len(labels) == count:
         raise ValueError("the index arrays have different lengths")
-    problems = meta["problems"]
-    groups, position = [], 0
-    for prefix, location, count in meta["groups"]:
-        members = [
-            Member(names[i], offsets[i], sizes[i], labels[i], problems.get(str(i)))
-            for i in range(position, position + count)
-        ]
-        groups.append(Group(prefix, location, members))
-        position += count
+    problems: list[str | None] = [None] * count
+    for position, problem in meta["problems"].items():
+        problems[int(position)] = problem
+    groups, start = [], 0
+    for prefix, location, size in meta["groups"]:
+        stop = start + size
+        members = list(map(Member, names[start:stop], offsets[start:stop], sizes[start:stop], labels[start:stop],
+                           problems[start:stop]))  # fmt: skip
+        groups.append(Group(prefix, location, members, keys[start:stop]))
+        start = stop
     identities = [ArchiveIdentity(**identity) for identity in meta["identities"]]
     return MemberIndex(meta["layout"], identities, meta["label_map"], groups, meta["ignored"])
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pipeline.core.storage import is_url, local_path, reading, url_to_fs
 from pipeline.encode.archives import Group, Member, identify
 from pipeline.encode.member_index import IndexCache
-from pipeline.encode.sources import SourceError, SourceScan
+from pipeline.encode.source_items import SourceError, SourceScan
 
 _ROW_GROUPS_KEPT = 4  # per worker process: the prefetch threads read neighbouring batches
 _kept: OrderedDict[tuple[str, int], list] = OrderedDict()

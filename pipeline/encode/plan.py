@@ -31,7 +31,7 @@ from typing import Any
 
 from pipeline.core.shards import SIDECAR_NAME_PATTERN, json_bytes, parse_sidecar, shard_name, sidecar_of
 from pipeline.core.storage import FileStat, Location
-from pipeline.encode.sources import SourceItem
+from pipeline.encode.source_items import SourceItem
 
 RECORD_CHECK = "record_sha256"  # sidecar field: sha256 of the sidecar's other fields (see `seal_sidecar`)
 _BLOCK_COMPRESSION = 1  # zlib level: level 6 is 10% smaller for twice the driver time
