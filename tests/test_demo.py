@@ -61,6 +61,7 @@ COMMANDS = {
     "vae",
     "demo",
     "report",
+    "study",
 }
 PLACEHOLDER = re.compile(r"\b(TODO|TBD|FIXME)\b|not implemented", re.IGNORECASE)
 

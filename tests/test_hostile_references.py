@@ -7,9 +7,11 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from re import escape as re_escape
 
 import numpy as np
 import pytest
+import torch
 from eval_fixtures import smooth_images, write_npz_reference
 from typer.testing import CliRunner
 
@@ -132,3 +134,44 @@ def test_reference_command_refuses_a_bomb_with_one_line_and_writes_nothing(bombs
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {bombs['images']}: arr_0 is compressed"), lines
     assert not out.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"layers_per_block": 10**7}, "layers_per_block must be an integer in [1, 32], got 10000000"),
+        ({"block_out_channels": [64] * 1000}, "block_out_channels must list at most 8 channel counts"),
+        ({"block_out_channels": [10**6, 64]}, "block_out_channels must list at most 8 channel counts"),
+        ({"latent_channels": "4"}, "latent_channels must be an integer in [1, 256], got '4'"),
+    ],
+)
+def test_a_vae_config_asking_for_a_giant_model_is_refused_before_building(tiny_vae, tmp_path, change, problem):
+    """`load_vae` reads the VAE's config.json before diffusers builds anything from it."""
+    import shutil
+
+    from pipeline.core.vae import VAEError, load_vae
+
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_vae, vae)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(VAEError, match=rf"config.json: {re_escape(problem)}"):
+        load_vae(str(vae))
+
+
+def test_a_vae_weights_file_of_integers_or_garbage_is_refused(tiny_vae, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.core.vae import VAEError, load_vae
+
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_vae, vae)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.to(torch.int8) for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(VAEError, match=r"has dtype I8; weights must be floating point"):
+        load_vae(str(vae))
+    weights.write_bytes(b"PK\x03\x04 not safetensors")
+    with pytest.raises(VAEError, match=r"a zip archive"):
+        load_vae(str(vae))
