@@ -49,6 +49,14 @@ def rclone_binary() -> str:
     return found
 
 
+def _forget_s3_clients() -> None:
+    """Drop fsspec's cached S3 file systems: they keep the endpoint and keys of the environment they were made in,
+    so one made for another test's server (now stopped) would otherwise be handed out again."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -89,8 +97,10 @@ def rclone_s3_server(root: Path, bucket: str, access_key: str, secret_key: str) 
                 # object's checksum, which botocore rejects; real S3 does not. Validate only when required.
                 "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
             }
+            _forget_s3_clients()
             yield RcloneServer(endpoint, environment, server.pid, version, log_path)
         finally:
+            _forget_s3_clients()
             server.terminate()
             try:
                 server.wait(timeout=10)
