@@ -7,9 +7,20 @@ from typing import Annotated
 
 import typer
 
+from cli.encode_cmd import MAX_PIXELS_HELP, Labels, SourceFormat
 from cli.evaluate_cmd import WORKERS, docstring_help
 
-SOURCE_HELP = "Raw image shards from `pack`, an image folder, or an .npz of images (arr_0): all at one resolution."
+SOURCE_HELP = (
+    "Raw image shards from `pack`, an image folder, or an .npz of images (arr_0), all at one resolution; with "
+    "--resolution, any source `encode` reads (the ImageNet train / val archive, parquet shards, WebDataset tars, "
+    "a folder of images of any size)."
+)
+RESOLUTION_HELP = (
+    "Center-crop every image of SOURCE to this size exactly as `pack` does (ADM's center crop), reading archives, "
+    "parquet and WebDataset in place: e.g. 256 for ImageNet-256. Members the index finds damaged are listed in the "
+    "reference's info and left out; one that does not decode stops the build with its name. The member index is "
+    "kept in the hidden .OUT.npz.partial directory until OUT is written."
+)
 SUBSET_HELP = "Images stored as arr_0 for precision/recall (a seeded random subset; all when the source is smaller)."
 CHUNK_HELP = "Images per resumable chunk of the statistics (a killed run recomputes only unfinished chunks)."
 STATS_ONLY_HELP = "Write only the statistics mu/sigma/mu_s/sigma_s (FID and sFID; no arr_0, no precision/recall)."
@@ -30,6 +41,10 @@ def reference(
     statistics_only: Annotated[bool, typer.Option("--statistics-only", help=STATS_ONLY_HELP)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda; default: cuda when available.")] = None,
+    resolution: Annotated[int | None, typer.Option("--resolution", min=1, help=RESOLUTION_HELP)] = None,
+    source_format: SourceFormat = "auto",
+    labels: Labels = None,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help=MAX_PIXELS_HELP)] = None,
 ) -> None:
     """Build a reference batch in the ADM evaluator's layout (the layout of VIRTUAL_imagenet256_labeled.npz) for
     `evaluate --reference`: FID statistics mu/sigma (2048-d pool features) and sFID statistics mu_s/sigma_s
@@ -56,6 +71,10 @@ def reference(
         device=device,
         images=not statistics_only,
         overwrite=overwrite,
+        resolution=resolution,
+        source_format=source_format,
+        labels=labels,
+        max_pixels=max_pixels,
     )
     info = build_reference(options)
     typer.echo(

@@ -17,7 +17,7 @@ Each run is an ordinary run directory (OUT/runs/TRAIN/seed-S: train -> export to
 into OUT/evals/VARIANT/seed-S), run one after another in this process; then OUT/study.json (mean and 95%
 t-interval over seeds, paired difference to the baseline) and OUT/study.html. Rerun the same command after a
 kill: finished runs are kept (recognised by their complete outputs), unfinished ones resume from their
-checkpoints.
+checkpoints. --jobs N runs N at once (one device each; on CPUs the cores shared out).
 \b
 On a cluster: --slurm writes OUT/study.sbatch (a job array, one element per run: `diffit-pipe study STUDY
 --run-index $SLURM_ARRAY_TASK_ID`) and OUT/study-aggregate.sbatch (run after the array: --aggregate-only)."""
@@ -40,6 +40,16 @@ def study(
     ] = False,
     slurm: Annotated[bool, typer.Option("--slurm", help="Write the SLURM array scripts instead of running.")] = False,
     plan: Annotated[bool, typer.Option("--plan", help="List the runs and their state; run nothing.")] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Runs at once, each its own process (`--run-index I`, as an array element) with one CUDA device, "
+            "or on CPUs a share of the cores; logs in OUT/logs/run-I.log.",
+        ),
+    ] = 1,
 ) -> None:
     """`diffit-pipe study` (see STUDY_HELP)."""
     from pipeline.core.logs import setup_logging
@@ -80,7 +90,12 @@ def study(
         run_unit(spec, units[run_index], out)
         typer.echo(f"run {run_index} ({units[run_index].run_dir}) complete")
         return
-    if not aggregate_only:
+    if not aggregate_only and jobs > 1:
+        from pipeline.study.parallel import run_parallel
+
+        pending = [unit for unit in units if unit_state(spec, unit, out) != "done"]
+        run_parallel(study_file, out, list(settings), pending, jobs, log=typer.echo)
+    elif not aggregate_only:
         run_all(spec, out, log=typer.echo)
     from pipeline.core.atomic import write_json_atomic
 

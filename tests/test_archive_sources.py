@@ -358,3 +358,68 @@ def test_val_archive_with_the_devkit_ground_truth_and_meta_mat(data, tmp_path):
     scan = scan_source(tmp_path / "val" / "ILSVRC2012_img_val.tar", labels=str(devkit.parent))
     assert scan.label_map == {name: i for i, name in enumerate(CLASS_NAMES)}
     assert [(i.path, i.label) for i in scan.items] == [(n, CLASS_NAMES.index(truth[n])) for n in sorted(truth)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `reference` straight from the archive
+
+
+def _reference(source, out, inception_weights, **overrides):
+    from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
+
+    options = ReferenceOptions(Path(source), out, inception_weights, subset_size=7, seed=1, chunk_size=8, batch_size=8)
+    options.workers, options.device, options.progress = 0, "cpu", False
+    for key, value in overrides.items():
+        setattr(options, key, value)
+    return build_reference(options)
+
+
+def test_a_reference_from_the_train_archive_equals_the_reference_of_its_packed_shards(
+    data, tmp_path, inception_weights
+):
+    run_job(_job(data.src, tmp_path / "packed"))  # the extracted folder, packed at 16 px
+    _reference(tmp_path / "packed", tmp_path / "from_shards.npz", inception_weights)
+    info = _reference(data.archive, tmp_path / "from_archive.npz", inception_weights, resolution=16)
+    with np.load(tmp_path / "from_shards.npz") as expected, np.load(tmp_path / "from_archive.npz") as actual:
+        for key in ("arr_0", "subset_indices", "mu", "sigma", "mu_s", "sigma_s"):
+            np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+    source = info["source"]
+    assert source["kind"] == "source" and source["num_images"] == 18 and source["failed"] == {"count": 0, "first": []}
+    assert source["transform"] == "adm-center-crop to 16 px (as `pack`)" and source["num_classes"] == 3
+
+
+def test_a_reference_from_a_damaged_archive_lists_indexed_damage_and_stops_at_an_undecodable_member(
+    data, tmp_path, inception_weights
+):
+    """Class 0's inner tar cut inside its last member (the index finds it: listed, left out); then a text file
+    among class 1's JPEGs (found when decoded: the build stops naming it, and says how to go on)."""
+
+    def cut(synset: str, inner: bytes) -> bytes:
+        if synset != CLASS_NAMES[0]:
+            return inner
+        members = [m for m in class_members(data.src / synset) if not m[0].startswith(".")]
+        full = tar_bytes(members)
+        return full[: full.index(members[-1][1]) + len(members[-1][1]) // 2]
+
+    info = _reference(
+        make_train_archive(data.src, tmp_path / "cut.tar", cut), tmp_path / "cut.npz", inception_weights, resolution=16
+    )
+    failed = info["source"]["failed"]
+    assert info["num_images_statistics"] == 17 and failed["count"] == 1 and info["source"]["items"] == 18
+    assert "truncated tar: member 'n01440764_0000.png'" in failed["first"][0]["reason"]
+
+    def text_member(synset: str, inner: bytes) -> bytes:
+        extra = [("readme.JPEG", b"not an image")] if synset == CLASS_NAMES[1] else []
+        return tar_bytes(class_members(data.src / synset) + extra)
+
+    archive = make_train_archive(data.src, tmp_path / "text.tar", text_member)
+    out = tmp_path / "text.npz"
+    command = [sys.executable, "-m", "cli.main", "reference", str(archive), str(out), "--resolution", "16"]
+    command += ["--inception-weights", str(inception_weights), "--device", "cpu", "--workers", "1", "--batch-size", "8"]
+    import subprocess
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert f"error: {archive}#{CLASS_NAMES[1]}/readme: not an image file" in lines[0] and "diffit-pipe pack" in lines[0]
+    assert "Traceback" not in result.stderr and not out.exists()

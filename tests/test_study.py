@@ -86,6 +86,8 @@ name: tiny
 base: base.yaml
 data: {root}/data
 seeds: [0, 1]
+set: {{checkpoint.keep_every: 2}}
+curve: {{num_samples: 4}}
 axes:
   time_embedding:
     positional: {{model.kwargs.time_embedding: positional}}
@@ -112,7 +114,7 @@ def test_the_study_expands_into_variants_times_seeds_with_the_seed_and_overrides
         "runs/fourier/seed-0",
         "runs/fourier/seed-1",
     ]
-    assert units[3].overrides == ['model.kwargs.time_embedding="fourier"', "train.seed=1"]
+    assert units[3].overrides == ["checkpoint.keep_every=2", 'model.kwargs.time_embedding="fourier"', "train.seed=1"]
     assert [(e.variant, e.out_dir) for e in units[3].evaluations] == [("fourier", "evals/fourier/seed-1")]
     assert study.baseline == "positional"
 
@@ -216,9 +218,55 @@ def test_study_json_holds_fd_demo_per_variant_with_its_interval_and_the_paired_d
     }
     assert study["budget"]["images_seen"] == 16 and study["budget"]["num_samples"] == 8
     assert study["curves"]["fourier"]["loss"]["step"] == [1, 2, 3, 4]
+    assert study["curve"] == {"num_samples": 4, "steps": [2]}
     # Each run is an ordinary run directory and export.
     assert (studies[0] / "runs/fourier/seed-1/checkpoints/step-0000004").is_dir()
     assert json.loads((studies[0] / "models/fourier/seed-1/config.json").read_text())["train"]["step"] == 4
+
+
+def test_the_metric_curve_holds_each_milestone_checkpoint_and_the_final_models_first_samples(studies, tiny):
+    from pipeline.evaluate import STORE_NAME, SampleStore
+    from pipeline.study.demo_metrics import demo_metrics
+
+    study = json.loads((studies[0] / "study.json").read_text())
+    settings = {"reference": str(tiny / "data"), "classifier": str(tiny / "clf")}
+    for variant in ("positional", "fourier"):
+        curve = study["curves"][variant]["FD_demo @ 4 samples"]
+        assert curve["step"] == [2, 4] and curve["n"] == 2
+        expected = {2: [], 4: []}
+        for seed in (0, 1):
+            # Step 2: the milestone checkpoint, exported and evaluated on its own 4 samples.
+            point = studies[0] / f"curve-evals/{variant}/seed-{seed}/step-0000002"
+            model = studies[0] / f"curve-models/{variant}/seed-{seed}/step-0000002/config.json"
+            assert json.loads(model.read_text())["train"]["step"] == 2
+            store = SampleStore.open(point / STORE_NAME, mode="r")
+            images, labels = store.read_images(0, 4), store.read_labels()
+            expected[2].append(demo_metrics(settings, images, labels)[0]["FD_demo"])
+            # Step 4: the first 4 of the final evaluation's 8 samples.
+            store = SampleStore.open(studies[0] / f"evals/{variant}/seed-{seed}" / STORE_NAME, mode="r")
+            images, labels = store.read_images(0, 8)[:4], store.read_labels()[:4]
+            expected[4].append(demo_metrics(settings, images, labels)[0]["FD_demo"])
+        assert curve["mean"] == pytest.approx([sum(expected[2]) / 2, sum(expected[4]) / 2], rel=1e-12)
+        assert curve["mean"][0] != curve["mean"][1]
+
+
+def test_a_study_run_two_at_a_time_gives_the_same_study_json(studies, tiny):
+    out = tiny / "parallel"
+    command = [PYTHON, "-m", "cli.main", "study", str(tiny / "study.yaml"), "--out", str(out), "--jobs", "2"]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "OMP_NUM_THREADS=1" in result.stdout and (out / "logs/run-3.log").is_file()
+    assert (out / "study.json").read_text() == (studies[0] / "study.json").read_text()
+
+
+def test_jobs_take_one_cuda_device_each_or_a_share_of_the_cores():
+    from pipeline.study.parallel import slot_environments
+
+    assert slot_environments(2, 4, 16) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert slot_environments(3, 0, 16) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
+    assert slot_environments(4, 0, 2) == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}] * 4
+    with pytest.raises(StudyError, match="--jobs 2: this machine has 1 CUDA device"):
+        slot_environments(2, 1, 16)
 
 
 def test_fd_demo_of_the_reference_against_itself_is_zero_and_consistency_counts_matches(tiny):
@@ -299,9 +347,4 @@ def test_the_shipped_studies_cover_every_ablation_at_both_scales():
 def test_a_shipped_study_loads_and_its_models_accept_its_kwargs(path):
     study = load_study(path)
     assert len(study.units()) >= 2 and study.baseline in [v.name for v in study.variants]
-    try:
-        check_model_kwargs(study)
-    except StudyError as error:
-        if "time_conditioning" in str(error):
-            pytest.skip(f"model.kwargs.time_conditioning is not in the model library yet: {error}")
-        raise
+    check_model_kwargs(study)

@@ -34,7 +34,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import shlex
 import sys
 import threading
@@ -83,6 +82,7 @@ from pipeline.encode.plan import (
     shard_fingerprint,
     trusted_shards,
 )
+from pipeline.encode.source_items import item_location
 from pipeline.encode.sources import SourceItem, SourceScan, open_source, read_item_bytes
 from pipeline.encode.transforms import (
     DEFAULT_MAX_PIXELS,
@@ -219,11 +219,7 @@ def _sample_meta(item: SourceItem, record: dict[str, Any]) -> dict[str, Any]:
 
 def _failure(item: SourceItem, root: str, reason: str) -> dict[str, Any]:
     """A failures.jsonl record: item index, its path (absolute for files), the sample key and the reason."""
-    if item.shard_file is not None:
-        path = f"{item.shard_file}#{item.key}"
-    else:
-        path = os.path.join(root, item.path)
-    return {"index": item.index, "path": path, "key": item.key, "reason": reason}
+    return {"index": item.index, "path": item_location(item, root), "key": item.key, "reason": reason}
 
 
 def _prepare(item: SourceItem, task: ShardTask) -> tuple[np.ndarray, dict[str, Any]]:

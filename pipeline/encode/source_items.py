@@ -7,6 +7,7 @@ all build on these.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -56,6 +57,13 @@ class SourceItem:
         """What identifies this item's content for resume checks: path, key, label, size, and the modification
         time (files) or the hash of the shard holding it (packed samples)."""
         return [self.path, self.key, self.label, self.size, self.mtime_ns, self.shard_sha256]
+
+
+def item_location(item: SourceItem, root: str) -> str:
+    """Where an item is, for messages: `ARCHIVE_OR_SHARD#key` inside a file, else the file's path."""
+    if item.shard_file is not None:
+        return f"{item.shard_file}#{item.key}"
+    return os.path.join(root, item.path)
 
 
 def _description(

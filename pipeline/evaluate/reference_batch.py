@@ -37,10 +37,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pipeline.core.atomic import atomic_open, atomic_path, json_text, remove_temporary_files, write_json_atomic
 from pipeline.core.errors import InputError, reporting_disk_full
 from pipeline.evaluate.adm import RunningMoments, subsample_indices
+from pipeline.evaluate.datasets import ReferenceInputError
 from pipeline.evaluate.features import SFID_LAYER, iterate_features
 from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, resolve_inception_weights
 from pipeline.evaluate.reference_cache import reference_content_hash, sha256_json
 from pipeline.evaluate.references import Reference, _read_statistics, open_reference, reference_dataset
+from pipeline.evaluate.source_reference import original_message
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +239,13 @@ class ReferenceOptions:
     images: bool = True
     overwrite: bool = False
     progress: bool = True
+    # An encode source (ImageNet archives, parquet, WebDataset, a folder of any image sizes), every image
+    # center-cropped to this resolution as `pack` does (`pipeline.evaluate.source_reference`); None: SOURCE is a
+    # reference at one resolution (raw shards, a folder, an .npz).
+    resolution: int | None = None
+    source_format: str = "auto"
+    labels: str | None = None
+    max_pixels: int | None = None
 
 
 def work_dir_for(out: Path) -> Path:
@@ -275,7 +284,16 @@ def build_reference(options: ReferenceOptions) -> dict[str, Any]:
 def _build_reference(options: ReferenceOptions) -> dict[str, Any]:
     _check_options(options)
     began = time.perf_counter()
-    reference = open_reference(options.source)
+    work_dir = work_dir_for(options.out)
+    if options.resolution is not None:
+        from pipeline.evaluate.source_reference import open_source_reference
+
+        reference, dataset = open_source_reference(
+            options.source, options.resolution, work_dir, options.source_format, options.labels, options.max_pixels
+        )
+    else:
+        reference = open_reference(options.source)
+        dataset = None
     if not reference.has_images:
         raise InputError(f"{options.source}: a statistics file has no images to build a reference batch from")
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -285,16 +303,18 @@ def _build_reference(options: ReferenceOptions) -> dict[str, Any]:
         cuda=device.type == "cuda",
         num_workers=options.workers,
     )
-    dataset = reference_dataset(reference)
-    work_dir = work_dir_for(options.out)
+    dataset = dataset if dataset is not None else reference_dataset(reference)
     content_hash = reference_content_hash(reference, work_dir)
     identity = {"source_sha256": content_hash, "extractor": config.extractor_identity()}
     logger.info("reference statistics of %d images of %s (%s)", len(dataset), options.source, device)
     extractor = create_feature_extractor(config, list(STATISTICS_KEYS))
     settings = {"chunk_size": options.chunk_size, "batch_size": options.batch_size, "workers": options.workers}
-    moments = accumulate_statistics(
-        dataset, extractor, list(STATISTICS_KEYS), work_dir, identity, progress=options.progress, **settings
-    )
+    try:
+        moments = accumulate_statistics(
+            dataset, extractor, list(STATISTICS_KEYS), work_dir, identity, progress=options.progress, **settings
+        )
+    except ReferenceInputError as error:  # raised in a DataLoader worker: one line, not the worker's traceback
+        raise type(error)(original_message(error)) from None
     arrays = {
         key: value for layer, keys in STATISTICS_KEYS.items() for key, value in zip(keys, moments[layer].statistics())
     }

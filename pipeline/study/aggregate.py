@@ -3,8 +3,10 @@
 The table: for each metric and variant, the values by seed, their mean and 95% Student-t interval, and the paired
 difference to the baseline variant over the seeds both have (`pipeline.study.stats`). The curves: each
 variant's training metrics against the step (`loss`, and `fid_*` / `plumbing_only_fid_*` when FID ran during
-training), the mean over seeds at the steps every seed logged. Nothing in `study.json` depends on where the
-study directory is or when it ran, so a study killed and resumed gives the same file as an uninterrupted one.
+training), the mean over seeds at the steps every seed logged; with a study `curve`, also the demo metrics of
+the milestone checkpoints (`FD_demo @ N samples`, ...), the last point the final model's. Nothing in
+`study.json` depends on where the study directory is or when it ran, so a study killed and resumed gives the same
+file as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import Any
 
 from pipeline.core.errors import JobFailedError
 from pipeline.study.demo_metrics import FD_DEMO
-from pipeline.study.runner import read_result
+from pipeline.study.runner import curve_eval_dir, read_result
 from pipeline.study.spec import Study
 from pipeline.study.stats import interval, paired_difference
 
 STUDY_JSON = "study.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Metrics where lower is better (the page says which way is better).
 LOWER_IS_BETTER = (FD_DEMO, "fid", "sfid", "kid")
 
@@ -121,6 +123,46 @@ def training_curves(study: Study, out: Path) -> dict[str, dict[str, dict[str, li
     return curves
 
 
+def sample_curves(study: Study, out: Path, results: dict[str, dict[int, dict[str, Any]]]) -> dict:
+    """variant -> "METRIC @ N samples" -> {"step", "mean", "n"}: the curve points' demo metrics (missing points
+    are an error, as missing evaluations are), the mean over seeds at every step."""
+    if not study.curve:
+        return {}
+    count = int(study.curve["num_samples"])
+    steps = study.curve_steps()
+    curves: dict[str, dict[str, dict[str, list]]] = {}
+    missing = []
+    for unit in study.units():
+        for evaluation in unit.evaluations:
+            points = {}
+            for step in steps:
+                result = read_result(out / curve_eval_dir(evaluation, step))
+                if result is None:
+                    missing.append(curve_eval_dir(evaluation, step))
+                else:
+                    points[step] = result["metrics"]
+            final = results[evaluation.variant][evaluation.seed].get("curve_point")
+            if final is not None:
+                points[final["step"]] = final["metrics"]
+            for step, metrics in points.items():
+                for metric, value in metrics.items():
+                    by_step = curves.setdefault(evaluation.variant, {}).setdefault(f"{metric} @ {count} samples", {})
+                    by_step.setdefault(step, []).append(float(value))
+    if missing:
+        raise StudyIncompleteError(f"{out}: {len(missing)} curve point(s) have no result yet ({missing[0]}, ...)")
+    return {
+        variant: {
+            key: {
+                "step": sorted(by_step),
+                "mean": [sum(by_step[s]) / len(by_step[s]) for s in sorted(by_step)],
+                "n": min(len(v) for v in by_step.values()),
+            }
+            for key, by_step in per_key.items()
+        }
+        for variant, per_key in curves.items()
+    }
+
+
 def budget(study: Study) -> dict[str, Any]:
     """What every run of the study shares."""
     from pipeline.study.spec import training_config
@@ -163,5 +205,10 @@ def aggregate(study: Study, out: Path) -> dict[str, Any]:
         "metric_details": details,
         "lower_is_better": [m for m in LOWER_IS_BETTER],
         "table": metric_table(study, results),
-        "curves": training_curves(study, out),
+        "curves": _merge(training_curves(study, out), sample_curves(study, out, results)),
+        "curve": {**study.curve, "steps": study.curve_steps()} if study.curve else None,
     }
+
+
+def _merge(first: dict[str, dict], second: dict[str, dict]) -> dict[str, dict]:
+    return {variant: {**first.get(variant, {}), **second.get(variant, {})} for variant in {**first, **second}}

@@ -10,6 +10,10 @@ parts are recognised by their complete outputs, never by a log:
   from the newest checkpoint that verifies (or does nothing when the last one is at max_steps), then exports.
 - an evaluation: `result.json` in its directory, written atomically after `metrics.json` (evaluate's own last
   file). Otherwise `evaluate` runs; it keeps the samples already in its zarr store and fills the rest.
+- a curve point (a study with `curve`): the milestone checkpoint of step N exported to
+  `curve-models/TRAIN/seed-S/step-N`, evaluated on `curve.num_samples` samples into
+  `curve-evals/VARIANT/seed-S/step-N` with its `result.json` (the demo metrics). The last point is the demo
+  metrics of the first `curve.num_samples` samples of the final evaluation (the same seeds), kept in its result.
 
 The study directory's `plan.json` records what the study is (variants, overrides, seeds, budget); a rerun with
 another study file against the same directory is refused instead of mixing the results of two studies.
@@ -17,6 +21,7 @@ another study file against the same directory is refused instead of mixing the r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -24,7 +29,7 @@ from typing import Any
 
 from pipeline.core.atomic import write_json_atomic
 from pipeline.study.demo_metrics import demo_metrics
-from pipeline.study.spec import Study, StudyError, Unit, check_model_kwargs, training_config
+from pipeline.study.spec import Evaluation, Study, StudyError, Unit, check_model_kwargs, training_config
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +82,23 @@ def read_result(eval_dir: Path) -> dict[str, Any] | None:
         raise StudyError(f"{path}: not a JSON result ({error}); remove it to evaluate again") from None
 
 
+def curve_model_dir(unit: Unit, step: int) -> str:
+    """Where the EMA of the unit's milestone checkpoint at `step` is exported for its curve point."""
+    return f"curve-models/{unit.train_name}/seed-{unit.seed}/step-{step:07d}"
+
+
+def curve_eval_dir(evaluation: Evaluation, step: int) -> str:
+    """Where one evaluation's curve point at `step` is evaluated."""
+    return f"curve-evals/{evaluation.variant}/seed-{evaluation.seed}/step-{step:07d}"
+
+
 def unit_state(study: Study, unit: Unit, out: Path) -> str:
-    """'done' (every evaluation has its result), 'trained' (the export is complete) or 'todo'."""
-    if all(read_result(out / e.out_dir) is not None for e in unit.evaluations):
+    """'done' (every evaluation and curve point has its result), 'trained' (the export is complete) or 'todo'."""
+    steps = study.curve_steps()
+    if all(
+        read_result(out / e.out_dir) is not None and all(read_result(out / curve_eval_dir(e, s)) for s in steps)
+        for e in unit.evaluations
+    ):
         return "done"
     max_steps = training_config(study, unit).train.max_steps
     return "trained" if export_complete(out / unit.model_dir, max_steps) else "todo"
@@ -137,6 +156,12 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
         images, labels = _read_samples(eval_dir)
         values, details = demo_metrics(study.demo_metrics, images, labels)
         metrics = {**values, **(record.get("metrics") or {})}
+        curve_point = None
+        if study.curve:
+            count = int(study.curve["num_samples"])
+            point, _ = demo_metrics(study.demo_metrics, images[:count], labels[:count])
+            step = training_config(study, unit).train.max_steps
+            curve_point = {"step": step, "metrics": point, "num_samples": count}
         plumbing = {f"plumbing_only_{k}": v for k, v in (record.get("plumbing_only_metrics") or {}).items()}
         result = {
             "variant": evaluation.variant,
@@ -147,7 +172,43 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
             "details": details,
             "num_samples": int(len(images)),
         }
+        if curve_point is not None:
+            result["curve_point"] = curve_point
         write_json_atomic(eval_dir / RESULT_FILE, result)
+
+
+def curve_unit(study: Study, unit: Unit, out: Path) -> None:
+    """The unit's curve points without a result: export each milestone checkpoint's EMA, evaluate it on
+    `curve.num_samples` samples (no Inception metrics: FID during training is the trainer's `eval.every`), and
+    write the demo metrics."""
+    from pipeline.evaluate import evaluate
+    from pipeline.train import CHECKPOINTS_DIR, export_checkpoint
+    from pipeline.train.checkpoint import checkpoint_name
+
+    count = int(study.curve.get("num_samples") or 0)
+    for step in study.curve_steps():
+        model_dir = out / curve_model_dir(unit, step)
+        pending = [e for e in unit.evaluations if read_result(out / curve_eval_dir(e, step)) is None]
+        if not pending:
+            continue
+        if not export_complete(model_dir, step):
+            checkpoint = out / unit.run_dir / CHECKPOINTS_DIR / checkpoint_name(step)
+            if not checkpoint.is_dir():
+                raise StudyError(
+                    f"{checkpoint}: the milestone checkpoint of the curve point at step {step} is gone; "
+                    "rerun the unit's training (remove its model export) or drop `curve` from the study"
+                )
+            export_checkpoint(checkpoint, model_dir)
+        for evaluation in pending:
+            eval_dir = out / curve_eval_dir(evaluation, step)
+            logger.info("study %s: curve point %s", study.name, eval_dir.relative_to(out))
+            options = evaluate_options(study, evaluation.variant, evaluation.seed, model_dir, eval_dir)
+            options = dataclasses.replace(options, num_samples=count, metrics=())
+            evaluate(options)
+            images, labels = _read_samples(eval_dir)
+            values, _ = demo_metrics(study.demo_metrics, images, labels)
+            result = {"variant": evaluation.variant, "seed": evaluation.seed, "step": step, "metrics": values}
+            write_json_atomic(eval_dir / RESULT_FILE, {**result, "num_samples": int(len(images))})
 
 
 def _read_samples(eval_dir: Path):
@@ -166,6 +227,7 @@ def run_unit(study: Study, unit: Unit, out: Path) -> None:
         return
     train_unit(study, unit, out)
     evaluate_unit(study, unit, out)
+    curve_unit(study, unit, out)
 
 
 def run_all(study: Study, out: Path, log=print) -> None:

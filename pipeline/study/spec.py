@@ -14,6 +14,7 @@ A study is a base preset plus axes of overrides (variants) times seeds, at one b
     baseline: positional                # paired differences are taken against this variant
     evaluate: {num_samples: 256, steps: 18, metrics: []}   # `diffit-pipe evaluate` settings of every run
     demo_metrics: {reference: PATH, classifier: PATH, shape_classifier: PATH}   # FD_demo, consistencies
+    curve: {num_samples: 200}           # the demo metrics of every milestone checkpoint (checkpoint.keep_every)
 
 An override key is a training-config key (`SECTION.FIELD`, `model.kwargs.NAME`, checked like `train --set`) or
 `evaluate.FIELD` (an evaluate setting such as `evaluate.cfg_scale`). Variants that differ only in evaluate
@@ -49,7 +50,7 @@ class StudyError(InputError):
 
 
 TOP_LEVEL_KEYS = ("name", "description", "scale", "paper", "base", "data", "set", "seeds", "axes", "baseline")
-TOP_LEVEL_KEYS += ("evaluate", "demo_metrics")
+TOP_LEVEL_KEYS += ("evaluate", "demo_metrics", "curve")
 REQUIRED_KEYS = ("name", "base", "seeds", "axes")
 # What variants may not change: every run of a study has the same budget.
 BUDGET_KEYS = (
@@ -91,6 +92,7 @@ EVALUATE_KEYS = (
     "precision",
 )
 DEMO_METRIC_KEYS = ("reference", "classifier", "shape_classifier", "max_reference_images")
+CURVE_KEYS = ("num_samples",)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 EVALUATE_PREFIX = "evaluate."
 
@@ -148,6 +150,7 @@ class Study:
     baseline: str
     evaluate: dict[str, Any]
     demo_metrics: dict[str, Any]
+    curve: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -185,8 +188,18 @@ class Study:
             "variants": [asdict(v) for v in self.variants],
             "baseline": self.baseline,
             "evaluate": self.evaluate,
+            "curve": self.curve,
             "units": [asdict(u) for u in self.units()],
         }
+
+    def curve_steps(self) -> list[int]:
+        """The steps below max_steps whose checkpoints the metric-vs-step curve evaluates (the milestones of
+        `checkpoint.keep_every`, which rotation keeps); none without a `curve`."""
+        if not self.curve:
+            return []
+        config = training_config(self, self.units()[0])
+        every = config.checkpoint.keep_every
+        return list(range(every, config.train.max_steps, every))
 
 
 def override_text(key: str, value: Any) -> str:
@@ -279,6 +292,21 @@ def parse_study(mapping: dict, path: Path) -> Study:
     _check_keys(evaluate, EVALUATE_KEYS, path, "evaluate")
     demo_metrics = _mapping(mapping.get("demo_metrics"), path, "demo_metrics")
     _check_keys(demo_metrics, DEMO_METRIC_KEYS, path, "demo_metrics")
+    curve = _mapping(mapping.get("curve"), path, "curve")
+    _check_keys(curve, CURVE_KEYS, path, "curve")
+    if curve:
+        count = curve.get("num_samples")
+        _need(
+            isinstance(count, int) and not isinstance(count, bool) and count >= 2,
+            path,
+            f"curve.num_samples must be an integer >= 2 (a covariance), got {count!r}",
+        )
+        _need(
+            count <= int(evaluate.get("num_samples", 50_000)),
+            path,
+            f"curve.num_samples {count} exceeds evaluate.num_samples (the last point is the first "
+            "curve.num_samples samples of the final evaluation)",
+        )
     variants = _expand_axes(mapping["axes"], path)
     for key in list(common):
         if key.startswith(EVALUATE_PREFIX):
@@ -301,6 +329,7 @@ def parse_study(mapping: dict, path: Path) -> Study:
         baseline=baseline,
         evaluate=evaluate,
         demo_metrics=demo_metrics,
+        curve=curve,
     )
     check_training_configs(study)
     return study
@@ -394,6 +423,14 @@ def check_training_configs(study: Study) -> None:
         except ConfigError as error:
             raise StudyError(f"{study.path}: run {unit.run_dir}: {error}") from None
         budgets.add((config.train.max_steps, config.train.global_batch_size))
+        if study.curve:
+            every = config.checkpoint.keep_every
+            _need(
+                every > 0 and every % config.checkpoint.every == 0,
+                study.path,
+                f"run {unit.run_dir}: a curve evaluates the milestone checkpoints, so checkpoint.keep_every must "
+                f"be a positive multiple of checkpoint.every ({config.checkpoint.every}), got {every}",
+            )
     _need(len(budgets) == 1, study.path, f"runs differ in (max_steps, global_batch_size): {sorted(budgets)}")
 
 
