@@ -98,10 +98,11 @@ def study(
     elif not aggregate_only:
         run_all(spec, out, log=typer.echo)
     from pipeline.core.atomic import write_json_atomic
+    from pipeline.study.aggregate import write_grids
 
     result = aggregate(spec, out)
     write_json_atomic(out / STUDY_JSON, result)
-    write_page(result, out / STUDY_HTML)
+    write_page(result, out / STUDY_HTML, write_grids(spec, out))
     typer.echo(f"wrote {out / STUDY_JSON} and {out / STUDY_HTML}")
 
 

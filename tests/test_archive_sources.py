@@ -423,3 +423,17 @@ def test_a_reference_from_a_damaged_archive_lists_indexed_damage_and_stops_at_an
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert f"error: {archive}#{CLASS_NAMES[1]}/readme: not an image file" in lines[0] and "diffit-pipe pack" in lines[0]
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_dask_worker_processes_read_archive_and_parquet_members_in_place_as_one_process_does(data, tmp_path, caplog):
+    """A real local Dask cluster (2 worker processes): each task seeks to its members' byte ranges in the train
+    archive / reads its parquet row groups; the shards equal those of the in-process run."""
+    _parquet_shards(data, tmp_path / "pq")
+    for name, source in (("archive", data.archive), ("parquet", tmp_path / "pq")):
+        single = run_job(_job(source, tmp_path / f"{name}-0", shard_size=4, max_failure_rate=1.0))
+        with caplog.at_level(logging.INFO, logger="pipeline.encode.cluster"):
+            cluster = run_job(_job(source, tmp_path / f"{name}-2", shard_size=4, workers=2, max_failure_rate=1.0))
+        assert "local Dask cluster: 2 worker(s) x 1 thread (processes)" in caplog.text
+        assert cluster.counts == single.counts and single.counts["written"] >= 17, name
+        assert _files(tmp_path / f"{name}-2") == _files(tmp_path / f"{name}-0"), name
+        assert len(_files(tmp_path / f"{name}-0")) == 5, name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -300,8 +301,16 @@ def test_the_study_page_renders_in_headless_chromium(studies, tmp_path):
     if browser is None:
         pytest.fail("headless Chromium is not installed: apt-get install -y chromium (or DIFFIT_NO_BROWSER=1)")
     page = studies[0] / "study.html"
-    text = page.read_text()
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page.read_text())  # base64 may spell anything
     assert "FD_demo" in text and "paired difference to positional" in text and "FID" not in text
+    assert 'alt="FD_demo @ 4 samples"' in text and 'alt="fourier samples"' in text
+    # The grids: each variant's first samples with seed 0, class captions, 16 px enlarged 4x.
+    from pipeline.study.runner import read_samples
+
+    grid = np.asarray(Image.open(studies[0] / "grids/fourier.png").convert("RGB"))
+    images, _ = read_samples(studies[0] / "evals/fourier/seed-0", 20)
+    assert len(images) == 8 and grid.shape == (2 + 76 + 2, 2 + 8 * (64 + 2), 3)
+    np.testing.assert_array_equal(grid[2:6, 2:6], np.broadcast_to(images[0][0, 0], (4, 4, 3)))
     shot = tmp_path / "shot.png"
     command = [browser, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400"]
     result = subprocess.run(

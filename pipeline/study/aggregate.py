@@ -17,11 +17,13 @@ from typing import Any
 
 from pipeline.core.errors import JobFailedError
 from pipeline.study.demo_metrics import FD_DEMO
-from pipeline.study.runner import curve_eval_dir, read_result
+from pipeline.study.runner import curve_eval_dir, read_result, read_samples
 from pipeline.study.spec import Study
 from pipeline.study.stats import interval, paired_difference
 
 STUDY_JSON = "study.json"
+GRIDS_DIR = "grids"
+GRID_SAMPLES = 20  # the first samples of each variant's evaluation with the first seed: equal seeds across variants
 FORMAT_VERSION = 2
 # Metrics where lower is better (the page says which way is better).
 LOWER_IS_BETTER = (FD_DEMO, "fid", "sfid", "kid")
@@ -212,3 +214,20 @@ def aggregate(study: Study, out: Path) -> dict[str, Any]:
 
 def _merge(first: dict[str, dict], second: dict[str, dict]) -> dict[str, dict]:
     return {variant: {**first.get(variant, {}), **second.get(variant, {})} for variant in {**first, **second}}
+
+
+def write_grids(study: Study, out: Path) -> dict[str, Path]:
+    """variant -> `OUT/grids/VARIANT.png`: its first `GRID_SAMPLES` samples with the study's first seed (the same
+    per-sample seeds for every variant), captioned with their class, enlarged to at least 64 px."""
+    from pipeline.core.grids import image_grid, labelled_tiles, write_png
+
+    seed = study.seeds[0]
+    directories = {e.variant: e.out_dir for u in study.units() for e in u.evaluations if e.seed == seed}
+    grids = {}
+    for variant in study.variants:
+        images, labels = read_samples(out / directories[variant.name], GRID_SAMPLES)
+        captions = [str(int(label)) if label >= 0 else "" for label in labels]
+        tiles = labelled_tiles(images, captions, scale=max(1, 64 // images.shape[1]))
+        path = out / GRIDS_DIR / f"{variant.name}.png"
+        grids[variant.name] = write_png(path, image_grid(tiles, columns=10, padding=2, pad_value=255))
+    return grids

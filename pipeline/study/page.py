@@ -13,7 +13,13 @@ from pipeline.core.atomic import write_text_atomic
 from pipeline.report import CSP, STYLE, line_chart
 
 STUDY_HTML = "study.html"
-SECTIONS = (("table", "Results"), ("curves", "Curves"), ("variants", "Variants"), ("budget", "Budget"))
+SECTIONS = (
+    ("table", "Results"),
+    ("curves", "Curves"),
+    ("samples", "Samples"),
+    ("variants", "Variants"),
+    ("budget", "Budget"),
+)
 
 
 def esc(value: Any) -> str:
@@ -82,6 +88,20 @@ def curves_section(study: dict[str, Any]) -> str:
     return _section("curves", body)
 
 
+def samples_section(study: dict[str, Any], grids: dict[str, Path]) -> str:
+    """Each variant's grid of its first samples with the first seed (equal seeds across variants)."""
+    figures = []
+    for variant, path in grids.items():
+        png = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        figures.append(
+            f'<figure><img alt="{esc(variant)} samples" src="data:image/png;base64,{png}">'
+            f"<figcaption>{esc(variant)}</figcaption></figure>"
+        )
+    seed = study["seeds"][0]
+    note = f"<p class='meta'>the first samples of each variant's evaluation with seed {esc(seed)}, class under each</p>"
+    return _section("samples", note + "".join(figures) if figures else '<p class="absent">no grids</p>')
+
+
 def variants_section(study: dict[str, Any]) -> str:
     rows = [
         [
@@ -105,15 +125,16 @@ def _section(anchor: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
 
 
-def document(study: dict[str, Any]) -> str:
-    """The whole page."""
+def document(study: dict[str, Any], grids: dict[str, Path] | None = None) -> str:
+    """The whole page (`grids`: variant -> its sample grid PNG, embedded)."""
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in SECTIONS)
     head = (
         f"<h1>Study {esc(study['name'])}</h1><p class='meta'>{esc(study['description'])} — base preset "
         f"<code>{esc(study['base'])}</code>, baseline <b>{esc(study['baseline'])}</b>, scale "
         f"{esc(study['scale'] or 'unspecified')}</p><nav>{nav}</nav>"
     )
-    sections = [head, table_section(study), curves_section(study), variants_section(study), budget_section(study)]
+    sections = [head, table_section(study), curves_section(study), samples_section(study, grids or {})]
+    sections += [variants_section(study), budget_section(study)]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -124,5 +145,5 @@ def document(study: dict[str, Any]) -> str:
     )
 
 
-def write_page(study: dict[str, Any], path: Path) -> Path:
-    return write_text_atomic(path, document(study))
+def write_page(study: dict[str, Any], path: Path, grids: dict[str, Path] | None = None) -> Path:
+    return write_text_atomic(path, document(study, grids))

@@ -153,7 +153,7 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
         logger.info("study %s: evaluating %s", study.name, evaluation.out_dir)
         options = evaluate_options(study, evaluation.variant, evaluation.seed, out / unit.model_dir, eval_dir)
         record = evaluate(options)
-        images, labels = _read_samples(eval_dir)
+        images, labels = read_samples(eval_dir)
         values, details = demo_metrics(study.demo_metrics, images, labels)
         metrics = {**values, **(record.get("metrics") or {})}
         curve_point = None
@@ -205,19 +205,20 @@ def curve_unit(study: Study, unit: Unit, out: Path) -> None:
             options = evaluate_options(study, evaluation.variant, evaluation.seed, model_dir, eval_dir)
             options = dataclasses.replace(options, num_samples=count, metrics=())
             evaluate(options)
-            images, labels = _read_samples(eval_dir)
+            images, labels = read_samples(eval_dir)
             values, _ = demo_metrics(study.demo_metrics, images, labels)
             result = {"variant": evaluation.variant, "seed": evaluation.seed, "step": step, "metrics": values}
             write_json_atomic(eval_dir / RESULT_FILE, {**result, "num_samples": int(len(images))})
 
 
-def _read_samples(eval_dir: Path):
-    """The samples and their labels from an evaluation's complete zarr store."""
+def read_samples(eval_dir: Path, count: int | None = None):
+    """The first `count` (default: all) samples and their labels from an evaluation's complete zarr store."""
     from pipeline.evaluate import STORE_NAME, SampleStore
 
     store = SampleStore.open(eval_dir / STORE_NAME, mode="r")
     store.require_complete()
-    return store.read_images(0, store.layout.num_samples), store.read_labels()
+    count = store.layout.num_samples if count is None else min(count, store.layout.num_samples)
+    return store.read_images(0, count), store.read_labels()[:count]
 
 
 def run_unit(study: Study, unit: Unit, out: Path) -> None:
