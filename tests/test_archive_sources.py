@@ -437,3 +437,27 @@ def test_dask_worker_processes_read_archive_and_parquet_members_in_place_as_one_
         assert cluster.counts == single.counts and single.counts["written"] >= 17, name
         assert _files(tmp_path / f"{name}-2") == _files(tmp_path / f"{name}-0"), name
         assert len(_files(tmp_path / f"{name}-0")) == 5, name
+
+
+def test_max_pixels_and_verify_behave_for_the_archive_as_for_its_extraction(data, tmp_path):
+    """--max-pixels fails the same members (with the same reason) as for the folder; --verify re-hashes the shards
+    of an archive-encoded dataset and rewrites the one damaged behind its sidecar's back."""
+    limit = 60 * 60
+    folder = run_job(_job(data.src, tmp_path / "folder", max_pixels=limit, max_failure_rate=1.0))
+    archive = run_job(_job(data.archive, tmp_path / "archive", max_pixels=limit, max_failure_rate=1.0))
+    assert archive.counts == folder.counts and 0 < folder.counts["failed"] < folder.counts["seen"]
+    reasons = {f["key"]: f["reason"] for f in _failures(tmp_path / "archive")}
+    assert reasons == {f["key"]: f["reason"] for f in _failures(tmp_path / "folder")}
+    assert all("pixels" in reason for reason in reasons.values())
+    assert _files(tmp_path / "archive") == _files(tmp_path / "folder")
+
+    shard = tmp_path / "archive" / "shard-000001.tar"
+    good, stat = shard.read_bytes(), shard.stat()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: only a re-hash sees it
+    trusted = run_job(_job(data.archive, tmp_path / "archive", max_pixels=limit, max_failure_rate=1.0))
+    assert trusted.shards_written == 0 and shard.read_bytes() == bytes(damaged)
+    verified = run_job(_job(data.archive, tmp_path / "archive", max_pixels=limit, max_failure_rate=1.0, verify=True))
+    assert verified.shards_written == 1 and shard.read_bytes() == good

@@ -270,6 +270,24 @@ def test_jobs_take_one_cuda_device_each_or_a_share_of_the_cores():
         slot_environments(2, 1, 16)
 
 
+def test_fd_demo_features_are_the_classifier_heads_input(tiny):
+    from pipeline.demo import load_classifier, load_labelled_images
+    from pipeline.demo.classifier import to_input
+    from pipeline.study import classifier_features
+
+    model = load_classifier(tiny / "clf")
+    images = load_labelled_images(tiny / "data", 16).images
+    captured = []
+    handle = model.head.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].detach()))
+    with torch.no_grad():
+        logits = model(to_input(images, 16))
+    handle.remove()
+    features = classifier_features(model, images)
+    assert features.shape == (8, 16) and features.dtype == np.float64
+    np.testing.assert_array_equal(features, captured[0].double().numpy())
+    np.testing.assert_allclose(model.head(torch.from_numpy(features).float()).detach(), logits, rtol=0, atol=1e-6)
+
+
 def test_fd_demo_of_the_reference_against_itself_is_zero_and_consistency_counts_matches(tiny):
     from pipeline.demo import load_classifier, load_labelled_images, predict
     from pipeline.study.demo_metrics import demo_metrics

@@ -76,11 +76,15 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(in_channels, config.num_classes)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [N, num_classes] of images [N, 3, H, W] in [-1, 1]."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's input [N, channels[-1]]: the global average of the last conv stage (FD_demo's features)."""
         if self.config.grayscale:
             images = luminance(images)
-        return self.head(self.features(images).mean(dim=(2, 3)))
+        return self.features(images).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits [N, num_classes] of images [N, 3, H, W] in [-1, 1]."""
+        return self.head(self.embed(images))
 
 
 def luminance(images: torch.Tensor) -> torch.Tensor:
@@ -166,6 +170,18 @@ def predict(model: SmallCNN, images_uint8_nhwc: np.ndarray, batch_size: int = 25
     if not labels:
         return np.zeros(0, dtype=np.int64)
     return torch.cat(labels).numpy().astype(np.int64)
+
+
+@torch.no_grad()
+def embed_images(model: SmallCNN, images_uint8_nhwc: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """`model.embed` of every image: uint8 [N, H, W, 3] -> float64 [N, D] (resized as `predict` does)."""
+    images = _check_images(images_uint8_nhwc)
+    model.eval()
+    parts = [
+        model.embed(to_input(images[start : start + batch_size], model.config.resolution))
+        for start in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(parts).double().numpy() if parts else np.zeros((0, model.head.in_features))
 
 
 def class_consistency(model: SmallCNN, images: np.ndarray, labels: np.ndarray | list[int]) -> float:

@@ -30,19 +30,11 @@ DEFAULT_MAX_REFERENCE_IMAGES = 5000
 
 
 def classifier_features(model, images: np.ndarray) -> np.ndarray:
-    """The classifier's head inputs [N, D] (float64) for uint8 images [N, H, W, 3]: what `predict` computes,
-    captured on the way (the same resizing and grayscale conversion as the consistency metric)."""
-    from pipeline.demo import predict
+    """The classifier's head inputs [N, D] (float64) for uint8 images [N, H, W, 3] (`SmallCNN.embed`, with the
+    same resizing and grayscale conversion as the consistency metric)."""
+    from pipeline.demo.classifier import embed_images
 
-    captured = []
-    handle = model.head.register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0].detach()))
-    try:
-        predict(model, images)
-    finally:
-        handle.remove()
-    import torch
-
-    return torch.cat(captured).double().numpy() if captured else np.zeros((0, model.head.in_features))
+    return embed_images(model, images)
 
 
 @functools.lru_cache(maxsize=4)
