@@ -241,22 +241,38 @@ def test_webdataset_tars_labels_and_an_unreadable_label_is_a_failure(data, tmp_p
     assert failure["key"] == "00001/000012" and "unreadable cls label" in failure["reason"]
 
 
-def test_webdataset_tars_at_an_s3_url_encode_as_the_local_tars(data, tmp_path):
+def test_webdataset_parquet_and_the_train_archive_at_an_s3_url_encode_as_the_local_files(data, tmp_path):
+    """Each source at an s3:// URL of a real (rclone) S3 server: ranged GETs of the members / row groups give the
+    local files' shards byte for byte."""
     from s3_server import rclone_s3_server
 
-    _wds_tars(data, tmp_path / "server" / "bucket" / "wds")  # written before the server starts: it lists them
-    local = run_job(_job(tmp_path / "server" / "bucket" / "wds", tmp_path / "local", max_failure_rate=1.0))
+    bucket = tmp_path / "server" / "bucket"
+    _wds_tars(data, bucket / "wds")  # written before the server starts: it lists them
+    _parquet_shards(data, bucket / "pq")
+    (bucket / "ILSVRC2012_img_train.tar").write_bytes(data.archive.read_bytes())
+    sources = {"wds": "wds", "pq": "pq", "archive": "ILSVRC2012_img_train.tar"}
+    local = {
+        name: run_job(_job(bucket / path, tmp_path / f"local-{name}", max_failure_rate=1.0))
+        for name, path in sources.items()
+    }
     with rclone_s3_server(tmp_path / "server", "bucket", "accesskey123", "secretkey123") as server:
         saved = {k: os.environ.get(k) for k in server.environment}
         os.environ.update(server.environment)
         try:
-            remote = run_job(_job("s3://bucket/wds", tmp_path / "remote", max_failure_rate=1.0))
+            remote = {
+                name: run_job(_job(f"s3://bucket/{path}", tmp_path / f"remote-{name}", max_failure_rate=1.0))
+                for name, path in sources.items()
+            }
         finally:
             for key, value in saved.items():
                 os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    assert remote.counts == local.counts == {"seen": 18, "written": 17, "failed": 1}
-    assert _files(tmp_path / "remote") == _files(tmp_path / "local")
-    assert remote.manifest["source"]["root"] == "s3://bucket/wds"
+    assert remote["wds"].counts == local["wds"].counts == {"seen": 18, "written": 17, "failed": 1}
+    assert remote["pq"].counts == local["pq"].counts == {"seen": 18, "written": 17, "failed": 1}
+    assert remote["archive"].counts == local["archive"].counts == {"seen": 18, "written": 18, "failed": 0}
+    for name, path in sources.items():
+        assert _files(tmp_path / f"remote-{name}") == _files(tmp_path / f"local-{name}"), name
+        assert remote[name].manifest["source"]["root"] == f"s3://bucket/{path}", name
+        assert (tmp_path / f"remote-{name}" / SOURCE_INDEX_NAME).is_file(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
