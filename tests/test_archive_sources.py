@@ -477,3 +477,35 @@ def test_max_pixels_and_verify_behave_for_the_archive_as_for_its_extraction(data
     assert trusted.shards_written == 0 and shard.read_bytes() == bytes(damaged)
     verified = run_job(_job(data.archive, tmp_path / "archive", max_pixels=limit, max_failure_rate=1.0, verify=True))
     assert verified.shards_written == 1 and shard.read_bytes() == good
+
+
+def test_member_names_are_untrusted_no_name_becomes_a_path_on_disk(data, tmp_path):
+    """Inner members named `../../escape.JPEG`, `/tmp/abs.JPEG` and `a/../../up.JPEG`: the two that climb out of
+    their class are ignored and listed in the manifest (as a folder's stray files are), the absolute name is an
+    image under its class with a sanitised key; nothing is created outside OUT."""
+    image = (data.src / sorted(data.labels)[1]).read_bytes()
+    hostile = [("../../escape.JPEG", image), ("/tmp/abs.JPEG", image), ("a/../../up.JPEG", image)]
+
+    def add(synset: str, inner: bytes) -> bytes:
+        return tar_bytes(class_members(data.src / synset) + (hostile if synset == CLASS_NAMES[2] else []))
+
+    (tmp_path / "work").mkdir()
+    archive = make_train_archive(data.src, tmp_path / "work" / "hostile.tar", add)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    result = run_job(_job(archive, tmp_path / "work" / "out", max_failure_rate=1.0))
+    assert result.counts == {"seen": 19, "written": 19, "failed": 0}
+    ignored = result.manifest["source"]["ignored"]["first"]
+    assert f"{CLASS_NAMES[2]}.tar/../../escape.JPEG" in ignored and f"{CLASS_NAMES[2]}.tar/a/../../up.JPEG" in ignored
+    created = sorted(set(tmp_path.rglob("*")) - set(before))
+    assert created and all(p.is_relative_to(tmp_path / "work" / "out") for p in created), created
+    assert not any(p.name.startswith(("escape", "abs", "up")) for p in tmp_path.rglob("*"))
+    from pipeline.core import shards
+
+    keys = [
+        shards.decode_sample(raw)["__key__"]
+        for url in shards.shard_urls(tmp_path / "work" / "out", shards.load_manifest(tmp_path / "work" / "out"))
+        for raw in shards.iter_samples(url)
+    ]
+    assert not any(".." in key or key.startswith("/") for key in keys)
+    strange = [key for key in keys if "abs" in key]
+    assert len(strange) == 1 and strange[0].startswith(f"{CLASS_NAMES[2]}/tmp/abs"), strange
