@@ -197,7 +197,7 @@ def test_image_grid_refuses_non_uint8_input():
 # ---------------------------------------------------------------------------------------------------------------
 # Layering: diffit never imports pipeline, pipeline never imports cli, stages use each other's exports only
 
-STAGES = ("encode", "train", "evaluate", "demo", "report")
+STAGES = ("encode", "train", "evaluate", "demo", "report", "study")
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:

@@ -7,7 +7,14 @@ class-consistency yardstick, `run` is the demo itself, `staging` publishes whole
 packages (and the CLI) use what this package exports, never its modules' internals.
 """
 
-from pipeline.demo.classifier import ClassifierError, class_consistency, load_classifier, predict, train_classifier
+from pipeline.demo.classifier import (
+    ClassifierError,
+    class_consistency,
+    embed_images,
+    load_classifier,
+    predict,
+    train_classifier,
+)
 from pipeline.demo.procedural import ProceduralDatasetError, generate_dataset, load_labelled_images
 from pipeline.demo.run import DemoSettings, format_summary, run_demo
 from pipeline.demo.vae_fit import VAEFitConfig, VAEFitError, fit_vae
@@ -19,6 +26,7 @@ __all__ = [
     "VAEFitConfig",
     "VAEFitError",
     "class_consistency",
+    "embed_images",
     "fit_vae",
     "format_summary",
     "generate_dataset",

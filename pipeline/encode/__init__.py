@@ -10,15 +10,19 @@ previews a finished dataset. Other stages use what this package exports, never i
 from pipeline.encode.estimate import DryRun, dry_run, format_dry_run
 from pipeline.encode.inspect import PreviewError, format_summary, summarize, write_preview
 from pipeline.encode.job import JobConfig, JobError, JobPlan, JobResult, command_line, plan_job, run_job
-from pipeline.encode.source_items import Source, SourceError, SourceItem, SourceScan
+from pipeline.encode.member_index import IndexCache
+from pipeline.encode.source_items import Source, SourceError, SourceItem, SourceScan, item_location
 from pipeline.encode.sources import (
     open_source,
     read_item_bytes,
     scan_source,
 )
-from pipeline.encode.transforms import ImageDecodeError, prepare_image
+from pipeline.encode.transforms import DEFAULT_MAX_PIXELS, TRANSFORM_NAME, ImageDecodeError, prepare_image
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "TRANSFORM_NAME",
+    "IndexCache",
     "DryRun",
     "ImageDecodeError",
     "JobConfig",
@@ -34,6 +38,7 @@ __all__ = [
     "dry_run",
     "format_dry_run",
     "format_summary",
+    "item_location",
     "open_source",
     "plan_job",
     "prepare_image",

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.encode.source_items import item_location
 from pipeline.evaluate.datasets import ReferenceInputError
 from pipeline.evaluate.reference_cache import sha256_json
 from pipeline.evaluate.references import Reference
@@ -47,8 +46,7 @@ class SourceImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from pipeline.encode.sources import read_item_bytes
-        from pipeline.encode.transforms import ImageDecodeError, prepare_image
+        from pipeline.encode import ImageDecodeError, item_location, prepare_image, read_item_bytes
 
         item = self.items[index]
         try:
@@ -88,9 +86,7 @@ def open_source_reference(
     """The reference and its dataset for an encode source (see the module docstring); the member index is cached
     under `work_dir`."""
     from pipeline.core.storage import Location
-    from pipeline.encode.member_index import IndexCache
-    from pipeline.encode.sources import open_source
-    from pipeline.encode.transforms import DEFAULT_MAX_PIXELS, TRANSFORM_NAME
+    from pipeline.encode import DEFAULT_MAX_PIXELS, TRANSFORM_NAME, IndexCache, item_location, open_source
 
     if resolution < 1:
         raise ReferenceInputError(f"--resolution must be >= 1, got {resolution}")

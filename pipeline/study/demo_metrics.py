@@ -32,7 +32,7 @@ DEFAULT_MAX_REFERENCE_IMAGES = 5000
 def classifier_features(model, images: np.ndarray) -> np.ndarray:
     """The classifier's head inputs [N, D] (float64) for uint8 images [N, H, W, 3] (`SmallCNN.embed`, with the
     same resizing and grayscale conversion as the consistency metric)."""
-    from pipeline.demo.classifier import embed_images
+    from pipeline.demo import embed_images
 
     return embed_images(model, images)
 

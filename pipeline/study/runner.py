@@ -182,8 +182,7 @@ def curve_unit(study: Study, unit: Unit, out: Path) -> None:
     `curve.num_samples` samples (no Inception metrics: FID during training is the trainer's `eval.every`), and
     write the demo metrics."""
     from pipeline.evaluate import evaluate
-    from pipeline.train import CHECKPOINTS_DIR, export_checkpoint
-    from pipeline.train.checkpoint import checkpoint_name
+    from pipeline.train import CHECKPOINTS_DIR, checkpoint_name, export_checkpoint
 
     count = int(study.curve.get("num_samples") or 0)
     for step in study.curve_steps():

@@ -13,6 +13,7 @@ from pipeline.train.checkpoint import (
     LATEST_POINTER,
     TRAIN_STATE,
     CheckpointError,
+    checkpoint_name,
     checkpoint_problem,
     list_checkpoints,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "RunLockedError",
     "TrainArgs",
     "TrainError",
+    "checkpoint_name",
     "checkpoint_problem",
     "config_from_dict",
     "dump_config",
