@@ -375,3 +375,153 @@ def test_a_shipped_study_loads_and_its_models_accept_its_kwargs(path):
     study = load_study(path)
     assert len(study.units()) >= 2 and study.baseline in [v.name for v in study.variants]
     check_model_kwargs(study)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study stage's guarantees: each test below fails with the one-line bug named in its docstring
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [["set.evaluate.num_samples=3"], []],
+    ids=["--set", "set-in-the-file"],
+)
+def test_a_curve_longer_than_the_evaluation_is_refused_when_the_sample_count_comes_from_set(tiny, settings):
+    """`set: {evaluate.num_samples: N}` is an evaluate setting: the curve bound must see it (it used to be checked
+    before `set`'s evaluate keys were moved, so one curve mixed 4-sample and 3-sample points)."""
+    path = edited(tiny, "set: {checkpoint.keep_every: 2}", "set: {checkpoint.keep_every: 2, evaluate.num_samples: 3}")
+    with pytest.raises(StudyError, match="curve.num_samples 4 exceeds evaluate.num_samples"):
+        load_study(tiny / "study.yaml" if settings else path, settings)
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_records_of_one_step_are_merged_so_the_loss_curve_keeps_the_steps_where_fid_was_logged(tiny, tmp_path):
+    """The trainer logs a loss record and then an FID record for the same step; a resumed run logs a step again.
+    The curve keeps the loss and the FID of such a step, and the later value of a repeated one (keeping only the
+    last record lost the loss; keeping the first lost the FID and the resumed value)."""
+    from pipeline.study.aggregate import read_training_records, training_curves
+
+    study = load_study(tiny / "study.yaml")
+    for unit in study.units():
+        seed = unit.seed
+        _write_records(
+            tmp_path / unit.run_dir / "metrics.jsonl",
+            [
+                {"step": 1, "loss": 2.0 + seed},
+                {"step": 2, "loss": 9.0},  # logged, then the run was killed and resumed from step 1
+                "not json",
+                {"step": 2, "loss": 1.0 + seed, "lr": 1e-4},
+                {"step": 2, "fid_64": 30.0 + 2 * seed, "plumbing_only_fid_64": 7.0},
+            ],
+        )
+    records = read_training_records(tmp_path / "runs/positional/seed-1")
+    assert records[2] == {"step": 2, "loss": 2.0, "lr": 1e-4, "fid_64": 32.0, "plumbing_only_fid_64": 7.0}
+    curves = training_curves(study, tmp_path)["fourier"]
+    assert curves["loss"] == {"step": [1, 2], "mean": [2.5, 1.5], "n": 2}
+    assert curves["fid_64"] == {"step": [2], "mean": [31.0], "n": 2}
+
+
+BUDGET = [
+    ("train.max_steps", 8),
+    ("train.global_batch_size", 8),
+    ("train.seed", 3),
+    ("evaluate.num_samples", 4),
+    ("evaluate.sampler", "ddim"),
+    ("evaluate.steps", 3),
+]
+
+
+@pytest.mark.parametrize("key, value", BUDGET, ids=[key for key, _ in BUDGET])
+def test_no_variant_may_change_the_budget(tiny, key, value):
+    """Every run trains the same steps on the same batch and is scored on the same samples with the same sampler:
+    each of these keys in one variant is refused (without `evaluate.num_samples` in the budget, variants were
+    scored on different sample counts)."""
+    path = edited(tiny, "{model.kwargs.time_embedding: fourier}", "{" + f"{key}: {json.dumps(value)}" + "}")
+    with pytest.raises(StudyError, match=f"axes.time_embedding.fourier: '{key}' is part of the budget"):
+        load_study(path)
+
+
+CFG_AXIS = (
+    "  cfg:\n    s1: {evaluate.cfg_scale: 1.0}\n    s3: {evaluate.cfg_scale: 3.0}\n    study_wide: {}",
+    "evaluate: {num_samples: 8, batch_size: 8, steps: 2, metrics: [], cfg_scale: 2.0}",
+)
+
+
+def _cfg_study(tiny: Path) -> Path:
+    text = (tiny / "study.yaml").read_text()
+    axes = "  time_embedding:\n    positional: {model.kwargs.time_embedding: positional}\n"
+    axes += "    fourier: {model.kwargs.time_embedding: fourier}"
+    text = text.replace(axes, CFG_AXIS[0]).replace(
+        "evaluate: {num_samples: 8, batch_size: 8, steps: 2, metrics: []}", CFG_AXIS[1]
+    )
+    text = text.replace("seeds: [0, 1]", "seeds: [0]").replace("curve: {num_samples: 4}\n", "")
+    path = tiny / "cfg-study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_variants_evaluate_setting_wins_over_the_study_wide_one(tiny, tmp_path):
+    """A guidance-scale study measures each variant at its own scale; the study-wide value only where a variant
+    sets none (the study-wide settings overriding the variant's measured one scale three times)."""
+    from pipeline.study.runner import evaluate_options
+
+    study = load_study(_cfg_study(tiny))
+    scales = {
+        variant.name: evaluate_options(study, variant.name, 0, tmp_path / "m", tmp_path / "e").sampling.cfg_scale
+        for variant in study.variants
+    }
+    assert scales == {"s1": 1.0, "s3": 3.0, "study_wide": 2.0}
+
+
+def test_a_unit_is_done_only_when_every_one_of_its_evaluations_has_a_result(tiny, tmp_path):
+    """A study killed between a unit's two evaluations (a result.json is written atomically, last) resumes with
+    the missing evaluation only (a unit counted as done after its first evaluation skipped the rest)."""
+    from pipeline.study import run_unit, unit_state
+
+    study = load_study(_cfg_study(tiny))
+    (unit,) = study.units()
+    assert [e.out_dir for e in unit.evaluations] == ["evals/s1/seed-0", "evals/s3/seed-0", "evals/study_wide/seed-0"]
+    out = tmp_path / "study"
+    run_unit(study, unit, out)
+    assert unit_state(study, unit, out) == "done"
+    results = {e.out_dir: out / e.out_dir / "result.json" for e in unit.evaluations}
+    finished = {name: path.read_text() for name, path in results.items()}
+    kept = {name: path.stat().st_mtime_ns for name, path in results.items()}
+    results["evals/s3/seed-0"].unlink()  # as if killed before its result was written
+    assert unit_state(study, unit, out) == "trained"
+    run_unit(study, unit, out)
+    assert {name: path.read_text() for name, path in results.items()} == finished
+    assert results["evals/s1/seed-0"].stat().st_mtime_ns == kept["evals/s1/seed-0"]
+    assert results["evals/study_wide/seed-0"].stat().st_mtime_ns == kept["evals/study_wide/seed-0"]
+    assert unit_state(study, unit, out) == "done"
+
+
+def test_jobs_count_a_unit_killed_by_a_signal_as_failed(tiny, tmp_path, monkeypatch):
+    """`--jobs 2`: a unit process that dies of SIGKILL (return code -9) is a failure named with its log; the other
+    unit still runs (a negative return code counted as success let a study aggregate a unit that never finished)."""
+    import sys
+
+    from pipeline.core.errors import JobFailedError
+    from pipeline.study import parallel
+
+    study = load_study(tiny / "study.yaml")
+    units = study.units()[:2]
+    done = tmp_path / "unit-0-ran"
+    commands = {
+        0: [sys.executable, "-c", f"open({str(done)!r}, 'w').close()"],
+        1: [
+            sys.executable,
+            "-c",
+            "import os, signal; print('dying', flush=True); os.kill(os.getpid(), signal.SIGKILL)",
+        ],
+    }
+    monkeypatch.setattr(parallel, "unit_command", lambda _file, _out, _settings, index: commands[index])
+    with pytest.raises(JobFailedError) as failed:
+        parallel.run_parallel(tiny / "study.yaml", tmp_path, [], units, jobs=2, log=lambda _line: None)
+    log = tmp_path / "logs" / "run-1.log"
+    assert str(failed.value) == f"1 of 2 study run(s) failed: runs/positional/seed-1 exit -9 (log {log})"
+    assert done.is_file() and log.read_text() == "dying\n"

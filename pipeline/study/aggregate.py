@@ -83,7 +83,9 @@ def _values(by_seed: dict[int, dict[str, Any]], metric: str) -> dict[int, float]
 
 
 def read_training_records(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """step -> the last record logged for it in RUN/metrics.jsonl (numbers only; unreadable lines skipped)."""
+    """step -> every record logged for it in RUN/metrics.jsonl merged in file order (the trainer writes a loss
+    record and then an FID record for a step; a value logged again, after a resume, replaces the earlier one).
+    Unreadable lines are skipped."""
     path = run_dir / "metrics.jsonl"
     records: dict[int, dict[str, Any]] = {}
     if not path.is_file():
@@ -94,7 +96,7 @@ def read_training_records(run_dir: Path) -> dict[int, dict[str, Any]]:
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records[record["step"]] = record
+            records.setdefault(record["step"], {}).update(record)
     return records
 
 

@@ -292,6 +292,10 @@ def parse_study(mapping: dict, path: Path) -> Study:
     _check_keys(evaluate, EVALUATE_KEYS, path, "evaluate")
     demo_metrics = _mapping(mapping.get("demo_metrics"), path, "demo_metrics")
     _check_keys(demo_metrics, DEMO_METRIC_KEYS, path, "demo_metrics")
+    # `set: {evaluate.X: ...}` is an evaluate setting: moved before anything reads `evaluate` (the curve's bound).
+    for key in list(common):
+        if key.startswith(EVALUATE_PREFIX):
+            evaluate[key[len(EVALUATE_PREFIX) :]] = common.pop(key)
     curve = _mapping(mapping.get("curve"), path, "curve")
     _check_keys(curve, CURVE_KEYS, path, "curve")
     if curve:
@@ -308,9 +312,6 @@ def parse_study(mapping: dict, path: Path) -> Study:
             "curve.num_samples samples of the final evaluation)",
         )
     variants = _expand_axes(mapping["axes"], path)
-    for key in list(common):
-        if key.startswith(EVALUATE_PREFIX):
-            evaluate[key[len(EVALUATE_PREFIX) :]] = common.pop(key)
     baseline = mapping.get("baseline") or variants[0].name
     names = [v.name for v in variants]
     _need(baseline in names, path, f"baseline {baseline!r} is not a variant; variants: {', '.join(names)}")
