@@ -554,3 +554,184 @@ def test_an_object_written_by_another_client_is_listed_and_found(s3):
     assert location.names() == ["shard-000000.json"] and set(location.stats()) == {"shard-000000.json"}
     with pytest.raises(StorageError):
         Location.of("s3://no-such-bucket-here/x").create()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Third audit (studies, references, metrics, training, report): each test fails with the bug its docstring names
+
+
+def test_a_reference_build_resumed_at_another_resolution_recomputes_every_chunk(
+    tmp_path, inception_weights, monkeypatch, caplog
+):
+    """A source reference killed at 16 px and rebuilt at 8 px into the same OUT equals an uninterrupted 8 px build
+    (a content identity without the resolution reused the 16 px statistics chunks)."""
+    import pipeline.evaluate.reference_batch as reference_batch
+    from pipeline.evaluate import build_reference
+
+    source = write_folder_reference(tmp_path / "images", smooth_images(6, size=16, seed=5))
+    out = tmp_path / "resumed.npz"
+    compute_part = reference_batch._compute_part
+    chunks: list[int] = []
+
+    def killed_after_the_first_chunk(dataset, *args, **kwargs):
+        if chunks:
+            raise KeyboardInterrupt
+        chunks.append(1)
+        return compute_part(dataset, *args, **kwargs)
+
+    def options(target: Path, resolution: int):
+        built = _reference_options(source, target, inception_weights)
+        built.resolution = resolution
+        return built
+
+    monkeypatch.setattr(reference_batch, "_compute_part", killed_after_the_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build_reference(options(out, 16))
+    assert (tmp_path / ".resumed.npz.partial" / "chunk-000000.npz").is_file() and not out.exists()
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING):
+        build_reference(options(out, 8))
+    assert any("partial statistics of other settings" in r.getMessage() for r in caplog.records)
+    build_reference(options(tmp_path / "uninterrupted.npz", 8))
+    build_reference(options(tmp_path / "at-16.npz", 16))
+    with np.load(out) as resumed, np.load(tmp_path / "uninterrupted.npz") as expected:
+        with np.load(tmp_path / "at-16.npz") as other:
+            assert not np.array_equal(other["mu"], expected["mu"])  # the two resolutions do differ
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_a_fortran_order_npz_member_reads_back_as_written(tmp_path, compressed):
+    """`np.savez(x=np.asfortranarray(a))` stores the bytes column-major; mapping them as C order would read
+    [[1, 2, 3], [4, 5, 6]] as [[1, 4, 2], [5, 3, 6]]."""
+    from pipeline.evaluate.npz_files import load_member, read_member_header
+
+    array = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float32)
+    path = tmp_path / "fortran.npz"
+    (np.savez_compressed if compressed else np.savez)(path, x=np.asfortranarray(array), c=array)
+    assert read_member_header(path, "x").fortran_order and not read_member_header(path, "c").fortran_order
+    for name in ("x", "c"):
+        loaded = load_member(path, name)
+        np.testing.assert_array_equal(np.asarray(loaded), array, err_msg=name)
+        assert np.asarray(loaded).tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_an_infinite_metric_is_refused_like_nan(tmp_path, inception_weights):
+    """Reference statistics with a finite mean of 1e200 make FID overflow to +inf: no metrics.json may carry it
+    (a check for NaN only let inf through)."""
+    from pipeline.core.errors import JobFailedError
+    from pipeline.evaluate import datasets, inception, metrics, references
+
+    np.savez(tmp_path / "far.npz", mu=np.full(64, 1e200), sigma=np.eye(64))
+    reference = references.open_reference(tmp_path / "far.npz")
+    config = inception.FeatureConfig(
+        weights=inception.resolve_inception_weights(inception_weights), layer_fid="64", batch_size=8
+    )
+    samples = datasets.ArrayDataset(smooth_images(8, size=16, seed=6))
+    with pytest.raises(JobFailedError, match=r"metrics \['frechet_inception_distance'\] are not finite .*inf"):
+        metrics.compute_metrics(samples, reference, ["fid"], config, tmp_path / "cache")
+
+
+def test_the_report_gate_refuses_a_sibling_directory_that_shares_the_runs_name_as_a_prefix(tmp_path):
+    """`RUN-other/` is outside `RUN/`: a link into it is skipped and listed (a string-prefix test admitted it)."""
+    from cli.report_cmd import register
+
+    run_dir, sibling = tmp_path / "run", tmp_path / "run-other"
+    run_dir.mkdir()
+    sibling.mkdir()
+    (sibling / "config.yaml").write_text("model:\n  name: SIBLING-SECRET\n")
+    (run_dir / "config.yaml").symlink_to(sibling / "config.yaml")
+    report = typer_app_with(register)
+    result = CliRunner().invoke(report, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    page = (run_dir / "report.html").read_text()
+    assert "SIBLING-SECRET" not in page
+    assert "<tr><td>RUN/config.yaml</td><td>a symbolic link pointing outside the run (not read)</td></tr>" in page
+
+
+def typer_app_with(register):
+    import typer
+
+    application = typer.Typer()
+    register(application)
+    application.command("noop", hidden=True)(lambda: None)  # two commands: typer keeps the command name
+    return application
+
+
+def test_an_object_written_by_another_client_is_listed_by_names_alone(s3):
+    """`names()` right after another client's write and delete, with no `stat` in between to clear the cached
+    listing as a side effect (a listing answered from fsspec's cache misses both)."""
+    import s3fs
+
+    location = Location.of(s3.url + "-names")
+    location.write_bytes("a.json", b"{}")
+    assert location.names() == ["a.json"]  # fills this process's listing cache
+    other = s3fs.S3FileSystem(skip_instance_cache=True)
+    other.pipe_file("bucket/dataset-names/b.json", b"{}")
+    assert location.names() == ["a.json", "b.json"]
+    other.rm_file("bucket/dataset-names/a.json")
+    assert location.names() == ["b.json"]
+
+
+@pytest.mark.parametrize("model", ["DiffiT-Tiny/2", "DiffiT-UNet-Tiny"])
+def test_a_fourier_time_embedding_is_the_fourier_features_not_the_sinusoids(model):
+    """`time_embedding: fourier` changes the model: its time token is MLP([cos 2pi B t, sin 2pi B t]) and its
+    output differs from the positional model with the same weights (a model ignoring the setting trained
+    positional embeddings in a Fourier study)."""
+    import math
+
+    import diffit
+    from diffit.layers import timestep_embedding
+
+    kwargs = {"input_size": 8} if model.endswith("/2") else {"channels": [16, 16], "num_groups": 4, "num_heads": 2}
+    kwargs["num_classes"] = 10
+    torch.manual_seed(0)
+    positional = diffit.create_model(model, time_embedding="positional", **kwargs).eval()
+    fourier = diffit.create_model(model, time_embedding="fourier", **kwargs).eval()
+    with torch.no_grad():  # zero-initialised output layers (DiT's) would make every output 0
+        for parameter in positional.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.1)
+    missing, unexpected = fourier.load_state_dict(positional.state_dict(), strict=False)
+    assert unexpected == [] and [key for key in missing if not key.endswith("freqs")] == []
+    t = torch.tensor([0.25, 3.0])
+    freqs = fourier.time_embed.fourier.freqs
+    assert freqs.shape == (fourier.time_embed.frequency_size // 2,) and freqs.std() > 1  # B ~ N(0, 16^2)
+    angles = 2 * math.pi * t[:, None] * freqs[None, :]
+    mlp = positional.time_embed.mlp  # the same weights in both models
+    with torch.no_grad():
+        torch.testing.assert_close(fourier.time_embed(t), mlp(torch.cat([angles.cos(), angles.sin()], dim=1)))
+        sinusoids = timestep_embedding(t, positional.time_embed.frequency_size)
+        torch.testing.assert_close(positional.time_embed(t), mlp(sinusoids))
+        channels = positional.in_channels
+        x = torch.randn(2, channels, 8, 8) if model.endswith("/2") else torch.randn(2, 3, 16, 16)
+        labels = torch.tensor([1, 2])
+        assert not torch.allclose(fourier(x, t, labels), positional(x, t, labels))
+
+
+def test_evaluate_of_an_imported_release_writes_truncated_pixels_without_being_asked(tiny_vae, tmp_path):
+    """`import-nvlabs` records the released code's pixel conversion ("truncate"); evaluate without --pixels uses
+    it: the same samples, one grey level darker than "round" wherever frac(127.5 x + 127.5) >= 0.5 (an evaluate
+    ignoring the recorded setting wrote rounded pixels)."""
+    from safetensors.torch import save_file
+
+    from pipeline.evaluate import STORE_NAME, EvaluateOptions, SampleStore, SamplingOptions, evaluate
+
+    path = tmp_path / "diffit_256.safetensors"
+    save_file(_released_state(seed=3), str(path))
+    assert invoke("import-nvlabs", path, tmp_path / "imported", "--vae", tiny_vae).exit_code == 0
+    assert json.loads((tmp_path / "imported" / "config.json").read_text())["sampling"]["pixels"] == "truncate"
+    images = {}
+    for name, pixels in (("default", None), ("round", "round")):
+        sampling = SamplingOptions(steps=2, cfg_scale=1.0, pixels=pixels)
+        options = EvaluateOptions(
+            tmp_path / "imported", tmp_path / name, num_samples=4, batch_size=4, sampling=sampling, metrics=()
+        )
+        options.device = "cpu"
+        record = evaluate(options)
+        assert record["sampling"]["pixels"] == ("truncate" if pixels is None else "round")
+        store = SampleStore.open(tmp_path / name / STORE_NAME, mode="r")
+        images[name] = store.read_images(0, 4).astype(int)
+    difference = images["round"] - images["default"]
+    assert set(np.unique(difference)) == {0, 1} and difference.mean() > 0.2

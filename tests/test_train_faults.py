@@ -208,6 +208,18 @@ def test_a_signal_during_teardown_finishes_the_run_with_exit_0(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_a_signal_during_the_last_step_finishes_the_run_with_exit_0(tmp_path, monkeypatch, dataset, caplog):
+    """SIGTERM inside the only step of a run (max_steps = 1): the step is the last, so the run completes, writes
+    its final checkpoint and returns (exit 0); a stop there (exit 75) would have SLURM requeue a finished run."""
+    run_dir = tmp_path / "run"
+    signal_at("step", tmp_path, monkeypatch)
+    args = train_args(tmp_path, dataset, run_dir, train={"max_steps": 1}, checkpoint={"every": 100})
+    summary = run(args)  # no TrainingStopped
+    assert summary["step"] == 1
+    assert [step for step, _ in list_checkpoints(run_dir)] == [1]
+    assert "received SIGTERM after the last step: the run is complete (exit code 0)" in caplog.text
+
+
 def test_a_signal_during_set_up_of_a_resumed_run_saves_nothing_and_exits_75(tmp_path, monkeypatch, dataset):
     run_dir = tmp_path / "run"
     run(train_args(tmp_path, dataset, run_dir, train={"max_steps": 1}, checkpoint={"every": 1}))
