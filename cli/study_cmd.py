@@ -58,10 +58,12 @@ def study(
         STUDY_JSON,
         StudyError,
         aggregate,
+        check_directory,
         load_study,
         prepare_directory,
         run_all,
         run_unit,
+        study_lock,
         unit_state,
         write_page,
         write_sbatch,
@@ -70,13 +72,14 @@ def study(
     setup_logging()
     spec = load_study(study_file, list(settings))
     out = out or Path("studies") / spec.name
-    prepare_directory(spec, out)
     units = spec.units()
-    if plan:
+    if plan:  # a look: checks the directory against the study, writes nothing
+        check_directory(spec, out)
         for unit in units:
             names = ", ".join(e.variant for e in unit.evaluations)
             typer.echo(f"{unit.index}: {unit.run_dir} [{unit_state(spec, unit, out)}] variants {names}")
         return
+    prepare_directory(spec, out)
     if slurm:
         array, aggregate_script = write_sbatch(study_file, out, list(settings), len(units), spec.name)
         typer.echo(f"wrote {array} ({len(units)} array elements) and {aggregate_script}")
@@ -90,19 +93,20 @@ def study(
         run_unit(spec, units[run_index], out)
         typer.echo(f"run {run_index} ({units[run_index].run_dir}) complete")
         return
-    if not aggregate_only and jobs > 1:
-        from pipeline.study.parallel import run_parallel
-
-        pending = [unit for unit in units if unit_state(spec, unit, out) != "done"]
-        run_parallel(study_file, out, list(settings), pending, jobs, log=typer.echo)
-    elif not aggregate_only:
-        run_all(spec, out, log=typer.echo)
     from pipeline.core.atomic import write_json_atomic
     from pipeline.study.aggregate import write_grids
 
-    result = aggregate(spec, out)
-    write_json_atomic(out / STUDY_JSON, result)
-    write_page(result, out / STUDY_HTML, write_grids(spec, out))
+    with study_lock(out):
+        if not aggregate_only and jobs > 1:
+            from pipeline.study.parallel import run_parallel
+
+            pending = [unit for unit in units if unit_state(spec, unit, out) != "done"]
+            run_parallel(study_file, out, list(settings), pending, jobs, log=typer.echo)
+        elif not aggregate_only:
+            run_all(spec, out, log=typer.echo)
+        result = aggregate(spec, out)
+        write_json_atomic(out / STUDY_JSON, result)
+        write_page(result, out / STUDY_HTML, write_grids(spec, out))
     typer.echo(f"wrote {out / STUDY_JSON} and {out / STUDY_HTML}")
 
 

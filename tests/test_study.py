@@ -525,3 +525,208 @@ def test_jobs_count_a_unit_killed_by_a_signal_as_failed(tiny, tmp_path, monkeypa
     log = tmp_path / "logs" / "run-1.log"
     assert str(failed.value) == f"1 of 2 study run(s) failed: runs/positional/seed-1 exit -9 (log {log})"
     assert done.is_file() and log.read_text() == "dying\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile and careless inputs: one `error:` line naming the file, exit 2, nothing written, before any training
+
+
+def cli_error(arguments: list[str]) -> str:
+    """Run `diffit-pipe ARGS` in this process; assert exit 2 with exactly one line, an `error:` line; return it."""
+    result = CliRunner().invoke(app, [str(a) for a in arguments])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output[-2000:]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+ALIAS_BOMB = """name: bomb
+base: base.yaml
+seeds: [0]
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+axes: {x: {y: {evaluate.classes: *f}}}
+"""
+
+
+def test_a_yaml_alias_bomb_is_refused_at_its_first_alias(tiny):
+    path = tiny / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    line = cli_error(["study", path, "--out", tiny / "never"])
+    assert line.startswith(f"error: {path}: not valid YAML (aliases (*name) are not accepted (line 5, column 8)")
+    assert len(line) < 400 and not (tiny / "never").exists()
+    line = cli_error(["study", tiny / "study.yaml", "--set", "seeds=[&a 0, *a]", "--out", tiny / "never"])
+    assert "--set 'seeds=[&a 0, *a]': the value is not valid YAML (aliases (*name) are not accepted" in line
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("data=[x", "--set 'data=[x': the value is not valid YAML (while parsing a flow sequence"),
+        ("data=[1, 2]", "data must be a path, got [1, 2]"),
+        ("seeds=[-1]", "seeds must be integers in [0, 4294967295], got -1"),
+        ("seeds=[1e23]", "seeds must be integers in [0, 4294967295], got '1e23'"),
+        ("seeds=[1.0e+23]", "seeds must be integers in [0, 4294967295], got 1e+23"),
+        ("seeds=[0, 1, 0]", "seeds repeat: [0, 1, 0]"),
+        ('name="tiny\\n"', "name 'tiny\\n' must be 1-100 of A-Z a-z 0-9"),
+        ("evaluate.steps=abc", "variant positional: evaluate.steps: expected an integer in [1, 100000], got 'abc'"),
+        ("evaluate.cfg_scale=[1, 2]", "variant positional: evaluate.cfg_scale: expected a finite number, got [1, 2]"),
+        ("evaluate.sampler=euler", "evaluate.sampler: expected one of ddpm, ddim, edm-heun, got 'euler'"),
+        ("evaluate.metrics=[fid, fld]", "evaluate.metrics: unknown 'fld'; choose from fid, sfid, is, prc, kid"),
+        ("evaluate.pixels=nearest", "evaluate.pixels: expected one of round, truncate, got 'nearest'"),
+        ("evaluate.num_samples=2", "curve.num_samples 4 exceeds evaluate.num_samples"),
+        ("evaluate.num_samples=abc", "evaluate.num_samples: expected an integer in [1, 10000000], got 'abc'"),
+        ("demo_metrics.classifier=[a]", "demo_metrics.classifier must be a path, got ['a']"),
+        ("demo_metrics.max_reference_images=abc", "demo_metrics.max_reference_images must be an integer in [2, "),
+        ("curve.num_samples=1.5", "curve.num_samples must be an integer >= 2 (a covariance), got 1.5"),
+        ("set.train.seed=-1", "set: 'train.seed' is given by the study's seeds"),
+    ],
+)
+def test_every_value_is_checked_when_the_study_loads(tiny, setting, message):
+    """`--set` values (and the same keys in the file) are parsed and checked before any unit trains."""
+    out = tiny / "never"
+    line = cli_error(["study", tiny / "study.yaml", "--set", setting, "--out", out])
+    assert message in line, line
+    assert not out.exists()
+
+
+def test_counts_are_bounded_before_anything_is_expanded(tiny):
+    """9 axes x 10 variants (10^9 variants), 5,000 seeds and a 1.5 MB file of 200,000 seeds are refused at once,
+    with their counts."""
+    axes = {f"a{i}": {f"v{j}": {"evaluate.cfg_scale": float(j)} for j in range(10)} for i in range(9)}
+    path = tiny / "huge.yaml"
+    path.write_text(json.dumps({"name": "huge", "base": "base.yaml", "seeds": [0], "axes": axes}))
+    line = cli_error(["study", path, "--plan", "--out", tiny / "never"])
+    assert "the axes make at least 100000 variants; with its seeds a study may have at most 10000 evaluations" in line
+    path.write_text(json.dumps({"name": "many", "base": "base.yaml", "seeds": list(range(5000)), "axes": axes}))
+    assert "seeds must be a list of 1 to 1000 integers, got 5000 seeds" in cli_error(["study", path, "--plan"])
+    path.write_text(json.dumps({"name": "many", "base": "base.yaml", "seeds": list(range(200_000)), "axes": axes}))
+    line = cli_error(["study", path, "--plan"])
+    assert "not valid YAML (a YAML file of 1492170 bytes, more than the 1048576 accepted)" in line
+
+
+def test_plan_writes_nothing_and_an_out_that_is_a_file_is_refused(tiny):
+    out = tiny / "only-a-look"
+    result = CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--plan"])
+    assert result.exit_code == 0 and "0: runs/positional/seed-0 [todo]" in result.output
+    assert not out.exists()
+    (tiny / "a-file").write_text("x")
+    line = cli_error(["study", tiny / "study.yaml", "--out", tiny / "a-file", "--plan"])
+    assert line == f"error: {tiny / 'a-file'}: not a directory (--out names the study directory)"
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"metrics": {"FD_demo": "x"}, "seed": 0, "num_samples": 8}'])
+def test_a_result_file_that_is_not_a_result_is_one_error_line(tiny, tmp_path, content):
+    out = tmp_path / "study"
+    assert CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--slurm"]).exit_code == 0
+    result = out / "evals/positional/seed-0/result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text(content)
+    line = cli_error(["study", tiny / "study.yaml", "--out", out, "--plan"])
+    assert line.startswith(f"error: {result}: not a study result (") and "remove it to evaluate again" in line
+
+
+def _copy_dataset(source: Path, target: Path, change: bool) -> Path:
+    shutil.copytree(source, target)
+    if change:  # one shard rewritten: its sha256 in the manifest changes
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["created"] = "another time"
+        (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_a_study_resumed_with_other_inputs_is_refused_and_moved_inputs_are_accepted(tiny, tmp_path):
+    """The study's identity covers the content of its data, references and classifiers: `--set data=B` on a
+    directory made with data A is refused (it would mix the two in one study.json); the same bytes elsewhere are
+    the same study."""
+    out = tmp_path / "study"
+    assert CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--slurm"]).exit_code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert set(plan["inputs"]) == {"data", "demo_metrics", "evaluate"}
+    assert set(plan["inputs"]["demo_metrics"]) == {"classifier", "reference"}
+    moved = _copy_dataset(tiny / "data", tmp_path / "same-data", change=False)
+    other = _copy_dataset(tiny / "data", tmp_path / "other-data", change=True)
+    clf = tmp_path / "other-clf"
+    shutil.copytree(tiny / "clf", clf)
+    weights = next(p for p in clf.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    ok = CliRunner().invoke(
+        app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--plan", "--set", f"data={moved}"]
+    )
+    assert ok.exit_code == 0, ok.output
+    for setting, changed in ((f"data={other}", "data"), (f"demo_metrics.classifier={clf}", "demo_metrics")):
+        line = cli_error(["study", tiny / "study.yaml", "--out", out, "--plan", "--set", setting])
+        assert f"{out} holds this study run with other inputs ({changed} differ from its plan.json)" in line
+    line = cli_error(["study", tiny / "study.yaml", "--out", out, "--set", "data=/no/such/data"])
+    assert line == f"error: {tiny / 'study.yaml'}: not found: data /no/such/data"
+
+
+def test_a_plan_written_before_inputs_were_recorded_is_resumed_and_completed(tiny, tmp_path):
+    out = tmp_path / "study"
+    assert CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--slurm"]).exit_code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    (out / "plan.json").write_text(json.dumps({k: v for k, v in plan.items() if k != "inputs"}))
+    assert CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--slurm"]).exit_code == 0
+    assert json.loads((out / "plan.json").read_text()) == plan
+
+
+def test_one_study_process_per_directory_and_one_process_per_unit(tiny, tmp_path):
+    from pipeline.study import study_lock
+    from pipeline.study.runner import unit_lock
+
+    out = tmp_path / "study"
+    assert CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--slurm"]).exit_code == 0
+    unit = load_study(tiny / "study.yaml").units()[1]
+    with study_lock(out):
+        line = cli_error(["study", tiny / "study.yaml", "--out", out])
+        assert line == f"error: {out}: another `diffit-pipe study` on this study directory is already running " + (
+            "(its lock is held); wait for it to end"
+        )
+        with unit_lock(out, unit):
+            line = cli_error(["study", tiny / "study.yaml", "--out", out, "--run-index", "1"])
+            assert line.startswith(f"error: {out / 'locks/run-1'}: run 1 (runs/positional/seed-1) is already running")
+    assert not (out / "runs").exists()
+
+
+HOSTILE_OUT = "out dir; $(touch PWNED) `touch PWNED2` 'q' \"d\""
+
+
+def test_generated_scripts_quote_every_value_and_run_only_what_they_say(tiny, tmp_path):
+    """The array and aggregate scripts, executed with stub `srun` / `diffit-pipe` on PATH and a hostile --out and
+    --set: each command receives exactly the words it was given, nothing else runs; control characters are
+    refused."""
+    out = tmp_path / HOSTILE_OUT
+    setting = "evaluate.cache_dir=$(touch PWNED3)"
+    result = CliRunner().invoke(
+        app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--set", setting, "--slurm"]
+    )
+    assert result.exit_code == 0, result.output
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    record = tmp_path / "calls"
+    for name in ("srun", "diffit-pipe", "scontrol"):
+        stub = stubs / name
+        stub.write_text(f'#!/bin/bash\nprintf "%s\\0" "$(basename "$0")" "$@" >> {shlex_quote(str(record))}\n')
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_JOB_ID": "9"}
+    for script in ("study.sbatch", "study-aggregate.sbatch"):
+        assert subprocess.run(["bash", "-n", str(out / script)]).returncode == 0
+        ran = subprocess.run(["bash", str(out / script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+    words = record.read_text().split("\0")[:-1]
+    base = ["study", str((tiny / "study.yaml").resolve()), "--out", str(out.resolve()), "--set", setting]
+    assert words == ["srun", "diffit-pipe", *base, "--run-index", "3", "diffit-pipe", *base, "--aggregate-only"]
+    assert not list(tmp_path.glob("PWNED*")) and not list(REPO.glob("PWNED*"))
+    for bad_out in (tmp_path / "line\nbreak", tmp_path / "tab\tx"):
+        line = cli_error(["study", tiny / "study.yaml", "--out", bad_out, "--slurm"])
+        assert "a control character (newline, tab, ...) cannot go into a job script" in line
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)

@@ -25,7 +25,7 @@ from pipeline.evaluate.inception import (
     resolve_inception_weights,
 )
 from pipeline.evaluate.metrics import gather_reference_inputs
-from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, SamplingOptions
+from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, SamplingOptions, check_options
 from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
 from pipeline.evaluate.reference_cache import reference_cache_dir
 from pipeline.evaluate.references import open_reference
@@ -63,6 +63,7 @@ __all__ = [
     "SampleStoreMismatchError",
     "SamplingOptions",
     "build_reference",
+    "check_options",
     "evaluate",
     "sample_grid",
 ]

@@ -4,6 +4,7 @@ recorded in the store and in metrics.json, and the error for bad input found bef
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,90 @@ class EvaluateOptions:
     device: str | None = None
     precision: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on CUDA, fp32 elsewhere); see `prepare_network`
     compile: bool = False  # torch.compile the network
+
+
+# Bounds of what a request may ask for (every count is bounded before anything is allocated for it).
+MAX_NUM_SAMPLES = 10_000_000  # 200x the 50k of FID-50K
+MAX_BATCH_SIZE = 65_536
+MAX_STEPS = 100_000
+MAX_CLASS_LIST = 1_000_000
+MAX_SEED = 2**63 - 1  # per-sample seeds hash (seed, index) into 64 bits (`sample_seeds`)
+FEATURE_LAYERS = ("64", "192", "768", "2048")  # torch-fidelity's Inception-v3 layers (--feature-layer)
+
+
+def check_options(options: EvaluateOptions) -> None:
+    """Every option that does not depend on the model, checked for type and range where it enters (the CLI, a
+    study file) and again by `evaluate` itself: EvaluateInputError naming the option and the value."""
+    from diffit.guidance import SCHEDULES
+    from diffit.sampling import PIXEL_QUANTIZATIONS, SAMPLERS
+    from pipeline.evaluate.adm import DISTANCE_PRECISIONS
+    from pipeline.evaluate.metrics import METRIC_NAMES
+    from pipeline.evaluate.model_loading import PRECISIONS
+
+    sampling = options.sampling
+    _integer("num_samples", options.num_samples, 1, MAX_NUM_SAMPLES)
+    _integer("batch_size", options.batch_size, 1, MAX_BATCH_SIZE)
+    _choice("sampler", sampling.sampler, SAMPLERS, optional=True)
+    if sampling.steps is not None:
+        _integer("steps", sampling.steps, 1, MAX_STEPS)
+    if sampling.cfg_scale is not None:
+        _real("cfg_scale", sampling.cfg_scale)
+    _choice("cfg_schedule", sampling.cfg_schedule, SCHEDULES, optional=True)
+    _real("cfg_power", sampling.cfg_power)
+    _choice("cfg_channels", sampling.cfg_channels, ("3", "all"))
+    if sampling.classes is not None:
+        classes = sampling.classes
+        _need(isinstance(classes, (list, tuple)) and 0 < len(classes) <= MAX_CLASS_LIST, "classes", classes)
+        for label in classes:
+            _integer("classes", label, 0, MAX_CLASS_LIST)
+    _integer("seed", sampling.seed, 0, MAX_SEED)
+    _real("eta", sampling.eta, low=0.0)
+    _choice("pixels", sampling.pixels, PIXEL_QUANTIZATIONS, optional=True)
+    _need(isinstance(options.metrics, (list, tuple)), "metrics", options.metrics)
+    for metric in options.metrics:
+        _need(isinstance(metric, str), "metrics", options.metrics)
+        if metric.strip() and metric.strip().lower() not in METRIC_NAMES:
+            raise EvaluateInputError(f"metrics: unknown {metric!r}; choose from {', '.join(METRIC_NAMES)}")
+    _choice("feature_layer", options.feature_layer, FEATURE_LAYERS)
+    _integer("feature_batch_size", options.feature_batch_size, 1, MAX_BATCH_SIZE)
+    _integer("feature_workers", options.feature_workers, 0, 256)
+    _integer("kid_subset_size", options.kid_subset_size, 1, MAX_NUM_SAMPLES)
+    _real("prc_memory_gb", options.prc_memory_gb, low=1e-6)
+    _choice("prc_precision", options.prc_precision, DISTANCE_PRECISIONS)
+    _integer("prc_reference_limit", options.prc_reference_limit, 1, MAX_NUM_SAMPLES)
+    _integer("prc_seed", options.prc_seed, 0, MAX_SEED)
+    _choice("precision", options.precision, PRECISIONS)
+    _need(options.device is None or isinstance(options.device, str), "device", options.device)
+    _need(options.reference is None or isinstance(options.reference, (str, Path)), "reference", options.reference)
+    for name in ("inception_weights", "cache_dir", "vae"):
+        value = getattr(options, name)
+        _need(value is None or isinstance(value, (str, Path)), name, value)
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters (a message never quotes a whole hostile value)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _need(condition: bool, name: str, value: Any, expected: str = "") -> None:
+    if not condition:
+        raise EvaluateInputError(f"{name}: {expected or 'not accepted'}, got {brief(value)}")
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    _need(ok, name, value, f"expected an integer in [{low}, {high}]")
+
+
+def _real(name: str, value: Any, low: float = -math.inf) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    _need(ok, name, value, "expected a finite number" + (f" >= {low:g}" if low > -math.inf else ""))
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...], optional: bool = False) -> None:
+    ok = (optional and value is None) or (isinstance(value, str) and value in choices)
+    _need(ok, name, value, f"expected one of {', '.join(choices)}")
 
 
 @dataclass

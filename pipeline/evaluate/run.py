@@ -53,7 +53,13 @@ from pipeline.evaluate.inception import (
 from pipeline.evaluate.metrics import METRIC_NAMES, compute_metrics
 from pipeline.evaluate.model_loading import LoadedModel, load_model, network_settings, prepare_network
 from pipeline.evaluate.npz_export import export_npz
-from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, ResolvedSampling, SamplingOptions
+from pipeline.evaluate.options import (
+    EvaluateInputError,
+    EvaluateOptions,
+    ResolvedSampling,
+    SamplingOptions,
+    check_options,
+)
 from pipeline.evaluate.reference_cache import reference_cache_dir
 from pipeline.evaluate.references import check_reference, open_reference
 from pipeline.evaluate.sample_seeds import sample_class_labels
@@ -103,8 +109,6 @@ class Preflight:
 
 def _feature_config(options: EvaluateOptions, device: torch.device | str):
     """The metrics' `FeatureConfig` (Inception weights checked here, before any sampling)."""
-    if options.prc_memory_gb <= 0 or options.prc_reference_limit < 1 or options.feature_workers < 0:
-        raise EvaluateInputError("--prc-memory-gb must be > 0, --prc-reference-limit >= 1, --feature-workers >= 0")
     return FeatureConfig(
         weights=resolve_inception_weights(options.inception_weights),
         layer_fid=options.feature_layer,
@@ -143,10 +147,7 @@ def _check_sample_count(options: EvaluateOptions, chosen: Sequence[str], feature
 
 def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight:
     """Every check that can fail before sampling (see the module docstring); identical on every rank."""
-    if options.num_samples < 1:
-        raise EvaluateInputError(f"--num-samples must be >= 1, got {options.num_samples}")
-    if options.batch_size < 1:
-        raise EvaluateInputError(f"--batch-size must be >= 1, got {options.batch_size}")
+    check_options(options)
     chosen = _parse_metrics(options.metrics)
     feature_config = reference = None
     if chosen:

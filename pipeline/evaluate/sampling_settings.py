@@ -93,8 +93,6 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
         raise EvaluateInputError(f"--steps must be >= 1, got {steps}")
     if scale != 1.0 and not conditional:
         raise EvaluateInputError(f"--cfg-scale {scale}: {loaded.model_dir} is unconditional (no guidance)")
-    if options.cfg_channels not in ("3", "all"):
-        raise EvaluateInputError(f"--cfg-channels {options.cfg_channels}: expected 3 or all")
     classes = options.classes
     if classes is not None:
         if not conditional:
@@ -102,8 +100,6 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
         bad = [c for c in classes if not 0 <= c < loaded.num_classes]
         if bad or not classes:
             raise EvaluateInputError(f"--classes {classes}: labels must lie in [0, {loaded.num_classes})")
-    if options.seed < 0:
-        raise EvaluateInputError(f"--seed must be >= 0, got {options.seed}")
     return ResolvedSampling(
         kind=loaded.kind,
         sampler=sampler,

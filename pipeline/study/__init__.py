@@ -9,7 +9,16 @@ the interval arithmetic; `aggregate` writes `study.json`; `page` the HTML page; 
 from pipeline.study.aggregate import STUDY_JSON, StudyIncompleteError, aggregate
 from pipeline.study.demo_metrics import FD_DEMO, classifier_features
 from pipeline.study.page import STUDY_HTML, write_page
-from pipeline.study.runner import PLAN_FILE, RESULT_FILE, prepare_directory, run_all, run_unit, unit_state
+from pipeline.study.runner import (
+    PLAN_FILE,
+    RESULT_FILE,
+    check_directory,
+    prepare_directory,
+    run_all,
+    run_unit,
+    study_lock,
+    unit_state,
+)
 from pipeline.study.slurm import AGGREGATE_SBATCH, SBATCH, write_sbatch
 from pipeline.study.spec import BUDGET_KEYS, Study, StudyError, check_model_kwargs, load_study
 from pipeline.study.stats import interval, paired_difference
@@ -27,6 +36,7 @@ __all__ = [
     "StudyError",
     "StudyIncompleteError",
     "aggregate",
+    "check_directory",
     "check_model_kwargs",
     "classifier_features",
     "interval",
@@ -35,6 +45,7 @@ __all__ = [
     "prepare_directory",
     "run_all",
     "run_unit",
+    "study_lock",
     "unit_state",
     "write_page",
     "write_sbatch",

@@ -21,42 +21,104 @@ another study file against the same directory is refused instead of mixing the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import write_json_atomic
+from pipeline.core.storage import LocalDirectory, StorageError
 from pipeline.study.demo_metrics import demo_metrics
 from pipeline.study.spec import Evaluation, Study, StudyError, Unit, check_model_kwargs, training_config
+from pipeline.study.spec import evaluate_options as options_of_settings
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 RESULT_FILE = "result.json"
-SAMPLING_KEYS = ("sampler", "steps", "cfg_scale", "cfg_schedule", "cfg_power", "cfg_channels", "classes", "eta")
-SAMPLING_KEYS += ("pixels",)
-PATH_KEYS = ("inception_weights", "cache_dir")
+LOCKS_DIR = "locks"
+
+
+def check_directory(study: Study, out: Path) -> dict[str, Any]:
+    """The study's plan (`Study.describe`: its file, settings and the content identity of its inputs), checked
+    against the `plan.json` of an existing study directory: another study there, or this one with other inputs
+    (data, references, classifiers), is refused. Writes nothing (`--plan` uses it alone)."""
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"{out}: not a directory (--out names the study directory)")
+    missing = study.missing_inputs()
+    if missing:
+        raise StudyError(f"{study.path}: not found: {'; '.join(missing)}")
+    plan = json.loads(json.dumps(study.describe()))
+    stored = read_plan(out)
+    if stored is not None and stored != plan:
+        if "inputs" not in stored and {**stored, "inputs": plan["inputs"]} == plan:
+            return plan  # written before inputs were recorded: the same study, its inputs recorded now
+        differing = sorted(key for key in {*stored, *plan} if stored.get(key) != plan.get(key))
+        if differing == ["inputs"]:
+            changed = sorted(k for k in plan["inputs"] if stored["inputs"].get(k) != plan["inputs"][k])
+            raise StudyError(
+                f"{out} holds this study run with other inputs ({', '.join(changed)} differ from its {PLAN_FILE}): "
+                "resuming would mix results of both; use another --out, or restore the inputs"
+            )
+        raise StudyError(
+            f"{out} holds another study (its {PLAN_FILE} differs from {study.path} in {', '.join(differing)}): use "
+            "another --out, or remove the directory to start afresh"
+        )
+    return plan
+
+
+def read_plan(out: Path) -> dict[str, Any] | None:
+    """The study directory's `plan.json` (None: none yet)."""
+    path = out / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise StudyError(f"{path}: unreadable ({error}); remove it to start this study afresh") from None
+    if not isinstance(stored, dict):
+        raise StudyError(f"{path}: not a study plan; remove it to start this study afresh")
+    return stored
 
 
 def prepare_directory(study: Study, out: Path) -> None:
-    """Create the study directory with its `plan.json`, or check that an existing one holds this same study."""
-    plan = study.describe()
-    path = out / PLAN_FILE
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise StudyError(f"{path}: unreadable ({error}); remove it to start this study afresh") from None
-        if stored != json.loads(json.dumps(plan)):
-            raise StudyError(
-                f"{out} holds another study (its {PLAN_FILE} differs from {study.path}): use another --out, or "
-                "remove the directory to start afresh"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, plan)
+    """`check_directory`, then create the study directory with its `plan.json` (rewritten when it lacked the
+    inputs' identity)."""
+    plan = check_directory(study, out)
+    if read_plan(out) != plan:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / PLAN_FILE, plan)
+
+
+@contextlib.contextmanager
+def held_lock(directory: Path, holder: str) -> Iterator[None]:
+    """The exclusive lock of `directory` (`LocalDirectory.lock`, a `flock` the kernel drops when the process
+    dies) for the block; StudyError naming `holder` when another process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = LocalDirectory(directory).lock()
+    try:
+        lock.__enter__()
+    except StorageError:
+        raise StudyError(f"{directory}: {holder} is already running (its lock is held); wait for it to end") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def study_lock(out: Path):
+    """One `diffit-pipe study` that runs or aggregates a study directory at a time (array elements and `--jobs`
+    units take only their unit's lock)."""
+    return held_lock(out, "another `diffit-pipe study` on this study directory")
+
+
+def unit_lock(out: Path, unit: Unit):
+    """One process per unit at a time (a SLURM array element, a `--jobs` process, or the local runner)."""
+    return held_lock(out / LOCKS_DIR / f"run-{unit.index}", f"run {unit.index} ({unit.run_dir})")
 
 
 def export_complete(model_dir: Path, max_steps: int) -> bool:
@@ -77,9 +139,35 @@ def read_result(eval_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        result = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise StudyError(f"{path}: not a JSON result ({error}); remove it to evaluate again") from None
+    problem = result_problem(result)
+    if problem:
+        raise StudyError(f"{path}: not a study result ({problem}); remove it to evaluate again")
+    return result
+
+
+def result_problem(result: Any) -> str | None:
+    """What makes `result` not a result this runner writes (None: nothing)."""
+    if not isinstance(result, dict):
+        return f"a {type(result).__name__}, not an object"
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict):
+        return "no 'metrics' object"
+    for name, value in metrics.items():
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            return f"metric {name[:60]!r} is not a finite number"
+    if not (isinstance(result.get("seed"), int) and isinstance(result.get("num_samples"), int)):
+        return "no integer 'seed' and 'num_samples'"
+    point = result.get("curve_point")
+    if point is not None:
+        if not (isinstance(point, dict) and isinstance(point.get("step"), int)):
+            return "a malformed 'curve_point'"
+        problem = result_problem({**result, **point, "curve_point": None})
+        if problem:
+            return f"its curve_point has {problem}"
+    return None
 
 
 def curve_model_dir(unit: Unit, step: int) -> str:
@@ -106,20 +194,7 @@ def unit_state(study: Study, unit: Unit, out: Path) -> str:
 
 def evaluate_options(study: Study, variant_name: str, seed: int, model_dir: Path, out_dir: Path):
     """The `EvaluateOptions` of one evaluation: the study's settings, the variant's, this seed."""
-    from pipeline.evaluate import EvaluateOptions, SamplingOptions
-
-    settings = study.evaluate_settings(study.variant(variant_name))
-    sampling = {key: settings[key] for key in SAMPLING_KEYS if key in settings}
-    if "cfg_channels" in sampling:
-        sampling["cfg_channels"] = str(sampling["cfg_channels"])
-    rest = {key: value for key, value in settings.items() if key not in SAMPLING_KEYS}
-    for key in PATH_KEYS:
-        if rest.get(key) is not None:
-            rest[key] = Path(rest[key])
-    rest["metrics"] = tuple(rest.get("metrics") or ())
-    return EvaluateOptions(
-        model_dir=model_dir, out_dir=out_dir, sampling=SamplingOptions(seed=seed, **sampling), **rest
-    )
+    return options_of_settings(study.evaluate_settings(study.variant(variant_name)), seed, model_dir, out_dir)
 
 
 def train_unit(study: Study, unit: Unit, out: Path) -> None:
@@ -221,13 +296,15 @@ def read_samples(eval_dir: Path, count: int | None = None):
 
 
 def run_unit(study: Study, unit: Unit, out: Path) -> None:
-    """One unit, as one array element runs it: train + export (unless complete), then its evaluations."""
-    if unit_state(study, unit, out) == "done":
-        logger.info("study %s: %s is complete", study.name, unit.run_dir)
-        return
-    train_unit(study, unit, out)
-    evaluate_unit(study, unit, out)
-    curve_unit(study, unit, out)
+    """One unit, as one array element runs it: train + export (unless complete), then its evaluations; under the
+    unit's lock, so two processes never work on one unit."""
+    with unit_lock(out, unit):
+        if unit_state(study, unit, out) == "done":
+            logger.info("study %s: %s is complete", study.name, unit.run_dir)
+            return
+        train_unit(study, unit, out)
+        evaluate_unit(study, unit, out)
+        curve_unit(study, unit, out)
 
 
 def run_all(study: Study, out: Path, log=print) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import InputError
+from pipeline.core.yamlfile import load_yaml, read_yaml_file
 
 
 class StudyError(InputError):
@@ -92,9 +93,17 @@ EVALUATE_KEYS = (
     "precision",
 )
 DEMO_METRIC_KEYS = ("reference", "classifier", "shape_classifier", "max_reference_images")
+DEMO_METRIC_FILE_KEYS = ("reference", "classifier", "shape_classifier")
+EVALUATE_FILE_KEYS = ("reference", "inception_weights")
 CURVE_KEYS = ("num_samples",)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # whole string (fullmatch): no newline, no control character
 EVALUATE_PREFIX = "evaluate."
+# Bounds checked before anything is expanded or allocated: a study of more evaluations than this is a typo (or an
+# attack), and every one of them is a training run or a sampling run.
+MAX_SEEDS = 1000
+MAX_EVALUATIONS = 10_000  # variants x seeds
+MAX_SEED = 2**32 - 1  # a training seed (numpy's and accelerate's `set_seed` limit)
+MAX_REFERENCE_IMAGES = 10_000_000
 
 
 @dataclass
@@ -190,7 +199,42 @@ class Study:
             "evaluate": self.evaluate,
             "curve": self.curve,
             "units": [asdict(u) for u in self.units()],
+            "inputs": self.inputs(),
         }
+
+    def inputs(self) -> dict[str, Any]:
+        """The content identity of every file the study reads besides its own (`pipeline.study.identity`):
+        dataset, demo-metric reference and classifiers (and their other settings), evaluate references and
+        Inception weights. Part of `describe`, so a resume with other inputs is refused."""
+        from pipeline.study.identity import fingerprint
+
+        evaluate_files = sorted(
+            {
+                str(value)
+                for variant in self.variants
+                for key in EVALUATE_FILE_KEYS
+                if (value := self.evaluate_settings(variant).get(key)) is not None
+            }
+        )
+        return {
+            "data": fingerprint(self.data),
+            "demo_metrics": {
+                key: fingerprint(value) if key in DEMO_METRIC_FILE_KEYS else value
+                for key, value in sorted(self.demo_metrics.items())
+            },
+            "evaluate": {path: fingerprint(path) for path in evaluate_files},
+        }
+
+    def missing_inputs(self) -> list[str]:
+        """The local paths the study names that do not exist (checked before anything runs)."""
+        from pipeline.core.storage import is_url
+
+        named = {"data": self.data, **{f"demo_metrics.{k}": self.demo_metrics.get(k) for k in DEMO_METRIC_FILE_KEYS}}
+        return [
+            f"{key} {value}"
+            for key, value in named.items()
+            if value is not None and not is_url(value) and not Path(value).exists()
+        ]
 
     def curve_steps(self) -> list[int]:
         """The steps below max_steps whose checkpoints the metric-vs-step curve evaluates (the milestones of
@@ -224,9 +268,9 @@ def load_study(path: str | Path, settings: list[str] | tuple[str, ...] = ()) -> 
     if not path.is_file():
         raise StudyError(f"{path}: no such study file")
     try:
-        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+        mapping = read_yaml_file(path)
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise StudyError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        raise StudyError(f"{path}: not valid YAML ({_one_line(error)})") from None
     if not isinstance(mapping, dict):
         raise StudyError(f"{path}: the top level must be a mapping, got {type(mapping).__name__}")
     for setting in settings:
@@ -237,12 +281,16 @@ def load_study(path: str | Path, settings: list[str] | tuple[str, ...] = ()) -> 
 def _apply_setting(mapping: dict, setting: str, path: Path) -> None:
     """One `--set KEY=VALUE` on the study file's own keys (one level of nesting: `evaluate.steps=18`)."""
     if "=" not in setting:
-        raise StudyError(f"--set {setting!r}: expected KEY=VALUE, e.g. data=data/demo or evaluate.num_samples=64")
+        raise StudyError(f"--set {brief(setting)}: expected KEY=VALUE, e.g. data=data/demo or evaluate.num_samples=64")
     key, raw = setting.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise StudyError(f"--set {brief(setting)}: the value is not valid YAML ({_one_line(error)})") from None
     parts = key.strip().split(".", 1)
     if parts[0] not in TOP_LEVEL_KEYS:
-        raise StudyError(f"--set {setting!r}: unknown study key {parts[0]!r}; known: {', '.join(TOP_LEVEL_KEYS)}")
+        known = ", ".join(TOP_LEVEL_KEYS)
+        raise StudyError(f"--set {brief(setting)}: unknown study key {brief(parts[0])}; known: {known}")
     if len(parts) == 1:
         mapping[parts[0]] = value
         return
@@ -250,7 +298,7 @@ def _apply_setting(mapping: dict, setting: str, path: Path) -> None:
     if section is None:
         section = mapping[parts[0]] = {}
     if not isinstance(section, dict):
-        raise StudyError(f"--set {setting!r}: {parts[0]!r} of {path} is not a mapping")
+        raise StudyError(f"--set {brief(setting)}: {parts[0]!r} of {path} is not a mapping")
     section[parts[1]] = value
 
 
@@ -259,14 +307,36 @@ def _need(condition: bool, path: Path, message: str) -> None:
         raise StudyError(f"{path}: {message}")
 
 
+def brief(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: a message never quotes a whole (hostile) value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_name(value: Any) -> bool:
+    """A study, axis or variant name: letters, digits, '.', '_', '-' (names directories and SLURM jobs)."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def _mapping(value: Any, path: Path, where: str) -> dict:
     _need(value is None or isinstance(value, dict), path, f"{where} must be a mapping, got {type(value).__name__}")
     return dict(value or {})
 
 
 def _check_keys(mapping: dict, known: tuple[str, ...], path: Path, where: str) -> None:
-    unknown = sorted(set(mapping) - set(known))
-    _need(not unknown, path, f"unknown key {unknown[0]!r} in {where}; known: {', '.join(known)}" if unknown else "")
+    unknown = sorted(map(str, set(mapping) - set(known)))
+    _need(
+        not unknown, path, f"unknown key {brief(unknown[0])} in {where}; known: {', '.join(known)}" if unknown else ""
+    )
 
 
 def parse_study(mapping: dict, path: Path) -> Study:
@@ -275,23 +345,39 @@ def parse_study(mapping: dict, path: Path) -> Study:
     missing = [key for key in REQUIRED_KEYS if mapping.get(key) is None]
     _need(not missing, path, f"missing {', '.join(missing)}")
     name = mapping["name"]
-    _need(isinstance(name, str) and bool(NAME.match(name)), path, f"name {name!r} must match {NAME.pattern}")
+    _need(is_name(name), path, f"name {brief(name)} must be 1-100 of A-Z a-z 0-9 . _ - (the first a letter or digit)")
+    _need(isinstance(mapping["base"], str), path, f"base must be a path, got {brief(mapping['base'])}")
     base = (path.parent / str(mapping["base"])).resolve()
     _need(base.is_file(), path, f"base preset {mapping['base']!r} not found (looked for {base})")
     seeds = mapping["seeds"]
     _need(
-        isinstance(seeds, list) and bool(seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+        isinstance(seeds, list) and 0 < len(seeds) <= MAX_SEEDS,
         path,
-        f"seeds must be a non-empty list of integers, got {seeds!r}",
+        f"seeds must be a list of 1 to {MAX_SEEDS} integers, got "
+        + (f"{len(seeds)} seeds" if isinstance(seeds, list) else brief(seeds)),
     )
-    _need(len(set(seeds)) == len(seeds), path, f"seeds repeat: {seeds}")
+    bad = [seed for seed in seeds if not _is_int(seed, 0, MAX_SEED)]
+    _need(not bad, path, f"seeds must be integers in [0, {MAX_SEED}], got {brief(bad[0]) if bad else ''}")
+    _need(len(set(seeds)) == len(seeds), path, f"seeds repeat: {brief(seeds)}")
+    data = mapping.get("data")
+    _need(data is None or isinstance(data, str), path, f"data must be a path, got {brief(data)}")
     common = _mapping(mapping.get("set"), path, "set")
     for key in common:
         _check_override_key(key, path, "set")
+    _need("train.seed" not in common, path, "set: 'train.seed' is given by the study's seeds (the `seeds` list)")
     evaluate = _mapping(mapping.get("evaluate"), path, "evaluate")
     _check_keys(evaluate, EVALUATE_KEYS, path, "evaluate")
     demo_metrics = _mapping(mapping.get("demo_metrics"), path, "demo_metrics")
     _check_keys(demo_metrics, DEMO_METRIC_KEYS, path, "demo_metrics")
+    for key in DEMO_METRIC_FILE_KEYS:
+        value = demo_metrics.get(key)
+        _need(value is None or isinstance(value, str), path, f"demo_metrics.{key} must be a path, got {brief(value)}")
+    count = demo_metrics.get("max_reference_images")
+    _need(
+        count is None or _is_int(count, 2, MAX_REFERENCE_IMAGES),
+        path,
+        f"demo_metrics.max_reference_images must be an integer in [2, {MAX_REFERENCE_IMAGES}], got {brief(count)}",
+    )
     # `set: {evaluate.X: ...}` is an evaluate setting: moved before anything reads `evaluate` (the curve's bound).
     for key in list(common):
         if key.startswith(EVALUATE_PREFIX):
@@ -301,21 +387,21 @@ def parse_study(mapping: dict, path: Path) -> Study:
     if curve:
         count = curve.get("num_samples")
         _need(
-            isinstance(count, int) and not isinstance(count, bool) and count >= 2,
+            _is_int(count, 2, MAX_REFERENCE_IMAGES),
             path,
-            f"curve.num_samples must be an integer >= 2 (a covariance), got {count!r}",
+            f"curve.num_samples must be an integer >= 2 (a covariance), got {brief(count)}",
         )
+        total = evaluate.get("num_samples", 50_000)  # not an integer: refused with the other evaluate settings
         _need(
-            count <= int(evaluate.get("num_samples", 50_000)),
+            not _is_int(total, 1, MAX_REFERENCE_IMAGES) or count <= total,
             path,
             f"curve.num_samples {count} exceeds evaluate.num_samples (the last point is the first "
             "curve.num_samples samples of the final evaluation)",
         )
-    variants = _expand_axes(mapping["axes"], path)
+    variants = _expand_axes(mapping["axes"], path, MAX_EVALUATIONS // len(seeds))
     baseline = mapping.get("baseline") or variants[0].name
     names = [v.name for v in variants]
-    _need(baseline in names, path, f"baseline {baseline!r} is not a variant; variants: {', '.join(names)}")
-    data = mapping.get("data")
+    _need(baseline in names, path, f"baseline {brief(baseline)} is not a variant; variants: {', '.join(names)}")
     study = Study(
         path=path,
         name=name,
@@ -332,33 +418,45 @@ def parse_study(mapping: dict, path: Path) -> Study:
         demo_metrics=demo_metrics,
         curve=curve,
     )
+    check_evaluate_settings(study)
     check_training_configs(study)
     return study
 
 
 def _check_override_key(key: Any, path: Path, where: str) -> None:
     """An override key: `evaluate.FIELD` (a known evaluate setting) or a training key."""
-    _need(isinstance(key, str) and "." in key, path, f"{where}: override key {key!r} must be SECTION.FIELD")
+    _need(isinstance(key, str) and "." in key, path, f"{where}: override key {brief(key)} must be SECTION.FIELD")
     if key.startswith(EVALUATE_PREFIX):
         field_name = key[len(EVALUATE_PREFIX) :]
         _need(
             field_name in EVALUATE_KEYS,
             path,
-            f"{where}: unknown key {key!r}; evaluate settings: {', '.join(EVALUATE_KEYS)}",
+            f"{where}: unknown key {brief(key)}; evaluate settings: {', '.join(EVALUATE_KEYS)}",
         )
         return
     # A training key is checked by the trainer's own loader (`check_training_configs`), as `train --set` is.
 
 
-def _expand_axes(axes: Any, path: Path) -> list[Variant]:
-    """The product of the axes' variants, in file order; names joined with '+'."""
+def _expand_axes(axes: Any, path: Path, max_variants: int) -> list[Variant]:
+    """The product of the axes' variants, in file order; names joined with '+'. More than `max_variants` is an
+    error before the product is formed."""
     _need(isinstance(axes, dict) and bool(axes), path, "axes must be a non-empty mapping of axis -> variants")
+    count = 1
+    for axis, variants in axes.items():
+        _need(is_name(axis), path, f"axis name {brief(axis)} must be 1-100 of A-Z a-z 0-9 . _ -")
+        _need(isinstance(variants, dict) and bool(variants), path, f"axis {axis!r}: expected variant -> overrides")
+        count *= len(variants)
+        _need(
+            count <= max_variants,
+            path,
+            f"the axes make at least {count} variants; with its seeds a study may have at most {MAX_EVALUATIONS} "
+            f"evaluations (here {max_variants} variants)",
+        )
     per_axis = []
     for axis, variants in axes.items():
-        _need(isinstance(variants, dict) and bool(variants), path, f"axis {axis!r}: expected variant -> overrides")
         options = []
         for name, overrides in variants.items():
-            _need(isinstance(name, str) and bool(NAME.match(name)), path, f"axis {axis!r}: bad variant name {name!r}")
+            _need(is_name(name), path, f"axis {axis!r}: bad variant name {brief(name)}")
             overrides = _mapping(overrides, path, f"axes.{axis}.{name}")
             for key in overrides:
                 _check_override_key(key, path, f"axes.{axis}.{name}")
@@ -413,12 +511,59 @@ def training_config(study: Study, unit: Unit):
     return load_config(study.base, unit.overrides)
 
 
+# Evaluate settings that are paths (made `Path`s) and the sampling ones (`SamplingOptions` fields).
+SAMPLING_KEYS = ("sampler", "steps", "cfg_scale", "cfg_schedule", "cfg_power", "cfg_channels", "classes", "eta")
+SAMPLING_KEYS += ("pixels",)
+PATH_KEYS = ("inception_weights", "cache_dir")
+
+
+def evaluate_options(settings: dict[str, Any], seed: int, model_dir: Path, out_dir: Path):
+    """The `EvaluateOptions` of evaluate settings (a variant's, see `Study.evaluate_settings`) for one seed,
+    checked (`pipeline.evaluate.check_options`): EvaluateInputError naming the setting otherwise."""
+    from pipeline.evaluate import EvaluateInputError, EvaluateOptions, SamplingOptions, check_options
+
+    sampling = {key: settings[key] for key in SAMPLING_KEYS if key in settings}
+    if isinstance(sampling.get("cfg_channels"), int) and not isinstance(sampling["cfg_channels"], bool):
+        sampling["cfg_channels"] = str(sampling["cfg_channels"])  # `cfg_channels: 3` in YAML
+    rest = {key: value for key, value in settings.items() if key not in SAMPLING_KEYS}
+    for key in PATH_KEYS:
+        if isinstance(rest.get(key), str):
+            rest[key] = Path(rest[key])
+    metrics = rest.get("metrics")
+    if metrics is None or isinstance(metrics, list):
+        rest["metrics"] = tuple(metrics or ())
+    options = EvaluateOptions(
+        model_dir=model_dir, out_dir=out_dir, sampling=SamplingOptions(seed=seed, **sampling), **rest
+    )
+    try:
+        check_options(options)
+    except EvaluateInputError as error:
+        raise EvaluateInputError(f"evaluate.{error}") from None
+    return options
+
+
+def check_evaluate_settings(study: Study) -> None:
+    """Every variant's evaluate settings are accepted by `evaluate` (types, ranges, choices), checked now rather
+    than after a unit has trained for hours."""
+    from pipeline.evaluate import EvaluateInputError
+
+    for variant in study.variants:
+        try:
+            evaluate_options(study.evaluate_settings(variant), max(study.seeds), Path("model"), Path("evaluation"))
+        except EvaluateInputError as error:
+            raise StudyError(f"{study.path}: variant {variant.name}: {error}") from None
+
+
 def check_training_configs(study: Study) -> None:
-    """Every unit's training config loads (known keys, types, ranges); the budget is the same for all."""
+    """Every training set-up's config loads (known keys, types, ranges); the budget is the same for all. One load
+    per set-up: its units differ only in `train.seed`, which the study checked."""
     from pipeline.train import ConfigError
 
     budgets = set()
+    first_units: dict[str, Unit] = {}
     for unit in study.units():
+        first_units.setdefault(unit.train_name, unit)
+    for unit in first_units.values():
         try:
             config = training_config(study, unit)
         except ConfigError as error:
