@@ -730,3 +730,59 @@ def shlex_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def test_hostile_study_files_stay_within_the_commands_baseline_memory(tiny, tmp_path):
+    """In a fresh process measuring its peak RSS per case (`tests/hostile_probe.py`): an alias bomb of 9^9 strings
+    (shared references once parsed, but ~2.7 GB as the JSON of a plan or the text of an error), 10^9 variants and
+    1,000 seeds x 20 variants each cost at most 1.5x the baseline of `study --plan` on a valid study."""
+    bomb = tiny / "deep-bomb.yaml"
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb.write_text("name: bomb\nbase: base.yaml\nseeds: [0]\n" + "\n".join(levels) + "\naxes: {x: {y: {}}}\n")
+    axes = {f"a{i}": {f"v{j}": {"evaluate.cfg_scale": float(j)} for j in range(10)} for i in range(9)}
+    huge = tiny / "huge-axes.yaml"
+    huge.write_text(json.dumps({"name": "huge", "base": "base.yaml", "seeds": [0], "axes": axes}))
+    many = tiny / "many-seeds.yaml"
+    many.write_text(
+        json.dumps(
+            {
+                "name": "many",
+                "base": "base.yaml",
+                "seeds": list(range(1000)),
+                "axes": {"a0": axes["a0"], "b": {"x": {}, "y": {}}},
+            }
+        )
+    )
+    study = ["study", "--plan", "--out", str(tmp_path / "never")]
+    cases = [{"id": "warm_up", "kind": "cli", "args": [study[0], str(tiny / "study.yaml"), *study[1:]]}]
+    cases += [
+        {"id": path.stem, "kind": "cli", "args": [study[0], str(path), *study[1:]]} for path in (bomb, huge, many)
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {**subprocess_env(1), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [PYTHON, str(REPO / "tests" / "hostile_probe.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert results["warm_up"]["exit_code"] == 0, results["warm_up"]["stderr"][-2000:]
+    expected = {
+        "deep-bomb": "aliases (*name) are not accepted",
+        "huge-axes": "the axes make at least 100000 variants",
+        "many-seeds": "the axes make at least 20 variants; with its seeds a study may have at most 10000 evaluations",
+    }
+    for case, message in expected.items():
+        outcome = results[case]
+        lines = outcome["stderr"].splitlines()
+        assert outcome["exit_code"] == 2 and len(lines) == 1 and message in lines[0], outcome
+        assert outcome["peak_kib"] <= 1.5 * outcome["baseline_kib"], (
+            case,
+            outcome["peak_kib"],
+            outcome["baseline_kib"],
+        )
+    assert not (tmp_path / "never").exists()
