@@ -59,6 +59,83 @@ def test_paired_difference_uses_the_common_seeds_only():
     assert result["half_width"] == pytest.approx(T_975_2 * 0.5 / math.sqrt(3), rel=1e-12)
 
 
+def test_paired_t_test_of_one_two_three_has_the_tables_p_value():
+    # t = 2 / (1 / sqrt 3) = 3.4641, 2 degrees of freedom: two-sided p = 0.0741799 (t tables)
+    from pipeline.study.stats import paired_t_test
+
+    assert paired_t_test([1.0, 2.0, 3.0]) == pytest.approx(0.07417990022744857, rel=1e-9)
+    assert paired_t_test([5.0]) is None and paired_t_test([2.0, 2.0]) == 0.0 and paired_t_test([0.0, 0.0]) == 1.0
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    # sorted 0.01, 0.03, 0.04 of m = 3: 3 x 0.01 = 0.03; 2 x 0.03 = 0.06; 1 x 0.04 = 0.04 -> max(0.06, 0.04) = 0.06
+    from pipeline.study.stats import holm
+
+    assert holm([0.04, 0.01, None, 0.03]) == pytest.approx([0.06, 0.03, None, 0.06]) and holm([0.02]) == [0.02]
+    assert holm([0.9, 0.8]) == [1.0, 1.0]
+
+
+def test_seeds_for_power_match_the_published_sample_sizes():
+    # Paired (one-sample) t-test, two-sided alpha 0.05, power 0.8: effect size 1 -> 10, 0.5 -> 34 (G*Power)
+    from pipeline.study.stats import seeds_for_power
+
+    assert seeds_for_power(std=1.0, difference=1.0) == 10 and seeds_for_power(std=2.0, difference=-1.0) == 34
+    assert seeds_for_power(std=1.0, difference=1.0, comparisons=4) > 10  # Holm's first level: alpha / 4
+    assert seeds_for_power(std=1.0, difference=0.0) is None
+
+
+def _row(metric: str, variant: str, values: list[float], baseline: list[float] | None) -> dict:
+    row = {"metric": metric, "variant": variant, "values": {str(s): v for s, v in enumerate(values)}}
+    row.update(interval(values))
+    row["difference_to_baseline"] = (
+        None if baseline is None else paired_difference(dict(enumerate(values)), dict(enumerate(baseline)))
+    )
+    return row
+
+
+def test_verdicts_follow_the_holm_adjusted_paired_comparisons():
+    """FD_demo (lower is better) over 4 seeds: bias clearly worse (the paper's direction: reproduced), mlp clearly
+    better (opposite), adaln within noise (not resolved); a claim on an unmeasured metric is not measured. The
+    family is the 3 comparisons of the table."""
+    from pipeline.study.verdicts import comparisons, verdicts
+
+    base = [5.0, 6.0, 5.5, 6.5]
+    table = [
+        _row("FD_demo", "tmsa", base, None),
+        _row("FD_demo", "bias", [9.0, 10.1, 9.4, 10.6], base),
+        _row("FD_demo", "mlp", [3.0, 4.1, 3.4, 4.6], base),
+        _row("FD_demo", "adaln", [5.5, 5.0, 6.5, 6.0], base),
+    ]
+    family = comparisons(table, "tmsa")
+    p = {entry["variant"]: entry["p"] for entry in family}
+    ordered = sorted(p.values())
+    expected_holm = [
+        3 * ordered[0],
+        max(3 * ordered[0], 2 * ordered[1]),
+        max(3 * ordered[0], 2 * ordered[1], ordered[2]),
+    ]
+    assert sorted(entry["p_holm"] for entry in family) == pytest.approx(expected_holm)
+    paper = {
+        "claims": [
+            {"source": "Table 6", "metric": "FD_demo", "values": {"tmsa": 1.95, "bias": 3.97, "mlp": 3.81}},
+            {"source": "Fig. 7b", "metric": "FD_demo", "worse": ["adaln"]},
+            {"source": "Table 6", "metric": "frechet_inception_distance", "worse": ["bias"]},
+        ]
+    }
+    found = {(v["source"], v["metric"], v["variant"]): v for v in verdicts(paper, family, "tmsa", ("FD_demo",))}
+    bias = found[("Table 6", "FD_demo", "bias")]
+    assert bias["verdict"] == "reproduced" and bias["paper"] == bias["measured"] == "worse"
+    assert bias["paper_relative_change"] == pytest.approx((3.97 - 1.95) / 1.95)
+    assert bias["relative_change"] == pytest.approx((sum(table[1]["values"].values()) / 4 - 5.75) / 5.75)
+    assert bias["p_holm"] < 0.05 and bias["seeds_for_80_percent_power"] == 2
+    mlp = found[("Table 6", "FD_demo", "mlp")]
+    assert mlp["verdict"] == "opposite" and (mlp["paper"], mlp["measured"]) == ("worse", "better")
+    adaln = found[("Fig. 7b", "FD_demo", "adaln")]
+    assert adaln["verdict"] == "not resolved" and adaln["p_holm"] >= 0.05 and adaln["paper_relative_change"] is None
+    assert found[("Table 6", "frechet_inception_distance", "bias")]["verdict"] == "not measured"
+    assert len(found) == 4
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The study file
 
@@ -95,14 +172,20 @@ axes:
     fourier: {{model.kwargs.time_embedding: fourier}}
 evaluate: {{num_samples: 8, batch_size: 8, steps: 2, metrics: []}}
 demo_metrics: {{reference: {root}/data, classifier: {root}/clf}}
+paper:
+  claims:
+    - {{source: Table 8, metric: FD_demo, values: {{positional: 1.95, fourier: 2.02}}}}
 """
 
 
-def edited(tiny: Path, old: str, new: str) -> Path:
-    path = tiny / f"edited-{abs(hash((old, new)))}.yaml"
+CLAIMS = "paper:\n  claims:\n    - {source: Table 8, metric: FD_demo, values: {positional: 1.95, fourier: 2.02}}\n"
+
+
+def edited(tiny: Path, old: str, new: str, claims: bool = True) -> Path:
+    path = tiny / f"edited-{abs(hash((old, new, claims)))}.yaml"
     text = (tiny / "study.yaml").read_text()
-    assert old in text
-    path.write_text(text.replace(old, new))
+    assert old in text and CLAIMS in text
+    path.write_text(text.replace(old, new).replace(CLAIMS, CLAIMS if claims else ""))
     return path
 
 
@@ -126,6 +209,7 @@ def test_an_axis_of_evaluate_settings_shares_one_training_per_seed(tiny):
         "  time_embedding:\n    positional: {model.kwargs.time_embedding: positional}\n"
         "    fourier: {model.kwargs.time_embedding: fourier}",
         "  cfg:\n    s1: {evaluate.cfg_scale: 1.0}\n    s3: {evaluate.cfg_scale: 3.0}",
+        claims=False,
     )
     units = load_study(path).units()
     assert [u.run_dir for u in units] == ["runs/base/seed-0", "runs/base/seed-1"]
@@ -141,6 +225,9 @@ def test_an_axis_of_evaluate_settings_shares_one_training_per_seed(tiny):
         ("{model.kwargs.time_embedding: fourier}", "{train.max_steps: 8}", "'train.max_steps' is part of the budget"),
         ("{model.kwargs.time_embedding: fourier}", "{evaluate.cfg: 2}", "unknown key 'evaluate.cfg'"),
         ("metrics: []", "metric: []", "unknown key 'metric' in evaluate"),
+        ("fourier: 2.02}", "sinusoid: 2.02}", "paper.claims[0]: 'sinusoid' is not a variant; variants: positional"),
+        ("{positional: 1.95, ", "{", "paper.claims[0]: 'values' must include the baseline 'positional'"),
+        ("metric: FD_demo,", "metric: FD_demo, direction: up,", "paper.claims[0]: unknown key 'direction'"),
     ],
 )
 def test_a_study_file_with_an_unknown_key_or_variant_is_a_clear_error(tiny, old, new, message):
@@ -218,6 +305,19 @@ def test_study_json_holds_fd_demo_per_variant_with_its_interval_and_the_paired_d
         "num_samples": 8,
     }
     assert study["budget"]["images_seen"] == 16 and study["budget"]["num_samples"] == 8
+    # The paper's claim (Fourier worse than positional) judged by the Holm-adjusted paired comparison.
+    family = {(c["metric"], c["variant"]): c for c in study["comparisons"]}
+    assert set(family) == {("FD_demo", "fourier"), ("class_consistency", "fourier")}
+    comparison = family[("FD_demo", "fourier")]
+    assert comparison["mean_difference"] == fd["difference_to_baseline"]["mean"]
+    ((verdict),) = study["verdicts"]
+    resolved = comparison["p_holm"] < 0.05
+    measured = "worse" if comparison["mean_difference"] > 0 else "better"
+    expected = "not resolved" if not resolved else ("reproduced" if measured == "worse" else "opposite")
+    assert (verdict["variant"], verdict["paper"], verdict["verdict"]) == ("fourier", "worse", expected)
+    smallest, own = min(c["p"] for c in family.values()), comparison["p"]  # Holm over a family of two
+    holm_p = min(1.0, 2 * smallest) if own == smallest else max(min(1.0, 2 * smallest), own)
+    assert verdict["p_holm"] == comparison["p_holm"] == pytest.approx(holm_p, rel=1e-12)
     assert study["curves"]["fourier"]["loss"]["step"] == [1, 2, 3, 4]
     assert study["curve"] == {"num_samples": 4, "steps": [2]}
     # Each run is an ordinary run directory and export.
@@ -458,7 +558,7 @@ def _cfg_study(tiny: Path) -> Path:
     text = text.replace(axes, CFG_AXIS[0]).replace(
         "evaluate: {num_samples: 8, batch_size: 8, steps: 2, metrics: []}", CFG_AXIS[1]
     )
-    text = text.replace("seeds: [0, 1]", "seeds: [0]").replace("curve: {num_samples: 4}\n", "")
+    text = text.replace("seeds: [0, 1]", "seeds: [0]").replace("curve: {num_samples: 4}\n", "").replace(CLAIMS, "")
     path = tiny / "cfg-study.yaml"
     path.write_text(text)
     return path

@@ -20,13 +20,23 @@ from pipeline.study.demo_metrics import FD_DEMO
 from pipeline.study.runner import curve_eval_dir, read_result, read_samples
 from pipeline.study.spec import Study
 from pipeline.study.stats import interval, paired_difference
+from pipeline.study.verdicts import METHOD, comparisons, verdicts
 
 STUDY_JSON = "study.json"
 GRIDS_DIR = "grids"
 GRID_SAMPLES = 20  # the first samples of each variant's evaluation with the first seed: equal seeds across variants
-FORMAT_VERSION = 2
-# Metrics where lower is better (the page says which way is better).
-LOWER_IS_BETTER = (FD_DEMO, "fid", "sfid", "kid")
+FORMAT_VERSION = 3  # 3: comparisons (p, Holm), verdicts of the paper's claims
+# Metrics where lower is better (the page says which way is better; verdicts read "better" with it): FD_demo and
+# evaluate's keys for FID, sFID and KID.
+LOWER_IS_BETTER = (
+    FD_DEMO,
+    "frechet_inception_distance",
+    "spatial_frechet_inception_distance",
+    "kernel_inception_distance_mean",
+    "fid",
+    "sfid",
+    "kid",
+)
 
 
 class StudyIncompleteError(JobFailedError):
@@ -188,6 +198,8 @@ def budget(study: Study) -> dict[str, Any]:
 def aggregate(study: Study, out: Path) -> dict[str, Any]:
     """The contents of `study.json` (see the module docstring); an error when runs are missing."""
     results = collect_results(study, out)
+    table = metric_table(study, results)
+    family = comparisons(table, study.baseline)
     details = {}
     for by_seed in results.values():
         for result in by_seed.values():
@@ -208,7 +220,10 @@ def aggregate(study: Study, out: Path) -> dict[str, Any]:
         ],
         "metric_details": details,
         "lower_is_better": [m for m in LOWER_IS_BETTER],
-        "table": metric_table(study, results),
+        "table": table,
+        "comparisons": family,
+        "verdicts": verdicts(study.paper, family, study.baseline, LOWER_IS_BETTER),
+        "verdict_method": METHOD,
         "curves": _merge(training_curves(study, out), sample_curves(study, out, results)),
         "curve": {**study.curve, "steps": study.curve_steps()} if study.curve else None,
     }

@@ -14,6 +14,7 @@ from pipeline.report import CSP, STYLE, line_chart
 
 STUDY_HTML = "study.html"
 SECTIONS = (
+    ("verdicts", "Verdicts"),
     ("table", "Results"),
     ("curves", "Curves"),
     ("samples", "Samples"),
@@ -48,6 +49,7 @@ def _interval(entry: dict[str, Any] | None) -> str:
 def table_section(study: dict[str, Any]) -> str:
     """The metric table: mean ± 95% interval per variant, paired difference to the baseline."""
     rows = []
+    adjusted = {(c["metric"], c["variant"]): c["p_holm"] for c in study.get("comparisons", [])}
     for row in study["table"]:
         values = ", ".join(f"{esc(s)}: {esc(v)}" for s, v in row["values"].items())
         direction = "lower is better" if row["metric"] in study["lower_is_better"] else ""
@@ -58,6 +60,7 @@ def table_section(study: dict[str, Any]) -> str:
                 str(row["n"]),
                 _interval(row) if row["n"] > 1 else esc(row["mean"]),
                 _interval(row["difference_to_baseline"]),
+                esc(adjusted.get((row["metric"], row["variant"]))),
                 values,
             ]
         )
@@ -68,8 +71,34 @@ def table_section(study: dict[str, Any]) -> str:
         for name, detail in study["metric_details"].items()
     )
     header = ["metric", "variant", "seeds", "mean ± 95% t-interval", f"paired difference to {study['baseline']}"]
-    body = _table(header + ["values by seed"], rows) if rows else '<p class="absent">no metrics</p>'
+    body = _table(header + ["Holm p", "values by seed"], rows) if rows else '<p class="absent">no metrics</p>'
     return _section("table", body + notes)
+
+
+def verdicts_section(study: dict[str, Any]) -> str:
+    """Each claim of the paper the study carries, per variant: the verdict its Holm-adjusted comparison gives."""
+    rows = [
+        [
+            esc(v["source"]),
+            f"<code>{esc(v['metric'])}</code>",
+            esc(v["variant"]),
+            f"{esc(v['paper'])} ({esc(_percent(v['paper_relative_change']))})",
+            f"{esc(v.get('measured'))} ({esc(_percent(v.get('relative_change')))})",
+            esc(v.get("p_holm")),
+            f"<b>{esc(v['verdict'])}</b>",
+            esc(v.get("seeds_for_80_percent_power")),
+        ]
+        for v in study.get("verdicts", [])
+    ]
+    header = ["claim", "metric", "variant", "paper vs baseline", "measured vs baseline", "Holm p", "verdict"]
+    header.append("seeds for 80% power")
+    method = f"<p class='meta'>{esc(study.get('verdict_method', ''))}</p>"
+    body = _table(header, rows) + method if rows else '<p class="absent">the study file carries no claims</p>'
+    return _section("verdicts", body)
+
+
+def _percent(value: float | None) -> str | None:
+    return None if value is None else f"{100 * value:+.1f}%"
 
 
 def curves_section(study: dict[str, Any]) -> str:
@@ -133,7 +162,8 @@ def document(study: dict[str, Any], grids: dict[str, Path] | None = None) -> str
         f"<code>{esc(study['base'])}</code>, baseline <b>{esc(study['baseline'])}</b>, scale "
         f"{esc(study['scale'] or 'unspecified')}</p><nav>{nav}</nav>"
     )
-    sections = [head, table_section(study), curves_section(study), samples_section(study, grids or {})]
+    sections = [head, verdicts_section(study), table_section(study), curves_section(study)]
+    sections += [samples_section(study, grids or {})]
     sections += [variants_section(study), budget_section(study)]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -402,6 +402,10 @@ def parse_study(mapping: dict, path: Path) -> Study:
     baseline = mapping.get("baseline") or variants[0].name
     names = [v.name for v in variants]
     _need(baseline in names, path, f"baseline {brief(baseline)} is not a variant; variants: {', '.join(names)}")
+    from pipeline.study.verdicts import claim_problems
+
+    problems = claim_problems(mapping.get("paper"), names, baseline)
+    _need(not problems, path, problems[0] if problems else "")
     study = Study(
         path=path,
         name=name,

@@ -1,0 +1,159 @@
+"""Verdicts computed, not written: the paper's claims as data, judged by the study's paired comparisons.
+
+A study file may carry the paper's claims (`paper.claims`), each naming the metric the study measures it with:
+
+    paper:
+      claims:
+        - source: "Table 6 F/G/H (CIFAR-10 FID)"
+          metric: FD_demo                 # a metric of the study's table
+          values: {tmsa: 1.95, bias: 3.97, mlp: 3.81, decoupled: 2.28}   # the paper's numbers, where it gives them
+          worse: [adaln]                  # variants the paper finds worse than the baseline without a number
+          better: []                      # ... or better
+
+The family: every comparison of a variant with the baseline, for every metric of the table (the paired
+differences of `stats.paired_difference`). Each has the paired t-test's p-value; Holm's step-down adjustment over
+the whole family (`stats.holm`) controls the chance of any false "resolved" at 5%. A claim's verdict per variant:
+
+- `reproduced`: the Holm-adjusted p < 0.05 and the measured difference has the paper's sign (in the metric's
+  "better" direction);
+- `opposite`: adjusted p < 0.05 and the other sign;
+- `not resolved`: otherwise (or fewer than 2 paired seeds);
+- `not measured`: the metric or the variant is not in the table.
+
+Beside each verdict: the relative change measured ((variant - baseline) / |baseline|, means over seeds) and the
+paper's, and the seeds a paired t-test at the family's first Holm level would need to resolve the measured
+difference at 80% power with the measured spread (`stats.seeds_for_power`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.study.stats import CONFIDENCE, holm, paired_t_test, seeds_for_power
+
+ALPHA = 1 - CONFIDENCE
+CLAIM_KEYS = ("source", "metric", "values", "worse", "better")
+VERDICTS = ("reproduced", "opposite", "not resolved", "not measured")
+METHOD = (
+    "paired t-test per (variant, metric) against the baseline over the seeds both have; Holm's step-down "
+    "adjustment over every such comparison of the study (family-wise error 5%); resolved where the adjusted p < 0.05"
+)
+
+
+def claim_problems(paper: Any, variants: list[str], baseline: str) -> list[str]:
+    """What is wrong with `paper.claims` of a study file (empty: nothing)."""
+    if not isinstance(paper, dict) or paper.get("claims") is None:
+        return []
+    claims = paper["claims"]
+    if not isinstance(claims, list):
+        return ["paper.claims must be a list of claims"]
+    problems = []
+    for number, claim in enumerate(claims):
+        where = f"paper.claims[{number}]"
+        if not isinstance(claim, dict):
+            problems.append(f"{where} must be a mapping")
+            continue
+        unknown = sorted(map(str, set(claim) - set(CLAIM_KEYS)))
+        if unknown:
+            problems.append(f"{where}: unknown key {unknown[0][:40]!r}; known: {', '.join(CLAIM_KEYS)}")
+        if not isinstance(claim.get("metric"), str):
+            problems.append(f"{where}: 'metric' must name a metric of the study's table")
+        values = claim.get("values") or {}
+        named = list(values) + list(claim.get("worse") or []) + list(claim.get("better") or [])
+        if not isinstance(values, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()
+        ):
+            problems.append(f"{where}: 'values' must map variants to the paper's numbers")
+        elif values and baseline not in values:
+            problems.append(f"{where}: 'values' must include the baseline {baseline!r} (a difference needs it)")
+        for name in named:
+            if name not in variants:
+                problems.append(f"{where}: {str(name)[:40]!r} is not a variant; variants: {', '.join(variants)}")
+    return problems
+
+
+def comparisons(table: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Every (metric, variant) comparison with the baseline: mean difference, p-value and Holm-adjusted p."""
+    family = []
+    for row in table:
+        difference = row.get("difference_to_baseline")
+        if row["variant"] == baseline or difference is None:
+            continue
+        baseline_row = next(r for r in table if r["metric"] == row["metric"] and r["variant"] == baseline)
+        paired = [row["values"][str(s)] - baseline_row["values"][str(s)] for s in difference["seeds"]]
+        family.append(
+            {
+                "metric": row["metric"],
+                "variant": row["variant"],
+                "n": difference["n"],
+                "mean_difference": difference["mean"],
+                "std_difference": difference["std"],
+                "p": paired_t_test(paired),
+                "relative_change": _relative(row["mean"], baseline_row["mean"]),
+            }
+        )
+    for entry, adjusted in zip(family, holm([entry["p"] for entry in family])):
+        entry["p_holm"] = adjusted
+    return family
+
+
+def _direction(signed_difference: float) -> str:
+    return "better" if signed_difference > 0 else "worse" if signed_difference < 0 else "equal"
+
+
+def _relative(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference == 0:
+        return None
+    return (value - reference) / abs(reference)
+
+
+def verdicts(
+    paper: Any, family: list[dict[str, Any]], baseline: str, lower_is_better: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """One entry per (claim, variant the claim names other than the baseline): the verdict and its evidence."""
+    if not isinstance(paper, dict) or not paper.get("claims"):
+        return []
+    found = []
+    comparisons_count = sum(1 for entry in family if entry["p"] is not None)
+    for claim in paper["claims"]:
+        metric = claim["metric"]
+        sign = -1.0 if metric in lower_is_better else 1.0  # "better" = lower for a distance
+        values = claim.get("values") or {}
+        expected = {v: _direction(sign * (x - values[baseline])) for v, x in values.items()}
+        expected.update({v: "worse" for v in claim.get("worse") or []})
+        expected.update({v: "better" for v in claim.get("better") or []})
+        for variant, paper_direction in expected.items():
+            if variant == baseline:
+                continue
+            entry = next((e for e in family if e["metric"] == metric and e["variant"] == variant), None)
+            record = {
+                "source": claim.get("source"),
+                "metric": metric,
+                "variant": variant,
+                "paper": paper_direction,
+                "paper_relative_change": _relative(values.get(variant), values.get(baseline)),
+            }
+            if entry is None:
+                found.append({**record, "verdict": "not measured"})
+                continue
+            measured = "better" if sign * entry["mean_difference"] > 0 else "worse"
+            resolved = entry["p_holm"] is not None and entry["p_holm"] < ALPHA
+            # A paper that finds no difference ("equal") is never reproduced by a resolved one.
+            verdict = "not resolved" if not resolved else ("reproduced" if measured == paper_direction else "opposite")
+            needed = None
+            if entry["std_difference"] is not None:
+                needed = seeds_for_power(entry["std_difference"], entry["mean_difference"], comparisons_count)
+            found.append(
+                {
+                    **record,
+                    "verdict": verdict,
+                    "measured": measured if entry["mean_difference"] != 0 else "equal",
+                    "mean_difference": entry["mean_difference"],
+                    "relative_change": entry["relative_change"],
+                    "p": entry["p"],
+                    "p_holm": entry["p_holm"],
+                    "n": entry["n"],
+                    "seeds_for_80_percent_power": needed,
+                }
+            )
+    return found
