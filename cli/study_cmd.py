@@ -63,6 +63,7 @@ def study(
         prepare_directory,
         run_all,
         run_unit,
+        seed_power,
         study_lock,
         unit_state,
         write_page,
@@ -78,6 +79,8 @@ def study(
         for unit in units:
             names = ", ".join(e.variant for e in unit.evaluations)
             typer.echo(f"{unit.index}: {unit.run_dir} [{unit_state(spec, unit, out)}] variants {names}")
+        for line in seed_power(spec, out):
+            typer.echo(line)
         return
     prepare_directory(spec, out)
     if slurm:

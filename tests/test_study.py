@@ -886,3 +886,28 @@ def test_hostile_study_files_stay_within_the_commands_baseline_memory(tiny, tmp_
             outcome["baseline_kib"],
         )
     assert not (tmp_path / "never").exists()
+
+
+def test_plan_reports_the_seeds_power_asks_for_from_the_file_and_from_a_pilot(studies, tiny):
+    """`--plan` on a finished study (a pilot): each comparison's measured difference and spread, and the seeds a
+    paired test at Holm's first level needs to resolve it at 80% power; `power:` in the file gives the same
+    arithmetic before any run (SD 2, difference 2, one comparison: effect size 1 -> 10 seeds)."""
+    from pipeline.study.stats import seeds_for_power
+
+    setting = "power={metric: FD_demo, expected_sd: 2, difference: 2}"
+    result = CliRunner().invoke(
+        app, ["study", str(tiny / "study.yaml"), "--out", str(studies[0]), "--plan", "--set", setting]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert (
+        "power: to resolve a FD_demo difference of 2 with paired differences of SD 2 at 80% power (Holm over 1 "
+        "comparisons): 10 seeds"
+    ) in lines
+    study = json.loads((studies[0] / "study.json").read_text())
+    comparison = next(c for c in study["comparisons"] if c["metric"] == "FD_demo")
+    needed = seeds_for_power(comparison["std_difference"], comparison["mean_difference"], 2)
+    pilot = next(line for line in lines if line.startswith("pilot: FD_demo fourier - baseline = "))
+    assert pilot.endswith(f"{needed} seeds resolve it at 80% power") and "2 seeds" in pilot
+    line = cli_error(["study", tiny / "study.yaml", "--plan", "--set", "power={metric: FD_demo, expected_sd: -1}"])
+    assert "power.expected_sd must be a positive number, got '-1'" in line

@@ -6,7 +6,7 @@ entry points, skipping complete outputs; `demo_metrics` is FD_demo and the consi
 the interval arithmetic; `aggregate` writes `study.json`; `page` the HTML page; `slurm` the job-array scripts.
 """
 
-from pipeline.study.aggregate import STUDY_JSON, StudyIncompleteError, aggregate
+from pipeline.study.aggregate import STUDY_JSON, StudyIncompleteError, aggregate, seed_power
 from pipeline.study.demo_metrics import FD_DEMO, classifier_features
 from pipeline.study.page import STUDY_HTML, write_page
 from pipeline.study.runner import (
@@ -45,6 +45,7 @@ __all__ = [
     "prepare_directory",
     "run_all",
     "run_unit",
+    "seed_power",
     "study_lock",
     "unit_state",
     "write_page",

@@ -20,7 +20,7 @@ from pipeline.study.demo_metrics import FD_DEMO
 from pipeline.study.runner import curve_eval_dir, read_result, read_samples
 from pipeline.study.spec import Study
 from pipeline.study.stats import interval, paired_difference
-from pipeline.study.verdicts import METHOD, comparisons, verdicts
+from pipeline.study.verdicts import METHOD, comparisons, power_lines, verdicts
 
 STUDY_JSON = "study.json"
 GRIDS_DIR = "grids"
@@ -175,6 +175,16 @@ def sample_curves(study: Study, out: Path, results: dict[str, dict[int, dict[str
         }
         for variant, per_key in curves.items()
     }
+
+
+def seed_power(study: Study, out: Path) -> list[str]:
+    """`study --plan`'s lines on seeds (`verdicts.power_lines`): from the file's `power`, and from the finished
+    evaluations in `out` when every one is there (a pilot)."""
+    try:
+        family = comparisons(metric_table(study, collect_results(study, out)), study.baseline)
+    except StudyIncompleteError:
+        family = None
+    return power_lines(study.power, family, len(study.variants))
 
 
 def budget(study: Study) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class StudyError(InputError):
 
 
 TOP_LEVEL_KEYS = ("name", "description", "scale", "paper", "base", "data", "set", "seeds", "axes", "baseline")
-TOP_LEVEL_KEYS += ("evaluate", "demo_metrics", "curve")
+TOP_LEVEL_KEYS += ("evaluate", "demo_metrics", "curve", "power")
 REQUIRED_KEYS = ("name", "base", "seeds", "axes")
 # What variants may not change: every run of a study has the same budget.
 BUDGET_KEYS = (
@@ -160,6 +160,7 @@ class Study:
     evaluate: dict[str, Any]
     demo_metrics: dict[str, Any]
     curve: dict[str, Any] = field(default_factory=dict)
+    power: dict[str, Any] | None = None  # {metric, expected_sd, difference}: seeds by power (`study --plan`)
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -402,9 +403,9 @@ def parse_study(mapping: dict, path: Path) -> Study:
     baseline = mapping.get("baseline") or variants[0].name
     names = [v.name for v in variants]
     _need(baseline in names, path, f"baseline {brief(baseline)} is not a variant; variants: {', '.join(names)}")
-    from pipeline.study.verdicts import claim_problems
+    from pipeline.study.verdicts import claim_problems, power_problems
 
-    problems = claim_problems(mapping.get("paper"), names, baseline)
+    problems = claim_problems(mapping.get("paper"), names, baseline) + power_problems(mapping.get("power"))
     _need(not problems, path, problems[0] if problems else "")
     study = Study(
         path=path,
@@ -421,6 +422,7 @@ def parse_study(mapping: dict, path: Path) -> Study:
         evaluate=evaluate,
         demo_metrics=demo_metrics,
         curve=curve,
+        power=mapping.get("power"),
     )
     check_evaluate_settings(study)
     check_training_configs(study)

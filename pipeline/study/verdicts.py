@@ -157,3 +157,47 @@ def verdicts(
                 }
             )
     return found
+
+
+POWER_KEYS = ("metric", "expected_sd", "difference")
+
+
+def power_problems(power: Any) -> list[str]:
+    """What is wrong with a study file's `power` entry (empty: nothing)."""
+    if power is None:
+        return []
+    if not isinstance(power, dict):
+        return ["power must be a mapping {metric, expected_sd, difference}"]
+    unknown = sorted(map(str, set(power) - set(POWER_KEYS)))
+    problems = [f"power: unknown key {unknown[0][:40]!r}; known: {', '.join(POWER_KEYS)}"] if unknown else []
+    if not isinstance(power.get("metric"), str):
+        problems.append("power.metric must name a metric of the study's table")
+    for key in ("expected_sd", "difference"):
+        value = power.get(key)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e12):
+            problems.append(f"power.{key} must be a positive number, got {str(value)[:40]!r}")
+    return problems
+
+
+def power_lines(power: Any, family: list[dict[str, Any]] | None, variants: int) -> list[str]:
+    """What `study --plan` says about seeds: from the study file's `power` (an expected spread of the paired
+    differences and the difference to resolve) and, after a pilot, from each measured comparison."""
+    comparisons_count = max(1, variants - 1)
+    lines = []
+    if isinstance(power, dict) and not power_problems(power):
+        needed = seeds_for_power(power["expected_sd"], power["difference"], comparisons_count)
+        lines.append(
+            f"power: to resolve a {power['metric']} difference of {power['difference']:g} with paired differences of "
+            f"SD {power['expected_sd']:g} at 80% power (Holm over {comparisons_count} comparisons): "
+            f"{needed if needed is not None else 'more than 10000'} seeds"
+        )
+    measured = [entry for entry in family or [] if entry["std_difference"] is not None]
+    count = sum(1 for entry in family or [] if entry["p"] is not None)
+    for entry in measured:
+        needed = seeds_for_power(entry["std_difference"], entry["mean_difference"], count)
+        lines.append(
+            f"pilot: {entry['metric']} {entry['variant']} - baseline = {entry['mean_difference']:.4g} (SD of the "
+            f"paired differences {entry['std_difference']:.4g}, {entry['n']} seeds, Holm p {entry['p_holm']:.3g}): "
+            f"{needed if needed is not None else 'more than 10000'} seeds resolve it at 80% power"
+        )
+    return lines
