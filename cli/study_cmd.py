@@ -39,7 +39,9 @@ def study(
         bool, typer.Option("--aggregate-only", help="Only write study.json / study.html (every run must be done).")
     ] = False,
     slurm: Annotated[bool, typer.Option("--slurm", help="Write the SLURM array scripts instead of running.")] = False,
-    plan: Annotated[bool, typer.Option("--plan", help="List the runs and their state; run nothing.")] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="List the runs, their state and the seeds power asks for; write nothing.")
+    ] = False,
     jobs: Annotated[
         int,
         typer.Option(
@@ -53,64 +55,11 @@ def study(
 ) -> None:
     """`diffit-pipe study` (see STUDY_HELP)."""
     from pipeline.core.logs import setup_logging
-    from pipeline.study import (
-        STUDY_HTML,
-        STUDY_JSON,
-        StudyError,
-        aggregate,
-        check_directory,
-        load_study,
-        prepare_directory,
-        run_all,
-        run_unit,
-        seed_power,
-        study_lock,
-        unit_state,
-        write_page,
-        write_sbatch,
-    )
+    from pipeline.study import StudyOptions, run_study
 
     setup_logging()
-    spec = load_study(study_file, list(settings))
-    out = out or Path("studies") / spec.name
-    units = spec.units()
-    if plan:  # a look: checks the directory against the study, writes nothing
-        check_directory(spec, out)
-        for unit in units:
-            names = ", ".join(e.variant for e in unit.evaluations)
-            typer.echo(f"{unit.index}: {unit.run_dir} [{unit_state(spec, unit, out)}] variants {names}")
-        for line in seed_power(spec, out):
-            typer.echo(line)
-        return
-    prepare_directory(spec, out)
-    if slurm:
-        array, aggregate_script = write_sbatch(study_file, out, list(settings), len(units), spec.name)
-        typer.echo(f"wrote {array} ({len(units)} array elements) and {aggregate_script}")
-        typer.echo(
-            f"submit: ARRAY=$(sbatch --parsable {array}) && sbatch --dependency=afterok:$ARRAY {aggregate_script}"
-        )
-        return
-    if run_index is not None:
-        if not 0 <= run_index < len(units):
-            raise StudyError(f"--run-index {run_index}: the study {spec.name} has runs 0..{len(units) - 1}")
-        run_unit(spec, units[run_index], out)
-        typer.echo(f"run {run_index} ({units[run_index].run_dir}) complete")
-        return
-    from pipeline.core.atomic import write_json_atomic
-    from pipeline.study.aggregate import write_grids
-
-    with study_lock(out):
-        if not aggregate_only and jobs > 1:
-            from pipeline.study.parallel import run_parallel
-
-            pending = [unit for unit in units if unit_state(spec, unit, out) != "done"]
-            run_parallel(study_file, out, list(settings), pending, jobs, log=typer.echo)
-        elif not aggregate_only:
-            run_all(spec, out, log=typer.echo)
-        result = aggregate(spec, out)
-        write_json_atomic(out / STUDY_JSON, result)
-        write_page(result, out / STUDY_HTML, write_grids(spec, out))
-    typer.echo(f"wrote {out / STUDY_JSON} and {out / STUDY_HTML}")
+    options = StudyOptions(study_file, out, list(settings), run_index, aggregate_only, slurm, plan, jobs)
+    run_study(options, log=typer.echo)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.core.shards import sha256_file
-from pipeline.evaluate.options import EvaluateInputError
+from pipeline.evaluate.options import PRECISIONS, EvaluateInputError
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,6 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
 # ----------------------------------------------------------------------------------------------------------------
 # Network precision and compilation
 
-PRECISIONS = ("fp32", "bf16", "auto")
 # Attributes the samplers read from the network (guidance's null class, ADM's learned Sigma, shapes).
 FORWARDED_ATTRIBUTES = ("num_classes", "null_class", "learn_sigma", "in_channels", "input_size")
 

@@ -77,6 +77,7 @@ MAX_STEPS = 100_000
 MAX_CLASS_LIST = 1_000_000
 MAX_SEED = 2**63 - 1  # per-sample seeds hash (seed, index) into 64 bits (`sample_seeds`)
 FEATURE_LAYERS = ("64", "192", "768", "2048")  # torch-fidelity's Inception-v3 layers (--feature-layer)
+PRECISIONS = ("fp32", "bf16", "auto")  # the network's arithmetic (`model_loading.prepare_network`)
 
 
 def check_options(options: EvaluateOptions) -> None:
@@ -86,7 +87,6 @@ def check_options(options: EvaluateOptions) -> None:
     from diffit.sampling import PIXEL_QUANTIZATIONS, SAMPLERS
     from pipeline.evaluate.adm import DISTANCE_PRECISIONS
     from pipeline.evaluate.metrics import METRIC_NAMES
-    from pipeline.evaluate.model_loading import PRECISIONS
 
     sampling = options.sampling
     _integer("num_samples", options.num_samples, 1, MAX_NUM_SAMPLES)

@@ -3,12 +3,15 @@
 `spec` reads a study file (a base preset, axes of overrides, seeds, one budget) and expands it into units (one
 ordinary training run each) and evaluations; `runner` runs a unit through the train / export / evaluate stages'
 entry points, skipping complete outputs; `demo_metrics` is FD_demo and the consistencies at demo scale; `stats`
-the interval arithmetic; `aggregate` writes `study.json`; `page` the HTML page; `slurm` the job-array scripts.
+the interval arithmetic; `verdicts` judges the paper's claims (Holm-adjusted paired tests) and plans seeds by
+power; `identity` fingerprints a study's inputs; `aggregate` writes `study.json`; `page` the HTML page; `slurm`
+the job-array scripts; `parallel` runs units as processes. The door is `run.run_study(StudyOptions)`.
 """
 
 from pipeline.study.aggregate import STUDY_JSON, StudyIncompleteError, aggregate, seed_power
 from pipeline.study.demo_metrics import FD_DEMO, classifier_features
 from pipeline.study.page import STUDY_HTML, write_page
+from pipeline.study.run import StudyOptions, run_study
 from pipeline.study.runner import (
     PLAN_FILE,
     RESULT_FILE,
@@ -33,6 +36,7 @@ __all__ = [
     "STUDY_HTML",
     "STUDY_JSON",
     "Study",
+    "StudyOptions",
     "StudyError",
     "StudyIncompleteError",
     "aggregate",
@@ -44,6 +48,7 @@ __all__ = [
     "paired_difference",
     "prepare_directory",
     "run_all",
+    "run_study",
     "run_unit",
     "seed_power",
     "study_lock",
