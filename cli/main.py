@@ -12,11 +12,47 @@ refused by the library's loaders, exit 2).
 
 from __future__ import annotations
 
-import importlib
+import signal
 import sys
 
-import typer
-from typer.core import TyperGroup
+
+class EarlyStopSignals:
+    """SIGTERM / SIGUSR1 handler of `diffit-pipe train` from the first line of this module until the trainer's
+    own handlers (`pipeline.train.preemption.StopSignals`) take over: Python's import of typer, torch, diffusers
+    and accelerate takes seconds, and a cluster that preempts a job while it starts must still see exit 75 (the
+    job is requeued), not a death by the signal (143 / 138). It only records the first signal's name in
+    `received`; `StopSignals` finds this handler as the one it replaces and takes the recorded signal over, so the
+    run stops before its first step exactly as for a signal during set-up (exit 75, or 0 when the run is already
+    complete). The interpreter's own start-up, before this module runs (~25 ms), is the only moment left out."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def __call__(self, number: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+
+
+def install_early_stop_signals(argv: list[str]) -> EarlyStopSignals | None:
+    """Install `EarlyStopSignals` for `diffit-pipe train ...` (argv[1] is the command; the root has no options
+    besides --help); other commands keep the default handling. Returns the handler, or None."""
+    if len(argv) < 2 or argv[1] != "train":
+        return None
+    handler = EarlyStopSignals()
+    for name in ("SIGTERM", "SIGUSR1"):  # pipeline.train.preemption.STOP_SIGNALS (not imported: it imports torch)
+        number = getattr(signal, name, None)  # SIGUSR1 does not exist on Windows
+        if number is not None:
+            signal.signal(number, handler)
+    return handler
+
+
+# First, before the imports below (and the commands' heavy ones): see EarlyStopSignals.
+EARLY_STOP_SIGNALS = install_early_stop_signals(sys.argv)
+
+import importlib  # noqa: E402
+
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
 
 
 class PipelineCommands(TyperGroup):

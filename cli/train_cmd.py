@@ -80,9 +80,16 @@ def train(
 ) -> None:
     """`diffit-pipe train` (see TRAIN_HELP)."""
     from pipeline.core.logs import setup_logging
-    from pipeline.train import TrainArgs, run
+    from pipeline.train import RUN_CONFIG, TrainArgs, load_config, run
 
     setup_logging()
+    # A bad config or --set value (a negative seed, ...) is refused before the run directory is created or locked;
+    # the trainer reads the same file with the same overrides again (pipeline.train.checks.prepare_config).
+    stored = run_dir / RUN_CONFIG
+    if config is not None:
+        load_config(config, list(overrides))
+    elif resume and stored.is_file():
+        load_config(stored, list(overrides))
     summary = run(
         TrainArgs(run_dir=run_dir, config_path=config, data_dir=data, overrides=list(overrides), resume=resume)
     )

@@ -79,7 +79,11 @@ writes an export folder (weights read with safetensors, the released sampling se
 
 `save_pretrained(DIR)` writes `model_index.json` (the components, the sampling settings, id2label),
 `transformer/` (the model's export folder), `scheduler/` and `vae/`; `DiffiTPipeline.from_pretrained(DIR)` reads
-it back (a diffusers scheduler included). `save_pretrained(DIR, push_to_hub=True, repo_id=...)` and
+it back (a diffusers scheduler included), after the export checks of `diffit.config_check` on every file and
+before anything is built (`check_pipeline_folder`: model_index.json and its sampling steps bounded, the
+scheduler's chain length, vae/ config bounds and weights present and matching); a bad file is an
+`InvalidModelFileError` naming it. A local VAE folder an export names (or `vae=PATH`) gets the same VAE check.
+`save_pretrained(DIR, push_to_hub=True, repo_id=...)` and
 `push_to_hub(repo_id)` upload that folder with a model card (README.md: library `diffit`, the
 `DiffiTPipeline.from_pretrained(repo_id)` usage; diffusers' own card would name diffusers, whose
 `DiffusionPipeline.from_pretrained` cannot load this pipeline). This module imports diffusers; `import diffit`
@@ -91,7 +95,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -107,6 +110,14 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from PIL import Image
 from torch import nn
 
+from .config_check import (
+    InvalidModelFileError,
+    check_pipeline_index,
+    check_scheduler_config,
+    check_vae_files,
+    parse_config_file,
+    read_vae_config,
+)
 from .diffusion import create_diffusion, randn_per_sample
 from .guidance import ClassifierFreeGuidance, GuidanceConfig, timestep_progress
 from .hub import DiffiTModelHubMixin, PretrainedNotFoundError, resolve_pretrained_dir
@@ -211,6 +222,51 @@ def vae_path_hash(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def vae_state_shapes(config: dict[str, Any], path: Path) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of the AutoencoderKL a checked config.json describes, built on the meta device (no
+    memory); a config diffusers cannot build is an `InvalidModelFileError` naming the file."""
+    settings = {key: value for key, value in config.items() if not key.startswith("_")}
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKL.from_config(settings)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        raise InvalidModelFileError(path, f"not an AutoencoderKL diffusers can build ({error})") from None
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def check_vae_folder(directory: Path) -> None:
+    """A VAE folder (config.json + diffusion_pytorch_model.safetensors) before diffusers builds anything from it:
+    the config's sizes bounded, the weights present, well-formed, floating point and exactly the tensors the
+    config implies (the export checks, `diffit.config_check`). A VAE without matching weights would otherwise
+    load with tensors left on the meta device and fail only after sampling."""
+    config = read_vae_config(directory)
+    check_vae_files(directory, vae_state_shapes(config, Path(directory) / "config.json"), require_weights=True)
+
+
+def check_pipeline_folder(folder: Path, class_name: str, check_vae: bool = True, check_scheduler: bool = True):
+    """A saved pipeline's files before anything is built: model_index.json (size, schema, the sampling entry's
+    steps; `check_pipeline_index`), scheduler/scheduler_config.json (its chain length) and vae/ (`check_vae_folder`),
+    those it loads. Returns the parsed model_index.json; `InvalidModelFileError` naming the file otherwise."""
+    path = folder / "model_index.json"
+    index = check_pipeline_index(parse_config_file(path), path)
+    if index.get("_class_name") != class_name:
+        raise InvalidModelFileError(path, f"describes a {str(index.get('_class_name'))[:80]}, not a {class_name}")
+    transformer = folder / "transformer"
+    if not (transformer / "config.json").is_file():
+        raise InvalidModelFileError(transformer, "no transformer/config.json: not a saved DiffiTPipeline folder")
+    if check_scheduler and (index.get("scheduler") or [None])[0] is not None:
+        scheduler_path = folder / "scheduler" / "scheduler_config.json"
+        if not scheduler_path.is_file():
+            raise InvalidModelFileError(scheduler_path, "no such file, but model_index.json names a scheduler")
+        check_scheduler_config(parse_config_file(scheduler_path), scheduler_path)
+    if check_vae and (index.get("vae") or [None])[0] is not None:
+        vae_config = folder / "vae" / "config.json"
+        if not vae_config.is_file():
+            raise InvalidModelFileError(vae_config, "no such file, but model_index.json names a VAE")
+        check_vae_folder(folder / "vae")
+    return index
+
+
 def _vae_source(entry: dict[str, Any] | str, model_dir: Path) -> tuple[str, str | None]:
     """(what to pass to AutoencoderKL.from_pretrained, revision) for an export's "vae" entry or a path / hub id."""
     if isinstance(entry, str):
@@ -229,6 +285,9 @@ def load_vae(entry: dict[str, Any] | str, model_dir: Path) -> AutoencoderKL:
     spec, revision = _vae_source(entry, model_dir)
     local = Path(os.path.expanduser(spec))
     subfolder = "vae" if local.is_dir() and not (local / "config.json").is_file() else None
+    folder = local / subfolder if subfolder else local
+    if (folder / "config.json").is_file():  # a local VAE is checked like a saved pipeline's vae/ before it is built
+        check_vae_folder(folder)
     try:
         vae = AutoencoderKL.from_pretrained(spec, subfolder=subfolder, revision=revision, use_safetensors=True)
     except Exception as error:  # noqa: BLE001 - diffusers raises many types (OSError, ValueError, hub errors)
@@ -238,7 +297,6 @@ def load_vae(entry: dict[str, Any] | str, model_dir: Path) -> AutoencoderKL:
             "Pass vae=PATH (a local diffusers AutoencoderKL folder) or vae=an AutoencoderKL."
         ) from error
     recorded = entry.get("path_hash") if isinstance(entry, dict) else None
-    folder = local / subfolder if subfolder else local
     if recorded and (folder / VAE_WEIGHTS_NAME).is_file() and vae_path_hash(folder) != recorded:
         raise ValueError(
             f"model/VAE mismatch: {folder} is not the VAE the training latents were encoded with (its files "
@@ -517,12 +575,9 @@ class DiffiTPipeline(DiffusionPipeline):
 
     @classmethod
     def _from_pipeline_folder(cls, folder: Path, vae, scheduler, id2label) -> DiffiTPipeline:
-        """A folder written by `save_pretrained`: transformer/, vae/, scheduler/ and model_index.json."""
-        index = json.loads((folder / "model_index.json").read_text())
-        if index.get("_class_name") != cls.__name__:
-            raise ValueError(
-                f"{folder / 'model_index.json'} describes a {index.get('_class_name')}, not {cls.__name__}"
-            )
+        """A folder written by `save_pretrained`: transformer/, vae/, scheduler/ and model_index.json. Every file is
+        checked before anything is built (`check_pipeline_folder`)."""
+        index = check_pipeline_folder(folder, cls.__name__, check_vae=vae is None, check_scheduler=scheduler is None)
         transformer = DiffiTModelHubMixin.from_pretrained(folder, subfolder="transformer")
         if isinstance(vae, str):
             vae = load_vae(vae, folder)

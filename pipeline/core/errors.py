@@ -21,6 +21,28 @@ EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
 
 
+MAX_LOAD_DETAIL_CHARS = 200
+
+
+def weights_only_load_problem(error: Exception) -> str:
+    """What a failed `torch.load(weights_only=True)` says about the file, on one line. torch's own message spans
+    several lines and suggests `weights_only=False` (running the file's pickle code, never done here): a file that
+    needs pickle (a pickle payload, a state dict holding Python objects) is named as such, with what torch
+    refused."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = " ".join(text.split(marker, 1)[1].split())
+        detail = detail.split(" Check the documentation", 1)[0].split(" Please use `torch.serialization", 1)[0]
+        detail = detail.rstrip(". ")[:MAX_LOAD_DETAIL_CHARS]
+        return (
+            f"not a plain tensor state dict: a weights-only load refuses it ({detail}); a file that needs pickle "
+            "(Python objects, a pickle payload) is never loaded here"
+        )
+    detail = " ".join(text.split())[:MAX_LOAD_DETAIL_CHARS] or "no detail"
+    return f"not a loadable tensor state dict ({type(error).__name__}: {detail})"
+
+
 class PipelineError(Exception):
     """Base of every error the pipeline reports to the user as one line and an exit code."""
 

@@ -327,57 +327,18 @@ def _is_cuda(device) -> bool:
     return str(device).startswith("cuda")
 
 
-# Bounds on an AutoencoderKL's config.json, checked before diffusers builds anything from it (the SD VAE:
-# 4 blocks of at most 512 channels, 2 layers per block; its config.json is under 1 KB).
-MAX_VAE_CONFIG_BYTES = 1 << 20
-VAE_CONFIG_BOUNDS = {
-    "in_channels": 64,
-    "out_channels": 64,
-    "latent_channels": 256,
-    "layers_per_block": 32,
-    "norm_num_groups": 1024,
-    "sample_size": 16384,
-}
-MAX_VAE_BLOCKS = 8
-MAX_VAE_CHANNELS = 8192
-
-
 def check_vae_files(local_path: str) -> None:
     """Refuse, before diffusers builds a model from it, a VAE directory whose config.json is not a plausible
-    AutoencoderKL (sizes bounded by `VAE_CONFIG_BOUNDS`: a 1 KB file must not ask for millions of layers) or
-    whose weights file is not well-formed safetensors of floating-point tensors (the header read, not the data)."""
-    from diffit.config_check import InvalidModelFileError, check_safetensors_header
+    AutoencoderKL (sizes bounded: a 1 KB file must not ask for millions of layers) or whose weights file is not
+    well-formed safetensors of floating-point tensors (the header read, not the data): the pure check lives in
+    `diffit.config_check.check_vae_files` (so `diffit`'s pipeline applies it too), its refusal becomes a VAEError."""
+    from diffit.config_check import InvalidModelFileError
+    from diffit.config_check import check_vae_files as check_files
 
-    config_path = Path(local_path) / "config.json"
-    size = config_path.stat().st_size
-    if size > MAX_VAE_CONFIG_BYTES:
-        raise VAEError(f"{config_path}: {size:,} bytes, more than an AutoencoderKL config may have")
     try:
-        config = json.loads(config_path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise VAEError(f"{config_path}: not a JSON config ({error})") from None
-    if not isinstance(config, dict):
-        raise VAEError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    for key, bound in VAE_CONFIG_BOUNDS.items():
-        value = config.get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= bound):
-            raise VAEError(f"{config_path}: {key} must be an integer in [1, {bound}], got {value!r}")
-    channels = config.get("block_out_channels", [])
-    if not (
-        isinstance(channels, list)
-        and len(channels) <= MAX_VAE_BLOCKS
-        and all(isinstance(c, int) and not isinstance(c, bool) and 0 < c <= MAX_VAE_CHANNELS for c in channels)
-    ):
-        raise VAEError(
-            f"{config_path}: block_out_channels must list at most {MAX_VAE_BLOCKS} channel counts in "
-            f"[1, {MAX_VAE_CHANNELS}], got {str(channels)[:80]}"
-        )
-    weights = Path(local_path) / WEIGHTS_NAME
-    if weights.is_file():
-        try:
-            check_safetensors_header(weights)
-        except InvalidModelFileError as error:
-            raise VAEError(str(error)) from None
+        check_files(local_path)
+    except InvalidModelFileError as error:
+        raise VAEError(str(error)) from None
 
 
 def load_vae(local_path: str, dtype: str = "fp32", device: str = "cpu"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, weights_only_load_problem
 from pipeline.core.shards import sha256_file
 from pipeline.evaluate.adm import ADM_IS_SPLIT_SIZE, DEFAULT_PRC_MEMORY_BYTES, PRC_NEIGHBOURHOOD
 from pipeline.evaluate.features import SFID_LAYER, InceptionFeatures, base_layers, extract_all
@@ -98,11 +99,11 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Inceptio
             f"--inception-weights PATH, or place it in {default_inception_weights_path().parent}."
         )
     try:
-        state = torch.load(candidate, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means the file is unusable; say which and why
-        raise InceptionWeightsError(
-            f"{candidate}: not a loadable tensor state dict ({type(error).__name__}: {error})"
-        ) from error
+        raise InceptionWeightsError(f"{candidate}: {weights_only_load_problem(error)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InceptionWeightsError(
             f"{candidate}: expected a state dict of tensors (torch-fidelity Inception-v3 weights)"

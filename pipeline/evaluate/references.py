@@ -28,7 +28,7 @@ from pipeline.evaluate.datasets import (
     list_image_files,
 )
 from pipeline.evaluate.features import SFID_LAYER
-from pipeline.evaluate.npz_files import load_member, npz_member_names, read_member_header
+from pipeline.evaluate.npz_files import load_member, npz_member_names, read_member_header, verify_member
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +144,15 @@ def _open_npz_reference(path: Path) -> Reference:
         header = read_member_header(path, "arr_0")  # shape and dtype checked before any data is read
         if len(header.shape) != 4 or header.shape[-1] != 3 or header.dtype != np.uint8:
             raise ReferenceInputError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {header.dtype} {header.shape}")
-        images = load_member(path, "arr_0", header)
+        if header.mappable:
+            load_member(path, "arr_0", header)  # mapped, not read: a truncated file is refused here
+        else:
+            verify_member(header)  # a zip bomb refused before a byte is inflated, damage found chunk by chunk
         return Reference(
             path,
             "adm" if has_statistics else "npz",
-            (int(images.shape[1]), int(images.shape[2])),
-            int(images.shape[0]),
+            (int(header.shape[1]), int(header.shape[2])),
+            int(header.shape[0]),
             statistics=statistics if has_statistics else (),
         )
     if has_statistics:

@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from pipeline.core.atomic import atomic_path, replace_directory, write_json_atomic, write_text_atomic
-from pipeline.core.errors import InputError, JobFailedError
+from pipeline.core.errors import InputError, JobFailedError, weights_only_load_problem
 from pipeline.core.shards import sha256_file
 from pipeline.train.diskfull import DiskFullError, disk_full_message, is_disk_full
 from pipeline.train.preemption import pause_point
@@ -379,7 +380,7 @@ def load_checkpoint(accelerator, checkpoint_dir: Path, ema_model: nn.Module) -> 
     try:
         accelerator.load_state(str(checkpoint_dir), load_kwargs={"weights_only": True})
     except Exception as error:  # safetensors / torch.load errors of a damaged file: one line naming the checkpoint
-        raise CheckpointError(f"{checkpoint_dir}: cannot be loaded ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{checkpoint_dir}: cannot be loaded: {weights_only_load_problem(error)}") from None
     check_rng_restored(rng_state, rng_file)
     load_ema(ema_model, checkpoint_dir / EMA_WEIGHTS)
     return train_state
@@ -390,10 +391,12 @@ def read_rng_state(path: Path) -> dict[str, Any]:
     from accelerate.utils import load
 
     try:
-        state = load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            state = load(path, weights_only=True)
         state["torch_manual_seed"]
     except Exception as error:
-        raise CheckpointError(f"{path}: cannot read the RNG state ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path}: cannot read the RNG state: {weights_only_load_problem(error)}") from None
     return state
 
 

@@ -214,6 +214,10 @@ FREE_ON_RESUME = (
     "optim.fused",
 )
 
+# Seeds (train.seed, sample.seed, eval.seed) are in [0, 2**32 - 1]: numpy's seeding refuses negative ones, and
+# the per-rank, per-worker and per-sample seeds derived from them must stay within the 64 bits torch takes.
+MAX_SEED = 2**32 - 1
+
 # The trackers `train.tracker` may name (Accelerate's, without "all": a run names what it logs to).
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 
@@ -395,6 +399,9 @@ def validate(config: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {message}")
 
     train, data, optim, ema = config.train, config.data, config.optim, config.ema
+    seeds = {"train.seed": train.seed, "sample.seed": config.sample.seed, "eval.seed": config.eval.seed}
+    for name, seed in seeds.items():
+        need(0 <= seed <= MAX_SEED, f"{name} must be an integer in [0, {MAX_SEED}] (2**32 - 1), got {seed}")
     need(train.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {train.global_batch_size}")
     need(
         train.per_device_batch_size is None or train.per_device_batch_size >= 1,
@@ -468,7 +475,6 @@ def _check_eval(config: Config, need) -> None:
     need(ev.batch_size >= 1 and ev.feature_batch_size >= 1, "eval.batch_size and eval.feature_batch_size must be >= 1")
     need(ev.steps is None or ev.steps >= 1, f"eval.steps must be >= 1, got {ev.steps}")
     need(ev.reference is not None, "eval.reference: FID during training (eval.every > 0) needs a reference")
-    need(ev.seed >= 0, f"eval.seed must be >= 0, got {ev.seed}")
     sampler = ev.sampler or config.sample.sampler
     need(
         (sampler == "edm-heun") == (config.diffusion.type == "edm"),

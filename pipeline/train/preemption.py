@@ -21,7 +21,10 @@ signals every process of the job step, and a worker killed by SIGTERM would end 
 the trainer shuts them down itself.
 
 The handlers are installed before any set-up work (`pipeline.train.loop.run`) and stay until the run has returned
-or raised, teardown included, so a signal at any moment is an orderly stop:
+or raised, teardown included, so a signal at any moment is an orderly stop. Before them, from the first line of
+`cli.main` (ahead of the seconds of importing torch and the rest), `cli.main.EarlyStopSignals` records a signal,
+and `StopSignals` takes it over when it replaces that handler (its `received`), so a signal while the command
+starts counts as one during set-up:
 
 * during set-up (before the first step): set-up finishes, the ranks agree, and every rank stops with exit 75
   without writing anything (there is nothing new to save; `--resume auto` starts again where this one would);
@@ -91,6 +94,11 @@ class StopSignals:
             number = getattr(signal, name, None)  # SIGUSR1 does not exist on Windows
             if number is not None:
                 self._previous[number] = signal.signal(number, self._record)
+                # A handler that recorded a stop before this one (`cli.main.EarlyStopSignals`, installed before the
+                # imports) hands its signal over: the run stops before its first step, as for one during set-up.
+                earlier = getattr(self._previous[number], "received", None)
+                if self.received is None and isinstance(earlier, str):
+                    self.received = earlier
         return self
 
     def __exit__(self, *exc_info) -> None:
