@@ -111,6 +111,26 @@ def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
         load_config(path)
 
 
+def test_yaml_aliases_and_huge_files_are_refused_in_presets_and_overrides(tmp_path):
+    """A 400-byte alias bomb (9^6 strings once expanded into an error message or a saved config.yaml) is refused
+    at its first alias; so is a preset over 1 MiB, before it is read."""
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+    bomb.write_text("\n".join(lines) + "\nmodel: {kwargs: {x: *a5}}\n")
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: not valid YAML \(aliases \(\*name\) are not accepted \(line 2"):
+        load_config(bomb)
+    preset = PRESETS / "demo.yaml"
+    with pytest.raises(ConfigError, match=r"--set 'model.kwargs.x=\[&a 1, \*a\]': value is not valid YAML \(aliases"):
+        load_config(preset, ["model.kwargs.x=[&a 1, *a]"])
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(preset.read_text() + "#" * (1 << 20) + "\n")
+    with pytest.raises(
+        ConfigError, match=r"huge\.yaml: not valid YAML \(a YAML file of \d+ bytes, more than the 1048576"
+    ):
+        load_config(huge)
+
+
 @pytest.mark.parametrize(
     "section,key,value,message",
     [

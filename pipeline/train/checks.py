@@ -417,8 +417,10 @@ def _check_same_experiment(config: Config, checkpoint: Path) -> None:
     """Only train / checkpoint / sample settings (and the performance-only keys) may change on resume."""
     import yaml
 
+    from pipeline.core.yamlfile import read_yaml_file
+
     try:
-        saved = yaml.safe_load((checkpoint / CONFIG_COPY).read_text())
+        saved = read_yaml_file(checkpoint / CONFIG_COPY)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise TrainError(
             f"{checkpoint / CONFIG_COPY}: cannot read the checkpoint's configuration ({one_line(error)})"

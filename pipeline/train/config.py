@@ -4,7 +4,8 @@ A preset (`manifests/*.yaml`) is a nested mapping whose sections mirror the data
 an unknown section or key is an error naming it (and the file), and every value is type-checked against the
 field's annotation (ints are accepted for floats; strings such as "3e-4", which YAML 1.1 reads as text, are
 accepted for float fields when they parse as numbers). `--set optim.lr=1e-4` overrides one leaf; the value is
-read with `yaml.safe_load` and checked the same way.
+read as YAML and checked the same way. YAML is read by `pipeline.core.yamlfile` (`yaml.safe_load` without
+aliases, files up to 1 MiB): a 400-byte alias bomb is refused at its first alias.
 
 The resolved configuration is written into the run directory (`config.yaml`) so that a run can be resumed and
 exported without the original preset.
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.core.errors import InputError
+from pipeline.core.yamlfile import load_yaml, read_yaml_file
 
 
 class ConfigError(InputError):
@@ -335,12 +337,12 @@ def one_line(error: Exception) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML preset with `yaml.safe_load`, apply `key=value` overrides, validate."""
+    """Read a YAML preset (`pipeline.core.yamlfile`), apply `key=value` overrides, validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        mapping = yaml.safe_load(path.read_text())
+        mapping = read_yaml_file(path)
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML ({one_line(error)})") from None
     if mapping is None:
@@ -364,7 +366,7 @@ def apply_override(mapping: dict, override: str) -> None:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {override!r}: the key must be SECTION.FIELD (e.g. train.max_steps)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {override!r}: value is not valid YAML ({one_line(error)})") from None
     cls: Any = Config
