@@ -15,7 +15,10 @@ paths, keys (`unique_keys` per directory), labels (position of the synset in the
 
 A member that the index finds damaged (its data cut off by the end of a truncated inner or outer tar, an inner
 "tar" that is not one) stays an item: it is recorded as a failure with the reason when a worker reaches it
-(`MemberIndex.problems`; `read_member` raises it), so that every member is accounted for as with folders.
+(`MemberIndex.problems`; `read_member` raises it), so that every member is accounted for as with folders. A tar
+(inner or outer) whose rest cannot be read keeps the members read before the damage, and the unreadable rest
+becomes one failed item named `~damaged-TAR` with the reason. Links and other members that are not regular files
+are never read; they are listed among the source's ignored members with the reason.
 """
 
 from __future__ import annotations
@@ -144,21 +147,38 @@ def _tail_problem(handle: IO[bytes], end_of_members: int, length: int) -> str | 
     return None
 
 
-def scan_tar(handle: IO[bytes], length: int, base: int = 0) -> tuple[list[tarfile.TarInfo], str | None]:
+def not_read(member: tarfile.TarInfo, name: str) -> str:
+    """How a member that is neither a regular file nor a directory is listed among the ignored: its name and why
+    it is not read (a link is never followed: its target may lie outside the archive)."""
+    if member.issym():
+        return f"{name} (a symbolic link to {member.linkname!r}: links are not followed)"
+    if member.islnk():
+        return f"{name} (a hard link to {member.linkname!r}: links are not followed)"
+    return f"{name} (not a regular file)"
+
+
+def scan_tar(
+    handle: IO[bytes], length: int, base: int = 0, ignored: list[str] | None = None, prefix: str = ""
+) -> tuple[list[tarfile.TarInfo], str | None]:
     """The regular-file members of the tar in `handle` (headers only: data is skipped with seeks) with
-    `offset_data` made absolute by `base`, and a problem when the tar ends damaged (None when clean)."""
+    `offset_data` made absolute by `base`, and a problem when the tar ends damaged (None when clean). Members that
+    are neither files nor directories (links, devices) go to `ignored` as `prefix + name (why)`."""
     members: list[tarfile.TarInfo] = []
     try:
         with tarfile.open(fileobj=handle, mode="r:") as tar:
             for member in tar:
                 if member.isfile():
                     members.append(member)
+                elif not member.isdir() and ignored is not None:
+                    ignored.append(not_read(member, prefix + member.name))
             end = tar.offset
     except tarfile.TarError as error:
-        return members, f"not a readable tar ({error})"
+        problem: str | None = f"not a readable tar ({' '.join(str(error).split())})"
+    else:
+        problem = _tail_problem(handle, end, length)
     for member in members:
         member.offset_data += base
-    return members, _tail_problem(handle, end, length)
+    return members, problem
 
 
 @dataclass
@@ -194,7 +214,7 @@ def index_inner_tar(
     problem; a damaged rest of the tar becomes one member named after the tar, with the reason."""
     available = min(inner.size, archive_size - inner.offset_data)
     window = _Window(handle, inner.offset_data, max(0, available))
-    tar_members, problem = scan_tar(window, max(0, available))
+    tar_members, problem = scan_tar(window, max(0, available), ignored=ignored, prefix=f"{inner.name}/")
     if available < inner.size and problem is None:
         problem = f"the archive ends {inner.size - available} bytes before the end of {inner.name}"
     by_name: dict[str, Member] = {}

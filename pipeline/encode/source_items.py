@@ -27,8 +27,31 @@ _PLAIN_PATH = re.compile(r"(?:[A-Za-z0-9_\-]+/)*[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+
 # `sample_key` produces (no `..`, no leading `/`, no control characters), and short enough for a tar header.
 
 
+# The most classes a source may have: a label is an index into the label map, which names every class up to the
+# largest label (WebDataset and parquet sources without class names: "0" ... "max"). A file's label is checked
+# against this before any map is grown for it, so a label of 2e9 in a 10 KB tar is refused instead of building a
+# 2-billion-entry map. ImageNet-21k has 21,841 classes, Google Landmarks v2 about 200,000.
+MAX_CLASSES = 10**6
+
+
 class SourceError(InputError):
     """The source directory cannot be used (missing, empty, unreadable, or an invalid packed dataset)."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """A library's error message on one line (tarfile and pyarrow write several), for an `error:` line."""
+    return " ".join(str(error).split())
+
+
+def check_label(label: int, where: str, num_classes: int | None = None) -> int:
+    """`label` when it is a class index below `num_classes` (the label map's size, when the source names its
+    classes) and below MAX_CLASSES; otherwise SourceError naming `where` (the file and member / row), the label
+    and the maximum. Negative labels are the caller's business (an unlabelled item or a failure)."""
+    limit = MAX_CLASSES if num_classes is None else min(num_classes, MAX_CLASSES)
+    if label >= limit:
+        names = "the label map's" if num_classes is not None and num_classes <= MAX_CLASSES else "MAX_CLASSES ="
+        raise SourceError(f"{where}: label {label} is above the maximum {limit - 1} ({names} {limit} classes)")
+    return label
 
 
 @dataclass(frozen=True, slots=True)
