@@ -101,7 +101,7 @@ def bench_sampling(name: str, vae, batch_size: int, num_samples: int, steps: int
         scaling_factor=0.18215,
     )
     sampling = sampling_settings.resolve_sampling(
-        loaded, opts.SamplingOptions(steps=steps, cfg_scale=4.6, cfg_schedule="power-cosine")
+        loaded, opts.SamplingOptions(steps=steps, guidance_scale=4.6, guidance_schedule="power-cosine")
     )
     # Warm-up (first-call allocations, kernel selection) outside the timed run.
     generation.generate(loaded, sampling, np.arange(1), np.array([0]), 1, device)

@@ -84,11 +84,11 @@ BATCH_SIZE_HELP = "Samples per network batch and per process; also the chunk siz
 CLASSES_HELP = "'all' (uniform labels) or a list to cycle through, e.g. 88,207,360 or 0-9."
 EXPORT_NPZ_HELP = "Also write samples.npz in the ADM evaluator layout (arr_0 images, arr_1 labels)."
 CACHE_DIR_HELP = "Where reference features are cached. Default: beside the reference, else ~/.cache/diffit-pipe."
-CFG_SCALE_HELP = (
+GUIDANCE_SCALE_HELP = (
     "Classifier-free guidance scale. Default: the set-up recorded in the model's config.json (`import-nvlabs` "
     "records the released DiffiT code's: 4.4 power-cosine at 256 px, which gives its FID 1.73; 1.49 constant at "
     "512 px); otherwise the paper text's 4.6 power-cosine at 256 px and 1.49 at 512 px; 1 (none) elsewhere. "
-    "Pass --cfg-scale 4.4 or 4.6 to choose either published setting."
+    "Pass --guidance-scale 4.4 or 4.6 to choose either published setting."
 )
 METRICS_HELP = "Comma list of fid, sfid, is, prc, kid (the ADM evaluator reports fid, sfid, is, prc); '' for none."
 PRC_MEMORY_HELP = "Memory bound (GB) of the precision/recall distance blocks, whatever the sample counts."
@@ -113,14 +113,19 @@ Steps = Annotated[
     int | None,
     typer.Option("--steps", help="Sampling steps. Default: 250 (ddpm); 18 at 32 px / 40 at 64 px (edm-heun)."),
 ]
-CfgScale = Annotated[float | None, typer.Option("--cfg-scale", help=CFG_SCALE_HELP)]
-CfgSchedule = Annotated[
+GuidanceScale = Annotated[float | None, typer.Option("--guidance-scale", help=GUIDANCE_SCALE_HELP)]
+GuidanceSchedule = Annotated[
     Schedule | None,
-    typer.Option("--cfg-schedule", help="Default: power-cosine at 256 px (MDT's schedule), constant otherwise."),
+    typer.Option("--guidance-schedule", help="Default: power-cosine at 256 px (MDT's schedule), constant otherwise."),
 ]
-CfgChannels = Annotated[
-    GuidedChannels, typer.Option("--cfg-channels", help="Guide the first 3 latent channels (DiffiT) or all.")
+GuidanceChannels = Annotated[
+    GuidedChannels, typer.Option("--guidance-channels", help="Guide the first 3 latent channels (DiffiT) or all.")
 ]
+# The names before diffusers' (`guidance_scale`): accepted for one release with a deprecation warning.
+OldScale = Annotated[float | None, typer.Option("--cfg-scale", hidden=True)]
+OldSchedule = Annotated[Schedule | None, typer.Option("--cfg-schedule", hidden=True)]
+OldChannels = Annotated[GuidedChannels | None, typer.Option("--cfg-channels", hidden=True)]
+OldPower = Annotated[float | None, typer.Option("--cfg-power", hidden=True)]
 Seed = Annotated[int, typer.Option("--seed", help="Sample i uses a noise seed and label derived from (seed, i) only.")]
 Vae = Annotated[
     Path | None,
@@ -151,16 +156,36 @@ def parse_classes(text: str) -> list[int] | None:
     return labels
 
 
-def _sampling_options(sampler, steps, cfg_scale, cfg_schedule, cfg_channels, seed, pixels=None, **more):
-    """The `SamplingOptions` of the parsed command-line values (enums to their strings)."""
+def deprecated_flag(new_flag: str, new_value, old_flag: str, old_value, default=None):
+    """The value of an option that has an old name: the old one's (with a warning on stderr) when only it was
+    given; both given is an error."""
+    if old_value is None:
+        return new_value
+    if new_value != default:
+        raise typer.BadParameter(f"{old_flag} is the old name of {new_flag}: give only {new_flag}")
+    typer.echo(f"warning: {old_flag} is deprecated, use {new_flag} (the old name goes in the next release)", err=True)
+    return old_value
+
+
+def _sampling_options(
+    sampler, steps, guidance_scale, guidance_schedule, guidance_channels, seed, pixels=None, old=(), **more
+):
+    """The `SamplingOptions` of the parsed command-line values (enums to their strings); `old`: the values of
+    --cfg-scale, --cfg-schedule, --cfg-channels (deprecated names)."""
     from pipeline.evaluate import SamplingOptions
 
+    old_scale, old_schedule, old_channels = (*old, None, None, None)[:3]
+    guidance_scale = deprecated_flag("--guidance-scale", guidance_scale, "--cfg-scale", old_scale)
+    guidance_schedule = deprecated_flag("--guidance-schedule", guidance_schedule, "--cfg-schedule", old_schedule)
+    guidance_channels = deprecated_flag(
+        "--guidance-channels", guidance_channels, "--cfg-channels", old_channels, GuidedChannels.three
+    )
     return SamplingOptions(
         sampler=sampler.value if sampler else None,
         steps=steps,
-        cfg_scale=cfg_scale,
-        cfg_schedule=cfg_schedule.value if cfg_schedule else None,
-        cfg_channels=cfg_channels.value,
+        guidance_scale=guidance_scale,
+        guidance_schedule=guidance_schedule.value if guidance_schedule else None,
+        guidance_channels=guidance_channels.value,
         seed=seed,
         pixels=pixels.value if pixels else None,
         **more,
@@ -173,10 +198,12 @@ def evaluate(
     num_samples: Annotated[int, typer.Option("--num-samples", help="Number of samples (the paper: 50k).")] = 50_000,
     sampler: SamplerOption = None,
     steps: Steps = None,
-    cfg_scale: CfgScale = None,
-    cfg_schedule: CfgSchedule = None,
-    cfg_power: Annotated[float, typer.Option("--cfg-power", help="Exponent of the power-cosine schedule.")] = 4.0,
-    cfg_channels: CfgChannels = GuidedChannels.three,
+    guidance_scale: GuidanceScale = None,
+    guidance_schedule: GuidanceSchedule = None,
+    guidance_power: Annotated[
+        float, typer.Option("--guidance-power", help="Exponent of the power-cosine schedule.")
+    ] = 4.0,
+    guidance_channels: GuidanceChannels = GuidedChannels.three,
     classes: Annotated[str, typer.Option("--classes", help=CLASSES_HELP)] = "all",
     batch_size: Annotated[int, typer.Option("--batch-size", help=BATCH_SIZE_HELP)] = 32,
     seed: Seed = 0,
@@ -203,6 +230,10 @@ def evaluate(
     device: Device = None,
     precision: PrecisionOption = Precision.auto,
     compile: Compile = False,
+    cfg_scale: OldScale = None,
+    cfg_schedule: OldSchedule = None,
+    cfg_power: OldPower = None,
+    cfg_channels: OldChannels = None,
 ) -> None:
     """Sample an exported model into a resumable zarr store and compute FID / sFID / IS / precision-recall (KID).
 
@@ -232,12 +263,13 @@ def evaluate(
     sampling = _sampling_options(
         sampler,
         steps,
-        cfg_scale,
-        cfg_schedule,
-        cfg_channels,
+        guidance_scale,
+        guidance_schedule,
+        guidance_channels,
         seed,
         pixels,
-        cfg_power=cfg_power,
+        old=(cfg_scale, cfg_schedule, cfg_channels),
+        guidance_power=deprecated_flag("--guidance-power", guidance_power, "--cfg-power", cfg_power, 4.0),
         eta=eta,
         classes=labels,
     )
@@ -281,9 +313,9 @@ def sample(
     num: Annotated[int, typer.Option("--num", help="Number of samples when --classes is 'all'.")] = 16,
     sampler: SamplerOption = None,
     steps: Steps = None,
-    cfg_scale: CfgScale = None,
-    cfg_schedule: CfgSchedule = None,
-    cfg_channels: CfgChannels = GuidedChannels.three,
+    guidance_scale: GuidanceScale = None,
+    guidance_schedule: GuidanceSchedule = None,
+    guidance_channels: GuidanceChannels = GuidedChannels.three,
     seed: Seed = 0,
     pixels: Annotated[Pixels | None, typer.Option("--pixels", help=PIXELS_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per network batch.")] = 16,
@@ -291,6 +323,9 @@ def sample(
     device: Device = None,
     precision: PrecisionOption = Precision.auto,
     compile: Compile = False,
+    cfg_scale: OldScale = None,
+    cfg_schedule: OldSchedule = None,
+    cfg_channels: OldChannels = None,
 ) -> None:
     """A quick look at a model: sample a few images and save them as one PNG grid (no store, no metrics)."""
     from pipeline.core.logs import setup_logging
@@ -303,7 +338,16 @@ def sample(
         parse_classes(classes),
         per_class=per_class,
         num=num,
-        sampling_options=_sampling_options(sampler, steps, cfg_scale, cfg_schedule, cfg_channels, seed, pixels),
+        sampling_options=_sampling_options(
+            sampler,
+            steps,
+            guidance_scale,
+            guidance_schedule,
+            guidance_channels,
+            seed,
+            pixels,
+            old=(cfg_scale, cfg_schedule, cfg_channels),
+        ),
         vae=vae,
         batch_size=batch_size,
         device=device,

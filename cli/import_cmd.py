@@ -28,7 +28,7 @@ def import_nvlabs(
     sampling set-up is recorded in OUT/config.json and used by `evaluate` by default: sd-vae-ft-ema with latents
     divided by 0.18215, ADM linear schedule of 1000 steps with learned sigma, DDPM with 250 steps, 1000 classes
     plus the null class, classifier-free guidance on the first 3 latent channels, power-cosine (exponent 4) with
-    scale 4.4 at 256 px (the released code's setting for FID 1.73; the paper text says 4.6, pass --cfg-scale 4.6
+    scale 4.4 at 256 px (the released code's setting for FID 1.73; the paper text says 4.6, pass --guidance-scale 4.6
     to evaluate with it) and a constant 1.49 at 512 px.
 
     The file is checked before anything is allocated (header, floating dtypes, names and shapes); the

@@ -212,15 +212,17 @@ def _check_field(where: str, value: Any, spec: tuple) -> str | None:
     raise AssertionError(f"unknown field kind {kind!r}")
 
 
-def _check_fields(where: str, values: Any, fields: dict[str, tuple]) -> None:
-    """Raise ValueError (message without the file) for a non-dict, an unknown key or a bad value."""
+def _check_fields(where: str, values: Any, fields: dict[str, tuple], check_field=None) -> None:
+    """Raise ValueError (message without the file) for a non-dict, an unknown key or a bad value (each checked by
+    `check_field`, default `_check_field`)."""
+    check_field = check_field or _check_field
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be an object, got {type(values).__name__}")
     unknown = sorted(str(key) for key in values if key not in fields)
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}; known: {sorted(fields)}")
     for key, value in values.items():
-        problem = _check_field(f"{where}.{key}", value, fields[key])
+        problem = check_field(f"{where}.{key}", value, fields[key])
         if problem:
             raise ValueError(problem)
 
@@ -617,15 +619,7 @@ def _check_pipeline_field(where: str, value: Any, spec: tuple) -> str | None:
 def check_pipeline_sampling(sampling: Any, where: str = "sampling") -> None:
     """A saved pipeline's sampling settings (`SamplingConfig.to_dict()`, any subset); ValueError without the
     file name otherwise."""
-    if not isinstance(sampling, dict):
-        raise ValueError(f"{where} must be an object, got {type(sampling).__name__}")
-    unknown = sorted(str(key) for key in sampling if key not in PIPELINE_SAMPLING_FIELDS)
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; known: {sorted(PIPELINE_SAMPLING_FIELDS)}")
-    for key, value in sampling.items():
-        problem = _check_pipeline_field(f"{where}.{key}", value, PIPELINE_SAMPLING_FIELDS[key])
-        if problem:
-            raise ValueError(problem)
+    _check_fields(where, sampling, PIPELINE_SAMPLING_FIELDS, _check_pipeline_field)
 
 
 def check_pipeline_index(index: Any, path: str | os.PathLike = "model_index.json") -> dict[str, Any]:

@@ -626,11 +626,9 @@ def test_import_nvlabs_writes_an_export_with_the_released_setup(released, tiny_v
         "round"
     )
     assert (resolved.guidance_scale, resolved.guidance_schedule, resolved.steps) == (4.4, "power-cosine", 250)
-    assert "cfg_scale=4.4 (released NVlabs/DiffiT code)" in resolved.defaults_used
-    assert (
-        sampling_settings.resolve_sampling(loading.load_model(out), opts.SamplingOptions(cfg_scale=4.6)).guidance_scale
-        == 4.6
-    )
+    assert "guidance_scale=4.4 (released NVlabs/DiffiT code)" in resolved.defaults_used
+    chosen = sampling_settings.resolve_sampling(loading.load_model(out), opts.SamplingOptions(guidance_scale=4.6))
+    assert chosen.guidance_scale == 4.6
     # 512 px (64x64 latents): constant 1.49, as the released code switches above 32x32 latents.
     assert (released_sampling(64)["guidance_scale"], released_sampling(64)["guidance_schedule"]) == (1.49, "constant")
 

@@ -42,7 +42,12 @@ def reference(tmp_path_factory):
 
 
 def _options(model, out, reference=None, weights=None, metrics=("fid", "prc"), **changes) -> opts.EvaluateOptions:
-    sampling = {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine", **changes.pop("sampling", {})}
+    sampling = {
+        "steps": STEPS,
+        "guidance_scale": 4.6,
+        "guidance_schedule": "power-cosine",
+        **changes.pop("sampling", {}),
+    }
     settings = dict(
         model_dir=model,
         out_dir=out,
@@ -74,10 +79,10 @@ def _cli_arguments(options: opts.EvaluateOptions) -> list[str]:
         str(options.batch_size),
         "--steps",
         str(options.sampling.steps),
-        "--cfg-scale",
-        str(options.sampling.cfg_scale),
-        "--cfg-schedule",
-        options.sampling.cfg_schedule,
+        "--guidance-scale",
+        str(options.sampling.guidance_scale),
+        "--guidance-schedule",
+        options.sampling.guidance_schedule,
         "--reference",
         str(options.reference),
         "--inception-weights",
@@ -210,7 +215,7 @@ def test_killed_sampling_resumes_to_the_same_store_and_metrics(baseline, tmp_pat
         "num_samples": NUM_SAMPLES,
         "batch_size": BATCH,
         "delay_s": 0.25,
-        "sampling": {"steps": STEPS, "cfg_scale": 4.6, "cfg_schedule": "power-cosine"},
+        "sampling": {"steps": STEPS, "guidance_scale": 4.6, "guidance_schedule": "power-cosine"},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     worker = subprocess.Popen(
@@ -408,7 +413,9 @@ def test_paper_defaults_per_model_kind():
     assert (ffhq.sampler, ffhq.steps, ffhq.guidance_scale) == ("edm-heun", 40, 1.0)
     explicit = sampling_settings.resolve_sampling(
         _stand_in(),
-        opts.SamplingOptions(sampler="ddim", steps=50, cfg_scale=1.5, cfg_schedule="constant", cfg_channels="all"),
+        opts.SamplingOptions(
+            sampler="ddim", steps=50, guidance_scale=1.5, guidance_schedule="constant", guidance_channels="all"
+        ),
     )
     assert (explicit.sampler, explicit.steps, explicit.guidance_channels, explicit.defaults_used) == (
         "ddim",
@@ -418,7 +425,7 @@ def test_paper_defaults_per_model_kind():
     )
 
     with pytest.raises(opts.EvaluateInputError, match="unconditional"):
-        sampling_settings.resolve_sampling(_stand_in("image", "edm", 32, 0), opts.SamplingOptions(cfg_scale=2.0))
+        sampling_settings.resolve_sampling(_stand_in("image", "edm", 32, 0), opts.SamplingOptions(guidance_scale=2.0))
     with pytest.raises(opts.EvaluateInputError, match="edm-heun"):
         sampling_settings.resolve_sampling(_stand_in("image", "edm", 32, 0), opts.SamplingOptions(sampler="ddpm"))
     with pytest.raises(opts.EvaluateInputError, match="classes"):
@@ -453,7 +460,7 @@ class _StandInEps(torch.nn.Module):
         return values[:, :, None, None].expand(x.shape[0], 8, *x.shape[2:])
 
 
-def test_cfg_channels_three_guides_only_the_first_three_latent_channels():
+def test_guidance_channels_three_guides_only_the_first_three_latent_channels():
     from diffit.guidance import ClassifierFreeGuidance
 
     network = _StandInEps()
@@ -464,7 +471,7 @@ def test_cfg_channels_three_guides_only_the_first_three_latent_channels():
     ):
         sampling = sampling_settings.resolve_sampling(
             _stand_in(resolution=512, num_classes=10),
-            opts.SamplingOptions(cfg_scale=4.6, cfg_schedule="constant", cfg_channels=channels),
+            opts.SamplingOptions(guidance_scale=4.6, guidance_schedule="constant", guidance_channels=channels),
         )
         guided = ClassifierFreeGuidance(network, sampling.guidance(), network.null_class, lambda n: n)(x, t, y)
         # uncond + 4.6 (cond - uncond) on the guided eps channels; the conditional output elsewhere.
@@ -484,7 +491,7 @@ def test_generate_passes_the_resolved_guidance_to_the_sampler(monkeypatch):
     loaded = _stand_in("image", "adm", 16, 10)
     loaded.sample_shape, loaded.config = (3, 16, 16), {"diffusion": {"type": "adm"}}
     sampling = sampling_settings.resolve_sampling(
-        loaded, opts.SamplingOptions(cfg_scale=3.0, cfg_channels="3", steps=7)
+        loaded, opts.SamplingOptions(guidance_scale=3.0, guidance_channels="3", steps=7)
     )
     images, _ = generation.generate(loaded, sampling, np.arange(5, 8), np.array([1, 2, 3]), batch_size=8, device="cpu")
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
@@ -557,7 +564,7 @@ def test_sample_command_writes_a_grid(latent_model, tmp_path):
             "2",
             "--steps",
             "3",
-            "--cfg-scale",
+            "--guidance-scale",
             "2",
             "--device",
             "cpu",
@@ -645,7 +652,7 @@ def test_sample_command_takes_precision(latent_model, tmp_path):
 @pytest.mark.slow
 def test_compiled_network_samples_like_the_eager_one_and_is_recorded(latent_model):
     loaded = loading.load_model(latent_model, device="cpu")
-    sampling = sampling_settings.resolve_sampling(loaded, opts.SamplingOptions(steps=3, cfg_scale=2.0))
+    sampling = sampling_settings.resolve_sampling(loaded, opts.SamplingOptions(steps=3, guidance_scale=2.0))
     indices, labels = np.arange(4), np.array([0, 1, 2, 3])
     loading.prepare_network(loaded, "fp32", False, "cpu")
     eager, _ = generation.generate(loaded, sampling, indices, labels, 4, "cpu")
@@ -654,3 +661,24 @@ def test_compiled_network_samples_like_the_eager_one_and_is_recorded(latent_mode
     assert np.abs(compiled.astype(np.int16) - eager.astype(np.int16)).max() <= 1
     settings = sampling_settings.store_settings(loaded, sampling, 4)
     assert settings["network"] == {"precision": "fp32", "compile": True}
+
+
+def test_the_old_guidance_flags_still_work_for_one_release_with_a_warning(latent_model, tmp_path):
+    """`--cfg-scale` / `--cfg-schedule` / `--cfg-channels` (before diffusers' `guidance_*` names) give the same
+    grid as the new flags, with a deprecation warning; both names at once are refused."""
+    from cli.main import app
+
+    common = ["sample", "--model", str(latent_model), "--classes", "1,2", "--per-class", "1", "--steps", "2"]
+    common += ["--device", "cpu"]
+    new = ["--guidance-scale", "2.5", "--guidance-schedule", "constant", "--guidance-channels", "all"]
+    old = ["--cfg-scale", "2.5", "--cfg-schedule", "constant", "--cfg-channels", "all"]
+    runner = CliRunner()
+    first = runner.invoke(app, [*common, "--grid", str(tmp_path / "new.png"), *new])
+    second = runner.invoke(app, [*common, "--grid", str(tmp_path / "old.png"), *old])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert (tmp_path / "new.png").read_bytes() == (tmp_path / "old.png").read_bytes()
+    assert "warning: --cfg-scale is deprecated, use --guidance-scale" in second.output
+    assert "warning: --cfg-channels is deprecated, use --guidance-channels" in second.output
+    assert "deprecated" not in first.output
+    both = runner.invoke(app, [*common, "--grid", str(tmp_path / "x.png"), "--guidance-scale", "2", "--cfg-scale", "3"])
+    assert both.exit_code == 2 and "--cfg-scale is the old name of --guidance-scale" in both.output

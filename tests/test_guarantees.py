@@ -446,29 +446,38 @@ def _reference_options(source: Path, out: Path, weights: Path):
     return options
 
 
-def test_a_reference_build_resumed_with_other_weights_recomputes_every_chunk(
-    tmp_path, tmp_path_factory, inception_weights, monkeypatch, caplog
-):
+def _build_killed_after_the_first_chunk(options, monkeypatch) -> None:
+    """`build_reference(options)` dying (KeyboardInterrupt) while its second statistics chunk is computed: the
+    first chunk stays in OUT's partial directory."""
     import pipeline.evaluate.reference_batch as reference_batch
     from pipeline.evaluate import build_reference
 
-    other_weights = make_random_inception_weights(tmp_path_factory.mktemp("other") / "inception-2.pth", seed=1)
-    source = write_folder_reference(tmp_path / "images", smooth_images(6, size=16, seed=4))
-    out = tmp_path / "resumed.npz"
     compute_part = reference_batch._compute_part
     chunks: list[int] = []
 
     def killed_after_the_first_chunk(dataset, *args, **kwargs):
         if chunks:
-            raise KeyboardInterrupt  # the first build dies while its second chunk is computed
+            raise KeyboardInterrupt
         chunks.append(dataset.indices[0])
         return compute_part(dataset, *args, **kwargs)
 
     monkeypatch.setattr(reference_batch, "_compute_part", killed_after_the_first_chunk)
     with pytest.raises(KeyboardInterrupt):
-        build_reference(_reference_options(source, out, inception_weights))
-    assert (tmp_path / ".resumed.npz.partial" / "chunk-000000.npz").is_file() and not out.exists()
+        build_reference(options)
     monkeypatch.undo()
+    partial = options.out.parent / f".{options.out.name}.partial"
+    assert (partial / "chunk-000000.npz").is_file() and not options.out.exists()
+
+
+def test_a_reference_build_resumed_with_other_weights_recomputes_every_chunk(
+    tmp_path, tmp_path_factory, inception_weights, monkeypatch, caplog
+):
+    from pipeline.evaluate import build_reference
+
+    other_weights = make_random_inception_weights(tmp_path_factory.mktemp("other") / "inception-2.pth", seed=1)
+    source = write_folder_reference(tmp_path / "images", smooth_images(6, size=16, seed=4))
+    out = tmp_path / "resumed.npz"
+    _build_killed_after_the_first_chunk(_reference_options(source, out, inception_weights), monkeypatch)
 
     with caplog.at_level(logging.WARNING):
         build_reference(_reference_options(source, out, other_weights))
@@ -565,30 +574,17 @@ def test_a_reference_build_resumed_at_another_resolution_recomputes_every_chunk(
 ):
     """A source reference killed at 16 px and rebuilt at 8 px into the same OUT equals an uninterrupted 8 px build
     (a content identity without the resolution reused the 16 px statistics chunks)."""
-    import pipeline.evaluate.reference_batch as reference_batch
     from pipeline.evaluate import build_reference
 
     source = write_folder_reference(tmp_path / "images", smooth_images(6, size=16, seed=5))
     out = tmp_path / "resumed.npz"
-    compute_part = reference_batch._compute_part
-    chunks: list[int] = []
-
-    def killed_after_the_first_chunk(dataset, *args, **kwargs):
-        if chunks:
-            raise KeyboardInterrupt
-        chunks.append(1)
-        return compute_part(dataset, *args, **kwargs)
 
     def options(target: Path, resolution: int):
         built = _reference_options(source, target, inception_weights)
         built.resolution = resolution
         return built
 
-    monkeypatch.setattr(reference_batch, "_compute_part", killed_after_the_first_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        build_reference(options(out, 16))
-    assert (tmp_path / ".resumed.npz.partial" / "chunk-000000.npz").is_file() and not out.exists()
-    monkeypatch.undo()
+    _build_killed_after_the_first_chunk(options(out, 16), monkeypatch)
     with caplog.at_level(logging.WARNING):
         build_reference(options(out, 8))
     assert any("partial statistics of other settings" in r.getMessage() for r in caplog.records)
@@ -724,7 +720,7 @@ def test_evaluate_of_an_imported_release_writes_truncated_pixels_without_being_a
     assert json.loads((tmp_path / "imported" / "config.json").read_text())["sampling"]["pixels"] == "truncate"
     images = {}
     for name, pixels in (("default", None), ("round", "round")):
-        sampling = SamplingOptions(steps=2, cfg_scale=1.0, pixels=pixels)
+        sampling = SamplingOptions(steps=2, guidance_scale=1.0, pixels=pixels)
         options = EvaluateOptions(
             tmp_path / "imported", tmp_path / name, num_samples=4, batch_size=4, sampling=sampling, metrics=()
         )

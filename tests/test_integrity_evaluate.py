@@ -54,7 +54,7 @@ def _options(model: Path, out: Path) -> opts.EvaluateOptions:
         out_dir=out,
         num_samples=NUM_SAMPLES,
         batch_size=BATCH,
-        sampling=opts.SamplingOptions(steps=STEPS, cfg_scale=4.6, cfg_schedule="power-cosine"),
+        sampling=opts.SamplingOptions(steps=STEPS, guidance_scale=4.6, guidance_schedule="power-cosine"),
         metrics=(),
         export_npz=True,
         device="cpu",
@@ -345,8 +345,8 @@ def test_damaged_array_metadata_is_one_line_naming_the_file(uninterrupted, laten
     metadata = out / STORE_NAME / "samples" / "zarr.json"
     metadata.write_text("{not json")
     arguments = ["evaluate", "--model", str(latent_model), "--out", str(out), "--num-samples", str(NUM_SAMPLES)]
-    arguments += ["--batch-size", str(BATCH), "--steps", str(STEPS), "--cfg-scale", "4.6"]
-    arguments += ["--cfg-schedule", "power-cosine", "--metrics", "", "--device", "cpu"]
+    arguments += ["--batch-size", str(BATCH), "--steps", str(STEPS), "--guidance-scale", "4.6"]
+    arguments += ["--guidance-schedule", "power-cosine", "--metrics", "", "--device", "cpu"]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

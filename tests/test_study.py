@@ -208,7 +208,7 @@ def test_an_axis_of_evaluate_settings_shares_one_training_per_seed(tiny):
         tiny,
         "  time_embedding:\n    positional: {model.kwargs.time_embedding: positional}\n"
         "    fourier: {model.kwargs.time_embedding: fourier}",
-        "  cfg:\n    s1: {evaluate.cfg_scale: 1.0}\n    s3: {evaluate.cfg_scale: 3.0}",
+        "  cfg:\n    s1: {evaluate.guidance_scale: 1.0}\n    s3: {evaluate.guidance_scale: 3.0}",
         claims=False,
     )
     units = load_study(path).units()
@@ -546,8 +546,8 @@ def test_no_variant_may_change_the_budget(tiny, key, value):
 
 
 CFG_AXIS = (
-    "  cfg:\n    s1: {evaluate.cfg_scale: 1.0}\n    s3: {evaluate.cfg_scale: 3.0}\n    study_wide: {}",
-    "evaluate: {num_samples: 8, batch_size: 8, steps: 2, metrics: [], cfg_scale: 2.0}",
+    "  cfg:\n    s1: {evaluate.guidance_scale: 1.0}\n    s3: {evaluate.guidance_scale: 3.0}\n    study_wide: {}",
+    "evaluate: {num_samples: 8, batch_size: 8, steps: 2, metrics: [], guidance_scale: 2.0}",
 )
 
 
@@ -571,7 +571,7 @@ def test_a_variants_evaluate_setting_wins_over_the_study_wide_one(tiny, tmp_path
 
     study = load_study(_cfg_study(tiny))
     scales = {
-        variant.name: evaluate_options(study, variant.name, 0, tmp_path / "m", tmp_path / "e").sampling.cfg_scale
+        variant.name: evaluate_options(study, variant.name, 0, tmp_path / "m", tmp_path / "e").sampling.guidance_scale
         for variant in study.variants
     }
     assert scales == {"s1": 1.0, "s3": 3.0, "study_wide": 2.0}
@@ -674,7 +674,10 @@ def test_a_yaml_alias_bomb_is_refused_at_its_first_alias(tiny):
         ("seeds=[0, 1, 0]", "seeds repeat: [0, 1, 0]"),
         ('name="tiny\\n"', "name 'tiny\\n' must be 1-100 of A-Z a-z 0-9"),
         ("evaluate.steps=abc", "variant positional: evaluate.steps: expected an integer in [1, 100000], got 'abc'"),
-        ("evaluate.cfg_scale=[1, 2]", "variant positional: evaluate.cfg_scale: expected a finite number, got [1, 2]"),
+        (
+            "evaluate.guidance_scale=[1, 2]",
+            "variant positional: evaluate.guidance_scale: expected a finite number, got [1, 2]",
+        ),
         ("evaluate.sampler=euler", "evaluate.sampler: expected one of ddpm, ddim, edm-heun, got 'euler'"),
         ("evaluate.metrics=[fid, fld]", "evaluate.metrics: unknown 'fld'; choose from fid, sfid, is, prc, kid"),
         ("evaluate.pixels=nearest", "evaluate.pixels: expected one of round, truncate, got 'nearest'"),
@@ -697,7 +700,7 @@ def test_every_value_is_checked_when_the_study_loads(tiny, setting, message):
 def test_counts_are_bounded_before_anything_is_expanded(tiny):
     """9 axes x 10 variants (10^9 variants), 5,000 seeds and a 1.5 MB file of 200,000 seeds are refused at once,
     with their counts."""
-    axes = {f"a{i}": {f"v{j}": {"evaluate.cfg_scale": float(j)} for j in range(10)} for i in range(9)}
+    axes = {f"a{i}": {f"v{j}": {"evaluate.guidance_scale": float(j)} for j in range(10)} for i in range(9)}
     path = tiny / "huge.yaml"
     path.write_text(json.dumps({"name": "huge", "base": "base.yaml", "seeds": [0], "axes": axes}))
     line = cli_error(["study", path, "--plan", "--out", tiny / "never"])
@@ -706,7 +709,7 @@ def test_counts_are_bounded_before_anything_is_expanded(tiny):
     assert "seeds must be a list of 1 to 1000 integers, got 5000 seeds" in cli_error(["study", path, "--plan"])
     path.write_text(json.dumps({"name": "many", "base": "base.yaml", "seeds": list(range(200_000)), "axes": axes}))
     line = cli_error(["study", path, "--plan"])
-    assert "not valid YAML (a YAML file of 1492170 bytes, more than the 1048576 accepted)" in line
+    assert f"not valid YAML (a YAML file of {path.stat().st_size} bytes, more than the 1048576 accepted)" in line
 
 
 def test_plan_writes_nothing_and_an_out_that_is_a_file_is_refused(tiny):
@@ -840,7 +843,7 @@ def test_hostile_study_files_stay_within_the_commands_baseline_memory(tiny, tmp_
     levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     bomb.write_text("name: bomb\nbase: base.yaml\nseeds: [0]\n" + "\n".join(levels) + "\naxes: {x: {y: {}}}\n")
-    axes = {f"a{i}": {f"v{j}": {"evaluate.cfg_scale": float(j)} for j in range(10)} for i in range(9)}
+    axes = {f"a{i}": {f"v{j}": {"evaluate.guidance_scale": float(j)} for j in range(10)} for i in range(9)}
     huge = tiny / "huge-axes.yaml"
     huge.write_text(json.dumps({"name": "huge", "base": "base.yaml", "seeds": [0], "axes": axes}))
     many = tiny / "many-seeds.yaml"
@@ -911,3 +914,38 @@ def test_plan_reports_the_seeds_power_asks_for_from_the_file_and_from_a_pilot(st
     assert pilot.endswith(f"{needed} seeds resolve it at 80% power") and "2 seeds" in pilot
     line = cli_error(["study", tiny / "study.yaml", "--plan", "--set", "power={metric: FD_demo, expected_sd: -1}"])
     assert "power.expected_sd must be a positive number, got '-1'" in line
+
+
+def test_old_evaluate_names_load_as_the_new_ones_and_an_old_plan_resumes(tiny, tmp_path, caplog):
+    """`evaluate.cfg_scale` (and `set: {evaluate.cfg_scale}`, a variant's `evaluate.cfg_channels`) are read as
+    `guidance_*` for one release, with a warning; a study directory whose plan.json was written with the old names
+    (as before the rename) is the same study."""
+    import logging
+
+    old = edited(
+        tiny,
+        "  time_embedding:\n    positional: {model.kwargs.time_embedding: positional}\n"
+        "    fourier: {model.kwargs.time_embedding: fourier}",
+        "  cfg:\n    s1: {evaluate.cfg_scale: 1.0, evaluate.cfg_channels: 3}\n    s3: {evaluate.cfg_scale: 3.0}",
+        claims=False,
+    )
+    new_text = old.read_text().replace("cfg_scale", "guidance_scale").replace("cfg_channels", "guidance_channels")
+    new = tmp_path / "new.yaml"
+    new.write_text(new_text.replace("base: base.yaml", f"base: {tiny / 'base.yaml'}"))
+    with caplog.at_level(logging.WARNING):
+        old_study = load_study(old, ["evaluate.cfg_power=3.0"])
+    assert "evaluate.cfg_scale is deprecated, use evaluate.guidance_scale" in caplog.text
+    assert "cfg_power is deprecated, use guidance_power" in caplog.text
+    new_study = load_study(new, ["evaluate.guidance_power=3.0"])
+    assert [v.evaluate for v in old_study.variants] == [v.evaluate for v in new_study.variants]
+    assert old_study.variants[0].evaluate == {"guidance_scale": 1.0, "guidance_channels": 3}
+    assert old_study.evaluate["guidance_power"] == 3.0
+    out = tmp_path / "study"
+    assert CliRunner().invoke(app, ["study", str(new), "--out", str(out), "--slurm"]).exit_code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    text = json.dumps(plan)
+    for name in ("scale", "channels", "power"):
+        text = text.replace(f'"guidance_{name}"', f'"cfg_{name}"')  # the plan today's main wrote
+    (out / "plan.json").write_text(text)
+    result = CliRunner().invoke(app, ["study", str(new), "--out", str(out), "--plan"])
+    assert result.exit_code == 0 and "0: runs/base/seed-0 [todo]" in result.output, result.output

@@ -163,7 +163,7 @@ def test_two_processes_gather_the_features_of_every_sample(tmp_path, inception_w
         out_dir=tmp_path / "evaluation",
         num_samples=5,
         batch_size=5,
-        sampling=SamplingOptions(sampler="ddim", steps=2, cfg_scale=1.0, cfg_schedule="constant", seed=7),
+        sampling=SamplingOptions(sampler="ddim", steps=2, guidance_scale=1.0, guidance_schedule="constant", seed=7),
         reference=reference,
         inception_weights=inception_weights,
         metrics=("fid",),

@@ -95,7 +95,7 @@ class DemoSettings:
     # Classifier-free guidance scale of both models, near the paper's 4.6 for ImageNet-256: it pushes these
     # briefly trained models to draw each class's shape rather than a blob of the class colour, and much
     # stronger guidance distorts the samples.
-    cfg_scale: float = 4.0
+    guidance_scale: float = 4.0
     # Dask worker processes of pack and encode: one per core of the 2-core machine the demo is sized for.
     encode_workers: int = 2
     seed: int = 0
@@ -417,9 +417,9 @@ def _evaluate_options(demo: DemoRun, kind: str, inception_weights: str | None):
     sampling = SamplingOptions(
         steps=settings.sample_steps if kind == "latent" else settings.image_sample_steps,
         seed=settings.seed,
-        cfg_scale=settings.cfg_scale,
-        cfg_schedule="constant",
-        cfg_channels="all",
+        guidance_scale=settings.guidance_scale,
+        guidance_schedule="constant",
+        guidance_channels="all",
     )
     reference = demo.paths["raw_shards" if kind == "latent" else "raw_shards_small"]
     return EvaluateOptions(

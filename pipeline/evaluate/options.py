@@ -32,10 +32,10 @@ class SamplingOptions:
 
     sampler: str | None = None
     steps: int | None = None
-    cfg_scale: float | None = None
-    cfg_schedule: str | None = None
-    cfg_power: float = 4.0
-    cfg_channels: str = "3"  # "3" (DiffiT: first three latent channels) or "all"
+    guidance_scale: float | None = None
+    guidance_schedule: str | None = None
+    guidance_power: float = 4.0
+    guidance_channels: str = "3"  # "3" (DiffiT: first three latent channels) or "all"
     classes: list[int] | None = None  # None: uniform over all classes; a list: cycled through
     seed: int = 0
     eta: float = 0.0  # DDIM only
@@ -94,11 +94,11 @@ def check_options(options: EvaluateOptions) -> None:
     _choice("sampler", sampling.sampler, SAMPLERS, optional=True)
     if sampling.steps is not None:
         _integer("steps", sampling.steps, 1, MAX_STEPS)
-    if sampling.cfg_scale is not None:
-        _real("cfg_scale", sampling.cfg_scale)
-    _choice("cfg_schedule", sampling.cfg_schedule, SCHEDULES, optional=True)
-    _real("cfg_power", sampling.cfg_power)
-    _choice("cfg_channels", sampling.cfg_channels, ("3", "all"))
+    if sampling.guidance_scale is not None:
+        _real("guidance_scale", sampling.guidance_scale)
+    _choice("guidance_schedule", sampling.guidance_schedule, SCHEDULES, optional=True)
+    _real("guidance_power", sampling.guidance_power)
+    _choice("guidance_channels", sampling.guidance_channels, ("3", "all"))
     if sampling.classes is not None:
         classes = sampling.classes
         _need(isinstance(classes, (list, tuple)) and 0 < len(classes) <= MAX_CLASS_LIST, "classes", classes)

@@ -21,7 +21,7 @@ Sampling defaults (`sampling_defaults`): a model whose config.json records a sam
 latent channels at 256 px, the setting behind its FID 1.73; 1.49 constant at 512 px). Otherwise the paper's
 text per model kind: latent ADM models DDPM with 250 steps, ImageNet-256 guidance 4.6 with MDT's power-cosine
 schedule on the first three latent channels, ImageNet-512 1.49 (constant); image-space EDM models EDM's Heun
-sampler with 18 steps at 32 px and 40 at 64 px, unguided. Either published 256-px setting is `--cfg-scale` away.
+sampler with 18 steps at 32 px and 40 at 64 px, unguided. Either published 256-px setting is `--guidance-scale` away.
 """
 
 from __future__ import annotations

@@ -36,26 +36,25 @@ def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
     conditional = loaded.num_classes > 0
     if loaded.kind == "adm":
         scale, schedule = PAPER_GUIDANCE.get(height, (1.0, "constant")) if conditional else (1.0, "constant")
-        paper = {"sampler": "ddpm", "steps": 250, "cfg_scale": scale, "cfg_schedule": schedule, "pixels": "round"}
+        paper = {
+            "sampler": "ddpm",
+            "steps": 250,
+            "guidance_scale": scale,
+            "guidance_schedule": schedule,
+            "pixels": "round",
+        }
     else:
         paper = {
             "sampler": "edm-heun",
             "steps": 18 if height <= 32 else 40,
-            "cfg_scale": 1.0,
-            "cfg_schedule": "constant",
+            "guidance_scale": 1.0,
+            "guidance_schedule": "constant",
             "pixels": "round",
         }
     recorded = loaded.config.get("sampling") if isinstance(loaded.config, dict) else None
     if not isinstance(recorded, dict):
         return paper, "paper"
-    keys = {
-        "sampler": "sampler",
-        "steps": "steps",
-        "cfg_scale": "guidance_scale",
-        "cfg_schedule": "guidance_schedule",
-        "pixels": "pixels",
-    }
-    chosen = {name: recorded.get(key, paper[name]) for name, key in keys.items()}
+    chosen = {name: recorded.get(name, paper[name]) for name in paper}  # config.json's names are these
     return chosen, str(recorded.get("origin", "the model's config.json"))
 
 
@@ -77,8 +76,8 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
 
     sampler = pick("sampler", options.sampler)
     steps = int(pick("steps", options.steps))
-    scale = float(pick("cfg_scale", options.cfg_scale))
-    schedule = pick("cfg_schedule", options.cfg_schedule)
+    scale = float(pick("guidance_scale", options.guidance_scale))
+    schedule = pick("guidance_schedule", options.guidance_schedule)
     # Not listed in defaults_used (recorded as "pixels" in every record): the conversion, not a sampler setting.
     pixels = options.pixels if options.pixels is not None else default["pixels"]
     if pixels not in PIXEL_QUANTIZATIONS:
@@ -88,11 +87,11 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
     if loaded.kind == "edm" and sampler != "edm-heun":
         raise EvaluateInputError(f"{loaded.model_dir}: an EDM model samples with edm-heun, not {sampler}")
     if schedule not in SCHEDULES:
-        raise EvaluateInputError(f"--cfg-schedule {schedule}: expected one of {SCHEDULES}")
+        raise EvaluateInputError(f"--guidance-schedule {schedule}: expected one of {SCHEDULES}")
     if steps < 1:
         raise EvaluateInputError(f"--steps must be >= 1, got {steps}")
     if scale != 1.0 and not conditional:
-        raise EvaluateInputError(f"--cfg-scale {scale}: {loaded.model_dir} is unconditional (no guidance)")
+        raise EvaluateInputError(f"--guidance-scale {scale}: {loaded.model_dir} is unconditional (no guidance)")
     classes = options.classes
     if classes is not None:
         if not conditional:
@@ -106,8 +105,8 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
         steps=int(steps),
         guidance_scale=scale,
         guidance_schedule=schedule,
-        guidance_power=float(options.cfg_power),
-        guidance_channels=3 if options.cfg_channels == "3" else None,
+        guidance_power=float(options.guidance_power),
+        guidance_channels=3 if options.guidance_channels == "3" else None,
         classes=list(classes) if classes is not None else None,
         seed=int(options.seed),
         eta=float(options.eta),

@@ -33,7 +33,15 @@ from typing import Any
 from pipeline.core.atomic import write_json_atomic
 from pipeline.core.storage import LocalDirectory, StorageError
 from pipeline.study.demo_metrics import demo_metrics
-from pipeline.study.spec import Evaluation, Study, StudyError, Unit, check_model_kwargs, training_config
+from pipeline.study.spec import (
+    Evaluation,
+    Study,
+    StudyError,
+    Unit,
+    check_model_kwargs,
+    rename_evaluate_keys,
+    training_config,
+)
 from pipeline.study.spec import evaluate_options as options_of_settings
 
 logger = logging.getLogger(__name__)
@@ -82,7 +90,7 @@ def read_plan(out: Path) -> dict[str, Any] | None:
         raise StudyError(f"{path}: unreadable ({error}); remove it to start this study afresh") from None
     if not isinstance(stored, dict):
         raise StudyError(f"{path}: not a study plan; remove it to start this study afresh")
-    return stored
+    return rename_evaluate_keys(stored)  # a plan written before guidance_* replaced cfg_* is the same study
 
 
 def prepare_directory(study: Study, out: Path) -> None:

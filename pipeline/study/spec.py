@@ -17,7 +17,7 @@ A study is a base preset plus axes of overrides (variants) times seeds, at one b
     curve: {num_samples: 200}           # the demo metrics of every milestone checkpoint (checkpoint.keep_every)
 
 An override key is a training-config key (`SECTION.FIELD`, `model.kwargs.NAME`, checked like `train --set`) or
-`evaluate.FIELD` (an evaluate setting such as `evaluate.cfg_scale`). Variants that differ only in evaluate
+`evaluate.FIELD` (an evaluate setting such as `evaluate.guidance_scale`). Variants that differ only in evaluate
 settings share one trained model per seed (the guidance-scale curve: one training, many scales). Variants may
 not change the budget (`BUDGET_KEYS`): every run trains the same steps on the same batch and is scored on the same
 number of samples with the same sampler.
@@ -70,10 +70,10 @@ EVALUATE_KEYS = (
     "batch_size",
     "sampler",
     "steps",
-    "cfg_scale",
-    "cfg_schedule",
-    "cfg_power",
-    "cfg_channels",
+    "guidance_scale",
+    "guidance_schedule",
+    "guidance_power",
+    "guidance_channels",
     "classes",
     "eta",
     "pixels",
@@ -98,6 +98,13 @@ EVALUATE_FILE_KEYS = ("reference", "inception_weights")
 CURVE_KEYS = ("num_samples",)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # whole string (fullmatch): no newline, no control character
 EVALUATE_PREFIX = "evaluate."
+# Evaluate settings renamed to diffusers' names: the old ones are read for one release, with a warning.
+RENAMED_EVALUATE_KEYS = {
+    "cfg_scale": "guidance_scale",
+    "cfg_schedule": "guidance_schedule",
+    "cfg_power": "guidance_power",
+    "cfg_channels": "guidance_channels",
+}
 # Bounds checked before anything is expanded or allocated: a study of more evaluations than this is a typo (or an
 # attack), and every one of them is a training run or a sampling run.
 MAX_SEEDS = 1000
@@ -276,7 +283,42 @@ def load_study(path: str | Path, settings: list[str] | tuple[str, ...] = ()) -> 
         raise StudyError(f"{path}: the top level must be a mapping, got {type(mapping).__name__}")
     for setting in settings:
         _apply_setting(mapping, setting, path)
+    rename_evaluate_keys(mapping, lambda old, new: _warn_renamed(path, old, new))
     return parse_study(mapping, path)
+
+
+def _warn_renamed(path: Path, old: str, new: str) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "%s: %s is deprecated, use %s (the old name goes in the next release)", path, old, new
+    )
+
+
+def rename_evaluate_keys(mapping: Any, renamed=lambda old, new: None) -> Any:
+    """`mapping` (a study file, or a plan.json's `evaluate` / variants) with the old evaluate names
+    (`RENAMED_EVALUATE_KEYS`) replaced in place, in `evaluate`, `set` and every variant's overrides; `renamed(old,
+    new)` is called for each. A section giving both names is left alone (the key check then names both)."""
+
+    def rename(section: Any, prefix: str) -> None:
+        if not isinstance(section, dict):
+            return
+        for old, new in RENAMED_EVALUATE_KEYS.items():
+            if prefix + old in section and prefix + new not in section:
+                section[prefix + new] = section.pop(prefix + old)
+                renamed(prefix + old, prefix + new)
+
+    if not isinstance(mapping, dict):
+        return mapping
+    rename(mapping.get("evaluate"), "")
+    rename(mapping.get("set"), EVALUATE_PREFIX)
+    axes = mapping.get("axes")
+    for variants in axes.values() if isinstance(axes, dict) else ():
+        for overrides in variants.values() if isinstance(variants, dict) else ():
+            rename(overrides, EVALUATE_PREFIX)
+    for variant in mapping.get("variants") or () if isinstance(mapping.get("variants"), list) else ():
+        rename(variant.get("evaluate") if isinstance(variant, dict) else None, "")
+    return mapping
 
 
 def _apply_setting(mapping: dict, setting: str, path: Path) -> None:
@@ -518,7 +560,8 @@ def training_config(study: Study, unit: Unit):
 
 
 # Evaluate settings that are paths (made `Path`s) and the sampling ones (`SamplingOptions` fields).
-SAMPLING_KEYS = ("sampler", "steps", "cfg_scale", "cfg_schedule", "cfg_power", "cfg_channels", "classes", "eta")
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_power", "guidance_channels")
+SAMPLING_KEYS += ("classes", "eta")
 SAMPLING_KEYS += ("pixels",)
 PATH_KEYS = ("inception_weights", "cache_dir")
 
@@ -529,8 +572,9 @@ def evaluate_options(settings: dict[str, Any], seed: int, model_dir: Path, out_d
     from pipeline.evaluate import EvaluateInputError, EvaluateOptions, SamplingOptions, check_options
 
     sampling = {key: settings[key] for key in SAMPLING_KEYS if key in settings}
-    if isinstance(sampling.get("cfg_channels"), int) and not isinstance(sampling["cfg_channels"], bool):
-        sampling["cfg_channels"] = str(sampling["cfg_channels"])  # `cfg_channels: 3` in YAML
+    channels = sampling.get("guidance_channels")
+    if isinstance(channels, int) and not isinstance(channels, bool):
+        sampling["guidance_channels"] = str(channels)  # `guidance_channels: 3` in YAML
     rest = {key: value for key, value in settings.items() if key not in SAMPLING_KEYS}
     for key in PATH_KEYS:
         if isinstance(rest.get(key), str):
