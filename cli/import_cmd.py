@@ -38,7 +38,7 @@ def import_nvlabs(
     Then: diffit-pipe evaluate --model OUT --reference VIRTUAL_imagenet256_labeled.npz --out EVAL
     """
     from pipeline.core.logs import setup_logging
-    from pipeline.train.released import import_nvlabs as run_import
+    from pipeline.train import import_nvlabs as run_import
 
     setup_logging()
     config = run_import(checkpoint, out, vae=vae, overwrite=overwrite)

@@ -114,7 +114,8 @@ def parameter_bound(override: int | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Schema: (kind, low, high) per constructor argument; "choice" fields list their values instead of a range.
 
-# `diffit.layers.TIME_CONDITIONINGS` (not imported: layers imports torch; a test pins the two equal).
+# Where the time token x_t enters a `DiffiTTransformerBlock` (paper Sec. 3.2 and its ablations); the first is
+# DiffiT itself. Defined here, where nothing imports torch; `diffit.layers` imports it.
 TIME_CONDITIONINGS = ("tmsa", "adaln", "bias", "mlp", "decoupled")
 
 _COMMON_FIELDS = {

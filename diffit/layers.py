@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_check import TIME_CONDITIONINGS
+
 # ---------------------------------------------------------------------------------------------------------------
 # Position embeddings
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,9 +279,7 @@ def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-# Where the time token x_t enters a `DiffiTTransformerBlock` (paper Sec. 3.2 and its ablations); the first is
-# DiffiT itself. `diffit.config_check.TIME_CONDITIONINGS` repeats this tuple (it imports no torch; a test pins it).
-TIME_CONDITIONINGS = ("tmsa", "adaln", "bias", "mlp", "decoupled")
+# TIME_CONDITIONINGS (where the time token enters a block) is defined in `diffit.config_check` (no torch there).
 
 
 def per_window(values: torch.Tensor, batch_windows: int) -> torch.Tensor:

@@ -240,6 +240,23 @@ def test_stages_use_only_what_other_stages_export():
             assert set(names) <= exports[pieces[1]], f"{path}: {set(names) - exports[pieces[1]]} not exported"
 
 
+def test_commands_call_only_what_the_stages_export():
+    """cli/ parses and calls a stage's door: a command imports from `pipeline.STAGE` only names the stage exports
+    (and shared infrastructure from `pipeline.core`), never a stage's modules."""
+    import importlib
+
+    exports = {stage: set(getattr(importlib.import_module(f"pipeline.{stage}"), "__all__", [])) for stage in STAGES}
+    commands = sorted((ROOT / "cli").glob("*_cmd.py"))
+    assert len(commands) >= 10
+    for path in commands:
+        for module, names in _imports(path):
+            pieces = module.split(".")
+            if pieces[0] != "pipeline" or (len(pieces) > 1 and pieces[1] == "core"):
+                continue
+            assert len(pieces) == 2 and pieces[1] in STAGES, f"{path}: imports {module}, not a stage's exports"
+            assert set(names) <= exports[pieces[1]], f"{path}: {set(names) - exports[pieces[1]]} not exported"
+
+
 def test_a_library_that_writes_a_private_file_still_publishes_with_the_usual_mode(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -53,8 +53,10 @@ from pipeline.core.storage import open_regular_file as open_regular_file  # move
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
-LATENT_MEMBERS = ("mean.npy", "std.npy", "cls", "json")
-IMAGE_MEMBERS = ("png", "cls", "json")
+# The members of a sample (see docs/architecture.md, "Data formats"), by name everywhere they are read or written.
+MEAN_MEMBER, STD_MEMBER, IMAGE_MEMBER, LABEL_MEMBER, META_MEMBER = "mean.npy", "std.npy", "png", "cls", "json"
+LATENT_MEMBERS = (MEAN_MEMBER, STD_MEMBER, LABEL_MEMBER, META_MEMBER)
+IMAGE_MEMBERS = (IMAGE_MEMBER, LABEL_MEMBER, META_MEMBER)
 REQUIRED_MANIFEST_KEYS = ("format_version", "kind", "resolution", "num_classes", "label_map", "counts", "shards")
 _HASH_BLOCK = 1 << 20
 # The only file names a manifest may list: what `shard_name` writes. ASCII digits only (`\d` would accept other
@@ -149,8 +151,8 @@ def latent_sample(key: str, mean: np.ndarray, std: np.ndarray, label: int, meta:
     """The members of one latent sample (mean / std float16 [2, C, h, w], unscaled)."""
     return {
         "__key__": key,
-        "mean.npy": npy_bytes(mean.astype(np.float16)),
-        "std.npy": npy_bytes(std.astype(np.float16)),
+        MEAN_MEMBER: npy_bytes(mean.astype(np.float16)),
+        STD_MEMBER: npy_bytes(std.astype(np.float16)),
         "cls": str(int(label)).encode("ascii"),
         "json": json_bytes(meta),
     }

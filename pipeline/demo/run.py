@@ -554,7 +554,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{entry['class_consistency']:.3f}, shape consistency {entry['shape_consistency']:.3f} "
             f"(chance {chance:.2f})"
         )
-        lines.append(f"{kind} model: predicted classes of samples {entry['predicted_class_histogram']}")
+        counts = ", ".join(f"{label}: {count}" for label, count in enumerate(entry["predicted_class_histogram"]))
+        lines.append(f"{kind} model: samples the classifier assigns to each class (class: count) {counts}")
         for name, value in entry["reportable_metrics"].items():
             lines.append(f"{kind} model: {name} = {value:.4g}")
         for name, value in entry["plumbing_only_metrics"].items():

@@ -3,7 +3,8 @@
 `config` holds the dataclasses every setting lives in, `data` streams shards into batches, `checks` checks a
 run's inputs before anything starts, `setup` builds what the loop works with, `objective` is the loss, lr and EMA,
 `progress` / `samples` / `fid` (FID during training) report, `loop` runs training, `checkpoint` saves and
-restores runs, `export` writes the EMA weights as a model directory.
+restores runs, `export` writes the EMA weights as a model directory, `released` imports NVlabs' released weights
+as one (`import_nvlabs`).
 Other stages use what this package exports, never its modules' internals.
 """
 
@@ -24,6 +25,7 @@ from pipeline.train.export import export_checkpoint
 from pipeline.train.loop import NonFiniteLossError, run
 from pipeline.train.preemption import EXIT_STOPPED, TrainingStopped
 from pipeline.train.progress import METRICS
+from pipeline.train.released import import_nvlabs
 from pipeline.train.runlock import RunLockedError
 from pipeline.train.samples import SAMPLES_DIR
 from pipeline.train.setup import RUN_INFO
@@ -50,6 +52,7 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "export_checkpoint",
+    "import_nvlabs",
     "list_checkpoints",
     "load_config",
     "run",

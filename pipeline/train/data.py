@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.errors import InputError, PipelineError
-from pipeline.core.shards import load_npy_bytes
+from pipeline.core.shards import IMAGE_MEMBER, MEAN_MEMBER, STD_MEMBER, load_npy_bytes
 from pipeline.core.storage import is_url, read_object, release_clients
 from pipeline.train.preemption import ignore_stop_signals
 
@@ -375,7 +375,7 @@ def _load_npy(sample: dict, name: str) -> np.ndarray:
 
 def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
     """One training latent: scaling_factor * (mean + std * eps) of the original or flipped view."""
-    mean, std = _load_npy(sample, "mean.npy"), _load_npy(sample, "std.npy")
+    mean, std = _load_npy(sample, MEAN_MEMBER), _load_npy(sample, STD_MEMBER)
     if mean.shape != std.shape or mean.ndim != 4 or mean.shape[0] != 2:
         raise DataFormatError(f"{_where(sample)}: mean/std must both be [2, C, h, w], got {mean.shape} and {std.shape}")
     view = int(rng.integers(2)) if spec.hflip else 0
@@ -388,7 +388,7 @@ def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tu
     """One training image in [-1, 1], CHW, randomly flipped."""
     from PIL import Image
 
-    raw = sample.get("png")
+    raw = sample.get(IMAGE_MEMBER)
     if raw is None:
         raise DataFormatError(f"{_where(sample)}: sample has no 'png' member (is this an image shard?)")
     try:
