@@ -121,7 +121,8 @@ def test_yaml_aliases_and_huge_files_are_refused_in_presets_and_overrides(tmp_pa
     with pytest.raises(ConfigError, match=r"bomb\.yaml: not valid YAML \(aliases \(\*name\) are not accepted \(line 2"):
         load_config(bomb)
     preset = PRESETS / "demo.yaml"
-    with pytest.raises(ConfigError, match=r"--set 'model.kwargs.x=\[&a 1, \*a\]': value is not valid YAML \(aliases"):
+    message = r"--set 'model.kwargs.x=\[&a 1, \*a\]': the value is not valid YAML \(aliases"
+    with pytest.raises(ConfigError, match=message):
         load_config(preset, ["model.kwargs.x=[&a 1, *a]"])
     huge = tmp_path / "huge.yaml"
     huge.write_text(preset.read_text() + "#" * (1 << 20) + "\n")

@@ -24,6 +24,19 @@ EXIT_JOB_FAILED = 1
 MAX_LOAD_DETAIL_CHARS = 200
 
 
+def brief(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: a message never quotes a whole (hostile) value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An error's message on one line (YAML, tarfile and pyarrow messages span several), at most `limit`
+    characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def weights_only_load_problem(error: Exception) -> str:
     """What a failed `torch.load(weights_only=True)` says about the file, on one line. torch's own message spans
     several lines and suggests `weights_only=False` (running the file's pickle code, never done here): a file that

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.errors import brief, one_line
+
 MAX_YAML_BYTES = 1 << 20  # 1 MiB: the largest preset or study shipped is ~5 KB
 
 
@@ -47,3 +49,21 @@ def read_yaml_file(path: str | Path) -> Any:
     if size > MAX_YAML_BYTES:
         raise YamlRefused(f"a YAML file of {size} bytes, more than the {MAX_YAML_BYTES} accepted")
     return load_yaml(path.read_text(encoding="utf-8"))
+
+
+class SettingError(ValueError):
+    """A `--set KEY=VALUE` that cannot be read (its message names it); each caller raises its own error type."""
+
+
+def parse_setting(text: str, example: str, empty: Any = None) -> tuple[str, Any]:
+    """`KEY=VALUE` (one `--set`, of a training config or a study file) -> (KEY, VALUE read by `load_yaml`);
+    `empty` for `KEY=`. SettingError (`--set 'TEXT': ...`, with `example` of a good one) otherwise; what a key
+    may be is the caller's schema."""
+    if "=" not in text:
+        raise SettingError(f"--set {brief(text)}: expected KEY=VALUE, e.g. {example}")
+    key, raw = text.split("=", 1)
+    try:
+        value = load_yaml(raw) if raw.strip() else empty
+    except yaml.YAMLError as error:
+        raise SettingError(f"--set {brief(text)}: the value is not valid YAML ({one_line(error)})") from None
+    return key.strip(), value

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
+from pipeline.core.errors import one_line
 from pipeline.core.storage import is_url, local_path, url_to_fs
 from pipeline.encode.archives import (
     IMAGE_EXTENSIONS,
@@ -51,14 +52,7 @@ from pipeline.encode.member_index import (
     load_cached_index,
     save_index,
 )
-from pipeline.encode.source_items import (
-    SourceError,
-    SourceItem,
-    SourceScan,
-    check_label,
-    keys_per_directory,
-    one_line,
-)
+from pipeline.encode.source_items import SourceError, SourceItem, SourceScan, check_label, keys_per_directory
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import tarfile
 import zlib
 from pathlib import PurePosixPath
 
-from pipeline.encode.source_items import MAX_CLASSES, SourceError, one_line
+from pipeline.core.errors import one_line
+from pipeline.encode.source_items import MAX_CLASSES, SourceError
 
 MAX_DEVKIT_FILE_BYTES = 16 << 20  # meta.mat (inflated) and the ground truth; the real ones are about 1 MB
 MAX_CSV_BYTES = 256 << 20  # LOC_val_solution.csv is about 10 MB

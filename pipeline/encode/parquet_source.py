@@ -27,10 +27,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from pipeline.core.errors import one_line
 from pipeline.core.storage import is_url, local_path, reading, url_to_fs
 from pipeline.encode.archives import Group, Member, identify
 from pipeline.encode.member_index import IndexCache
-from pipeline.encode.source_items import MAX_CLASSES, SourceError, SourceScan, check_label, one_line
+from pipeline.encode.source_items import MAX_CLASSES, SourceError, SourceScan, check_label
 
 _ROW_GROUPS_KEPT = 4  # per worker process: the prefetch threads read neighbouring batches
 MAX_INFLATION = 32  # declared uncompressed bytes per stored byte of a column chunk (images barely compress)

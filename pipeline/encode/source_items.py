@@ -38,11 +38,6 @@ class SourceError(InputError):
     """The source directory cannot be used (missing, empty, unreadable, or an invalid packed dataset)."""
 
 
-def one_line(error: BaseException | str) -> str:
-    """A library's error message on one line (tarfile and pyarrow write several), for an `error:` line."""
-    return " ".join(str(error).split())
-
-
 def check_label(label: int, where: str, num_classes: int | None = None) -> int:
     """`label` when it is a class index below `num_classes` (the label map's size, when the source names its
     classes) and below MAX_CLASSES; otherwise SourceError naming `where` (the file and member / row), the label

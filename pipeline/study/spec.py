@@ -42,8 +42,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.errors import InputError
-from pipeline.core.yamlfile import load_yaml, read_yaml_file
+from pipeline.core.errors import InputError, brief, one_line
+from pipeline.core.yamlfile import SettingError, parse_setting, read_yaml_file
 
 
 class StudyError(InputError):
@@ -278,7 +278,7 @@ def load_study(path: str | Path, settings: list[str] | tuple[str, ...] = ()) -> 
     try:
         mapping = read_yaml_file(path)
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise StudyError(f"{path}: not valid YAML ({_one_line(error)})") from None
+        raise StudyError(f"{path}: not valid YAML ({one_line(error)})") from None
     if not isinstance(mapping, dict):
         raise StudyError(f"{path}: the top level must be a mapping, got {type(mapping).__name__}")
     for setting in settings:
@@ -323,14 +323,11 @@ def rename_evaluate_keys(mapping: Any, renamed=lambda old, new: None) -> Any:
 
 def _apply_setting(mapping: dict, setting: str, path: Path) -> None:
     """One `--set KEY=VALUE` on the study file's own keys (one level of nesting: `evaluate.steps=18`)."""
-    if "=" not in setting:
-        raise StudyError(f"--set {brief(setting)}: expected KEY=VALUE, e.g. data=data/demo or evaluate.num_samples=64")
-    key, raw = setting.split("=", 1)
     try:
-        value = load_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError as error:
-        raise StudyError(f"--set {brief(setting)}: the value is not valid YAML ({_one_line(error)})") from None
-    parts = key.strip().split(".", 1)
+        key, value = parse_setting(setting, "data=data/demo or evaluate.num_samples=64")
+    except SettingError as error:
+        raise StudyError(str(error)) from None
+    parts = key.split(".", 1)
     if parts[0] not in TOP_LEVEL_KEYS:
         known = ", ".join(TOP_LEVEL_KEYS)
         raise StudyError(f"--set {brief(setting)}: unknown study key {brief(parts[0])}; known: {known}")
@@ -348,17 +345,6 @@ def _apply_setting(mapping: dict, setting: str, path: Path) -> None:
 def _need(condition: bool, path: Path, message: str) -> None:
     if not condition:
         raise StudyError(f"{path}: {message}")
-
-
-def brief(value: Any, limit: int = 60) -> str:
-    """`repr(value)` cut to `limit` characters: a message never quotes a whole (hostile) value."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(error: Exception, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_name(value: Any) -> bool:

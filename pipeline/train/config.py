@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.core.errors import InputError
-from pipeline.core.yamlfile import load_yaml, read_yaml_file
+from pipeline.core.errors import InputError, brief, one_line
+from pipeline.core.yamlfile import SettingError, parse_setting, read_yaml_file
 
 
 class ConfigError(InputError):
@@ -331,11 +331,6 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def one_line(error: Exception) -> str:
-    """An error's text on one line (YAML parser errors span several)."""
-    return " ".join(str(error).split())
-
-
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML preset (`pipeline.core.yamlfile`), apply `key=value` overrides, validate."""
     path = Path(path)
@@ -359,16 +354,13 @@ def apply_override(mapping: dict, override: str) -> None:
 
     Keys are checked against the schema here so that a typo names the override, not the merged file.
     """
-    if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"--set {override!r}: the key must be SECTION.FIELD (e.g. train.max_steps)")
     try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {override!r}: value is not valid YAML ({one_line(error)})") from None
+        key, value = parse_setting(override, "optim.lr=1e-4", empty="")
+    except SettingError as error:
+        raise ConfigError(str(error)) from None
+    parts = key.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {brief(override)}: the key must be SECTION.FIELD (e.g. train.max_steps)")
     cls: Any = Config
     for depth, part in enumerate(parts):
         # `model.kwargs.<name>` is a free-form mapping of create_model overrides.
