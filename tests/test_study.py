@@ -278,9 +278,20 @@ def studies(tiny) -> tuple[Path, Path]:
     return whole, resumed
 
 
+def without_wall_times(study: dict) -> dict:
+    """study.json without the measured times of its `cost` (the one part that differs between runs)."""
+    from pipeline.study.aggregate import MEASURED_COST_FIELDS
+
+    cost = {v: {k: x for k, x in e.items() if k not in MEASURED_COST_FIELDS} for v, e in study["cost"].items()}
+    return {**study, "cost": cost}
+
+
 def test_a_killed_and_resumed_study_writes_the_same_study_json_as_an_uninterrupted_one(studies):
-    whole, resumed = studies
-    assert (whole / "study.json").read_text() == (resumed / "study.json").read_text()
+    whole, resumed = (json.loads((path / "study.json").read_text()) for path in studies)
+    assert without_wall_times(whole) == without_wall_times(resumed)
+    assert set(whole["cost"]["fourier"]) - set(without_wall_times(whole)["cost"]["fourier"]) == {
+        "train_seconds", "train_images_per_s", "evaluate_seconds", "sampling_images_per_s"
+    }  # fmt: skip
 
 
 def test_study_json_holds_fd_demo_per_variant_with_its_interval_and_the_paired_difference(studies):
@@ -305,6 +316,22 @@ def test_study_json_holds_fd_demo_per_variant_with_its_interval_and_the_paired_d
         "num_samples": 8,
     }
     assert study["budget"]["images_seen"] == 16 and study["budget"]["num_samples"] == 8
+    # What each variant costs: the exported model's parameters and GFLOPs, its guidance, measured times.
+    from diffit.models import model_stats
+
+    export = json.loads((studies[0] / "models/fourier/seed-0/config.json").read_text())["model"]
+    stats = model_stats(export["name"], **export["kwargs"])
+    cost = study["cost"]["fourier"]
+    assert (cost["params"], cost["gflops"], cost["model"]) == (stats["params"], stats["gflops"], "DiffiT-UNet-Tiny")
+    assert export["kwargs"]["time_embedding"] == "fourier" and cost["params"] > 0
+    assert (cost["guidance_scale"], cost["sampler"], cost["sampling_steps"]) == (1.0, "edm-heun", 2)
+    runs = [json.loads(line) for line in (studies[0] / "runs/fourier/seed-0/metrics.jsonl").read_text().splitlines()]
+    seconds = [sum(4 / r["images_per_s"] for r in runs if "images_per_s" in r)]  # 4 images a step, logged every step
+    runs = [json.loads(line) for line in (studies[0] / "runs/fourier/seed-1/metrics.jsonl").read_text().splitlines()]
+    seconds.append(sum(4 / r["images_per_s"] for r in runs if "images_per_s" in r))
+    assert cost["train_seconds"] == pytest.approx(sum(seconds) / 2, rel=1e-9)
+    assert cost["train_images_per_s"] == pytest.approx((16 / seconds[0] + 16 / seconds[1]) / 2, rel=1e-9)
+    assert cost["evaluate_seconds"] > 0 and cost["sampling_images_per_s"] > 0
     # The paper's claim (Fourier worse than positional) judged by the Holm-adjusted paired comparison.
     family = {(c["metric"], c["variant"]): c for c in study["comparisons"]}
     assert set(family) == {("FD_demo", "fourier"), ("class_consistency", "fourier")}
@@ -357,7 +384,8 @@ def test_a_study_run_two_at_a_time_gives_the_same_study_json(studies, tiny):
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "OMP_NUM_THREADS=1" in result.stdout and (out / "logs/run-3.log").is_file()
-    assert (out / "study.json").read_text() == (studies[0] / "study.json").read_text()
+    parallel, serial = (json.loads((path / "study.json").read_text()) for path in (out, studies[0]))
+    assert without_wall_times(parallel) == without_wall_times(serial)
 
 
 def test_jobs_take_one_cuda_device_each_or_a_share_of_the_cores():
@@ -589,12 +617,16 @@ def test_a_unit_is_done_only_when_every_one_of_its_evaluations_has_a_result(tiny
     run_unit(study, unit, out)
     assert unit_state(study, unit, out) == "done"
     results = {e.out_dir: out / e.out_dir / "result.json" for e in unit.evaluations}
-    finished = {name: path.read_text() for name, path in results.items()}
+
+    def contents() -> dict:  # the results without their measured wall time
+        return {name: {**json.loads(path.read_text()), "evaluate_seconds": None} for name, path in results.items()}
+
+    finished = contents()
     kept = {name: path.stat().st_mtime_ns for name, path in results.items()}
     results["evals/s3/seed-0"].unlink()  # as if killed before its result was written
     assert unit_state(study, unit, out) == "trained"
     run_unit(study, unit, out)
-    assert {name: path.read_text() for name, path in results.items()} == finished
+    assert contents() == finished
     assert results["evals/s1/seed-0"].stat().st_mtime_ns == kept["evals/s1/seed-0"]
     assert results["evals/study_wide/seed-0"].stat().st_mtime_ns == kept["evals/study_wide/seed-0"]
     assert unit_state(study, unit, out) == "done"

@@ -5,8 +5,8 @@ difference to the baseline variant over the seeds both have (`pipeline.study.sta
 variant's training metrics against the step (`loss`, and `fid_*` / `plumbing_only_fid_*` when FID ran during
 training), the mean over seeds at the steps every seed logged; with a study `curve`, also the demo metrics of
 the milestone checkpoints (`FD_demo @ N samples`, ...), the last point the final model's. Nothing in
-`study.json` depends on where the study directory is or when it ran, so a study killed and resumed gives the same
-file as an uninterrupted one.
+`study.json` but the measured wall times of `cost` (`MEASURED_COST_FIELDS`) depends on where the study directory
+is or when it ran, so a study killed and resumed gives the same file as an uninterrupted one, those aside.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.core.errors import JobFailedError
 from pipeline.study.demo_metrics import FD_DEMO
 from pipeline.study.runner import curve_eval_dir, read_result, read_samples
-from pipeline.study.spec import Study
+from pipeline.study.spec import Study, training_config
 from pipeline.study.stats import interval, paired_difference
 from pipeline.study.verdicts import METHOD, comparisons, power_lines, verdicts
 
@@ -187,10 +187,63 @@ def seed_power(study: Study, out: Path) -> list[str]:
     return power_lines(study.power, family, len(study.variants))
 
 
+# The measured (wall-clock) fields of `cost`: the only entries of study.json that differ between two runs of a study.
+MEASURED_COST_FIELDS = ("train_seconds", "train_images_per_s", "evaluate_seconds", "sampling_images_per_s")
+
+
+def training_seconds(run_dir: Path) -> float | None:
+    """The seconds the steps of a run took, from its metrics.jsonl windows (images in the window over its
+    images/s; a step logged again after a resume counts once); None without timed records."""
+    seconds, previous = 0.0, 0
+    timed = False
+    for _, record in sorted(read_training_records(run_dir).items()):
+        rate, seen = record.get("images_per_s"), record.get("images_seen")
+        if isinstance(rate, (int, float)) and rate > 0 and isinstance(seen, int) and seen > previous:
+            seconds += (seen - previous) / rate
+            previous, timed = seen, True
+    return seconds if timed else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [float(v) for v in values if isinstance(v, (int, float))]
+    return sum(known) / len(known) if known else None
+
+
+def cost(study: Study, out: Path, results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """variant -> what it costs: parameters and forward GFLOPs of its exported model (`diffit.model_stats`), the
+    guidance and sampler it was evaluated with, and the measured wall time and throughput of its training and
+    sampling (means over seeds; `MEASURED_COST_FIELDS` differ from run to run)."""
+    from diffit.models import model_stats
+
+    config = training_config(study, study.units()[0])
+    images = config.train.max_steps * config.train.global_batch_size
+    units = {(u.train_name, u.seed): u for u in study.units()}
+    table = {}
+    for variant in study.variants:
+        runs = [units[(variant.train_name, seed)] for seed in study.seeds]
+        export = json.loads((out / runs[0].model_dir / "config.json").read_text(encoding="utf-8"))
+        stats = model_stats(export["model"]["name"], **export["model"].get("kwargs", {}))
+        sampling = next(iter(results[variant.name].values())).get("sampling") or {}
+        train = [training_seconds(out / run.run_dir) for run in runs]
+        evaluate = [r.get("evaluate_seconds") for r in results[variant.name].values()]
+        samples = [r.get("num_samples") for r in results[variant.name].values()]
+        table[variant.name] = {
+            "model": export["model"]["name"],
+            "params": stats["params"],
+            "gflops": stats["gflops"],
+            "guidance_scale": sampling.get("guidance_scale"),
+            "sampler": sampling.get("sampler"),
+            "sampling_steps": sampling.get("steps"),
+            "train_seconds": _mean(train),
+            "train_images_per_s": _mean([images / s if s else None for s in train]),
+            "evaluate_seconds": _mean(evaluate),
+            "sampling_images_per_s": _mean([n / s if s and n else None for n, s in zip(samples, evaluate)]),
+        }
+    return table
+
+
 def budget(study: Study) -> dict[str, Any]:
     """What every run of the study shares."""
-    from pipeline.study.spec import training_config
-
     config = training_config(study, study.units()[0])
     evaluate = study.evaluate
     return {
@@ -201,6 +254,7 @@ def budget(study: Study) -> dict[str, Any]:
         "diffusion": config.diffusion.type,
         "sampler": evaluate.get("sampler"),
         "sampling_steps": evaluate.get("steps"),
+        "guidance_scale": evaluate.get("guidance_scale"),  # study-wide (a variant's own: `cost`)
         "num_samples": evaluate.get("num_samples", 50_000),
     }
 
@@ -236,6 +290,7 @@ def aggregate(study: Study, out: Path) -> dict[str, Any]:
         "verdict_method": METHOD,
         "curves": _merge(training_curves(study, out), sample_curves(study, out, results)),
         "curve": {**study.curve, "steps": study.curve_steps()} if study.curve else None,
+        "cost": cost(study, out, results),
     }
 
 

@@ -19,6 +19,7 @@ SECTIONS = (
     ("curves", "Curves"),
     ("samples", "Samples"),
     ("variants", "Variants"),
+    ("cost", "Cost"),
     ("budget", "Budget"),
 )
 
@@ -144,6 +145,29 @@ def variants_section(study: dict[str, Any]) -> str:
     return _section("variants", _table(["variant", "training run", "training overrides", "evaluate overrides"], rows))
 
 
+def cost_section(study: dict[str, Any]) -> str:
+    """Per variant: parameters, GFLOPs per forward, the guidance it was sampled with, measured times."""
+    header = ["variant", "model", "parameters", "GFLOPs / forward", "guidance", "sampler, steps"]
+    header += ["train s", "train img/s", "evaluate s", "sampling img/s"]
+    rows = [
+        [
+            esc(name),
+            esc(entry["model"]),
+            esc(entry["params"]),
+            esc(entry["gflops"]),
+            esc(entry["guidance_scale"]),
+            f"{esc(entry['sampler'])}, {esc(entry['sampling_steps'])}",
+            esc(entry["train_seconds"]),
+            esc(entry["train_images_per_s"]),
+            esc(entry["evaluate_seconds"]),
+            esc(entry["sampling_images_per_s"]),
+        ]
+        for name, entry in (study.get("cost") or {}).items()
+    ]
+    note = "<p class='meta'>times: means over seeds, measured on the machine that ran each unit</p>"
+    return _section("cost", _table(header, rows) + note if rows else '<p class="absent">no cost recorded</p>')
+
+
 def budget_section(study: dict[str, Any]) -> str:
     rows = [[esc(k), esc(v)] for k, v in study["budget"].items()] + [["seeds", esc(study["seeds"])]]
     return _section("budget", _table(["setting", "value (every run)"], rows))
@@ -164,7 +188,7 @@ def document(study: dict[str, Any], grids: dict[str, Path] | None = None) -> str
     )
     sections = [head, verdicts_section(study), table_section(study), curves_section(study)]
     sections += [samples_section(study, grids or {})]
-    sections += [variants_section(study), budget_section(study)]
+    sections += [variants_section(study), cost_section(study), budget_section(study)]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

@@ -236,6 +236,7 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
         logger.info("study %s: evaluating %s", study.name, evaluation.out_dir)
         options = evaluate_options(study, evaluation.variant, evaluation.seed, out / unit.model_dir, eval_dir)
         record = evaluate(options)
+        timings = record.get("timings_s") or {}
         images, labels = read_samples(eval_dir)
         values, details = demo_metrics(study.demo_metrics, images, labels)
         metrics = {**values, **(record.get("metrics") or {})}
@@ -254,6 +255,9 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
             "metrics": {**metrics, **plumbing},
             "details": details,
             "num_samples": int(len(images)),
+            "sampling": record.get("sampling"),  # the resolved settings (guidance scale, sampler, steps)
+            # Measured, so not the same in two runs: the aggregate keeps it apart (`study.json` "cost").
+            "evaluate_seconds": timings.get("preflight_and_sampling"),
         }
         if curve_point is not None:
             result["curve_point"] = curve_point
