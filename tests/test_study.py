@@ -749,6 +749,11 @@ def test_plan_writes_nothing_and_an_out_that_is_a_file_is_refused(tiny):
     result = CliRunner().invoke(app, ["study", str(tiny / "study.yaml"), "--out", str(out), "--plan"])
     assert result.exit_code == 0 and "0: runs/positional/seed-0 [todo]" in result.output
     assert not out.exists()
+    # A look before the inputs exist (a study planned before `diffit-pipe demo` made them) lists them.
+    arguments = ["study", str(tiny / "study.yaml"), "--out", str(out), "--plan", "--set", "data=/nowhere/data"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0 and "inputs not found yet (needed to run): data /nowhere/data" in result.output
+    assert not out.exists()
     (tiny / "a-file").write_text("x")
     line = cli_error(["study", tiny / "study.yaml", "--out", tiny / "a-file", "--plan"])
     assert line == f"error: {tiny / 'a-file'}: not a directory (--out names the study directory)"

@@ -41,7 +41,10 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> Path
     out = options.out or Path("studies") / study.name
     units = study.units()
     if options.plan:  # a look: checks the directory against the study, writes nothing
-        check_directory(study, out)
+        missing = study.missing_inputs()
+        if missing:  # a look before the inputs exist (a study planned before `diffit-pipe demo` ran, say)
+            log(f"inputs not found yet (needed to run): {'; '.join(missing)}")
+        check_directory(study, out, require_inputs=False)
         for unit in units:
             names = ", ".join(e.variant for e in unit.evaluations)
             log(f"{unit.index}: {unit.run_dir} [{unit_state(study, unit, out)}] variants {names}")

@@ -51,14 +51,15 @@ RESULT_FILE = "result.json"
 LOCKS_DIR = "locks"
 
 
-def check_directory(study: Study, out: Path) -> dict[str, Any]:
+def check_directory(study: Study, out: Path, require_inputs: bool = True) -> dict[str, Any]:
     """The study's plan (`Study.describe`: its file, settings and the content identity of its inputs), checked
     against the `plan.json` of an existing study directory: another study there, or this one with other inputs
-    (data, references, classifiers), is refused. Writes nothing (`--plan` uses it alone)."""
+    (data, references, classifiers), is refused; so are inputs that do not exist (unless not `require_inputs`:
+    `--plan` lists them). Writes nothing (`--plan` uses it alone)."""
     if out.exists() and not out.is_dir():
         raise StudyError(f"{out}: not a directory (--out names the study directory)")
     missing = study.missing_inputs()
-    if missing:
+    if missing and require_inputs:
         raise StudyError(f"{study.path}: not found: {'; '.join(missing)}")
     plan = json.loads(json.dumps(study.describe()))
     stored = read_plan(out)
