@@ -17,7 +17,7 @@ text, so a bad file is refused before a model, a tensor or a diffusion schedule 
 - `check_safetensors_header(path, expected_shapes)`: the 8-byte length and the JSON header read by hand
   (bounded, against the file size), floating dtypes only, data offsets consistent with the shapes and the file,
   the names and shapes equal to the expected ones. Reads the header, never the tensors.
-- a saved `DiffiTPipeline` folder (`diffit.pipeline_diffit.check_pipeline_folder` applies these):
+- a saved `DiffiTPipeline` folder (`diffit.pipeline_loading.check_pipeline_folder` applies these):
   `check_pipeline_index` (model_index.json: known entries, components as [library, class], the "sampling"
   entry against `PIPELINE_SAMPLING_FIELDS` = `SamplingConfig`'s fields with `steps` / `diffusion_steps` <= 100,000,
   a positive `scaling_factor`), `check_scheduler_config` (a scheduler's chain length <= 100,000: diffusers'

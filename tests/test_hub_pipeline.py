@@ -399,7 +399,7 @@ def test_image_space_pipeline_runs_edms_stochastic_sampler(image_model):
 
 
 def test_pipeline_vae_comes_from_the_export_and_must_be_the_encoding_one(tmp_path, latent_model, tiny_vae):
-    from diffit.pipeline_diffit import vae_path_hash
+    from diffit.pipeline_loading import vae_path_hash
 
     config = json.loads((latent_model / "config.json").read_text())
     assert config["vae"]["path_hash"] == vae_path_hash(Path(tiny_vae))  # the hash `encode` records
@@ -476,7 +476,7 @@ def test_an_export_of_diffit_pipe_export_loads_in_the_pipeline(tmp_path):
 
     from cli.main import app
     from diffit.latent import LatentDiffiT
-    from diffit.pipeline_diffit import vae_path_hash
+    from diffit.pipeline_loading import vae_path_hash
     from pipeline.train import TrainArgs, run
 
     vae = save_tiny_vae(tmp_path / "vae")

@@ -106,7 +106,7 @@ def test_dpm_solver_plus_plus_in_25_steps_is_deterministic_under_a_generator(lat
     assert torch.equal(first, by_seeds)
     torch.testing.assert_close(alone[0], first[1], rtol=1e-5, atol=1e-5)  # batch size 1 vs 2 matmuls
     # The scheduler differs from the project's DDPM sampler, which still runs once it is set back.
-    from diffit.pipeline_diffit import DiffiTScheduler
+    from diffit.scheduling_diffit import DiffiTScheduler
 
     pipe.scheduler = DiffiTScheduler.from_config(pipe.scheduler.config)
     own = pipe([1, 2], 2.0, torch.Generator().manual_seed(0), 25, "latent").images
@@ -375,3 +375,28 @@ def test_progress_bar_configuration_reaches_the_own_samplers_bar(latent_model, c
     pipe.set_progress_bar_config(disable=True)
     pipe([1], num_inference_steps=3, output_type="latent", seeds=[0])
     assert capsys.readouterr().err == ""
+
+
+def test_a_folder_saved_before_the_scheduler_moved_module_still_loads(latent_model, tmp_path):
+    """`DiffiTScheduler` lives in `diffit.scheduling_diffit` (diffusers' split of a pipeline); a model_index.json
+    written when it lived in `diffit.pipeline_diffit` names that module, and still loads with the same samples."""
+    import json
+
+    from diffit import DiffiTPipeline
+    from diffit.scheduling_diffit import DiffiTScheduler
+
+    pipe = _pipeline(latent_model)
+    pipe.save_pretrained(tmp_path / "saved")
+    index_path = tmp_path / "saved" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    assert index["scheduler"][1] == "DiffiTScheduler"
+    index["scheduler"] = ["diffit.pipeline_diffit", "DiffiTScheduler"]
+    index_path.write_text(json.dumps(index))
+    loaded = DiffiTPipeline.from_pretrained(tmp_path / "saved")
+    assert isinstance(loaded.scheduler, DiffiTScheduler)
+    call = dict(num_inference_steps=3, output_type="latent", seeds=[1, 2])
+    assert torch.equal(loaded([1, 2], 2.0, **call).images, pipe([1, 2], 2.0, **call).images)
+    index["scheduler"] = ["diffit.elsewhere", "DiffiTScheduler"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="unknown scheduler diffit.elsewhere.DiffiTScheduler"):
+        DiffiTPipeline.from_pretrained(tmp_path / "saved")

@@ -1,0 +1,89 @@
+"""The scheduler component of `DiffiTPipeline` (diffusers keeps schedulers in their own modules): `DiffiTScheduler`,
+the marker for the project's own sampler (`diffit.sampling.sample` runs while it is set), whose config is the
+model's ADM training chain in diffusers' names (`chain_scheduler_config`), and `load_scheduler`, which rebuilds the
+scheduler a saved pipeline's model_index.json names (a diffusers class, or this one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import diffusers
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers import KarrasDiffusionSchedulers
+
+from .sampling import SamplingConfig
+
+# Where `DiffiTScheduler` lived before this module: saved pipelines' model_index.json may name it there.
+FORMER_MODULES = ("diffit.pipeline_diffit",)
+
+
+def chain_scheduler_config(config: SamplingConfig) -> dict[str, Any]:
+    """The ADM training chain of `config` in diffusers' scheduler names (DiT's scheduler_config.json keys)."""
+    if config.noise_schedule == "linear":
+        scale = 1000.0 / config.diffusion_steps  # ADM rescales the linear betas for other chain lengths
+        betas = {"beta_start": scale * 1e-4, "beta_end": scale * 0.02, "beta_schedule": "linear"}
+    elif config.noise_schedule == "cosine":
+        betas = {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "squaredcos_cap_v2"}
+    else:
+        raise ValueError(f"no diffusers beta schedule for noise_schedule {config.noise_schedule!r}")
+    return {"num_train_timesteps": int(config.diffusion_steps), **betas}
+
+
+class DiffiTScheduler(SchedulerMixin, ConfigMixin):
+    """The project's own sampler as the pipeline's `scheduler` component (module docstring): while it is set,
+    `DiffiTPipeline` runs `diffit.sampling.sample` with its stored `sampling` settings.
+
+    It runs no steps itself. Its config is the model's ADM training chain in diffusers' names, so
+    `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)` builds a diffusers scheduler for that chain.
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles = [entry.name for entry in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        clip_sample: bool = False,
+        prediction_type: str = "epsilon",
+    ):
+        self.init_noise_sigma = 1.0
+
+    @classmethod
+    def for_sampling(cls, config: SamplingConfig) -> DiffiTScheduler:
+        """The marker for a pipeline whose stored settings are `config` (its chain in the config; EDM models have
+        no chain, so they get DiT's). Every value is passed explicitly: `from_config` of another class skips the
+        values a config marks as defaults (`_use_default_values`), e.g. it would keep DDIM's clip_sample=True."""
+        chain = chain_scheduler_config(config) if config.kind == "adm" else {}
+        defaults = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+        return cls(**{**defaults, **chain}, clip_sample=False, prediction_type="epsilon")
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError(
+            "DiffiTScheduler marks the project's sampler (diffit.sampling.sample) in a DiffiTPipeline and runs no "
+            "steps itself; build a stepping scheduler with e.g. DDIMScheduler.from_config(scheduler.config)"
+        )
+
+    set_timesteps = step = scale_model_input = add_noise = _refuse
+
+
+def load_scheduler(entry: Sequence[str | None] | None, folder: Path) -> SchedulerMixin | None:
+    """The scheduler a saved pipeline's model_index.json names: diffusers' classes or `DiffiTScheduler`."""
+    if not entry or entry[0] is None:
+        return None
+    library, class_name = entry
+    if library == "diffusers" and isinstance(getattr(diffusers, str(class_name), None), type):
+        scheduler_class = getattr(diffusers, class_name)
+    elif class_name == DiffiTScheduler.__name__ and library in (DiffiTScheduler.__module__, *FORMER_MODULES):
+        scheduler_class = DiffiTScheduler
+    else:
+        raise ValueError(f"{folder / 'model_index.json'}: unknown scheduler {library}.{class_name}")
+    return scheduler_class.from_pretrained(folder, subfolder="scheduler")
