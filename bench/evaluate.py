@@ -207,9 +207,9 @@ def _prc_case(samples: int, references: int, dim: int, memory_gb: float, device:
 
 def _stats_case(count: int, dim: int, streamed: bool, device: str, threads: int | None) -> dict:
     """Mean / covariance of `count` random features arriving in batches of 64: streamed (float64 moments,
-    pooled as `reference_batch` pools them) or all held, then `np.cov`."""
+    pooled as `pipeline.evaluate.reference.batch` pools them) or all held, then `np.cov`."""
     from pipeline.evaluate.adm import RunningMoments
-    from pipeline.evaluate.reference_batch import UPDATE_ROWS
+    from pipeline.evaluate.reference.batch import UPDATE_ROWS
 
     if threads:
         torch.set_num_threads(threads)

@@ -229,7 +229,7 @@ def _slow_reference(spec_path: str) -> None:
     import torch
 
     import pipeline.evaluate.features as features
-    from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
+    from pipeline.evaluate.reference.batch import ReferenceOptions, build_reference
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)

@@ -31,9 +31,9 @@ from pipeline.evaluate import inception as incep
 from pipeline.evaluate import metrics as M
 from pipeline.evaluate import model_loading as loading
 from pipeline.evaluate import options as opts
-from pipeline.evaluate import references as refs
 from pipeline.evaluate.features import SFID_DIM, SFID_LAYER, run_extractor
-from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference, work_dir_for
+from pipeline.evaluate.reference import formats as refs
+from pipeline.evaluate.reference.batch import ReferenceOptions, build_reference, work_dir_for
 
 FIXTURES = str(REPO_ROOT / "tests" / "eval_fixtures.py")
 
@@ -519,7 +519,7 @@ def _reference_spec(tmp_path: Path, source: Path, out: Path, weights: Path, dela
 
 @pytest.mark.slow
 def test_reference_resumes_after_a_kill(tmp_path, inception_weights, monkeypatch):
-    import pipeline.evaluate.reference_batch as reference_batch
+    import pipeline.evaluate.reference.batch as reference_batch
 
     source = write_folder_reference(tmp_path / "folder", _source_images())
     out = tmp_path / "resumed.npz"

@@ -381,7 +381,7 @@ def test_val_archive_with_the_devkit_ground_truth_and_meta_mat(data, tmp_path):
 
 
 def _reference(source, out, inception_weights, **overrides):
-    from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
+    from pipeline.evaluate.reference.batch import ReferenceOptions, build_reference
 
     options = ReferenceOptions(Path(source), out, inception_weights, subset_size=7, seed=1, chunk_size=8, batch_size=8)
     options.workers, options.device, options.progress = 0, "cpu", False

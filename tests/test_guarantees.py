@@ -449,7 +449,7 @@ def _reference_options(source: Path, out: Path, weights: Path):
 def _build_killed_after_the_first_chunk(options, monkeypatch) -> None:
     """`build_reference(options)` dying (KeyboardInterrupt) while its second statistics chunk is computed: the
     first chunk stays in OUT's partial directory."""
-    import pipeline.evaluate.reference_batch as reference_batch
+    import pipeline.evaluate.reference.batch as reference_batch
     from pipeline.evaluate import build_reference
 
     compute_part = reference_batch._compute_part
@@ -617,7 +617,8 @@ def test_an_infinite_metric_is_refused_like_nan(tmp_path, inception_weights):
     """Reference statistics with a finite mean of 1e200 make FID overflow to +inf: no metrics.json may carry it
     (a check for NaN only let inf through)."""
     from pipeline.core.errors import JobFailedError
-    from pipeline.evaluate import datasets, inception, metrics, references
+    from pipeline.evaluate import datasets, inception, metrics
+    from pipeline.evaluate.reference import formats as references
 
     np.savez(tmp_path / "far.npz", mu=np.full(64, 1e200), sigma=np.eye(64))
     reference = references.open_reference(tmp_path / "far.npz")

@@ -66,7 +66,7 @@ def run(case):
             pipe.set_progress_bar_config(disable=True)
             pipe(class_labels=[1], num_inference_steps=2, output_type="np")
         elif kind == "reference":
-            from pipeline.evaluate.references import open_reference, reference_dataset
+            from pipeline.evaluate.reference.formats import open_reference, reference_dataset
             dataset = reference_dataset(open_reference(arg))
             first, last = dataset[0], dataset[len(dataset) - 1]
             return {"ok": True, "count": len(dataset), "last_sum": int(last.sum()), "first_sum": int(first.sum())}
@@ -75,7 +75,7 @@ def run(case):
         return {"ok": False, "type": type(error).__name__, "message": str(error), "tb": traceback.format_exc()}
 
 cases = json.loads(sys.argv[1])
-import diffit, diffit.pipeline_diffit, pipeline.evaluate.references  # the imports are part of the baseline
+import diffit, diffit.pipeline_diffit, pipeline.evaluate.reference.formats  # the imports are part of the baseline
 results = [run(cases[0])]  # warm-up: what the first case imports lazily is part of the baseline too
 baseline = status_kib("VmRSS")
 resource.setrlimit(resource.RLIMIT_AS, (status_kib("VmSize") * 1024 + 4 * 2**30,) * 2)  # fail fast, never swap

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from pipeline.evaluate import npz_files
 from pipeline.evaluate.datasets import ReferenceInputError
-from pipeline.evaluate.references import open_reference
+from pipeline.evaluate.reference.formats import open_reference
 
 REPO = Path(__file__).resolve().parents[1]
 BOMB_LIMIT = 256 * 2**20  # DIFFIT_MAX_NPZ_BYTES in the subprocesses: the bombs below declare twice that
@@ -43,7 +43,7 @@ def peak_rss_opening(path: Path) -> dict:
     """Open `path` as a reference in a fresh process: its error line and peak RSS before / after (MiB)."""
     code = f"""
 import json, resource
-from pipeline.evaluate.references import open_reference, reference_dataset
+from pipeline.evaluate.reference.formats import open_reference, reference_dataset
 from pipeline.evaluate.datasets import ReferenceInputError
 def peak():
     return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024

@@ -30,10 +30,10 @@ from pipeline.evaluate import datasets as ds
 from pipeline.evaluate import inception as incep
 from pipeline.evaluate import metrics as M
 from pipeline.evaluate import options as opts
-from pipeline.evaluate import reference_cache as ref_cache
-from pipeline.evaluate import references as refs
 from pipeline.evaluate import run as ev
 from pipeline.evaluate.npz_export import export_npz
+from pipeline.evaluate.reference import cache as ref_cache
+from pipeline.evaluate.reference import formats as refs
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, SampleStoreError, StoreLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -370,7 +370,7 @@ def test_damaged_content_hash_memo_is_rebuilt(tmp_path, caplog):
     for text in ("[1, 2]", '"text"', json.dumps({"x": 5}), "{not json"):
         (cache / "content-hashes.json").write_text(text)
         reference._content_hash = None
-        with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.reference_cache"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.reference.cache"):
             assert ref_cache.reference_content_hash(reference, cache) == expected
         assert expected in json.loads((cache / "content-hashes.json").read_text()).values()
     assert "content-hashes.json" in caplog.text

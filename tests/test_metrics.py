@@ -16,8 +16,8 @@ from eval_fixtures import smooth_images, write_folder_reference, write_npz_refer
 from pipeline.evaluate import datasets as ds
 from pipeline.evaluate import inception as incep
 from pipeline.evaluate import metrics as M
-from pipeline.evaluate import reference_cache as ref_cache
-from pipeline.evaluate import references as refs
+from pipeline.evaluate.reference import cache as ref_cache
+from pipeline.evaluate.reference import formats as refs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

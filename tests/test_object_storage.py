@@ -371,8 +371,8 @@ def test_evaluate_with_a_reference_url_scores_as_the_local_file(
 
 
 def test_a_pack_dataset_reference_url_is_copied_checked_and_a_damaged_shard_refused(data, s3, tmp_path):
-    from pipeline.evaluate.references import open_reference
-    from pipeline.evaluate.remote_reference import RemoteReferenceError, stage_reference
+    from pipeline.evaluate.reference.formats import open_reference
+    from pipeline.evaluate.reference.remote import RemoteReferenceError, stage_reference
 
     url = s3.url("ref-images")
     assert run_job(_job(data, url, kind="images")).ok
@@ -500,7 +500,7 @@ def test_a_reference_npz_can_be_read_over_http_but_http_holds_no_dataset(tmp_pat
     import http.server
     import threading
 
-    from pipeline.evaluate.remote_reference import stage_reference
+    from pipeline.evaluate.reference.remote import stage_reference
 
     served = tmp_path / "served"
     served.mkdir()
@@ -617,7 +617,7 @@ def test_only_not_found_means_missing_in_a_local_directory(tmp_path):
 def test_a_reference_manifest_is_read_once_and_staged_as_the_bytes_parsed(data, tmp_path, observed_memory):
     import fsspec
 
-    from pipeline.evaluate.remote_reference import stage_reference
+    from pipeline.evaluate.reference.remote import stage_reference
 
     url, other = _memory_url(tmp_path, "reference"), _memory_url(tmp_path, "other")
     assert run_job(_job(data, url, kind="images")).ok

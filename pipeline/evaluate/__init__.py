@@ -8,10 +8,12 @@ One concern per module:
   `sample_store`: the zarr store itself;
 - `metrics`: which reference data feeds which metric, and the metric values (ADM evaluator's protocol);
   `adm`: the metric math; `inception`: the weights file and feature configuration; `features`: torch-fidelity's
-  Inception plus the sFID layer; `references`: reference formats; `reference_cache`: content hashes and cached
-  features; `datasets`: the images; `reference_batch`: ADM-layout reference batches and streamed, resumable
-  statistics; `remote_reference`: reference URLs copied once and checked. Other stages use
-what this package exports, never its modules' internals.
+  Inception plus the sFID layer; `datasets`: the images; `npz_files`: `.npz` members checked from their headers;
+  `sample_seeds`: seeds and labels per sample index; `npz_export`: the ADM npz of a store;
+- `reference/` (a subpackage): `formats` the reference formats, `cache` content hashes and cached features,
+  `batch` ADM-layout reference batches and streamed, resumable statistics (`diffit-pipe reference`), `source`
+  a reference of an encode source, `remote` reference URLs copied once and checked.
+Other stages use what this package exports, never its modules' internals.
 """
 
 from pipeline.evaluate.adm import feature_statistics, frechet_distance
@@ -26,9 +28,9 @@ from pipeline.evaluate.inception import (
 )
 from pipeline.evaluate.metrics import gather_reference_inputs
 from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, SamplingOptions, check_options
-from pipeline.evaluate.reference_batch import ReferenceOptions, build_reference
-from pipeline.evaluate.reference_cache import reference_cache_dir
-from pipeline.evaluate.references import open_reference
+from pipeline.evaluate.reference.batch import ReferenceOptions, build_reference
+from pipeline.evaluate.reference.cache import reference_cache_dir
+from pipeline.evaluate.reference.formats import open_reference
 from pipeline.evaluate.run import METRICS_FILE, evaluate, sample_grid
 from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
 from pipeline.evaluate.sample_store import (

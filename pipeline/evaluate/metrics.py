@@ -5,7 +5,7 @@ The protocol is guided-diffusion's `evaluations/evaluator.py`, the one behind th
 and sFID against the statistics stored in a reference batch (`mu`, `sigma`, `mu_s`, `sigma_s`, computed over the
 whole training set), precision / recall (k = 3) against its images `arr_0`, the Inception Score of the samples.
 The math is in `pipeline.evaluate.adm`, the network and its weights in `pipeline.evaluate.inception`, reference
-formats in `pipeline.evaluate.references` and their caches in `pipeline.evaluate.reference_cache`. This module
+formats in `pipeline.evaluate.reference.formats` and their caches in `pipeline.evaluate.reference.cache`. This module
 decides which reference data feeds which metric (`gather_reference_inputs`, recorded in metrics.json): stored
 statistics where the reference has them; else the statistics of all its images (streamed and resumable, never all
 features in memory, when there are more than `prc_reference_limit`); precision / recall and KID against at most
@@ -37,9 +37,9 @@ from pipeline.evaluate.adm import (
 )
 from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, extract_features
 from pipeline.evaluate.npz_files import read_member_header
-from pipeline.evaluate.reference_batch import streamed_reference_statistics
-from pipeline.evaluate.reference_cache import reference_features
-from pipeline.evaluate.references import (
+from pipeline.evaluate.reference.batch import streamed_reference_statistics
+from pipeline.evaluate.reference.cache import reference_features
+from pipeline.evaluate.reference.formats import (
     STATISTICS_METRICS,
     STORED_STATISTICS,
     Reference,

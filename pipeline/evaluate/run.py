@@ -60,8 +60,8 @@ from pipeline.evaluate.options import (
     SamplingOptions,
     check_options,
 )
-from pipeline.evaluate.reference_cache import reference_cache_dir
-from pipeline.evaluate.references import check_reference, open_reference
+from pipeline.evaluate.reference.cache import reference_cache_dir
+from pipeline.evaluate.reference.formats import check_reference, open_reference
 from pipeline.evaluate.sample_seeds import sample_class_labels
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, StoreLayout
 from pipeline.evaluate.sampling_settings import resolve_sampling, store_settings

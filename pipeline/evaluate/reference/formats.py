@@ -1,7 +1,7 @@
 """Reference sets, identified cheaply before any sampling: raw image shards from `pack`, an image folder, an
 `.npz` of images (`arr_0`), an ADM reference batch (`arr_0` + `mu`/`sigma`, `mu_s`/`sigma_s`) or a statistics-only
 `.npz`; read in place (`pipeline.evaluate.datasets`), never unpacked to PNGs. Object-store URLs are used from a
-checked local copy (`pipeline.evaluate.remote_reference`).
+checked local copy (`pipeline.evaluate.reference.remote`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def open_reference(path: str | os.PathLike) -> Reference:
     mismatches and unusable inputs stop `evaluate` before sampling.
     """
     if is_url(path):  # an object-store reference: used from a checked local copy
-        from pipeline.evaluate.remote_reference import stage_reference
+        from pipeline.evaluate.reference.remote import stage_reference
 
         reference = open_reference(stage_reference(str(path)))
         reference.details["url"] = str(path)

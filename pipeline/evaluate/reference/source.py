@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.evaluate.datasets import ReferenceInputError
-from pipeline.evaluate.reference_cache import sha256_json
-from pipeline.evaluate.references import Reference
+from pipeline.evaluate.reference.cache import sha256_json
+from pipeline.evaluate.reference.formats import Reference
 
 INDEX_DIR = "source-index"
 MAX_LISTED_FAILURES = 20

@@ -40,9 +40,9 @@ from pipeline.evaluate.adm import RunningMoments, subsample_indices
 from pipeline.evaluate.datasets import ReferenceInputError
 from pipeline.evaluate.features import SFID_LAYER, iterate_features
 from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, resolve_inception_weights
-from pipeline.evaluate.reference_cache import reference_content_hash, sha256_json
-from pipeline.evaluate.references import Reference, _read_statistics, open_reference, reference_dataset
-from pipeline.evaluate.source_reference import original_message
+from pipeline.evaluate.reference.cache import reference_content_hash, sha256_json
+from pipeline.evaluate.reference.formats import Reference, _read_statistics, open_reference, reference_dataset
+from pipeline.evaluate.reference.source import original_message
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class ReferenceOptions:
     overwrite: bool = False
     progress: bool = True
     # An encode source (ImageNet archives, parquet, WebDataset, a folder of any image sizes), every image
-    # center-cropped to this resolution as `pack` does (`pipeline.evaluate.source_reference`); None: SOURCE is a
+    # center-cropped to this resolution as `pack` does (`pipeline.evaluate.reference.source`); None: SOURCE is a
     # reference at one resolution (raw shards, a folder, an .npz).
     resolution: int | None = None
     source_format: str = "auto"
@@ -286,7 +286,7 @@ def _build_reference(options: ReferenceOptions) -> dict[str, Any]:
     began = time.perf_counter()
     work_dir = work_dir_for(options.out)
     if options.resolution is not None:
-        from pipeline.evaluate.source_reference import open_source_reference
+        from pipeline.evaluate.reference.source import open_source_reference
 
         reference, dataset = open_source_reference(
             options.source, options.resolution, work_dir, options.source_format, options.labels, options.max_pixels

@@ -24,7 +24,7 @@ from pipeline.core.atomic import AtomicFile, write_bytes_atomic, write_json_atom
 from pipeline.core.shards import json_bytes, load_manifest, sha256_file, shard_problems
 from pipeline.evaluate.datasets import ReferenceInputError, list_image_files
 from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, extract_features
-from pipeline.evaluate.references import Reference, reference_dataset
+from pipeline.evaluate.reference.formats import Reference, reference_dataset
 
 logger = logging.getLogger(__name__)
 
