@@ -352,7 +352,7 @@ def test_bad_vae_fails_before_any_work(data, cli, tmp_path):
 
 
 def test_failed_shard_is_reported_and_redone_on_rerun(data, encoded, cli, tmp_path, monkeypatch):
-    import pipeline.encode.job as encode_module
+    import pipeline.encode.worker as encode_module
 
     original = encode_module.write_batch
 
@@ -509,10 +509,11 @@ def _run_shards_with_markers(data, out: Path, kind: str, prefetch: int, monkeypa
     failure per batch (standing in for a VAE failure, which comes after the batch's decode failures) and, when
     prefetching, to wait until the following batches are being prepared: the overlap is shown, not assumed."""
     import pipeline.encode.job as job
+    import pipeline.encode.worker as worker
 
     prepared: list[tuple[int, int, str]] = []  # (shard, first item, thread name) per prepare_batch call
     waited: list[bool] = []
-    real_prepare, real_write = job.prepare_batch, job.write_batch
+    real_prepare, real_write = worker.prepare_batch, worker.write_batch
 
     def recording_prepare(batch, task, failures):
         prepared.append((task.index, batch[0].index, threading.current_thread().name))
@@ -530,11 +531,11 @@ def _run_shards_with_markers(data, out: Path, kind: str, prefetch: int, monkeypa
         real_write(writer, vae, ready, failures, task)
         failures.append({"index": -1, "reason": f"marker {written - 1}"})
 
-    monkeypatch.setattr(job, "prepare_batch", recording_prepare)
-    monkeypatch.setattr(job, "write_batch", write_with_marker)
+    monkeypatch.setattr(worker, "prepare_batch", recording_prepare)
+    monkeypatch.setattr(worker, "write_batch", write_with_marker)
     plan = job.plan_job(_config(data, data.bad, out, kind=kind, shard_size=8, batch_size=3))
     out.mkdir(parents=True)
-    sidecars = [job.encode_shard(task, prefetch_batches=prefetch) for task in plan.tasks]
+    sidecars = [worker.encode_shard(task, prefetch_batches=prefetch) for task in plan.tasks]
     monkeypatch.undo()
     return {"sidecars": sidecars, "prepared": prepared, "waited": waited, "tasks": plan.tasks}
 

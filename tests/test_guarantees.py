@@ -187,7 +187,7 @@ def _pack(source: Path, out: Path, *extra) -> object:
 
 
 def test_an_overwrite_rerun_removes_the_manifest_before_it_changes_a_shard(pack_source, tmp_path, monkeypatch):
-    import pipeline.encode.job as encode_job
+    import pipeline.encode.worker as encode_job
 
     out = tmp_path / "out"
     assert _pack(pack_source, out).exit_code == 0 and (out / shards.MANIFEST_NAME).is_file()

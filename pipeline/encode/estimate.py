@@ -18,18 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.encode.job import (
-    JobConfig,
-    JobPlan,
-    ShardTask,
-    dataset_identity,
-    overwrite_conflicts,
-    plan_job,
-    prepare_batch,
-    torch_threads_per_worker,
-    write_batch,
-)
-from pipeline.encode.plan import read_sidecars, trusted_shards
+from pipeline.encode.job import JobConfig, JobPlan, dataset_identity, plan_job, torch_threads_per_worker
+from pipeline.encode.output import overwrite_conflicts
+from pipeline.encode.plan import ShardTask, read_sidecars, trusted_shards
+from pipeline.encode.worker import prepare_batch, write_batch
 
 logger = logging.getLogger(__name__)
 

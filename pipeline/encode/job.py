@@ -7,20 +7,8 @@ tasks on a Dask cluster (`pipeline.encode.cluster`) and, once every shard is don
 then `manifest.json` (the manifest is the "dataset complete" marker, so it is removed when a job starts and
 written last). `dry_run` plans the same job and times a few batches without writing anything.
 
-A task (`encode_shard`) first checks whether its shard is already done: sidecar present, same fingerprint (the
-items with their sizes and modification times, the resolution, transform, VAE hash and dtype) and the tar's
-sha256 matches. If so it returns the sidecar (resume after a kill, or `--verify`); otherwise it decodes, crops
-and encodes its items in batches (the next batches are read and cropped on threads while one is encoded,
-`PREFETCH_BATCHES`), streams the samples into a temporary tar in item order and commits it with its sidecar,
-which it then seals (`seal_sidecar`). Bad items become failure records; they never stop the task. The VAE is
-fetched with `pipeline.core.vae.get_vae`, cached per worker process, on the worker's own GPU if it has one.
-
-What OUT may already hold (`check_overwrite`): nothing, or an earlier run - finished or interrupted - of the same
-job, which is resumed. Anything this job would destroy needs `overwrite`: a manifest of another dataset (other
-kind, source directory, resolution, transform settings or VAE), or a finished shard (one with a sidecar, or one
-the manifest lists) that this job would rewrite with other items or settings, or would delete because this job
-writes fewer shards (`--limit`, a larger `--shard-size`). Leftovers that never formed a finished shard (temporary
-files, a tar without its sidecar) are cleaned up as before.
+A task (`pipeline.encode.worker.encode_shard`) writes one shard, or keeps it when it is already done; what OUT
+may already hold, and what needs `overwrite`, is `pipeline.encode.output`.
 
 A worker that dies takes its task with it; the scheduler runs the task again elsewhere (`retries` covers
 exceptions inside a task too). Shards whose task still fails are reported by name and the job ends without a
@@ -32,77 +20,55 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import shlex
 import sys
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline import __version__
-from pipeline.core.errors import InputError
 from pipeline.core.shards import (
     FAILURES_NAME,
     FORMAT_VERSION,
     IMAGE_MEMBERS,
     LATENT_MEMBERS,
     MANIFEST_NAME,
-    SHARD_NAME_PATTERN,
-    SIDECAR_NAME_PATTERN,
-    ShardWriter,
-    image_sample,
-    latent_sample,
-    read_sidecar,
     shard_name,
-    shard_problems,
     sidecar_name,
     write_json_to,
     write_lines_to,
 )
-from pipeline.core.storage import Location, StorageError, is_url
+from pipeline.core.storage import Location, is_url
 from pipeline.core.vae import DEFAULT_VAE, VAESpec, resolve_vae
 from pipeline.encode.member_index import IndexCache
+from pipeline.encode.output import (
+    JobError,
+    check_overwrite,
+    output_lock,
+    prepare_output,
+    read_json_object,
+    same_dataset,
+)
 from pipeline.encode.plan import (
-    RECORD_CHECK,
     ItemBlock,
     ShardTask,
     iter_shards,
     read_sidecars,
-    seal_sidecar,
     shard_fingerprint,
     trusted_shards,
 )
-from pipeline.encode.source_items import item_location
-from pipeline.encode.sources import SourceItem, SourceScan, open_source, read_item_bytes
+from pipeline.encode.sources import SourceScan, open_source
 from pipeline.encode.transforms import (
     DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    compose_crop_box,
-    prepare_image,
     transform_spec,
 )
+from pipeline.encode.worker import encode_shard
 
 logger = logging.getLogger(__name__)
-
-# Batches a task prepares (reads, decodes, crops) ahead of the one being encoded, each on its own thread: PIL's
-# decode and resize release the GIL, so on a GPU the next crops are ready when the VAE finishes a batch. The task's
-# thread still writes every sample, in item order, so the shard bytes do not depend on this. 0: prepare each
-# batch on the task's thread just before it is encoded.
-PREFETCH_BATCHES = 2
-
-
-class JobError(InputError):
-    """The job cannot start (bad settings, output in use) or could not finish every shard."""
 
 
 @dataclass
@@ -179,183 +145,6 @@ class JobResult:
     def ok(self) -> bool:
         """True when every shard was produced and the failure rate is within the limit."""
         return not self.failed_shards and not self.failure_rate_exceeded
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Worker side
-
-
-def _report_progress(topic: str | None, index: int, done: int) -> None:
-    """Tell the driver how many items of shard `index` are done (a Dask event; no-op outside a worker)."""
-    if topic is None:
-        return
-    try:
-        from distributed import get_worker
-
-        get_worker().log_event(topic, {"shard": index, "done": done})
-    except ValueError:  # not running inside a Dask worker (direct call in tests or benchmarks)
-        return
-
-
-def _sample_meta(item: SourceItem, record: dict[str, Any]) -> dict[str, Any]:
-    """The `json` member of a sample: source path, original size, crop box (in the original's pixels)."""
-    if item.packed_meta is None:
-        return {"source": item.path, **record}
-    packed = item.packed_meta
-    box = record["crop_box"]
-    if "crop_box" in packed and "original_size" in packed:
-        box = compose_crop_box(packed["crop_box"], record["crop_box"], tuple(record["original_size"]))
-    return {
-        "source": packed.get("source", item.path),
-        "packed_from": item.path,
-        "original_size": packed.get("original_size", record["original_size"]),
-        "crop_box": box,
-        "mode": packed.get("mode", record["mode"]),
-        "format": packed.get("format", record["format"]),
-        "orientation": packed.get("orientation", record["orientation"]),
-        "frames": packed.get("frames", record["frames"]),
-    }
-
-
-def _failure(item: SourceItem, root: str, reason: str) -> dict[str, Any]:
-    """A failures.jsonl record: item index, its path (absolute for files), the sample key and the reason."""
-    return {"index": item.index, "path": item_location(item, root), "key": item.key, "reason": reason}
-
-
-def _prepare(item: SourceItem, task: ShardTask) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read and crop one item; raises ImageDecodeError with the reason when the item cannot be used."""
-    try:
-        data = read_item_bytes(item, task.root)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise ImageDecodeError(f"cannot read the file: {reason}") from error
-    pixels, record = prepare_image(data, task.resolution, task.max_pixels)
-    return pixels, _sample_meta(item, record)
-
-
-def prepare_batch(batch: list[SourceItem], task: ShardTask, failures: list[dict[str, Any]]) -> list[tuple]:
-    """(item, crop, json record) of the items of `batch` that can be used; the others go to `failures`."""
-    ready = []
-    for item in batch:
-        try:
-            pixels, meta = _prepare(item, task)
-        except ImageDecodeError as error:
-            failures.append(_failure(item, task.root, str(error)))
-            continue
-        ready.append((item, pixels, meta))
-    return ready
-
-
-def _existing_shard(task: ShardTask) -> dict[str, Any] | None:
-    """The sidecar of this shard when a previous run already produced it with the same fingerprint and its tar's
-    sha256 matches (the full check: the driver sends a task only for a shard it could not trust, or under
-    --verify)."""
-    sidecar = read_sidecar(task.out, task.index)
-    if sidecar is None or sidecar.get("fingerprint") != task.fingerprint:
-        return None
-    if shard_problems(task.out, sidecar):
-        return None
-    sealed = seal_sidecar({key: value for key, value in sidecar.items() if key != RECORD_CHECK})
-    if sealed != sidecar:  # verified by hash: seal it, so that the dataset's bytes equal an uninterrupted run's
-        write_json_to(task.out, sidecar_name(task.index), sealed)
-    return sealed
-
-
-def task_vae(task: ShardTask):
-    """The VAE of a latent task on this worker's device (its own GPU, or CPU), with the task's torch threads
-    (default: the worker's Dask threads)."""
-    from pipeline.core.vae import get_vae, pick_device, set_torch_threads
-    from pipeline.encode.cluster import worker_threads
-
-    set_torch_threads(task.torch_threads or worker_threads())
-    return get_vae(task.vae_path, task.dtype, pick_device(task.device))
-
-
-def _prepare_alone(batch: list[SourceItem], task: ShardTask) -> tuple[list[tuple], list[dict[str, Any]]]:
-    """`prepare_batch` with failures of its own (merged into the shard's list in batch order by the caller)."""
-    failures: list[dict[str, Any]] = []
-    return prepare_batch(batch, task, failures), failures
-
-
-def prepared_batches(
-    items: list[SourceItem], task: ShardTask, prefetch_batches: int
-) -> Iterator[tuple[list[SourceItem], list[tuple], list[dict[str, Any]]]]:
-    """(batch, ready crops, decode failures) of the consecutive batches of `items`, in order; up to
-    `prefetch_batches` following batches are prepared on worker threads meanwhile (0: none, all on this thread).
-    Close it (`contextlib.closing`) so that an error while a batch is encoded cancels the prefetched work."""
-    batches = [items[start : start + task.batch_size] for start in range(0, len(items), task.batch_size)]
-    if prefetch_batches <= 0:
-        for batch in batches:
-            yield batch, *_prepare_alone(batch, task)
-        return
-    with ThreadPoolExecutor(max_workers=prefetch_batches, thread_name_prefix="encode-prepare") as pool:
-        pending: deque = deque()  # (batch, future) of the batches submitted and not yet handed out, in order
-        try:
-            for batch in batches:
-                pending.append((batch, pool.submit(_prepare_alone, batch, task)))
-                if len(pending) > prefetch_batches:
-                    oldest, future = pending.popleft()
-                    yield oldest, *future.result()
-            while pending:
-                oldest, future = pending.popleft()
-                yield oldest, *future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
-
-
-def encode_shard(task: ShardTask, prefetch_batches: int | None = None) -> dict[str, Any]:
-    """Produce (or find already done) shard `task.index`; returns its sidecar plus `"skipped": bool`.
-    `prefetch_batches`: batches prepared ahead on threads (default `PREFETCH_BATCHES`; 0: sequential)."""
-    existing = _existing_shard(task)
-    if existing is not None:
-        _report_progress(task.progress_topic, task.index, task.count)
-        return {**existing, "skipped": True}
-
-    vae = task_vae(task) if task.kind == "latents" else None
-    items = task.block.unpack()
-    prefetch = PREFETCH_BATCHES if prefetch_batches is None else prefetch_batches
-    failures: list[dict[str, Any]] = []
-    done = 0
-    with ShardWriter(task.out, task.index) as writer, closing(prepared_batches(items, task, prefetch)) as batches:
-        for batch, ready, decode_failures in batches:
-            # Same order as preparing and encoding one batch after the other: its decode failures, then its
-            # VAE failures (appended by write_batch), then the next batch's.
-            failures.extend(decode_failures)
-            write_batch(writer, vae, ready, failures, task)
-            done += len(batch)
-            _report_progress(task.progress_topic, task.index, done)
-        sidecar = writer.commit(
-            {
-                "fingerprint": task.fingerprint,
-                "items": len(items),
-                "first_item": items[0].index if items else None,
-                "failures": failures,
-            },
-            # Sealed: resume trusts this sidecar without re-hashing the tar (see `pipeline.encode.plan`).
-            finish=seal_sidecar,
-        )
-    return {**sidecar, "skipped": False}
-
-
-def write_batch(writer, vae, ready: list, failures: list, task: ShardTask) -> None:
-    """Encode one batch of crops (latents) or PNG-compress them (images) and append the samples in item order
-    (`writer`: a ShardWriter, or anything with `write(sample)`)."""
-    if not ready:
-        return
-    if task.kind == "images":
-        for item, pixels, meta in ready:
-            writer.write(image_sample(item.key, pixels, item.label, meta))
-        return
-    from pipeline.core.vae import encode_pixels
-
-    mean, std = encode_pixels(vae, np.stack([pixels for _, pixels, _ in ready]))
-    mean16, std16 = mean.astype(np.float16), std.astype(np.float16)
-    for j, (item, _, meta) in enumerate(ready):
-        if not (np.isfinite(mean16[j]).all() and np.isfinite(std16[j]).all()):
-            failures.append(_failure(item, task.root, "VAE output is not finite in float16 (NaN or overflow)"))
-            continue
-        writer.write(latent_sample(item.key, mean16[j], std16[j], item.label, meta))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,151 +305,6 @@ def _resolve_job_vae(cfg: JobConfig) -> VAESpec:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Driver side: what OUT holds
-
-
-@contextmanager
-def _output_lock(out: Location) -> Iterator[None]:
-    """Hold an exclusive lock on the output directory so two jobs never write the same shards (object stores
-    have no locks: see `pipeline.core.storage`)."""
-    try:
-        lock = out.lock()
-        lock.__enter__()
-    except StorageError as error:
-        raise JobError(str(error)) from None
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
-
-
-def _shard_number(name: str) -> int | None:
-    """The index of a shard tar or sidecar file name (`shard-000042.tar` → 42), None for any other file."""
-    if SHARD_NAME_PATTERN.fullmatch(name) or SIDECAR_NAME_PATTERN.fullmatch(name):
-        return int(name[len("shard-") :].split(".")[0])
-    return None
-
-
-def _read_json_object(out: Location, name: str) -> dict[str, Any] | None:
-    """A JSON object from the file `name` in `out`; None when it is missing. Not an object or unreadable:
-    {"": error}."""
-    try:
-        value = json.loads(out.read_bytes(name).decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        return {"": str(error)}
-    return value if isinstance(value, dict) else {"": "not a JSON object"}
-
-
-def _same_dataset(previous: dict[str, Any], manifest: dict[str, Any]) -> bool:
-    """True when two manifests describe the same dataset: equal but for when and by which command line."""
-    volatile = ("created", "command")
-    return {k: v for k, v in previous.items() if k not in volatile} == {
-        k: v for k, v in manifest.items() if k not in volatile
-    }
-
-
-def _manifest_conflict(out: Location, identity: dict[str, Any]) -> str | None:
-    """Why the manifest in `out` describes another dataset than `identity` (kind, source, resolution,
-    transform, VAE of this job), or None when there is none or it is this job's."""
-    manifest = _read_json_object(out, MANIFEST_NAME)
-    if manifest is None:
-        return None
-    if "" in manifest:
-        return f"{out.join(MANIFEST_NAME)} cannot be read ({manifest['']}), so it may describe another dataset"
-    source = manifest.get("source")
-    vae = manifest.get("vae")
-    recorded = {
-        "kind": manifest.get("kind"),
-        "source": source.get("root") if isinstance(source, dict) else None,
-        "resolution": manifest.get("resolution"),
-        "transform": manifest.get("transform"),
-        "vae": [vae.get("path_hash"), vae.get("dtype")] if isinstance(vae, dict) else None,
-    }
-    differing = [key for key in identity if recorded[key] != identity[key]]
-    if not differing:
-        return None
-    first = differing[0]
-    return (
-        f"{out.join(MANIFEST_NAME)} describes another dataset ({', '.join(differing)} differ; e.g. {first} "
-        f"{recorded[first]!r}, this job {identity[first]!r})"
-    )
-
-
-def _finished_shard_indices(out: Location, sidecars: dict[int, dict[str, Any] | None]) -> set[int]:
-    """Shards of an earlier job that were finished: those with a sidecar, and those the manifest lists."""
-    indices = set(sidecars)
-    manifest = _read_json_object(out, MANIFEST_NAME)
-    if manifest and isinstance(manifest.get("shards"), list):
-        for entry in manifest["shards"]:
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if isinstance(name, str) and SHARD_NAME_PATTERN.fullmatch(name):
-                indices.add(_shard_number(name))
-    return indices
-
-
-def overwrite_conflicts(
-    out: Location, identity: dict[str, Any], tasks: list[ShardTask], sidecars: dict[int, dict[str, Any] | None]
-) -> list[str]:
-    """What in `out` this job would destroy that is not its own earlier work (see the module docstring);
-    `sidecars`: the sidecars in `out` by shard index (`read_sidecars`)."""
-    conflicts = []
-    manifest = _manifest_conflict(out, identity)
-    if manifest:
-        conflicts.append(manifest)
-    fingerprints = {task.index: task.fingerprint for task in tasks}
-    for index in sorted(_finished_shard_indices(out, sidecars)):
-        if index not in fingerprints:
-            conflicts.append(f"{shard_name(index)} would be deleted (this job writes {len(tasks)} shard(s))")
-            continue
-        sidecar = sidecars.get(index)
-        if sidecar is not None and sidecar.get("fingerprint") != fingerprints[index]:
-            conflicts.append(f"{shard_name(index)} holds other items or settings and would be rewritten")
-    return conflicts
-
-
-def check_overwrite(
-    out: Location,
-    identity: dict[str, Any],
-    tasks: list[ShardTask],
-    sidecars: dict[int, dict[str, Any] | None],
-    overwrite: bool,
-) -> None:
-    """Refuse to destroy another dataset in `out` unless `overwrite` (then say what is replaced)."""
-    conflicts = overwrite_conflicts(out, identity, tasks, sidecars)
-    if not conflicts:
-        return
-    more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-    if overwrite:
-        logger.warning("--overwrite: replacing what %s holds: %s%s", out, conflicts[0], more)
-        return
-    raise JobError(
-        f"{out} holds another dataset: {conflicts[0]}{more}; nothing was changed. Pass --overwrite to replace "
-        "it, or choose another OUT"
-    )
-
-
-def _prepare_output(out: Location, num_shards: int) -> None:
-    """Clear what a previous run left that is not a reusable shard: temp files, the manifest, stale shards
-    (`check_overwrite` has made sure that they are this job's own or that --overwrite was given)."""
-    removed = out.remove_temporary_files()
-    if removed:
-        logger.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
-    for name in (MANIFEST_NAME, FAILURES_NAME):
-        # The manifest marks a complete dataset; it is written again at the end of this run.
-        out.remove(name)
-    numbered = ((name, _shard_number(name)) for name in out.names())
-    stale = [name for name, number in numbered if number is not None and number >= num_shards]
-    if stale:
-        logger.warning(
-            "removing %d shard file(s) of a previous, larger run in %s (first: %s)", len(stale), out, stale[0]
-        )
-        for name in stale:
-            out.remove(name)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Driver side: running
 
 
@@ -698,11 +342,11 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
     out = plan.out
     _create_output(out)
     result = JobResult(out=str(out), manifest=None, shards_total=len(plan.tasks), max_failure_rate=cfg.max_failure_rate)
-    with _output_lock(out):
+    with output_lock(out):
         sidecars = read_sidecars(out)
         check_overwrite(out, dataset_identity(plan), plan.tasks, sidecars, cfg.overwrite)
-        previous = _read_json_object(out, MANIFEST_NAME)
-        _prepare_output(out, len(plan.tasks))
+        previous = read_json_object(out, MANIFEST_NAME)
+        prepare_output(out, len(plan.tasks))
         trusted = {} if cfg.verify else trusted_shards(out, plan.tasks, sidecars)
         logger.info(
             "%s: %d items from %s in %d shard(s) → %s (%d already complete)",
@@ -720,7 +364,7 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
             return result
         manifest, failures = _build_manifest(plan, done)
         write_lines_to(out, FAILURES_NAME, failures)
-        if previous is not None and _same_dataset(previous, manifest):
+        if previous is not None and same_dataset(previous, manifest):
             # Same shards, counts and settings: keep the manifest's bytes (and hash, which trained runs record).
             logger.info("the dataset in %s is unchanged: manifest.json is kept as it was", out)
             manifest = previous
