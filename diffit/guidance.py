@@ -10,6 +10,10 @@ conditional half. The scale s is constant (ImageNet-512, 1.49) or follows MDT's 
 Conditional and unconditional predictions come from ONE forward pass on a doubled batch (labels then the null
 class), so guidance doubles the batch, not the number of network calls. A scale of exactly 1 skips the
 unconditional half and returns the conditional model's output unchanged.
+
+Guidance interval (Kynkäänniemi et al. 2024; REPA's guidance_low / guidance_high): `interval=(low, high)` guides
+only where the model's own time variable lies in it -- t for flow models (low <= t <= high, REPA's test), sigma for
+EDM and ADM models (low < sigma <= high, the EDM2 convention); elsewhere the output is the conditional one.
 """
 
 from __future__ import annotations
@@ -32,8 +36,14 @@ class GuidanceConfig:
     schedule: str = "constant"
     power: float = 4.0
     channels: int | None = 3  # None: guide all eps channels
+    interval: tuple[float, float] | None = None  # (low, high) of t (flow) or sigma (EDM / ADM); None: everywhere
 
     def __post_init__(self):
+        if self.interval is not None:
+            low, high = (float(v) for v in self.interval)
+            if not (low >= 0 and high >= low and not math.isnan(high)):
+                raise ValueError(f"guidance interval must be (low, high) with 0 <= low <= high, got {self.interval}")
+            object.__setattr__(self, "interval", (low, high))
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown guidance schedule {self.schedule!r}; expected one of {SCHEDULES}")
         if not math.isfinite(self.scale) or self.scale < 0:
@@ -47,6 +57,15 @@ class GuidanceConfig:
     def enabled(self) -> bool:
         """False when the scale is exactly 1, i.e. guidance is the conditional model itself."""
         return self.scale != 1.0
+
+    def contains(self, value, low_inclusive: bool = True):
+        """Whether `value` (a float or a tensor) lies in the interval: [low, high] for a flow model's t, (low, high]
+        (`low_inclusive=False`) for a sigma. Always true without an interval."""
+        if self.interval is None:
+            return value == value if isinstance(value, torch.Tensor) else True  # an all-true tensor, or True
+        low, high = self.interval
+        above = value >= low if low_inclusive else value > low
+        return above & (value <= high) if isinstance(value, torch.Tensor) else bool(above and value <= high)
 
 
 def power_cosine_weight(progress, power: float = 4.0):
@@ -125,7 +144,8 @@ class ClassifierFreeGuidance(nn.Module):
     """Wraps `model(x, noise_labels, class_labels)` into its guided version (same call signature).
 
     `progress_fn(noise_labels) -> [N] progress in [0, 1]` feeds the scale schedule: `timestep_progress` for
-    ADM timesteps, `sigma_progress` for EDM sigmas.
+    ADM timesteps, `sigma_progress` for EDM sigmas. `sigma_fn(noise_labels) -> [N] sigma` places a sample in the
+    config's interval (needed when it has one): the identity for EDM, the training chain's sigma_t for ADM.
     """
 
     def __init__(
@@ -134,12 +154,16 @@ class ClassifierFreeGuidance(nn.Module):
         config: GuidanceConfig,
         null_class: int,
         progress_fn: Callable[[torch.Tensor], torch.Tensor],
+        sigma_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
+        if config.interval is not None and sigma_fn is None:
+            raise ValueError("a guidance interval needs the noise level of each call (sigma_fn)")
         self.model = model
         self.config = config
         self.null_class = int(null_class)
         self.progress_fn = progress_fn
+        self.sigma_fn = sigma_fn
 
     def forward(
         self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
@@ -151,6 +175,13 @@ class ClassifierFreeGuidance(nn.Module):
             scale = self.config.scale
         else:
             scale = guidance_scale(self.config, self.progress_fn(noise_labels))
+        if self.config.interval is not None:
+            inside = self.config.contains(self.sigma_fn(noise_labels).to(torch.float64), low_inclusive=False)
+            if not bool(inside.any()):
+                return self.model(x, noise_labels, class_labels)  # outside the interval: the conditional output
+            if not bool(inside.all()):
+                scale = torch.as_tensor(scale, dtype=torch.float64, device=inside.device).expand(inside.shape)
+                scale = torch.where(inside, scale, torch.ones_like(scale))  # per sample: 1 outside the interval
         return guided_forward(
             self.model,
             x,

@@ -13,6 +13,9 @@ Model kinds
 * kind="edm": `model` is the raw image-space network `model(c_in x, c_noise, class_labels)`; `sample` wraps it
   in `EDMPrecond(model, sigma_data)`. An `EDMPrecond` instance is also accepted and used as it is. Sampler:
   "edm-heun" only.
+* kind="flow": `model` predicts the velocity of the linear path `model(x_t, t, class_labels=...)`, t in [0, 1]
+  with t = 1 the noise (`diffit.flow`). Samplers: "euler", "heun" (on linspace(1, 0, steps + 1), no correction on
+  the last step) and "euler-maruyama" (REPA's SDE sampler), integrated in float64.
 
 EDM-Heun is EDM's whole stochastic sampler (NVlabs/edm `generate.py`): deterministic with `S_churn = 0`; with
 `S_churn > 0`, each step whose sigma lies in [S_min, S_max] is first raised by gamma = min(S_churn / steps,
@@ -50,11 +53,12 @@ from torch import nn
 
 from .diffusion import create_diffusion, randn_per_sample
 from .edm import ADMDenoiser, EDMPrecond, edm_heun_sampler
+from .flow import FLOW_SAMPLERS, flow_sample
 from .guidance import ClassifierFreeGuidance, GuidanceConfig, sigma_progress, timestep_progress
 from .progress import progress_bar
 
-SAMPLERS = ("ddpm", "ddim", "edm-heun")
-KINDS = ("adm", "edm")
+SAMPLERS = ("ddpm", "ddim", "edm-heun", *FLOW_SAMPLERS)
+KINDS = ("adm", "edm", "flow")
 # How [-1, 1] samples become uint8 pixels (what the Inception network of FID sees):
 #   "round":    clamp(127.5 x + 128, 0, 255) -> uint8, i.e. floor(127.5 x + 128): DiT's sample_ddp.py and EDM's
 #               generate.py (nearest grey level, half-way values rounding up); the default for models trained here.
@@ -201,9 +205,14 @@ class SamplingConfig:
             raise ValueError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "edm" and self.sampler != "edm-heun":
             raise ValueError(f"kind='edm' models are sampled with sampler='edm-heun', got {self.sampler!r}")
+        if (self.kind == "flow") != (self.sampler in FLOW_SAMPLERS):
+            raise ValueError(
+                f"flow models (kind='flow') are sampled with {', '.join(FLOW_SAMPLERS)} and those samplers sample "
+                f"only flow models; got kind={self.kind!r}, sampler={self.sampler!r}"
+            )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.sampler != "edm-heun" and self.steps < 2:
+        if self.sampler in ("ddpm", "ddim") and self.steps < 2:
             raise ValueError(
                 f"{self.sampler} needs steps >= 2: respacing to one step keeps only t=0, not a denoising chain"
             )
@@ -228,7 +237,10 @@ class SamplingConfig:
         if unknown:
             raise ValueError(f"unknown sampling settings {sorted(unknown)}")
         if isinstance(values.get("guidance"), dict):
-            values["guidance"] = GuidanceConfig(**values["guidance"])
+            guidance = dict(values["guidance"])
+            if guidance.get("interval") is not None:
+                guidance["interval"] = tuple(guidance["interval"])
+            values["guidance"] = GuidanceConfig(**guidance)
         if "S_max" in values:
             values["S_max"] = float(values["S_max"])
         return cls(**values)
@@ -323,7 +335,7 @@ def sample_with_stats(
     counted = CountingModel(network, synchronize=device.type == "cuda")
 
     with eval_mode(model), torch.no_grad():
-        run = _run_edm if config.kind == "edm" else _run_adm
+        run = {"edm": _run_edm, "adm": _run_adm, "flow": _run_flow}[config.kind]
         samples = run(model, network, counted, initial_noise, labels, generators, config, guidance, progress)
     stats = SamplingStats(
         num_samples=len(seeds),
@@ -354,11 +366,28 @@ def _heun(denoiser, round_sigma, initial_noise, labels, generators, config, sigm
     )
 
 
+def _run_flow(model, network, counted, initial_noise, labels, generators, config, guidance, progress):
+    """A velocity network integrated from t = 1 to 0 (`diffit.flow.flow_sample`); guidance decided per step."""
+    null_class = _null_class(model) if guidance.enabled else None
+    return flow_sample(
+        counted,
+        initial_noise,
+        labels,
+        generators,
+        sampler=config.sampler,
+        steps=config.steps,
+        guidance=guidance,
+        null_class=null_class,
+        progress=progress,
+    )
+
+
 def _run_edm(model, denoiser, counted, initial_noise, labels, generators, config, guidance, progress):
     """EDM Heun on the preconditioned image-space network; guidance progress is the position on the sigma grid."""
     sigma_min = max(config.sigma_min, denoiser.sigma_min)
     sigma_max = min(config.sigma_max, denoiser.sigma_max)
-    guided = _guided(counted, guidance, denoiser, lambda sigma: sigma_progress(sigma, sigma_min, sigma_max, config.rho))
+    progress_fn = lambda sigma: sigma_progress(sigma, sigma_min, sigma_max, config.rho)  # noqa: E731
+    guided = _guided(counted, guidance, denoiser, progress_fn, sigma_fn=lambda sigma: sigma)
     sigma_range = (sigma_min, sigma_max)
     return _heun(guided, denoiser.round_sigma, initial_noise, labels, generators, config, sigma_range, progress)
 
@@ -366,10 +395,18 @@ def _run_edm(model, denoiser, counted, initial_noise, labels, generators, config
 def _run_adm(model, network, counted, initial_noise, labels, generators, config, guidance, progress):
     """An ADM eps/Sigma network: DDPM / DDIM on the respaced chain, or EDM Heun through `ADMDenoiser`; guidance
     progress is 1 - t / diffusion_steps (the released DiffiT code)."""
-    guided = _guided(counted, guidance, model, lambda t: timestep_progress(t.to(torch.float64), config.diffusion_steps))
+    chain = create_diffusion(None, config.noise_schedule, learn_sigma=True, diffusion_steps=config.diffusion_steps)
+    alphas = torch.as_tensor(chain.alphas_cumprod, dtype=torch.float64)
+    sigmas = ((1.0 - alphas) / alphas).sqrt()
+
+    def sigma_of_timestep(t: torch.Tensor) -> torch.Tensor:  # the training chain's sigma_t, for the interval
+        index = t.detach().to(torch.float64).round().clamp(0, len(sigmas) - 1).long().cpu()
+        return sigmas[index].to(t.device)
+
+    progress_fn = lambda t: timestep_progress(t.to(torch.float64), config.diffusion_steps)  # noqa: E731
+    guided = _guided(counted, guidance, model, progress_fn, sigma_fn=sigma_of_timestep)
     if config.sampler == "edm-heun":
-        base = create_diffusion(None, config.noise_schedule, learn_sigma=True, diffusion_steps=config.diffusion_steps)
-        denoiser = ADMDenoiser(guided, base.alphas_cumprod)
+        denoiser = ADMDenoiser(guided, chain.alphas_cumprod)
         sigma_range = (max(config.sigma_min, denoiser.sigma_min), min(config.sigma_max, denoiser.sigma_max))
         return _heun(denoiser, denoiser.round_sigma, initial_noise, labels, generators, config, sigma_range, progress)
     return _sample_adm_chain(
@@ -397,12 +434,17 @@ def _learn_sigma(model: nn.Module, learn_sigma: bool | None) -> bool:
 
 
 def _guided(
-    counted: CountingModel, guidance: GuidanceConfig, labelled_model: nn.Module, progress_fn: Callable
+    counted: CountingModel,
+    guidance: GuidanceConfig,
+    labelled_model: nn.Module,
+    progress_fn: Callable,
+    sigma_fn: Callable | None = None,
 ) -> Callable:
-    """The counted network, wrapped in classifier-free guidance when the scale is not 1."""
+    """The counted network, wrapped in classifier-free guidance when the scale is not 1 (`sigma_fn`: the noise level
+    of a call, for the guidance interval)."""
     if not guidance.enabled:
         return counted
-    return ClassifierFreeGuidance(counted, guidance, _null_class(labelled_model), progress_fn)
+    return ClassifierFreeGuidance(counted, guidance, _null_class(labelled_model), progress_fn, sigma_fn)
 
 
 def _sample_adm_chain(

@@ -375,7 +375,9 @@ def test_sample_restores_training_mode_and_validates_inputs():
     with pytest.raises(ValueError, match="steps >= 2"):
         sample(model, (4, 4, 4), [0], [0], sampler="ddpm", steps=1)
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample(model, (4, 4, 4), [0], [0], sampler="euler")
+        sample(model, (4, 4, 4), [0], [0], sampler="lms")
+    with pytest.raises(ValueError, match="sample only flow models; got kind='adm', sampler='euler'"):
+        sample(model, (4, 4, 4), [0], [0], sampler="euler")  # a flow sampler on an eps model
     with pytest.raises(ValueError, match="needs class_labels"):
         sample(model, (4, 4, 4), None, [0], sampler="ddim", steps=3, guidance=GuidanceConfig(scale=2.0))
     unconditional = IdealEpsModel(points_denoiser)

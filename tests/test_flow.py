@@ -1,0 +1,245 @@
+"""Flow matching (`diffit.flow`, kind="flow" of `diffit.sampling.sample`): the math on hand cases and closed forms,
+REPA's conventions (t = 1 is noise, float64 integration, no Heun correction on the last step, Euler-Maruyama's
+grid and final mean), guidance intervals for every model kind, per-sample seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffit.flow import (
+    interpolate,
+    logit_normal_quantile,
+    sample_times,
+    shift_times,
+    time_grid,
+    velocity_loss,
+)
+from diffit.guidance import GuidanceConfig
+from diffit.sampling import SamplingConfig, sample
+
+
+class LinearField(nn.Module):
+    """v(x, t) = a x + b (one channel per input channel), recording each call's (t, batch size, labels)."""
+
+    def __init__(self, a: float, b: float, num_classes: int = 4, conditional_shift: float = 0.0):
+        super().__init__()
+        self.a, self.b, self.shift = a, b, conditional_shift
+        self.num_classes = num_classes
+        self.null_class = num_classes
+        self.calls: list[tuple[float, int]] = []
+        self.weight = nn.Parameter(torch.zeros(()))  # a parameter: the sampler reads the network's dtype
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append((round(float(t[0]), 6), x.shape[0]))
+        out = self.a * x + self.b
+        if class_labels is not None:  # conditional rows are shifted, the null class is not: guidance shows
+            out = out + self.shift * (class_labels != self.null_class).to(x.dtype).reshape(-1, 1, 1, 1)
+        return out
+
+
+def test_the_velocity_loss_of_a_hand_case():
+    # x = (1, 2), noise = (3, 5), t = 0.25: x_t = 0.75 x + 0.25 noise = (1.5, 2.75); target v = noise - x = (2, 3).
+    x = torch.tensor([[[[1.0]], [[2.0]]]])
+    noise = torch.tensor([[[[3.0]], [[5.0]]]])
+    t = torch.tensor([0.25])
+    seen = {}
+
+    def identity(x_t, times, class_labels=None):
+        seen["x_t"], seen["t"], seen["labels"] = x_t, times, class_labels
+        return x_t  # predicts v = x_t: errors (1.5 - 2, 2.75 - 3) = (-0.5, -0.25)
+
+    loss = velocity_loss(identity, x, t, noise, class_labels=torch.tensor([3]))
+    assert loss.shape == (1,) and loss.item() == pytest.approx((0.25 + 0.0625) / 2, abs=0)
+    torch.testing.assert_close(seen["x_t"].flatten(), torch.tensor([1.5, 2.75]))
+    assert torch.equal(seen["t"], t) and seen["labels"].tolist() == [3]
+    zero = velocity_loss(lambda x_t, times, class_labels=None: torch.zeros_like(x_t), x, t, noise)
+    assert zero.item() == (4 + 9) / 2
+    # A learned-Sigma head (twice the channels): only the first channels are compared.
+    doubled = velocity_loss(lambda x_t, times, class_labels=None: torch.cat([x_t, 100 + x_t], 1), x, t, noise)
+    assert doubled.item() == loss.item()
+    torch.testing.assert_close(interpolate(x, noise, torch.tensor([1.0])), noise)
+    torch.testing.assert_close(interpolate(x, noise, torch.tensor([0.0])), x)
+
+
+def test_logit_normal_quantiles_and_the_shift_formula():
+    assert logit_normal_quantile(0.5) == pytest.approx(0.5, abs=1e-15)
+    # Phi(1) = 0.8413447460685429: the quantile is sigmoid(1); with m = 1, s = 2 at Phi(-0.5): sigmoid(0)
+    assert logit_normal_quantile(0.8413447460685429) == pytest.approx(1 / (1 + math.exp(-1)), rel=1e-12)
+    assert logit_normal_quantile(0.3085375387259869, mean=1.0, std=2.0) == pytest.approx(0.5, rel=1e-12)
+    times = sample_times(200_000, "logit-normal", generator=torch.Generator().manual_seed(0)).double()
+    for probability in (0.1, 0.5, 0.9):
+        assert torch.quantile(times, probability).item() == pytest.approx(logit_normal_quantile(probability), abs=3e-3)
+    # SD3: t' = s t / (1 + (s - 1) t); s = 3 at t = 0.5: 1.5 / 2 = 0.75; 0 and 1 stay.
+    assert shift_times(torch.tensor([0.0, 0.5, 1.0]), 3.0).tolist() == [0.0, 0.75, 1.0]
+    uniform = sample_times(5, generator=torch.Generator().manual_seed(1))
+    shifted = sample_times(5, shift=3.0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(shifted, 3 * uniform / (1 + 2 * uniform))
+    with pytest.raises(ValueError, match="unknown time sampling 'lognormal'"):
+        sample_times(2, "lognormal")
+
+
+def test_the_time_grids_are_repas():
+    assert time_grid("euler", 4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0] and time_grid("heun", 2).dtype == torch.float64
+    grid = time_grid("euler-maruyama", 3)
+    assert grid.tolist() == pytest.approx([1.0, 0.52, 0.04, 0.0]) and len(grid) == 4
+
+
+def _noise(seeds, shape=(1, 1, 1)):
+    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).double()
+
+
+def test_one_euler_step_and_heun_on_a_linear_field_equal_the_closed_forms():
+    a, b = 0.3, -0.7
+    for sampler, steps in (("euler", 1), ("euler", 4), ("heun", 2), ("heun", 3)):
+        field = LinearField(a, b)
+        config = SamplingConfig(sampler=sampler, steps=steps, kind="flow")
+        out = sample(field, (1, 1, 1), None, [11, 12], config)
+        x = _noise([11, 12])
+        h = -1.0 / steps
+        for i in range(steps):
+            v = a * x + b
+            if sampler == "heun" and i < steps - 1:  # trapezoid, except on the last step
+                x = x + h * 0.5 * (v + a * (x + h * v) + b)
+            else:
+                x = x + h * v
+        torch.testing.assert_close(out.double(), x, rtol=1e-6, atol=1e-6)
+        calls = 2 * steps - 1 if sampler == "heun" else steps
+        assert len(field.calls) == calls and field.calls[0] == (1.0, 2)
+
+
+def test_euler_maruyama_is_repas_sde_with_a_final_mean_and_per_sample_noise():
+    a, b, steps, seeds = 0.2, 0.1, 4, [3, 4, 5]
+    out = sample(
+        LinearField(a, b), (1, 2, 2), None, seeds, SamplingConfig(sampler="euler-maruyama", steps=steps, kind="flow")
+    )
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = torch.stack([torch.randn(1, 2, 2, generator=g) for g in generators]).double()
+    grid = [1.0, 1.0 - 0.32, 1.0 - 0.64, 0.04, 0.0]
+    for i in range(steps):
+        t, t_next = grid[i], grid[i + 1]
+        v = a * x + b
+        score = (-(1 - t) * v - x) / t  # the linear path's score from the velocity
+        x = x + (t_next - t) * (v - 0.5 * (2 * t) * score)
+        if i < steps - 1:
+            noise = torch.stack([torch.randn(1, 2, 2, generator=g) for g in generators]).double()
+            x = x + math.sqrt(2 * t) * math.sqrt(abs(t_next - t)) * noise
+    torch.testing.assert_close(out.double(), x, rtol=1e-5, atol=1e-5)
+    alone = sample(
+        LinearField(a, b),
+        (1, 2, 2),
+        None,
+        seeds[1:2],
+        SamplingConfig(sampler="euler-maruyama", steps=steps, kind="flow"),
+    )
+    torch.testing.assert_close(alone[0], out[1])
+
+
+def test_guidance_mixes_velocities_and_an_interval_decides_per_step_including_heuns_correction():
+    labels = [1, 2]
+    guided = GuidanceConfig(scale=3.0, channels=None)
+    field = LinearField(0.0, 0.0, conditional_shift=1.0)  # v_c = 1, v_u = 0: guided v = 3
+    out = sample(
+        field, (1, 1, 1), labels, [1, 2], SamplingConfig(sampler="euler", steps=2, kind="flow", guidance=guided)
+    )
+    torch.testing.assert_close(out.double(), _noise([1, 2]) - 3.0)  # two steps of -0.5 * 3
+    # Interval [0.5, 0.5] on Heun with 2 steps (t = 1 -> 0.5 -> 0): step 1 starts at t = 1, outside, so both its
+    # evaluations (at 1 and at 0.5) are unguided; step 2 starts at 0.5, inside (bounds included), guided.
+    field = LinearField(0.0, 0.0, conditional_shift=1.0)
+    config = SamplingConfig(
+        sampler="heun", steps=2, kind="flow", guidance=GuidanceConfig(scale=3.0, channels=None, interval=(0.5, 0.5))
+    )
+    out = sample(field, (1, 1, 1), labels, [1, 2], config)
+    assert field.calls == [(1.0, 2), (0.5, 2), (0.5, 4)]
+    torch.testing.assert_close(out.double(), _noise([1, 2]) - 0.5 * 1.0 - 0.5 * 3.0)
+    # An interval no step starts in: the unguided samples exactly.
+    outside = GuidanceConfig(scale=3.0, interval=(0.3, 0.4))  # steps start at 1, 0.75, 0.5, 0.25
+    plain = sample(
+        LinearField(0.1, 0.0, conditional_shift=1.0),
+        (1, 1, 1),
+        labels,
+        [1, 2],
+        SamplingConfig(sampler="euler", steps=4, kind="flow"),
+    )
+    never = sample(
+        LinearField(0.1, 0.0, conditional_shift=1.0),
+        (1, 1, 1),
+        labels,
+        [1, 2],
+        SamplingConfig(sampler="euler", steps=4, kind="flow", guidance=outside),
+    )
+    assert torch.equal(plain, never)
+
+
+def test_interval_boundaries_follow_each_kinds_convention():
+    config = GuidanceConfig(scale=2.0, interval=(0.1, 0.7))
+    # Flow t: both ends included (REPA: t_cur <= high and t_cur >= low).
+    assert [config.contains(t) for t in (0.0999, 0.1, 0.7, 0.7001)] == [False, True, True, False]
+    # Sigma (EDM, ADM): (low, high] (EDM2 / Kynkäänniemi et al.).
+    assert [config.contains(s, low_inclusive=False) for s in (0.1, 0.1001, 0.7, 0.7001)] == [False, True, True, False]
+    sigmas = torch.tensor([0.1, 0.5, 0.7, 0.9], dtype=torch.float64)
+    assert config.contains(sigmas, low_inclusive=False).tolist() == [False, True, True, False]
+    assert GuidanceConfig(scale=2.0).contains(5.0) and GuidanceConfig(scale=2.0).contains(sigmas).all()
+    with pytest.raises(ValueError, match="0 <= low <= high"):
+        GuidanceConfig(scale=2.0, interval=(0.5, 0.1))
+    restored = SamplingConfig.from_dict(SamplingConfig(kind="flow", sampler="heun", guidance=config).to_dict())
+    assert restored.guidance.interval == (0.1, 0.7)
+
+
+def test_an_edm_guidance_interval_guides_only_the_heun_steps_whose_sigma_lies_in_it():
+    from diffit.edm import EDMPrecond
+
+    class Recording(nn.Module):
+        """EDM's raw network F; records the batch size of each call by its noise level."""
+
+        def __init__(self):
+            super().__init__()
+            self.num_classes, self.null_class, self.calls = 4, 4, []
+            self.weight = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, c_noise, class_labels=None):
+            self.calls.append((float(c_noise[0]), x.shape[0]))
+            return torch.zeros_like(x) + (class_labels != 4).to(x.dtype).reshape(-1, 1, 1, 1)
+
+    network = Recording()
+    guidance = GuidanceConfig(scale=2.0, channels=None, interval=(0.5, 10.0))
+    config = SamplingConfig(sampler="edm-heun", steps=4, kind="edm", sigma_data=0.5, guidance=guidance)
+    sample(EDMPrecond(network, sigma_data=0.5), (1, 2, 2), [1], [0], config)
+    for c_noise, batch in network.calls:
+        sigma = math.exp(4 * c_noise)  # EDM: c_noise = ln(sigma) / 4
+        assert batch == (2 if 0.5 < sigma <= 10.0 else 1), (sigma, batch)
+    assert {batch for _, batch in network.calls} == {1, 2}
+
+
+def test_flow_kind_and_flow_samplers_go_together():
+    with pytest.raises(ValueError, match="flow models"):
+        SamplingConfig(kind="flow", sampler="ddpm").check()
+    with pytest.raises(ValueError, match="sample only flow models"):
+        SamplingConfig(kind="adm", sampler="heun").check()
+    SamplingConfig(kind="flow", sampler="euler-maruyama", steps=1).check()
+
+
+def test_an_adm_guidance_interval_uses_the_training_chains_sigma_of_each_timestep():
+    from diffit.diffusion import create_diffusion
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_classes, self.null_class, self.learn_sigma, self.calls = 4, 4, False, []
+            self.weight = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, class_labels=None):
+            self.calls.append((float(t[0]), x.shape[0]))
+            return torch.zeros_like(x)
+
+    network = Recording()
+    guidance = GuidanceConfig(scale=2.0, interval=(0.5, 5.0))
+    sample(network, (4, 2, 2), [1], [0], SamplingConfig(sampler="ddim", steps=10, guidance=guidance))
+    alphas = torch.as_tensor(create_diffusion(None, "linear", learn_sigma=False).alphas_cumprod, dtype=torch.float64)
+    sigmas = ((1 - alphas) / alphas).sqrt()
+    for t, batch in network.calls:
+        assert batch == (2 if 0.5 < sigmas[round(t)] <= 5.0 else 1), (t, float(sigmas[round(t)]), batch)
+    assert {batch for _, batch in network.calls} == {1, 2}
