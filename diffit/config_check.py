@@ -145,19 +145,24 @@ IMAGE_FIELDS = {
     "dropout": ("float", 0.0, 1.0),
 }
 DIFFUSION_FIELDS = {
-    "type": ("choice", "adm", "edm"),
+    "type": ("choice", "adm", "edm", "flow"),
     "noise_schedule": ("choice", "linear", "cosine"),
     "diffusion_steps": ("int", 1, MAX_DIFFUSION_STEPS),
     "learn_sigma": ("bool",),
     "sigma_data": ("float", 1e-6, 1e6),
     "P_mean": ("float", -100.0, 100.0),
     "P_std": ("float", 1e-6, 100.0),
+    # flow matching (`diffit.flow`): how training drew its times
+    "time_sampling": ("choice", "uniform", "logit-normal"),
+    "logit_mean": ("float", -100.0, 100.0),
+    "logit_std": ("float", 1e-6, 100.0),
+    "time_shift": ("float", 1e-6, 1e6),
 }
 # The "sampling" entry (`import-nvlabs` writes it; `evaluate` and `DiffiTPipeline` read it as defaults). Samplers and
 # schedules as in `diffit.sampling.SAMPLERS` / `diffit.guidance.SCHEDULES` (pinned by a test; not imported here,
 # since those modules import torch).
 SAMPLING_FIELDS = {
-    "sampler": ("choice", "ddpm", "ddim", "edm-heun"),
+    "sampler": ("choice", "ddpm", "ddim", "edm-heun", "euler", "heun", "euler-maruyama"),
     "steps": ("int", 1, MAX_DIFFUSION_STEPS),
     "eta": ("float", 0.0, 10.0),
     "guidance_scale": ("float", 0.0, 1000.0),
@@ -560,7 +565,7 @@ PIPELINE_SAMPLING_FIELDS = {
     "sampler": SAMPLING_FIELDS["sampler"],
     "steps": ("int", 1, MAX_DIFFUSION_STEPS),
     "guidance": ("guidance",),
-    "kind": ("choice", "adm", "edm"),
+    "kind": ("choice", "adm", "edm", "flow"),
     "eta": ("float", 0.0, 10.0),
     "diffusion_steps": ("int", 1, MAX_DIFFUSION_STEPS),
     "noise_schedule": ("choice", "linear", "cosine"),
@@ -583,6 +588,7 @@ GUIDANCE_FIELDS = {
     "schedule": SAMPLING_FIELDS["guidance_schedule"],
     "power": ("float", 1e-6, 1000.0),
     "channels": ("optional_int", 1, MAX_IN_CHANNELS),
+    "interval": ("interval", 0.0, 1e6),
 }
 # model_index.json: the components ([library, class] or [null, null]) and the pipeline's configuration entries;
 # keys starting with "_" are diffusers' own notes (_class_name, _diffusers_version, _name_or_path).
@@ -606,11 +612,19 @@ def _check_pipeline_field(where: str, value: Any, spec: tuple) -> str | None:
         if value == "inf" or (isinstance(value, float) and value == math.inf):
             return None
         return _check_field(where, value, ("float", *spec[1:]))
+    if kind == "interval":  # None, or [low, high] with bounds 0 <= low <= high <= the spec's maximum
+        if value is None:
+            return None
+        pair = value if isinstance(value, list) and len(value) == 2 else None
+        problems = [_check_field(f"{where}[{i}]", v, ("float", *spec[1:])) for i, v in enumerate(pair or [])]
+        if pair is None or any(problems) or pair[0] > pair[1]:
+            return next((p for p in problems if p), None) or f"{where} must be null or [low, high], got {value!r}"
+        return None
     if kind == "guidance":
         if value is None:
             return None
         try:
-            _check_fields(where, value, GUIDANCE_FIELDS)
+            _check_fields(where, value, GUIDANCE_FIELDS, _check_pipeline_field)
         except ValueError as error:
             return str(error)
         return None

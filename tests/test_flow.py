@@ -4,6 +4,7 @@ grid and final mean), guidance intervals for every model kind, per-sample seeds.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -243,3 +244,19 @@ def test_an_adm_guidance_interval_uses_the_training_chains_sigma_of_each_timeste
     for t, batch in network.calls:
         assert batch == (2 if 0.5 < sigmas[round(t)] <= 5.0 else 1), (t, float(sigmas[round(t)]), batch)
     assert {batch for _, batch in network.calls} == {1, 2}
+
+
+def test_a_saved_pipelines_flow_sampling_and_interval_pass_the_folder_check_and_bad_ones_do_not():
+    from diffit.config_check import check_pipeline_sampling
+
+    good = SamplingConfig(kind="flow", sampler="heun", steps=50, guidance=GuidanceConfig(scale=1.8, interval=(0, 0.7)))
+    check_pipeline_sampling(json.loads(json.dumps(good.to_dict())))  # as model_index.json holds it
+    for interval, message in (
+        ([0.7, 0.1], "must be null or \\[low, high\\]"),
+        ([0.1], "must be null"),
+        ([-1, 1], "interval\\[0\\] must be in \\[0.0, "),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_pipeline_sampling({"guidance": {"interval": interval}})
+    with pytest.raises(ValueError, match="sampling.kind"):
+        check_pipeline_sampling({"kind": "sde"})

@@ -97,7 +97,7 @@ def latent_config(**kwargs):
         ({**latent_config(), "vae": "sd"}, "vae must be an object, got str"),
         ({**latent_config(), "diffusion": {"type": "adm", "diffusion_steps": 10**10}}, "diffusion_steps must be in"),
         ({**latent_config(), "diffusion": {"type": "adm", "steps": 10}}, "diffusion has unknown keys ['steps']"),
-        ({**latent_config(), "diffusion": {"type": "ddim"}}, "diffusion.type must be one of ['adm', 'edm']"),
+        ({**latent_config(), "diffusion": {"type": "ddim"}}, "diffusion.type must be one of ['adm', 'edm', 'flow']"),
         ({"model": {"name": "DiffiT-UNet-Tiny", "kwargs": {"channels": [32]}}}, "channels [32] and blocks_per_stage"),
         ({**latent_config(), "sampling": {"steps": 10**10}}, "sampling.steps must be in [1, 100000], got 10000000000"),
         ({**latent_config(), "sampling": {"steps": "250"}}, "sampling.steps must be an integer, got '250'"),
