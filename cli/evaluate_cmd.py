@@ -19,6 +19,9 @@ class Sampler(str, Enum):
     ddpm = "ddpm"
     ddim = "ddim"
     edm_heun = "edm-heun"
+    euler = "euler"  # flow models (diffit.flow)
+    heun = "heun"
+    euler_maruyama = "euler-maruyama"
 
 
 class Schedule(str, Enum):
@@ -107,7 +110,11 @@ WORKERS = min(4, os.cpu_count() or 1)
 Model = Annotated[Path, typer.Option("--model", help="Exported model directory (model.safetensors + config.json).")]
 SamplerOption = Annotated[
     Sampler | None,
-    typer.Option("--sampler", help="Default: ddpm (latent ADM models), edm-heun (image-space EDM models)."),
+    typer.Option(
+        "--sampler",
+        help="Default: ddpm (latent ADM models), edm-heun (image-space EDM models), heun (flow models; also euler, "
+        "euler-maruyama).",
+    ),
 ]
 Steps = Annotated[
     int | None,

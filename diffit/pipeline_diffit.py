@@ -507,10 +507,11 @@ class DiffiTPipeline(DiffusionPipeline):
         config = config or self.sampling_config
         scheduler, name = self.scheduler, type(self.scheduler).__name__
         if config.kind != "adm":
+            what = "a flow (velocity) model" if config.kind == "flow" else "an image-space EDM model"
             raise ValueError(
-                f"pipe.scheduler is a {name}, but this {self.transformer.model_config['name']} is an image-space "
-                "EDM model: diffusers' DDPM-family schedulers do not drive an EDM-preconditioned network. Sample it "
-                "with the project's EDM-Heun sampler: pipe.scheduler = DiffiTScheduler()"
+                f"pipe.scheduler is a {name}, but this {self.transformer.model_config['name']} is {what}: diffusers' "
+                "DDPM-family schedulers do not drive it. Sample it with the project's sampler (flow: Euler, Heun, "
+                "Euler-Maruyama; EDM: EDM-Heun): pipe.scheduler = DiffiTScheduler()"
             )
         if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(

@@ -59,6 +59,7 @@ from .progress import progress_bar
 
 SAMPLERS = ("ddpm", "ddim", "edm-heun", *FLOW_SAMPLERS)
 KINDS = ("adm", "edm", "flow")
+FLOW_DEFAULT_STEPS = 50
 # How [-1, 1] samples become uint8 pixels (what the Inception network of FID sees):
 #   "round":    clamp(127.5 x + 128, 0, 255) -> uint8, i.e. floor(127.5 x + 128): DiT's sample_ddp.py and EDM's
 #               generate.py (nearest grey level, half-way values rounding up); the default for models trained here.
@@ -252,9 +253,12 @@ def paper_sampling_config(diffusion: dict | None, resolution: int, num_classes: 
     `diffusion` is the export's "diffusion" entry ({"type": "adm", "diffusion_steps", "noise_schedule"} or
     {"type": "edm", "sigma_data"}; None = ADM's linear 1000-step chain). ADM models: DDPM with 250 steps; guidance
     4.6 with the power-cosine schedule for class-conditional models at 256 px, 1.49 constant at 512 px, none
-    otherwise. EDM models: EDM-Heun with 18 steps up to 32 px, 40 above, unguided.
+    otherwise. EDM models: EDM-Heun with 18 steps up to 32 px, 40 above, unguided. Flow models (beyond the
+    paper): Heun with `FLOW_DEFAULT_STEPS` steps, unguided.
     """
     diffusion = diffusion or {"type": "adm"}
+    if diffusion.get("type") == "flow":  # no paper setting: Heun on 50 steps (99 network calls), unguided
+        return SamplingConfig(sampler="heun", steps=FLOW_DEFAULT_STEPS, kind="flow")
     if diffusion.get("type", "adm") == "edm":
         return SamplingConfig(
             sampler="edm-heun",

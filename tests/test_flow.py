@@ -260,3 +260,102 @@ def test_a_saved_pipelines_flow_sampling_and_interval_pass_the_folder_check_and_
             check_pipeline_sampling({"guidance": {"interval": interval}})
     with pytest.raises(ValueError, match="sampling.kind"):
         check_pipeline_sampling({"kind": "sde"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow matching as a training objective: config, loss, export, evaluate, DiffiTPipeline
+
+
+def test_the_flow_objective_is_the_velocity_loss_on_its_own_draws():
+    """`diffusion.type: flow`: times (uniform, or logit-normal and shifted), then noise, from the global RNG (as
+    ADM draws its timesteps), and the batch mean of `velocity_loss`."""
+    from train_fixtures import tiny_latent_config
+
+    from pipeline.train.config import config_from_dict
+    from pipeline.train.objective import Objective
+
+    network = LinearField(0.5, 0.25)
+    x = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(9))
+    for diffusion in (
+        {"type": "flow", "learn_sigma": False},
+        {"type": "flow", "learn_sigma": False, "time_sampling": "logit-normal", "logit_mean": 0.5, "time_shift": 3.0},
+    ):
+        config = config_from_dict(tiny_latent_config(diffusion=diffusion, sample={"sampler": "heun"}))
+        torch.manual_seed(4)
+        loss = Objective(config, null_class=None)(network, x, None)
+        torch.manual_seed(4)
+        if diffusion.get("time_sampling") == "logit-normal":
+            t = torch.sigmoid(0.5 + torch.randn(3))
+            t = 3.0 * t / (1 + 2.0 * t)
+        else:
+            t = torch.rand(3)
+        noise = torch.randn_like(x)
+        x_t = (1 - t.reshape(-1, 1, 1, 1)) * x + t.reshape(-1, 1, 1, 1) * noise
+        expected = ((0.5 * x_t + 0.25 - (noise - x)) ** 2).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "diffusion, sample, message",
+    [
+        ({"type": "flow", "learn_sigma": False}, {"sampler": "ddim"}, "sample.sampler 'ddim' does not sample"),
+        ({"type": "flow", "learn_sigma": True}, {"sampler": "heun"}, "learn_sigma must be false for flow training"),
+        ({"type": "adm"}, {"sampler": "heun"}, "sample.sampler 'heun' does not sample diffusion.type 'adm'"),
+        ({"type": "flow", "learn_sigma": False, "time_shift": 0}, {"sampler": "heun"}, "time_shift must be > 0"),
+    ],
+)
+def test_flow_settings_that_do_not_fit_are_refused_at_load(tmp_path, diffusion, sample, message):
+    from train_fixtures import tiny_latent_config, write_config
+
+    from pipeline.train.config import ConfigError, load_config
+
+    path = write_config(tmp_path / "c.yaml", tiny_latent_config(diffusion=diffusion, sample=sample))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_a_flow_model_trains_exports_evaluates_and_loads_in_diffitpipeline(tmp_path, tiny_vae):
+    """Latent DiffiT trained by flow matching (4 steps), exported with its `diffusion: flow` entry, evaluated with
+    the flow default (Heun, 50 steps) or a given sampler, and sampled by DiffiTPipeline exactly as `sample`."""
+    from train_fixtures import read_metrics, tiny_latent_config, write_config, write_latent_dataset
+
+    from diffit import DiffiTPipeline, load_pretrained
+    from pipeline.evaluate import STORE_NAME, EvaluateOptions, SampleStore, SamplingOptions, evaluate
+    from pipeline.train import TrainArgs, export_checkpoint, run
+
+    data = write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=1, vae_path=str(tiny_vae))
+    diffusion = {"type": "flow", "learn_sigma": False, "time_sampling": "logit-normal"}
+    config = tiny_latent_config(diffusion=diffusion, sample={"sampler": "heun", "steps": 4}, train={"max_steps": 4})
+    run(TrainArgs(run_dir=tmp_path / "run", config_path=write_config(tmp_path / "c.yaml", config), data_dir=data))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(v) and v > 0 for v in losses)
+    export_checkpoint(tmp_path / "run", tmp_path / "model")
+    model, exported = load_pretrained(tmp_path / "model")
+    assert exported["diffusion"] == {
+        "type": "flow", "time_sampling": "logit-normal", "logit_mean": 0.0, "logit_std": 1.0, "time_shift": 1.0
+    }  # fmt: skip
+    assert model.learn_sigma is False and model.out_channels == 4
+    record = evaluate(
+        EvaluateOptions(
+            tmp_path / "model", tmp_path / "eval", num_samples=2, batch_size=2, metrics=(), device="cpu", vae=tiny_vae
+        )
+    )
+    assert (record["sampling"]["kind"], record["sampling"]["sampler"], record["sampling"]["steps"]) == (
+        "flow",
+        "heun",
+        50,
+    )
+    images = SampleStore.open(tmp_path / "eval" / STORE_NAME, mode="r").read_images(0, 2)
+    assert images.shape[0] == 2 and images.shape[-1] == 3 and images.std() > 0
+    options = EvaluateOptions(
+        tmp_path / "model", tmp_path / "ddim", num_samples=2, batch_size=2, metrics=(), device="cpu", vae=tiny_vae,
+        sampling=SamplingOptions(sampler="ddim", steps=2),
+    )  # fmt: skip
+    with pytest.raises(Exception, match="a flow model samples with euler, heun, euler-maruyama, not ddim"):
+        evaluate(options)
+    pipe = DiffiTPipeline.from_pretrained(tmp_path / "model", vae=str(tiny_vae))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.sampling_config.kind == "flow" and pipe.sampling_config.sampler == "heun"
+    latents = pipe([1, 2], 1.0, num_inference_steps=3, output_type="latent", seeds=[5, 6]).images
+    config = SamplingConfig(sampler="heun", steps=3, kind="flow", guidance=GuidanceConfig())
+    torch.testing.assert_close(latents, sample(pipe.transformer, (4, 8, 8), [1, 2], [5, 6], config))

@@ -26,7 +26,7 @@ class LoadedModel:
     model_dir: Path
     model: torch.nn.Module
     config: dict[str, Any]
-    kind: str  # "adm" | "edm"
+    kind: str  # "adm" | "edm" | "flow"
     family: str  # "latent" | "image"
     sample_shape: tuple[int, int, int]  # what the sampler produces per sample (C, H, W)
     resolution: tuple[int, int]  # decoded image size (H, W)
@@ -116,9 +116,10 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
         raise EvaluateInputError(f"{model_dir}: cannot load the exported model ({error})") from error
     diffusion = config.get("diffusion")
-    if not isinstance(diffusion, dict) or diffusion.get("type") not in ("adm", "edm"):
+    if not isinstance(diffusion, dict) or diffusion.get("type") not in ("adm", "edm", "flow"):
         raise EvaluateInputError(
-            f"{model_dir / 'config.json'}: needs 'diffusion': {{'type': 'adm' | 'edm', ...}}, got {diffusion!r}"
+            f"{model_dir / 'config.json'}: needs 'diffusion': {{'type': 'adm' | 'edm' | 'flow', ...}}, "
+            f"got {diffusion!r}"
         )
     family = model_family(config["model"]["name"])
     channels, size = int(model.in_channels), int(model.input_size)

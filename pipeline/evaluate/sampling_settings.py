@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from diffit.sampling import FLOW_DEFAULT_STEPS
 from pipeline import __version__
 from pipeline.evaluate.model_loading import LoadedModel, network_settings
 from pipeline.evaluate.options import EvaluateInputError, ResolvedSampling, SamplingOptions
@@ -34,7 +35,15 @@ def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
     """
     height = loaded.resolution[0]
     conditional = loaded.num_classes > 0
-    if loaded.kind == "adm":
+    if loaded.kind == "flow":  # beyond the paper: `diffit.sampling.paper_sampling_config`'s flow default
+        paper = {
+            "sampler": "heun",
+            "steps": FLOW_DEFAULT_STEPS,
+            "guidance_scale": 1.0,
+            "guidance_schedule": "constant",
+            "pixels": "round",
+        }
+    elif loaded.kind == "adm":
         scale, schedule = PAPER_GUIDANCE.get(height, (1.0, "constant")) if conditional else (1.0, "constant")
         paper = {
             "sampler": "ddpm",
@@ -60,6 +69,7 @@ def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
 
 def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedSampling:
     """Fill unset sampling options with the model's defaults (`sampling_defaults`), and check the rest."""
+    from diffit.flow import FLOW_SAMPLERS
     from diffit.guidance import SCHEDULES
     from diffit.sampling import PIXEL_QUANTIZATIONS, SAMPLERS
 
@@ -86,6 +96,10 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
         raise EvaluateInputError(f"--sampler {sampler}: expected one of {SAMPLERS}")
     if loaded.kind == "edm" and sampler != "edm-heun":
         raise EvaluateInputError(f"{loaded.model_dir}: an EDM model samples with edm-heun, not {sampler}")
+    if (loaded.kind == "flow") != (sampler in FLOW_SAMPLERS):
+        what = "a flow model samples with" if loaded.kind == "flow" else f"{sampler} samples flow models only; use"
+        choices = FLOW_SAMPLERS if loaded.kind == "flow" else ("ddpm", "ddim", "edm-heun")
+        raise EvaluateInputError(f"{loaded.model_dir}: {what} {', '.join(choices)}, not {sampler}")
     if schedule not in SCHEDULES:
         raise EvaluateInputError(f"--guidance-schedule {schedule}: expected one of {SCHEDULES}")
     if steps < 1:

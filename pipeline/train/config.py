@@ -56,15 +56,22 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Training objective: ADM hybrid loss with learned Sigma ("adm") or EDM preconditioning + loss ("edm")."""
+    """Training objective: ADM hybrid loss with learned Sigma ("adm"), EDM preconditioning + loss ("edm"), or flow
+    matching ("flow": the linear path with t = 1 at the noise, velocity prediction, `diffit.flow`)."""
 
-    type: Literal["adm", "edm"] = "adm"
+    type: Literal["adm", "edm", "flow"] = "adm"
     noise_schedule: Literal["linear", "cosine"] = "linear"
     diffusion_steps: int = 1000
     learn_sigma: bool = True
     sigma_data: float = 0.5
     P_mean: float = -1.2
     P_std: float = 1.2
+    # flow: training times t ~ U(0, 1) or logit-normal(logit_mean, logit_std) (REPA's "lognormal" = (0, 1)), then
+    # SD3's shift t' = time_shift t / (1 + (time_shift - 1) t)
+    time_sampling: Literal["uniform", "logit-normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_shift: float = 1.0
 
 
 @dataclass
@@ -154,7 +161,7 @@ class SampleConfig:
 
     every: int = 10_000  # 0 disables
     count: int = 16
-    sampler: Literal["ddpm", "ddim", "edm-heun"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "edm-heun", "euler", "heun", "euler-maruyama"] = "ddim"
     steps: int = 25
     guidance_scale: float = 1.0
     seed: int = 0
@@ -428,14 +435,16 @@ def validate(config: Config, source: str = "<config>") -> None:
     need(ema.rampup_ratio is None or ema.rampup_ratio > 0, f"ema.rampup_ratio must be > 0, got {ema.rampup_ratio}")
     need(config.diffusion.diffusion_steps >= 1, "diffusion.diffusion_steps must be >= 1")
     need(config.diffusion.sigma_data > 0, "diffusion.sigma_data must be > 0")
-    if config.diffusion.type == "edm":
-        need(not config.diffusion.learn_sigma, "diffusion.learn_sigma must be false for EDM training")
-        need(
-            config.sample.sampler == "edm-heun",
-            f"sample.sampler must be 'edm-heun' for EDM models, got {config.sample.sampler!r}",
-        )
-    else:
-        need(config.sample.sampler in ("ddpm", "ddim", "edm-heun"), "sample.sampler: unknown sampler")
+    if config.diffusion.type in ("edm", "flow"):
+        kind = {"edm": "EDM", "flow": "flow"}[config.diffusion.type]
+        need(not config.diffusion.learn_sigma, f"diffusion.learn_sigma must be false for {kind} training")
+    need(
+        config.sample.sampler in samplers_for(config.diffusion.type),
+        f"sample.sampler {config.sample.sampler!r} does not sample diffusion.type {config.diffusion.type!r} models "
+        f"(use one of {', '.join(samplers_for(config.diffusion.type))})",
+    )
+    need(config.diffusion.logit_std > 0, f"diffusion.logit_std must be > 0, got {config.diffusion.logit_std}")
+    need(config.diffusion.time_shift > 0, f"diffusion.time_shift must be > 0, got {config.diffusion.time_shift}")
     from diffit.models import MODEL_CONFIGS, model_family
 
     need(
@@ -447,9 +456,9 @@ def validate(config: Config, source: str = "<config>") -> None:
     # also use EDM preconditioning: at low SNR it predicts the clean signal instead of the noise, which small
     # models learn far more easily (the demo's default). Image-space models have no learned-sigma output for ADM.
     need(
-        family == "latent" or config.diffusion.type == "edm",
-        f"model {config.model.name!r} is an image-space model, trained with diffusion.type='edm' "
-        f"(got {config.diffusion.type!r})",
+        family == "latent" or config.diffusion.type in ("edm", "flow"),
+        f"model {config.model.name!r} is an image-space model, trained with diffusion.type 'edm' or 'flow' "
+        f"(got {config.diffusion.type!r}: it has no learned-Sigma output)",
     )
     if family == "latent" and "learn_sigma" in config.model.kwargs:
         need(
@@ -471,8 +480,15 @@ def _check_eval(config: Config, need) -> None:
     need(ev.reference is not None, "eval.reference: FID during training (eval.every > 0) needs a reference")
     sampler = ev.sampler or config.sample.sampler
     need(
-        (sampler == "edm-heun") == (config.diffusion.type == "edm"),
+        sampler in samplers_for(config.diffusion.type),
         f"eval.sampler {sampler!r} does not fit diffusion.type {config.diffusion.type!r}",
+    )
+
+
+def samplers_for(diffusion_type: str) -> tuple[str, ...]:
+    """The samplers a model trained with `diffusion_type` is sampled with (`diffit.sampling`)."""
+    return {"adm": ("ddpm", "ddim", "edm-heun"), "edm": ("edm-heun",)}.get(
+        diffusion_type, ("euler", "heun", "euler-maruyama")
     )
 
 

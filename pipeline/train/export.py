@@ -5,7 +5,8 @@ extended by what sampling and evaluation need, so `diffit.load_pretrained(OUT)` 
 
     {"model": {"name", "kwargs"},
      "diffusion": {"type": "adm", "noise_schedule", "diffusion_steps", "learn_sigma"}
-                | {"type": "edm", "sigma_data", "P_mean", "P_std"},
+                | {"type": "edm", "sigma_data", "P_mean", "P_std"}
+                | {"type": "flow", "time_sampling", "logit_mean", "logit_std", "time_shift"},
      "vae": {...the dataset manifest's vae entry (latent models only)...},
      "dataset": {"manifest_hash", "resolution", "num_classes", "kind", ...},
      "train": {"step", "images_seen", "run_dir", "checkpoint"}}
@@ -36,6 +37,9 @@ def diffusion_entry(diffusion: dict[str, Any]) -> dict[str, Any]:
             "diffusion_steps": diffusion["diffusion_steps"],
             "learn_sigma": diffusion["learn_sigma"],
         }
+    if diffusion["type"] == "flow":
+        keys = ("time_sampling", "logit_mean", "logit_std", "time_shift")
+        return {"type": "flow", **{key: diffusion[key] for key in keys}}
     return {
         "type": "edm",
         "sigma_data": diffusion["sigma_data"],

@@ -53,7 +53,8 @@ def update_ema(ema_model, model, decay: float) -> None:
 
 
 class Objective:
-    """The training loss of one micro-batch: ADM hybrid loss (latent) or EDM loss (image space)."""
+    """The training loss of one micro-batch: ADM hybrid loss (latent), EDM loss (image space), or the flow-matching
+    velocity loss (either; per-sample mean squared error, averaged over the batch as SiT / REPA)."""
 
     def __init__(self, config: Config, null_class: int | None, device=None):
         self.config = config
@@ -71,7 +72,7 @@ class Objective:
                 from pipeline.train.performance import device_tables
 
                 device_tables(self.diffusion, device)  # no host-to-device copy of a table at every step
-        else:
+        elif config.diffusion.type == "edm":
             from diffit.edm import EDMLoss
 
             self.edm_loss = EDMLoss(
@@ -94,6 +95,12 @@ class Objective:
             t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
             kwargs = {"class_labels": labels} if labels is not None else None
             return self.diffusion.training_losses(network, x, t, model_kwargs=kwargs)["loss"].mean()
+        if self.config.diffusion.type == "flow":
+            from diffit.flow import sample_times, velocity_loss
+
+            d = self.config.diffusion
+            t = sample_times(x.shape[0], d.time_sampling, d.logit_mean, d.logit_std, d.time_shift, device=x.device)
+            return velocity_loss(network, x, t.to(x.dtype), torch.randn_like(x), class_labels=labels).mean()
         from diffit.edm import EDMPrecond
 
         precond = EDMPrecond(network, sigma_data=self.config.diffusion.sigma_data)
