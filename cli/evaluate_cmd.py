@@ -128,6 +128,14 @@ GuidanceSchedule = Annotated[
 GuidanceChannels = Annotated[
     GuidedChannels, typer.Option("--guidance-channels", help="Guide the first 3 latent channels (DiffiT) or all.")
 ]
+GuidanceInterval = Annotated[
+    str | None,
+    typer.Option(
+        "--guidance-interval",
+        help="LOW,HIGH: guide only where the noise level lies in it -- sigma in (LOW, HIGH] for ADM / EDM models "
+        "(EDM2, Kynkaanniemi et al. 2024), t in [LOW, HIGH] for flow models (REPA). Default: every step.",
+    ),
+]
 # The names before diffusers' (`guidance_scale`): accepted for one release with a deprecation warning.
 OldScale = Annotated[float | None, typer.Option("--cfg-scale", hidden=True)]
 OldSchedule = Annotated[Schedule | None, typer.Option("--cfg-schedule", hidden=True)]
@@ -141,6 +149,19 @@ Vae = Annotated[
 Device = Annotated[str | None, typer.Option("--device", help="cpu or cuda; default: cuda when available.")]
 PrecisionOption = Annotated[Precision, typer.Option("--precision", help=PRECISION_HELP)]
 Compile = Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)]
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """'0.28,5.42' -> (0.28, 5.42); None stays None (checked further by `check_options`)."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError(text)
+        return float(parts[0]), float(parts[1])
+    except ValueError as error:
+        raise typer.BadParameter(f"--guidance-interval {text!r}: expected LOW,HIGH, e.g. 0.28,5.42") from error
 
 
 def parse_classes(text: str) -> list[int] | None:
@@ -211,6 +232,7 @@ def evaluate(
         float, typer.Option("--guidance-power", help="Exponent of the power-cosine schedule.")
     ] = 4.0,
     guidance_channels: GuidanceChannels = GuidedChannels.three,
+    guidance_interval: GuidanceInterval = None,
     classes: Annotated[str, typer.Option("--classes", help=CLASSES_HELP)] = "all",
     batch_size: Annotated[int, typer.Option("--batch-size", help=BATCH_SIZE_HELP)] = 32,
     seed: Seed = 0,
@@ -277,6 +299,7 @@ def evaluate(
         pixels,
         old=(cfg_scale, cfg_schedule, cfg_channels),
         guidance_power=deprecated_flag("--guidance-power", guidance_power, "--cfg-power", cfg_power, 4.0),
+        guidance_interval=parse_interval(guidance_interval),
         eta=eta,
         classes=labels,
     )
@@ -323,6 +346,7 @@ def sample(
     guidance_scale: GuidanceScale = None,
     guidance_schedule: GuidanceSchedule = None,
     guidance_channels: GuidanceChannels = GuidedChannels.three,
+    guidance_interval: GuidanceInterval = None,
     seed: Seed = 0,
     pixels: Annotated[Pixels | None, typer.Option("--pixels", help=PIXELS_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per network batch.")] = 16,
@@ -354,6 +378,7 @@ def sample(
             seed,
             pixels,
             old=(cfg_scale, cfg_schedule, cfg_channels),
+            guidance_interval=parse_interval(guidance_interval),
         ),
         vae=vae,
         batch_size=batch_size,

@@ -682,3 +682,34 @@ def test_the_old_guidance_flags_still_work_for_one_release_with_a_warning(latent
     assert "deprecated" not in first.output
     both = runner.invoke(app, [*common, "--grid", str(tmp_path / "x.png"), "--guidance-scale", "2", "--cfg-scale", "3"])
     assert both.exit_code == 2 and "--cfg-scale is the old name of --guidance-scale" in both.output
+
+
+def test_a_guidance_interval_is_applied_recorded_and_resumes_only_its_own_store(latent_model, tmp_path):
+    """--guidance-interval: an interval holding every step's sigma gives the guided samples exactly, one holding
+    none the unguided ones exactly, one in between neither; the interval is recorded in metrics.json and the store
+    settings (a store of another interval is refused); a store made without one records nothing new."""
+    from cli.main import app
+
+    def run(name: str, scale: float, interval=None) -> np.ndarray:
+        sampling = {"guidance_scale": scale, "guidance_schedule": "constant", "guidance_interval": interval}
+        ev.evaluate(_options(latent_model, tmp_path / name, metrics=(), sampling=sampling))
+        return _images(tmp_path / name)
+
+    guided, unguided = run("guided", 4.0), run("unguided", 1.0)
+    assert not np.array_equal(guided, unguided)
+    np.testing.assert_array_equal(run("all", 4.0, (0.0, 1e6)), guided)  # every sigma of the chain is in (0, 1e6]
+    np.testing.assert_array_equal(run("none", 4.0, (0.0, 1e-6)), unguided)  # sigma_0 of the chain is ~0.01
+    middle = run("middle", 4.0, (1.0, 10.0))  # the steps at t = 666 and 333 (sigma 9.49, 1.46) of 4
+    assert not np.array_equal(middle, guided) and not np.array_equal(middle, unguided)
+    record = json.loads((tmp_path / "middle" / "metrics.json").read_text())
+    assert record["sampling"]["guidance_interval"] == [1.0, 10.0]
+    store = SampleStore.open(tmp_path / "middle" / STORE_NAME, mode="r")
+    assert store.settings["sampling"]["guidance_interval"] == [1.0, 10.0]
+    assert "guidance_interval" not in SampleStore.open(tmp_path / "guided" / STORE_NAME, mode="r").settings["sampling"]
+    with pytest.raises(SampleStoreMismatchError):
+        run("middle", 4.0, (1.0, 12.0))
+    arguments = ["evaluate", "--model", str(latent_model), "--out", str(tmp_path / "cli"), "--metrics", ""]
+    bad = CliRunner().invoke(app, [*arguments, "--guidance-interval", "5,0.5"])
+    assert bad.exit_code == 2 and "guidance_interval: expected LOW <= HIGH, got (5.0, 0.5)" in bad.output
+    bad = CliRunner().invoke(app, [*arguments, "--guidance-interval", "0.5"])
+    assert bad.exit_code == 2 and "expected LOW,HIGH" in bad.output

@@ -36,6 +36,9 @@ class SamplingOptions:
     guidance_schedule: str | None = None
     guidance_power: float = 4.0
     guidance_channels: str = "3"  # "3" (DiffiT: first three latent channels) or "all"
+    # Guided only where the model's time variable lies in (low, high): sigma for ADM / EDM models, t for flow
+    # models (`diffit.guidance.GuidanceConfig.interval`); None: at every step.
+    guidance_interval: tuple[float, float] | None = None
     classes: list[int] | None = None  # None: uniform over all classes; a list: cycled through
     seed: int = 0
     eta: float = 0.0  # DDIM only
@@ -99,6 +102,13 @@ def check_options(options: EvaluateOptions) -> None:
     _choice("guidance_schedule", sampling.guidance_schedule, SCHEDULES, optional=True)
     _real("guidance_power", sampling.guidance_power)
     _choice("guidance_channels", sampling.guidance_channels, ("3", "all"))
+    interval = sampling.guidance_interval
+    if interval is not None:
+        pair = isinstance(interval, (list, tuple)) and len(interval) == 2
+        _need(pair, "guidance_interval", interval, "expected LOW,HIGH")
+        for bound in interval:
+            _real("guidance_interval", bound, low=0.0)
+        _need(interval[0] <= interval[1], "guidance_interval", interval, "expected LOW <= HIGH")
     if sampling.classes is not None:
         classes = sampling.classes
         _need(isinstance(classes, (list, tuple)) and 0 < len(classes) <= MAX_CLASS_LIST, "classes", classes)
@@ -170,6 +180,7 @@ class ResolvedSampling:
     eta: float
     pixels: str = "round"  # how samples become uint8 images (diffit.sampling.to_uint8)
     defaults_used: list[str] = field(default_factory=list)
+    guidance_interval: list[float] | None = None  # [low, high] of sigma (ADM / EDM) or t (flow); None: everywhere
 
     def guidance(self):
         from diffit.guidance import GuidanceConfig
@@ -179,6 +190,7 @@ class ResolvedSampling:
             schedule=self.guidance_schedule,
             power=self.guidance_power,
             channels=self.guidance_channels,
+            interval=tuple(self.guidance_interval) if self.guidance_interval is not None else None,
         )
 
     def sampling_config(self, diffusion: dict[str, Any]) -> SamplingConfig:

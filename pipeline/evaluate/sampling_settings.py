@@ -126,6 +126,7 @@ def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedS
         eta=float(options.eta),
         pixels=pixels,
         defaults_used=defaults,
+        guidance_interval=[float(v) for v in options.guidance_interval] if options.guidance_interval else None,
     )
 
 
@@ -139,6 +140,8 @@ def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples:
     described = sampling.describe()
     if described["pixels"] == "round":  # the conversion of stores made before it was a setting: they still resume
         del described["pixels"]
+    if described["guidance_interval"] is None:  # likewise: stores made before intervals existed still resume
+        del described["guidance_interval"]
     settings = {
         "model": model,
         "sampling": described,

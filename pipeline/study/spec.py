@@ -74,6 +74,7 @@ EVALUATE_KEYS = (
     "guidance_schedule",
     "guidance_power",
     "guidance_channels",
+    "guidance_interval",
     "classes",
     "eta",
     "pixels",
@@ -547,7 +548,7 @@ def training_config(study: Study, unit: Unit):
 
 # Evaluate settings that are paths (made `Path`s) and the sampling ones (`SamplingOptions` fields).
 SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_power", "guidance_channels")
-SAMPLING_KEYS += ("classes", "eta")
+SAMPLING_KEYS += ("guidance_interval", "classes", "eta")
 SAMPLING_KEYS += ("pixels",)
 PATH_KEYS = ("inception_weights", "cache_dir")
 
@@ -561,6 +562,8 @@ def evaluate_options(settings: dict[str, Any], seed: int, model_dir: Path, out_d
     channels = sampling.get("guidance_channels")
     if isinstance(channels, int) and not isinstance(channels, bool):
         sampling["guidance_channels"] = str(channels)  # `guidance_channels: 3` in YAML
+    if isinstance(sampling.get("guidance_interval"), list):
+        sampling["guidance_interval"] = tuple(sampling["guidance_interval"])  # `[low, high]` in YAML
     rest = {key: value for key, value in settings.items() if key not in SAMPLING_KEYS}
     for key in PATH_KEYS:
         if isinstance(rest.get(key), str):
@@ -591,9 +594,10 @@ def check_evaluate_settings(study: Study) -> None:
 
 
 def check_training_configs(study: Study) -> None:
-    """Every training set-up's config loads (known keys, types, ranges); the budget is the same for all. One load
-    per set-up: its units differ only in `train.seed`, which the study checked."""
-    from pipeline.train import ConfigError
+    """Every training set-up's config loads (known keys, types, ranges); the budget is the same for all; each
+    variant's evaluate sampler samples its run's diffusion type. One load per set-up: its units differ only in
+    `train.seed`, which the study checked."""
+    from pipeline.train import ConfigError, samplers_for
 
     budgets = set()
     first_units: dict[str, Unit] = {}
@@ -605,6 +609,14 @@ def check_training_configs(study: Study) -> None:
         except ConfigError as error:
             raise StudyError(f"{study.path}: run {unit.run_dir}: {error}") from None
         budgets.add((config.train.max_steps, config.train.global_batch_size))
+        for variant in (v for v in study.variants if v.train_name == unit.train_name):
+            sampler = study.evaluate_settings(variant).get("sampler")
+            _need(
+                sampler is None or sampler in samplers_for(config.diffusion.type),
+                study.path,
+                f"variant {variant.name}: evaluate.sampler {sampler!r} does not sample diffusion.type "
+                f"{config.diffusion.type!r} models (use one of {', '.join(samplers_for(config.diffusion.type))})",
+            )
         if study.curve:
             every = config.checkpoint.keep_every
             _need(

@@ -19,7 +19,7 @@ from pipeline.train.checkpoint import (
     list_checkpoints,
 )
 from pipeline.train.checks import RUN_CONFIG, TrainArgs, TrainError
-from pipeline.train.config import Config, ConfigError, config_from_dict, dump_config, load_config
+from pipeline.train.config import Config, ConfigError, config_from_dict, dump_config, load_config, samplers_for
 from pipeline.train.diskfull import DiskFullError
 from pipeline.train.export import export_checkpoint
 from pipeline.train.loop import NonFiniteLossError, run
@@ -56,6 +56,7 @@ __all__ = [
     "list_checkpoints",
     "load_config",
     "run",
+    "samplers_for",
     "EXIT_STOPPED",
     "TrainingStopped",
 ]
