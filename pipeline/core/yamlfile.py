@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.errors import brief, one_line
+from pipeline.core.errors import InputError, brief, one_line
 
 MAX_YAML_BYTES = 1 << 20  # 1 MiB: the largest preset or study shipped is ~5 KB
 
@@ -51,7 +51,7 @@ def read_yaml_file(path: str | Path) -> Any:
     return load_yaml(path.read_text(encoding="utf-8"))
 
 
-class SettingError(ValueError):
+class SettingError(InputError):
     """A `--set KEY=VALUE` that cannot be read (its message names it); each caller raises its own error type."""
 
 
