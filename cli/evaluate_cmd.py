@@ -233,6 +233,14 @@ def evaluate(
     ] = 4.0,
     guidance_channels: GuidanceChannels = GuidedChannels.three,
     guidance_interval: GuidanceInterval = None,
+    guide_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--guide-model",
+            help="Autoguidance (Karras et al. 2024): an export of the same kind, latent shape and classes (a "
+            "smaller model, an early checkpoint) whose conditional output replaces the unconditional one.",
+        ),
+    ] = None,
     classes: Annotated[str, typer.Option("--classes", help=CLASSES_HELP)] = "all",
     batch_size: Annotated[int, typer.Option("--batch-size", help=BATCH_SIZE_HELP)] = 32,
     seed: Seed = 0,
@@ -326,6 +334,7 @@ def evaluate(
         device=device,
         precision=precision.value,
         compile=compile,
+        guide_model=guide_model,
     )
     run_evaluate(options)
 

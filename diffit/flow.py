@@ -101,9 +101,11 @@ def time_grid(sampler: str, steps: int) -> torch.Tensor:
 class GuidedVelocity:
     """v(x, t) of a flow network in float64, with classifier-free guidance decided by a step's starting time."""
 
-    def __init__(self, model: Callable, labels, guidance: GuidanceConfig, null_class: int | None, channels: int):
+    def __init__(
+        self, model: Callable, labels, guidance: GuidanceConfig, null_class: int | None, channels: int, guide=None
+    ):
         self.model, self.labels, self.guidance = model, labels, guidance
-        self.null_class, self.channels = null_class, channels
+        self.null_class, self.channels, self.guide = null_class, channels, guide
 
     def guided_at(self, t: float) -> bool:
         """Whether a step starting at time t is guided (scale != 1, inside the interval if one is set)."""
@@ -112,6 +114,14 @@ class GuidedVelocity:
     def __call__(self, x: torch.Tensor, t: float, guided: bool) -> torch.Tensor:
         batch = x.shape[0]
         dtype = _network_dtype(self.model)
+        if guided and self.guide is not None:  # autoguidance: the guide's conditional velocity, not the null class
+            times = torch.full((batch,), t, dtype=torch.float64, device=x.device)
+            main = self.model(x.to(dtype), times.to(dtype), class_labels=self.labels)[:, : self.channels]
+            guide_dtype = _network_dtype(self.guide)
+            weak = self.guide(x.to(guide_dtype), times.to(guide_dtype), class_labels=self.labels)[:, : self.channels]
+            scale = float(guidance_scale(self.guidance, 1.0 - t))
+            guided_channels = min(self.guidance.channels or self.channels, self.channels)
+            return combine_guidance(main.to(torch.float64), weak.to(torch.float64), scale, guided_channels)
         if guided:
             inputs = torch.cat([x, x]).to(dtype)
             labels = torch.cat([self.labels, torch.full_like(self.labels, self.null_class)])
@@ -142,11 +152,13 @@ def flow_sample(
     guidance: GuidanceConfig,
     null_class: int | None,
     progress: bool | dict = False,
+    guide: Callable | None = None,
 ) -> torch.Tensor:
-    """Integrate from `initial_noise` (t = 1) to t = 0 with `sampler` (see the module docstring); float64 result."""
+    """Integrate from `initial_noise` (t = 1) to t = 0 with `sampler` (see the module docstring); float64 result.
+    `guide`: autoguidance, its conditional velocity in place of the null class's."""
     if sampler not in FLOW_SAMPLERS:
         raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
-    velocity = GuidedVelocity(model, labels, guidance, null_class, initial_noise.shape[1])
+    velocity = GuidedVelocity(model, labels, guidance, null_class, initial_noise.shape[1], guide)
     grid = time_grid(sampler, steps).tolist()
     x = initial_noise.to(torch.float64)
     last = len(grid) - 2

@@ -140,6 +140,44 @@ def guided_forward(
     return combine_guidance(cond, uncond, scale, guided_channels)
 
 
+class AutoGuidance(nn.Module):
+    """Autoguidance (Karras et al. 2024, EDM2's `guide(x).lerp(main(x), w)`): the unconditional branch replaced by
+    a weaker `guide` network of the same conditioning, out = guide + w (main - guide) on the guided channels (the
+    main output elsewhere), both called with the same labels. The schedule and interval of `config` apply as for
+    classifier-free guidance; where the interval excludes a call only `main` runs."""
+
+    def __init__(
+        self,
+        main: Callable,
+        guide: Callable,
+        config: GuidanceConfig,
+        progress_fn: Callable[[torch.Tensor], torch.Tensor],
+        sigma_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if config.interval is not None and sigma_fn is None:
+            raise ValueError("a guidance interval needs the noise level of each call (sigma_fn)")
+        self.main, self.guide, self.config = main, guide, config
+        self.progress_fn, self.sigma_fn = progress_fn, sigma_fn
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None):
+        output = self.main(x, noise_labels, class_labels)
+        if self.config.interval is not None:
+            inside = self.config.contains(self.sigma_fn(noise_labels).to(torch.float64), low_inclusive=False)
+            if not bool(inside.any()):
+                return output
+        weak = self.guide(x, noise_labels, class_labels)
+        scale = self.config.scale
+        if self.config.schedule != "constant":
+            scale = guidance_scale(self.config, self.progress_fn(noise_labels))
+        channels = x.shape[1] if self.config.channels is None else min(self.config.channels, x.shape[1])
+        guided = combine_guidance(output, weak, scale, channels)
+        if self.config.interval is not None and not bool(inside.all()):
+            mask = inside.to(output.device).reshape(-1, *([1] * (output.ndim - 1)))
+            guided = torch.where(mask, guided, output)
+        return guided
+
+
 class ClassifierFreeGuidance(nn.Module):
     """Wraps `model(x, noise_labels, class_labels)` into its guided version (same call signature).
 

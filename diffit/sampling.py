@@ -54,7 +54,7 @@ from torch import nn
 from .diffusion import create_diffusion, randn_per_sample
 from .edm import ADMDenoiser, EDMPrecond, edm_heun_sampler
 from .flow import FLOW_SAMPLERS, flow_sample
-from .guidance import ClassifierFreeGuidance, GuidanceConfig, sigma_progress, timestep_progress
+from .guidance import AutoGuidance, ClassifierFreeGuidance, GuidanceConfig, sigma_progress, timestep_progress
 from .progress import progress_bar
 
 SAMPLERS = ("ddpm", "ddim", "edm-heun", *FLOW_SAMPLERS)
@@ -290,16 +290,18 @@ def sample(
     *,
     device=None,
     progress: bool | dict = False,
+    guide: nn.Module | None = None,
     **overrides,
 ) -> torch.Tensor:
     """Generate len(seeds) samples of per-sample `shape` (C, H, W); returns float32 [N, C, H, W] on `device`.
 
     `class_labels`: [N] ints or None (unconditional). `seeds`: one int per sample. `config`: a
     `SamplingConfig`; keyword `overrides` replace its fields (`sample(..., sampler="ddim", steps=50)`).
-    See the module docstring.
+    `guide`: autoguidance (`diffit.guidance.AutoGuidance`): a weaker network of the same kind and conditioning
+    replaces the unconditional branch of the guidance. See the module docstring.
     """
     samples, _ = sample_with_stats(
-        model, shape, class_labels, seeds, config, device=device, progress=progress, **overrides
+        model, shape, class_labels, seeds, config, device=device, progress=progress, guide=guide, **overrides
     )
     return samples
 
@@ -313,9 +315,10 @@ def sample_with_stats(
     *,
     device=None,
     progress: bool | dict = False,
+    guide: nn.Module | None = None,
     **overrides,
 ) -> tuple[torch.Tensor, SamplingStats]:
-    """`sample(...)` that also returns `SamplingStats` (network calls and time, wall time)."""
+    """`sample(...)` that also returns `SamplingStats` (network calls and time, wall time; the guide's counted)."""
     config = dataclasses.replace(config or SamplingConfig(), **overrides)
     config.check()
     if len(seeds) == 0:
@@ -330,21 +333,30 @@ def sample_with_stats(
     generators = [torch.Generator(device=generator_device).manual_seed(int(seed)) for seed in seeds]
     labels = _prepare_labels(class_labels, len(seeds), device)
     guidance = config.guidance or GuidanceConfig()
-    if guidance.enabled and labels is None:
+    if guidance.enabled and labels is None and guide is None:
         raise ValueError("guidance scale != 1 needs class_labels")
     initial_noise = randn_per_sample(generators, shape, device=device)
     network = model
     if config.kind == "edm" and not isinstance(model, EDMPrecond):
         network = EDMPrecond(model, sigma_data=config.sigma_data)
     counted = CountingModel(network, synchronize=device.type == "cuda")
+    guide_counted = None
+    if guide is not None:
+        wrap = config.kind == "edm" and not isinstance(guide, EDMPrecond)  # preconditioned like the main network
+        guide_network = EDMPrecond(guide, sigma_data=config.sigma_data) if wrap else guide
+        guide_counted = CountingModel(guide_network, synchronize=device.type == "cuda")
 
-    with eval_mode(model), torch.no_grad():
+    guide_mode = eval_mode(guide) if guide is not None else contextlib.nullcontext()
+    with eval_mode(model), guide_mode, torch.no_grad():
         run = {"edm": _run_edm, "adm": _run_adm, "flow": _run_flow}[config.kind]
-        samples = run(model, network, counted, initial_noise, labels, generators, config, guidance, progress)
+        samples = run(
+            model, network, counted, initial_noise, labels, generators, config, guidance, progress, guide_counted
+        )
+    guide_calls, guide_time = (guide_counted.calls, guide_counted.time_s) if guide_counted else (0, 0.0)
     stats = SamplingStats(
         num_samples=len(seeds),
-        network_calls=counted.calls,
-        network_time_s=counted.time_s,
+        network_calls=counted.calls + guide_calls,
+        network_time_s=counted.time_s + guide_time,
         total_time_s=time.perf_counter() - start,
     )
     return samples.float(), stats
@@ -370,9 +382,9 @@ def _heun(denoiser, round_sigma, initial_noise, labels, generators, config, sigm
     )
 
 
-def _run_flow(model, network, counted, initial_noise, labels, generators, config, guidance, progress):
+def _run_flow(model, network, counted, initial_noise, labels, generators, config, guidance, progress, guide=None):
     """A velocity network integrated from t = 1 to 0 (`diffit.flow.flow_sample`); guidance decided per step."""
-    null_class = _null_class(model) if guidance.enabled else None
+    null_class = _null_class(model) if guidance.enabled and guide is None else None
     return flow_sample(
         counted,
         initial_noise,
@@ -383,20 +395,21 @@ def _run_flow(model, network, counted, initial_noise, labels, generators, config
         guidance=guidance,
         null_class=null_class,
         progress=progress,
+        guide=guide,
     )
 
 
-def _run_edm(model, denoiser, counted, initial_noise, labels, generators, config, guidance, progress):
+def _run_edm(model, denoiser, counted, initial_noise, labels, generators, config, guidance, progress, guide=None):
     """EDM Heun on the preconditioned image-space network; guidance progress is the position on the sigma grid."""
     sigma_min = max(config.sigma_min, denoiser.sigma_min)
     sigma_max = min(config.sigma_max, denoiser.sigma_max)
     progress_fn = lambda sigma: sigma_progress(sigma, sigma_min, sigma_max, config.rho)  # noqa: E731
-    guided = _guided(counted, guidance, denoiser, progress_fn, sigma_fn=lambda sigma: sigma)
+    guided = _guided(counted, guidance, denoiser, progress_fn, sigma_fn=lambda sigma: sigma, guide=guide)
     sigma_range = (sigma_min, sigma_max)
     return _heun(guided, denoiser.round_sigma, initial_noise, labels, generators, config, sigma_range, progress)
 
 
-def _run_adm(model, network, counted, initial_noise, labels, generators, config, guidance, progress):
+def _run_adm(model, network, counted, initial_noise, labels, generators, config, guidance, progress, guide=None):
     """An ADM eps/Sigma network: DDPM / DDIM on the respaced chain, or EDM Heun through `ADMDenoiser`; guidance
     progress is 1 - t / diffusion_steps (the released DiffiT code)."""
     chain = create_diffusion(None, config.noise_schedule, learn_sigma=True, diffusion_steps=config.diffusion_steps)
@@ -408,7 +421,7 @@ def _run_adm(model, network, counted, initial_noise, labels, generators, config,
         return sigmas[index].to(t.device)
 
     progress_fn = lambda t: timestep_progress(t.to(torch.float64), config.diffusion_steps)  # noqa: E731
-    guided = _guided(counted, guidance, model, progress_fn, sigma_fn=sigma_of_timestep)
+    guided = _guided(counted, guidance, model, progress_fn, sigma_fn=sigma_of_timestep, guide=guide)
     if config.sampler == "edm-heun":
         denoiser = ADMDenoiser(guided, chain.alphas_cumprod)
         sigma_range = (max(config.sigma_min, denoiser.sigma_min), min(config.sigma_max, denoiser.sigma_max))
@@ -443,11 +456,14 @@ def _guided(
     labelled_model: nn.Module,
     progress_fn: Callable,
     sigma_fn: Callable | None = None,
+    guide: Callable | None = None,
 ) -> Callable:
-    """The counted network, wrapped in classifier-free guidance when the scale is not 1 (`sigma_fn`: the noise level
-    of a call, for the guidance interval)."""
+    """The counted network, wrapped in classifier-free guidance when the scale is not 1, or in autoguidance with
+    `guide` (`sigma_fn`: the noise level of a call, for the guidance interval)."""
     if not guidance.enabled:
         return counted
+    if guide is not None:
+        return AutoGuidance(counted, guide, guidance, progress_fn, sigma_fn)
     return ClassifierFreeGuidance(counted, guidance, _null_class(labelled_model), progress_fn, sigma_fn)
 
 

@@ -713,3 +713,28 @@ def test_a_guidance_interval_is_applied_recorded_and_resumes_only_its_own_store(
     assert bad.exit_code == 2 and "guidance_interval: expected LOW <= HIGH, got (5.0, 0.5)" in bad.output
     bad = CliRunner().invoke(app, [*arguments, "--guidance-interval", "0.5"])
     assert bad.exit_code == 2 and "expected LOW,HIGH" in bad.output
+
+
+def test_autoguidance_with_the_model_as_its_own_guide_gives_the_unguided_samples_and_is_recorded(
+    latent_model, image_model, tmp_path
+):
+    """--guide-model: D = D_guide + w (D - D_guide); with the model itself as guide that is D, so the samples are
+    the unguided ones exactly; the guide is recorded in metrics.json and the store; a guide of another kind or
+    shape is refused before sampling."""
+
+    def run(name: str, scale: float, guide=None) -> np.ndarray:
+        sampling = {"guidance_scale": scale, "guidance_schedule": "constant"}
+        ev.evaluate(_options(latent_model, tmp_path / name, metrics=(), sampling=sampling, guide_model=guide))
+        return _images(tmp_path / name)
+
+    unguided, self_guided = run("unguided", 1.0), run("self", 4.0, latent_model)
+    np.testing.assert_array_equal(self_guided, unguided)
+    assert not np.array_equal(run("cfg", 4.0), unguided)
+    record = json.loads((tmp_path / "self" / "metrics.json").read_text())
+    assert record["guide_model"]["weights_sha256"] == record["model"]["weights_sha256"]
+    store = SampleStore.open(tmp_path / "self" / STORE_NAME, mode="r")
+    assert store.settings["guide_model"]["weights_sha256"] == record["model"]["weights_sha256"]
+    assert "guide_model" not in SampleStore.open(tmp_path / "cfg" / STORE_NAME, mode="r").settings
+    with pytest.raises(opts.EvaluateInputError, match=r"--guide-model .*: a edm model of samples \(3, 16, 16\)"):
+        run("other", 4.0, image_model)
+    assert not (tmp_path / "other" / STORE_NAME).exists()

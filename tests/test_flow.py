@@ -359,3 +359,44 @@ def test_a_flow_model_trains_exports_evaluates_and_loads_in_diffitpipeline(tmp_p
     latents = pipe([1, 2], 1.0, num_inference_steps=3, output_type="latent", seeds=[5, 6]).images
     config = SamplingConfig(sampler="heun", steps=3, kind="flow", guidance=GuidanceConfig())
     torch.testing.assert_close(latents, sample(pipe.transformer, (4, 8, 8), [1, 2], [5, 6], config))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autoguidance (Karras et al. 2024): a weaker guide replaces the unconditional branch
+
+
+def test_autoguidance_with_the_main_model_as_its_own_guide_is_the_unguided_model_for_every_kind():
+    """D = D_guide + w (D - D_guide) is D itself when the guide is the main model: the samples of every kind equal
+    the unguided ones exactly (and guidance with the null class differs)."""
+    import diffit
+
+    torch.manual_seed(0)
+    latent = diffit.create_model("DiffiT-Tiny/2", input_size=8, num_classes=10, learn_sigma=False).eval()
+    for parameter in latent.parameters():
+        if not parameter.any():
+            torch.nn.init.normal_(parameter, std=0.1)
+    cases = [
+        (latent, (4, 8, 8), SamplingConfig(sampler="ddim", steps=3, learn_sigma=False)),
+        (latent, (4, 8, 8), SamplingConfig(sampler="heun", steps=3, kind="flow")),
+        (latent, (4, 8, 8), SamplingConfig(sampler="edm-heun", steps=3, kind="edm", sigma_data=1.0)),
+    ]
+    for model, shape, config in cases:
+        plain = sample(model, shape, [1, 2], [3, 4], config)
+        guided = dataclasses_replace(config, guidance=GuidanceConfig(scale=3.0, channels=None))
+        assert torch.equal(sample(model, shape, [1, 2], [3, 4], guided, guide=model), plain), config.kind
+        assert not torch.allclose(sample(model, shape, [1, 2], [3, 4], guided), plain), config.kind
+
+
+def test_autoguidance_mixes_the_guide_and_the_main_velocity_in_closed_form():
+    main, guide = LinearField(0.0, 2.0), LinearField(0.0, 0.5)  # v = 2 and v = 0.5 everywhere
+    config = SamplingConfig(sampler="euler", steps=2, kind="flow", guidance=GuidanceConfig(scale=3.0, channels=None))
+    out = sample(main, (1, 1, 1), [1, 2], [1, 2], config, guide=guide)
+    # v = 0.5 + 3 (2 - 0.5) = 5 for both steps of -0.5: x_0 = x_1 - 5
+    torch.testing.assert_close(out.double(), _noise([1, 2]) - 5.0)
+    assert main.calls == [(1.0, 2), (0.5, 2)] and guide.calls == [(1.0, 2), (0.5, 2)]  # no doubled batch
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)

@@ -73,7 +73,10 @@ def generate(
         class_labels = labels[start : start + batch_size] if loaded.num_classes > 0 else None
         began = time.perf_counter()
         network = loaded.sampling_network
-        latents, run = sample_with_stats(network, loaded.sample_shape, class_labels, seeds, config, device=device)
+        guide = loaded.guide.sampling_network if loaded.guide is not None else None
+        latents, run = sample_with_stats(
+            network, loaded.sample_shape, class_labels, seeds, config, device=device, guide=guide
+        )
         sampled = time.perf_counter()
         images = to_uint8_images(decode(loaded, latents), sampling.pixels)
         stats.decode_time_s += time.perf_counter() - sampled

@@ -36,6 +36,7 @@ class LoadedModel:
     precision: str = "fp32"  # of the network forward: "fp32" | "bf16" (set by `prepare_network`)
     compiled: bool = False
     network: torch.nn.Module | None = None  # what the sampler calls; None: `model` itself (fp32, eager)
+    guide: LoadedModel | None = None  # autoguidance: the weaker model of the same kind (`--guide-model`)
 
     @property
     def sampling_network(self) -> torch.nn.Module:

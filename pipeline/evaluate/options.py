@@ -71,6 +71,9 @@ class EvaluateOptions:
     device: str | None = None
     precision: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on CUDA, fp32 elsewhere); see `prepare_network`
     compile: bool = False  # torch.compile the network
+    # Autoguidance (Karras et al. 2024): an export of the same kind, latent shape and classes (a smaller model, an
+    # early checkpoint) whose conditional output replaces the unconditional branch of the guidance.
+    guide_model: Path | None = None
 
 
 # Bounds of what a request may ask for (every count is bounded before anything is allocated for it).
@@ -133,7 +136,7 @@ def check_options(options: EvaluateOptions) -> None:
     _choice("precision", options.precision, PRECISIONS)
     _need(options.device is None or isinstance(options.device, str), "device", options.device)
     _need(options.reference is None or isinstance(options.reference, (str, Path)), "reference", options.reference)
-    for name in ("inception_weights", "cache_dir", "vae"):
+    for name in ("inception_weights", "cache_dir", "vae", "guide_model"):
         value = getattr(options, name)
         _need(value is None or isinstance(value, (str, Path)), name, value)
 

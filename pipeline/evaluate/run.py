@@ -145,6 +145,20 @@ def _check_sample_count(options: EvaluateOptions, chosen: Sequence[str], feature
         raise EvaluateInputError("FID / sFID need a covariance: --num-samples must be >= 2")
 
 
+def load_guide(loaded, guide_dir: Path, options: EvaluateOptions, device):
+    """The autoguidance model (`--guide-model`): an export of the main model's kind, sample shape and classes."""
+    guide = load_model(guide_dir, options.vae, device)
+    main = (loaded.kind, loaded.sample_shape, loaded.num_classes)
+    other = (guide.kind, guide.sample_shape, guide.num_classes)
+    if other != main:
+        raise EvaluateInputError(
+            f"--guide-model {guide_dir}: a {other[0]} model of samples {other[1]} with {other[2]} classes; the "
+            f"main model {loaded.model_dir} is a {main[0]} model of samples {main[1]} with {main[2]} classes"
+        )
+    prepare_network(guide, options.precision, False, device)
+    return guide
+
+
 def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight:
     """Every check that can fail before sampling (see the module docstring); identical on every rank."""
     check_options(options)
@@ -158,6 +172,8 @@ def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight
         _check_sample_count(options, chosen, feature_config)
     loaded = load_model(options.model_dir, options.vae, device)
     prepare_network(loaded, options.precision, options.compile, device)
+    if options.guide_model is not None:
+        loaded.guide = load_guide(loaded, options.guide_model, options, device)
     sampling = resolve_sampling(loaded, options.sampling)
     if chosen and options.reference is not None:
         reference = open_reference(options.reference)
@@ -256,6 +272,7 @@ def build_record(
         "num_samples": store.layout.num_samples,
         "resolution": list(checks.loaded.resolution),
         "model": checks.loaded.identity,
+        "guide_model": checks.loaded.guide.identity if checks.loaded.guide is not None else None,
         "sampling": {**checks.sampling.describe(), "paper_defaults_used": checks.sampling.defaults_used},
         "network": {**network_settings(checks.loaded), "requested_precision": options.precision},
         "sample_store": {

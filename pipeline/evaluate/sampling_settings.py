@@ -154,4 +154,6 @@ def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples:
     # default (fp32, eager) is left out so that stores made before these options existed still resume.
     if loaded.precision != "fp32" or loaded.compiled:
         settings["network"] = network_settings(loaded)
+    if loaded.guide is not None:  # autoguidance: the guide's weights and config by content
+        settings["guide_model"] = {k: v for k, v in loaded.guide.identity.items() if k not in ("path", "vae")}
     return settings

@@ -75,6 +75,7 @@ EVALUATE_KEYS = (
     "guidance_power",
     "guidance_channels",
     "guidance_interval",
+    "guide_model",
     "classes",
     "eta",
     "pixels",
@@ -95,7 +96,7 @@ EVALUATE_KEYS = (
 )
 DEMO_METRIC_KEYS = ("reference", "classifier", "shape_classifier", "max_reference_images")
 DEMO_METRIC_FILE_KEYS = ("reference", "classifier", "shape_classifier")
-EVALUATE_FILE_KEYS = ("reference", "inception_weights")
+EVALUATE_FILE_KEYS = ("reference", "inception_weights", "guide_model")
 CURVE_KEYS = ("num_samples",)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # whole string (fullmatch): no newline, no control character
 EVALUATE_PREFIX = "evaluate."
@@ -550,7 +551,7 @@ def training_config(study: Study, unit: Unit):
 SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_power", "guidance_channels")
 SAMPLING_KEYS += ("guidance_interval", "classes", "eta")
 SAMPLING_KEYS += ("pixels",)
-PATH_KEYS = ("inception_weights", "cache_dir")
+PATH_KEYS = ("inception_weights", "cache_dir", "guide_model")
 
 
 def evaluate_options(settings: dict[str, Any], seed: int, model_dir: Path, out_dir: Path):
