@@ -140,6 +140,21 @@ def guided_forward(
     return combine_guidance(cond, uncond, scale, guided_channels)
 
 
+def call_scale(config: GuidanceConfig, noise_labels: torch.Tensor, progress_fn: Callable, sigma_fn: Callable | None):
+    """The guidance scale of one network call: the config's scale or its schedule at the call's progress, per
+    sample 1 outside the interval (sigma in (low, high]); None when no sample of the call lies in the interval."""
+    scale = config.scale if config.schedule == "constant" else guidance_scale(config, progress_fn(noise_labels))
+    if config.interval is None:
+        return scale
+    inside = config.contains(sigma_fn(noise_labels).to(torch.float64), low_inclusive=False)
+    if not bool(inside.any()):
+        return None
+    if bool(inside.all()):
+        return scale
+    scale = torch.as_tensor(scale, dtype=torch.float64, device=inside.device).expand(inside.shape)
+    return torch.where(inside, scale, torch.ones_like(scale))
+
+
 class AutoGuidance(nn.Module):
     """Autoguidance (Karras et al. 2024, EDM2's `guide(x).lerp(main(x), w)`): the unconditional branch replaced by
     a weaker `guide` network of the same conditioning, out = guide + w (main - guide) on the guided channels (the
@@ -162,20 +177,11 @@ class AutoGuidance(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None):
         output = self.main(x, noise_labels, class_labels)
-        if self.config.interval is not None:
-            inside = self.config.contains(self.sigma_fn(noise_labels).to(torch.float64), low_inclusive=False)
-            if not bool(inside.any()):
-                return output
-        weak = self.guide(x, noise_labels, class_labels)
-        scale = self.config.scale
-        if self.config.schedule != "constant":
-            scale = guidance_scale(self.config, self.progress_fn(noise_labels))
+        scale = call_scale(self.config, noise_labels, self.progress_fn, self.sigma_fn)
+        if scale is None:  # outside the interval: the main model alone
+            return output
         channels = x.shape[1] if self.config.channels is None else min(self.config.channels, x.shape[1])
-        guided = combine_guidance(output, weak, scale, channels)
-        if self.config.interval is not None and not bool(inside.all()):
-            mask = inside.to(output.device).reshape(-1, *([1] * (output.ndim - 1)))
-            guided = torch.where(mask, guided, output)
-        return guided
+        return combine_guidance(output, self.guide(x, noise_labels, class_labels), scale, channels)
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -207,19 +213,9 @@ class ClassifierFreeGuidance(nn.Module):
         self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Guided output; the plain conditional output when the configured scale is 1."""
-        if not self.config.enabled:
+        scale = call_scale(self.config, noise_labels, self.progress_fn, self.sigma_fn) if self.config.enabled else None
+        if scale is None:  # scale 1, or outside the interval: the conditional output
             return self.model(x, noise_labels, class_labels)
-        if self.config.schedule == "constant":
-            scale = self.config.scale
-        else:
-            scale = guidance_scale(self.config, self.progress_fn(noise_labels))
-        if self.config.interval is not None:
-            inside = self.config.contains(self.sigma_fn(noise_labels).to(torch.float64), low_inclusive=False)
-            if not bool(inside.any()):
-                return self.model(x, noise_labels, class_labels)  # outside the interval: the conditional output
-            if not bool(inside.all()):
-                scale = torch.as_tensor(scale, dtype=torch.float64, device=inside.device).expand(inside.shape)
-                scale = torch.where(inside, scale, torch.ones_like(scale))  # per sample: 1 outside the interval
         return guided_forward(
             self.model,
             x,
