@@ -46,10 +46,10 @@ def build_archive(path: Path, classes: int, per_class: int) -> None:
 
 
 def plan(archive: Path, out: Path) -> tuple[float, int]:
-    from pipeline.encode.job import JobConfig, plan_job
+    from pipeline.encode.job import EncodeOptions, plan_job
 
     started = time.perf_counter()
-    planned = plan_job(JobConfig(source=str(archive), out=str(out), kind="images", progress=False))
+    planned = plan_job(EncodeOptions(source=str(archive), out=str(out), kind="images", progress=False))
     return time.perf_counter() - started, planned.items
 
 

@@ -146,7 +146,7 @@ def autocast(settings: Settings):
 
 def cuda_test_files() -> list[str]:
     """Test files that mark tests with `pytest.mark.cuda` (a text search: no test module is imported here)."""
-    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "mark.cuda" in p.read_text())
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py") if "mark.cuda" in p.read_text())
 
 
 def run_cuda_tests(settings: Settings) -> list[Row]:

@@ -5,7 +5,7 @@ For two random-init AutoencoderKLs at 256 px — the real SD-VAE architecture (b
 
   (a) the bare batched VAE forward (`pipeline.core.vae.encode_pixels`, image + flip) on pre-cropped arrays, in this
       process with 1 and 2 torch threads;
-  (b) the full Dask pipeline (`pipeline.encode.run_job`: read, decode, ADM crop, VAE, float16, tar, sha256,
+  (b) the full Dask pipeline (`pipeline.encode.run_encode`: read, decode, ADM crop, VAE, float16, tar, sha256,
       sidecars, manifest) with 1 worker x 1 torch thread, (c) 2 workers x 1 thread, (d) 1 worker x 2 threads.
 
 Pipeline runs are timed on warm workers (VAE loaded and one batch run beforehand, reported as "warm-up"), so
@@ -218,7 +218,7 @@ def start_cluster(workers: int):
 
     from pipeline.encode.cluster import LOCAL_CLUSTER_CONFIG
 
-    # What `run_job` does for the clusters it starts: its settings, and distributed's INFO lines kept quiet
+    # What `run_encode` does for the clusters it starts: its settings, and distributed's INFO lines kept quiet
     # (for the whole benchmark: this cluster lives across several calls; see `quiet_cluster_logs`).
     logging.getLogger("distributed").setLevel(logging.ERROR)
     with dask.config.set(LOCAL_CLUSTER_CONFIG):
@@ -231,11 +231,11 @@ def start_cluster(workers: int):
 def _timed_job(client, config) -> tuple[float, float]:
     """Run one job on `client`: (wall seconds, CPU seconds of the workers and of the driver, which hosts the
     scheduler)."""
-    from pipeline.encode.job import run_job
+    from pipeline.encode.job import run_encode
 
     workers_cpu = client.run(_cpu_seconds)
     began, driver_cpu = time.perf_counter(), time.process_time()
-    result = run_job(config, client=client)
+    result = run_encode(config, client=client)
     elapsed, driver_cpu = time.perf_counter() - began, time.process_time() - driver_cpu
     workers_cpu = sum(after - workers_cpu[worker] for worker, after in client.run(_cpu_seconds).items())
     assert result.ok, (result.counts, result.failed_shards)
@@ -248,14 +248,14 @@ def pipeline_run(client, vae_path: str, source: Path, out: Path, case: Case, thr
     With `fixed_cost`, a 1-image job runs first: its time is the per-job cost (scan, VAE hash, scheduling,
     manifest), and (N - 1) / (t_N - t_1) is the steady-state rate a long job approaches.
     """
-    from pipeline.encode.job import JobConfig
+    from pipeline.encode.job import EncodeOptions
 
     started = time.perf_counter()
     client.run(_warm_worker, vae_path, threads, case.batch_size if case.warm_up else 0)
     warm_s = time.perf_counter() - started
 
-    def config(target: Path, limit=None) -> JobConfig:
-        return JobConfig(
+    def config(target: Path, limit=None) -> EncodeOptions:
+        return EncodeOptions(
             source=str(source),
             out=str(target),
             resolution=256,
@@ -459,7 +459,7 @@ def plan_child(code: Path, tree: Path, limit: int) -> None:
     baseline = _current_rss_bytes()
     out = Path(tempfile.gettempdir()) / f"bench-plan-out-{os.getpid()}" / "out"  # never created: planning only
     settings = dict(source=str(tree), out=str(out), kind="images", shard_size=1000, progress=False)
-    config = job.JobConfig(**settings, limit=limit or None)
+    config = job.EncodeOptions(**settings, limit=limit or None)
     started = time.perf_counter()
     if hasattr(job, "plan_job"):  # this version: the source is streamed into compact tasks
         plan = job.plan_job(config)

@@ -45,7 +45,6 @@ from pipeline.evaluate import (
     sampling_settings,  # noqa: E402
 )
 from pipeline.evaluate import model_loading as loading  # noqa: E402
-from pipeline.evaluate import options as opts  # noqa: E402
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, StoreLayout  # noqa: E402
 
 
@@ -100,15 +99,15 @@ def bench_sampling(name: str, vae, batch_size: int, num_samples: int, steps: int
         vae=vae,
         scaling_factor=0.18215,
     )
-    sampling = sampling_settings.resolve_sampling(
-        loaded, opts.SamplingOptions(steps=steps, guidance_scale=4.6, guidance_schedule="power-cosine")
+    sampling, _ = sampling_settings.resolve_sampling(
+        loaded, {"steps": steps, "guidance_scale": 4.6, "guidance_schedule": "power-cosine"}
     )
     # Warm-up (first-call allocations, kernel selection) outside the timed run.
-    generation.generate(loaded, sampling, np.arange(1), np.array([0]), 1, device)
+    generation.generate(loaded, sampling, 0, np.arange(1), np.array([0]), 1, device)
     with tempfile.TemporaryDirectory() as directory:
         layout = StoreLayout(num_samples, *loaded.resolution, batch_size)
         store = SampleStore.create(Path(directory) / STORE_NAME, layout, {"bench": name})
-        stats = generation.sample_into_store(store, loaded, sampling, 0, 1, batch_size, device)
+        stats = generation.sample_into_store(store, loaded, sampling, 0, None, 0, 1, batch_size, device)
     network_images = stats.network_calls * 2 * min(batch_size, num_samples)  # CFG doubles each batch
     outside = stats.total_time_s - stats.network_time_s - stats.decode_time_s
     return {

@@ -11,7 +11,7 @@ writing the object), a lower bound on what a real object store over a real netwo
 What it measures, local vs S3 interleaved round by round (order swapped every round; the machine drifts by
 +-20% and may be shared), median and spread (min-max) over the rounds:
 
-1. encode: `pipeline.encode.job.run_job` with a random-init AutoencoderKL (the small VAE of bench/encode.py, or
+1. encode: `pipeline.encode.job.run_encode` with a random-init AutoencoderKL (the small VAE of bench/encode.py, or
    the SD-VAE architecture with --full) on photo-like JPEGs at 256 px, workers=0 (tasks in this process) and
    torch_threads=1; images/s writing to a local directory vs to s3://bench/...; each round writes a fresh
    output and deletes the previous one. Bytes written, and the upload rate the job needs (bytes / S3 job time).
@@ -212,7 +212,7 @@ def torch_threads_kept() -> Iterator[None]:
 
 def encode_rows(options, tmp: Path, bench_encode, server) -> tuple[list[Row], dict]:
     """Encode jobs and their resume checks, local vs S3, interleaved; per VAE: images/s, seconds, bytes."""
-    from pipeline.encode.job import JobConfig, run_job
+    from pipeline.encode.job import EncodeOptions, run_encode
 
     # (name, config, images, shard size, images of the warm-up job); the SD-VAE takes seconds per image on 1 thread
     vaes = [("small VAE", bench_encode.SMALL_VAE, options.images, options.shard_size, options.batch_size)]
@@ -224,8 +224,10 @@ def encode_rows(options, tmp: Path, bench_encode, server) -> tuple[list[Row], di
     for vae_name, vae_config, images, shard_size, warm_images in vaes:
         vae_path = bench_encode.save_random_vae(tmp / f"vae-{vae_name.replace(' ', '-')}", vae_config)
 
-        def job(out: str, images: int = images, vae_path: str = vae_path, shard_size: int = shard_size) -> JobConfig:
-            return JobConfig(
+        def job(
+            out: str, images: int = images, vae_path: str = vae_path, shard_size: int = shard_size
+        ) -> EncodeOptions:
+            return EncodeOptions(
                 source=str(source),
                 out=out,
                 kind="latents",
@@ -243,7 +245,7 @@ def encode_rows(options, tmp: Path, bench_encode, server) -> tuple[list[Row], di
         with torch_threads_kept():  # warm-up: the VAE loaded and cached, both stores' first requests made
             for store in STORES:
                 warm = targets[store]("warm-up")
-                assert run_job(replace(job(warm), limit=warm_images)).ok
+                assert run_encode(replace(job(warm), limit=warm_images)).ok
                 remove(warm)
         tag = "" if vae_name == "small VAE" else "-sd"
         encode = Row(
@@ -271,7 +273,7 @@ def encode_rows(options, tmp: Path, bench_encode, server) -> tuple[list[Row], di
                     remove(previous[store])  # keep one output per store on disk
                 with torch_threads_kept(), counted_requests() as encode_requests:
                     started, cpu_started, server_started = time.perf_counter(), time.process_time(), server.cpu_s()
-                    result = run_job(job(out))
+                    result = run_encode(job(out))
                     elapsed = time.perf_counter() - started
                     cpu.add(store, (time.process_time() - cpu_started) / images)
                     if store == "s3":
@@ -279,7 +281,7 @@ def encode_rows(options, tmp: Path, bench_encode, server) -> tuple[list[Row], di
                 assert result.ok and result.shards_written == result.shards_total, result
                 with torch_threads_kept(), counted_requests() as resume_requests:
                     started = time.perf_counter()
-                    again = run_job(job(out))
+                    again = run_encode(job(out))
                     resumed = time.perf_counter() - started
                 assert again.ok and again.shards_skipped == again.shards_total, again
                 if store == "s3":
@@ -477,7 +479,7 @@ def train_rows(options, datasets: dict[str, str], tmp: Path) -> list[Row]:
     import torch
     import yaml
 
-    from pipeline.train import TrainArgs, run
+    from pipeline.train import TrainOptions, run_train
 
     steps, batch = options.train_steps, 8
     config = {
@@ -513,7 +515,7 @@ def train_rows(options, datasets: dict[str, str], tmp: Path) -> list[Row]:
             try:
                 with contextlib.redirect_stderr(captured):
                     started = time.perf_counter()
-                    run(TrainArgs(run_dir=run_dir, config_path=config_path, data_dir=datasets[store]))
+                    run_train(TrainOptions(run_dir=run_dir, config_path=config_path, data_dir=datasets[store]))
                     elapsed = time.perf_counter() - started
             except BaseException:
                 sys.stderr.write(captured.getvalue())
@@ -650,7 +652,7 @@ def reading(rows: list[Row], facts: dict) -> str:
 
 def resume_scaling(shards: int, rounds: int) -> None:
     """The resume check of an encode job with `shards` finished shards in S3 (ImageNet-256: 1282): what
-    `run_job` does now (one listing, the sidecars fetched in concurrent batches, sizes and times from the
+    `run_encode` does now (one listing, the sidecars fetched in concurrent batches, sizes and times from the
     listing) against one request after the other (a GET of each sidecar and a HEAD of its tar and of itself, as
     before 2026-11-27), interleaved. The shards are tiny: only the requests are measured."""
     from pipeline.core.shards import ShardWriter, read_sidecar, shard_name, sidecar_of

@@ -31,9 +31,10 @@ def demo(
     a classifier trained on the same dataset. About 15 minutes on 2 CPU cores (`--quick`: about 3).
     Re-running the same command resumes: finished steps are skipped."""
     setup_logging()
-    from pipeline.demo import run_demo
+    from pipeline.demo import DemoOptions, run_demo
 
-    run_demo(out, quick=quick, vae=vae, inception_weights=str(inception_weights) if inception_weights else None)
+    weights = str(inception_weights) if inception_weights else None
+    run_demo(DemoOptions(out, quick=quick, vae=vae, inception_weights=weights))
 
 
 def register(app: typer.Typer) -> None:

@@ -100,23 +100,23 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 
 
 def _run(kind: str, source: str, out: str, verbose: bool, dry_run: bool, **settings) -> None:
-    """Run an encode / pack job (`settings`: the other `JobConfig` fields), or only its dry run, and turn its
+    """Run an encode / pack job (`settings`: the other `EncodeOptions` fields), or only its dry run, and turn its
     result into a report; a job whose result is not acceptable raises `JobFailedError` (exit 1)."""
     from pipeline.core.errors import JobFailedError
     from pipeline.core.logs import setup_logging
     from pipeline.core.storage import join
-    from pipeline.encode import JobConfig, command_line, format_dry_run, run_job
+    from pipeline.encode import EncodeOptions, command_line, format_dry_run, run_encode
     from pipeline.encode import dry_run as plan_and_time
 
     setup_logging(verbose)
     # A dry run writes nothing: it reads a cached member index but does not keep one it builds.
-    config = JobConfig(
+    config = EncodeOptions(
         kind=kind, source=source, out=str(out), command=command_line(), cache_index=not dry_run, **settings
     )
     if dry_run:
         typer.echo(format_dry_run(plan_and_time(config), config.overwrite))
         return
-    result = run_job(config)
+    result = run_encode(config)
     if result.failed_shards:
         listing = "\n".join(f"  {name}: {reason}" for name, reason in sorted(result.failed_shards.items()))
         raise JobFailedError(
@@ -196,7 +196,7 @@ def encode(
     Example: diffit-pipe encode ILSVRC2012_img_train.tar /data/in256-latents --resolution 256 --gpus 8
     --vae /models/sd-vae-ft-ema
     """
-    _run("latents", **locals())  # the parameters are JobConfig's fields, plus --verbose
+    _run("latents", **locals())  # the parameters are EncodeOptions's fields, plus --verbose
 
 
 def pack(
@@ -226,7 +226,7 @@ def pack(
 
     Example: diffit-pipe pack /data/cifar10/train /data/cifar10-png --resolution 32
     """
-    _run("images", **locals())  # the parameters are JobConfig's fields, plus --verbose
+    _run("images", **locals())  # the parameters are EncodeOptions's fields, plus --verbose
 
 
 def inspect(

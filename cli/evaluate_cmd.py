@@ -93,7 +93,14 @@ GUIDANCE_SCALE_HELP = (
     "512 px); otherwise the paper text's 4.6 power-cosine at 256 px and 1.49 at 512 px; 1 (none) elsewhere. "
     "Pass --guidance-scale 4.4 or 4.6 to choose either published setting."
 )
-METRICS_HELP = "Comma list of fid, sfid, is, prc, kid (the ADM evaluator reports fid, sfid, is, prc); '' for none."
+METRICS_HELP = (
+    "Comma list of fid, sfid, is, prc, kid (the ADM evaluator reports fid, sfid, is, prc) and fd_dinov2 (DINOv2 "
+    "ViT-L/14 features as dgm-eval / EDM2; needs --dinov2-weights); '' for none."
+)
+DINOV2_WEIGHTS_HELP = (
+    "DINOv2 ViT-L/14 weights for fd_dinov2: dinov2_vitl14_pretrain.pth (or timm's model.safetensors of "
+    "vit_large_patch14_dinov2.lvd142m); nothing is downloaded. Other weights give a plumbing-only value."
+)
 PRC_MEMORY_HELP = "Memory bound (GB) of the precision/recall distance blocks, whatever the sample counts."
 PRC_LIMIT_HELP = (
     "Reference images precision/recall and KID use; a larger reference is subsampled with --prc-seed (logged)."
@@ -195,29 +202,28 @@ def deprecated_flag(new_flag: str, new_value, old_flag: str, old_value, default=
     return old_value
 
 
-def _sampling_options(
-    sampler, steps, guidance_scale, guidance_schedule, guidance_channels, seed, pixels=None, old=(), **more
-):
-    """The `SamplingOptions` of the parsed command-line values (enums to their strings); `old`: the values of
-    --cfg-scale, --cfg-schedule, --cfg-channels (deprecated names)."""
-    from pipeline.evaluate import SamplingOptions
-
+def _sampling_settings(
+    sampler, steps, guidance_scale, guidance_schedule, guidance_channels, pixels=None, old=(), **more
+) -> dict:
+    """The sampling settings given on the command line, by their one name each (`diffit.sampling.SETTINGS`;
+    enums to their strings, unset ones left out so the model's defaults apply); `old`: the values of --cfg-scale,
+    --cfg-schedule, --cfg-channels (deprecated names)."""
     old_scale, old_schedule, old_channels = (*old, None, None, None)[:3]
     guidance_scale = deprecated_flag("--guidance-scale", guidance_scale, "--cfg-scale", old_scale)
     guidance_schedule = deprecated_flag("--guidance-schedule", guidance_schedule, "--cfg-schedule", old_schedule)
     guidance_channels = deprecated_flag(
         "--guidance-channels", guidance_channels, "--cfg-channels", old_channels, GuidedChannels.three
     )
-    return SamplingOptions(
-        sampler=sampler.value if sampler else None,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        guidance_schedule=guidance_schedule.value if guidance_schedule else None,
-        guidance_channels=guidance_channels.value,
-        seed=seed,
-        pixels=pixels.value if pixels else None,
+    settings = {
+        "sampler": sampler.value if sampler else None,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "guidance_schedule": guidance_schedule.value if guidance_schedule else None,
+        "guidance_channels": guidance_channels.value,
+        "pixels": pixels.value if pixels else None,
         **more,
-    )
+    }
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 def evaluate(
@@ -249,6 +255,7 @@ def evaluate(
     reference: Annotated[str | None, typer.Option("--reference", help=REFERENCE_HELP)] = None,
     inception_weights: Annotated[Path | None, typer.Option("--inception-weights", help=INCEPTION_WEIGHTS_HELP)] = None,
     metrics: Annotated[str, typer.Option("--metrics", help=METRICS_HELP)] = "fid,sfid,is,prc",
+    dinov2_weights: Annotated[Path | None, typer.Option("--dinov2-weights", help=DINOV2_WEIGHTS_HELP)] = None,
     export_npz: Annotated[bool, typer.Option("--export-npz", help=EXPORT_NPZ_HELP)] = False,
     vae: Vae = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=CACHE_DIR_HELP)] = None,
@@ -289,36 +296,38 @@ def evaluate(
     on N or --batch-size.
 
     Metrics computed with Inception weights that are not the official torch-fidelity file are written under
-    "plumbing_only_metrics" in metrics.json and labelled as such: they are not FID.
+    "plumbing_only_metrics" in metrics.json and labelled as such: they are not FID. The same holds for
+    fd_dinov2 with weights not recognised as the published DINOv2 ViT-L/14 (their sha256 is not pinned: the file
+    is identified by its name, architecture and trained LayerScale).
     """
     from pipeline.core.logs import setup_logging
-    from pipeline.evaluate import EvaluateOptions
-    from pipeline.evaluate import evaluate as run_evaluate
+    from pipeline.evaluate import EvaluateOptions, run_evaluate
 
     setup_logging()
     labels = parse_classes(classes)
-    sampling = _sampling_options(
+    sampling = _sampling_settings(
         sampler,
         steps,
         guidance_scale,
         guidance_schedule,
         guidance_channels,
-        seed,
         pixels,
         old=(cfg_scale, cfg_schedule, cfg_channels),
         guidance_power=deprecated_flag("--guidance-power", guidance_power, "--cfg-power", cfg_power, 4.0),
         guidance_interval=parse_interval(guidance_interval),
         eta=eta,
-        classes=labels,
     )
     options = EvaluateOptions(
         model_dir=model,
         out_dir=out,
         num_samples=num_samples,
         sampling=sampling,
+        classes=labels,
+        seed=seed,
         batch_size=batch_size,
         reference=reference,
         inception_weights=inception_weights,
+        dinov2_weights=dinov2_weights,
         metrics=tuple(m for m in metrics.split(",") if m.strip()),
         export_npz=export_npz,
         vae=vae,
@@ -378,17 +387,17 @@ def sample(
         parse_classes(classes),
         per_class=per_class,
         num=num,
-        sampling_options=_sampling_options(
+        sampling=_sampling_settings(
             sampler,
             steps,
             guidance_scale,
             guidance_schedule,
             guidance_channels,
-            seed,
             pixels,
             old=(cfg_scale, cfg_schedule, cfg_channels),
             guidance_interval=parse_interval(guidance_interval),
         ),
+        seed=seed,
         vae=vae,
         batch_size=batch_size,
         device=device,

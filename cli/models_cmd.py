@@ -30,14 +30,14 @@ def models(
     if as_json:
         typer.echo(json.dumps({"models": rows, "paper_table9": PAPER_TABLE9}, indent=2))
         return
-    header = f"{'model':<18} {'family':<7} {'res':>4} {'parameters':>13} {'M':>8} {'GFLOPs':>8} {'w/o attn':>8}  paper"
+    header = f"{'model':<18} {'family':<8} {'res':>4} {'parameters':>13} {'M':>8} {'GFLOPs':>8} {'w/o attn':>8}  paper"
     typer.echo(header)
     typer.echo("-" * len(header))
     for row in rows:
         paper = row["paper"]
         paper_text = f"{paper['params_m']}M / {paper['gflops']}G" if paper else ""
         typer.echo(
-            f"{row['name']:<18} {row['family']:<7} {row['resolution']:>4} {row['params']:>13,} "
+            f"{row['name']:<18} {row['family']:<8} {row['resolution']:>4} {row['params']:>13,} "
             f"{row['params_m']:>8.2f} {row['gflops']:>8.2f} {row['gflops_without_attention']:>8.2f}  "
             f"{paper_text}"
         )

@@ -23,6 +23,10 @@ RESOLUTION_HELP = (
 )
 SUBSET_HELP = "Images stored as arr_0 for precision/recall (a seeded random subset; all when the source is smaller)."
 CHUNK_HELP = "Images per resumable chunk of the statistics (a killed run recomputes only unfinished chunks)."
+DINOV2_HELP = (
+    "Also write mu_dinov2/sigma_dinov2, the DINOv2 ViT-L/14 statistics of `evaluate --metrics fd_dinov2`, from "
+    "this weights file (dinov2_vitl14_pretrain.pth; nothing is downloaded), in the same pass over SOURCE."
+)
 STATS_ONLY_HELP = "Write only the statistics mu/sigma/mu_s/sigma_s (FID and sFID; no arr_0, no precision/recall)."
 
 
@@ -33,6 +37,7 @@ def reference(
         Path | None,
         typer.Option("--inception-weights", help="weights-inception-2015-12-05-6726825d.pth (no download offline)."),
     ] = None,
+    dinov2_weights: Annotated[Path | None, typer.Option("--dinov2-weights", help=DINOV2_HELP)] = None,
     subset: Annotated[int, typer.Option("--subset", help=SUBSET_HELP)] = 10_000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the arr_0 subset (recorded in the file).")] = 0,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help=CHUNK_HELP)] = 10_000,
@@ -63,6 +68,7 @@ def reference(
         source=source,
         out=out,
         inception_weights=inception_weights,
+        dinov2_weights=dinov2_weights,
         subset_size=0 if statistics_only else subset,
         seed=seed,
         chunk_size=chunk_size,

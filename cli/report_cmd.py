@@ -35,9 +35,9 @@ def report(
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ) -> None:
     setup_logging()
-    from pipeline.report import write_report
+    from pipeline.report import ReportOptions, run_report
 
-    path = write_report(run_dir, out, exports=export, evaluations=eval_dirs, verify=verify)
+    path = run_report(ReportOptions(run_dir, out, exports=list(export), evaluations=list(eval_dirs), verify=verify))
     typer.echo(f"wrote {path}")
 
 

@@ -80,7 +80,7 @@ def train(
 ) -> None:
     """`diffit-pipe train` (see TRAIN_HELP)."""
     from pipeline.core.logs import setup_logging
-    from pipeline.train import RUN_CONFIG, TrainArgs, load_config, run
+    from pipeline.train import RUN_CONFIG, TrainOptions, load_config, run_train
 
     setup_logging()
     # A bad config or --set value (a negative seed, ...) is refused before the run directory is created or locked;
@@ -90,8 +90,8 @@ def train(
         load_config(config, list(overrides))
     elif resume and stored.is_file():
         load_config(stored, list(overrides))
-    summary = run(
-        TrainArgs(run_dir=run_dir, config_path=config, data_dir=data, overrides=list(overrides), resume=resume)
+    summary = run_train(
+        TrainOptions(run_dir=run_dir, config_path=config, data_dir=data, overrides=list(overrides), resume=resume)
     )
     loss = f", last loss {summary['loss']:.5f}" if summary["loss"] is not None else ""
     typer.echo(

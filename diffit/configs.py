@@ -2,7 +2,8 @@
 
 Latent models `DiffiT-{S,B,L,XL}/{2,4,8}` follow DiT's sizes (depth x hidden x heads); image-space models
 `DiffiT-CIFAR10` and `DiffiT-FFHQ64` follow the paper's supplementary Sec. I. `DiffiT-Tiny/2` and
-`DiffiT-UNet-Tiny` are small configurations for tests, demos and CPU smoke runs. This module builds nothing (and
+`DiffiT-UNet-Tiny` are small configurations for tests, demos and CPU smoke runs; `DDPM++-CIFAR10` and
+`NCSN++-CIFAR10` are EDM's baselines (`diffit.songunet`). This module builds nothing (and
 imports no model class), so that the loaders' checks (`diffit.config_check`) and the Hub mixin can read it;
 `diffit.models.create_model` builds a configuration.
 """
@@ -109,7 +110,44 @@ def _image_configs() -> dict[str, dict[str, Any]]:
     }
 
 
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {**_latent_configs(), **_image_configs()}
+def _songunet_configs() -> dict[str, dict[str, Any]]:
+    # EDM's baselines (`diffit.songunet.SongUNet`): train.py's --arch=ddpmpp / --arch=ncsnpp at CIFAR-10 size, with
+    # its CIFAR-10 defaults: dropout 0.13, augment_dim 9 (--augment=0.12, `diffit.augment.AugmentPipe`), and
+    # label_dim 0 (--cond=False; pass label_dim=10 for the class-conditional models). `tmsa=True` is the TMSA form
+    # of the DiffiT paper's Table 5.
+    common = {
+        "img_resolution": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "label_dim": 0,
+        "augment_dim": 9,
+        "model_channels": 128,
+        "channel_mult": [2, 2, 2],
+        "channel_mult_emb": 4,
+        "num_blocks": 4,
+        "attn_resolutions": [16],
+        "dropout": 0.13,
+        "label_dropout": 0.0,
+        "decoder_type": "standard",
+        "tmsa": False,
+    }
+    ddpmpp = {"embedding_type": "positional", "encoder_type": "standard", "channel_mult_noise": 1}
+    ncsnpp = {"embedding_type": "fourier", "encoder_type": "residual", "channel_mult_noise": 2}
+    return {
+        "DDPM++-CIFAR10": {
+            "family": "songunet",
+            "kwargs": {**common, **ddpmpp, "resample_filter": [1, 1]},
+            "native_resolution": 32,
+        },
+        "NCSN++-CIFAR10": {
+            "family": "songunet",
+            "kwargs": {**common, **ncsnpp, "resample_filter": [1, 3, 3, 1]},
+            "native_resolution": 32,
+        },
+    }
+
+
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {**_latent_configs(), **_image_configs(), **_songunet_configs()}
 
 # Paper Table 9 (ImageNet-256): parameters and GFLOPs as published, shown beside ours by `diffit-pipe models`.
 PAPER_TABLE9 = {
@@ -119,7 +157,7 @@ PAPER_TABLE9 = {
 
 
 def model_family(name: str) -> str:
-    """'latent' or 'image'."""
+    """'latent' (LatentDiffiT), 'image' (DiffiTUNet) or 'songunet' (EDM's DDPM++ / NCSN++, `diffit.songunet`)."""
     return _lookup(name)["family"]
 
 
@@ -139,10 +177,14 @@ def resolve_model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
 # The class that builds each family, as an entry point ("module:Class", resolved on first use): the Hub mixin,
 # which the classes derive from, finds the class a config.json names here without importing the classes'
 # modules (they import it).
-FAMILY_CLASSES = {"latent": "diffit.latent:LatentDiffiT", "image": "diffit.unet:DiffiTUNet"}
+FAMILY_CLASSES = {
+    "latent": "diffit.latent:LatentDiffiT",
+    "image": "diffit.unet:DiffiTUNet",
+    "songunet": "diffit.songunet:SongUNet",
+}
 
 
 def model_class(name: str) -> type:
-    """The class that builds configuration `name`: `LatentDiffiT` or `DiffiTUNet`."""
+    """The class that builds configuration `name`: `LatentDiffiT`, `DiffiTUNet` or `SongUNet`."""
     module, _, attribute = FAMILY_CLASSES[model_family(name)].partition(":")
     return getattr(importlib.import_module(module), attribute)

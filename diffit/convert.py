@@ -28,14 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config_check import (
-    FLOAT_DTYPES,
-    INTEGER_DTYPES,
-    InvalidModelFileError,
-    check_dtypes,
-    check_model_kwargs,
-    read_safetensors_header,
-)
+from .config_check import InvalidModelFileError, check_model_kwargs
+from .safetensors_check import FLOAT_DTYPES, INTEGER_DTYPES, check_dtypes, read_safetensors_header
 
 # (pattern on the released key, replacement in ours). Applied in order; the first match wins.
 _RENAMES = [

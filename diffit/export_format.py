@@ -2,9 +2,9 @@
 
 `config.json` holds `{"model": {"name", "kwargs"}, ...extra}`; `extra` is what the exporter adds (diffusion
 type and settings, VAE, dataset identity). Both files are checked before anything is allocated
-(`diffit.config_check`); a damaged or hostile file raises `InvalidModelFileError` (a ValueError) whose message is
-`<file>: <problem>`. Weights never go through pickle. This module builds no model (`diffit.io.load_pretrained`
-does), so the model classes' Hub mixin (`diffit.hub`) can use it.
+(`diffit.config_check`, `diffit.safetensors_check`); a damaged or hostile file raises `InvalidModelFileError` (a
+ValueError) whose message is `<file>: <problem>`. Weights never go through pickle. This module builds no model
+(`diffit.io.load_pretrained` does), so the model classes' Hub mixin (`diffit.hub`) can use it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config_check import InvalidModelFileError, check_model_config, check_safetensors_header, parse_config_file
+from .config_check import InvalidModelFileError, check_model_config, parse_config_file
+from .safetensors_check import check_safetensors_header
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

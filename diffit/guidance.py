@@ -68,6 +68,18 @@ class GuidanceConfig:
         return above & (value <= high) if isinstance(value, torch.Tensor) else bool(above and value <= high)
 
 
+def guidance_channels(value) -> int | None:
+    """The guided channels as a setting is written (3 or "3": the first three, as DiffiT; "all" or None: every
+    channel; any positive integer) -> `GuidanceConfig.channels`. ValueError for anything else."""
+    if value is None or value == "all":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"guidance_channels must be a positive integer or 'all', got {value!r}")
+    return value
+
+
 def power_cosine_weight(progress, power: float = 4.0):
     """0.5 (1 - cos(pi p^power)): 0 at p = 0 (start of sampling), 1 at p = 1 (end)."""
     if isinstance(progress, torch.Tensor):

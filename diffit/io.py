@@ -1,8 +1,8 @@
 """Explicit save / load helpers: an exported model is a directory with `model.safetensors` + `config.json`
 (`diffit.export_format`); `load_pretrained(dir)` rebuilds the model in one call.
 
-Both files are checked before anything is allocated (`diffit.config_check`); a damaged or hostile file raises
-`InvalidModelFileError` (a ValueError) whose message is `<file>: <problem>`.
+Both files are checked before anything is allocated (`diffit.config_check`, `diffit.safetensors_check`); a damaged
+or hostile file raises `InvalidModelFileError` (a ValueError) whose message is `<file>: <problem>`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config_check import InvalidModelFileError, check_model_config, check_safetensors_header
+from .config_check import InvalidModelFileError, check_model_config
 from .export_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -25,6 +25,7 @@ from .export_format import (
     save_pretrained,
 )
 from .models import create_model
+from .safetensors_check import check_safetensors_header
 
 __all__ = [
     "CONFIG_NAME",

@@ -2,7 +2,8 @@
 
 Latent models `DiffiT-{S,B,L,XL}/{2,4,8}` follow DiT's sizes (depth x hidden x heads); image-space models
 `DiffiT-CIFAR10` and `DiffiT-FFHQ64` follow the paper's supplementary Sec. I. `DiffiT-Tiny/2` and
-`DiffiT-UNet-Tiny` are small configurations for tests, demos and CPU smoke runs.
+`DiffiT-UNet-Tiny` are small configurations for tests, demos and CPU smoke runs. `DDPM++-CIFAR10` and
+`NCSN++-CIFAR10` are EDM's DDPM++ / NCSN++ baselines (`diffit.songunet`).
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def example_inputs(model: nn.Module, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x, noise_labels, class_labels) of the right shapes for `model`."""
+    """(x, noise_labels, class_labels) of the right shapes for `model` (one-hot class vectors for a SongUNet)."""
     size = model.input_size
     x = torch.randn(batch_size, model.in_channels, size, size)
     noise_labels = torch.full((batch_size,), 500.0)
+    label_dim = getattr(model, "label_dim", None)  # SongUNet (EDM): [N, label_dim] one-hot, or none
+    if label_dim is not None:
+        return x, noise_labels, torch.zeros(batch_size, label_dim) if label_dim else None
     class_labels = torch.zeros(batch_size, dtype=torch.long) if model.num_classes > 0 else None
     return x, noise_labels, class_labels
 

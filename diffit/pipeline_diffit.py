@@ -16,27 +16,27 @@ the one the export's config.json names under "vae": its local `path` when that s
 local path or a hub id) and `scheduler`; configuration entries: `sampling` (a `diffit.sampling.SamplingConfig` as
 a dict: sampler, steps, guidance, EDM's S_churn / S_min / S_max / S_noise, pixels, ...; from an export: what its
 config.json records under "sampling", e.g. the released code's set-up written by `diffit-pipe import-nvlabs`, over
-the paper's settings for that model, `diffit.sampling.paper_sampling_config`), `scaling_factor` (latents are
-divided by it before decoding) and `id2label` (class index -> "comma, separated, names", see `diffit.labels`).
+the paper's settings for that model, `diffit.sampling.paper_sampling_config`), `scaling_factor` (the VAE's),
+`latent_norm` (`diffit.latent_norm`: how the model's latents map back to the VAE's before decoding) and
+`id2label` (class index -> "comma, separated, names", see `diffit.labels`).
 
 Which sampler runs: the `scheduler` component decides.
 
 * `DiffiTScheduler` (the default of every loaded export) or None: the project's own sampler,
-  `diffit.sampling.sample` with the stored `sampling` settings (ADM DDPM / DDIM with the learned Sigma, EDM-Heun).
+  `diffit.sampling.sample` with the stored `sampling` settings (ADM DDPM / DDIM with the learned Sigma, EDM-Heun,
+  flow Euler / Heun / Euler-Maruyama).
   `DiffiTScheduler` runs no steps itself; its config is the model's training chain in diffusers' names
   (num_train_timesteps, beta_start, beta_end, beta_schedule, clip_sample=False, prediction_type="epsilon"), so
   `AnyScheduler.from_config(pipe.scheduler.config)` builds a diffusers scheduler for the same chain, and
   `pipe.scheduler = DiffiTScheduler.from_config(pipe.scheduler.config)` switches back.
-* any other diffusers scheduler with `alphas_cumprod` (every scheduler `DiTPipeline` accepts: DDIM, DDPM,
-  DPM-Solver(++), UniPC, Euler, Heun, PNDM, LMS, ...): DiT's loop, for latent (ADM) models only. The scheduler's
-  noise schedule must be the model's training chain and its prediction_type "epsilon" (checked at the call);
-  a learned-Sigma model's 2C output channels are cut to the C eps channels unless the scheduler's variance_type
-  is "learned" / "learned_range" (then it gets all 2C), as in DiT. Guidance is the stored guidance (schedule,
-  power, guided channels) with `guidance_scale`, on one doubled batch per step; the scheduler state stays in
-  float32 whatever the model's dtype. Settings only the project's sampler has (sampler, eta, S_churn, ...) are
-  refused per call. A `clip_sample=True` scheduler (DDIMScheduler()'s default) clamps latents to [-1, 1]: build
-  it from `pipe.scheduler.config` (clip_sample=False). Image-space EDM models (`DiffiTUNet`) are refused with an
-  error: diffusers' DDPM-family schedulers do not drive an EDM-preconditioned network.
+* any other diffusers scheduler: its loop for the model's kind, `diffit.scheduling_loops` (whose docstring is the
+  reference): DDPM-family schedulers with `alphas_cumprod` (every scheduler `DiTPipeline` accepts: DDIM, DDPM,
+  DPM-Solver(++), UniPC, Euler, Heun, PNDM, LMS, ...) run DiT's loop for ADM (eps) models,
+  `FlowMatchEulerDiscreteScheduler` drives flow (velocity) models, `EDMEulerScheduler` /
+  `EDMDPMSolverMultistepScheduler` image-space EDM models. Settings only the project's sampler has (sampler, eta,
+  S_churn, ...) are refused per call.
+`diffit.scheduling_diffit.scheduler_for(pipe.sampling_config)` builds a fitting scheduler for each kind;
+`check_scheduler` refuses any other combination in one line naming the scheduler to build.
 
 `__call__(class_labels, guidance_scale, generator, num_inference_steps, output_type, return_dict)`: DiT's order and
 meaning (positional calls mean what they mean for `DiTPipeline`), with `None` defaults meaning "the stored
@@ -47,8 +47,9 @@ three-channel power-cosine guidance for ImageNet-256 exports). Keyword-only extr
 `S_churn=40, S_min=0.05, S_max=50, S_noise=1.003`, `pixels="truncate"`).
 
 Seeds: sample i draws all its randomness from a `torch.Generator` seeded with seeds[i] (the project's sampler, and
-the diffusers-scheduler loop: initial noise and every stochastic scheduler step), so the project's sampler gives
-the samples of `diffit.sampling.sample` for the same seeds and settings, bit for bit on the same device:
+the diffusers-scheduler loops: initial noise and every stochastic scheduler step, one generator per batch row),
+so the project's sampler gives the samples of `diffit.sampling.sample` for the same seeds and settings, bit for bit
+on the same device:
 
 * `seeds=[...]`: used as they are (one per image); an image does not depend on the others in the batch.
 * `generator=g` (one generator): seeds = torch.randint(0, 2**31, (N,), generator=g).tolist().
@@ -79,26 +80,23 @@ writes an export folder (weights read with safetensors, the released sampling se
 
 `save_pretrained(DIR)` writes `model_index.json` (the components, the sampling settings, id2label),
 `transformer/` (the model's export folder), `scheduler/` and `vae/`; `DiffiTPipeline.from_pretrained(DIR)` reads
-it back (a diffusers scheduler included), after the export checks of `diffit.config_check` on every file and
-before anything is built (`check_pipeline_folder`: model_index.json and its sampling steps bounded, the
-scheduler's chain length, vae/ config bounds and weights present and matching); a bad file is an
+it back (a diffusers scheduler included), after the checks of `diffit.pipeline_check` and `diffit.config_check` on
+every file and before anything is built (`check_pipeline_folder`: model_index.json and its sampling steps bounded,
+the scheduler's chain length, vae/ config bounds and weights present and matching); a bad file is an
 `InvalidModelFileError` naming it. A local VAE folder an export names (or `vae=PATH`) gets the same VAE check.
-`save_pretrained(DIR, push_to_hub=True, repo_id=...)` and
-`push_to_hub(repo_id)` upload that folder with a model card (README.md: library `diffit`, the
-`DiffiTPipeline.from_pretrained(repo_id)` usage; diffusers' own card would name diffusers, whose
-`DiffusionPipeline.from_pretrained` cannot load this pipeline). This module imports diffusers; `import diffit`
-does not (it loads this module on first use of `diffit.DiffiTPipeline`).
+`save_pretrained(DIR, push_to_hub=True, repo_id=...)` and `push_to_hub(repo_id)` upload that folder with this
+library's model card (`diffit.pipeline_hub`). This module imports diffusers; `import diffit` does not (it loads this
+module on first use of `diffit.DiffiTPipeline`).
 
-As diffusers splits a pipeline: this module is the pipeline (`__call__`, saving, the Hub); the scheduler component
-is `diffit.scheduling_diffit`; checking and loading a saved folder, its VAE and dtypes is `diffit.pipeline_loading`.
+As diffusers splits a pipeline: this module is the pipeline (`__call__`, saving and loading); the scheduler component
+is `diffit.scheduling_diffit`, the loops that run a diffusers scheduler `diffit.scheduling_loops`; checking and
+loading a saved folder, its VAE and dtypes is `diffit.pipeline_loading`; pushing to the Hub `diffit.pipeline_hub`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,10 +107,11 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, Sch
 from PIL import Image
 from torch import nn
 
-from .diffusion import create_diffusion, randn_per_sample
-from .guidance import ClassifierFreeGuidance, GuidanceConfig, timestep_progress
+from . import pipeline_hub, scheduling_loops
+from .guidance import GuidanceConfig
 from .hub import DiffiTModelHubMixin, resolve_pretrained_dir
 from .labels import checked_id2label, export_id2label, label_ids, label_lookup
+from .latent_norm import LatentNorm, export_latent_norm
 from .models import model_family
 from .pipeline_loading import (
     check_load_keywords,
@@ -121,40 +120,14 @@ from .pipeline_loading import (
     float32_network,
     load_vae,
 )
-from .sampling import SamplingConfig, eval_mode, paper_sampling_config, sample, to_uint8
-from .scheduling_diffit import DiffiTScheduler, chain_scheduler_config, load_scheduler
+from .sampling import GUIDANCE_SETTINGS, SETTINGS, SamplingConfig, paper_sampling_config, sample, to_uint8
+from .scheduling_diffit import DiffiTScheduler, load_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SEED_RANGE = 2**31  # seeds are drawn in [0, 2**31)
 # SamplingConfig fields a call may change when a diffusers scheduler samples (the others configure the project's
 # sampler, which does not run then).
-SCHEDULER_CALL_FIELDS = ("guidance", "pixels", "generator_device")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-
-PIPELINE_CARD = """---
-# Model card metadata: https://github.com/huggingface/hub-docs/blob/main/modelcard.md?plain=1
-{{ card_data }}
----
-
-# {{ model_name }} pipeline
-
-A [DiffiT](https://arxiv.org/abs/2312.02139) diffusion pipeline (Hatamizadeh et al., "DiffiT: Diffusion Vision
-Transformers for Image Generation") saved with the `diffit` library's `DiffiTPipeline`: `transformer/` holds the
-model (weights and configuration){{ vae_part }} and `model_index.json` the components and the sampling settings
-({{ sampler }} sampler, {{ steps }} steps).
-
-```python
-from diffit import DiffiTPipeline
-
-pipe = DiffiTPipeline.from_pretrained("{{ repo_id }}")
-images = pipe({{ call }}).images
-```
-
-diffusers' `DiffusionPipeline.from_pretrained` does not load it: the pipeline class is `diffit.DiffiTPipeline`.
-
-- Code: https://github.com/NVlabs/DiffiT
-- Paper: https://arxiv.org/abs/2312.02139
-"""
+SCHEDULER_CALL_FIELDS = ("guidance", *GUIDANCE_SETTINGS, "pixels", "generator_device")
 
 
 def seeds_from_generator(generator: torch.Generator | Sequence[torch.Generator] | None, count: int) -> list[int]:
@@ -221,6 +194,7 @@ class DiffiTPipeline(DiffusionPipeline):
         id2label: Mapping[int | str, str] | None = None,
         sampling: dict[str, Any] | None = None,
         scaling_factor: float | None = None,
+        latent_norm: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if not isinstance(transformer, DiffiTModelHubMixin) or not hasattr(transformer, "model_config"):
@@ -235,6 +209,10 @@ class DiffiTPipeline(DiffusionPipeline):
             raise ValueError("a latent DiffiT model needs its VAE (vae=AutoencoderKL) to decode images")
         if scaling_factor is None and vae is not None:
             scaling_factor = float(vae.config.scaling_factor)
+            if latent_norm is None:  # a VAE without a recorded norm: its own factors (diffusers' convention)
+                latent_norm = LatentNorm.scalar(scaling_factor, getattr(vae.config, "shift_factor", None)).to_dict()
+        if latent_norm is not None:  # checked (finite, std > 0, one entry per latent channel)
+            latent_norm = LatentNorm.from_dict(latent_norm, int(transformer.in_channels)).to_dict()
         if sampling is None:
             sampling = self.default_sampling(transformer, vae).to_dict()
         config = SamplingConfig.from_dict(sampling)
@@ -246,6 +224,7 @@ class DiffiTPipeline(DiffusionPipeline):
         self.register_to_config(
             sampling=dict(sampling),
             scaling_factor=scaling_factor,
+            latent_norm=latent_norm,
             id2label=None if id2label is None else {str(index): names for index, names in id2label.items()},
         )
         # DiT's name -> class id map (every comma-separated name of one class), plus the names classes share.
@@ -264,6 +243,16 @@ class DiffiTPipeline(DiffusionPipeline):
         config = paper_sampling_config(diffusion, int(transformer.input_size) * factor, int(transformer.num_classes))
         recorded = extra.get("sampling")
         return with_recorded_sampling(config, recorded) if isinstance(recorded, dict) else config
+
+    @property
+    def latent_norm(self) -> LatentNorm | None:
+        """What the model's latents are (`diffit.latent_norm`): the recorded norm, else (exports and pipelines saved
+        before it was recorded) scalar with `scaling_factor` and no shift; None for an image-space model."""
+        recorded = self.config.get("latent_norm")
+        if recorded is not None:
+            return LatentNorm.from_dict(recorded)
+        factor = self.config.get("scaling_factor")
+        return None if factor is None else LatentNorm.scalar(factor)
 
     @property
     def sampling_config(self) -> SamplingConfig:
@@ -346,7 +335,8 @@ class DiffiTPipeline(DiffusionPipeline):
             id2label = export_id2label(extra, int(transformer.num_classes), str(folder / "config.json"))
         scaling_factor = (extra.get("vae") or {}).get("scaling_factor")
         scaling_factor = None if scaling_factor is None else float(scaling_factor)
-        return cls(transformer, vae, scheduler, id2label, None, scaling_factor)
+        norm = export_latent_norm(extra, int(transformer.in_channels))  # an older export: scalar, no shift
+        return cls(transformer, vae, scheduler, id2label, None, scaling_factor, norm.to_dict() if norm else None)
 
     @classmethod
     def _from_pipeline_folder(cls, folder: Path, vae, scheduler, id2label) -> DiffiTPipeline:
@@ -362,7 +352,8 @@ class DiffiTPipeline(DiffusionPipeline):
             scheduler = load_scheduler(index.get("scheduler"), folder)
         if id2label is None:
             id2label = index.get("id2label")
-        return cls(transformer, vae, scheduler, id2label, index.get("sampling"), index.get("scaling_factor"))
+        sampling, factor, norm = index.get("sampling"), index.get("scaling_factor"), index.get("latent_norm")
+        return cls(transformer, vae, scheduler, id2label, sampling, factor, norm)
 
     def save_pretrained(
         self,
@@ -389,7 +380,8 @@ class DiffiTPipeline(DiffusionPipeline):
             self.scheduler.save_pretrained(out / "scheduler")
         self.save_config(out)
         if push_to_hub:
-            self._push_folder(
+            pipeline_hub.push_folder(
+                self,
                 out,
                 kwargs.get("repo_id", out.name),
                 token=kwargs.get("token"),
@@ -410,66 +402,14 @@ class DiffiTPipeline(DiffusionPipeline):
         subfolder: str | None = None,
     ) -> str:
         """diffusers' `push_to_hub` (`save_pretrained` into a temporary folder, then one upload, into `subfolder` of
-        the repository if given), with this library's model card instead of diffusers' (module docstring)."""
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            return self._push_folder(
-                Path(folder),
-                repo_id,
-                token=token,
-                private=private,
-                commit_message=commit_message,
-                create_pr=create_pr,
-                path_in_repo=subfolder,
-            )
-
-    def _push_folder(
-        self,
-        folder: Path,
-        repo_id: str,
-        *,
-        token: str | None,
-        private: bool | None,
-        commit_message: str | None,
-        create_pr: bool,
-        path_in_repo: str | None = None,
-    ) -> str:
-        """Create the hub repository if needed (a bare name lands in the token owner's namespace), write the model
-        card into `folder` (not for a subfolder upload), upload `folder`; returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if path_in_repo is None:
-            (folder / "README.md").write_text(self.model_card(repo_id))
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            path_in_repo=path_in_repo,
-            commit_message=commit_message or "Upload DiffiTPipeline",
-            create_pr=create_pr,
+        the repository if given), with this library's model card instead of diffusers' (`diffit.pipeline_hub`)."""
+        return pipeline_hub.push_to_hub(
+            self, repo_id, commit_message, private, token, create_pr, safe_serialization, variant, subfolder
         )
 
     def model_card(self, repo_id: str) -> str:
         """README.md of the pipeline's hub repository `repo_id` (library `diffit`, usage with `repo_id`)."""
-        from huggingface_hub import ModelCard, ModelCardData
-
-        config = self.sampling_config
-        call = "class_labels=[207, 360]" if self.transformer.num_classes else "batch_size=2"
-        vae_part = ", `vae/` the diffusers AutoencoderKL that decodes its latents," if self.vae is not None else ""
-        card = ModelCard.from_template(
-            ModelCardData(library_name="diffit", tags=["diffit", "diffusion", "image-generation"]),
-            template_str=PIPELINE_CARD,
-            model_name=self.transformer.model_config["name"],
-            vae_part=vae_part,
-            sampler=config.sampler,
-            steps=config.steps,
-            repo_id=repo_id,
-            call=call,
-        )
-        return str(card)
-
-    # -- generation ---------------------------------------------------------------------------------------------
+        return pipeline_hub.model_card(self, repo_id)
 
     # -- generation ---------------------------------------------------------------------------------------------
 
@@ -488,8 +428,11 @@ class DiffiTPipeline(DiffusionPipeline):
         return labels
 
     def _call_config(self, num_inference_steps, guidance_scale, overrides: dict[str, Any]) -> SamplingConfig:
-        """The stored settings with this call's replacements; guidance_scale <= 1 turns guidance off (DiT)."""
-        config = dataclasses.replace(self.sampling_config, **overrides)
+        """The stored settings with this call's replacements (sampling settings by their one name each,
+        `guidance_power=2.0`, or any other `SamplingConfig` field); guidance_scale <= 1 turns guidance off (DiT)."""
+        settings = {name: value for name, value in overrides.items() if name in SETTINGS}
+        fields = {name: value for name, value in overrides.items() if name not in SETTINGS}
+        config = dataclasses.replace(self.sampling_config, **fields).with_settings(**settings)
         if num_inference_steps is not None:
             config = dataclasses.replace(config, steps=int(num_inference_steps))
         if guidance_scale is not None:
@@ -502,33 +445,13 @@ class DiffiTPipeline(DiffusionPipeline):
         return config
 
     def check_scheduler(self, config: SamplingConfig | None = None) -> None:
-        """Raise ValueError unless `self.scheduler` (a diffusers scheduler) can sample this model: a latent (ADM)
-        model, epsilon prediction, and the model's training chain as its noise schedule."""
+        """Raise ValueError (one line, naming the scheduler to build) unless `self.scheduler` (a diffusers scheduler)
+        drives this model: an ADM model a DDPM-family scheduler on its training chain with epsilon prediction, a
+        flow model `FlowMatchEulerDiscreteScheduler` (fixed shift, sigmas from 1 to 0), an EDM model
+        `EDMEulerScheduler` / `EDMDPMSolverMultistepScheduler` with the export's sigma_data and epsilon prediction
+        (the module docstring)."""
         config = config or self.sampling_config
-        scheduler, name = self.scheduler, type(self.scheduler).__name__
-        if config.kind != "adm":
-            what = "a flow (velocity) model" if config.kind == "flow" else "an image-space EDM model"
-            raise ValueError(
-                f"pipe.scheduler is a {name}, but this {self.transformer.model_config['name']} is {what}: diffusers' "
-                "DDPM-family schedulers do not drive it. Sample it with the project's sampler (flow: Euler, Heun, "
-                "Euler-Maruyama; EDM: EDM-Heun): pipe.scheduler = DiffiTScheduler()"
-            )
-        if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(
-                f"pipe.scheduler ({name}) predicts {scheduler.config.prediction_type!r}; DiffiT predicts eps"
-            )
-        alphas = getattr(scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise ValueError(f"pipe.scheduler ({name}) has no alphas_cumprod: not a DDPM-family (DiT) scheduler")
-        chain = create_diffusion(None, config.noise_schedule, diffusion_steps=config.diffusion_steps).alphas_cumprod
-        alphas = torch.as_tensor(alphas, dtype=torch.float64).cpu()
-        # diffusers builds its betas in float32, ADM in float64: they agree to ~1e-7.
-        if alphas.shape != chain.shape or not torch.allclose(alphas, chain, rtol=1e-4, atol=1e-6):
-            expected = chain_scheduler_config(config)
-            raise ValueError(
-                f"pipe.scheduler ({name}) has another noise schedule than the model's training chain {expected}; "
-                f"build it with {name}.from_config(DiffiTScheduler.for_sampling(pipe.sampling_config).config)"
-            )
+        scheduling_loops.check_scheduler(self.scheduler, config, self.transformer.model_config["name"])
 
     def _sample_with_diffit(self, labels, seeds, config: SamplingConfig) -> torch.Tensor:
         """`diffit.sampling.sample` (bit-identical for a float32 model); a bfloat16 / float16 model runs in its
@@ -540,39 +463,18 @@ class DiffiTPipeline(DiffusionPipeline):
         return sample(network, shape, labels, seeds, config, device=self._execution_device, progress=progress)
 
     def _sample_with_scheduler(self, labels, seeds, config: SamplingConfig) -> torch.Tensor:
-        """DiT's loop with `self.scheduler`: sample i's initial noise and every stochastic step draw from a
-        generator seeded with seeds[i]; the stored guidance on one doubled batch; learned Sigma cut as in DiT."""
-        self.check_scheduler(config)
-        scheduler, model, device = self.scheduler, self.transformer, self._execution_device
-        channels = int(model.in_channels)
-        shape = (channels, int(model.input_size), int(model.input_size))
-        generator_device = device if config.generator_device is None else torch.device(config.generator_device)
-        generators = [torch.Generator(device=generator_device).manual_seed(int(seed)) for seed in seeds]
-        latents = randn_per_sample(generators, shape, device=device) * scheduler.init_noise_sigma
-        class_labels = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
-        network = float32_network(model)
-        guidance = config.guidance or GuidanceConfig()
-        if guidance.enabled:
-            progress = lambda t: timestep_progress(t.to(torch.float64), config.diffusion_steps)  # noqa: E731
-            network = ClassifierFreeGuidance(network, guidance, int(model.null_class), progress)
-        learned_variance = scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        scheduler.set_timesteps(config.steps, device=device)
-        with eval_mode(model):
-            for t in self.progress_bar(scheduler.timesteps):
-                model_input = scheduler.scale_model_input(latents, t)
-                timesteps = torch.as_tensor(t, device=device).to(torch.float32).expand(len(seeds))
-                output = network(model_input, timesteps, class_labels).float()
-                if output.shape[1] == 2 * channels and not learned_variance:
-                    output = output[:, :channels]  # eps only, as DiT: the scheduler has its own variance
-                latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
-        return latents.float()
+        """`self.scheduler`'s loop for the model's kind (`diffit.scheduling_loops`): sample i's initial noise and every
+        stochastic step draw from a generator seeded with seeds[i]; the stored guidance on one doubled batch."""
+        return scheduling_loops.sample_with_scheduler(
+            self.scheduler, self.transformer, labels, seeds, config, self._execution_device, self.progress_bar
+        )
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """Sampler output -> images in [-1, 1]: VAE decode of samples / scaling_factor for latent models."""
+        """Sampler output -> images in [-1, 1]: VAE decode of the latents `latent_norm` maps the samples back to
+        (`samples / scaling_factor + shift_factor`, or per channel `samples * std_c + mean_c`) for latent models."""
         if self.vae is None:
             return samples
-        latents = samples / self.config.scaling_factor
+        latents = self.latent_norm.denormalize(samples)
         return self.vae.decode(latents.to(device=self.vae.device, dtype=self.vae.dtype)).sample
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """Loading for `DiffiTPipeline` (diffusers keeps loaders apart from pipelines): a saved pipeline folder checked
-before anything is built (`check_pipeline_folder`, the export checks of `diffit.config_check`), the VAE an export
+before anything is built (`check_pipeline_folder`, the checks of `diffit.pipeline_check`), the VAE an export
 names (`load_vae`, with the `path_hash` identity of its files), diffusers' loading keywords this pipeline accepts
 (`check_load_keywords`), per-component dtypes (`component_dtype`) and the float32 wrapper samplers run a bfloat16
 network through (`ComputeInDtype`, `float32_network`).
@@ -7,8 +7,6 @@ network through (`ComputeInDtype`, `float32_network`).
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,17 +15,16 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from .config_check import (
-    InvalidModelFileError,
-    check_pipeline_index,
-    check_scheduler_config,
-    check_vae_files,
-    parse_config_file,
-    read_vae_config,
+from .config_check import InvalidModelFileError, parse_config_file
+from .pipeline_check import check_pipeline_index, check_scheduler_config
+from .vae_loading import (  # noqa: F401 - vae_path_hash, vae_state_shapes: importable here as before
+    VAE_WEIGHTS_NAME,
+    check_vae_folder,
+    load_vae_folder,
+    resolve_vae,
+    vae_path_hash,
+    vae_state_shapes,
 )
-from .hub import PretrainedNotFoundError
-
-VAE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # diffusers loading keywords that change nothing here: their accepted values, and why.
 HARMLESS_LOAD_KEYWORDS = {
@@ -35,39 +32,6 @@ HARMLESS_LOAD_KEYWORDS = {
     "variant": ((None,), "DiffiT pipelines are saved without weight variants"),
     "low_cpu_mem_usage": ((True, False, None), ""),
 }
-
-
-def vae_path_hash(directory: Path) -> str:
-    """sha256 over the names and bytes of config.json and the safetensors weights, the `path_hash` that
-    `diffit-pipe encode` records for its VAE (so the pipeline can tell it decodes with the same one)."""
-    digest = hashlib.sha256()
-    for path in (directory / "config.json", directory / VAE_WEIGHTS_NAME):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def vae_state_shapes(config: dict[str, Any], path: Path) -> dict[str, tuple[int, ...]]:
-    """The state-dict shapes of the AutoencoderKL a checked config.json describes, built on the meta device (no
-    memory); a config diffusers cannot build is an `InvalidModelFileError` naming the file."""
-    settings = {key: value for key, value in config.items() if not key.startswith("_")}
-    try:
-        with torch.device("meta"):
-            model = AutoencoderKL.from_config(settings)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
-        raise InvalidModelFileError(path, f"not an AutoencoderKL diffusers can build ({error})") from None
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
-
-
-def check_vae_folder(directory: Path) -> None:
-    """A VAE folder (config.json + diffusion_pytorch_model.safetensors) before diffusers builds anything from it:
-    the config's sizes bounded, the weights present, well-formed, floating point and exactly the tensors the
-    config implies (the export checks, `diffit.config_check`). A VAE without matching weights would otherwise
-    load with tensors left on the meta device and fail only after sampling."""
-    config = read_vae_config(directory)
-    check_vae_files(directory, vae_state_shapes(config, Path(directory) / "config.json"), require_weights=True)
 
 
 def check_pipeline_folder(folder: Path, class_name: str, check_vae: bool = True, check_scheduler: bool = True):
@@ -94,42 +58,13 @@ def check_pipeline_folder(folder: Path, class_name: str, check_vae: bool = True,
     return index
 
 
-def _vae_source(entry: dict[str, Any] | str, model_dir: Path) -> tuple[str, str | None]:
-    """(what to pass to AutoencoderKL.from_pretrained, revision) for an export's "vae" entry or a path / hub id."""
-    if isinstance(entry, str):
-        return entry, None
-    if entry.get("path") and Path(entry["path"]).is_dir():
-        return str(entry["path"]), None
-    spec = entry.get("id") or entry.get("path")
-    if not spec:
-        raise ValueError(f"{model_dir / 'config.json'}: 'vae' has neither 'path' nor 'id'; pass vae=PATH")
-    return str(spec), entry.get("revision") if entry.get("source") == "hub" else None
-
-
 def load_vae(entry: dict[str, Any] | str, model_dir: Path) -> AutoencoderKL:
-    """The AutoencoderKL an export's "vae" entry names (or a path / hub id), in eval mode. A local VAE whose files
-    differ from the recorded `path_hash` (not the one the training latents were encoded with) is an error."""
-    spec, revision = _vae_source(entry, model_dir)
-    local = Path(os.path.expanduser(spec))
-    subfolder = "vae" if local.is_dir() and not (local / "config.json").is_file() else None
-    folder = local / subfolder if subfolder else local
-    if (folder / "config.json").is_file():  # a local VAE is checked like a saved pipeline's vae/ before it is built
-        check_vae_folder(folder)
-    try:
-        vae = AutoencoderKL.from_pretrained(spec, subfolder=subfolder, revision=revision, use_safetensors=True)
-    except Exception as error:  # noqa: BLE001 - diffusers raises many types (OSError, ValueError, hub errors)
-        origin = f"named in {model_dir / 'config.json'}" if isinstance(entry, dict) else "passed as vae="
-        raise PretrainedNotFoundError(
-            f"the VAE {spec} ({origin}) cannot be loaded: {type(error).__name__}: {error}. "
-            "Pass vae=PATH (a local diffusers AutoencoderKL folder) or vae=an AutoencoderKL."
-        ) from error
-    recorded = entry.get("path_hash") if isinstance(entry, dict) else None
-    if recorded and (folder / VAE_WEIGHTS_NAME).is_file() and vae_path_hash(folder) != recorded:
-        raise ValueError(
-            f"model/VAE mismatch: {folder} is not the VAE the training latents were encoded with (its files "
-            f"changed; path_hash recorded in {model_dir / 'config.json'}). Pass vae= to decode with it on purpose."
-        )
-    return vae.eval().requires_grad_(False)
+    """The AutoencoderKL an export's "vae" entry names (or a path / hub id passed as vae=), in eval mode: the one VAE
+    loader, `diffit.vae_loading` (a VAE whose files differ from the recorded `path_hash` is a `VAEMismatchError`)."""
+    hint = "Pass vae=PATH (a local diffusers AutoencoderKL folder) or vae=an AutoencoderKL."
+    override = entry if isinstance(entry, str) else None
+    resolved = resolve_vae(None if override else entry, Path(model_dir) / "config.json", override, hint)
+    return load_vae_folder(resolved.folder)
 
 
 class ComputeInDtype(nn.Module):

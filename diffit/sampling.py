@@ -54,10 +54,29 @@ from torch import nn
 from .diffusion import create_diffusion, randn_per_sample
 from .edm import ADMDenoiser, EDMPrecond, edm_heun_sampler
 from .flow import FLOW_SAMPLERS, flow_sample
-from .guidance import AutoGuidance, ClassifierFreeGuidance, GuidanceConfig, sigma_progress, timestep_progress
+from .guidance import (
+    SCHEDULES,
+    AutoGuidance,
+    ClassifierFreeGuidance,
+    GuidanceConfig,
+    guidance_channels,
+    sigma_progress,
+    timestep_progress,
+)
 from .progress import progress_bar
 
 SAMPLERS = ("ddpm", "ddim", "edm-heun", *FLOW_SAMPLERS)
+# Each sampling setting by its one name, as the CLI (--guidance-scale), training YAML (sample:, eval:), studies
+# (evaluate:), config.json / model_index.json ("sampling") and metrics.json spell it (diffusers' names where they
+# exist). Guidance settings are `GuidanceConfig` fields, flat as guidance_<field>.
+GUIDANCE_SETTINGS = {
+    "guidance_scale": "scale",
+    "guidance_schedule": "schedule",
+    "guidance_power": "power",
+    "guidance_channels": "channels",
+    "guidance_interval": "interval",
+}
+SETTINGS = ("sampler", "steps", *GUIDANCE_SETTINGS, "eta", "pixels")
 KINDS = ("adm", "edm", "flow")
 FLOW_DEFAULT_STEPS = 50
 # How [-1, 1] samples become uint8 pixels (what the Inception network of FID sees):
@@ -164,6 +183,64 @@ def _null_class(model: nn.Module) -> int:
     return int(null_class)
 
 
+def network_evaluations(sampler: str, steps: int) -> int:
+    """Network evaluations per sample of a sampler on `steps` steps: one per step for DDPM, DDIM, Euler and
+    Euler-Maruyama; 2 * steps - 1 for Heun (EDM's and the flow one: no correction on the last step). Guidance
+    runs both halves in one batched call, so it adds no evaluation."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    return 2 * int(steps) - 1 if sampler in ("edm-heun", "heun") else int(steps)
+
+
+MAX_SETTING_STEPS = 100_000  # a request's steps (the ADM chain itself is bounded alike by config_check)
+
+
+def check_settings(settings) -> None:
+    """Sampling settings by name (`SETTINGS`, any subset; None: not given), each checked for type and range where
+    it enters (the CLI, a study file, training YAML): ValueError "name: expected ..., got value" otherwise."""
+
+    def need(ok: bool, name: str, value, expected: str) -> None:
+        if not ok:
+            text = repr(value)
+            raise ValueError(f"{name}: {expected}, got {text if len(text) <= 60 else text[:57] + '...'}")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    need(isinstance(settings, dict), "sampling", settings, "expected a mapping of sampling settings")
+    for name in settings:
+        need(name in SETTINGS, "sampling", name, f"expected settings among {', '.join(SETTINGS)}")
+    given = {name: value for name, value in settings.items() if value is not None}
+    if "sampler" in given:
+        need(given["sampler"] in SAMPLERS, "sampler", given["sampler"], f"expected one of {', '.join(SAMPLERS)}")
+    if "steps" in given:
+        steps = given["steps"]
+        ok = isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_SETTING_STEPS
+        need(ok, "steps", steps, f"expected an integer in [1, {MAX_SETTING_STEPS}]")
+    for name, low in (("guidance_scale", 0.0), ("guidance_power", 1e-6), ("eta", 0.0)):
+        if name in given:
+            need(number(given[name]), name, given[name], "expected a finite number")
+            need(given[name] >= low, name, given[name], f"expected a number >= {low:g}")
+    if "guidance_schedule" in given:
+        schedule = given["guidance_schedule"]
+        need(schedule in SCHEDULES, "guidance_schedule", schedule, f"expected one of {', '.join(SCHEDULES)}")
+    if "guidance_channels" in given:
+        try:
+            guidance_channels(given["guidance_channels"])
+        except ValueError:
+            need(False, "guidance_channels", given["guidance_channels"], "expected 3 (DiffiT's), a count or 'all'")
+    if "guidance_interval" in given:
+        interval = given["guidance_interval"]
+        pair = isinstance(interval, (list, tuple)) and len(interval) == 2
+        need(pair, "guidance_interval", interval, "expected LOW,HIGH")
+        for bound in interval:
+            need(number(bound) and bound >= 0, "guidance_interval", interval, "expected finite numbers >= 0")
+        need(interval[0] <= interval[1], "guidance_interval", interval, "expected LOW <= HIGH")
+    if "pixels" in given:
+        pixels = given["pixels"]
+        need(pixels in PIXEL_QUANTIZATIONS, "pixels", pixels, f"expected one of {', '.join(PIXEL_QUANTIZATIONS)}")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Every sampling setting in one place (the defaults are DiT's / DiffiT's ImageNet evaluation).
@@ -223,28 +300,59 @@ class SamplingConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (as in EDM's generate.py), got {getattr(self, name)}")
 
+    def settings(self) -> dict:
+        """The user-facing settings (`SETTINGS`, guidance flat as guidance_<field>) as JSON-ready values: what
+        metrics.json, a sample store and a study record. Without guidance, `GuidanceConfig()`'s (scale 1: off)."""
+        guidance = self.guidance or GuidanceConfig()
+        values = {"sampler": self.sampler, "steps": self.steps}
+        for name, field in GUIDANCE_SETTINGS.items():
+            values[name] = getattr(guidance, field)
+        if values["guidance_interval"] is not None:
+            values["guidance_interval"] = list(values["guidance_interval"])
+        return {**values, "eta": self.eta, "pixels": self.pixels}
+
+    def with_settings(self, **settings) -> SamplingConfig:
+        """A copy with settings replaced by their one name each (`SETTINGS`: `guidance_scale=4.6`,
+        `guidance_channels="all"`, `steps=50`); guidance fields not named keep their values. ValueError names an
+        unknown setting."""
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown sampling settings {unknown}; expected some of {', '.join(SETTINGS)}")
+        guided = {GUIDANCE_SETTINGS[name]: settings.pop(name) for name in list(settings) if name in GUIDANCE_SETTINGS}
+        if "channels" in guided:
+            guided["channels"] = guidance_channels(guided["channels"])
+        if guided.get("interval") is not None:
+            guided["interval"] = tuple(guided["interval"])
+        guidance = dataclasses.replace(self.guidance or GuidanceConfig(), **guided) if guided else self.guidance
+        return dataclasses.replace(self, guidance=guidance, **settings)
+
     def to_dict(self) -> dict:
-        """JSON-ready dict (guidance as a dict, an infinite S_max as "inf"); `from_dict` reads it back."""
-        values = dataclasses.asdict(self)
+        """JSON-ready dict of every field, guidance flat by its setting names (absent when guidance is None), an
+        infinite S_max as "inf"; `from_dict` reads it back (model_index.json's "sampling")."""
+        values = {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.name != "guidance"}
         if math.isinf(values["S_max"]):
             values["S_max"] = "inf"
+        if self.guidance is not None:
+            values.update({name: self.settings()[name] for name in GUIDANCE_SETTINGS})
         return values
 
     @classmethod
     def from_dict(cls, values: dict) -> SamplingConfig:
-        """Inverse of `to_dict`; unknown keys are an error (a typo must not be ignored silently)."""
+        """Inverse of `to_dict`; unknown keys are an error (a typo must not be ignored silently). The nested form
+        saved before one name per setting ({"guidance": {"scale": ...}}) is read as well."""
         values = dict(values)
-        unknown = set(values) - {item.name for item in dataclasses.fields(cls)}
+        nested = values.pop("guidance", None)
+        if isinstance(nested, dict):  # model_index.json written before the flat names
+            values.update({f"guidance_{field}": value for field, value in nested.items()})
+        fields = {item.name for item in dataclasses.fields(cls)} - {"guidance"}
+        unknown = set(values) - fields - set(GUIDANCE_SETTINGS)
         if unknown:
             raise ValueError(f"unknown sampling settings {sorted(unknown)}")
-        if isinstance(values.get("guidance"), dict):
-            guidance = dict(values["guidance"])
-            if guidance.get("interval") is not None:
-                guidance["interval"] = tuple(guidance["interval"])
-            values["guidance"] = GuidanceConfig(**guidance)
         if "S_max" in values:
             values["S_max"] = float(values["S_max"])
-        return cls(**values)
+        guided = {name: values.pop(name) for name in list(values) if name in GUIDANCE_SETTINGS}
+        config = cls(**values)
+        return config.with_settings(**guided) if guided else config
 
 
 def paper_sampling_config(diffusion: dict | None, resolution: int, num_classes: int) -> SamplingConfig:

@@ -1,7 +1,15 @@
 """The scheduler component of `DiffiTPipeline` (diffusers keeps schedulers in their own modules): `DiffiTScheduler`,
 the marker for the project's own sampler (`diffit.sampling.sample` runs while it is set), whose config is the
-model's ADM training chain in diffusers' names (`chain_scheduler_config`), and `load_scheduler`, which rebuilds the
-scheduler a saved pipeline's model_index.json names (a diffusers class, or this one).
+model's ADM training chain in diffusers' names (`chain_scheduler_config`), `load_scheduler`, which rebuilds the
+scheduler a saved pipeline's model_index.json names (a diffusers class, or this one), `scheduler_kind` (which model
+kind a diffusers scheduler drives) and `scheduler_for` (a diffusers scheduler that drives a model of a given kind):
+
+* kind "adm" (latent eps / learned-Sigma models): the DDPM-family schedulers (`alphas_cumprod`: DDIM, DDPM,
+  DPM-Solver(++), UniPC, Euler, Heun, ...) on the model's training chain, epsilon prediction;
+* kind "flow" (velocity models): `FlowMatchEulerDiscreteScheduler` (any fixed `shift`; not `use_dynamic_shifting`,
+  not `invert_sigmas`);
+* kind "edm" (image-space EDM-preconditioned models): `EDMEulerScheduler` and `EDMDPMSolverMultistepScheduler` with
+  the export's `sigma_data` and `prediction_type="epsilon"`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from .sampling import SamplingConfig
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 
 # Where `DiffiTScheduler` lived before this module: saved pipelines' model_index.json may name it there.
 FORMER_MODULES = ("diffit.pipeline_diffit",)
@@ -73,6 +84,35 @@ class DiffiTScheduler(SchedulerMixin, ConfigMixin):
         )
 
     set_timesteps = step = scale_model_input = add_noise = _refuse
+
+
+def scheduler_kind(scheduler: SchedulerMixin) -> str:
+    """The model kind a diffusers scheduler drives in `DiffiTPipeline`: "flow" (FLOW_SCHEDULERS), "edm"
+    (EDM_SCHEDULERS) or "adm" (any other; `DiffiTPipeline.check_scheduler` says whether it fits)."""
+    name = type(scheduler).__name__
+    for kind, names in (("flow", FLOW_SCHEDULERS), ("edm", EDM_SCHEDULERS)):
+        if name in names and isinstance(scheduler, getattr(diffusers, name)):
+            return kind
+    return "adm"
+
+
+def scheduler_for(config: SamplingConfig, scheduler_class: type | None = None, **overrides: Any) -> SchedulerMixin:
+    """A diffusers scheduler that drives a model sampled with `config` in `DiffiTPipeline` (module docstring).
+
+    kind "adm": `scheduler_class` (default `DPMSolverMultistepScheduler`) on the model's training chain; "flow":
+    `FlowMatchEulerDiscreteScheduler` (shift 1 unless `shift=` is given); "edm": `EDMEulerScheduler` (or
+    `scheduler_class=EDMDPMSolverMultistepScheduler`) with the config's sigma_data and EDM's sigma_min, sigma_max
+    and rho. `overrides` are further constructor arguments (e.g. `shift=3.0`, `solver_order=3`).
+    """
+    if config.kind == "adm":
+        scheduler_class = scheduler_class or diffusers.DPMSolverMultistepScheduler
+        return scheduler_class.from_config(DiffiTScheduler.for_sampling(config).config, **overrides)
+    if config.kind == "flow":
+        scheduler_class = scheduler_class or diffusers.FlowMatchEulerDiscreteScheduler
+        return scheduler_class(**overrides)
+    scheduler_class = scheduler_class or diffusers.EDMEulerScheduler
+    edm = {"sigma_data": config.sigma_data, "sigma_min": config.sigma_min, "sigma_max": config.sigma_max}
+    return scheduler_class(**{**edm, "rho": config.rho, **overrides})
 
 
 def load_scheduler(entry: Sequence[str | None] | None, folder: Path) -> SchedulerMixin | None:

@@ -11,7 +11,9 @@ through which every file here is read and written)::
 
 Latent members: `mean.npy` and `std.npy` are float16 [2, C, h, w] (index 0 = the image, 1 = its horizontal
 flip), the VAE posterior mean and standard deviation NOT multiplied by the VAE scaling factor
-(`manifest["vae"]["convention"] == "unscaled"`). Raw image members: `png` (RGB uint8 at the target
+(`manifest["vae"]["convention"] == "unscaled"`; the VAE's `scaling_factor` and `shift_factor` are in that entry,
+and the per-channel mean / std of the original views' posterior means in `manifest["latent_stats"]`, see
+`pipeline.core.latent_stats`). Raw image members: `png` (RGB uint8 at the target
 resolution). Every sample has `cls` (integer label as text, -1 = unlabelled) and `json` (source path, original
 size, crop box).
 
@@ -47,6 +49,7 @@ import numpy as np
 
 from pipeline.core.atomic import json_text, write_bytes_atomic
 from pipeline.core.errors import InputError
+from pipeline.core.latent_stats import MAX_LATENT_CHANNELS, STATS_KEY, manifest_stats_problems
 from pipeline.core.storage import Location, open_for_reading
 from pipeline.core.storage import open_regular_file as open_regular_file  # moved to storage; kept importable here
 
@@ -420,18 +423,21 @@ def _class_problems(num_classes: Any, label_map: Any) -> list[str]:
     return []
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _vae_problems(vae: Any) -> list[str]:
-    """The recorded VAE: an object whose scaling factor is finite and in (0, MAX_SCALING_FACTOR]."""
+    """The recorded VAE: an object whose scaling factor is finite and in (0, MAX_SCALING_FACTOR], and whose shift
+    factor (SD3 / FLUX VAEs; absent in manifests written before it was recorded) is finite, |shift| <= the same."""
     if not isinstance(vae, dict):
         return ["vae is not an object"]
     factor = vae.get("scaling_factor")
-    if "scaling_factor" in vae and not (
-        isinstance(factor, (int, float))
-        and not isinstance(factor, bool)
-        and math.isfinite(factor)
-        and 0 < factor <= MAX_SCALING_FACTOR
-    ):
+    if "scaling_factor" in vae and not (_is_number(factor) and 0 < factor <= MAX_SCALING_FACTOR):
         return [f"vae.scaling_factor {factor!r} is not a finite number in (0, {MAX_SCALING_FACTOR:g}]"]
+    shift = vae.get("shift_factor")
+    if "shift_factor" in vae and not (_is_number(shift) and abs(shift) <= MAX_SCALING_FACTOR):
+        return [f"vae.shift_factor {shift!r} is not a finite number of magnitude at most {MAX_SCALING_FACTOR:g}"]
     return []
 
 
@@ -451,6 +457,9 @@ def _shape_problems(manifest: dict[str, Any]) -> list[str]:
         problems.append(
             f"latent_shape {manifest['latent_shape']!r} is not [2, latent_channels, latent_size, latent_size]"
         )
+    if STATS_KEY in manifest:  # per-channel statistics of the posterior means (`pipeline.core.latent_stats`)
+        known = channels if _is_int(channels) else None
+        problems += manifest_stats_problems(manifest[STATS_KEY], known, MAX_LATENT_CHANNELS)
     factor = manifest.get("vae", {}).get("downsample_factor") if isinstance(manifest.get("vae"), dict) else None
     if _is_int(factor) and _is_int(size) and factor > 0 and size * factor != resolution:
         problems.append(f"latent_size {size} x vae.downsample_factor {factor} != resolution {resolution}")

@@ -12,7 +12,8 @@ pinned worker was started with, or one claimed through a host-local lock file, s
 host use N different GPUs), else the CPU; `set_torch_threads` limits the CPU threads of a worker.
 
 Latents are stored unscaled: `encode_pixels` returns the posterior mean and std as the VAE computes them; the
-diffusion model sees `mean * scaling_factor` (0.18215 for SD), applied by the trainer from the manifest.
+trainer maps them to what the diffusion model sees with `diffit.latent_norm.LatentNorm` (the VAE's
+`scaling_factor` and `shift_factor`, or the dataset's per-channel statistics), from the manifest.
 
 Precision: with `--dtype fp16|bf16` the VAE runs in that dtype (on CUDA also in the channels-last memory format,
 which the tensor-core convolution kernels want). The SD VAE is known to overflow fp16 on some images, which gives
@@ -25,7 +26,6 @@ On CPU nothing changes: contiguous (NCHW) tensors, and a fp32 VAE is never check
 from __future__ import annotations
 
 import gc
-import hashlib
 import itertools
 import json
 import logging
@@ -42,7 +42,6 @@ from typing import IO, Any
 import numpy as np
 
 from pipeline.core.errors import InputError
-from pipeline.core.shards import update_digest
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +85,12 @@ class VAESpec:
         return float(self.config.get("scaling_factor", 0.18215))
 
     @property
+    def shift_factor(self) -> float:
+        """What the VAE's latents are shifted by before scaling (SD3 / FLUX VAEs; 0 for the SD VAE, whose config
+        holds None or nothing)."""
+        return float(self.config.get("shift_factor") or 0.0)
+
+    @property
     def latent_channels(self) -> int:
         """Channels of a latent (4 for the SD VAE)."""
         return int(self.config.get("latent_channels", 4))
@@ -104,6 +109,7 @@ class VAESpec:
             "path": self.local_path,
             "path_hash": self.path_hash,
             "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
             "latent_channels": self.latent_channels,
             "downsample_factor": self.downsample_factor,
             "dtype": dtype,
@@ -122,13 +128,11 @@ def _looks_like_path(spec: str) -> bool:
     return len(parts) == 2 and Path(parts[0]).is_dir()
 
 
-def _hash_files(paths: list[Path]) -> str:
-    """sha256 over the names and bytes of the files that define a VAE."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        update_digest(digest, path)
-    return digest.hexdigest()
+def _hash_files(directory: Path) -> str:
+    """sha256 over the names and bytes of the files that define a VAE (`diffit.vae_loading.vae_path_hash`)."""
+    from diffit.vae_loading import vae_path_hash
+
+    return vae_path_hash(directory)
 
 
 def _check_local_dir(directory: Path, spec: str) -> tuple[Path, dict[str, Any]]:
@@ -182,7 +186,7 @@ def resolve_vae(spec: str, revision: str | None = None) -> VAESpec:
             local_path=str(directory),
             source="local",
             revision=None,
-            path_hash=_hash_files([directory / "config.json", directory / WEIGHTS_NAME]),
+            path_hash=_hash_files(directory),
             config=config,
         )
     if _looks_like_path(spec):
@@ -222,7 +226,7 @@ def _resolve_hub(repo_id: str, revision: str | None) -> VAESpec:
         local_path=str(directory),
         source="hub",
         revision=Path(snapshot).name,  # snapshot folders are named by commit hash
-        path_hash=_hash_files([directory / "config.json", directory / WEIGHTS_NAME]),
+        path_hash=_hash_files(directory),
         config=config,
     )
 
@@ -331,9 +335,9 @@ def check_vae_files(local_path: str) -> None:
     """Refuse, before diffusers builds a model from it, a VAE directory whose config.json is not a plausible
     AutoencoderKL (sizes bounded: a 1 KB file must not ask for millions of layers) or whose weights file is not
     well-formed safetensors of floating-point tensors (the header read, not the data): the pure check lives in
-    `diffit.config_check.check_vae_files` (so `diffit`'s pipeline applies it too), its refusal becomes a VAEError."""
+    `diffit.pipeline_check.check_vae_files` (so `diffit`'s pipeline applies it too), its refusal becomes a VAEError."""
     from diffit.config_check import InvalidModelFileError
-    from diffit.config_check import check_vae_files as check_files
+    from diffit.pipeline_check import check_vae_files as check_files
 
     try:
         check_files(local_path)
@@ -342,21 +346,23 @@ def check_vae_files(local_path: str) -> None:
 
 
 def load_vae(local_path: str, dtype: str = "fp32", device: str = "cpu"):
-    """Load an AutoencoderKL from a resolved local directory (safetensors only), in eval mode, no gradients.
-    Its config.json and weights header are checked first (`check_vae_files`).
+    """Load an AutoencoderKL from a resolved local directory (safetensors only), in eval mode, no gradients: the
+    one VAE loader, `diffit.vae_loading.load_vae_folder` (config.json and the weights' header checked before
+    diffusers builds anything; a refusal becomes a VAEError), plus this stage's dtype and device.
 
     On CUDA its weights use the channels-last memory format (cuDNN's fast layout for fp16/bf16 convolutions);
     on CPU they stay contiguous, so CPU latents are the same bytes as before.
     """
     import torch
-    from diffusers import AutoencoderKL
 
-    check_vae_files(local_path)
-    vae = AutoencoderKL.from_pretrained(
-        local_path, torch_dtype=torch_dtype(dtype), use_safetensors=True, local_files_only=True
-    )
-    vae.requires_grad_(False)
-    vae = vae.eval().to(device)
+    from diffit.config_check import InvalidModelFileError
+    from diffit.vae_loading import load_vae_folder
+
+    try:
+        vae = load_vae_folder(local_path, torch_dtype(dtype))
+    except InvalidModelFileError as error:
+        raise VAEError(str(error)) from None
+    vae = vae.to(device)
     if _is_cuda(device):
         vae = vae.to(memory_format=torch.channels_last)
     _VAE_SOURCES[vae] = (local_path, device)

@@ -16,11 +16,12 @@ from pipeline.demo.classifier import (
     train_classifier,
 )
 from pipeline.demo.procedural import ProceduralDatasetError, generate_dataset, load_labelled_images
-from pipeline.demo.run import DemoSettings, format_summary, run_demo
+from pipeline.demo.run import DemoOptions, DemoSettings, format_summary, run_demo
 from pipeline.demo.vae_fit import VAEFitConfig, VAEFitError, fit_vae
 
 __all__ = [
     "ClassifierError",
+    "DemoOptions",
     "DemoSettings",
     "ProceduralDatasetError",
     "VAEFitConfig",

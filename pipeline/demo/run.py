@@ -244,9 +244,9 @@ def _run_shards(
     source: Path, out: Path, kind: str, resolution: int, settings: DemoSettings, vae: str | None = None
 ) -> dict[str, Any]:
     """Pack (`kind` "images") or encode ("latents") `source` with the encode stage; returns the manifest."""
-    from pipeline.encode import JobConfig, run_job
+    from pipeline.encode import EncodeOptions, run_encode
 
-    config = JobConfig(
+    config = EncodeOptions(
         source=str(source),
         out=str(out),
         kind=kind,
@@ -260,7 +260,7 @@ def _run_shards(
     )
     if vae is not None:
         config.vae = vae
-    result = run_job(config)
+    result = run_encode(config)
     if not result.ok:
         raise JobFailedError(
             f"{out}: the demo's {kind} job did not finish cleanly: failed shards "
@@ -351,8 +351,8 @@ def encode_step(demo: DemoRun, vae: str) -> dict[str, Any]:
 
 def train_step(demo: DemoRun, kind: str, data_key: str, latent_size: int) -> dict[str, Any]:
     """3: train the `kind` model ("latent" or "image") on the shards `data_key` and export it."""
-    from pipeline.train import TrainArgs, export_checkpoint
-    from pipeline.train import run as train_run
+    from pipeline.train import TrainOptions, export_checkpoint
+    from pipeline.train import run_train as train_run
 
     run_dir = demo.paths[f"{kind}_run"]
     with demo.step(f"3/5 train: {kind} DiffiT"):
@@ -360,7 +360,7 @@ def train_step(demo: DemoRun, kind: str, data_key: str, latent_size: int) -> dic
             demo.out / "configs" / f"{kind}.yaml", _train_config(kind, demo.settings, latent_size)
         )
         record = train_run(
-            TrainArgs(run_dir=run_dir, config_path=config_path, data_dir=demo.paths[data_key], resume="auto")
+            TrainOptions(run_dir=run_dir, config_path=config_path, data_dir=demo.paths[data_key], resume="auto")
         )
         export_checkpoint(run_dir, demo.paths[f"{kind}_model"])
     return record
@@ -411,22 +411,22 @@ def classifiers_step(demo: DemoRun, vae: str) -> tuple[dict[str, Any], dict[str,
 
 def _evaluate_options(demo: DemoRun, kind: str, inception_weights: str | None):
     """How the evaluate stage samples and scores the `kind` model."""
-    from pipeline.evaluate import EvaluateOptions, SamplingOptions
+    from pipeline.evaluate import EvaluateOptions
 
     settings = demo.settings
-    sampling = SamplingOptions(
-        steps=settings.sample_steps if kind == "latent" else settings.image_sample_steps,
-        seed=settings.seed,
-        guidance_scale=settings.guidance_scale,
-        guidance_schedule="constant",
-        guidance_channels="all",
-    )
+    sampling = {
+        "steps": settings.sample_steps if kind == "latent" else settings.image_sample_steps,
+        "guidance_scale": settings.guidance_scale,
+        "guidance_schedule": "constant",
+        "guidance_channels": "all",
+    }
     reference = demo.paths["raw_shards" if kind == "latent" else "raw_shards_small"]
     return EvaluateOptions(
         model_dir=demo.paths[f"{kind}_model"],
         out_dir=demo.paths[f"{kind}_eval"],
         num_samples=settings.num_samples,
         sampling=sampling,
+        seed=settings.seed,
         batch_size=20,
         reference=reference if inception_weights else None,
         inception_weights=Path(inception_weights) if inception_weights else None,
@@ -440,11 +440,11 @@ def evaluate_step(
 ) -> dict[str, Any]:
     """4: sample the `kind` model into a zarr store, write its labelled grid, and measure its samples."""
     from pipeline.demo.classifier import class_consistency, predict
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import run_evaluate
 
     eval_dir = demo.paths[f"{kind}_eval"]
     with demo.step(f"4/5 evaluate: {kind} model"):
-        record = evaluate(_evaluate_options(demo, kind, inception_weights))
+        record = run_evaluate(_evaluate_options(demo, kind, inception_weights))
         samples, labels = _read_store(eval_dir)
         grid = _grid_png(samples[:40], labels[:40], class_names, demo.out / f"samples_{kind}.png", columns=10)
         predictions = predict(classifiers["classifier"], samples)
@@ -463,32 +463,40 @@ def evaluate_step(
 
 def report_step(demo: DemoRun) -> dict[str, str]:
     """5: one HTML report per training run, linking its export and evaluation; returns their paths."""
-    from pipeline.report import write_report
+    from pipeline.report import ReportOptions, run_report
 
     reports = {}
     with demo.step("5/5 report: one page per run"):
         for kind in ("latent", "image"):
             reports[kind] = str(
-                write_report(
-                    demo.paths[f"{kind}_run"],
-                    demo.out / f"report_{kind}.html",
-                    exports=[demo.paths[f"{kind}_model"]],
-                    evaluations=[demo.paths[f"{kind}_eval"]],
+                run_report(
+                    ReportOptions(
+                        demo.paths[f"{kind}_run"],
+                        demo.out / f"report_{kind}.html",
+                        exports=[demo.paths[f"{kind}_model"]],
+                        evaluations=[demo.paths[f"{kind}_eval"]],
+                    )
                 )
             )
     return reports
 
 
-def run_demo(
-    out: str | Path = "runs/demo",
-    quick: bool = False,
-    vae: str | None = None,
-    inception_weights: str | None = None,
-    settings: DemoSettings | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run the whole pipeline under `out`; returns (and writes to `out/summary.json`) what every step produced."""
-    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+@dataclass
+class DemoOptions:
+    """What `diffit-pipe demo` is asked to do."""
+
+    out: str | Path = "runs/demo"
+    quick: bool = False  # `DemoSettings.quick()`: about 3 minutes instead of 15
+    vae: str | None = None  # a diffusers AutoencoderKL to encode with instead of fitting the demo's own
+    inception_weights: str | None = None  # FID / IS / precision-recall need them; skipped without
+    settings: DemoSettings | None = None  # sizes of the run; None: by `quick`
+
+
+def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole pipeline under `options.out`; returns (and writes to `out/summary.json`) what every step
+    produced."""
+    out, quick, vae, inception_weights = options.out, options.quick, options.vae, options.inception_weights
+    settings = options.settings or (DemoSettings.quick() if quick else DemoSettings())
     demo = DemoRun(Path(out).resolve(), settings, log)
     demo.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -9,7 +9,7 @@ previews a finished dataset. Other stages use what this package exports, never i
 
 from pipeline.encode.estimate import DryRun, dry_run, format_dry_run
 from pipeline.encode.inspect import PreviewError, format_summary, summarize, write_preview
-from pipeline.encode.job import JobConfig, JobError, JobPlan, JobResult, command_line, plan_job, run_job
+from pipeline.encode.job import EncodeOptions, EncodeResult, JobError, JobPlan, command_line, plan_job, run_encode
 from pipeline.encode.member_index import IndexCache
 from pipeline.encode.source_items import Source, SourceError, SourceItem, SourceScan, item_location
 from pipeline.encode.sources import (
@@ -25,10 +25,10 @@ __all__ = [
     "IndexCache",
     "DryRun",
     "ImageDecodeError",
-    "JobConfig",
+    "EncodeOptions",
     "JobError",
     "JobPlan",
-    "JobResult",
+    "EncodeResult",
     "PreviewError",
     "Source",
     "SourceError",
@@ -43,7 +43,7 @@ __all__ = [
     "plan_job",
     "prepare_image",
     "read_item_bytes",
-    "run_job",
+    "run_encode",
     "scan_source",
     "summarize",
     "write_preview",

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.encode.job import JobConfig, JobPlan, dataset_identity, plan_job, torch_threads_per_worker
+from pipeline.encode.job import EncodeOptions, JobPlan, dataset_identity, plan_job, torch_threads_per_worker
 from pipeline.encode.output import overwrite_conflicts
 from pipeline.encode.plan import ShardTask, read_sidecars, trusted_shards
 from pipeline.encode.worker import prepare_batch, write_batch
@@ -132,7 +132,7 @@ def _out_state(plan: JobPlan) -> tuple[int, list[str]]:
     return len(trusted_shards(plan.out, plan.tasks, sidecars)), conflicts
 
 
-def dry_run(cfg: JobConfig, batches: int = DRY_RUN_BATCHES) -> DryRun:
+def dry_run(cfg: EncodeOptions, batches: int = DRY_RUN_BATCHES) -> DryRun:
     """Plan the job of `cfg` and time `batches` batches of it in this process; nothing is written."""
     plan = plan_job(cfg)
     complete, conflicts = _out_state(plan)

@@ -1,6 +1,6 @@
 """The encode / pack job: source images → center crops → (SD-VAE latents | PNG) → WebDataset shards, on Dask.
 
-The driver (`run_job`) plans the job (`plan_job`: checks the settings and the VAE before any work, streams the
+The driver (`run_encode`) plans the job (`plan_job`: checks the settings and the VAE before any work, streams the
 source into one task per output shard - items `k * shard_size ... (k + 1) * shard_size - 1` in sorted order go
 to shard `k` - see `pipeline.encode.plan`), keeps the finished shards that resume can trust, runs the other
 tasks on a Dask cluster (`pipeline.encode.cluster`) and, once every shard is done, writes `failures.jsonl` and
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.core.latent_stats import STATS_KEY, ChannelMoments, merge_shards
 from pipeline.core.shards import (
     FAILURES_NAME,
     FORMAT_VERSION,
@@ -72,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class JobConfig:
+class EncodeOptions:
     """Settings of one encode (kind="latents") or pack (kind="images") job."""
 
     source: str
@@ -112,7 +113,7 @@ class JobConfig:
 class JobPlan:
     """A planned job: the checked settings, the resolved VAE, the opened source, OUT and the shard tasks."""
 
-    cfg: JobConfig
+    cfg: EncodeOptions
     vae_spec: VAESpec | None
     source: SourceScan
     out: Location
@@ -122,7 +123,7 @@ class JobPlan:
 
 
 @dataclass
-class JobResult:
+class EncodeResult:
     """What a job did: the manifest (None when some shard failed), shard tallies and the failure rate."""
 
     out: str
@@ -151,7 +152,7 @@ class JobResult:
 # Driver side: planning
 
 
-def _settings_for_fingerprint(cfg: JobConfig, vae_spec: VAESpec | None) -> dict[str, Any]:
+def _settings_for_fingerprint(cfg: EncodeOptions, vae_spec: VAESpec | None) -> dict[str, Any]:
     """Job settings that change shard bytes (the batch size and worker count do not)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -163,7 +164,7 @@ def _settings_for_fingerprint(cfg: JobConfig, vae_spec: VAESpec | None) -> dict[
     }
 
 
-def check_config(cfg: JobConfig) -> None:
+def check_config(cfg: EncodeOptions) -> None:
     """Refuse settings that cannot work, with the flag to change."""
     from pipeline.encode.cluster import check_cluster_settings
 
@@ -188,7 +189,7 @@ def check_config(cfg: JobConfig) -> None:
         raise JobError(f"--dtype must be fp32, fp16 or bf16, got {cfg.dtype!r}")
 
 
-def torch_threads_per_worker(cfg: JobConfig, remote: bool = False) -> int | None:
+def torch_threads_per_worker(cfg: EncodeOptions, remote: bool = False) -> int | None:
     """Torch threads per worker: `--torch-threads`, else cores // workers for a cluster started here; None on a
     running cluster (`remote`: a client was passed in, or a scheduler named), whose workers use their Dask
     thread count."""
@@ -201,7 +202,7 @@ def torch_threads_per_worker(cfg: JobConfig, remote: bool = False) -> int | None
     return max(1, local_cores() // max(1, cfg.gpus or cfg.workers))
 
 
-def plan_job(cfg: JobConfig, remote: bool = False) -> JobPlan:
+def plan_job(cfg: EncodeOptions, remote: bool = False) -> JobPlan:
     """Check the settings and the VAE, open the source and stream it into shard tasks (nothing is written).
     `remote`: the tasks will run on a cluster this job did not start (a client was passed in)."""
     check_config(cfg)
@@ -293,7 +294,7 @@ def dataset_identity(plan: JobPlan) -> dict[str, Any]:
     }
 
 
-def _resolve_job_vae(cfg: JobConfig) -> VAESpec:
+def _resolve_job_vae(cfg: EncodeOptions) -> VAESpec:
     """The checked `--vae` of a latent job, and whether the resolution fits its downsampling factor."""
     vae_spec = resolve_vae(cfg.vae, cfg.vae_revision)
     factor = vae_spec.downsample_factor
@@ -335,19 +336,21 @@ class _Progress:
         self.bar.close()
 
 
-def run_job(cfg: JobConfig, client=None) -> JobResult:
+def run_encode(cfg: EncodeOptions, client=None) -> EncodeResult:
     """Run an encode or pack job end to end (see the module docstring); `client`: use this Dask client."""
     started = time.perf_counter()
     plan = plan_job(cfg, remote=client is not None)
     out = plan.out
     _create_output(out)
-    result = JobResult(out=str(out), manifest=None, shards_total=len(plan.tasks), max_failure_rate=cfg.max_failure_rate)
+    result = EncodeResult(
+        out=str(out), manifest=None, shards_total=len(plan.tasks), max_failure_rate=cfg.max_failure_rate
+    )
     with output_lock(out):
         sidecars = read_sidecars(out)
         check_overwrite(out, dataset_identity(plan), plan.tasks, sidecars, cfg.overwrite)
         previous = read_json_object(out, MANIFEST_NAME)
         prepare_output(out, len(plan.tasks))
-        trusted = {} if cfg.verify else trusted_shards(out, plan.tasks, sidecars)
+        trusted = {} if cfg.verify else _with_stats(plan, trusted_shards(out, plan.tasks, sidecars))
         logger.info(
             "%s: %d items from %s in %d shard(s) → %s (%d already complete)",
             cfg.kind,
@@ -376,7 +379,20 @@ def run_job(cfg: JobConfig, client=None) -> JobResult:
     return result
 
 
-def _execute(plan: JobPlan, trusted: dict[int, dict], result: JobResult, client) -> dict[int, dict]:
+def _sidecar_moments(plan: JobPlan, sidecar: dict[str, Any]) -> ChannelMoments | None:
+    """The per-channel statistics a latent shard's sidecar records (None: missing or not sane)."""
+    return ChannelMoments.from_sidecar(sidecar.get(STATS_KEY), plan.vae_spec.latent_channels)
+
+
+def _with_stats(plan: JobPlan, trusted: dict[int, dict]) -> dict[int, dict]:
+    """The trusted shards whose sidecars carry usable statistics (latent jobs): a shard finished by a version that
+    did not record them goes to a worker, which verifies its tar and reads them back from it."""
+    if plan.cfg.kind != "latents":
+        return trusted
+    return {index: sidecar for index, sidecar in trusted.items() if _sidecar_moments(plan, sidecar) is not None}
+
+
+def _execute(plan: JobPlan, trusted: dict[int, dict], result: EncodeResult, client) -> dict[int, dict]:
     """Run the tasks of the shards that are not `trusted` (kept as they are) on Dask; returns the sidecars of
     all shards by index and fills the tallies of `result`. No cluster is started when nothing is left to do."""
     cfg = plan.cfg
@@ -404,7 +420,7 @@ def _execute(plan: JobPlan, trusted: dict[int, dict], result: JobResult, client)
     return sidecars
 
 
-def _run_tasks(plan: JobPlan, todo: list[ShardTask], progress, sidecars: dict, result: JobResult, client) -> None:
+def _run_tasks(plan: JobPlan, todo: list[ShardTask], progress, sidecars: dict, result: EncodeResult, client) -> None:
     """Submit `todo` to the job's Dask cluster and collect the sidecars as the tasks finish."""
     from distributed import as_completed
 
@@ -461,6 +477,14 @@ def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple
             }
         )
         failures.extend(sidecar["failures"])
+    if vae_spec is not None:
+        moments = []
+        for task in plan.tasks:
+            found = _sidecar_moments(plan, sidecars[task.index])
+            if found is None or found.samples != sidecars[task.index]["count"]:
+                raise JobError(f"sidecar {sidecar_name(task.index)} lacks sane latent_stats for its samples")
+            moments.append(found)
+        stats = merge_shards(moments).manifest_entry()
     written = sum(entry["count"] for entry in entries)
     seen = plan.items
     counts = {"seen": seen, "written": written, "failed": len(failures)}
@@ -491,6 +515,8 @@ def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple
         manifest["latent_dtype"] = "float16"
         manifest["flip"] = "index 0 = image, index 1 = horizontally flipped image"
         manifest["vae"] = vae_spec.manifest_entry(cfg.dtype)
+        if stats is not None:  # per-channel mean / std of the original views' posterior means, all shards merged
+            manifest[STATS_KEY] = stats
     else:
         manifest["image_format"] = "png"
         manifest["image_shape"] = [cfg.resolution, cfg.resolution, 3]

@@ -5,7 +5,10 @@ sizes and modification times, the resolution, transform, VAE hash and dtype) and
 it returns the sidecar (resume after a kill, or `--verify`); otherwise it decodes, crops and encodes its items in
 batches (the next batches are read and cropped on threads while one is encoded, `PREFETCH_BATCHES`), streams the
 samples into a temporary tar in item order and commits it with its sidecar, which it then seals (`seal_sidecar`).
-Bad items become failure records; they never stop the task. The VAE is fetched with `pipeline.core.vae.get_vae`,
+Bad items become failure records; they never stop the task. A latent shard's sidecar also records the per-channel
+statistics of its samples' posterior means (`latent_stats`, see `pipeline.core.latent_stats`), accumulated while
+it is written, or read back from the tar of a shard found done (so a resumed job merges exactly what an
+uninterrupted one does). The VAE is fetched with `pipeline.core.vae.get_vae`,
 cached per worker process, on the worker's own GPU if it has one. The driver is `pipeline.encode.job`.
 """
 
@@ -20,15 +23,22 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.latent_stats import STATS_KEY, ChannelMoments, shard_moments
 from pipeline.core.shards import (
+    MEAN_MEMBER,
     ShardWriter,
+    decode_sample,
     image_sample,
+    iter_samples,
     latent_sample,
+    load_npy_bytes,
     read_sidecar,
+    shard_name,
     shard_problems,
     sidecar_name,
     write_json_to,
 )
+from pipeline.core.storage import Location
 from pipeline.encode.plan import (
     RECORD_CHECK,
     ShardTask,
@@ -126,10 +136,31 @@ def _existing_shard(task: ShardTask) -> dict[str, Any] | None:
         return None
     if shard_problems(task.out, sidecar):
         return None
+    if task.kind == "latents":  # verified by hash: its statistics are read back from the tar, not trusted
+        sidecar = {**sidecar, STATS_KEY: read_shard_moments(task).to_sidecar()}
     sealed = seal_sidecar({key: value for key, value in sidecar.items() if key != RECORD_CHECK})
     if sealed != sidecar:  # verified by hash: seal it, so that the dataset's bytes equal an uninterrupted run's
         write_json_to(task.out, sidecar_name(task.index), sealed)
     return sealed
+
+
+class _MomentsWriter:
+    """A ShardWriter that also gathers the statistics of the latent samples it writes: their original views' stored
+    (float16) posterior means, decoded from the very bytes written, as `read_shard_moments` reads them back."""
+
+    def __init__(self, writer: ShardWriter):
+        self.writer = writer
+        self.moments = ChannelMoments()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self.writer.write(sample)
+        self.moments.add_latent(load_npy_bytes(sample[MEAN_MEMBER], MEAN_MEMBER)[0])
+
+
+def read_shard_moments(task: ShardTask) -> ChannelMoments:
+    """The `latent_stats` of a finished latent shard, read back from its tar (the same bits as when written)."""
+    path = Location.of(task.out).join(shard_name(task.index))
+    return shard_moments(decode_sample(raw)[MEAN_MEMBER] for raw in iter_samples(path))
 
 
 def task_vae(task: ShardTask):
@@ -189,20 +220,24 @@ def encode_shard(task: ShardTask, prefetch_batches: int | None = None) -> dict[s
     failures: list[dict[str, Any]] = []
     done = 0
     with ShardWriter(task.out, task.index) as writer, closing(prepared_batches(items, task, prefetch)) as batches:
+        target = _MomentsWriter(writer) if task.kind == "latents" else writer
         for batch, ready, decode_failures in batches:
             # Same order as preparing and encoding one batch after the other: its decode failures, then its
             # VAE failures (appended by write_batch), then the next batch's.
             failures.extend(decode_failures)
-            write_batch(writer, vae, ready, failures, task)
+            write_batch(target, vae, ready, failures, task)
             done += len(batch)
             _report_progress(task.progress_topic, task.index, done)
+        extra = {
+            "fingerprint": task.fingerprint,
+            "items": len(items),
+            "first_item": items[0].index if items else None,
+            "failures": failures,
+        }
+        if task.kind == "latents":
+            extra[STATS_KEY] = target.moments.to_sidecar()
         sidecar = writer.commit(
-            {
-                "fingerprint": task.fingerprint,
-                "items": len(items),
-                "first_item": items[0].index if items else None,
-                "failures": failures,
-            },
+            extra,
             # Sealed: resume trusts this sidecar without re-hashing the tar (see `pipeline.encode.plan`).
             finish=seal_sidecar,
         )

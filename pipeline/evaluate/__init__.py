@@ -10,6 +10,8 @@ One concern per module:
   `adm`: the metric math; `inception`: the weights file and feature configuration; `features`: torch-fidelity's
   Inception plus the sFID layer; `datasets`: the images; `npz_files`: `.npz` members checked from their headers;
   `sample_seeds`: seeds and labels per sample index; `npz_export`: the ADM npz of a store;
+- `dinov2`: FD_DINOv2's weights file and DINOv2 features (`pipeline.core.encoders`); `fd_dinov2`: its reference
+  statistics and the distance;
 - `reference/` (a subpackage): `formats` the reference formats, `cache` content hashes and cached features,
   `batch` ADM-layout reference batches and streamed, resumable statistics (`diffit-pipe reference`), `source`
   a reference of an encode source, `remote` reference URLs copied once and checked.
@@ -27,11 +29,11 @@ from pipeline.evaluate.inception import (
     resolve_inception_weights,
 )
 from pipeline.evaluate.metrics import gather_reference_inputs
-from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, SamplingOptions, check_options
+from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, check_options, check_sampling_settings
 from pipeline.evaluate.reference.batch import ReferenceOptions, build_reference
 from pipeline.evaluate.reference.cache import reference_cache_dir
 from pipeline.evaluate.reference.formats import open_reference
-from pipeline.evaluate.run import METRICS_FILE, evaluate, sample_grid
+from pipeline.evaluate.run import METRICS_FILE, run_evaluate, sample_grid
 from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
 from pipeline.evaluate.sample_store import (
     STORE_NAME,
@@ -63,9 +65,9 @@ __all__ = [
     "SampleStore",
     "SampleStoreError",
     "SampleStoreMismatchError",
-    "SamplingOptions",
+    "check_sampling_settings",
     "build_reference",
     "check_options",
-    "evaluate",
+    "run_evaluate",
     "sample_grid",
 ]

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from diffit.sampling import SamplingConfig
 from pipeline.evaluate.model_loading import LoadedModel
-from pipeline.evaluate.options import ResolvedSampling
 from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
 from pipeline.evaluate.sample_store import SampleStore, assign_chunks
 
@@ -46,16 +46,18 @@ def to_uint8_images(images: torch.Tensor, pixels: str = "round") -> np.ndarray:
 
 
 def decode(loaded: LoadedModel, samples: torch.Tensor) -> torch.Tensor:
-    """Sampler output -> images in [-1, 1]: VAE decode of `latents / scaling_factor` for latent models."""
+    """Sampler output -> images in [-1, 1]: VAE decode of the latents the model's `LatentNorm` maps them back to
+    (`x / scaling_factor + shift_factor`, or per channel `x * std_c + mean_c`) for latent models."""
     if loaded.vae is None:
         return samples
     with torch.no_grad():
-        return loaded.vae.decode(samples / loaded.scaling_factor).sample
+        return loaded.vae.decode(loaded.latent_norm.denormalize(samples)).sample
 
 
 def generate(
     loaded: LoadedModel,
-    sampling: ResolvedSampling,
+    sampling: SamplingConfig,
+    seed: int,
     indices: np.ndarray,
     labels: np.ndarray,
     batch_size: int,
@@ -66,16 +68,15 @@ def generate(
 
     stats = GenerationStats()
     outputs = []
-    config = sampling.sampling_config(loaded.config["diffusion"])
     for start in range(0, len(indices), batch_size):
         batch_indices = indices[start : start + batch_size]
-        seeds = sample_noise_seeds(sampling.seed, batch_indices)
+        seeds = sample_noise_seeds(seed, batch_indices)
         class_labels = labels[start : start + batch_size] if loaded.num_classes > 0 else None
         began = time.perf_counter()
         network = loaded.sampling_network
         guide = loaded.guide.sampling_network if loaded.guide is not None else None
         latents, run = sample_with_stats(
-            network, loaded.sample_shape, class_labels, seeds, config, device=device, guide=guide
+            network, loaded.sample_shape, class_labels, seeds, sampling, device=device, guide=guide
         )
         sampled = time.perf_counter()
         images = to_uint8_images(decode(loaded, latents), sampling.pixels)
@@ -91,7 +92,9 @@ def generate(
 def sample_into_store(
     store: SampleStore,
     loaded: LoadedModel,
-    sampling: ResolvedSampling,
+    sampling: SamplingConfig,
+    seed: int,
+    classes: list[int] | None,
     rank: int,
     world_size: int,
     batch_size: int,
@@ -114,8 +117,8 @@ def sample_into_store(
         for chunk in mine:
             start, stop = layout.chunk_range(chunk)
             indices = np.arange(start, stop)
-            labels = sample_class_labels(sampling.seed, indices, loaded.num_classes, sampling.classes)
-            images, stats = generate(loaded, sampling, indices, labels, batch_size, device)
+            labels = sample_class_labels(seed, indices, loaded.num_classes, classes)
+            images, stats = generate(loaded, sampling, seed, indices, labels, batch_size, device)
             written = time.perf_counter()
             store.write_chunk(chunk, images, labels)
             stats.write_time_s = time.perf_counter() - written

@@ -48,7 +48,8 @@ from pipeline.evaluate.reference.formats import (
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = ("fid", "sfid", "is", "prc", "kid")
+INCEPTION_METRICS = ("fid", "sfid", "is", "prc", "kid")  # computed here, with torch-fidelity's Inception-v3
+METRIC_NAMES = (*INCEPTION_METRICS, "fd_dinov2")  # fd_dinov2: DINOv2 features (`pipeline.evaluate.dinov2`)
 FEATURE_METRICS = ("prc", "kid")  # compared feature by feature: need reference images
 
 
@@ -239,9 +240,12 @@ def _check_metric_request(
     cache_dir: Path | None,
 ) -> None:
     """Refuse, before any feature extraction, metrics that cannot be computed with these inputs."""
-    unknown = set(metrics) - set(METRIC_NAMES)
+    unknown = set(metrics) - set(INCEPTION_METRICS)
     if unknown:
-        raise InputError(f"unknown metrics {sorted(unknown)}; choose from {METRIC_NAMES}")
+        raise InputError(
+            f"unknown Inception metrics {sorted(unknown)}; choose from {INCEPTION_METRICS} (fd_dinov2 is "
+            "`pipeline.evaluate.dinov2.compute_fd_dinov2`)"
+        )
     binary = [m for m in metrics if m in STATISTICS_METRICS + FEATURE_METRICS]
     if binary and (reference is None or cache_dir is None):
         raise InputError(f"{binary} need a reference set (and a cache directory for its features)")

@@ -31,7 +31,8 @@ class LoadedModel:
     sample_shape: tuple[int, int, int]  # what the sampler produces per sample (C, H, W)
     resolution: tuple[int, int]  # decoded image size (H, W)
     vae: Any = None
-    scaling_factor: float | None = None
+    scaling_factor: float | None = None  # the VAE entry's (recorded in the store settings)
+    latent_norm: Any = None  # latent models: the `diffit.latent_norm.LatentNorm` every decode inverts
     identity: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # of the network forward: "fp32" | "bf16" (set by `prepare_network`)
     compiled: bool = False
@@ -50,60 +51,32 @@ class LoadedModel:
 def load_vae(
     vae_config: dict[str, Any], override: Path | None, model_dir: Path, device: str | torch.device = "cpu"
 ) -> tuple[Any, dict[str, Any]]:
-    """The diffusers AutoencoderKL the model's latents decode with, resolved like `encode` resolves `--vae`.
-
-    Source: `override` (--vae), else the config's local `path` when it still exists, else its `id` (a local path
-    or a hub id: looked up in the local Hugging Face cache, never downloaded when HF_HUB_OFFLINE=1). The VAE's
-    files are hashed (`path_hash`, as in the dataset manifest): when they differ from the ones the training
-    latents were encoded with, that is an error unless the user chose another VAE with --vae (then it is logged
-    and recorded).
-    """
-    from pipeline.core.vae import VAEError, resolve_vae
+    """The diffusers AutoencoderKL the model's latents decode with, and its identity: the one VAE loader
+    (`diffit.vae_loading.resolve_vae`: `override` (--vae), else the config's local `path` when it still exists,
+    else its `id`, a local path or a hub id looked up in the local Hugging Face cache, never downloaded when
+    HF_HUB_OFFLINE=1; files whose `path_hash` differs from the one the training latents were encoded with are an
+    error unless chosen with --vae, then logged and recorded), loaded in fp32 on `device`
+    (`pipeline.core.vae.load_vae`). Every refusal is an EvaluateInputError."""
+    from diffit.vae_loading import VAEMismatchError, VAENotFoundError, resolve_vae
     from pipeline.core.vae import load_vae as load_vae_files
 
     config_path = model_dir / "config.json"
-    if override is not None:
-        spec_text, revision = str(override), None
-    elif vae_config.get("path") and Path(vae_config["path"]).is_dir():
-        spec_text, revision = str(vae_config["path"]), None
-    elif vae_config.get("id") or vae_config.get("path"):
-        spec_text = str(vae_config.get("id") or vae_config.get("path"))
-        revision = vae_config.get("revision") if vae_config.get("source") == "hub" else None
-    else:
-        raise EvaluateInputError(f"{config_path}: 'vae' has neither 'path' nor 'id'; pass --vae PATH")
+    hint = "Pass --vae PATH (a local diffusers AutoencoderKL folder) to decode with another VAE on purpose."
     try:
-        spec = resolve_vae(spec_text, revision)
-    except VAEError as error:
-        origin = "--vae" if override is not None else f"the VAE named in {config_path}"
-        raise EvaluateInputError(
-            f"{origin}: {error}. Pass --vae PATH to a local diffusers AutoencoderKL folder."
-        ) from error
-    identity = {
-        "id": spec.id,
-        "source": spec.source,
-        "revision": spec.revision,
-        "local_path": spec.local_path,
-        "path_hash": spec.path_hash,
-    }
-    trained_hash = vae_config.get("path_hash")
-    if trained_hash and trained_hash != spec.path_hash:
-        if override is None:
-            raise EvaluateInputError(
-                f"model/VAE mismatch: {spec.local_path} (path_hash {spec.path_hash[:12]}…) is not the VAE the "
-                f"training latents were encoded with (path_hash {trained_hash[:12]}… in {config_path}); its files "
-                "changed. Pass --vae PATH to decode with another VAE on purpose."
-            )
+        resolved = resolve_vae(vae_config, config_path, override, hint)
+    except (VAEMismatchError, VAENotFoundError, ValueError) as error:  # ValueError: the entry names nothing
+        raise EvaluateInputError(str(error)) from error
+    if resolved.differs:
         logger.warning(
             "--vae %s differs from the VAE the training latents were encoded with (%s…); decoding with it as requested",
             override,
-            trained_hash[:12],
+            str(vae_config.get("path_hash"))[:12],
         )
-        identity["differs_from_training_vae"] = True
     try:
-        vae = load_vae_files(spec.local_path, "fp32", str(device))
+        vae = load_vae_files(str(resolved.folder), "fp32", str(device))
     except Exception as error:  # noqa: BLE001 - diffusers raises many types; name the folder
-        raise EvaluateInputError(f"{spec.local_path}: cannot load a diffusers AutoencoderKL ({error})") from error
-    return vae, identity
+        raise EvaluateInputError(f"{resolved.folder}: cannot load a diffusers AutoencoderKL ({error})") from error
+    return vae, resolved.identity()
 
 
 def load_model(model_dir: Path, vae_override: Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -123,6 +96,11 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
             f"got {diffusion!r}"
         )
     family = model_family(config["model"]["name"])
+    if family not in ("latent", "image"):
+        raise EvaluateInputError(
+            f"{model_dir / 'config.json'}: {config['model']['name']} is EDM's {family} network, which evaluate does "
+            "not sample yet (it takes DiffiT latent and image models)"
+        )
     channels, size = int(model.in_channels), int(model.input_size)
     identity = {
         "path": str(model_dir.resolve()),
@@ -155,20 +133,28 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
                 f"model/VAE mismatch: {model_dir} generates {channels}-channel latents, the VAE "
                 f"{vae_identity['local_path']} decodes {latent_channels}-channel latents"
             )
-        scaling_factor = vae_config.get("scaling_factor")
-        if scaling_factor is None:
-            raise EvaluateInputError(
-                f"{model_dir / 'config.json'}: 'vae' lacks 'scaling_factor' (the factor the "
-                "model's latents were multiplied by in training)"
-            )
+        norm = _latent_norm(config, vae_config, channels, model_dir / "config.json")
+        scaling_factor = float(vae_config.get("scaling_factor", norm.scaling_factor))
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         loaded.vae = vae
-        loaded.scaling_factor = float(scaling_factor)
+        loaded.scaling_factor = scaling_factor
+        loaded.latent_norm = norm
         loaded.resolution = (size * factor, size * factor)
-        loaded.identity["vae"] = {**vae_identity, "scaling_factor": float(scaling_factor)}
+        loaded.identity["vae"] = {**vae_identity, "scaling_factor": scaling_factor, "latent_norm": norm.to_dict()}
     elif channels != 3:
         raise EvaluateInputError(f"{model_dir}: image-space model with {channels} channels; expected RGB (3)")
     return loaded
+
+
+def _latent_norm(config: dict[str, Any], vae_config: dict[str, Any], channels: int, config_path: Path):
+    """The LatentNorm the export records ("latent_norm"; an export written before that entry: scalar with the
+    "vae" entry's scaling_factor, no shift), checked for the model's latent channels; EvaluateInputError."""
+    from diffit.latent_norm import export_latent_norm
+
+    try:
+        return export_latent_norm({"latent_norm": config.get("latent_norm"), "vae": vae_config}, channels)
+    except ValueError as error:
+        raise EvaluateInputError(f"{config_path}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The evaluate stage: sample an exported model into a zarr store (many processes, resumable), then score it.
 
-    evaluate(EvaluateOptions(model_dir=..., out_dir=..., num_samples=50_000, reference=..., ...))
+    run_evaluate(EvaluateOptions(model_dir=..., out_dir=..., num_samples=50_000, reference=..., ...))
 
 1. Pre-flight, on every process and before any sampling: the model directory and its diffusion type, the VAE
    of latent models (local path, or a hub id already in the local cache; a model/VAE channel mismatch is an
@@ -37,11 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffit.sampling import SamplingConfig
 from pipeline import __version__
 from pipeline.core.atomic import write_json_atomic
 from pipeline.core.errors import JobFailedError, reporting_disk_full
 from pipeline.core.grids import image_grid, write_png
 from pipeline.evaluate.datasets import SampleStoreDataset
+from pipeline.evaluate.dinov2 import FD_DINOV2, DINOv2Config, resolve_dinov2_weights
+from pipeline.evaluate.fd_dinov2 import compute_fd_dinov2
 from pipeline.evaluate.generation import GenerationStats, generate, sample_into_store
 from pipeline.evaluate.inception import (
     FEATURE_EXTRACTOR,
@@ -50,21 +53,19 @@ from pipeline.evaluate.inception import (
     check_feature_layers,
     resolve_inception_weights,
 )
-from pipeline.evaluate.metrics import METRIC_NAMES, compute_metrics
+from pipeline.evaluate.metrics import INCEPTION_METRICS, METRIC_NAMES, compute_metrics
 from pipeline.evaluate.model_loading import LoadedModel, load_model, network_settings, prepare_network
 from pipeline.evaluate.npz_export import export_npz
 from pipeline.evaluate.options import (
     EvaluateInputError,
     EvaluateOptions,
-    ResolvedSampling,
-    SamplingOptions,
     check_options,
 )
 from pipeline.evaluate.reference.cache import reference_cache_dir
 from pipeline.evaluate.reference.formats import check_reference, open_reference
 from pipeline.evaluate.sample_seeds import sample_class_labels
 from pipeline.evaluate.sample_store import STORE_NAME, SampleStore, StoreLayout
-from pipeline.evaluate.sampling_settings import resolve_sampling, store_settings
+from pipeline.evaluate.sampling_settings import resolve_sampling, sampling_record, store_settings
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,19 @@ class Preflight:
     """What the checks before sampling found and loaded."""
 
     loaded: LoadedModel
-    sampling: ResolvedSampling
+    sampling: SamplingConfig
+    defaults_used: list[str]  # the model's defaults taken for settings not given ("name=value" lines)
+    record: dict[str, Any]  # what was sampled (`sampling_record`): metrics.json and the store settings
     settings: dict[str, Any]
     layout: StoreLayout
     metrics: tuple[str, ...]
     reference: Any = None
-    feature_config: Any = None
+    feature_config: Any = None  # the Inception metrics' `FeatureConfig` (None when only fd_dinov2 is asked for)
+    dinov2_config: Any = None  # fd_dinov2's `DINOv2Config`
+
+    @property
+    def inception_metrics(self) -> tuple[str, ...]:
+        return tuple(m for m in self.metrics if m in INCEPTION_METRICS)
 
 
 def _feature_config(options: EvaluateOptions, device: torch.device | str):
@@ -141,8 +149,8 @@ def _check_sample_count(options: EvaluateOptions, chosen: Sequence[str], feature
             f"precision/recall with k = {feature_config.prc_neighborhood}: --num-samples {options.num_samples} "
             "is too few"
         )
-    if set(chosen) & {"fid", "sfid"} and options.num_samples < 2:
-        raise EvaluateInputError("FID / sFID need a covariance: --num-samples must be >= 2")
+    if set(chosen) & {"fid", "sfid", FD_DINOV2} and options.num_samples < 2:
+        raise EvaluateInputError("FID / sFID / FD_DINOv2 need a covariance: --num-samples must be >= 2")
 
 
 def load_guide(loaded, guide_dir: Path, options: EvaluateOptions, device):
@@ -163,18 +171,30 @@ def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight
     """Every check that can fail before sampling (see the module docstring); identical on every rank."""
     check_options(options)
     chosen = _parse_metrics(options.metrics)
-    feature_config = reference = None
+    feature_config = reference = dinov2_config = None
     if chosen:
-        if options.reference is None and set(chosen) & {"fid", "sfid", "kid", "prc"}:
-            raise EvaluateInputError("--reference is required for fid, sfid, kid and prc (or use --metrics is)")
-        feature_config = _feature_config(options, device)
-        check_feature_layers(feature_config, chosen)
+        if options.reference is None and set(chosen) & {"fid", "sfid", "kid", "prc", FD_DINOV2}:
+            raise EvaluateInputError(
+                "--reference is required for fid, sfid, kid, prc and fd_dinov2 (or use --metrics is)"
+            )
+        inception = [m for m in chosen if m in INCEPTION_METRICS]
+        if inception:
+            feature_config = _feature_config(options, device)
+            check_feature_layers(feature_config, inception)
+        if FD_DINOV2 in chosen:
+            dinov2_config = DINOv2Config(
+                weights=resolve_dinov2_weights(options.dinov2_weights),
+                batch_size=options.feature_batch_size,
+                cuda=torch.device(device).type == "cuda",
+                num_workers=options.feature_workers,
+            )
         _check_sample_count(options, chosen, feature_config)
     loaded = load_model(options.model_dir, options.vae, device)
     prepare_network(loaded, options.precision, options.compile, device)
     if options.guide_model is not None:
         loaded.guide = load_guide(loaded, options.guide_model, options, device)
-    sampling = resolve_sampling(loaded, options.sampling)
+    sampling, defaults_used = resolve_sampling(loaded, options.sampling, options.classes)
+    record = sampling_record(sampling, options.classes, options.seed)
     if chosen and options.reference is not None:
         reference = open_reference(options.reference)
         check_reference(reference, loaded.resolution, chosen)
@@ -183,15 +203,17 @@ def preflight(options: EvaluateOptions, device: torch.device | str) -> Preflight
             raise EvaluateInputError(
                 f"--kid-subset-size {options.kid_subset_size} exceeds the {usable} reference images KID uses"
             )
-    settings = store_settings(loaded, sampling, options.num_samples)
+    settings = store_settings(loaded, record, options.num_samples)
     layout = StoreLayout(options.num_samples, loaded.resolution[0], loaded.resolution[1], options.batch_size)
     store_path = Path(options.out_dir) / STORE_NAME
     if store_path.exists():
         SampleStore.open(store_path, settings, mode="r")  # refuses other settings before any work
-    return Preflight(loaded, sampling, settings, layout, chosen, reference, feature_config)
+    return Preflight(
+        loaded, sampling, defaults_used, record, settings, layout, chosen, reference, feature_config, dinov2_config
+    )
 
 
-def evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
+def run_evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
     """Run the evaluate stage in this process (one rank of a launch); returns the metrics record on rank 0.
     Out of disk space is one error line (exit 1): the chunks already written are kept and a rerun resumes."""
     resume = "the sample chunks already written are kept and sampling resumes where it stopped"
@@ -216,7 +238,7 @@ def _evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
     # Every rank must read the same done mask before anyone writes, or the round-robin deal would differ.
     state.wait_for_everyone()
     if rank == 0:
-        used = ", ".join(checks.sampling.defaults_used) or "none"
+        used = ", ".join(checks.defaults_used) or "none"
         logger.info(
             "sampling %d/%d missing chunks with %d process(es); paper defaults used: %s",
             len(missing),
@@ -225,7 +247,16 @@ def _evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
             used,
         )
     stats = sample_into_store(
-        store, checks.loaded, checks.sampling, rank, world_size, options.batch_size, device, missing
+        store,
+        checks.loaded,
+        checks.sampling,
+        options.seed,
+        options.classes,
+        rank,
+        world_size,
+        options.batch_size,
+        device,
+        missing,
     )
     sampled_at = time.perf_counter()
     state.wait_for_everyone()
@@ -242,10 +273,21 @@ def _evaluate(options: EvaluateOptions) -> dict[str, Any] | None:
     record = build_record(options, checks, store, stats, world_size, len(missing), npz_path)
     if checks.metrics:
         cache_dir = reference_cache_dir(checks.reference, options.cache_dir) if checks.reference else None
-        result = compute_metrics(
-            SampleStoreDataset(store_path), checks.reference, checks.metrics, checks.feature_config, cache_dir
-        )
-        fill_metrics(record, result, checks)
+        result = _empty_result()
+        if checks.inception_metrics:
+            result = compute_metrics(
+                SampleStoreDataset(store_path),
+                checks.reference,
+                checks.inception_metrics,
+                checks.feature_config,
+                cache_dir,
+            )
+        dinov2 = None
+        if checks.dinov2_config is not None:
+            samples = SampleStoreDataset(store_path)
+            dinov2 = compute_fd_dinov2(samples, checks.reference, checks.dinov2_config, cache_dir)
+            timings.update({f"metrics_{k}": v for k, v in dinov2["timings_s"].items()})
+        fill_metrics(record, result, checks, dinov2)
         timings.update({f"metrics_{k}": v for k, v in result["timings_s"].items()})
     timings["total"] = time.perf_counter() - began
     record["timings_s"] = timings
@@ -273,7 +315,7 @@ def build_record(
         "resolution": list(checks.loaded.resolution),
         "model": checks.loaded.identity,
         "guide_model": checks.loaded.guide.identity if checks.loaded.guide is not None else None,
-        "sampling": {**checks.sampling.describe(), "paper_defaults_used": checks.sampling.defaults_used},
+        "sampling": {**checks.record, "paper_defaults_used": checks.defaults_used},
         "network": {**network_settings(checks.loaded), "requested_precision": options.precision},
         "sample_store": {
             "path": str(store.path),
@@ -290,10 +332,25 @@ def build_record(
 STANDARD_LAYERS = {"fid": "2048", "sfid": "mixed_6_conv", "kid": "2048", "prc": "2048", "is": "logits_unbiased"}
 
 
-def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflight) -> None:
+def _empty_result() -> dict[str, Any]:
+    """`compute_metrics`' result when no Inception metric is asked for."""
+    return {
+        "values": {},
+        "sources": {},
+        "reference_cache": {},
+        "reference_statistics_cache": None,
+        "timings_s": {},
+        "feature_layers": {},
+    }
+
+
+def fill_metrics(
+    record: dict[str, Any], result: dict[str, Any], checks: Preflight, dinov2: dict[str, Any] | None = None
+) -> None:
     """Put the metric values into `record`: under "metrics" only when they are comparable to published numbers
-    (official Inception weights and the standard feature layers), else under "plumbing_only_metrics" with
-    "metrics" left empty, so a script reading record["metrics"]["fid"] never gets a number that is not FID."""
+    (official Inception weights and the standard feature layers; for fd_dinov2, weights recognised as the
+    published DINOv2 ViT-L/14, `pipeline.evaluate.dinov2`), else under "plumbing_only_metrics" with "metrics" left
+    empty, so a script reading record["metrics"]["fid"] never gets a number that is not FID."""
     names = {
         "frechet_inception_distance": "fid",
         "spatial_frechet_inception_distance": "sfid",
@@ -306,47 +363,61 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
         "kernel_inception_distance_std": "kid_std",
     }
     values = {names.get(key, key): value for key, value in result["values"].items()}
-    weights = checks.feature_config.weights
+    config = checks.feature_config
     reference = checks.reference
-    odd_layers = {
-        metric: layer for metric, layer in result["feature_layers"].items() if layer != STANDARD_LAYERS[metric]
-    }
-    reasons = []
-    if not weights.official:
-        reasons.append(PLUMBING_ONLY_LABEL)
-    if odd_layers:
-        reasons.append(f"plumbing-only (non-standard Inception feature layers {odd_layers})")
+    sources = dict(result.get("sources", {}))
+    reasons, labels = [], []
+    if config is not None:  # Inception metrics were computed
+        odd_layers = {
+            metric: layer for metric, layer in result["feature_layers"].items() if layer != STANDARD_LAYERS[metric]
+        }
+        if not config.weights.official:
+            reasons.append(PLUMBING_ONLY_LABEL)
+        if odd_layers:
+            reasons.append(f"plumbing-only (non-standard Inception feature layers {odd_layers})")
+        labels.append(config.weights.label)
+    if dinov2 is not None:
+        dinov2_weights = checks.dinov2_config.weights
+        values[FD_DINOV2] = dinov2["value"]
+        sources[FD_DINOV2] = dinov2["source"]
+        (labels if dinov2_weights.recognised else reasons).append(dinov2_weights.label)
     reportable = not reasons
-    label = "; ".join(reasons) if reasons else weights.label
-    sources = result.get("sources", {})
+    label = "; ".join(reasons) if reasons else "; ".join(labels)
     if reference is not None and reference.kind == "stats":
         label += "; FID against precomputed statistics whose feature extractor is not recorded"
-    elif any(source.get("from") == "stored statistics" for source in sources.values()):
+    elif any(source.get("from") == "stored statistics" for m, source in sources.items() if m != FD_DINOV2):
         label += (
             "; FID/sFID against the reference batch's stored statistics (the ADM evaluator computes them with "
             "TensorFlow's Inception graph, the samples' features come from torch-fidelity's port of it)"
         )
-    record["inception_weights"] = weights.describe()
-    record["official_inception_weights"] = weights.official
+    if dinov2 is not None and dinov2["source"].get("from") == "stored statistics" and reference.kind != "stats":
+        label += "; FD_DINOv2 against the reference's stored mu_dinov2/sigma_dinov2 (their extractor is not verified)"
+    record["inception_weights"] = config.weights.describe() if config is not None else None
+    record["official_inception_weights"] = config.weights.official if config is not None else None
     record["reportable"] = reportable
     record["label"] = label
     record["metrics"] = values if reportable else {}
     if not reportable:
         record["plumbing_only_metrics"] = values
     record["metrics_requested"] = list(checks.metrics)
-    record["feature_extractor"] = {
-        **checks.feature_config.extractor_identity(),
-        "name": FEATURE_EXTRACTOR,
-        "layers": result["feature_layers"],
-        "kid_subset_size": checks.feature_config.kid_subset_size,
-        "kid_subsets": checks.feature_config.kid_subsets,
-        "isc_splits": checks.feature_config.isc_splits,
-        "isc_split_size": checks.feature_config.isc_split_size,
-        "prc_neighborhood": checks.feature_config.prc_neighborhood,
-        "prc_reference_limit": checks.feature_config.prc_reference_limit,
-        "prc_memory_bytes": checks.feature_config.prc_memory_bytes,
-        "prc_distance_precision": checks.feature_config.prc_precision,
-    }
+    record["feature_extractor"] = None
+    if config is not None:
+        record["feature_extractor"] = {
+            **config.extractor_identity(),
+            "name": FEATURE_EXTRACTOR,
+            "layers": result["feature_layers"],
+            "kid_subset_size": config.kid_subset_size,
+            "kid_subsets": config.kid_subsets,
+            "isc_splits": config.isc_splits,
+            "isc_split_size": config.isc_split_size,
+            "prc_neighborhood": config.prc_neighborhood,
+            "prc_reference_limit": config.prc_reference_limit,
+            "prc_memory_bytes": config.prc_memory_bytes,
+            "prc_distance_precision": config.prc_precision,
+        }
+    if dinov2 is not None:
+        record["dinov2_weights"] = checks.dinov2_config.weights.describe()
+        record["feature_extractor_dinov2"] = checks.dinov2_config.extractor_identity()
     record["metric_sources"] = sources
     if reference is not None:
         record["reference"] = {
@@ -354,6 +425,8 @@ def fill_metrics(record: dict[str, Any], result: dict[str, Any], checks: Preflig
             "feature_cache": result["reference_cache"],
             "statistics_cache": result.get("reference_statistics_cache"),
         }
+        if dinov2 is not None:
+            record["reference"]["dinov2_statistics_cache"] = dinov2["statistics_cache"]
 
 
 def format_summary(record: dict[str, Any]) -> str:
@@ -382,7 +455,8 @@ def sample_grid(
     classes: list[int] | None,
     per_class: int = 1,
     num: int = 16,
-    sampling_options: SamplingOptions | None = None,
+    sampling: dict[str, Any] | None = None,
+    seed: int = 0,
     vae: Path | None = None,
     batch_size: int = 16,
     device: str | None = None,
@@ -393,25 +467,22 @@ def sample_grid(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(model_dir, vae, device)
     prepare_network(loaded, precision, compile, device)
-    options = sampling_options or SamplingOptions()
-    if classes is not None:
-        options.classes = classes
-    sampling = resolve_sampling(loaded, options)
+    config, _ = resolve_sampling(loaded, sampling or {}, classes)
     if per_class < 1 or num < 1:
         raise EvaluateInputError("--per-class and --num must be >= 1")
-    if sampling.classes is not None:
-        count, columns = len(sampling.classes) * per_class, per_class
+    if classes is not None:
+        count, columns = len(classes) * per_class, per_class
         # Row r holds class r: sample index r * per_class + j has label classes[r].
-        labels = np.repeat(np.asarray(sampling.classes, dtype=np.int64), per_class)
+        labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
     else:
         count = num
         columns = int(np.ceil(np.sqrt(num)))
-        labels = sample_class_labels(sampling.seed, np.arange(count), loaded.num_classes)
-    images, _ = generate(loaded, sampling, np.arange(count), labels, batch_size, device)
+        labels = sample_class_labels(seed, np.arange(count), loaded.num_classes)
+    images, _ = generate(loaded, config, seed, np.arange(count), labels, batch_size, device)
     write_png(out_png, image_grid(images, columns))
     rows = -(-count // columns)
     logger.info("wrote a %dx%d grid of %d samples to %s", rows, columns, count, out_png)
     return Path(out_png)
 
 
-__all__ = ["EvaluateOptions", "Preflight", "evaluate", "preflight", "sample_grid"]
+__all__ = ["EvaluateOptions", "Preflight", "run_evaluate", "preflight", "sample_grid"]

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from diffit.sampling import FLOW_DEFAULT_STEPS
+from diffit.guidance import GuidanceConfig
+from diffit.sampling import FLOW_DEFAULT_STEPS, SamplingConfig
 from pipeline import __version__
 from pipeline.evaluate.model_loading import LoadedModel, network_settings
-from pipeline.evaluate.options import EvaluateInputError, ResolvedSampling, SamplingOptions
+from pipeline.evaluate.options import EvaluateInputError, check_sampling_settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,77 +68,66 @@ def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
     return chosen, str(recorded.get("origin", "the model's config.json"))
 
 
-def resolve_sampling(loaded: LoadedModel, options: SamplingOptions) -> ResolvedSampling:
-    """Fill unset sampling options with the model's defaults (`sampling_defaults`), and check the rest."""
+def resolve_sampling(
+    loaded: LoadedModel, settings: dict[str, Any], classes: list[int] | None = None
+) -> tuple[SamplingConfig, list[str]]:
+    """The `SamplingConfig` the model samples with: the model's kind and training chain, its defaults
+    (`sampling_defaults`) for the settings not given, then `settings` (by name, `diffit.sampling.SETTINGS`);
+    checked against the model. Also returns the defaults used, as "name=value" lines for logs and metrics.json."""
     from diffit.flow import FLOW_SAMPLERS
-    from diffit.guidance import SCHEDULES
-    from diffit.sampling import PIXEL_QUANTIZATIONS, SAMPLERS
+    from diffit.sampling import SamplingConfig
 
-    defaults: list[str] = []
-    conditional = loaded.num_classes > 0
+    check_sampling_settings(settings)
+    given = {name: value for name, value in settings.items() if value is not None}
     default, origin = sampling_defaults(loaded)
     suffix = "" if origin == "paper" else f" ({origin})"
-
-    def pick(name: str, given):
-        if given is None:
-            defaults.append(f"{name}={default[name]}{suffix}")
-            return default[name]
-        return given
-
-    sampler = pick("sampler", options.sampler)
-    steps = int(pick("steps", options.steps))
-    scale = float(pick("guidance_scale", options.guidance_scale))
-    schedule = pick("guidance_schedule", options.guidance_schedule)
-    # Not listed in defaults_used (recorded as "pixels" in every record): the conversion, not a sampler setting.
-    pixels = options.pixels if options.pixels is not None else default["pixels"]
-    if pixels not in PIXEL_QUANTIZATIONS:
-        raise EvaluateInputError(f"--pixels {pixels}: expected one of {', '.join(PIXEL_QUANTIZATIONS)}")
-    if sampler not in SAMPLERS:
-        raise EvaluateInputError(f"--sampler {sampler}: expected one of {SAMPLERS}")
-    if loaded.kind == "edm" and sampler != "edm-heun":
-        raise EvaluateInputError(f"{loaded.model_dir}: an EDM model samples with edm-heun, not {sampler}")
-    if (loaded.kind == "flow") != (sampler in FLOW_SAMPLERS):
+    # Not listed among the defaults used (recorded as "pixels" in every record): the conversion, not a sampler
+    # setting.
+    defaults = [f"{name}={value}{suffix}" for name, value in default.items() if name not in given and name != "pixels"]
+    diffusion = loaded.config["diffusion"]
+    model = SamplingConfig(
+        kind=loaded.kind,
+        diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
+        noise_schedule=diffusion.get("noise_schedule", "linear"),
+        sigma_data=float(diffusion.get("sigma_data", 0.5)),
+        guidance=GuidanceConfig(),
+    )
+    config = model.with_settings(**{**default, **given})
+    conditional = loaded.num_classes > 0
+    if loaded.kind == "edm" and config.sampler != "edm-heun":
+        raise EvaluateInputError(f"{loaded.model_dir}: an EDM model samples with edm-heun, not {config.sampler}")
+    if (loaded.kind == "flow") != (config.sampler in FLOW_SAMPLERS):
+        sampler = config.sampler
         what = "a flow model samples with" if loaded.kind == "flow" else f"{sampler} samples flow models only; use"
         choices = FLOW_SAMPLERS if loaded.kind == "flow" else ("ddpm", "ddim", "edm-heun")
         raise EvaluateInputError(f"{loaded.model_dir}: {what} {', '.join(choices)}, not {sampler}")
-    if schedule not in SCHEDULES:
-        raise EvaluateInputError(f"--guidance-schedule {schedule}: expected one of {SCHEDULES}")
-    if steps < 1:
-        raise EvaluateInputError(f"--steps must be >= 1, got {steps}")
+    scale = config.guidance.scale
     if scale != 1.0 and not conditional:
         raise EvaluateInputError(f"--guidance-scale {scale}: {loaded.model_dir} is unconditional (no guidance)")
-    classes = options.classes
     if classes is not None:
         if not conditional:
             raise EvaluateInputError(f"--classes: {loaded.model_dir} is unconditional")
         bad = [c for c in classes if not 0 <= c < loaded.num_classes]
         if bad or not classes:
             raise EvaluateInputError(f"--classes {classes}: labels must lie in [0, {loaded.num_classes})")
-    return ResolvedSampling(
-        kind=loaded.kind,
-        sampler=sampler,
-        steps=int(steps),
-        guidance_scale=scale,
-        guidance_schedule=schedule,
-        guidance_power=float(options.guidance_power),
-        guidance_channels=3 if options.guidance_channels == "3" else None,
-        classes=list(classes) if classes is not None else None,
-        seed=int(options.seed),
-        eta=float(options.eta),
-        pixels=pixels,
-        defaults_used=defaults,
-        guidance_interval=[float(v) for v in options.guidance_interval] if options.guidance_interval else None,
-    )
+    return config, defaults
 
 
-def store_settings(loaded: LoadedModel, sampling: ResolvedSampling, num_samples: int) -> dict[str, Any]:
-    """What the samples depend on: stored in the zarr attributes and compared on resume."""
+def sampling_record(config: SamplingConfig, classes: list[int] | None, seed: int) -> dict[str, Any]:
+    """What was sampled, as metrics.json and the sample store record it: the model kind, every setting by its
+    name (`SamplingConfig.settings`), the classes and the seed."""
+    return {"kind": config.kind, **config.settings(), "classes": classes, "seed": int(seed)}
+
+
+def store_settings(loaded: LoadedModel, sampling: dict[str, Any], num_samples: int) -> dict[str, Any]:
+    """What the samples depend on (`sampling`: the `sampling_record`): stored in the zarr attributes and
+    compared on resume."""
     # Content hashes, not paths: a moved model directory or VAE folder still resumes its store.
     model = {key: value for key, value in loaded.identity.items() if key not in ("path", "vae")}
     if "vae" in loaded.identity:
         vae = loaded.identity["vae"]
         model["vae"] = {"scaling_factor": vae["scaling_factor"], "path_hash": vae["path_hash"]}
-    described = sampling.describe()
+    described = dict(sampling)
     if described["pixels"] == "round":  # the conversion of stores made before it was a setting: they still resume
         del described["pixels"]
     if described["guidance_interval"] is None:  # likewise: stores made before intervals existed still resume

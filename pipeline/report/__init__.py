@@ -3,10 +3,10 @@
 `collect` reads what the train, export and evaluate stages wrote (metrics.jsonl, sample grids, config,
 checkpoints with their files.json, exports, metrics.json) and how they link by hash, `charts` draws the curves
 (matplotlib, imported only here) and re-encodes the grids, `page` lays out the HTML (everything from the run's
-files escaped), `build.write_report` writes it atomically. Other packages use what this package exports.
+files escaped), `build.run_report` writes it atomically. Other packages use what this package exports.
 """
 
-from pipeline.report.build import REPORT_NAME, write_report
+from pipeline.report.build import REPORT_NAME, ReportOptions, run_report
 from pipeline.report.charts import line_chart
 from pipeline.report.collect import ReportError
 from pipeline.report.page import CSP, LINEAGE, NOT_PRESENT, SECTIONS, STYLE
@@ -20,5 +20,6 @@ __all__ = [
     "STYLE",
     "ReportError",
     "line_chart",
-    "write_report",
+    "ReportOptions",
+    "run_report",
 ]

@@ -1,4 +1,4 @@
-"""`write_report`: a run directory -> one self-contained HTML page (`diffit-pipe report RUN`).
+"""`run_report`: a run directory -> one self-contained HTML page (`diffit-pipe report RUN`).
 
 Read the run (`collect`), draw its curves and re-encode its sample grids (`charts`), lay out the page (`page`)
 and write it atomically: a reader of the report never sees half of it.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import __version__
@@ -22,21 +23,23 @@ REPORT_NAME = "report.html"
 MAX_GRIDS = 12
 
 
-def write_report(
-    run_dir: str | Path,
-    out: str | Path | None = None,
-    exports: list[Path] = (),
-    evaluations: list[Path] = (),
-    verify: bool = False,
-) -> Path:
-    """Write the report of `run_dir` to `out` (default RUN/report.html) and return its path.
+@dataclass
+class ReportOptions:
+    """What `diffit-pipe report` is asked to do."""
 
-    `exports` / `evaluations`: export and evaluate output directories to link into the lineage, besides any
-    RUN/export* / RUN/eval* directories; `verify` re-hashes every checkpoint file (otherwise sizes are compared).
-    Raises ReportError (a PipelineError) when `run_dir` is not a directory; anything missing inside it is shown
-    as "not present"."""
-    run = read_run(run_dir, list(exports), list(evaluations), verify)
-    out = Path(out) if out is not None else run.run_dir / REPORT_NAME
+    run_dir: str | Path
+    out: str | Path | None = None  # the page; None: RUN/report.html
+    # Export and evaluate output directories to link into the lineage, besides any RUN/export* / RUN/eval*.
+    exports: list[Path] = field(default_factory=list)
+    evaluations: list[Path] = field(default_factory=list)
+    verify: bool = False  # re-hash every checkpoint file (otherwise sizes are compared)
+
+
+def run_report(options: ReportOptions) -> Path:
+    """Write the report of `options.run_dir` and return its path. Raises ReportError (a PipelineError) when the
+    run directory is not a directory; anything missing inside it is shown as "not present"."""
+    run = read_run(options.run_dir, list(options.exports), list(options.evaluations), options.verify)
+    out = Path(options.out) if options.out is not None else run.run_dir / REPORT_NAME
     write_text_atomic(out, render(run))
     logger.info("wrote the report of %s to %s", run.run_dir, out)
     return out

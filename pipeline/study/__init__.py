@@ -1,7 +1,8 @@
 """The study stage: ablations as studies of ordinary runs.
 
-`spec` reads a study file (a base preset, axes of overrides, seeds, one budget) and expands it into units (one
-ordinary training run each) and evaluations; `runner` runs a unit through the train / export / evaluate stages'
+`spec` is a study (a base preset, axes of overrides, seeds, one budget) and its expansion into units (one
+ordinary training run each) and evaluations, `parse` reads a study file into one, `checks` checks it against the
+training and evaluate stages; `runner` runs a unit through the train / export / evaluate stages'
 entry points, skipping complete outputs; `demo_metrics` is FD_demo and the consistencies at demo scale; `stats`
 the interval arithmetic; `verdicts` judges the paper's claims (Holm-adjusted paired tests) and plans seeds by
 power; `identity` fingerprints a study's inputs; `aggregate` writes `study.json`; `page` the HTML page; `slurm`
@@ -9,8 +10,10 @@ the job-array scripts; `parallel` runs units as processes. The door is `run.run_
 """
 
 from pipeline.study.aggregate import STUDY_JSON, StudyIncompleteError, aggregate, seed_power
+from pipeline.study.checks import check_model_kwargs
 from pipeline.study.demo_metrics import FD_DEMO, classifier_features
 from pipeline.study.page import STUDY_HTML, write_page
+from pipeline.study.parse import load_study
 from pipeline.study.run import StudyOptions, run_study
 from pipeline.study.runner import (
     PLAN_FILE,
@@ -23,7 +26,7 @@ from pipeline.study.runner import (
     unit_state,
 )
 from pipeline.study.slurm import AGGREGATE_SBATCH, SBATCH, write_sbatch
-from pipeline.study.spec import BUDGET_KEYS, Study, StudyError, check_model_kwargs, load_study
+from pipeline.study.spec import BUDGET_KEYS, Study, StudyError
 from pipeline.study.stats import interval, paired_difference
 
 __all__ = [

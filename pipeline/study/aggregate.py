@@ -229,11 +229,13 @@ def cost(study: Study, out: Path, results: dict[str, dict[int, dict[str, Any]]])
         samples = [r.get("num_samples") for r in results[variant.name].values()]
         table[variant.name] = {
             "model": export["model"]["name"],
+            "diffusion": (export.get("diffusion") or {}).get("type"),
             "params": stats["params"],
             "gflops": stats["gflops"],
             "guidance_scale": sampling.get("guidance_scale"),
             "sampler": sampling.get("sampler"),
             "sampling_steps": sampling.get("steps"),
+            "network_evaluations": _network_evaluations(sampling),
             "train_seconds": _mean(train),
             "train_images_per_s": _mean([images / s if s else None for s in train]),
             "evaluate_seconds": _mean(evaluate),
@@ -242,18 +244,36 @@ def cost(study: Study, out: Path, results: dict[str, dict[int, dict[str, Any]]])
     return table
 
 
+def _network_evaluations(sampling: dict[str, Any]) -> int | None:
+    from diffit.sampling import network_evaluations
+
+    if sampling.get("sampler") is None or sampling.get("steps") is None:
+        return None
+    return network_evaluations(sampling["sampler"], sampling["steps"])
+
+
 def budget(study: Study) -> dict[str, Any]:
-    """What every run of the study shares."""
-    config = training_config(study, study.units()[0])
+    """What every run of the study shares ("per variant" where the variants differ: see `cost`)."""
+    first = {}
+    for unit in study.units():
+        first.setdefault(unit.train_name, unit)
+    configs = [training_config(study, unit) for unit in first.values()]
+    config = configs[0]
+
+    def shared(values: list[Any]) -> Any:
+        return values[0] if len(set(values)) == 1 else "per variant"
+
     evaluate = study.evaluate
+    sampling = [study.evaluate_settings(variant) for variant in study.variants]
     return {
         "max_steps": config.train.max_steps,
         "global_batch_size": config.train.global_batch_size,
         "images_seen": config.train.max_steps * config.train.global_batch_size,
-        "model": config.model.name,
-        "diffusion": config.diffusion.type,
-        "sampler": evaluate.get("sampler"),
-        "sampling_steps": evaluate.get("steps"),
+        "model": shared([c.model.name for c in configs]),
+        "diffusion": shared([c.diffusion.type for c in configs]),
+        "sampler": shared([s.get("sampler") for s in sampling]),
+        "sampling_steps": shared([s.get("steps") for s in sampling]),
+        "network_evaluations": shared([_network_evaluations(s) for s in sampling]),
         "guidance_scale": evaluate.get("guidance_scale"),  # study-wide (a variant's own: `cost`)
         "num_samples": evaluate.get("num_samples", 50_000),
     }

@@ -16,9 +16,10 @@ from pathlib import Path
 from pipeline.core.atomic import write_json_atomic
 from pipeline.study.aggregate import STUDY_JSON, aggregate, seed_power, write_grids
 from pipeline.study.page import STUDY_HTML, write_page
+from pipeline.study.parse import load_study
 from pipeline.study.runner import check_directory, prepare_directory, run_all, run_unit, study_lock, unit_state
 from pipeline.study.slurm import write_sbatch
-from pipeline.study.spec import StudyError, load_study
+from pipeline.study.spec import StudyError
 
 
 @dataclass

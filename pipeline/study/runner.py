@@ -32,17 +32,11 @@ from typing import Any
 
 from pipeline.core.atomic import write_json_atomic
 from pipeline.core.storage import LocalDirectory, StorageError
+from pipeline.study.checks import check_model_kwargs
+from pipeline.study.checks import evaluate_options as options_of_settings
 from pipeline.study.demo_metrics import demo_metrics
-from pipeline.study.spec import (
-    Evaluation,
-    Study,
-    StudyError,
-    Unit,
-    check_model_kwargs,
-    rename_evaluate_keys,
-    training_config,
-)
-from pipeline.study.spec import evaluate_options as options_of_settings
+from pipeline.study.parse import rename_evaluate_keys
+from pipeline.study.spec import Evaluation, Study, StudyError, Unit, training_config
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +200,40 @@ def evaluate_options(study: Study, variant_name: str, seed: int, model_dir: Path
     return options_of_settings(study.evaluate_settings(study.variant(variant_name)), seed, model_dir, out_dir)
 
 
+def guide_model_dir(unit: Unit, step: int) -> str:
+    """Where the EMA of the unit's milestone checkpoint at `step` is exported when it guides (`guide_step`)."""
+    return f"guide-models/{unit.train_name}/seed-{unit.seed}/step-{step:07d}"
+
+
+def with_guide(study: Study, unit: Unit, out: Path, variant_name: str, options):
+    """`options` with the autoguidance model a variant's `evaluate.guide_step` names: the EMA of the unit's own
+    milestone checkpoint at that step (Karras et al. 2024 guide with an earlier, weaker model of the same run),
+    exported once; `options` unchanged without it."""
+    step = study.evaluate_settings(study.variant(variant_name)).get("guide_step")
+    if step is None:
+        return options
+    return dataclasses.replace(options, guide_model=export_milestone(unit, out, step, guide_model_dir(unit, step)))
+
+
+def export_milestone(unit: Unit, out: Path, step: int, model_dir: str) -> Path:
+    """The EMA of the unit's milestone checkpoint at `step`, exported to `out / model_dir` (once)."""
+    from pipeline.train import CHECKPOINTS_DIR, checkpoint_name, export_checkpoint
+
+    target = out / model_dir
+    if not export_complete(target, step):
+        checkpoint = out / unit.run_dir / CHECKPOINTS_DIR / checkpoint_name(step)
+        if not checkpoint.is_dir():
+            raise StudyError(
+                f"{checkpoint}: the milestone checkpoint at step {step} is gone; rerun the unit's training "
+                "(remove its model export)"
+            )
+        export_checkpoint(checkpoint, target)
+    return target
+
+
 def train_unit(study: Study, unit: Unit, out: Path) -> None:
     """Train (or resume) the unit's run to max_steps and export its EMA; nothing when the export is complete."""
-    from pipeline.train import TrainArgs, export_checkpoint, run
+    from pipeline.train import TrainOptions, export_checkpoint, run_train
 
     max_steps = training_config(study, unit).train.max_steps
     model_dir = out / unit.model_dir
@@ -220,15 +245,17 @@ def train_unit(study: Study, unit: Unit, out: Path) -> None:
     run_dir = out / unit.run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info("study %s: training %s", study.name, unit.run_dir)
-    run(
-        TrainArgs(run_dir=run_dir, config_path=study.base, data_dir=study.data, overrides=unit.overrides, resume="auto")
+    run_train(
+        TrainOptions(
+            run_dir=run_dir, config_path=study.base, data_dir=study.data, overrides=unit.overrides, resume="auto"
+        )
     )
     export_checkpoint(run_dir, model_dir)
 
 
 def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
     """Every evaluation of the unit's model that has no result yet: evaluate, demo metrics, `result.json`."""
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import run_evaluate
 
     for evaluation in unit.evaluations:
         eval_dir = out / evaluation.out_dir
@@ -236,7 +263,7 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
             continue
         logger.info("study %s: evaluating %s", study.name, evaluation.out_dir)
         options = evaluate_options(study, evaluation.variant, evaluation.seed, out / unit.model_dir, eval_dir)
-        record = evaluate(options)
+        record = run_evaluate(with_guide(study, unit, out, evaluation.variant, options))
         timings = record.get("timings_s") or {}
         images, labels = read_samples(eval_dir)
         values, details = demo_metrics(study.demo_metrics, images, labels)
@@ -269,29 +296,20 @@ def curve_unit(study: Study, unit: Unit, out: Path) -> None:
     """The unit's curve points without a result: export each milestone checkpoint's EMA, evaluate it on
     `curve.num_samples` samples (no Inception metrics: FID during training is the trainer's `eval.every`), and
     write the demo metrics."""
-    from pipeline.evaluate import evaluate
-    from pipeline.train import CHECKPOINTS_DIR, checkpoint_name, export_checkpoint
+    from pipeline.evaluate import run_evaluate
 
     count = int(study.curve.get("num_samples") or 0)
     for step in study.curve_steps():
-        model_dir = out / curve_model_dir(unit, step)
         pending = [e for e in unit.evaluations if read_result(out / curve_eval_dir(e, step)) is None]
         if not pending:
             continue
-        if not export_complete(model_dir, step):
-            checkpoint = out / unit.run_dir / CHECKPOINTS_DIR / checkpoint_name(step)
-            if not checkpoint.is_dir():
-                raise StudyError(
-                    f"{checkpoint}: the milestone checkpoint of the curve point at step {step} is gone; "
-                    "rerun the unit's training (remove its model export) or drop `curve` from the study"
-                )
-            export_checkpoint(checkpoint, model_dir)
+        model_dir = export_milestone(unit, out, step, curve_model_dir(unit, step))
         for evaluation in pending:
             eval_dir = out / curve_eval_dir(evaluation, step)
             logger.info("study %s: curve point %s", study.name, eval_dir.relative_to(out))
             options = evaluate_options(study, evaluation.variant, evaluation.seed, model_dir, eval_dir)
             options = dataclasses.replace(options, num_samples=count, metrics=())
-            evaluate(options)
+            run_evaluate(with_guide(study, unit, out, evaluation.variant, options))
             images, labels = read_samples(eval_dir)
             values, _ = demo_metrics(study.demo_metrics, images, labels)
             result = {"variant": evaluation.variant, "seed": evaluation.seed, "step": step, "metrics": values}

@@ -18,11 +18,11 @@ from pipeline.train.checkpoint import (
     checkpoint_problem,
     list_checkpoints,
 )
-from pipeline.train.checks import RUN_CONFIG, TrainArgs, TrainError
+from pipeline.train.checks import RUN_CONFIG, TrainError, TrainOptions
 from pipeline.train.config import Config, ConfigError, config_from_dict, dump_config, load_config, samplers_for
 from pipeline.train.diskfull import DiskFullError
 from pipeline.train.export import export_checkpoint
-from pipeline.train.loop import NonFiniteLossError, run
+from pipeline.train.loop import NonFiniteLossError, run_train
 from pipeline.train.preemption import EXIT_STOPPED, TrainingStopped
 from pipeline.train.progress import METRICS
 from pipeline.train.released import import_nvlabs
@@ -45,7 +45,7 @@ __all__ = [
     "DiskFullError",
     "NonFiniteLossError",
     "RunLockedError",
-    "TrainArgs",
+    "TrainOptions",
     "TrainError",
     "checkpoint_name",
     "checkpoint_problem",
@@ -55,7 +55,7 @@ __all__ = [
     "import_nvlabs",
     "list_checkpoints",
     "load_config",
-    "run",
+    "run_train",
     "samplers_for",
     "EXIT_STOPPED",
     "TrainingStopped",

@@ -29,6 +29,7 @@ from pipeline.train.config import (
     FROZEN_ON_RESUME,
     Config,
     ConfigError,
+    config_from_dict,
     config_to_dict,
     load_config,
     one_line,
@@ -44,7 +45,7 @@ class TrainError(InputError):
 
 
 @dataclass
-class TrainArgs:
+class TrainOptions:
     """What the command line gives the trainer."""
 
     run_dir: Path
@@ -66,10 +67,20 @@ class DatasetInfo:
     kind: str
     num_classes: int
     sha256: list[str] = field(default_factory=list)  # of each of `urls`
+    latent_norm: Any = None  # latents: the `diffit.latent_norm.LatentNorm` the model trains with (`data.latent_norm`)
+
+    def __post_init__(self) -> None:
+        if self.latent_norm is None and self.kind == "latents":  # built without `check_dataset`: the VAE's factors
+            self.latent_norm = latent_norm_of("scalar", self.manifest, self.manifest_path)
 
     @property
     def scaling_factor(self) -> float:
         return float(self.manifest["vae"]["scaling_factor"]) if self.kind == "latents" else 1.0
+
+    @property
+    def manifest_path(self) -> str:
+        """The manifest's path or URL (named in messages)."""
+        return f"{self.data_dir.rstrip('/')}/manifest.json"
 
     def dataset_entry(self) -> dict[str, Any]:
         """Identity of the data recorded in checkpoints and exports."""
@@ -107,7 +118,7 @@ class CheckedRun:
         return int(self.resume_state["images_seen"]) if self.resume_state is not None else 0
 
 
-def check_run(args: TrainArgs) -> CheckedRun:
+def check_run(args: TrainOptions) -> CheckedRun:
     """The configuration, the resume point and the dataset, all checked (the data directory defaults to the one
     the resumed run was trained on, and must still hold the same data)."""
     config, checkpoint = prepare_config(args)
@@ -158,7 +169,34 @@ def check_dataset(config: Config, data_dir: str | Path | Location) -> DatasetInf
         kind=manifest["kind"],
         num_classes=num_classes,
         sha256=digests,
+        latent_norm=_latent_norm(config, manifest, where) if family == "latent" else None,
     )
+
+
+def latent_norm_of(kind: str, manifest: dict[str, Any], where: Any):
+    """The `LatentNorm` a latent dataset gives for `data.latent_norm` = `kind`: the VAE's scaling and shift factors
+    (a manifest written before the shift was recorded: 0), or the manifest's per-channel statistics (TrainError
+    naming the manifest when it has none)."""
+    from diffit.latent_norm import LatentNorm
+
+    try:
+        if kind == "channel":
+            stats = manifest.get("latent_stats")
+            if stats is None:
+                raise TrainError(
+                    f"{where}: data.latent_norm is 'channel' but this manifest has no per-channel statistics "
+                    "(latent_stats); run the same `diffit-pipe encode` command again (it keeps the shards and adds "
+                    "them), or set data.latent_norm: scalar"
+                )
+            return LatentNorm.channel(stats["mean"], stats["std"])
+        vae = manifest["vae"]
+        return LatentNorm.scalar(vae["scaling_factor"], vae.get("shift_factor", 0.0))
+    except ValueError as error:
+        raise TrainError(f"{where}: data.latent_norm {kind}: {error}") from None
+
+
+def _latent_norm(config: Config, manifest: dict[str, Any], where: Any):
+    return latent_norm_of(config.data.latent_norm, manifest, where)
 
 
 def _data_location(data_dir: str | Path | Location) -> Location:
@@ -370,7 +408,7 @@ def _diff_sections(old: dict, new: dict, sections: tuple[str, ...]) -> list[str]
     return differences
 
 
-def prepare_config(args: TrainArgs) -> tuple[Config, Path | None]:
+def prepare_config(args: TrainOptions) -> tuple[Config, Path | None]:
     """The run's configuration (from --config, or the run dir's config.yaml when resuming) and the checkpoint to
     resume from (None: fresh start). Checks that a resumed run is the same experiment."""
     run_dir = Path(args.run_dir)
@@ -390,7 +428,7 @@ def prepare_config(args: TrainArgs) -> tuple[Config, Path | None]:
     return config, checkpoint
 
 
-def _resume_point(args: TrainArgs, run_dir: Path) -> Path | None:
+def _resume_point(args: TrainOptions, run_dir: Path) -> Path | None:
     """The checkpoint --resume names (None: fresh start); a fresh start into a run dir with checkpoints is an
     error, so a forgotten --resume never overwrites a run."""
     if args.resume == "auto":
@@ -427,6 +465,12 @@ def _check_same_experiment(config: Config, checkpoint: Path) -> None:
         ) from None
     if not isinstance(saved, dict):
         raise TrainError(f"{checkpoint / CONFIG_COPY}: not a configuration mapping")
+    # Read through the schema: a setting added since the checkpoint was written takes its default, which is what
+    # runs did before it existed (diffusion.time_sampling: uniform, data.latent_norm: scalar, ...).
+    try:
+        saved = config_to_dict(config_from_dict(saved, str(checkpoint / CONFIG_COPY)))
+    except ConfigError as error:
+        raise TrainError(str(error)) from None
     differences = _diff_sections(saved, config_to_dict(config), FROZEN_ON_RESUME)
     if differences:
         raise TrainError(

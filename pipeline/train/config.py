@@ -86,6 +86,10 @@ class DataConfig:
     prefetch_factor: int = 2
     # Latents: pick the stored flipped latent with probability 0.5; images: flip with probability 0.5.
     hflip: bool = True
+    # Latents only: what the model sees of a VAE latent z (`diffit.latent_norm`). "scalar": the VAE's
+    # scaling_factor * (z - shift_factor) (SD, SD3, FLUX); "channel": (z - mean_c) / std_c with the dataset's
+    # per-channel statistics of the posterior means (the manifest's latent_stats; EDM2, LightningDiT).
+    latent_norm: Literal["scalar", "channel"] = "scalar"
     # Probability of replacing a class label by the null class (classifier-free guidance training).
     label_dropout: float = 0.1
     # A shard whose sha256 differs from the manifest's (or that is not a readable tar): "error" stops the run
@@ -157,14 +161,25 @@ class CheckpointConfig:
 
 @dataclass
 class SampleConfig:
-    """EMA sample grids written to `RUN/samples/step-XXXXXXX.png` while training."""
+    """EMA sample grids written to `RUN/samples/step-XXXXXXX.png` while training.
+
+    The sampling settings have their one name each (`diffit.sampling.SETTINGS`, as `diffit-pipe evaluate` and
+    studies take them) and become the run's `SamplingConfig` in `pipeline.train.samples.sampling_config`; guidance
+    applies to class-conditional models only. `pixels` is not among them: a grid is a preview, converted as
+    `pipeline.core.vae.decode_latents` does.
+    """
 
     every: int = 10_000  # 0 disables
     count: int = 16
+    seed: int = 0
     sampler: Literal["ddpm", "ddim", "edm-heun", "euler", "heun", "euler-maruyama"] = "ddim"
     steps: int = 25
     guidance_scale: float = 1.0
-    seed: int = 0
+    guidance_schedule: Literal["constant", "power-cosine"] = "constant"
+    guidance_power: float = 4.0
+    guidance_channels: int | Literal["all"] = 3  # the first three latent channels (DiffiT), or "all"
+    guidance_interval: list[float] | None = None  # [low, high] of sigma (ADM / EDM) or t (flow); None: everywhere
+    eta: float = 0.0  # DDIM only
 
 
 @dataclass
@@ -186,11 +201,15 @@ class EvalConfig:
     cache_dir: str | None = None  # reference feature cache; None: beside the reference (evaluate's default)
     batch_size: int = 32  # samples per process and sampler call
     feature_batch_size: int = 64
-    # Sampling; None takes the `sample` section's value.
-    sampler: Literal["ddpm", "ddim", "edm-heun"] | None = None
+    # Sampling settings as in the `sample` section (their one name each); None takes the `sample` section's value.
+    sampler: Literal["ddpm", "ddim", "edm-heun", "euler", "heun", "euler-maruyama"] | None = None
     steps: int | None = None
     guidance_scale: float | None = None
-    guidance_schedule: Literal["constant", "power-cosine"] = "constant"
+    guidance_schedule: Literal["constant", "power-cosine"] | None = None
+    guidance_power: float | None = None
+    guidance_channels: int | Literal["all"] | None = None
+    guidance_interval: list[float] | None = None
+    eta: float | None = None
     seed: int = 0
 
 
@@ -416,6 +435,13 @@ def validate(config: Config, source: str = "<config>") -> None:
     _check_trackers(train.tracker, need)
     need(config.sample.every >= 0, f"sample.every must be >= 0, got {config.sample.every}")
     need(config.sample.count >= 1 and config.sample.steps >= 1, "sample.count and sample.steps must be >= 1")
+    from diffit.sampling import check_settings
+
+    for section in ("sample", "eval"):
+        try:
+            check_settings(sampling_settings(getattr(config, section)))
+        except ValueError as error:
+            need(False, f"{section}.{error}")
     _check_eval(config, need)
     need(0.0 <= data.label_dropout < 1.0, f"data.label_dropout must be in [0, 1), got {data.label_dropout}")
     need(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
@@ -452,6 +478,11 @@ def validate(config: Config, source: str = "<config>") -> None:
         f"model.name {config.model.name!r} is not a known model; known: {', '.join(MODEL_CONFIGS)}",
     )
     family = model_family(config.model.name)
+    need(
+        family in ("latent", "image"),
+        f"model.name {config.model.name!r} is EDM's {family} network (diffit.songunet), which the trainer does not "
+        "drive yet (augment labels, VP / VE preconditioning); train a DiffiT latent or image model",
+    )
     # The paper trains latent models with ADM (learned sigma) and image-space models with EDM. Latent models may
     # also use EDM preconditioning: at low SNR it predicts the clean signal instead of the noise, which small
     # models learn far more easily (the demo's default). Image-space models have no learned-sigma output for ADM.
@@ -483,6 +514,14 @@ def _check_eval(config: Config, need) -> None:
         sampler in samplers_for(config.diffusion.type),
         f"eval.sampler {sampler!r} does not fit diffusion.type {config.diffusion.type!r}",
     )
+
+
+def sampling_settings(section: SampleConfig | EvalConfig) -> dict[str, Any]:
+    """The sampling settings of a `sample` / `eval` section by their one name each (`diffit.sampling.SETTINGS`
+    but `pixels`, see `SampleConfig`; None: not set)."""
+    from diffit.sampling import SETTINGS
+
+    return {name: getattr(section, name) for name in SETTINGS if name != "pixels"}
 
 
 def samplers_for(diffusion_type: str) -> tuple[str, ...]:

@@ -29,7 +29,8 @@ loader's critical path. A damaged shard (wrong sha256, not a tar, unreadable, no
 (`ShardStream.damaged`, one flag per shard shared by the DataLoader workers).
 
 Latent samples hold the VAE posterior `mean.npy` / `std.npy` (float16 [2, C, h, w], index 1 = flipped image,
-unscaled); a training latent is `scaling_factor * (mean + std * eps)` of the original or the flipped view.
+unscaled); a training latent is `LatentNorm.normalize(mean + std * eps)` of the original or the flipped view
+(`diffit.latent_norm`: `scaling_factor * (z - shift_factor)`, or per-channel `(z - mean_c) / std_c`).
 Image samples hold `png` (RGB uint8); they are flipped at random and scaled to [-1, 1].
 Batches are `(x float32 [B, C, H, W], class_labels long [B])` with -1 for unlabelled samples.
 """
@@ -87,7 +88,8 @@ class StreamSpec:
     resampled: bool = True
     shuffle_buffer: int = 1000
     hflip: bool = True
-    scaling_factor: float = 1.0  # latents only
+    scaling_factor: float = 1.0  # latents only, without `latent_norm`: scalar, no shift
+    latent_norm: Any = None  # latents: a `diffit.latent_norm.LatentNorm` (None: scalar `scaling_factor`)
     resolution: int | None = None  # images: expected size of each PNG
     conditional: bool = True  # False: labels are ignored (returned as -1)
     num_classes: int = 0  # labels must lie in [0, num_classes) for conditional models
@@ -374,14 +376,25 @@ def _load_npy(sample: dict, name: str) -> np.ndarray:
 
 
 def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-    """One training latent: scaling_factor * (mean + std * eps) of the original or flipped view."""
+    """One training latent: the norm's normalize(mean + std * eps) of the original or flipped view."""
     mean, std = _load_npy(sample, MEAN_MEMBER), _load_npy(sample, STD_MEMBER)
     if mean.shape != std.shape or mean.ndim != 4 or mean.shape[0] != 2:
         raise DataFormatError(f"{_where(sample)}: mean/std must both be [2, C, h, w], got {mean.shape} and {std.shape}")
     view = int(rng.integers(2)) if spec.hflip else 0
     eps = rng.standard_normal(mean.shape[1:], dtype=np.float32)
-    latent = (mean[view].astype(np.float32) + std[view].astype(np.float32) * eps) * np.float32(spec.scaling_factor)
-    return torch.from_numpy(latent), _decode_label(sample, spec)
+    z = torch.from_numpy(mean[view].astype(np.float32) + std[view].astype(np.float32) * eps)
+    try:
+        latent = _latent_norm(spec).normalize(z)
+    except ValueError as error:  # a channel norm for another number of channels than the sample holds
+        raise DataFormatError(f"{_where(sample)}: {error}") from None
+    return latent, _decode_label(sample, spec)
+
+
+def _latent_norm(spec: StreamSpec):
+    """The spec's LatentNorm (scalar `scaling_factor`, no shift, for a spec built without one)."""
+    from diffit.latent_norm import LatentNorm
+
+    return spec.latent_norm if spec.latent_norm is not None else LatentNorm.scalar(spec.scaling_factor)
 
 
 def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:

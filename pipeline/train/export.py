@@ -8,6 +8,8 @@ extended by what sampling and evaluation need, so `diffit.load_pretrained(OUT)` 
                 | {"type": "edm", "sigma_data", "P_mean", "P_std"}
                 | {"type": "flow", "time_sampling", "logit_mean", "logit_std", "time_shift"},
      "vae": {...the dataset manifest's vae entry (latent models only)...},
+     "latent_norm": {"kind": "scalar", "scaling_factor", "shift_factor"} | {"kind": "channel", "mean", "std"}
+                    (latent models: what the model's latents are, `diffit.latent_norm`; every decoder inverts it),
      "dataset": {"manifest_hash", "resolution", "num_classes", "kind", ...},
      "train": {"step", "images_seen", "run_dir", "checkpoint"}}
 
@@ -22,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import write_bytes_atomic
-from pipeline.train.checkpoint import CONFIG_COPY, EMA_WEIGHTS, load_ema, read_train_state, resolve_checkpoint
+from pipeline.train.checkpoint import (
+    CONFIG_COPY,
+    EMA_WEIGHTS,
+    CheckpointError,
+    load_ema,
+    read_train_state,
+    resolve_checkpoint,
+)
 from pipeline.train.config import load_config
 
 logger = logging.getLogger(__name__)
@@ -48,6 +57,16 @@ def diffusion_entry(diffusion: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _checked_latent_norm(entry: Any, checkpoint: Path) -> dict[str, Any]:
+    """A train state's latent_norm, checked (`diffit.latent_norm.LatentNorm.from_dict`) before it is exported."""
+    from diffit.latent_norm import LatentNorm
+
+    try:
+        return LatentNorm.from_dict(entry).to_dict()
+    except ValueError as error:
+        raise CheckpointError(f"{checkpoint}: train state: {error}") from None
+
+
 def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     """Export the EMA of `source` (a run directory -> its latest checkpoint, or a checkpoint directory)."""
     from diffit.io import pretrained_files
@@ -70,6 +89,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     }
     if state.get("vae") is not None:
         extra["vae"] = state["vae"]
+    if state.get("latent_norm") is not None:  # checkpoints written before it existed: scalar, no shift (implied)
+        extra["latent_norm"] = _checked_latent_norm(state["latent_norm"], checkpoint)
     out = Path(out_dir)
     for name, data in pretrained_files(model.eval(), extra).items():
         write_bytes_atomic(out / name, data)

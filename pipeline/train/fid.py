@@ -4,7 +4,7 @@ Every `eval.every` steps all processes sample their contiguous share of the samp
 model, with the evaluate stage's per-sample noise seeds and class labels (`sample_noise_seeds` /
 `sample_class_labels` of (`eval.seed`, index)), so the N images are the same for any number of processes and
 are the images `diffit-pipe evaluate --seed S --num-samples N` draws from the exported EMA. Latent samples are
-decoded through the dataset's VAE (`vae.decode(latents / scaling_factor)`, as the evaluate stage decodes), the
+decoded through the dataset's VAE (`vae.decode(latent_norm.denormalize(latents))`, as the evaluate stage decodes), the
 images converted to uint8 as the evaluate stage stores them, and each process computes its images' Inception
 features. The features are gathered (`accelerator.gather`) in index order; the main process computes their mean
 and covariance and the Fréchet distance to the reference's statistics -- stored ones, or those of its
@@ -54,22 +54,13 @@ def rng_devices(device) -> list:
 
 
 def eval_sampling_config(config: Config, conditional: bool):
-    """The `SamplingConfig` of the FID samples: `eval.*` settings, unset ones from `sample.*`; guidance built as
-    the evaluate stage builds it (power 4, first three channels) so that both draw the same images."""
-    from diffit.guidance import GuidanceConfig
-    from diffit.sampling import SamplingConfig
+    """The `SamplingConfig` of the FID samples: the `eval` section's sampling settings, unset ones from `sample`
+    (`pipeline.train.samples.sampling_config`), so both sections speak the evaluate stage's names."""
+    from pipeline.train.config import sampling_settings
+    from pipeline.train.samples import sampling_config
 
-    ev, sample = config.eval, config.sample
-    scale = ev.guidance_scale if ev.guidance_scale is not None else sample.guidance_scale
-    return SamplingConfig(
-        sampler=ev.sampler or sample.sampler,
-        steps=ev.steps or sample.steps,
-        guidance=GuidanceConfig(scale=scale if conditional else 1.0, schedule=ev.guidance_schedule),
-        kind=config.diffusion.type,
-        diffusion_steps=config.diffusion.diffusion_steps,
-        noise_schedule=config.diffusion.noise_schedule,
-        sigma_data=config.diffusion.sigma_data,
-    )
+    chosen = {name: value for name, value in sampling_settings(config.eval).items() if value is not None}
+    return sampling_config(config, conditional, {**sampling_settings(config.sample), **chosen})
 
 
 class FidEvaluator:
@@ -107,18 +98,15 @@ class FidEvaluator:
 
     @staticmethod
     def _load_vae(info: DatasetInfo, device):
-        """The dataset's VAE in fp32 on the training device (as the evaluate stage decodes); a VAE that does not
-        load is an error here, before training, since FID needs images."""
-        from pipeline.core.vae import load_vae
+        """The dataset's VAE in fp32 on the training device (the one VAE loader, as the sample grids load it); a
+        VAE that does not load is an error here, before training, since FID needs images."""
         from pipeline.train.checks import TrainError
+        from pipeline.train.samples import load_dataset_vae
 
-        path = info.manifest["vae"].get("path")
-        if not path or not Path(path).is_dir():
-            raise TrainError(f"eval.every > 0: FID needs the dataset's VAE, not found on this machine: {path!r}")
         try:
-            return load_vae(path, "fp32", str(device))
+            return load_dataset_vae(info.manifest["vae"], info.manifest_path, str(device))
         except Exception as error:  # noqa: BLE001 -- any load failure is reported with the file
-            raise TrainError(f"eval.every > 0: the dataset's VAE at {path} does not load ({error})") from error
+            raise TrainError(f"eval.every > 0: FID needs the dataset's VAE, which does not load ({error})") from error
 
     def evaluate(self, ema_model, step: int) -> dict[str, Any]:
         """Sample, score and return the record to log ({key: FID, ...}, plus the label when plumbing-only);
@@ -195,10 +183,10 @@ class FidEvaluator:
         return np.concatenate(outputs)
 
     def _decode(self, samples):
-        """Sampler output -> images in [-1, 1] (VAE decode of latents / scaling_factor for latent data)."""
+        """Sampler output -> images in [-1, 1] (VAE decode of the latents the run's LatentNorm maps them back to)."""
         if self.vae is None:
             return samples
-        return self.vae.decode(samples / self.info.scaling_factor).sample
+        return self.vae.decode(self.info.latent_norm.denormalize(samples)).sample
 
     def _gather(self, features):
         """Every process's features, concatenated in rank (= index) order, on every process: padded to the

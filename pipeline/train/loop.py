@@ -63,7 +63,7 @@ from typing import Any
 
 from pipeline.core.errors import EXIT_JOB_FAILED
 from pipeline.train.checkpoint import CHECKPOINTS_DIR, checkpoint_name, save_checkpoint
-from pipeline.train.checks import TrainArgs, TrainError
+from pipeline.train.checks import TrainError, TrainOptions
 from pipeline.train.diskfull import DiskFullError, disk_full_as_error
 from pipeline.train.objective import Objective, ema_decay, learning_rate, update_ema
 from pipeline.train.preemption import EXIT_STOPPED, StopAgreement, StopSignals, TrainingStopped, pause_point
@@ -79,13 +79,13 @@ __all__ = [
     "DiskFullError",
     "NonFiniteLossError",
     "Objective",
-    "TrainArgs",
+    "TrainOptions",
     "RunLockedError",
     "TrainError",
     "TrainingStopped",
     "ema_decay",
     "learning_rate",
-    "run",
+    "run_train",
     "update_ema",
 ]
 
@@ -96,7 +96,7 @@ class NonFiniteLossError(TrainError):
     exit_code = EXIT_JOB_FAILED
 
 
-def run(args: TrainArgs) -> dict[str, Any]:
+def run_train(args: TrainOptions) -> dict[str, Any]:
     """Train (or continue training) one run; returns a summary (final step, last loss, run dir). Raises
     TrainingStopped (exit 75) on SIGTERM / SIGUSR1 (after the checkpoint of the current step; before the first
     step with nothing to save), RunLockedError (exit 2) when another trainer uses the run directory, DiskFullError
@@ -109,7 +109,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
             return _run(args, signals)
 
 
-def _run(args: TrainArgs, signals: StopSignals) -> dict[str, Any]:
+def _run(args: TrainOptions, signals: StopSignals) -> dict[str, Any]:
     """`run` under the handlers and the run directory's lock."""
     pause_point("setup")
     training = set_up(args)

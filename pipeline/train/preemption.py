@@ -20,7 +20,7 @@ DataLoader workers ignore both signals unless their own trainer sends them (`ign
 signals every process of the job step, and a worker killed by SIGTERM would end the run before its checkpoint;
 the trainer shuts them down itself.
 
-The handlers are installed before any set-up work (`pipeline.train.loop.run`) and stay until the run has returned
+The handlers are installed before any set-up work (`pipeline.train.loop.run_train`) and stay until the run has returned
 or raised, teardown included, so a signal at any moment is an orderly stop. Before them, from the first line of
 `cli.main` (ahead of the seconds of importing torch and the rest), `cli.main.EarlyStopSignals` records a signal,
 and `StopSignals` takes it over when it replaces that handler (its `received`), so a signal while the command

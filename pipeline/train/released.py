@@ -9,6 +9,7 @@ The output is what `diffit-pipe export` writes (`model.safetensors` + `config.js
     {"model": {"name", "kwargs"}  (read off the tensor shapes: XL/2 at 32x32 latents for 256 px, 64x64 for 512),
      "diffusion": {"type": "adm", "noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": true},
      "vae": {"id": "stabilityai/sd-vae-ft-ema", "source": "hub", "scaling_factor": 0.18215},
+     "latent_norm": {"kind": "scalar", "scaling_factor": 0.18215, "shift_factor": 0.0},
      "sampling": {"sampler": "ddpm", "steps": 250, "guidance_scale": 4.4 | 1.49,
                   "guidance_schedule": "power-cosine" | "constant", "guidance_power": 4, "guidance_channels": 3},
      "released": {"file", "sha256", "num_classes": 1000 (+ the null row of classifier-free guidance)}}
@@ -123,6 +124,8 @@ def import_nvlabs(
     extra = {
         "diffusion": dict(RELEASED_DIFFUSION),
         "vae": _vae_entry(vae),
+        # The released model's latents: the SD VAE's `z * 0.18215`, no shift (whatever VAE decodes them).
+        "latent_norm": {"kind": "scalar", "scaling_factor": RELEASED_SCALING_FACTOR, "shift_factor": 0.0},
         "sampling": released_sampling(kwargs["input_size"]),
         "released": {
             "file": Path(checkpoint).name,

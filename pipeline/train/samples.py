@@ -19,6 +19,18 @@ logger = logging.getLogger(__name__)
 SAMPLES_DIR = "samples"
 
 
+def load_dataset_vae(vae_entry: dict[str, Any], manifest_path: str, device: str):
+    """The dataset's VAE in fp32 on `device`: the manifest's entry resolved by the one VAE loader
+    (`diffit.vae_loading.resolve_vae`: its path while it exists, else its id; files checked before diffusers builds
+    anything) and loaded by `pipeline.core.vae.load_vae`. The trainer decodes with the VAE the manifest names as it
+    finds it (no `path_hash` comparison, as before the loaders were one). Raises what they raise."""
+    from diffit.vae_loading import resolve_vae
+    from pipeline.core.vae import load_vae
+
+    resolved = resolve_vae(vae_entry, manifest_path, check_hash=False)
+    return load_vae(str(resolved.folder), "fp32", device)
+
+
 def latent_visualisation(latents):
     """Latents [N, C, h, w] -> uint8 [N, h, w, 3]: the first three channels, each normalised to [0, 255]."""
     import numpy as np
@@ -33,21 +45,24 @@ def latent_visualisation(latents):
     return (scaled * 255).round().to(dtype=torch.uint8).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
 
 
-def sampling_config(config: Config, conditional: bool):
-    """The `diffit.sampling.SamplingConfig` of the preview grids: `sample.*` settings, the run's diffusion, and
-    classifier-free guidance for class-conditional models."""
-    from diffit.guidance import GuidanceConfig
-    from diffit.sampling import SamplingConfig
+def sampling_config(config: Config, conditional: bool, settings: dict[str, Any] | None = None):
+    """The `diffit.sampling.SamplingConfig` the run samples with: the run's diffusion (kind, chain, sigma_data) and
+    `settings` by name (default: the `sample` section's, `sampling_settings`); guidance for class-conditional models
+    only."""
+    import dataclasses
 
-    return SamplingConfig(
-        sampler=config.sample.sampler,
-        steps=config.sample.steps,
-        guidance=GuidanceConfig(scale=config.sample.guidance_scale) if conditional else None,
+    from diffit.sampling import SamplingConfig
+    from pipeline.train.config import sampling_settings
+
+    settings = sampling_settings(config.sample) if settings is None else settings
+    model = SamplingConfig(
         kind=config.diffusion.type,
         diffusion_steps=config.diffusion.diffusion_steps,
         noise_schedule=config.diffusion.noise_schedule,
         sigma_data=config.diffusion.sigma_data,
     )
+    sampling = model.with_settings(**settings)
+    return sampling if conditional else dataclasses.replace(sampling, guidance=None)
 
 
 class SampleWriter:
@@ -62,23 +77,17 @@ class SampleWriter:
         self.vae = None
         self.vae_problem = None
         if info.kind == "latents":
-            self.vae, self.vae_problem = self._load_vae(info.manifest["vae"])
+            self.vae, self.vae_problem = self._load_vae(info.manifest["vae"], info.manifest_path)
             if self.vae_problem:
                 logger.warning("sample grids show latent channels, not images: %s", self.vae_problem)
 
     @staticmethod
-    def _load_vae(vae_entry: dict[str, Any]):
-        path = vae_entry.get("path")
-        if not path:
-            return None, "the dataset manifest's vae entry has no local path"
-        if not Path(path).is_dir():
-            return None, f"the dataset's VAE directory {path} does not exist on this machine"
+    def _load_vae(vae_entry: dict[str, Any], manifest_path: str):
+        """(VAE, None), or (None, why not): the one VAE loader (`diffit.vae_loading`) on the manifest's entry."""
         try:
-            from pipeline.core.vae import load_vae
-
-            return load_vae(path, "fp32", "cpu"), None
+            return load_dataset_vae(vae_entry, manifest_path, "cpu"), None
         except Exception as error:  # noqa: BLE001 -- any load failure only changes the preview, and is reported
-            return None, f"the dataset's VAE at {path} does not load ({type(error).__name__}: {error})"
+            return None, f"the dataset's VAE does not load ({type(error).__name__}: {error})"
 
     def write(self, ema_model, step: int, grids=None) -> Path:
         """Sample `sample.count` images from the EMA (fixed seeds, classes in turn), save the grid and send it to
@@ -108,5 +117,5 @@ class SampleWriter:
         if self.vae is not None:
             from pipeline.core.vae import decode_latents
 
-            return decode_latents(self.vae, (samples / self.info.scaling_factor).numpy())
+            return decode_latents(self.vae, self.info.latent_norm.denormalize(samples).numpy())
         return latent_visualisation(samples)

@@ -25,7 +25,7 @@ from pipeline.train.checks import (
     RUN_CONFIG,
     CheckedRun,
     DatasetInfo,
-    TrainArgs,
+    TrainOptions,
     check_run,
     model_kwargs,
     resolve_batching,
@@ -100,6 +100,8 @@ class Training:
             "model": self.resolved_model,
             "dataset": self.info.dataset_entry(),
             "vae": self.info.manifest.get("vae") if self.info.kind == "latents" else None,
+            # What the model's latents are (`diffit.latent_norm`): every decoder inverts it (exported as is).
+            "latent_norm": self.info.latent_norm.to_dict() if self.info.latent_norm is not None else None,
             "diffusion": config_to_dict(self.config)["diffusion"],
             "run_dir": str(self.run_dir.resolve()),
         }
@@ -109,7 +111,7 @@ class Training:
         return {"step": self.step, "run_dir": str(self.run_dir), "loss": loss}
 
 
-def set_up(args: TrainArgs) -> Training:
+def set_up(args: TrainOptions) -> Training:
     """Check the inputs, start the accelerator, write the run files, build model, EMA and optimizer."""
     run_dir = Path(args.run_dir)
     checked = check_run(args)
@@ -298,6 +300,7 @@ def open_stream(training: Training) -> tuple[Iterator, Any]:
         shuffle_buffer=config.data.shuffle_buffer,
         hflip=config.data.hflip,
         scaling_factor=info.scaling_factor,
+        latent_norm=info.latent_norm,
         resolution=int(info.manifest["resolution"]),
         conditional=training.null_class is not None,
         num_classes=info.num_classes,

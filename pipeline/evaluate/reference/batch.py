@@ -230,6 +230,8 @@ class ReferenceOptions:
     source: Path
     out: Path
     inception_weights: Path | None = None
+    # DINOv2 ViT-L/14 weights: adds mu_dinov2 / sigma_dinov2 (FD_DINOv2, `pipeline.evaluate.dinov2`) to the batch
+    dinov2_weights: Path | None = None
     subset_size: int = DEFAULT_SUBSET
     seed: int = 0
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -303,21 +305,27 @@ def _build_reference(options: ReferenceOptions) -> dict[str, Any]:
         cuda=device.type == "cuda",
         num_workers=options.workers,
     )
+    dinov2 = _dinov2_config(options, device) if options.dinov2_weights is not None else None
     dataset = dataset if dataset is not None else reference_dataset(reference)
     content_hash = reference_content_hash(reference, work_dir)
     identity = {"source_sha256": content_hash, "extractor": config.extractor_identity()}
-    logger.info("reference statistics of %d images of %s (%s)", len(dataset), options.source, device)
+    keys = dict(STATISTICS_KEYS)
     extractor = create_feature_extractor(config, list(STATISTICS_KEYS))
+    if dinov2 is not None:
+        from pipeline.evaluate.dinov2 import DINOV2_LAYER, create_dinov2_extractor
+
+        identity["dinov2_extractor"] = dinov2.extractor_identity()
+        keys[DINOV2_LAYER] = ("mu_dinov2", "sigma_dinov2")
+        extractor = _CombinedFeatures([extractor, create_dinov2_extractor(dinov2)])
+    logger.info("reference statistics of %d images of %s (%s)", len(dataset), options.source, device)
     settings = {"chunk_size": options.chunk_size, "batch_size": options.batch_size, "workers": options.workers}
     try:
         moments = accumulate_statistics(
-            dataset, extractor, list(STATISTICS_KEYS), work_dir, identity, progress=options.progress, **settings
+            dataset, extractor, list(keys), work_dir, identity, progress=options.progress, **settings
         )
     except ReferenceInputError as error:  # raised in a DataLoader worker: one line, not the worker's traceback
         raise type(error)(original_message(error)) from None
-    arrays = {
-        key: value for layer, keys in STATISTICS_KEYS.items() for key, value in zip(keys, moments[layer].statistics())
-    }
+    arrays = {key: value for layer, names in keys.items() for key, value in zip(names, moments[layer].statistics())}
     indices = _subset(len(dataset), options)
     if len(indices):
         arrays["subset_indices"] = indices.astype(np.int64)
@@ -332,6 +340,10 @@ def _build_reference(options: ReferenceOptions) -> dict[str, Any]:
         "statistics": {"mu/sigma": "pool_3 (2048)", "mu_s/sigma_s": f"{SFID_LAYER} (first 7 channels, NHWC, 2023)"},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if dinov2 is not None:
+        info["dinov2_weights"] = dinov2.weights.describe()
+        info["dinov2_extractor"] = identity["dinov2_extractor"]
+        info["statistics"]["mu_dinov2/sigma_dinov2"] = "DINOv2 CLS token after the final norm (FD_DINOv2)"
     arrays["info"] = np.asarray(json.dumps(info, sort_keys=True))
     height, width = reference.resolution
     image_shape = (len(indices), height, width, 3) if len(indices) else None
@@ -342,11 +354,46 @@ def _build_reference(options: ReferenceOptions) -> dict[str, Any]:
     return info
 
 
+class _CombinedFeatures(torch.nn.Module):
+    """Several extractors on the same batch (Inception and DINOv2 in one pass over the source): merged dicts."""
+
+    def __init__(self, extractors: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.extractors = torch.nn.ModuleList(extractors)
+
+    def get_requested_features_list(self) -> list[str]:
+        return [layer for extractor in self.extractors for layer in extractor.get_requested_features_list()]
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        from pipeline.evaluate.features import run_extractor
+
+        return {layer: values for e in self.extractors for layer, values in run_extractor(e, images).items()}
+
+
+def _dinov2_config(options: ReferenceOptions, device: torch.device):
+    """FD_DINOv2's feature configuration for `--dinov2-weights` (checked before any image is read)."""
+    from pipeline.evaluate.dinov2 import DINOv2Config, resolve_dinov2_weights
+
+    return DINOv2Config(
+        weights=resolve_dinov2_weights(options.dinov2_weights),
+        batch_size=options.batch_size,
+        cuda=device.type == "cuda",
+        num_workers=options.workers,
+        progress=options.progress,
+    )
+
+
 def streamed_reference_statistics(
-    reference: Reference, layers: Sequence[str], config: FeatureConfig, cache_dir: Path
+    reference: Reference,
+    layers: Sequence[str],
+    config: FeatureConfig,
+    cache_dir: Path,
+    extractor: torch.nn.Module | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
     """Mean / covariance of `layers` over every image of a large reference, streamed (never all features in
-    memory) and resumable (`reference_batch.accumulate_statistics`), cached as one `.npz` per layer set."""
+    memory) and resumable (`reference_batch.accumulate_statistics`), cached as one `.npz` per layer set.
+    `extractor` (built from `config` when None) provides `layers`; `config.extractor_identity()` keys the cache
+    (FD_DINOv2 passes its own extractor and config, `pipeline.evaluate.dinov2`)."""
     content_hash = reference_content_hash(reference, cache_dir)
     identity = {"reference": content_hash, "extractor": config.extractor_identity(), "layers": sorted(layers)}
     key = sha256_json(identity)[:16]
@@ -355,7 +402,8 @@ def streamed_reference_statistics(
         logger.info("reference statistics %s: cache hit %s", sorted(layers), path)
         stats = {layer: _read_statistics(path, f"{layer}.mu", f"{layer}.sigma") for layer in layers}
         return stats, {"file": str(path), "hit": True}
-    extractor = create_feature_extractor(config, list(layers))
+    if extractor is None:
+        extractor = create_feature_extractor(config, list(layers))
     workers = config.num_workers
     moments = accumulate_statistics(
         reference_dataset(reference),

@@ -34,7 +34,13 @@ logger = logging.getLogger(__name__)
 
 # The keys of an ADM reference batch / statistics file holding each metric's statistics, and the layer they are of.
 STATISTICS_METRICS = ("fid", "sfid")  # compared through mean / covariance (stored or computed)
-STORED_STATISTICS = {"fid": ("mu", "sigma", "2048"), "sfid": ("mu_s", "sigma_s", SFID_LAYER)}
+STORED_STATISTICS = {
+    "fid": ("mu", "sigma", "2048"),
+    "sfid": ("mu_s", "sigma_s", SFID_LAYER),
+    # FD_DINOv2 (`pipeline.evaluate.dinov2`): DINOv2 ViT-L/14 CLS statistics, an addition to the ADM layout
+    "fd_dinov2": ("mu_dinov2", "sigma_dinov2", "dinov2_vitl14_cls"),
+}
+STATISTICS_KEYS = tuple(key for mean_key, cov_key, _ in STORED_STATISTICS.values() for key in (mean_key, cov_key))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,9 +140,9 @@ def open_reference(path: str | os.PathLike) -> Reference:
 def _open_npz_reference(path: Path) -> Reference:
     """An `.npz` reference: images (`arr_0`), statistics (`mu`/`sigma`, `mu_s`/`sigma_s`), or both (ADM)."""
     members = npz_member_names(path)
-    statistics = tuple(key for key in ("mu", "sigma", "mu_s", "sigma_s") if key in members)
-    has_statistics = {"mu", "sigma"} <= set(statistics) or {"mu_s", "sigma_s"} <= set(statistics)
-    for metric in ("fid", "sfid"):
+    statistics = tuple(key for key in STATISTICS_KEYS if key in members)
+    has_statistics = any({mean_key, cov_key} <= set(statistics) for mean_key, cov_key, _ in STORED_STATISTICS.values())
+    for metric in STORED_STATISTICS:
         mean_key, cov_key, _ = STORED_STATISTICS[metric]
         if {mean_key, cov_key} <= set(statistics):
             _read_statistics(path, mean_key, cov_key)  # a damaged file stops the run here, before any sampling
@@ -195,19 +201,21 @@ def check_reference(reference: Reference, resolution: tuple[int, int], metrics: 
             "(give shards, an image folder or an ADM .npz with arr_0), or drop them from --metrics"
         )
     if not reference.has_images:
-        for metric in sorted(metrics & set(STATISTICS_METRICS)):
+        for metric in sorted(metrics & set(STORED_STATISTICS)):
             if reference.stored_statistics(metric) is None:
                 mean_key, cov_key, _ = STORED_STATISTICS[metric]
+                writer = "`diffit-pipe reference" + (" --dinov2-weights`" if metric == "fd_dinov2" else "`")
                 raise ReferenceInputError(
                     f"{reference.path}: no {mean_key}/{cov_key} statistics for {metric}; give a reference batch "
-                    "that has them (`diffit-pipe reference` writes both), or drop it from --metrics"
+                    f"that has them ({writer} writes them), or drop it from --metrics"
                 )
     if reference.num_images is not None and reference.num_images == 0:
         raise ReferenceInputError(f"{reference.path}: the reference holds no images")
 
 
-# Inception's widest feature layer is 2048-d (sFID's 2023): statistics of a wider one are not of this evaluator,
-# and a declared covariance is checked against this before it is read (4096^2 float64 = 128 MiB at most).
+# Inception's widest feature layer is 2048-d (sFID's 2023), DINOv2 ViT-L/14's 1024 (ViT-g's 1536): statistics of a
+# wider one are not of this evaluator, and a declared covariance is checked against this before it is read
+# (4096^2 float64 = 128 MiB at most).
 MAX_STATISTICS_DIM = 4096
 
 
@@ -238,8 +246,8 @@ def _read_statistics(path: Path, mean_key: str = "mu", cov_key: str = "sigma") -
 
 
 def load_reference_statistics(reference: Reference, feature_dim: int, metric: str = "fid") -> dict[str, np.ndarray]:
-    """The stored mean / covariance of `metric` ("fid": mu/sigma, "sfid": mu_s/sigma_s), checked against the
-    feature dimension they will be compared with."""
+    """The stored mean / covariance of `metric` ("fid": mu/sigma, "sfid": mu_s/sigma_s, "fd_dinov2":
+    mu_dinov2/sigma_dinov2), checked against the feature dimension they will be compared with."""
     mean_key, cov_key, _ = STORED_STATISTICS[metric]
     mu, sigma = _read_statistics(reference.path, mean_key, cov_key)
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
