@@ -450,7 +450,8 @@ def run_vae(settings: Settings) -> list[Row]:
 def run_sampling(settings: Settings, decode_rate: float | None) -> list[Row]:
     from diffit.guidance import GuidanceConfig
     from diffit.models import create_model
-    from diffit.sampling import SamplingConfig, sample_with_stats
+    from diffit.sampling import sample_with_stats
+    from diffit.sampling_config import SamplingConfig
 
     name, batch = ("DiffiT-Tiny/2", 4) if settings.quick else ("DiffiT-XL/2", 256)
     torch.manual_seed(0)

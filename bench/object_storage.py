@@ -32,7 +32,7 @@ What it measures, local vs S3 interleaved round by round (order swapped every ro
    samples (on these cores the server's CPU competes with the pipeline's; on a real store it would not).
 
 The loader rows close this process's object-store clients before their workers fork, as the trainer does
-(`pipeline.core.storage.release_clients`: a forked child can otherwise stall this process's next request by
+(`pipeline.core.storage_io.release_clients`: a forked child can otherwise stall this process's next request by
 15 s), and measure the trainer's loader and reads as a fresh trainer process would (its cache of verified local
 shards emptied before each run).
 
@@ -102,7 +102,7 @@ def s3_server(root: Path):
 
 def _fs():
     """The s3fs file system the pipeline uses (fsspec's cached instance for this process)."""
-    from pipeline.core.storage import url_to_fs
+    from pipeline.core.storage_io import url_to_fs
 
     return url_to_fs(f"s3://{BUCKET}")[0]
 
@@ -317,7 +317,9 @@ def write_latent_dataset(out: Path, shards: int, per_shard: int, latent_size: in
     """A latent dataset in the encode format (float16 mean/std [2, 4, s, s], labels, sidecars, manifest) with
     random latents: what the loader reads, without a VAE."""
     from pipeline.core.atomic import write_json_atomic
-    from pipeline.core.shards import FORMAT_VERSION, ShardWriter, latent_sample
+    from pipeline.core.manifest import FORMAT_VERSION
+    from pipeline.core.shard_members import latent_sample
+    from pipeline.core.shards import ShardWriter
 
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -369,7 +371,7 @@ def upload_dataset(local: Path, url: str) -> tuple[float, int]:
 
 def loader_spec(where: str, batch_size: int):
     """The trainer's StreamSpec (resampled, shuffle buffer, sha256 from the manifest) over a dataset."""
-    from pipeline.core.shards import load_manifest, shard_urls
+    from pipeline.core.manifest import load_manifest, shard_urls
     from pipeline.train.data import StreamSpec
 
     manifest = load_manifest(where)
@@ -407,8 +409,8 @@ def time_loader(spec, workers: int, warmup: int, batches: int) -> tuple[float, f
 
 def loader_rows(options, datasets: dict[str, str], shard_mb: float, server) -> list[Row]:
     """Samples/s of the loader (0 and 2 workers) and whole-shard reads, local vs S3, interleaved."""
-    from pipeline.core.storage import release_clients
-    from pipeline.train import data as data_module
+    from pipeline.core.storage_io import release_clients
+    from pipeline.train import shard_reading
 
     specs = {store: loader_spec(where, options.loader_batch) for store, where in datasets.items()}
     read = Row(
@@ -425,9 +427,9 @@ def loader_rows(options, datasets: dict[str, str], shard_mb: float, server) -> l
             rates, raw_rates, client_s, server_s = [], [], 0.0, 0.0
             shards = list(zip(spec.urls, spec.sha256))[: options.read_shards]
             for url, expected in shards:
-                data_module._VERIFIED.clear()  # local: hash it as the first read in a process does
+                shard_reading._VERIFIED.clear()  # local: hash it as the first read in a process does
                 started, cpu_started, server_started = time.perf_counter(), time.process_time(), server.cpu_s()
-                data_module.read_shard(url, expected)
+                shard_reading.read_shard(url, expected)
                 rates.append(shard_mb / (time.perf_counter() - started))
                 client_s += time.process_time() - cpu_started
                 server_s += server.cpu_s() - server_started
@@ -457,7 +459,7 @@ def loader_rows(options, datasets: dict[str, str], shard_mb: float, server) -> l
         samples = (options.loader_warmup + options.loader_batches + 1) * options.loader_batch
         for index, order in interleaved(options.rounds):
             for store in order:
-                data_module._VERIFIED.clear()  # every round starts as a new trainer process would
+                shard_reading._VERIFIED.clear()  # every round starts as a new trainer process would
                 spec = replace(specs[store], start_step=index)  # a fresh draw of shards each round
                 if workers:
                     release_clients()  # as `pipeline.train.data.infinite` does before its workers fork
@@ -642,7 +644,7 @@ def reading(rows: list[Row], facts: dict) -> str:
     lines += [
         "",
         "Notes (s3fs 2026.9, rclone 1.75): a process that forks after using S3 (DataLoader workers) closes its "
-        "clients first (`pipeline.core.storage.release_clients`, called by the trainer's loader): a child that "
+        "clients first (`pipeline.core.storage_io.release_clients`, called by the trainer's loader): a child that "
         "garbage-collects an inherited client breaks the parent's pooled connections, whose next request waits for "
         "s3fs's read timeout (15 s). rclone (not S3) answers GETs of multipart objects (over 50 MiB) with a "
         "checksum botocore rejects: this benchmark sets `AWS_RESPONSE_CHECKSUM_VALIDATION=when_required`.",

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from diffit.guidance import GuidanceConfig
-from diffit.sampling import SamplingConfig, sample_with_stats
+from diffit.sampling import sample_with_stats
+from diffit.sampling_config import SamplingConfig
 from pipeline.core.logs import setup_logging
 
 LOGGER = logging.getLogger("sampler_overhead")

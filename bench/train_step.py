@@ -102,7 +102,8 @@ def write_latent_shards(
     """Synthetic latent shards in the encode format (float16 mean/std [2, 4, s, s], labels)."""
     import numpy as np
 
-    from pipeline.core.shards import ShardWriter, latent_sample
+    from pipeline.core.shard_members import latent_sample
+    from pipeline.core.shards import ShardWriter
 
     rng = np.random.default_rng(0)
     urls = []
@@ -264,7 +265,7 @@ def loader_hash_benchmark(rounds: int, batches: int, shards: int, per_shard: int
     from dataclasses import replace
 
     from pipeline.core.shards import sha256_file
-    from pipeline.train import data as data_module
+    from pipeline.train import shard_reading
     from pipeline.train.data import StreamSpec
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-hash-"))
@@ -289,10 +290,10 @@ def loader_hash_benchmark(rounds: int, batches: int, shards: int, per_shard: int
         for workers in (1, 0):
             for name in order:
                 spec, cache = variants[name]
-                data_module._VERIFIED = _NeverVerified() if cache == "off" else set()
+                shard_reading._VERIFIED = _NeverVerified() if cache == "off" else set()
                 if cache == "warm":
                     for url, expected in zip(spec.urls, spec.sha256):
-                        data_module.read_shard(url, expected)
+                        shard_reading.read_shard(url, expected)
                 rate, cpu_us = time_loader(replace(spec, start_step=index), workers, 12, batches)
                 rates[(name, workers)].append(rate)
                 if workers == 0:

@@ -104,7 +104,7 @@ def _run(kind: str, source: str, out: str, verbose: bool, dry_run: bool, **setti
     result into a report; a job whose result is not acceptable raises `JobFailedError` (exit 1)."""
     from pipeline.core.errors import JobFailedError
     from pipeline.core.logs import setup_logging
-    from pipeline.core.storage import join
+    from pipeline.core.storage_io import join
     from pipeline.encode import EncodeOptions, command_line, format_dry_run, run_encode
     from pipeline.encode import dry_run as plan_and_time
 
@@ -255,9 +255,9 @@ def inspect(
     """
     import json
 
+    from pipeline.core.dataset_verify import verify_dataset
     from pipeline.core.errors import JobFailedError
     from pipeline.core.logs import setup_logging
-    from pipeline.core.shards import verify_dataset
     from pipeline.encode import format_summary, summarize, write_preview
 
     setup_logging()

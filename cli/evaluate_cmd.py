@@ -205,7 +205,7 @@ def deprecated_flag(new_flag: str, new_value, old_flag: str, old_value, default=
 def _sampling_settings(
     sampler, steps, guidance_scale, guidance_schedule, guidance_channels, pixels=None, old=(), **more
 ) -> dict:
-    """The sampling settings given on the command line, by their one name each (`diffit.sampling.SETTINGS`;
+    """The sampling settings given on the command line, by their one name each (`diffit.sampling_config.SETTINGS`;
     enums to their strings, unset ones left out so the model's defaults apply); `old`: the values of --cfg-scale,
     --cfg-schedule, --cfg-channels (deprecated names)."""
     old_scale, old_schedule, old_channels = (*old, None, None, None)[:3]

@@ -149,7 +149,7 @@ DIFFUSION_FIELDS = {
     "time_shift": ("float", 1e-6, 1e6),
 }
 # The "sampling" entry (`import-nvlabs` writes it; `evaluate` and `DiffiTPipeline` read it as defaults). Samplers and
-# schedules as in `diffit.sampling.SAMPLERS` / `diffit.guidance.SCHEDULES` (pinned by a test; not imported here,
+# schedules as in `diffit.sampling_config.SAMPLERS` / `diffit.guidance.SCHEDULES` (pinned by a test; not imported here,
 # since those modules import torch).
 SAMPLING_FIELDS = {
     "sampler": ("choice", "ddpm", "ddim", "edm-heun", "euler", "heun", "euler-maruyama"),
@@ -161,7 +161,7 @@ SAMPLING_FIELDS = {
     "guidance_channels": ("channels", 1, MAX_IN_CHANNELS),
     "origin": ("str", 0, 1000),
     "reference": ("str", 0, 1000),
-    "pixels": ("choice", "round", "truncate"),  # diffit.sampling.PIXEL_QUANTIZATIONS
+    "pixels": ("choice", "round", "truncate"),  # diffit.sampling_config.PIXEL_QUANTIZATIONS
 }
 # config.json entries that the pipeline reads as objects; other top-level entries are the exporter's own
 # (`save_pretrained(extra=...)`) and travel untouched.

@@ -41,9 +41,9 @@ GUIDANCE_FIELDS = {
     "channels": ("optional_int", 1, MAX_IN_CHANNELS),
     "interval": ("interval", 0.0, 1e6),
 }
-# The "sampling" entry of model_index.json: a `diffit.sampling.SamplingConfig` as a dict (`to_dict`: guidance flat
-# as guidance_<field>; the nested "guidance" object of folders saved before is read too), every field
-# optional (pinned equal to the dataclass's fields by a test; not imported here, since diffit.sampling imports
+# The "sampling" entry of model_index.json: a `diffit.sampling_config.SamplingConfig` as a dict (`to_dict`: guidance
+# flat as guidance_<field>; the nested "guidance" object of folders saved before is read too), every field
+# optional (pinned equal to the dataclass's fields by a test; not imported here, since diffit.sampling_config imports
 # torch). Steps are bounded as in an export's config.json: the ADM chain holds ~10 float64 arrays of
 # `diffusion_steps` entries and sampling respaces it to `steps`.
 PIPELINE_SAMPLING_FIELDS = {

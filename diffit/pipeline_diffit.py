@@ -13,10 +13,10 @@ settings, called like diffusers' `DiTPipeline`.
 
 Components: `transformer` (`LatentDiffiT` or `DiffiTUNet`), `vae` (diffusers `AutoencoderKL`, latent models only;
 the one the export's config.json names under "vae": its local `path` when that still exists, else its `id`, a
-local path or a hub id) and `scheduler`; configuration entries: `sampling` (a `diffit.sampling.SamplingConfig` as
+local path or a hub id) and `scheduler`; configuration entries: `sampling` (a `diffit.sampling_config.SamplingConfig` as
 a dict: sampler, steps, guidance, EDM's S_churn / S_min / S_max / S_noise, pixels, ...; from an export: what its
 config.json records under "sampling", e.g. the released code's set-up written by `diffit-pipe import-nvlabs`, over
-the paper's settings for that model, `diffit.sampling.paper_sampling_config`), `scaling_factor` (the VAE's),
+the paper's settings for that model, `diffit.sampling_config.paper_sampling_config`), `scaling_factor` (the VAE's),
 `latent_norm` (`diffit.latent_norm`: how the model's latents map back to the VAE's before decoding) and
 `id2label` (class index -> "comma, separated, names", see `diffit.labels`).
 
@@ -57,7 +57,7 @@ on the same device:
 * neither: seeds drawn from torch's global generator as above (reproducible after `torch.manual_seed`).
 
 Outputs (`output_type`): "pil" (the uint8 images `diffit-pipe evaluate` stores for the same settings:
-`diffit.sampling.to_uint8(x, sampling.pixels)` of the [-1, 1] image x, "round" = floor(127.5 x + 128) or
+`diffit.sampling_config.to_uint8(x, sampling.pixels)` of the [-1, 1] image x, "round" = floor(127.5 x + 128) or
 "truncate" = floor(127.5 x + 127.5)), "np" (float32 [N, H, W, 3] in [0, 1]), "pt" (float32 [N, 3, H, W] in
 [0, 1]) or "latent" (what the sampler returns: float32 latents, or the [-1, 1] images of an image-space model).
 
@@ -120,7 +120,8 @@ from .pipeline_loading import (
     float32_network,
     load_vae,
 )
-from .sampling import GUIDANCE_SETTINGS, SETTINGS, SamplingConfig, paper_sampling_config, sample, to_uint8
+from .sampling import sample
+from .sampling_config import GUIDANCE_SETTINGS, SETTINGS, SamplingConfig, paper_sampling_config, to_uint8
 from .scheduling_diffit import DiffiTScheduler, load_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -142,7 +143,7 @@ def seeds_from_generator(generator: torch.Generator | Sequence[torch.Generator] 
 
 def to_output(images: torch.Tensor, output_type: str, pixels: str = "round"):
     """[-1, 1] float images [N, 3, H, W] -> the requested output type (module docstring); "pil" quantises with
-    `diffit.sampling.to_uint8(images, pixels)`, as `diffit-pipe evaluate` does."""
+    `diffit.sampling_config.to_uint8(images, pixels)`, as `diffit-pipe evaluate` does."""
     if output_type == "pil":
         uint8 = to_uint8(images, pixels)
         return [Image.fromarray(array) for array in uint8.permute(0, 2, 3, 1).cpu().numpy()]

@@ -23,7 +23,7 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
-from .sampling import SamplingConfig
+from .sampling_config import SamplingConfig
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")

@@ -48,7 +48,8 @@ from .diffusion import create_diffusion, randn_per_sample
 from .flow import GuidedVelocity
 from .guidance import ClassifierFreeGuidance, GuidanceConfig, sigma_progress, timestep_progress
 from .pipeline_loading import float32_network
-from .sampling import SamplingConfig, eval_mode
+from .sampling import eval_mode
+from .sampling_config import SamplingConfig
 from .scheduling_diffit import chain_scheduler_config, scheduler_kind
 
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")

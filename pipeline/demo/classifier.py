@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from pipeline.core.atomic import write_text_atomic
 from pipeline.core.errors import InputError
-from pipeline.demo.procedural import LabelledImages, load_labelled_images
+from pipeline.demo.labelled_images import LabelledImages, load_labelled_images
 from pipeline.demo.staging import staged_directory
 
 logger = logging.getLogger(__name__)

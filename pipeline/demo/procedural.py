@@ -1,4 +1,4 @@
-"""A procedural, class-labelled image dataset for the offline demo, and a loader for small image datasets.
+"""A procedural, class-labelled image dataset for the offline demo (loading it: `pipeline.demo.labelled_images`).
 
 `generate_dataset(out_dir, ...)` draws up to 12 classes of coloured shapes and patterns (a red disc, a blue
 square, a green triangle, a yellow ring, magenta horizontal and cyan vertical stripes, an orange cross, a white
@@ -23,10 +23,6 @@ Every image has its own random generator seeded from (generator version, seed, s
 is byte-identical on every run, independent of generation order, and growing `per_class` keeps the existing
 images. Files are written atomically (`pipeline.core.atomic`), so an interrupted run is resumed by running the
 same call again: complete files are kept and the temporary files of the killed run are removed.
-
-`load_labelled_images(data, resolution)` reads an image folder (class tree or flat) or packed raw shards into one
-uint8 array, through the same decoding and ADM centre crop as `encode` / `pack`; the VAE fitter and the
-class-consistency classifier use it.
 """
 
 from __future__ import annotations
@@ -483,79 +479,3 @@ def generate_dataset(
     write_json_atomic(out / DATASET_JSON, info)
     logger.info("procedural dataset in %s: %d image(s) written, %d already present", out, written, skipped)
     return {**info, "written": written, "skipped": skipped}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading small image datasets into memory.
-
-
-@dataclass
-class LabelledImages:
-    """Images of a dataset held in memory: uint8 [N, R, R, 3], labels int64 [N] (-1 = unlabelled)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    label_map: dict[str, int]
-    root: str
-    paths: list[str]
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for an unlabelled dataset)."""
-        return len(self.label_map)
-
-    def subset(self, indices: np.ndarray) -> LabelledImages:
-        """The images at `indices` (same label map)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        return LabelledImages(
-            self.images[indices], self.labels[indices], self.label_map, self.root, [self.paths[i] for i in indices]
-        )
-
-
-def resolve_split_dir(data: str | os.PathLike, split: str = "train") -> Path:
-    """`data` itself, or `data/<split>` when `data` is the root of a procedural dataset (it has `dataset.json`)."""
-    path = Path(data).expanduser()
-    marker = path / DATASET_JSON
-    if marker.is_file() and (path / split).is_dir():
-        try:
-            is_procedural = json.loads(marker.read_text(encoding="utf-8")).get("format") == DATASET_FORMAT
-        except (OSError, ValueError):
-            is_procedural = False
-        if is_procedural:
-            logger.info("%s is a procedural dataset root: using its %r split %s", path, split, path / split)
-            return path / split
-    return path
-
-
-def load_labelled_images(
-    data: str | os.PathLike, resolution: int, max_images: int | None = None, seed: int = 0, progress: bool = False
-) -> LabelledImages:
-    """Read an image folder (class tree or flat) or packed raw shards into memory at `resolution`.
-
-    Images go through the decoding and ADM centre crop of `encode` / `pack`. With `max_images`, a random subset
-    (fixed by `seed`, kept in source order) is read. A procedural dataset root means its `train` split. An image
-    that cannot be decoded raises an error naming it: these datasets are small and meant to be clean.
-    """
-    from pipeline.encode import ImageDecodeError, prepare_image, read_item_bytes, scan_source
-
-    source = scan_source(resolve_split_dir(data))
-    items = source.items
-    if max_images is not None and len(items) > max_images:
-        chosen = np.sort(np.random.default_rng(seed).choice(len(items), size=max_images, replace=False))
-        items = [items[i] for i in chosen]
-    images = np.empty((len(items), resolution, resolution, 3), dtype=np.uint8)
-    iterator = items
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(items, desc="load images", unit="img", mininterval=1.0)
-    for position, item in enumerate(iterator):
-        try:
-            images[position], _ = prepare_image(read_item_bytes(item, source.root), resolution)
-        except (ImageDecodeError, OSError) as error:
-            raise ProceduralDatasetError(f"cannot use image {item.path} of {source.root}: {error}") from error
-    labels = np.asarray([item.label for item in items], dtype=np.int64)
-    return LabelledImages(images, labels, dict(source.label_map), source.root, [item.path for item in items])

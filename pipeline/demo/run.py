@@ -318,7 +318,8 @@ def pack_step(demo: DemoRun) -> dict[str, Any]:
 
 def vae_step(demo: DemoRun, vae: str | None) -> tuple[str, dict[str, Any]]:
     """2: the domain VAE fitted on the raw shards, unless `vae` is given; returns (VAE, fit report)."""
-    from pipeline.demo.vae_fit import VAEFitConfig, fit_vae
+    from pipeline.demo.vae_fit import fit_vae
+    from pipeline.demo.vae_fit_config import VAEFitConfig
 
     if vae is not None:
         return vae, {"skipped": True, "reason": f"--vae {vae} given"}
@@ -371,8 +372,8 @@ def _vae_reconstructions(vae: str, holdout: Path, settings: DemoSettings) -> tup
     import torch
 
     from pipeline.core.vae import load_vae, resolve_vae
-    from pipeline.demo.procedural import load_labelled_images
-    from pipeline.demo.vae_fit import reconstruct
+    from pipeline.demo.labelled_images import load_labelled_images
+    from pipeline.demo.vae_fit_math import reconstruct
 
     held = load_labelled_images(holdout, settings.resolution, seed=settings.seed)
     with torch.no_grad():

@@ -26,7 +26,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pipeline.core.errors import one_line
-from pipeline.core.storage import is_url, local_path, url_to_fs
+from pipeline.core.storage_io import is_url, local_path, url_to_fs
 from pipeline.encode.archives import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSIONS,

@@ -31,7 +31,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from pipeline.core.storage import is_url, local_path, open_for_reading, reading, url_to_fs
+from pipeline.core.storage_io import is_url, local_path, open_for_reading, reading, url_to_fs
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`diffit-pipe inspect`: summarise, verify and preview a dataset written by `encode` or `pack`.
 
 - `summarize(dir)` reads the manifest, the failures file and the shard sizes (no shard is opened);
-- `verify_dataset(dir)` (from `pipeline.core.shards`) re-hashes every shard against the manifest and sidecars;
+- `verify_dataset(dir)` (from `pipeline.core.dataset_verify`) re-hashes every shard against the manifest and sidecars;
 - `write_preview(dir, png)` decodes the first few latents through the VAE recorded in the manifest (raw image
   datasets: the images themselves) and saves them as one PNG grid.
 """
@@ -19,7 +19,9 @@ import numpy as np
 
 from pipeline.core.errors import InputError
 from pipeline.core.grids import image_grid, write_png
-from pipeline.core.shards import FAILURES_NAME, ManifestError, decode_sample, iter_samples, load_manifest, shard_urls
+from pipeline.core.manifest import ManifestError, load_manifest, shard_urls
+from pipeline.core.shard_members import decode_sample
+from pipeline.core.shards import FAILURES_NAME, iter_samples
 from pipeline.core.storage import Location
 
 PREVIEW_PADDING = 2  # white pixels between (and around) the preview's images

@@ -32,18 +32,11 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.core.latent_stats import STATS_KEY, ChannelMoments, merge_shards
-from pipeline.core.shards import (
-    FAILURES_NAME,
-    FORMAT_VERSION,
-    IMAGE_MEMBERS,
-    LATENT_MEMBERS,
-    MANIFEST_NAME,
-    shard_name,
-    sidecar_name,
-    write_json_to,
-    write_lines_to,
-)
-from pipeline.core.storage import Location, is_url
+from pipeline.core.manifest import FORMAT_VERSION, MANIFEST_NAME
+from pipeline.core.shard_members import IMAGE_MEMBERS, LATENT_MEMBERS
+from pipeline.core.shards import FAILURES_NAME, shard_name, sidecar_name, write_json_to, write_lines_to
+from pipeline.core.storage import Location
+from pipeline.core.storage_io import is_url
 from pipeline.core.vae import DEFAULT_VAE, VAESpec, resolve_vae
 from pipeline.encode.member_index import IndexCache
 from pipeline.encode.output import (

@@ -17,14 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from pipeline.core.errors import InputError
-from pipeline.core.shards import (
-    FAILURES_NAME,
-    MANIFEST_NAME,
-    SHARD_NAME_PATTERN,
-    SIDECAR_NAME_PATTERN,
-    shard_name,
-)
-from pipeline.core.storage import Location, StorageError
+from pipeline.core.manifest import MANIFEST_NAME
+from pipeline.core.shards import FAILURES_NAME, SHARD_NAME_PATTERN, SIDECAR_NAME_PATTERN, shard_name
+from pipeline.core.storage import Location
+from pipeline.core.storage_io import StorageError
 from pipeline.encode.plan import (
     ShardTask,
 )

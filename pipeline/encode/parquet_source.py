@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from pipeline.core.errors import one_line
-from pipeline.core.storage import is_url, local_path, reading, url_to_fs
+from pipeline.core.storage_io import is_url, local_path, reading, url_to_fs
 from pipeline.encode.archives import Group, Member, identify
 from pipeline.encode.member_index import IndexCache
 from pipeline.encode.source_items import MAX_CLASSES, SourceError, SourceScan, check_label

@@ -35,7 +35,8 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
-from pipeline.core.shards import MANIFEST_NAME, load_manifest, open_regular_file
+from pipeline.core.manifest import MANIFEST_NAME, load_manifest
+from pipeline.core.storage_io import open_regular_file
 from pipeline.encode.source_items import (
     Source,
     SourceError,
@@ -390,7 +391,7 @@ def detect_format(root: str) -> str:
     parquet files, WebDataset tars (a directory or URL prefix of `.tar` files), a tar (train archive when its
     members are `nXXXXXXXX.tar`, validation archive when they are `ILSVRC2012_val_*.JPEG`, else WebDataset), else
     an image folder."""
-    from pipeline.core.storage import is_url
+    from pipeline.core.storage_io import is_url
 
     if root.endswith(".parquet"):
         return "parquet"
@@ -467,7 +468,7 @@ def open_source(
 def _archive_location(root: str, need_file: bool) -> str:
     """A URL as it is, a local path made absolute (SourceError when it does not exist, or is not a file where
     an archive file is `need_file`)."""
-    from pipeline.core.storage import check_protocol, is_url
+    from pipeline.core.storage_io import check_protocol, is_url
 
     if is_url(root):
         check_protocol(root, writing=False)

@@ -24,14 +24,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.latent_stats import STATS_KEY, ChannelMoments, shard_moments
+from pipeline.core.shard_members import MEAN_MEMBER, decode_sample, image_sample, latent_sample, load_npy_bytes
 from pipeline.core.shards import (
-    MEAN_MEMBER,
     ShardWriter,
-    decode_sample,
-    image_sample,
     iter_samples,
-    latent_sample,
-    load_npy_bytes,
     read_sidecar,
     shard_name,
     shard_problems,

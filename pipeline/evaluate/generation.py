@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from diffit.sampling import SamplingConfig
+from diffit.sampling_config import SamplingConfig
 from pipeline.evaluate.model_loading import LoadedModel
 from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
 from pipeline.evaluate.sample_store import SampleStore, assign_chunks
@@ -40,7 +40,7 @@ class GenerationStats:
 
 def to_uint8_images(images: torch.Tensor, pixels: str = "round") -> np.ndarray:
     """[-1, 1] float [N, 3, H, W] -> uint8 [N, H, W, 3] by `pixels` ("round" | "truncate", see `to_uint8`)."""
-    from diffit.sampling import to_uint8
+    from diffit.sampling_config import to_uint8
 
     return to_uint8(images, pixels).permute(0, 2, 3, 1).cpu().numpy()
 

@@ -1,6 +1,6 @@
 """What `evaluate` is asked to do: its options (what the CLI parses), their checks, and the error for bad input found
-before sampling. Sampling settings travel by their one name each and become a `diffit.sampling.SamplingConfig` once
-the model is known (`sampling_settings.resolve_sampling`)."""
+before sampling. Sampling settings travel by their one name each and become a
+`diffit.sampling_config.SamplingConfig` once the model is known (`sampling_settings.resolve_sampling`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class EvaluateOptions:
     model_dir: Path
     out_dir: Path
     num_samples: int = 50_000
-    # Sampling settings by their one name each (`diffit.sampling.SETTINGS`: sampler, steps, guidance_scale,
+    # Sampling settings by their one name each (`diffit.sampling_config.SETTINGS`: sampler, steps, guidance_scale,
     # guidance_schedule, guidance_power, guidance_channels, guidance_interval, eta, pixels); a setting not given
     # takes the model's default (its recorded set-up, else the paper's: `sampling_settings.resolve_sampling`).
     # guidance_interval: (low, high) of sigma for ADM / EDM models, of t for flow models.
@@ -109,10 +109,10 @@ def check_options(options: EvaluateOptions) -> None:
 
 
 def check_sampling_settings(settings: Any) -> None:
-    """Sampling settings by name (`diffit.sampling.SETTINGS`, any subset; None: the model's default), each
-    checked for type and range (`diffit.sampling.check_settings`): EvaluateInputError naming the setting and the
+    """Sampling settings by name (`diffit.sampling_config.SETTINGS`, any subset; None: the model's default), each
+    checked for type and range (`diffit.sampling_config.check_settings`): EvaluateInputError naming the setting and the
     value. Where they enter (the CLI, a study file) and again by `evaluate`."""
-    from diffit.sampling import check_settings
+    from diffit.sampling_config import check_settings
 
     try:
         check_settings(settings)

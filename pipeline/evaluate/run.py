@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffit.sampling import SamplingConfig
+from diffit.sampling_config import SamplingConfig
 from pipeline import __version__
 from pipeline.core.atomic import write_json_atomic
 from pipeline.core.errors import JobFailedError, reporting_disk_full

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from diffit.guidance import GuidanceConfig
-from diffit.sampling import FLOW_DEFAULT_STEPS, SamplingConfig
+from diffit.sampling_config import FLOW_DEFAULT_STEPS, SamplingConfig
 from pipeline import __version__
 from pipeline.evaluate.model_loading import LoadedModel, network_settings
 from pipeline.evaluate.options import EvaluateInputError, check_sampling_settings
@@ -36,7 +36,7 @@ def sampling_defaults(loaded: LoadedModel) -> tuple[dict[str, Any], str]:
     """
     height = loaded.resolution[0]
     conditional = loaded.num_classes > 0
-    if loaded.kind == "flow":  # beyond the paper: `diffit.sampling.paper_sampling_config`'s flow default
+    if loaded.kind == "flow":  # beyond the paper: `diffit.sampling_config.paper_sampling_config`'s flow default
         paper = {
             "sampler": "heun",
             "steps": FLOW_DEFAULT_STEPS,
@@ -72,10 +72,10 @@ def resolve_sampling(
     loaded: LoadedModel, settings: dict[str, Any], classes: list[int] | None = None
 ) -> tuple[SamplingConfig, list[str]]:
     """The `SamplingConfig` the model samples with: the model's kind and training chain, its defaults
-    (`sampling_defaults`) for the settings not given, then `settings` (by name, `diffit.sampling.SETTINGS`);
+    (`sampling_defaults`) for the settings not given, then `settings` (by name, `diffit.sampling_config.SETTINGS`);
     checked against the model. Also returns the defaults used, as "name=value" lines for logs and metrics.json."""
     from diffit.flow import FLOW_SAMPLERS
-    from diffit.sampling import SamplingConfig
+    from diffit.sampling_config import SamplingConfig
 
     check_sampling_settings(settings)
     given = {name: value for name, value in settings.items() if value is not None}

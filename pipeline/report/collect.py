@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import InputError, PipelineError
-from pipeline.core.shards import FAILURES_NAME, MANIFEST_NAME
-from pipeline.core.storage import Location, is_url, join
+from pipeline.core.manifest import MANIFEST_NAME
+from pipeline.core.shards import FAILURES_NAME
+from pipeline.core.storage import Location
+from pipeline.core.storage_io import is_url, join
 from pipeline.evaluate import METRICS_FILE
 from pipeline.train import (
     CHECKPOINTS_DIR,

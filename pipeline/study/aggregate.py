@@ -245,7 +245,7 @@ def cost(study: Study, out: Path, results: dict[str, dict[int, dict[str, Any]]])
 
 
 def _network_evaluations(sampling: dict[str, Any]) -> int | None:
-    from diffit.sampling import network_evaluations
+    from diffit.sampling_config import network_evaluations
 
     if sampling.get("sampler") is None or sampling.get("steps") is None:
         return None

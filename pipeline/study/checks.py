@@ -15,14 +15,14 @@ from typing import Any
 from pipeline.core.errors import brief
 from pipeline.study.spec import Study, StudyError, Unit, _need, training_config
 
-# Evaluate settings that are paths (made `Path`s); the sampling ones are `diffit.sampling.SETTINGS`.
+# Evaluate settings that are paths (made `Path`s); the sampling ones are `diffit.sampling_config.SETTINGS`.
 PATH_KEYS = ("inception_weights", "cache_dir", "guide_model")
 
 
 def evaluate_options(settings: dict[str, Any], seed: int, model_dir: Path, out_dir: Path):
     """The `EvaluateOptions` of evaluate settings (a variant's, see `Study.evaluate_settings`) for one seed,
     checked (`pipeline.evaluate.check_options`): EvaluateInputError naming the setting otherwise."""
-    from diffit.sampling import SETTINGS
+    from diffit.sampling_config import SETTINGS
     from pipeline.evaluate import EvaluateInputError, EvaluateOptions, check_options
 
     sampling = {key: settings[key] for key in SETTINGS if key in settings}
@@ -63,8 +63,9 @@ def check_evaluate_settings(study: Study) -> None:
 
 def check_sampling_budget(study: Study) -> None:
     """Every variant samples with the same number of network evaluations per sample: variants that differ in
-    `evaluate.sampler` or `evaluate.steps` must each give both, with equal `diffit.sampling.network_evaluations`."""
-    from diffit.sampling import network_evaluations
+    `evaluate.sampler` or `evaluate.steps` must each give both, with equal
+    `diffit.sampling_config.network_evaluations`."""
+    from diffit.sampling_config import network_evaluations
 
     chosen = {}
     for variant in study.variants:
@@ -167,7 +168,7 @@ def _known_kwargs(model_name: str) -> set[str]:
 def evaluate_fields() -> set[str]:
     """The option names of the evaluate stage (to keep EVALUATE_KEYS honest in the tests): its options and the
     sampling settings."""
-    from diffit.sampling import SETTINGS
+    from diffit.sampling_config import SETTINGS
     from pipeline.evaluate import EvaluateOptions
 
     return ({f.name for f in fields(EvaluateOptions)} - {"sampling"}) | set(SETTINGS)

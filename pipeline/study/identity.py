@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.storage import is_url
+from pipeline.core.storage_io import is_url
 
 MAX_LISTED_FILES = 200_000
 MAX_HASHED_BYTES = 1 << 30

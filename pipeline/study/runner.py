@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import write_json_atomic
-from pipeline.core.storage import LocalDirectory, StorageError
+from pipeline.core.storage import LocalDirectory
+from pipeline.core.storage_io import StorageError
 from pipeline.study.checks import check_model_kwargs
 from pipeline.study.checks import evaluate_options as options_of_settings
 from pipeline.study.demo_metrics import demo_metrics

@@ -240,7 +240,7 @@ class Study:
 
     def missing_inputs(self) -> list[str]:
         """The local paths the study names that do not exist (checked before anything runs)."""
-        from pipeline.core.storage import is_url
+        from pipeline.core.storage_io import is_url
 
         named = {"data": self.data, **{f"demo_metrics.{k}": self.demo_metrics.get(k) for k in DEMO_METRIC_FILE_KEYS}}
         return [

@@ -147,7 +147,7 @@ def check_dataset(config: Config, data_dir: str | Path | Location) -> DatasetInf
     """Read the manifest and refuse data that does not fit the model config (clear error, no step taken).
     `data_dir`: a directory or an object-store URL."""
     from diffit.models import model_family, resolve_model_kwargs
-    from pipeline.core.shards import manifest_hash
+    from pipeline.core.manifest import manifest_hash
 
     data_dir = _data_location(data_dir)
     manifest = _read_manifest(data_dir)
@@ -201,7 +201,7 @@ def _latent_norm(config: Config, manifest: dict[str, Any], where: Any):
 
 def _data_location(data_dir: str | Path | Location) -> Location:
     """The Location of --data; TrainError (one line) when its URL cannot be opened."""
-    from pipeline.core.storage import StorageError
+    from pipeline.core.storage_io import StorageError
 
     try:
         return Location.of(data_dir)
@@ -210,7 +210,7 @@ def _data_location(data_dir: str | Path | Location) -> Location:
 
 
 def _read_manifest(data_dir: Location) -> dict[str, Any]:
-    from pipeline.core.shards import ManifestError, load_manifest
+    from pipeline.core.manifest import ManifestError, load_manifest
 
     if data_dir.is_local and not data_dir.exists():
         raise TrainError(
@@ -296,7 +296,8 @@ def _resolve_num_classes(config: Config, manifest: dict[str, Any], where: str) -
 def _check_shards(data_dir: Location, manifest: dict[str, Any], where: str) -> tuple[list[str], list[str]]:
     """The paths of the non-empty shards, each present with the size the manifest records, and the sha256 the
     manifest records for each (the loader checks every shard against it as it reads it: no second pass here)."""
-    from pipeline.core.shards import shard_problems, shard_urls
+    from pipeline.core.manifest import shard_urls
+    from pipeline.core.shards import shard_problems
 
     urls = shard_urls(data_dir, manifest)
     if not urls:

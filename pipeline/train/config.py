@@ -163,7 +163,7 @@ class CheckpointConfig:
 class SampleConfig:
     """EMA sample grids written to `RUN/samples/step-XXXXXXX.png` while training.
 
-    The sampling settings have their one name each (`diffit.sampling.SETTINGS`, as `diffit-pipe evaluate` and
+    The sampling settings have their one name each (`diffit.sampling_config.SETTINGS`, as `diffit-pipe evaluate` and
     studies take them) and become the run's `SamplingConfig` in `pipeline.train.samples.sampling_config`; guidance
     applies to class-conditional models only. `pixels` is not among them: a grid is a preview, converted as
     `pipeline.core.vae.decode_latents` does.
@@ -435,7 +435,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     _check_trackers(train.tracker, need)
     need(config.sample.every >= 0, f"sample.every must be >= 0, got {config.sample.every}")
     need(config.sample.count >= 1 and config.sample.steps >= 1, "sample.count and sample.steps must be >= 1")
-    from diffit.sampling import check_settings
+    from diffit.sampling_config import check_settings
 
     for section in ("sample", "eval"):
         try:
@@ -517,9 +517,9 @@ def _check_eval(config: Config, need) -> None:
 
 
 def sampling_settings(section: SampleConfig | EvalConfig) -> dict[str, Any]:
-    """The sampling settings of a `sample` / `eval` section by their one name each (`diffit.sampling.SETTINGS`
+    """The sampling settings of a `sample` / `eval` section by their one name each (`diffit.sampling_config.SETTINGS`
     but `pixels`, see `SampleConfig`; None: not set)."""
-    from diffit.sampling import SETTINGS
+    from diffit.sampling_config import SETTINGS
 
     return {name: getattr(section, name) for name in SETTINGS if name != "pixels"}
 

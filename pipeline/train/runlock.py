@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import InputError
-from pipeline.core.storage import LOCK_NAME, LocalDirectory, StorageError
+from pipeline.core.storage import LOCK_NAME, LocalDirectory
+from pipeline.core.storage_io import StorageError
 
 logger = logging.getLogger(__name__)
 

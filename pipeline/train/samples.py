@@ -46,12 +46,12 @@ def latent_visualisation(latents):
 
 
 def sampling_config(config: Config, conditional: bool, settings: dict[str, Any] | None = None):
-    """The `diffit.sampling.SamplingConfig` the run samples with: the run's diffusion (kind, chain, sigma_data) and
-    `settings` by name (default: the `sample` section's, `sampling_settings`); guidance for class-conditional models
-    only."""
+    """The `diffit.sampling_config.SamplingConfig` the run samples with: the run's diffusion (kind, chain,
+    sigma_data) and `settings` by name (default: the `sample` section's, `sampling_settings`); guidance for
+    class-conditional models only."""
     import dataclasses
 
-    from diffit.sampling import SamplingConfig
+    from diffit.sampling_config import SamplingConfig
     from pipeline.train.config import sampling_settings
 
     settings = sampling_settings(config.sample) if settings is None else settings

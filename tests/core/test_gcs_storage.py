@@ -21,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.core import shards
+from pipeline.core.manifest import load_manifest
 from pipeline.encode.job import EncodeOptions, run_encode
 from tests.support.encode_fixtures import make_image_tree, save_tiny_vae
 from tests.support.s3_server import free_port
@@ -104,9 +104,9 @@ def test_encode_to_gs_equals_local_resumes_from_sidecars_and_trains(data, gcs, t
     assert _shard_files(url) == _shard_files(local)  # tars and sidecars, byte for byte
     assert _shard_files(url.replace("gs://", "gcs://", 1)) == _shard_files(local)  # gcsfs's other name
     assert rerun.ok and rerun.shards_skipped == rerun.shards_total  # trusted from sealed sidecars and GCS times
-    manifest = shards.load_manifest(url)
+    manifest = load_manifest(url)
     assert {k: v for k, v in manifest.items() if k not in ("created", "command")} == {
-        k: v for k, v in shards.load_manifest(local).items() if k not in ("created", "command")
+        k: v for k, v in load_manifest(local).items() if k not in ("created", "command")
     }
     shown = CliRunner().invoke(app, ["inspect", url, "--verify"], catch_exceptions=False)
     assert shown.exit_code == 0 and f"verified   {first.shards_total} shard(s)" in shown.output, shown.output

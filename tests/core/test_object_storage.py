@@ -24,7 +24,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.core import shards
-from pipeline.core.storage import Location, StorageError
+from pipeline.core.dataset_verify import verify_dataset
+from pipeline.core.manifest import ManifestError, load_manifest, manifest_hash
+from pipeline.core.storage import Location
+from pipeline.core.storage_io import StorageError
 from pipeline.encode.job import EncodeOptions, run_encode
 from tests.support.encode_fixtures import kill_job_midway, make_image_tree, save_tiny_vae
 from tests.support.s3_server import rclone_s3_server
@@ -159,8 +162,8 @@ def test_encode_to_s3_killed_midway_then_rerun_gives_the_local_bytes(data, local
     reference = _local_files(local_latents)
     for path in stored.glob("shard-*.tar"):
         assert path.read_bytes() == reference[path.name]
-    with pytest.raises(shards.ManifestError, match=rf"no dataset manifest at {url}/manifest.json .*re-run"):
-        shards.load_manifest(url)
+    with pytest.raises(ManifestError, match=rf"no dataset manifest at {url}/manifest.json .*re-run"):
+        load_manifest(url)
 
     rerun = subprocess.run(_cli_command(data, url), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -168,9 +171,9 @@ def test_encode_to_s3_killed_midway_then_rerun_gives_the_local_bytes(data, local
     assert skipped >= done_before - 1  # at most the shard whose sidecar was being uploaded at kill time
     assert f"to {url} " in rerun.stdout
     assert _local_files(stored) == reference  # tars and sidecars: byte for byte the local run's
-    manifest = shards.load_manifest(url)
-    assert _comparable(manifest) == _comparable(shards.load_manifest(local_latents))
-    assert shards.verify_dataset(url).ok
+    manifest = load_manifest(url)
+    assert _comparable(manifest) == _comparable(load_manifest(local_latents))
+    assert verify_dataset(url).ok
     assert sorted(path.name for path in stored.iterdir()) == sorted([*reference, "failures.jsonl", "manifest.json"])
 
 
@@ -178,7 +181,7 @@ def test_a_rerun_trusts_uploaded_shards_by_their_sidecars_and_verify_rehashes_th
     url, stored = s3.url("again"), s3.root / BUCKET / "again"
     first = run_encode(_job(data, url))
     assert first.ok and first.shards_skipped == 0
-    manifest_hash = shards.manifest_hash(url)
+    first_hash = manifest_hash(url)
     original = (stored / "shard-000001.tar").read_bytes()
     # The same size, and the sidecar uploaded again after it: a rerun that trusts sealed sidecars (and the
     # objects' sizes and times) cannot tell; one that reads the tar can.
@@ -189,14 +192,14 @@ def test_a_rerun_trusts_uploaded_shards_by_their_sidecars_and_verify_rehashes_th
     trusted = run_encode(_job(data, url))
     assert trusted.ok and trusted.shards_skipped == trusted.shards_total == first.shards_total
     assert (stored / "shard-000001.tar").read_bytes() == bytes(reversed(original))  # not read, not rewritten
-    assert shards.manifest_hash(url) == manifest_hash  # the same dataset: runs trained on it can still resume
+    assert manifest_hash(url) == first_hash  # the same dataset: runs trained on it can still resume
 
     verified = run_encode(_job(data, url, verify=True))
     assert (
         verified.ok and verified.shards_skipped == first.shards_total - 1
     )  # the damaged shard was re-hashed and written again
     assert (stored / "shard-000001.tar").read_bytes() == original
-    assert shards.verify_dataset(url).ok and shards.manifest_hash(url) == manifest_hash
+    assert verify_dataset(url).ok and manifest_hash(url) == first_hash
 
 
 def test_dry_run_against_a_url_counts_the_finished_shards_and_writes_nothing(data, s3):
@@ -248,8 +251,8 @@ def test_a_crafted_shard_name_in_an_s3_manifest_is_refused(data, s3, local_laten
     manifest = json.loads((local_latents / "manifest.json").read_text())
     manifest["shards"][0]["name"] = "pipe:touch /tmp/owned"
     _put(s3, "crafted/manifest.json", json.dumps(manifest).encode())
-    with pytest.raises(shards.ManifestError, match=r"crafted/manifest.json: shards\[0\] has the name 'pipe:touch"):
-        shards.load_manifest(url)
+    with pytest.raises(ManifestError, match=r"crafted/manifest.json: shards\[0\] has the name 'pipe:touch"):
+        load_manifest(url)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +263,7 @@ def test_train_two_steps_from_s3_equals_training_from_the_local_copy(data, local
     from pipeline.train import TrainOptions, run_train
 
     url = _upload(s3, local_latents, "train-data")  # the same bytes, served over S3
-    latent_size = shards.load_manifest(local_latents)["latent_size"]
+    latent_size = load_manifest(local_latents)["latent_size"]
     config = tiny_latent_config(
         model={"input_size": latent_size},
         data={"num_workers": 1},  # a loader worker process opens its own S3 connection
@@ -286,26 +289,26 @@ def test_train_two_steps_from_s3_equals_training_from_the_local_copy(data, local
     assert [r["loss"] for r in remote if "loss" in r] == [r["loss"] for r in local if "loss" in r]
     state = json.loads((sorted((runs["s3"] / "checkpoints").iterdir())[-1] / "train_state.json").read_text())
     assert state["dataset"]["path"] == url
-    assert state["dataset"]["manifest_hash"] == shards.manifest_hash(local_latents)
+    assert state["dataset"]["manifest_hash"] == manifest_hash(local_latents)
 
     # The run report reads the manifest of the run's dataset from the store and links it to the run.
     from pipeline.report.collect import read_run
 
     dataset = read_run(runs["s3"], [], [], False).dataset
     assert dataset.path == url and dataset.manifest.path == f"{url}/manifest.json"
-    assert dataset.manifest.sha256 == dataset.recorded_hash == shards.manifest_hash(url)
-    assert dataset.manifest.data == shards.load_manifest(local_latents)
+    assert dataset.manifest.sha256 == dataset.recorded_hash == manifest_hash(url)
+    assert dataset.manifest.data == load_manifest(local_latents)
 
 
 def test_train_reports_a_damaged_object_by_its_url(data, local_latents, s3, tmp_path):
     from pipeline.train import TrainOptions, run_train
-    from pipeline.train.data import CorruptShardError
+    from pipeline.train.shard_reading import CorruptShardError
 
     url = _upload(s3, local_latents, "damaged-train")
     damaged = bytearray((local_latents / "shard-000000.tar").read_bytes())
     damaged[700] ^= 0x01
     _put(s3, "damaged-train/shard-000000.tar", bytes(damaged))
-    latent_size = shards.load_manifest(local_latents)["latent_size"]
+    latent_size = load_manifest(local_latents)["latent_size"]
     config = tiny_latent_config(model={"input_size": latent_size}, train={"max_steps": 1, "global_batch_size": 2})
     with pytest.raises(CorruptShardError, match=rf"{url}/shard-000000.tar: sha256 "):
         run_train(
@@ -382,7 +385,7 @@ def test_a_pack_dataset_reference_url_is_copied_checked_and_a_damaged_shard_refu
     assert run_encode(_job(data, url, kind="images")).ok
     copy = stage_reference(url, tmp_path / "first")
     stored = s3.root / BUCKET / "ref-images"
-    listed = [e["name"] for e in shards.load_manifest(url)["shards"] if e["count"]]
+    listed = [e["name"] for e in load_manifest(url)["shards"] if e["count"]]
     assert sorted(p.name for p in copy.iterdir()) == sorted([*listed, "manifest.json"])
     assert all((copy / name).read_bytes() == (stored / name).read_bytes() for name in [*listed, "manifest.json"])
     reference = open_reference(url)
@@ -428,7 +431,7 @@ def test_any_fsspec_file_system_holds_a_dataset_the_same_way(data, local_latents
     memory = fsspec.filesystem("memory")
     stored = {name.rsplit("/", 1)[-1]: memory.cat_file(name) for name in memory.ls(url, detail=False)}
     assert {k: v for k, v in stored.items() if k.startswith("shard-")} == _local_files(local_latents)
-    assert _comparable(shards.load_manifest(url)) == _comparable(shards.load_manifest(local_latents))
+    assert _comparable(load_manifest(url)) == _comparable(load_manifest(local_latents))
     # This store reports no modification times, so a rerun cannot trust sidecars alone: it re-hashes every shard
     # (and keeps them all, since they match).
     rerun = run_encode(_job(data, url))
@@ -437,7 +440,7 @@ def test_any_fsspec_file_system_holds_a_dataset_the_same_way(data, local_latents
 
 def test_a_shard_larger_than_one_upload_part_round_trips(s3, tmp_path):
     # s3fs uploads files over 50 MiB in parts and the readers fetch whole objects: 60 MiB through every path.
-    from pipeline.core.storage import download, read_object, sha256_of
+    from pipeline.core.storage_io import download, read_object, sha256_of
 
     data = np.random.default_rng(0).integers(0, 256, 60 << 20, dtype=np.uint8).tobytes()
     location = Location.of(s3.url("large"))
@@ -567,7 +570,7 @@ def _memory_url(tmp_path: Path, name: str) -> str:
 def test_a_sidecar_that_cannot_be_read_stops_the_job_and_no_shard_is_rewritten(data, tmp_path, observed_memory):
     import fsspec
 
-    from pipeline.core.storage import StorageReadError
+    from pipeline.core.storage_io import StorageReadError
     from pipeline.encode.job import JobError
 
     url = _memory_url(tmp_path, "images")
@@ -596,7 +599,7 @@ def test_a_sidecar_that_cannot_be_read_stops_the_job_and_no_shard_is_rewritten(d
 
 
 def test_only_not_found_means_missing_in_a_local_directory(tmp_path):
-    from pipeline.core.storage import StorageReadError
+    from pipeline.core.storage_io import StorageReadError
 
     location = Location.of(tmp_path)
     assert shards.read_sidecar(tmp_path, 0) is None and location.stat("shard-000000.json") is None
@@ -614,8 +617,8 @@ def test_only_not_found_means_missing_in_a_local_directory(tmp_path):
         location.read_many(["shard-000000.json"])
     (tmp_path / "a-file").write_text("x")  # a path through a file (NotADirectoryError): nothing can be there
     assert Location.of(tmp_path / "a-file").stat("manifest.json") is None
-    with pytest.raises(shards.ManifestError, match=rf"^no dataset manifest at {tmp_path / 'a-file'}/manifest.json$"):
-        shards.load_manifest(tmp_path / "a-file")
+    with pytest.raises(ManifestError, match=rf"^no dataset manifest at {tmp_path / 'a-file'}/manifest.json$"):
+        load_manifest(tmp_path / "a-file")
 
 
 def test_a_reference_manifest_is_read_once_and_staged_as_the_bytes_parsed(data, tmp_path, observed_memory):

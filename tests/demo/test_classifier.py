@@ -17,7 +17,8 @@ from pipeline.demo.classifier import (
     to_input,
     train_classifier,
 )
-from pipeline.demo.procedural import generate_dataset, load_labelled_images
+from pipeline.demo.labelled_images import load_labelled_images
+from pipeline.demo.procedural import generate_dataset
 
 NUM_CLASSES = 10
 # Required held-out accuracy on unseen real images after a short CPU training at 16 px (measured: 1.0).

@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.core.atomic import temp_path_for
+from pipeline.demo.labelled_images import load_labelled_images
 from pipeline.demo.procedural import (
     DATASET_JSON,
     MAX_CLASSES,
     ProceduralDatasetError,
     class_names,
     generate_dataset,
-    load_labelled_images,
     render_class_examples,
 )
 
@@ -144,7 +144,9 @@ def test_loader_reads_folders_and_procedural_roots(tmp_path):
 
 def test_loader_reads_packed_shards(tmp_path):
     from pipeline.core.atomic import write_json_atomic
-    from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample
+    from pipeline.core.manifest import FORMAT_VERSION
+    from pipeline.core.shard_members import image_sample
+    from pipeline.core.shards import ShardWriter
 
     generate_dataset(tmp_path / "synth", num_classes=2, per_class=2, resolution=16, seed=0, progress=False)
     folder = load_labelled_images(tmp_path / "synth", resolution=16)

@@ -9,17 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from pipeline.demo.procedural import generate_dataset, load_labelled_images
-from pipeline.demo.vae_fit import (
-    GRID_NAME,
-    REPORT_NAME,
-    VAEFitConfig,
-    VAEFitError,
-    batch_indices,
-    fit_vae,
-    psnr_uint8,
-    reconstruction_grid,
-)
+from pipeline.demo.labelled_images import load_labelled_images
+from pipeline.demo.procedural import generate_dataset
+from pipeline.demo.vae_fit import fit_vae
+from pipeline.demo.vae_fit_config import VAEFitConfig, VAEFitError
+from pipeline.demo.vae_fit_math import batch_indices, psnr_uint8, reconstruction_grid
+from pipeline.demo.vae_fit_output import GRID_NAME, REPORT_NAME
 
 # A VAE small enough for a test: 16 px images, two stages (/2 -> 8x8x4 latents), 8 channels per group.
 TINY = dict(resolution=16, block_out_channels=(8, 16), batch_size=4, lr=3e-3, warmup_steps=2, eval_images=6)

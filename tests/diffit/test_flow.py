@@ -20,7 +20,8 @@ from diffit.flow import (
     velocity_loss,
 )
 from diffit.guidance import GuidanceConfig
-from diffit.sampling import SamplingConfig, sample
+from diffit.sampling import sample
+from diffit.sampling_config import SamplingConfig
 
 
 class LinearField(nn.Module):

@@ -502,7 +502,7 @@ def test_edm_heun_through_sample_is_nvlabs_edm_sampler_bit_for_bit(stochastic):
 
 
 def test_sampling_config_stochastic_fields_round_trip_and_validation():
-    from diffit.sampling import SamplingConfig
+    from diffit.sampling_config import SamplingConfig
 
     config = SamplingConfig(
         sampler="edm-heun",
@@ -525,8 +525,20 @@ def test_sampling_config_stochastic_fields_round_trip_and_validation():
             SamplingConfig(**{field: -1.0}).check()
 
 
+def test_the_sampling_settings_stay_public_in_diffit_sampling():
+    """The settings live in `diffit.sampling_config`; `diffit.sampling.SamplingConfig` and its companions, which
+    users import, are the same objects."""
+    import diffit.sampling
+    import diffit.sampling_config
+
+    names = ("SamplingConfig", "SETTINGS", "check_settings", "paper_sampling_config", "to_uint8", "network_evaluations")
+    for name in (*names, "SAMPLERS", "GUIDANCE_SETTINGS", "PIXEL_QUANTIZATIONS", "FLOW_DEFAULT_STEPS", "KINDS"):
+        assert getattr(diffit.sampling, name) is getattr(diffit.sampling_config, name)
+        assert name in diffit.sampling.__all__
+
+
 def test_paper_sampling_config_per_model_kind():
-    from diffit.sampling import paper_sampling_config
+    from diffit.sampling_config import paper_sampling_config
 
     imagenet256 = paper_sampling_config({"type": "adm", "diffusion_steps": 1000, "noise_schedule": "linear"}, 256, 1000)
     assert (imagenet256.sampler, imagenet256.steps, imagenet256.kind) == ("ddpm", 250, "adm")

@@ -117,7 +117,7 @@ def test_config_schema_accepts_what_the_writers_write():
     schema's samplers and schedules are the library's."""
     from diffit.config_check import SAMPLING_FIELDS
     from diffit.guidance import SCHEDULES
-    from diffit.sampling import SAMPLERS
+    from diffit.sampling_config import SAMPLERS
     from pipeline.train.released import released_sampling
 
     assert SAMPLING_FIELDS["sampler"][1:] == SAMPLERS and SAMPLING_FIELDS["guidance_schedule"][1:] == SCHEDULES

@@ -16,7 +16,8 @@ import torch
 
 from diffit.guidance import GuidanceConfig
 from diffit.labels import imagenet_classes
-from diffit.sampling import sample, to_uint8
+from diffit.sampling import sample
+from diffit.sampling_config import to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -313,12 +313,12 @@ def test_parquet_shards_rows_labels_and_a_corrupt_row(data, tmp_path):
     assert failure["key"] == "train-00000-of-00002/00000005" and "no image bytes" in failure["reason"]
     # Every row but the corrupt one is written, with its label, in row order.
     from pipeline.core import shards
+    from pipeline.core.manifest import load_manifest, shard_urls
+    from pipeline.core.shard_members import decode_sample
 
-    manifest = shards.load_manifest(tmp_path / "out")
+    manifest = load_manifest(tmp_path / "out")
     labels = [
-        shards.decode_sample(raw)["cls"]
-        for url in shards.shard_urls(tmp_path / "out", manifest)
-        for raw in shards.iter_samples(url)
+        decode_sample(raw)["cls"] for url in shard_urls(tmp_path / "out", manifest) for raw in shards.iter_samples(url)
     ]
     assert labels == [label for i, (_, label) in enumerate(rows) if i != 5]
 
@@ -500,10 +500,12 @@ def test_member_names_are_untrusted_no_name_becomes_a_path_on_disk(data, tmp_pat
     assert created and all(p.is_relative_to(tmp_path / "work" / "out") for p in created), created
     assert not any(p.name.startswith(("escape", "abs", "up")) for p in tmp_path.rglob("*"))
     from pipeline.core import shards
+    from pipeline.core.manifest import load_manifest, shard_urls
+    from pipeline.core.shard_members import decode_sample
 
     keys = [
-        shards.decode_sample(raw)["__key__"]
-        for url in shards.shard_urls(tmp_path / "work" / "out", shards.load_manifest(tmp_path / "work" / "out"))
+        decode_sample(raw)["__key__"]
+        for url in shard_urls(tmp_path / "work" / "out", load_manifest(tmp_path / "work" / "out"))
         for raw in shards.iter_samples(url)
     ]
     assert not any(".." in key or key.startswith("/") for key in keys)

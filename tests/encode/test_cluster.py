@@ -22,7 +22,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from pipeline.core import shards
+from pipeline.core.dataset_verify import verify_dataset
+from pipeline.core.manifest import load_manifest
 from pipeline.encode.job import EncodeOptions, plan_job, run_encode
 from pipeline.encode.plan import RECORD_CHECK, ItemBlock
 from pipeline.encode.sources import scan_folder, scan_source
@@ -141,7 +142,7 @@ def test_scheduler_file_cluster_gives_the_local_shards(data, reference, command_
     result = cli(*_encode_args(data, out, "--scheduler-file", scheduler_file))  # no --torch-threads
     assert result.exit_code == 0, result.output
     assert _shard_bytes(out) == _shard_bytes(reference)  # tars and sealed sidecars, byte for byte
-    assert _comparable(shards.load_manifest(out)) == _comparable(shards.load_manifest(reference))
+    assert _comparable(load_manifest(out)) == _comparable(load_manifest(reference))
     # Each worker encoded (loaded the VAE once) with as many torch threads as its --nthreads, not all cores.
     assert sorted(client.run(vae_load_count).values()) == [1, 1]
     assert sorted(client.run(torch.get_num_threads).values()) == [1, 1]
@@ -311,7 +312,7 @@ def test_resume_trusts_sealed_sidecars_without_rehashing_unless_verify(data, ref
     result = run_encode(_config(data, out, verify=True))  # every shard re-hashed: shard 1 is redone
     assert result.ok and (result.shards_skipped, result.shards_written) == (10, 1)
     assert (out / "shard-000001.tar").read_bytes() == (reference / "shard-000001.tar").read_bytes()
-    assert shards.verify_dataset(out).ok
+    assert verify_dataset(out).ok
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def test_dry_run_reports_the_job_and_writes_nothing(data, reference, cli, tmp_pa
     out = tmp_path / "dry"
     result = cli(*_encode_args(data, out, "--dry-run", "--torch-threads", "1"))
     assert result.exit_code == 0, result.output
-    total = sum(shard["bytes"] for shard in shards.load_manifest(reference)["shards"])
+    total = sum(shard["bytes"] for shard in load_manifest(reference)["shards"])
     lines = result.stdout.splitlines()  # the report; log lines go to stderr
     assert lines[0] == "dry run: nothing was written"
     assert lines[1] == f"source     {data.src} (class-folders): 42 items, 3 classes"

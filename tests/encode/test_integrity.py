@@ -25,6 +25,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.core import shards
+from pipeline.core.dataset_verify import verify_dataset
+from pipeline.core.manifest import MANIFEST_NAME, ManifestError, load_manifest, shard_urls
+from pipeline.core.shard_members import decode_sample, latent_sample
 from pipeline.encode.job import EncodeOptions, run_encode
 from pipeline.encode.sources import SourceError, scan_folder, scan_source
 from tests.support.encode_fixtures import (
@@ -59,11 +62,11 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def _manifest(directory: Path) -> dict:
-    return json.loads((directory / shards.MANIFEST_NAME).read_text())
+    return json.loads((directory / MANIFEST_NAME).read_text())
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
-    (directory / shards.MANIFEST_NAME).write_text(json.dumps(manifest))
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,10 +106,10 @@ def test_crafted_shard_name_runs_nothing_and_the_error_names_the_manifest(tmp_pa
     assert not (dataset / "g.png").exists()
 
     # The readers the trainer uses: the manifest is refused, and shard_urls refuses a manifest built by hand.
-    with pytest.raises(shards.ManifestError, match=r"manifest\.json: shards\[0\] has the name"):
-        shards.load_manifest(".")
-    with pytest.raises(shards.ManifestError, match="manifest.json"):
-        shards.shard_urls(".", _manifest(dataset))
+    with pytest.raises(ManifestError, match=r"manifest\.json: shards\[0\] has the name"):
+        load_manifest(".")
+    with pytest.raises(ManifestError, match="manifest.json"):
+        shard_urls(".", _manifest(dataset))
     assert not (dataset / "PWNED").exists()
 
 
@@ -114,7 +117,7 @@ def test_shard_urls_are_absolute_and_read_as_local_files(tmp_path, monkeypatch):
     dataset = tmp_path / "dataset"
     write_small_dataset(dataset, kind="latents", num_shards=2)
     monkeypatch.chdir(dataset)
-    urls = shards.shard_urls(".", shards.load_manifest("."))
+    urls = shard_urls(".", load_manifest("."))
     assert urls == [str(dataset / "shard-000000.tar"), str(dataset / "shard-000001.tar")]
     assert all(os.path.isabs(url) for url in urls)
 
@@ -143,7 +146,7 @@ def test_array_header_claiming_terabytes_is_a_clear_error(tmp_path, cli):
     dataset = tmp_path / "dataset"
     dataset.mkdir()
     with shards.ShardWriter(dataset, 0) as writer:
-        sample = shards.latent_sample("k", np.zeros((2, 4, 4, 4)), np.ones((2, 4, 4, 4)), 0, {})
+        sample = latent_sample("k", np.zeros((2, 4, 4, 4)), np.ones((2, 4, 4, 4)), 0, {})
         writer.write({**sample, "mean.npy": _crafted_npy((100000, 100000, 1000))})
         sidecar = writer.commit({})
     manifest = write_small_dataset(tmp_path / "template", num_shards=1, per_shard=1)
@@ -152,7 +155,7 @@ def test_array_header_claiming_terabytes_is_a_clear_error(tmp_path, cli):
 
     raw = next(shards.iter_samples(dataset / "shard-000000.tar"))
     with pytest.raises(ValueError, match=r"k\.mean\.npy: \.npy header says \[100000, 100000, 1000\]"):
-        shards.decode_sample(raw)
+        decode_sample(raw)
     result = cli("inspect", dataset, "--preview", tmp_path / "g.png")
     assert result.exit_code == 2 and "cannot read its samples" in result.output
 
@@ -272,7 +275,7 @@ def test_pack_into_a_latent_dataset_is_refused_unless_overwrite(job_data, tmp_pa
 
     result = cli(*_pack(job_data, out), "--overwrite")
     assert result.exit_code == 0, result.output
-    assert _manifest(out)["kind"] == "images" and shards.verify_dataset(out).ok
+    assert _manifest(out)["kind"] == "images" and verify_dataset(out).ok
 
 
 def test_limit_into_a_larger_dataset_is_refused_unless_overwrite(job_data, tmp_path, cli):
@@ -306,7 +309,7 @@ def test_other_settings_in_out_are_refused_but_resume_of_an_interrupted_run_is_n
     (out / "shard-000005.json").unlink()
     result = cli(*_encode(job_data, out))
     assert result.exit_code == 0 and "(7 shard(s) were already complete)" in result.output
-    assert shards.verify_dataset(out).ok
+    assert verify_dataset(out).ok
 
     before = _files(out)
     result = cli(*_encode(job_data, out, "--max-pixels", "50000"))  # other transform settings
@@ -376,10 +379,10 @@ def test_max_pixels_above_pillows_limit_takes_effect(tmp_path):
 def test_verify_names_exactly_the_shard_whose_sidecar_or_entry_is_missing(tmp_path):
     dataset = tmp_path / "dataset"
     manifest = write_small_dataset(dataset, num_shards=5)
-    assert shards.verify_dataset(dataset).ok
+    assert verify_dataset(dataset).ok
 
     (dataset / "shard-000002.json").rename(tmp_path / "kept.json")
-    report = shards.verify_dataset(dataset)
+    report = verify_dataset(dataset)
     assert len(report.problems) == 1 and "shard-000002" in report.problems[0]
     (tmp_path / "kept.json").rename(dataset / "shard-000002.json")
 
@@ -387,7 +390,7 @@ def test_verify_names_exactly_the_shard_whose_sidecar_or_entry_is_missing(tmp_pa
     entries = [entry for entry in manifest["shards"] if entry["name"] != "shard-000002.tar"]
     counts = {"seen": 8, "written": 8, "failed": 0}
     _write_manifest(dataset, {**manifest, "shards": entries, "counts": counts})
-    report = shards.verify_dataset(dataset)
+    report = verify_dataset(dataset)
     assert report.checked == 4 and len(report.problems) == 1, report.problems
     assert "shard-000002.tar" in report.problems[0] and "not listed in manifest.json" in report.problems[0]
 
@@ -429,8 +432,8 @@ def test_insane_manifest_values_are_refused_naming_the_field(tmp_path, cli, fiel
         _set(manifest, field, value)
     _write_manifest(dataset, manifest)
 
-    with pytest.raises(shards.ManifestError, match=str(dataset / "manifest.json")) as raised:
-        shards.load_manifest(dataset)
+    with pytest.raises(ManifestError, match=str(dataset / "manifest.json")) as raised:
+        load_manifest(dataset)
     assert named in str(raised.value)
     result = cli("inspect", dataset, "--verify")
     assert result.exit_code == 2 and named in result.output, result.output
@@ -442,8 +445,8 @@ def test_duplicate_shard_entry_is_refused(tmp_path):
     manifest["shards"].append(manifest["shards"][0])
     manifest["counts"] = {"seen": 6, "written": 6, "failed": 0}
     _write_manifest(dataset, manifest)
-    with pytest.raises(shards.ManifestError, match="lists shard-000000.tar a second time"):
-        shards.load_manifest(dataset)
+    with pytest.raises(ManifestError, match="lists shard-000000.tar a second time"):
+        load_manifest(dataset)
 
 
 # ---------------------------------------------------------------------------------------------------------------

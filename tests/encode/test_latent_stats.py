@@ -15,6 +15,8 @@ import pytest
 
 from pipeline.core import shards
 from pipeline.core.latent_stats import ChannelMoments, merge_shards, shard_moments
+from pipeline.core.manifest import ManifestError, load_manifest, shard_urls
+from pipeline.core.shard_members import decode_sample
 from pipeline.encode.job import EncodeOptions, run_encode
 from pipeline.encode.plan import RECORD_CHECK, seal_sidecar
 from tests.support.encode_fixtures import TEST_MAX_PIXELS, make_image_tree, save_tiny_vae
@@ -41,15 +43,15 @@ def encoded(tmp_path_factory):
     )
     result = run_encode(config)
     assert result.ok and result.shards_written == 4
-    return SimpleNamespace(config=config, out=root / "latents", manifest=shards.load_manifest(root / "latents"))
+    return SimpleNamespace(config=config, out=root / "latents", manifest=load_manifest(root / "latents"))
 
 
 def _original_views(out: Path) -> np.ndarray:
     """Every sample's stored posterior mean of the original view, float64 [N, C, h, w], read back from the shards."""
-    manifest = shards.load_manifest(out)
+    manifest = load_manifest(out)
     latents = [
-        shards.decode_sample(raw)["mean.npy"][0].astype(np.float64)
-        for url in shards.shard_urls(out, manifest)
+        decode_sample(raw)["mean.npy"][0].astype(np.float64)
+        for url in shard_urls(out, manifest)
         for raw in shards.iter_samples(url)
     ]
     return np.stack(latents)
@@ -88,7 +90,7 @@ def test_a_resumed_encode_merges_the_same_statistics(encoded, tmp_path):
     result = run_encode(EncodeOptions(**{**vars(encoded.config), "out": str(out)}))
     assert result.ok and result.shards_written == 1 and result.shards_skipped == 3
     assert {path.name: path.read_bytes() for path in out.glob("shard-*")} == before  # sidecars identical too
-    stats = shards.load_manifest(out)["latent_stats"]
+    stats = load_manifest(out)["latent_stats"]
     assert stats == encoded.manifest["latent_stats"]
     latents = _original_views(out)
     np.testing.assert_allclose(stats["mean"], latents.mean(axis=(0, 2, 3)), rtol=1e-12, atol=1e-15)
@@ -136,8 +138,8 @@ def test_a_manifest_with_bad_statistics_is_refused(encoded, tmp_path, change, pr
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["latent_stats"] = {**manifest["latent_stats"], **change}
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(shards.ManifestError, match=problem):
-        shards.load_manifest(out)
+    with pytest.raises(ManifestError, match=problem):
+        load_manifest(out)
 
 
 def test_vae_shift_factor_is_recorded_and_bounded(encoded, tmp_path):
@@ -147,5 +149,5 @@ def test_vae_shift_factor_is_recorded_and_bounded(encoded, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["vae"]["shift_factor"] = math.inf
     (out / "manifest.json").write_text(json.dumps(manifest).replace("Infinity", "1e999"))
-    with pytest.raises(shards.ManifestError, match="vae.shift_factor inf is not a finite number"):
-        shards.load_manifest(out)
+    with pytest.raises(ManifestError, match="vae.shift_factor inf is not a finite number"):
+        load_manifest(out)

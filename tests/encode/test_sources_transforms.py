@@ -13,6 +13,16 @@ import pytest
 from PIL import Image
 
 from pipeline.core import shards as shards
+from pipeline.core.dataset_verify import verify_dataset
+from pipeline.core.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ManifestError,
+    load_manifest,
+    manifest_hash,
+    shard_urls,
+)
+from pipeline.core.shard_members import decode_sample, image_sample, latent_sample
 from pipeline.encode.source_items import SourceError, sample_key, unique_keys
 from pipeline.encode.sources import scan_folder, scan_source
 from pipeline.encode.transforms import (
@@ -268,7 +278,7 @@ def _write_demo_shard(out_dir, index=0):
     with shards.ShardWriter(out_dir, index) as writer:
         for i in range(3):
             mean = rng.normal(size=(2, 4, 2, 2)).astype(np.float16)
-            writer.write(shards.latent_sample(f"cls/item{i}", mean, np.abs(mean), i, {"source": f"cls/item{i}.png"}))
+            writer.write(latent_sample(f"cls/item{i}", mean, np.abs(mean), i, {"source": f"cls/item{i}.png"}))
         return writer.commit({"failures": [], "items": 3})
 
 
@@ -291,7 +301,7 @@ def test_shard_writer_is_reproducible_and_readable(tmp_path):
         "cls/item0.std.npy",
     ]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "diffit", 0o444)}
-    samples = [shards.decode_sample(s) for s in shards.iter_samples(tmp_path / "a" / "shard-000000.tar")]
+    samples = [decode_sample(s) for s in shards.iter_samples(tmp_path / "a" / "shard-000000.tar")]
     assert [s["__key__"] for s in samples] == ["cls/item0", "cls/item1", "cls/item2"]
     assert [s["cls"] for s in samples] == [0, 1, 2]
     assert samples[0]["mean.npy"].dtype == np.float16 and samples[0]["mean.npy"].shape == (2, 4, 2, 2)
@@ -302,7 +312,7 @@ def test_shard_writer_is_reproducible_and_readable(tmp_path):
 def test_shard_writer_leaves_nothing_on_error(tmp_path):
     with pytest.raises(RuntimeError):
         with shards.ShardWriter(tmp_path, 5) as writer:
-            writer.write(shards.image_sample("k", np.zeros((4, 4, 3), np.uint8), 0, {}))
+            writer.write(image_sample("k", np.zeros((4, 4, 3), np.uint8), 0, {}))
             raise RuntimeError("worker crashed")
     assert list(tmp_path.iterdir()) == []
 
@@ -311,7 +321,7 @@ def _demo_dataset(directory):
     directory.mkdir()
     sidecar = _write_demo_shard(directory)
     manifest = {
-        "format_version": shards.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "kind": "latents",
         "resolution": 16,
         "num_classes": 3,
@@ -319,35 +329,35 @@ def _demo_dataset(directory):
         "counts": {"seen": 3, "written": 3, "failed": 0},
         "shards": [{k: sidecar[k] for k in ("name", "count", "sha256", "bytes")}],
     }
-    shards.write_json_to(directory, shards.MANIFEST_NAME, manifest)
+    shards.write_json_to(directory, MANIFEST_NAME, manifest)
     return manifest
 
 
 def test_manifest_readers_and_verify(tmp_path):
     manifest = _demo_dataset(tmp_path / "ds")
-    loaded = shards.load_manifest(tmp_path / "ds")
+    loaded = load_manifest(tmp_path / "ds")
     assert loaded == manifest
-    assert shards.shard_urls(tmp_path / "ds", loaded) == [str(tmp_path / "ds" / "shard-000000.tar")]
-    assert shards.manifest_hash(tmp_path / "ds") == shards.sha256_file(tmp_path / "ds" / "manifest.json")
-    assert shards.verify_dataset(tmp_path / "ds").ok
+    assert shard_urls(tmp_path / "ds", loaded) == [str(tmp_path / "ds" / "shard-000000.tar")]
+    assert manifest_hash(tmp_path / "ds") == shards.sha256_file(tmp_path / "ds" / "manifest.json")
+    assert verify_dataset(tmp_path / "ds").ok
 
     shard_path = tmp_path / "ds" / "shard-000000.tar"
     data = bytearray(shard_path.read_bytes())
     data[700] ^= 0x01
     shard_path.write_bytes(bytes(data))
-    report = shards.verify_dataset(tmp_path / "ds")
+    report = verify_dataset(tmp_path / "ds")
     assert not report.ok and "shard-000000.tar: sha256" in report.problems[0]
 
 
 def test_load_manifest_errors_name_the_file(tmp_path):
-    with pytest.raises(shards.ManifestError, match=str(tmp_path / "manifest.json")):
-        shards.load_manifest(tmp_path)
+    with pytest.raises(ManifestError, match=str(tmp_path / "manifest.json")):
+        load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(shards.ManifestError, match="cannot read .*manifest.json"):
-        shards.load_manifest(tmp_path)
+    with pytest.raises(ManifestError, match="cannot read .*manifest.json"):
+        load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "kind": "latents"}))
-    with pytest.raises(shards.ManifestError, match="lacks the key"):
-        shards.load_manifest(tmp_path)
+    with pytest.raises(ManifestError, match="lacks the key"):
+        load_manifest(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ import pytest
 from PIL import Image
 
 from pipeline.core import shards as shards
+from pipeline.core.dataset_verify import verify_dataset
+from pipeline.core.manifest import FORMAT_VERSION, ManifestError, load_manifest, shard_urls
+from pipeline.core.shard_members import decode_sample
 from pipeline.encode.job import EncodeOptions, run_encode
 from pipeline.encode.transforms import prepare_image
 from tests.support.encode_fixtures import (
@@ -83,11 +86,11 @@ def _config(data, source, out, **overrides) -> EncodeOptions:
 
 def _samples(out: Path) -> dict[str, dict]:
     """Every decoded sample of a dataset by key, read through webdataset in manifest order."""
-    manifest = shards.load_manifest(out)
+    manifest = load_manifest(out)
     samples = {}
-    for url in shards.shard_urls(out, manifest):
+    for url in shard_urls(out, manifest):
         for raw in shards.iter_samples(url):
-            sample = shards.decode_sample(raw)
+            sample = decode_sample(raw)
             samples[sample["__key__"]] = sample
     return samples
 
@@ -116,8 +119,8 @@ def encoded(data, tmp_path_factory):
 def test_encode_counts_labels_and_manifest(data, encoded):
     result, out = encoded.result, encoded.out
     assert result.ok and result.counts == {"seen": 42, "written": 42, "failed": 0}
-    manifest = shards.load_manifest(out)
-    assert manifest["kind"] == "latents" and manifest["format_version"] == shards.FORMAT_VERSION
+    manifest = load_manifest(out)
+    assert manifest["kind"] == "latents" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["label_map"] == {name: i for i, name in enumerate(CLASS_NAMES)} and manifest["num_classes"] == 3
     assert (
         manifest["latent_channels"] == 4 and manifest["latent_size"] == 4 and manifest["latent_shape"] == [2, 4, 4, 4]
@@ -184,7 +187,7 @@ def test_bad_inputs_are_converted_or_recorded(data, cli, tmp_path):
     assert result.exit_code == 1, result.output
     assert "above --max-failure-rate 0.001" in result.output and "failures.jsonl" in result.output
 
-    manifest = shards.load_manifest(out)  # a complete dataset is still written, only the exit status says no
+    manifest = load_manifest(out)  # a complete dataset is still written, only the exit status says no
     counts = manifest["counts"]
     assert counts == {"seen": len(data.outcome), "written": len(expected_ok), "failed": len(expected_failed)}
     assert counts["seen"] == counts["written"] + counts["failed"]
@@ -227,7 +230,7 @@ def test_pack_then_encode_from_packed_shards(data, encoded, tmp_path):
     packed = tmp_path / "packed"
     result = run_encode(_config(data, data.src, packed, kind="images"))
     assert result.ok and result.counts["written"] == 42
-    manifest = shards.load_manifest(packed)
+    manifest = load_manifest(packed)
     assert manifest["kind"] == "images" and manifest["image_shape"] == [32, 32, 3] and "vae" not in manifest
     images = _samples(packed)
     for sample in images.values():
@@ -237,8 +240,8 @@ def test_pack_then_encode_from_packed_shards(data, encoded, tmp_path):
     from_packed = tmp_path / "from-packed"
     result = run_encode(_config(data, packed, from_packed))
     assert result.ok and result.counts == {"seen": 42, "written": 42, "failed": 0}
-    manifest = shards.load_manifest(from_packed)
-    assert manifest["label_map"] == shards.load_manifest(encoded.out)["label_map"]
+    manifest = load_manifest(from_packed)
+    assert manifest["label_map"] == load_manifest(encoded.out)["label_map"]
     assert manifest["source"]["layout"] == "shards"
     direct = _samples(encoded.out)
     for key, sample in _samples(from_packed).items():
@@ -268,16 +271,16 @@ def test_resume_redoes_only_missing_or_damaged_shards(data, encoded, tmp_path):
     result = run_encode(_config(data, data.src, out))
     assert result.ok and result.shards_skipped == 4 and result.shards_written == 2
     assert _shard_bytes(out) == reference
-    assert _comparable(shards.load_manifest(out)) == _comparable(shards.load_manifest(encoded.out))
+    assert _comparable(load_manifest(out)) == _comparable(load_manifest(encoded.out))
 
     # Other settings (here the resolution) never reuse a shard (they make another dataset: --overwrite).
     result = run_encode(_config(data, data.src, out, resolution=64, overwrite=True))
-    assert result.ok and result.shards_skipped == 0 and shards.load_manifest(out)["latent_size"] == 8
+    assert result.ok and result.shards_skipped == 0 and load_manifest(out)["latent_size"] == 8
 
 
 def test_limit_and_label_map_with_limit(data, tmp_path):
     result = run_encode(_config(data, data.src, tmp_path / "limited", limit=5))
-    manifest = shards.load_manifest(tmp_path / "limited")
+    manifest = load_manifest(tmp_path / "limited")
     assert result.counts == {"seen": 5, "written": 5, "failed": 0}
     assert manifest["num_classes"] == 3  # the label map comes from the whole source, not from the first items
 
@@ -452,7 +455,7 @@ def test_two_workers_identical_and_survive_a_worker_kill(data, reference_run, tm
     result = outcome["result"]
     assert result.ok and result.counts == {"seen": 42, "written": 42, "failed": 0}, result.failed_shards
     assert _shard_bytes(out) == _shard_bytes(reference_run)
-    assert _comparable(shards.load_manifest(out)) == _comparable(shards.load_manifest(reference_run))
+    assert _comparable(load_manifest(out)) == _comparable(load_manifest(reference_run))
     assert list(out.glob("*.tmp-*")) == []  # the killed attempt's partial file was cleaned up
     assert all(count <= 1 for count in loads.values())  # the VAE is built once per worker, not once per task
 
@@ -471,18 +474,18 @@ def test_cli_killed_midway_then_rerun_gives_identical_shards(data, reference_run
     done_before = len(list(out.glob("shard-*.json")))
     assert 2 <= done_before < total, f"kill did not land mid-job ({done_before}/{total} shards):\n{log}"
     assert not (out / "manifest.json").exists()
-    with pytest.raises(shards.ManifestError, match="did not finish: re-run"):
-        shards.load_manifest(out)
+    with pytest.raises(ManifestError, match="did not finish: re-run"):
+        load_manifest(out)
 
     rerun = subprocess.run(_cli_command(data, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     skipped = int(re.search(r"\((\d+) shard\(s\) were already complete\)", rerun.stdout).group(1))
     assert skipped >= done_before - 1  # at most the shard being renamed at kill time lacks its sidecar
     assert _shard_bytes(out) == _shard_bytes(reference_run)
-    manifest = shards.load_manifest(out)
+    manifest = load_manifest(out)
     assert manifest["counts"] == {"seen": 42, "written": 42, "failed": 0}
-    assert _comparable(manifest) == _comparable(shards.load_manifest(reference_run))
-    assert shards.verify_dataset(out).ok and list(out.glob("*.tmp-*")) == []
+    assert _comparable(manifest) == _comparable(load_manifest(reference_run))
+    assert verify_dataset(out).ok and list(out.glob("*.tmp-*")) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,4 +565,4 @@ def test_walk_progress_counts_items_and_changes_no_file(data, encoded, tmp_path,
     assert " items/s]" in err  # ... with its rate
     assert _shard_bytes(out) == _shard_bytes(encoded.out)
     assert (out / "failures.jsonl").read_bytes() == (encoded.out / "failures.jsonl").read_bytes()
-    assert _comparable(shards.load_manifest(out)) == _comparable(shards.load_manifest(encoded.out))
+    assert _comparable(load_manifest(out)) == _comparable(load_manifest(encoded.out))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffit.sampling import to_uint8
+from diffit.sampling_config import to_uint8
 from pipeline import __version__ as pipeline_version
 from pipeline.core.shards import sha256_file
 from pipeline.evaluate import datasets as ds

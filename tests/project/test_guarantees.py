@@ -28,7 +28,10 @@ from typer.testing import CliRunner
 import pipeline.core.atomic as atomic
 from cli.main import app
 from pipeline.core import shards
-from pipeline.core.storage import Location, StorageError
+from pipeline.core.manifest import MANIFEST_NAME, load_manifest, shard_urls
+from pipeline.core.shard_members import image_sample
+from pipeline.core.storage import Location
+from pipeline.core.storage_io import StorageError
 from tests.support.encode_fixtures import make_image_tree
 from tests.support.eval_fixtures import make_random_inception_weights, smooth_images, write_folder_reference
 from tests.support.train_fixtures import write_latent_dataset
@@ -166,7 +169,7 @@ def test_a_shard_whose_tar_cannot_be_published_gets_no_sidecar(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "replace", replace)
     writer = shards.ShardWriter(tmp_path, 0)
-    writer.write(shards.image_sample("c0/item", np.zeros((8, 8, 3), np.uint8), 0, {"source": "x"}))
+    writer.write(image_sample("c0/item", np.zeros((8, 8, 3), np.uint8), 0, {"source": "x"}))
     with pytest.raises(OSError, match="simulated crash"):
         writer.commit({"failures": 0})
     writer.abort()
@@ -190,11 +193,11 @@ def test_an_overwrite_rerun_removes_the_manifest_before_it_changes_a_shard(pack_
     import pipeline.encode.worker as encode_job
 
     out = tmp_path / "out"
-    assert _pack(pack_source, out).exit_code == 0 and (out / shards.MANIFEST_NAME).is_file()
+    assert _pack(pack_source, out).exit_code == 0 and (out / MANIFEST_NAME).is_file()
     seen_at_first_batch: list[bool] = []
 
     def killed_after_observing(writer, vae, ready, failures, task):
-        seen_at_first_batch.append((out / shards.MANIFEST_NAME).exists())
+        seen_at_first_batch.append((out / MANIFEST_NAME).exists())
         raise RuntimeError("simulated kill of the rerun")
 
     monkeypatch.setattr(encode_job, "write_batch", killed_after_observing)
@@ -202,7 +205,7 @@ def test_an_overwrite_rerun_removes_the_manifest_before_it_changes_a_shard(pack_
     assert result.exit_code == 1, result.output
     # While the shards change, and after the rerun died, no manifest says the dataset is complete.
     assert seen_at_first_batch and not any(seen_at_first_batch)
-    assert not (out / shards.MANIFEST_NAME).exists()
+    assert not (out / MANIFEST_NAME).exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def test_a_sidecar_edited_after_it_was_sealed_is_not_trusted(pack_source, tmp_pa
     assert result.exit_code == 0, result.output
     # Not trusted: its tar was re-hashed against the edited record, redone, and the manifest holds the truth.
     assert "(2 shard(s) were already complete)" in result.output, result.output
-    entry = next(e for e in shards.load_manifest(out)["shards"] if e["name"] == "shard-000001.tar")
+    entry = next(e for e in load_manifest(out)["shards"] if e["name"] == "shard-000001.tar")
     assert entry["sha256"] == truth == shards.sha256_file(out / "shard-000001.tar")
 
 
@@ -256,7 +259,7 @@ def test_a_tar_of_another_size_than_its_sidecar_records_is_not_trusted(pack_sour
 
 
 def test_a_shard_rewritten_with_its_mtime_restored_is_hashed_again(tmp_path):
-    from pipeline.train.data import CorruptShardError, read_shard
+    from pipeline.train.shard_reading import CorruptShardError, read_shard
 
     data = write_latent_dataset(tmp_path / "data", num_samples=4, num_shards=2)
     shard = data / "shard-000001.tar"
@@ -353,7 +356,7 @@ def test_a_process_reads_the_same_samples_whatever_its_number_of_workers(tmp_pat
     from pipeline.train.data import StreamSpec, make_loader
 
     data = write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=8, num_classes=8)  # label = sample
-    urls = tuple(shards.shard_urls(data, shards.load_manifest(data)))
+    urls = tuple(shard_urls(data, load_manifest(data)))
     for rank in (0, 1):
         read = {}
         for workers in (0, 2):

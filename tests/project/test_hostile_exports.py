@@ -265,7 +265,7 @@ def test_the_sampling_schema_is_the_sampling_config(saved_pipeline):
 
     from diffit.guidance import GuidanceConfig
     from diffit.pipeline_check import GUIDANCE_FIELDS, PIPELINE_SAMPLING_FIELDS, check_pipeline_index
-    from diffit.sampling import GUIDANCE_SETTINGS, SamplingConfig
+    from diffit.sampling_config import GUIDANCE_SETTINGS, SamplingConfig
 
     fields = {f.name for f in dataclasses.fields(SamplingConfig)}
     # guidance flat by its setting names, and the nested object of folders saved before

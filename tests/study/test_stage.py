@@ -595,7 +595,7 @@ def test_variants_may_sample_differently_only_at_equal_network_evaluations(tiny,
 
 
 def test_network_evaluations_per_sampler():
-    from diffit.sampling import network_evaluations
+    from diffit.sampling_config import network_evaluations
 
     assert [network_evaluations(s, 32) for s in ("ddpm", "ddim", "euler", "euler-maruyama")] == [32] * 4
     assert network_evaluations("edm-heun", 32) == network_evaluations("heun", 32) == 63

@@ -193,6 +193,8 @@ def write_small_dataset(directory: Path, kind: str = "latents", num_shards: int 
     """A hand-built dataset in the encode / pack format (tars, sidecars by index, manifest with every field a
     job writes: counts, label map, shapes, VAE entry for latents); returns the manifest."""
     from pipeline.core import shards
+    from pipeline.core.manifest import FORMAT_VERSION, MANIFEST_NAME
+    from pipeline.core.shard_members import image_sample, latent_sample
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -203,14 +205,14 @@ def write_small_dataset(directory: Path, kind: str = "latents", num_shards: int 
                 key, label, meta = f"c{i % 2}/item{index:03d}_{i}", i % 2, {"source": f"item{index}_{i}.png"}
                 if kind == "latents":
                     mean = rng.normal(size=(2, 4, 4, 4)).astype(np.float16)
-                    writer.write(shards.latent_sample(key, mean, np.abs(mean) + 0.1, label, meta))
+                    writer.write(latent_sample(key, mean, np.abs(mean) + 0.1, label, meta))
                 else:
-                    writer.write(shards.image_sample(key, _picture(rng, 32, 32), label, meta))
+                    writer.write(image_sample(key, _picture(rng, 32, 32), label, meta))
             sidecar = writer.commit({"failures": [], "items": per_shard})
         entries.append({k: sidecar[k] for k in ("name", "count", "sha256", "bytes")} | {"failures": 0})
     total = num_shards * per_shard
     manifest = {
-        "format_version": shards.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "kind": kind,
         "resolution": 32,
         "num_classes": 2,
@@ -226,7 +228,7 @@ def write_small_dataset(directory: Path, kind: str = "latents", num_shards: int 
     else:
         manifest["image_shape"] = [32, 32, 3]
     (directory / "failures.jsonl").write_text("")
-    shards.write_json_to(directory, shards.MANIFEST_NAME, manifest)
+    shards.write_json_to(directory, MANIFEST_NAME, manifest)
     return manifest
 
 

@@ -164,17 +164,19 @@ def write_folder_reference(path: Path, images: np.ndarray) -> Path:
 def write_shard_reference(path: Path, images: np.ndarray, per_shard: int = 8) -> Path:
     """Raw image shards in the `pack` format (tar + sidecar per shard, manifest.json last)."""
     from pipeline.core import shards as shards
+    from pipeline.core.manifest import FORMAT_VERSION, MANIFEST_NAME
+    from pipeline.core.shard_members import image_sample
 
     path.mkdir(parents=True, exist_ok=True)
     entries = []
     for index, start in enumerate(range(0, len(images), per_shard)):
         with shards.ShardWriter(path, index) as writer:
             for offset, image in enumerate(images[start : start + per_shard]):
-                writer.write(shards.image_sample(f"{start + offset:08d}", image, 0, {"source": "synthetic"}))
+                writer.write(image_sample(f"{start + offset:08d}", image, 0, {"source": "synthetic"}))
             sidecar = writer.commit({"failures": 0})
         entries.append({key: sidecar[key] for key in ("name", "count", "sha256", "bytes")})
     manifest = {
-        "format_version": shards.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "kind": "images",
         "resolution": int(images.shape[1]),
         "num_classes": 1,
@@ -182,7 +184,7 @@ def write_shard_reference(path: Path, images: np.ndarray, per_shard: int = 8) ->
         "counts": {"seen": len(images), "written": len(images), "failed": 0},
         "shards": entries,
     }
-    shards.write_json_to(path, shards.MANIFEST_NAME, manifest)
+    shards.write_json_to(path, MANIFEST_NAME, manifest)
     return path
 
 

@@ -1,8 +1,8 @@
 """Small datasets and configs for the train-stage tests, written in the documented shard format.
 
-Shards go through `pipeline.core.shards.ShardWriter` / `latent_sample` / `image_sample` -- the writer the encode and
-pack stages use -- so the bytes are the same format; only the VAE encoding is skipped (the latents are drawn
-here), which keeps a dataset to milliseconds instead of loading a VAE.
+Shards go through `pipeline.core.shards.ShardWriter` and `pipeline.core.shard_members`' `latent_sample` /
+`image_sample` -- the writer the encode and pack stages use -- so the bytes are the same format; only the VAE
+encoding is skipped (the latents are drawn here), which keeps a dataset to milliseconds instead of loading a VAE.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import numpy as np
 import yaml
 
 from pipeline.core.atomic import write_json_atomic
-from pipeline.core.shards import FORMAT_VERSION, ShardWriter, image_sample, latent_sample
+from pipeline.core.manifest import FORMAT_VERSION
+from pipeline.core.shard_members import image_sample, latent_sample
+from pipeline.core.shards import ShardWriter
 
 if TYPE_CHECKING:
     import torch

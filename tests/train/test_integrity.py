@@ -19,10 +19,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.core.shards import load_manifest, npy_bytes, sha256_file, shard_urls
+from pipeline.core.manifest import load_manifest, shard_urls
+from pipeline.core.shard_members import npy_bytes
+from pipeline.core.shards import sha256_file
 from pipeline.train import CheckpointError, TrainOptions, run_train
 from pipeline.train.checkpoint import list_checkpoints
-from pipeline.train.data import DataFormatError, StreamSpec, infinite, make_loader
+from pipeline.train.data import StreamSpec, infinite, make_loader
+from pipeline.train.shard_reading import DataFormatError
 from tests.support.train_fixtures import (
     read_metrics,
     run_train_subprocess,
@@ -142,25 +145,25 @@ def test_loader_checks_each_shard_before_any_of_its_samples_is_used(tmp_path, wo
 
 
 def test_a_verified_shard_is_hashed_once_per_process_and_again_after_any_write(tmp_path, monkeypatch):
-    from pipeline.train import data as data_module
+    from pipeline.train import shard_reading
 
     data = write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=2, num_classes=16)
     url = str(data / "shard-000001.tar")
     expected = sha256_file(url)
     hashed = []
-    real_sha256 = data_module.hashlib.sha256
+    real_sha256 = shard_reading.hashlib.sha256
 
     def counting_sha256(*args):
         hashed.append(url)
         return real_sha256(*args)
 
-    monkeypatch.setattr(data_module.hashlib, "sha256", counting_sha256)
-    monkeypatch.setattr(data_module, "_VERIFIED", set())
-    first = data_module.read_shard(url, expected)
-    assert data_module.read_shard(url, expected) == first and len(hashed) == 1  # unchanged: trusted
+    monkeypatch.setattr(shard_reading.hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(shard_reading, "_VERIFIED", set())
+    first = shard_reading.read_shard(url, expected)
+    assert shard_reading.read_shard(url, expected) == first and len(hashed) == 1  # unchanged: trusted
     overwrite_latents(data / "shard-000001.tar")  # same size, new content: its ctime changes
     with pytest.raises(DataFormatError, match="does not match the manifest"):
-        data_module.read_shard(url, expected)
+        shard_reading.read_shard(url, expected)
     assert len(hashed) == 2
 
 

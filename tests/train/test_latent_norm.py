@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffit.latent_norm import LatentNorm
-from pipeline.core.shards import load_manifest, shard_urls
+from pipeline.core.manifest import load_manifest, shard_urls
 from pipeline.encode.job import EncodeOptions, run_encode
 from pipeline.train import TrainError, TrainOptions, run_train
 from pipeline.train.data import StreamSpec, make_loader
@@ -135,7 +135,8 @@ def test_channel_norm_standardises_with_the_manifest_statistics_and_decoders_inv
         num_classes=16,
         latent_norm=norm,
     )
-    from pipeline.core.shards import decode_sample, iter_samples
+    from pipeline.core.shard_members import decode_sample
+    from pipeline.core.shards import iter_samples
 
     stored = {s["cls"]: s["mean.npy"][0].astype(np.float32) for s in map(decode_sample, iter_samples(spec.urls[0]))}
     x, labels = next(iter(make_loader(spec, 0)))

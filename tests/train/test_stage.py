@@ -17,11 +17,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.core.shards import shard_urls
+from pipeline.core.manifest import shard_urls
 from pipeline.train import NonFiniteLossError, TrainError, TrainOptions, run_train
 from pipeline.train.checkpoint import list_checkpoints, read_train_state
 from pipeline.train.config import ConfigError
-from pipeline.train.data import DataFormatError, StreamSpec, check_shard_split, make_loader
+from pipeline.train.data import StreamSpec, check_shard_split, make_loader
+from pipeline.train.shard_reading import DataFormatError
 from tests.support.encode_fixtures import make_image_tree, save_tiny_vae
 from tests.support.train_fixtures import (
     REPO,
@@ -68,7 +69,7 @@ def take(loader, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def latent_spec(data: Path, **overrides) -> StreamSpec:
-    from pipeline.core.shards import load_manifest
+    from pipeline.core.manifest import load_manifest
 
     urls = tuple(shard_urls(data, load_manifest(data)))
     base = dict(
@@ -86,7 +87,8 @@ def latent_spec(data: Path, **overrides) -> StreamSpec:
 
 def test_latents_are_scaled_posterior_draws_of_either_view(tmp_path):
     data = write_latent_dataset(tmp_path / "data", num_samples=4, num_shards=1, num_classes=16, std=0.0)
-    from pipeline.core.shards import decode_sample, iter_samples
+    from pipeline.core.shard_members import decode_sample
+    from pipeline.core.shards import iter_samples
 
     stored = {s["cls"]: s for s in map(decode_sample, iter_samples(data / "shard-000000.tar"))}
     x, labels = take(make_loader(latent_spec(data, batch_size=4), 0), 1)[0]
@@ -143,7 +145,7 @@ def test_resampled_stream_is_seeded_by_step(tmp_path):
 
 
 def test_sample_draws_do_not_depend_on_the_dataset_directory(tmp_path):
-    from pipeline.core.shards import load_manifest
+    from pipeline.core.manifest import load_manifest
 
     batches = []
     for where in ("a", "b/deeper"):
@@ -164,7 +166,7 @@ def test_sample_draws_do_not_depend_on_the_dataset_directory(tmp_path):
 def test_images_are_decoded_to_unit_range_and_flipped(tmp_path):
     # The flips are a function of (seed, epoch, shard name, key) only, so this draw is the same on every machine.
     data = write_image_dataset(tmp_path / "data", num_samples=32, num_shards=1, resolution=16, num_classes=0)
-    from pipeline.core.shards import load_manifest
+    from pipeline.core.manifest import load_manifest
 
     spec = StreamSpec(
         urls=tuple(shard_urls(data, load_manifest(data))),

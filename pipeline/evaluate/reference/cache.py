@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.core.atomic import AtomicFile, write_bytes_atomic, write_json_atomic
-from pipeline.core.shards import json_bytes, load_manifest, sha256_file, shard_problems
+from pipeline.core.manifest import load_manifest
+from pipeline.core.shards import json_bytes, sha256_file, shard_problems
 from pipeline.evaluate.datasets import ReferenceInputError, list_image_files
 from pipeline.evaluate.inception import FeatureConfig, create_feature_extractor, extract_features
 from pipeline.evaluate.reference.formats import Reference, reference_dataset

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from pipeline.core.shards import load_manifest, shard_urls
-from pipeline.core.storage import is_url
+from pipeline.core.manifest import load_manifest, shard_urls
+from pipeline.core.storage_io import is_url
 from pipeline.evaluate.datasets import (
     IMAGE_EXTENSIONS,
     ArrayDataset,

@@ -24,8 +24,10 @@ from pathlib import Path
 
 from pipeline.core.atomic import atomic_open, atomic_path
 from pipeline.core.errors import InputError
-from pipeline.core.shards import MANIFEST_NAME, json_bytes, parse_manifest, sha256_file
-from pipeline.core.storage import Location, download, reading, url_to_fs
+from pipeline.core.manifest import MANIFEST_NAME, parse_manifest
+from pipeline.core.shards import json_bytes, sha256_file
+from pipeline.core.storage import Location
+from pipeline.core.storage_io import download, reading, url_to_fs
 
 logger = logging.getLogger(__name__)
 

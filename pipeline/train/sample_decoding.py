@@ -1,0 +1,105 @@
+"""Decoding training samples into (x, label) pairs: latent samples (`decode_latent`), image samples
+(`decode_image`), their class labels checked against the model's, and `collate` into a batch. A sample that does
+not follow the shard format is a `DataFormatError` naming its shard and key.
+
+Latent samples hold the VAE posterior `mean.npy` / `std.npy` (float16 [2, C, h, w], index 1 = flipped image,
+unscaled); a training latent is `LatentNorm.normalize(mean + std * eps)` of the original or the flipped view
+(`diffit.latent_norm`: `scaling_factor * (z - shift_factor)`, or per-channel `(z - mean_c) / std_c`).
+Image samples hold `png` (RGB uint8); they are flipped at random and scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pipeline.core.shard_members import IMAGE_MEMBER, MEAN_MEMBER, STD_MEMBER, load_npy_bytes
+from pipeline.train.shard_reading import DataFormatError
+
+if TYPE_CHECKING:
+    from pipeline.train.data import StreamSpec
+
+
+def _where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+def _decode_label(sample: dict, spec: StreamSpec) -> int:
+    raw = sample.get("cls")
+    if raw is None:
+        raise DataFormatError(f"{_where(sample)}: sample has no 'cls' member")
+    try:
+        label = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+    except ValueError:
+        raise DataFormatError(f"{_where(sample)}: 'cls' is not an integer: {raw!r}") from None
+    if not spec.conditional:
+        return -1
+    if label < 0:
+        raise DataFormatError(f"{_where(sample)}: unlabelled sample (cls -1) for a class-conditional model")
+    if label >= spec.num_classes:
+        raise DataFormatError(f"{_where(sample)}: label {label} outside the model's {spec.num_classes} classes")
+    return label
+
+
+def _load_npy(sample: dict, name: str) -> np.ndarray:
+    raw = sample.get(name)
+    if raw is None:
+        raise DataFormatError(f"{_where(sample)}: sample has no '{name}' member (is this a latent shard?)")
+    try:
+        return load_npy_bytes(raw, name)  # bounded: a header claiming terabytes is refused before any allocation
+    except (ValueError, EOFError, OSError) as error:
+        raise DataFormatError(f"{_where(sample)}: '{name}' is not a valid .npy array ({error})") from None
+
+
+def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """One training latent: the norm's normalize(mean + std * eps) of the original or flipped view."""
+    mean, std = _load_npy(sample, MEAN_MEMBER), _load_npy(sample, STD_MEMBER)
+    if mean.shape != std.shape or mean.ndim != 4 or mean.shape[0] != 2:
+        raise DataFormatError(f"{_where(sample)}: mean/std must both be [2, C, h, w], got {mean.shape} and {std.shape}")
+    view = int(rng.integers(2)) if spec.hflip else 0
+    eps = rng.standard_normal(mean.shape[1:], dtype=np.float32)
+    z = torch.from_numpy(mean[view].astype(np.float32) + std[view].astype(np.float32) * eps)
+    try:
+        latent = _latent_norm(spec).normalize(z)
+    except ValueError as error:  # a channel norm for another number of channels than the sample holds
+        raise DataFormatError(f"{_where(sample)}: {error}") from None
+    return latent, _decode_label(sample, spec)
+
+
+def _latent_norm(spec: StreamSpec):
+    """The spec's LatentNorm (scalar `scaling_factor`, no shift, for a spec built without one)."""
+    from diffit.latent_norm import LatentNorm
+
+    return spec.latent_norm if spec.latent_norm is not None else LatentNorm.scalar(spec.scaling_factor)
+
+
+def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """One training image in [-1, 1], CHW, randomly flipped."""
+    from PIL import Image
+
+    raw = sample.get(IMAGE_MEMBER)
+    if raw is None:
+        raise DataFormatError(f"{_where(sample)}: sample has no 'png' member (is this an image shard?)")
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataFormatError(f"{_where(sample)}: cannot decode the PNG ({error})") from None
+    if spec.resolution is not None and pixels.shape[:2] != (spec.resolution, spec.resolution):
+        raise DataFormatError(
+            f"{_where(sample)}: image is {pixels.shape[1]}x{pixels.shape[0]}, the manifest "
+            f"says {spec.resolution}x{spec.resolution}"
+        )
+    if spec.hflip and rng.integers(2):
+        pixels = pixels[:, ::-1]
+    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+    return image, _decode_label(sample, spec)
+
+
+def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (x, label) pairs into a batch."""
+    xs, labels = zip(*samples)
+    return torch.stack(xs), torch.tensor(labels, dtype=torch.long)
