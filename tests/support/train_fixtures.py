@@ -250,7 +250,7 @@ def kill_tree(root) -> None:
         try:
             process.kill()
         except psutil.NoSuchProcess:
-            pass
+            continue  # it ended between the listing and the kill: nothing left to stop
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
