@@ -1,11 +1,13 @@
-"""Markdown tables of finished studies for docs/studies.md: per metric and variant the mean ± 95% t half-width
-over seeds, the paired difference to the baseline with its interval, and whether that difference is resolved
-(its interval excludes 0) and in which direction.
+"""Markdown tables of finished studies for docs/studies.md, regenerated from their `study.json` (per-seed values
+included, so every number on the page can be checked): per metric and variant the mean ± 95% t half-width over
+seeds and the paired difference to the baseline, with the Holm-adjusted p of that comparison and whether it is
+resolved (adjusted p < 0.05) and in which direction; the verdicts on the paper's claims; the guidance sweep when
+the study chose each variant's scale; the curve points per variant.
 
-    python bench/study_tables.py studies/time_conditioning studies/guidance_scale ...
+    python bench/study_tables.py docs/studies/data/time_conditioning_demo.json studies/recipe_demo ...
 
-Reads each STUDY_DIR/study.json (written by `diffit-pipe study`); prints one table per study and the curve points
-(`FD_demo @ N samples` against the step) per variant.
+Each argument is a `study.json` or a study directory holding one (written by `diffit-pipe study`). Nothing here
+ranks variants beyond what the Holm-adjusted paired comparisons resolve.
 """
 
 from __future__ import annotations
@@ -27,52 +29,118 @@ def with_interval(entry: dict | None) -> str:
     return f"{number(entry['mean'])} ± {number(entry['half_width'], 2)}"
 
 
-def verdict(row: dict, lower_is_better: bool) -> str:
-    difference = row["difference_to_baseline"]
-    if difference is None:
+def resolved(comparison: dict | None, lower_is_better: bool) -> str:
+    """What the Holm-adjusted paired comparison says (the only ranking the tables make)."""
+    if comparison is None:
         return ""
-    if difference["half_width"] is None:
-        return "no interval"
-    if difference["low"] <= 0 <= difference["high"]:
-        return "not resolved (interval holds 0)"
-    better = (difference["mean"] < 0) == lower_is_better
-    return "better than baseline" if better else "worse than baseline"
+    if comparison["p_holm"] is None:
+        return "no test (n < 2)"
+    if comparison["p_holm"] >= 0.05:
+        return f"not resolved (Holm p {number(comparison['p_holm'], 2)})"
+    better = (comparison["mean_difference"] < 0) == lower_is_better
+    return f"{'better' if better else 'worse'} than baseline (Holm p {number(comparison['p_holm'], 2)})"
 
 
-def study_table(study: dict) -> str:
+def header(study: dict) -> str:
+    budget = study["budget"]
+    return (
+        f"**{study['name']}** (baseline `{study['baseline']}`, seeds {study['seeds']}, {budget['max_steps']} steps x "
+        f"{budget['global_batch_size']}, {budget['num_samples']} samples, {budget['sampler']} "
+        f"{budget['sampling_steps']}, guidance {budget['guidance_scale']})"
+    )
+
+
+def metric_rows(study: dict) -> list[str]:
+    comparisons = {
+        (c["metric"], c["variant"]): c
+        for c in study.get("comparisons", [])
+        if c.get("baseline", study["baseline"]) == study["baseline"]
+    }
     lines = [
-        f"**{study['name']}** (baseline `{study['baseline']}`, seeds {study['seeds']}, "
-        f"{study['budget']['max_steps']} steps x {study['budget']['global_batch_size']}, "
-        f"{study['budget']['num_samples']} samples, {study['budget']['sampler']} {study['budget']['sampling_steps']})",
-        "",
-        "| metric | variant | mean ± 95% half-width | paired difference to baseline | verdict |",
+        "| metric | variant | mean ± 95% half-width | paired difference to baseline | Holm-adjusted comparison |",
         "|---|---|---|---|---|",
     ]
     for row in study["table"]:
         lower = row["metric"] in study["lower_is_better"]
+        comparison = comparisons.get((row["metric"], row["variant"]))
         lines.append(
             f"| {row['metric']} ({'lower' if lower else 'higher'} is better) | {row['variant']} | "
-            f"{with_interval(row)} | {with_interval(row['difference_to_baseline'])} | {verdict(row, lower)} |"
+            f"{with_interval(row)} | {with_interval(row['difference_to_baseline'])} | {resolved(comparison, lower)} |"
         )
+    return lines
+
+
+def verdict_rows(study: dict) -> list[str]:
+    if not study.get("verdicts"):
+        return []
+    lines = [
+        "",
+        "| paper's claim | variant vs baseline | paper | measured | Holm p | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in study["verdicts"]:
+        paper_change = v.get("paper_relative_change")
+        measured_change = v.get("relative_change")
+        paper = v["paper"] + (f" ({100 * paper_change:+.1f}%)" if paper_change is not None else "")
+        measured = (v.get("measured") or "—") + (f" ({100 * measured_change:+.1f}%)" if measured_change else "")
+        lines.append(
+            f"| {v['source']} | {v['variant']} vs {v.get('baseline', study['baseline'])} | {paper} | {measured} | "
+            f"{number(v.get('p_holm'), 2)} | **{v['verdict']}** |"
+        )
+    return lines
+
+
+def selection_rows(study: dict) -> list[str]:
+    selection = study.get("guidance_selection")
+    if not selection:
+        return []
+    scales = [f"{scale:g}" for scale in selection["scales"]]
+    lines = [
+        "",
+        f"Guidance per variant ({selection['metric']} by scale, mean ± 95% half-width; each seed read at the scale "
+        f"best on the variant's other seeds, rule {selection['rule']}):",
+        "",
+        "| variant | " + " | ".join(f"scale {s}" for s in scales) + " | scale chosen per seed |",
+        "|---|" + "---|" * (len(scales) + 1),
+    ]
+    for variant, entry in selection["per_variant"].items():
+        chosen = ", ".join(f"{seed}: {scale:g}" for seed, scale in entry["chosen_scale"].items())
+        cells = " | ".join(with_interval(entry["by_scale"][s]) for s in scales)
+        lines.append(f"| {variant} | {cells} | {chosen} |")
+    return lines
+
+
+def curve_rows(study: dict) -> list[str]:
     curves = {
         (variant, key): curve
         for variant, per_variant in study["curves"].items()
         for key, curve in per_variant.items()
         if key.startswith("FD_demo @")
     }
-    if curves:
-        steps = sorted({step for curve in curves.values() for step in curve["step"]})
-        lines += ["", "| curve (mean over seeds) | " + " | ".join(f"step {s}" for s in steps) + " |"]
-        lines.append("|---|" + "---|" * len(steps))
-        for (variant, key), curve in curves.items():
-            values = dict(zip(curve["step"], curve["mean"]))
-            lines.append(f"| {key}, {variant} | " + " | ".join(number(values.get(s)) for s in steps) + " |")
-    return "\n".join(lines)
+    if not curves:
+        return []
+    steps = sorted({step for curve in curves.values() for step in curve["step"]})
+    lines = ["", "| curve (mean over seeds) | " + " | ".join(f"step {s}" for s in steps) + " |"]
+    lines.append("|---|" + "---|" * len(steps))
+    for (variant, key), curve in sorted(curves.items()):
+        values = dict(zip(curve["step"], curve["mean"]))
+        lines.append(f"| {key}, {variant} | " + " | ".join(number(values.get(s)) for s in steps) + " |")
+    return lines
 
 
-def main(directories: list[str]) -> None:
-    for directory in directories:
-        print(study_table(json.loads((Path(directory) / "study.json").read_text())))
+def study_table(study: dict) -> str:
+    lines = [header(study), ""] + metric_rows(study) + verdict_rows(study) + selection_rows(study)
+    return "\n".join(lines + curve_rows(study))
+
+
+def read_study(argument: str) -> dict:
+    path = Path(argument)
+    return json.loads((path / "study.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+
+
+def main(arguments: list[str]) -> None:
+    for argument in arguments:
+        print(study_table(read_study(argument)))
         print()
 
 

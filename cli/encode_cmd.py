@@ -63,6 +63,11 @@ VERIFY_HELP = (
     "On resume, re-hash every finished shard (sha256 against its sidecar) instead of trusting the shards whose "
     "sealed sidecar matches the items, sizes, modification times and settings."
 )
+KEEP_IMAGES_HELP = (
+    "Also store each crop as a lossless PNG member beside its latents (unflipped; the trainer flips it with the "
+    "latent view it picks), for REPA training (`repa.weight` > 0), whose frozen encoder reads the images. About "
+    "R x R x 3 bytes more per sample before compression."
+)
 DRY_RUN_HELP = (
     "Print items, classes, shards, estimated bytes and time (from a few batches encoded in memory), and what OUT "
     "already holds; write nothing (OUT is not created)."
@@ -176,6 +181,7 @@ def encode(
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     overwrite: Overwrite = False,
     verify: Verify = False,
+    keep_images: Annotated[bool, typer.Option("--keep-images", help=KEEP_IMAGES_HELP)] = False,
     dry_run: DryRun = False,
     progress: Progress = True,
     verbose: Verbose = False,
@@ -187,7 +193,8 @@ def encode(
     posterior mean and std are stored as float16 [2, 4, R/8, R/8], NOT multiplied by the VAE scaling factor
     (recorded in the manifest). Bad images are listed in failures.jsonl and never stop the job. Re-running the
     same command resumes: finished shards whose sealed sidecar matches are kept without re-reading them (--verify
-    re-hashes them); a different dataset in OUT is only replaced with --overwrite.
+    re-hashes them); a different dataset in OUT is only replaced with --overwrite. --keep-images also stores each
+    crop as a PNG member (REPA training, `repa.weight` > 0, reads it).
 
     OUT may be an object-store URL (s3://bucket/prefix with s3fs, gs://... with gcsfs; credentials from the usual
     environment, e.g. AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): each shard is uploaded in one

@@ -121,6 +121,7 @@ COMMAND_MODULES = [
     "cli.report_cmd",
     "cli.demo_cmd",
     "cli.study_cmd",
+    "cli.attention_maps_cmd",
 ]
 
 for _name in COMMAND_MODULES:

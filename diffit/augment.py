@@ -6,7 +6,7 @@ order, as EDM's pipe, so it gives EDM's outputs. The labels are what a `diffit.s
 `augment_dim` reads (EDM's "augmentation regularisation": the network is told which augmentation was applied,
 and is sampled with zero labels, i.e. no augmentation, so that augmentations do not leak into samples).
 
-EDM's CIFAR-10 setting (train.py `--augment=0.12`, augment_dim 9):
+EDM's CIFAR-10 setting (train.py `--augment=0.12`, augment_dim 9; `edm_augment_pipe(0.12)`):
 
     AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
@@ -51,6 +51,10 @@ SYM6 = [
     0.0017677118642428036,
     -0.007800708325034148,
 ]
+
+
+# The operations EDM's train.py enables for `--augment=P` (every dataset; CIFAR-10 trains with P = 0.12).
+EDM_AUGMENT_OPERATIONS = {"xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac": 1, "aniso": 1, "translate_frac": 1}
 
 
 def constant(value, shape=None, dtype=None, device=None) -> torch.Tensor:
@@ -376,3 +380,8 @@ class AugmentPipe:
         else:
             raise ValueError(f"colour augmentation needs RGB (3 channels) or L (1 channel) images, got {C} channels")
         return images.reshape([N, C, H, W])
+
+
+def edm_augment_pipe(p: float) -> AugmentPipe:
+    """EDM's train.py augmentation at probability `p` (`--augment=p`): `EDM_AUGMENT_OPERATIONS`, 9 labels."""
+    return AugmentPipe(p=p, **EDM_AUGMENT_OPERATIONS)

@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .conditionings import TIME_CONDITIONINGS
 from .model_size import FAMILY_SIZES
 
 DEFAULT_MAX_PARAMETERS = 4_000_000_000
@@ -82,9 +83,7 @@ def parameter_bound(override: int | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Schema: (kind, low, high) per constructor argument; "choice" fields list their values instead of a range.
 
-# Where the time token x_t enters a `DiffiTTransformerBlock` (paper Sec. 3.2 and its ablations); the first is
-# DiffiT itself. Defined here, where nothing imports torch; `diffit.layers` imports it.
-TIME_CONDITIONINGS = ("tmsa", "adaln", "bias", "mlp", "decoupled")
+# Where the time token x_t enters a block: `diffit.conditionings`.
 
 _COMMON_FIELDS = {
     "in_channels": ("int", 1, MAX_IN_CHANNELS),
@@ -111,6 +110,7 @@ IMAGE_FIELDS = {
     "window_size": ("int", 1, MAX_RESOLUTION),
     "num_groups": ("int", 1, MAX_WIDTH),
     "dropout": ("float", 0.0, 1.0),
+    "augment_dim": ("int", 0, MAX_IN_CHANNELS),  # EDM's augmentation labels (9 with `data.augment`)
 }
 # EDM's SongUNet (`diffit.songunet`, the DDPM++ / NCSN++ baselines): its constructor arguments.
 SONGUNET_FIELDS = {
@@ -142,6 +142,9 @@ DIFFUSION_FIELDS = {
     "sigma_data": ("float", 1e-6, 1e6),
     "P_mean": ("float", -100.0, 100.0),
     "P_std": ("float", 1e-6, 100.0),
+    # EDM's preconditionings (`diffit.edm.PRECONDITIONINGS`; absent: "edm") and its augmentation probability
+    "precond": ("choice", "edm", "vp", "ve"),
+    "augment": ("float", 0.0, 1.0),
     # flow matching (`diffit.flow`): how training drew its times
     "time_sampling": ("choice", "uniform", "logit-normal"),
     "logit_mean": ("float", -100.0, 100.0),
@@ -314,6 +317,7 @@ _CONSTRUCTOR_DEFAULTS = {
         "time_dim": None,
         "num_groups": 32,
         "dropout": 0.0,
+        "augment_dim": 0,
     },
     "songunet": {  # SongUNet's signature (the named configurations set every field)
         "label_dim": 0,

@@ -1,13 +1,19 @@
 """EDM (Karras et al. 2022) preconditioning, loss and Heun sampler, used by the image-space DiffiT (paper Sec. 4.1).
 
-* `EDMPrecond` wraps a raw network F into the denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)
-  with the coefficients of Karras et al. Table 1 (c_noise = ln(sigma) / 4).
-* `EDMLoss`: sigma ~ logNormal(P_mean, P_std), weight lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2.
+* `EDMPrecond`, `VPPrecond`, `VEPrecond` wrap a raw network F into the denoiser
+  D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with the coefficients of Karras et al. Table 1 (EDM: c_noise =
+  ln(sigma) / 4; VP: Song et al.'s variance-preserving SDE, c_noise = (M - 1) t(sigma); VE: the variance-exploding
+  SDE, c_noise = ln(sigma / 2)), as NVlabs/edm `training/networks.py`. `make_precond(name, net)` builds one by name.
+* `EDMLoss`, `VPLoss`, `VELoss`: NVlabs/edm `training/loss.py` (EDM: sigma ~ logNormal(P_mean, P_std), weight
+  (sigma^2 + sigma_d^2) / (sigma sigma_d)^2; VP: sigma = sigma(t), t ~ U(epsilon_t, 1); VE: sigma log-uniform in
+  [sigma_min, sigma_max]; both weight 1 / sigma^2), with EDM's optional augmentation of the images (`augment_pipe`,
+  `diffit.augment.AugmentPipe`) whose labels the network is given. `make_loss(name, ...)` builds one by name.
 * `edm_sigma_steps` / `edm_heun_sampler`: Algorithm 2 (deterministic Heun; optional stochastic churn).
 * `ADMDenoiser`: presents an ADM eps-network (discrete VP timesteps) as a VE denoiser D(x; sigma) so the same
   Heun sampler runs on latent DiffiT models (the idea of EDM's iDDPMPrecond, with ADM's own abar table).
 
-A denoiser here is any callable `denoise_fn(x, sigma, class_labels) -> D` with sigma a float tensor [N].
+A denoiser here is any callable `denoise_fn(x, sigma, class_labels) -> D` with sigma a float tensor [N]; the
+preconditionings also take `augment_labels=` (training with augmentation; sampling gives none, as EDM's generate.py).
 """
 
 from __future__ import annotations
@@ -43,18 +49,22 @@ def preconditioning_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
     return c_skip, c_out, c_in, c_noise
 
 
-class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out net(c_in x, c_noise, class_labels), the EDM denoiser around a raw network.
+# The preconditionings and losses by name (a training config's `diffusion.precond`, an export's "diffusion" entry).
+PRECONDITIONINGS = ("edm", "vp", "ve")
 
-    The raw network's attributes used by sampling (`num_classes`, `null_class`, `in_channels`) are exposed.
+
+class Precond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out net(c_in x, c_noise, class_labels[, augment_labels]) around a raw network:
+    the common form of NVlabs/edm's VPPrecond / VEPrecond / EDMPrecond, whose `coefficients` differ.
+
+    `sigma_min` / `sigma_max` bound the noise levels the network was trained on (the Heun sampler clips its grid to
+    them, as EDM's generate.py). The raw network's attributes used by sampling (`num_classes`, `null_class`,
+    `in_channels`) are exposed.
     """
 
-    def __init__(
-        self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.0, sigma_max: float = float("inf")
-    ):
+    def __init__(self, net: nn.Module, sigma_min: float, sigma_max: float):
         super().__init__()
         self.net = net
-        self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
 
@@ -68,11 +78,23 @@ class EDMPrecond(nn.Module):
         """Label index of the unconditional ("null") class, None for unconditional networks."""
         return getattr(self.net, "null_class", self.num_classes if self.num_classes else None)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoised estimate D(x; sigma), same shape and dtype as x."""
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(c_skip, c_out, c_in, c_noise) for sigma [N, 1, ..., 1]."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoised estimate D(x; sigma), same shape and dtype as x. `augment_labels` (training with EDM's
+        augmentation) go to the network only when given: DiffiT's networks take no such argument."""
         sigma = _sigma_as_batch(sigma, x)
-        c_skip, c_out, c_in, c_noise = preconditioning_coefficients(sigma, self.sigma_data)
-        net_out = self.net(c_in * x, c_noise.flatten(), class_labels)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        net_out = self.net(c_in * x, c_noise.flatten(), class_labels, **extra)
         if net_out.shape != x.shape:
             raise ValueError(
                 f"EDM network output {tuple(net_out.shape)} must match its input {tuple(x.shape)} "
@@ -85,17 +107,112 @@ class EDMPrecond(nn.Module):
         return torch.as_tensor(sigma)
 
 
-class EDMLoss:
-    """EDM training loss: per-element lambda(sigma) ||D(y + n; sigma) - y||^2 with ln sigma ~ N(P_mean, P_std^2)."""
+class EDMPrecond(Precond):
+    """EDM's own preconditioning (Karras et al. Table 1, `preconditioning_coefficients`): the network's input and
+    target have unit variance for data of std `sigma_data`; c_noise = ln(sigma) / 4."""
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
-        self.P_mean = float(P_mean)
-        self.P_std = float(P_std)
+    def __init__(
+        self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.0, sigma_max: float = float("inf")
+    ):
+        super().__init__(net, sigma_min, sigma_max)
         self.sigma_data = float(sigma_data)
 
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return preconditioning_coefficients(sigma, self.sigma_data)
+
+
+def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1): the VP SDE's noise level at time t (EDM Table 1)."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * (t**2) + beta_min * t).exp() - 1).sqrt()
+
+
+def vp_sigma_inv(sigma, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
+    """t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d, the inverse of `vp_sigma`."""
+    sigma = torch.as_tensor(sigma)
+    return ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
+
+
+class VPPrecond(Precond):
+    """The variance-preserving SDE of Song et al. 2021 (DDPM++) in EDM's form (NVlabs/edm `VPPrecond`): c_skip = 1,
+    c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1), c_noise = (M - 1) t(sigma); trained on sigma(t) for
+    t in [epsilon_t, 1]."""
+
+    def __init__(
+        self, net: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5
+    ):
+        # sigma(epsilon_t), sigma(1) in float64: EDM's float32 evaluation of sigma(1e-5) = sqrt(exp(1e-6) - 1) gives
+        # 0.000977 for 0.0010005 (below the sampler's default sigma_min 0.002 either way).
+        t_range = torch.tensor([epsilon_t, 1.0], dtype=torch.float64)
+        sigma_min, sigma_max = vp_sigma(t_range, beta_d, beta_min).tolist()
+        super().__init__(net, sigma_min, sigma_max)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
+
+    def sigma(self, t) -> torch.Tensor:
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def sigma_inv(self, sigma) -> torch.Tensor:
+        return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return c_skip, c_out, c_in, c_noise
+
+
+class VEPrecond(Precond):
+    """The variance-exploding SDE of Song et al. 2021 (NCSN++) in EDM's form (NVlabs/edm `VEPrecond`): c_skip = 1,
+    c_out = sigma, c_in = 1, c_noise = ln(sigma / 2); trained on sigma in [sigma_min, sigma_max]."""
+
+    def __init__(self, net: nn.Module, sigma_min: float = 0.02, sigma_max: float = 100.0):
+        super().__init__(net, sigma_min, sigma_max)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c_skip = torch.ones_like(sigma)
+        c_out = sigma
+        c_in = torch.ones_like(sigma)
+        c_noise = (0.5 * sigma).log()
+        return c_skip, c_out, c_in, c_noise
+
+
+def make_precond(name: str, net: nn.Module, sigma_data: float = 0.5) -> Precond:
+    """The preconditioning `name` ("edm" | "vp" | "ve", `PRECONDITIONINGS`) around `net`, with EDM's defaults
+    (`sigma_data` is EDM's only; VP and VE do not scale by the data's std)."""
+    if name == "edm":
+        return EDMPrecond(net, sigma_data=sigma_data)
+    if name == "vp":
+        return VPPrecond(net)
+    if name == "ve":
+        return VEPrecond(net)
+    raise ValueError(f"unknown preconditioning {name!r}; expected one of {', '.join(PRECONDITIONINGS)}")
+
+
+def _draw(kind: str, shape: list[int], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """torch.randn / torch.rand of `shape` in the dtype and on the device of `like`, from `generator` when given
+    (drawn on the generator's device, then moved)."""
+    draw = torch.randn if kind == "normal" else torch.rand
+    if generator is None:
+        return draw(shape, device=like.device, dtype=like.dtype)
+    return draw(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
+class DenoisingLoss:
+    """NVlabs/edm's training-loss structure (`training/loss.py`): per image a noise level sigma, then EDM's
+    augmentation of the images (when `augment_pipe` is given), then the noise; the per-element loss
+    weight(sigma) ||D(y + n; sigma) - y||^2 with y the (augmented) images and n ~ N(0, sigma^2). Subclasses give
+    `sample_sigma` and `weight`.
+
+    Random draws in EDM's order: sigma, the augmentation (global RNG, `AugmentPipe`), the noise; sigma and the
+    noise come from `generator` when given.
+    """
+
+    def sample_sigma(self, shape: list[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2: unit effective weight on F."""
-        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -103,21 +220,78 @@ class EDMLoss:
         images: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        augment_pipe: Callable | None = None,
     ) -> torch.Tensor:
-        """Per-element weighted loss, shape of `images`. sigma is drawn first, then the noise, from `generator`."""
+        """Per-element weighted loss, shape of `images`."""
+        sigma = self.sample_sigma([images.shape[0]] + [1] * (images.ndim - 1), images, generator)
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        noise = _draw("normal", list(y.shape), y, generator) * sigma
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        denoised = precond(y + noise, sigma.flatten(), class_labels, **extra)
+        return self.weight(sigma) * (denoised - y) ** 2
 
-        def randn(shape):
-            if generator is None:
-                return torch.randn(shape, device=images.device, dtype=images.dtype)
-            return torch.randn(shape, generator=generator, device=generator.device, dtype=images.dtype).to(
-                images.device
-            )
 
-        rnd_normal = randn([images.shape[0]] + [1] * (images.ndim - 1))
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        noise = randn(images.shape) * sigma
-        denoised = precond(images + noise, sigma.flatten(), class_labels)
-        return self.weight(sigma) * (denoised - images) ** 2
+class EDMLoss(DenoisingLoss):
+    """EDM training loss: per-element lambda(sigma) ||D(y + n; sigma) - y||^2 with ln sigma ~ N(P_mean, P_std^2)."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        self.P_mean = float(P_mean)
+        self.P_std = float(P_std)
+        self.sigma_data = float(sigma_data)
+
+    def sample_sigma(self, shape: list[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """sigma = exp(P_mean + P_std n), n ~ N(0, 1)."""
+        return (_draw("normal", shape, like, generator) * self.P_std + self.P_mean).exp()
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2: unit effective weight on F."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+
+class VPLoss(DenoisingLoss):
+    """VP training loss (NVlabs/edm `VPLoss`): sigma = sigma(t) with t ~ U(epsilon_t, 1), weight 1 / sigma^2."""
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
+        self.beta_d = float(beta_d)
+        self.beta_min = float(beta_min)
+        self.epsilon_t = float(epsilon_t)
+
+    def sample_sigma(self, shape: list[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """sigma(1 + u (epsilon_t - 1)), u ~ U(0, 1): t uniform in (epsilon_t, 1]."""
+        return vp_sigma(1 + _draw("uniform", shape, like, generator) * (self.epsilon_t - 1), self.beta_d, self.beta_min)
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """1 / sigma^2 = 1 / c_out^2 of VPPrecond."""
+        return 1 / sigma**2
+
+
+class VELoss(DenoisingLoss):
+    """VE training loss (NVlabs/edm `VELoss`): sigma = sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1),
+    weight 1 / sigma^2."""
+
+    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def sample_sigma(self, shape: list[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """sigma log-uniform in [sigma_min, sigma_max)."""
+        return self.sigma_min * ((self.sigma_max / self.sigma_min) ** _draw("uniform", shape, like, generator))
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """1 / sigma^2 = 1 / c_out^2 of VEPrecond."""
+        return 1 / sigma**2
+
+
+def make_loss(name: str, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5) -> DenoisingLoss:
+    """The training loss of preconditioning `name` ("edm" | "vp" | "ve"), with EDM's defaults (P_mean, P_std and
+    sigma_data are EDM's only)."""
+    if name == "edm":
+        return EDMLoss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+    if name == "vp":
+        return VPLoss()
+    if name == "ve":
+        return VELoss()
+    raise ValueError(f"unknown preconditioning {name!r}; expected one of {', '.join(PRECONDITIONINGS)}")
 
 
 def edm_sigma_steps(

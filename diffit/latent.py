@@ -30,6 +30,7 @@ from torch import nn
 
 from .hub import DiffiTModelHubMixin
 from .layers import (
+    ADALN_CONDITIONINGS,
     TIME_CONDITIONINGS,
     DiffiTTransformerBlock,
     LabelEmbedder,
@@ -123,7 +124,7 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
             DiffiTTransformerBlock(hidden_size, num_heads, self.grid_size, time_dim, mlp_ratio, time_conditioning)
             for _ in range(depth)
         )
-        adaln_time_dim = time_dim if time_conditioning == "adaln" else None
+        adaln_time_dim = time_dim if time_conditioning in ADALN_CONDITIONINGS else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaln_time_dim)
         # Recompute block activations in the backward pass (trades ~30% compute for memory; XL/2 at large
         # per-GPU batches). Set by the trainer.
@@ -138,8 +139,8 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
         """DiT's initialisation: Xavier-uniform linears with zero bias (stable start for deep pre-norm stacks),
         N(0, 0.02) embeddings, the patch projection initialised like a linear layer, and a zero final layer so
         that the untrained model predicts epsilon = 0 and Sigma at the midpoint of its learned range. With
-        `time_conditioning="adaln"`, DiT's adaLN-Zero: every adaLN modulation (blocks and final layer) is zero, so
-        each block starts as the identity."""
+        `time_conditioning="adaln"` / `"adaln-relpos"`, DiT's adaLN-Zero: every adaLN modulation (blocks and final
+        layer) is zero, so each block starts as the identity."""
 
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_check import TIME_CONDITIONINGS
+from .conditionings import ADALN_CONDITIONINGS, NO_POSITION_BIAS, TIME_CONDITIONINGS
 
 # ---------------------------------------------------------------------------------------------------------------
 # Position embeddings
@@ -279,7 +279,7 @@ def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-# TIME_CONDITIONINGS (where the time token enters a block) is defined in `diffit.config_check` (no torch there).
+# TIME_CONDITIONINGS (where the time token enters a block) is defined in `diffit.conditionings` (no torch there).
 
 
 def per_window(values: torch.Tensor, batch_windows: int) -> torch.Tensor:
@@ -307,7 +307,7 @@ class TMSA(nn.Module):
     `time_conditioning` (see `DiffiTTransformerBlock`) decides what the time token does here: "tmsa" the q/k/v
     term above; "bias" a time-dependent bias table (`bias_time`) added to B; "decoupled" a separate key/value
     token (`kv_time`); "mlp" nothing (the block uses it); "adaln" nothing, and no B either (DiT's plain
-    self-attention).
+    self-attention); "adaln-relpos" nothing, B kept.
     """
 
     def __init__(
@@ -337,7 +337,7 @@ class TMSA(nn.Module):
         self.qkv_time = time_linear("tmsa", 3 * dim)  # [W_qt | W_kt | W_vt]
         self.bias_time = time_linear("bias", rows * num_heads)  # x_t -> a [(2ws-1)^2, heads] table added to B
         self.kv_time = time_linear("decoupled", 2 * dim)  # x_t -> [k_t | v_t] of the separate time token
-        if time_conditioning == "adaln":  # DiT's attention has no position bias (its tokens carry a position embedding)
+        if time_conditioning in NO_POSITION_BIAS:  # DiT's attention has no position bias (its tokens carry one)
             self.relative_position_bias = None
         else:
             self.relative_position_bias = nn.Parameter(torch.zeros(rows, num_heads))
@@ -371,6 +371,17 @@ class TMSA(nn.Module):
 
     def forward(self, x: torch.Tensor, time_token: torch.Tensor | None) -> torch.Tensor:
         batch_windows, tokens, dim = x.shape
+        q, k, v, bias = self.queries_keys_values(x, time_token)
+        out = attention_with_bias(q, k, v, bias, self.attention_backend)
+        out = out.transpose(1, 2).reshape(batch_windows, tokens, dim)
+        return self.proj(out)
+
+    def queries_keys_values(self, x: torch.Tensor, time_token: torch.Tensor | None):
+        """(q, k, v, B) of Eq. 3-6 for tokens x [B*nW, N, dim]: q [B*nW, heads, N, head_dim], k and v
+        [B*nW, heads, M, head_dim] (M = N, or N + 1 with the separate time token of "decoupled"), B broadcastable
+        to [B*nW, heads, N, M] or None. The forward's own computation (`diffit.attention_maps` reads attention
+        probabilities from it)."""
+        batch_windows, tokens, dim = x.shape
         if tokens != self.window_size**2:
             raise ValueError(f"TMSA built for {self.window_size}x{self.window_size} windows got {tokens} tokens")
         if self.time_dependent and time_token is None:
@@ -396,9 +407,7 @@ class TMSA(nn.Module):
             kv_t = kv_t.reshape(batch_windows, 2, self.num_heads, 1, head_dim)
             k, v = torch.cat([k, kv_t[:, 0]], dim=2), torch.cat([v, kv_t[:, 1]], dim=2)
             bias = F.pad(bias, (0, 1))
-        out = attention_with_bias(q, k, v, bias, self.attention_backend)
-        out = out.transpose(1, 2).reshape(batch_windows, tokens, dim)
-        return self.proj(out)
+        return q, k, v, bias
 
 
 class Mlp(nn.Module):
@@ -427,6 +436,8 @@ class DiffiTTransformerBlock(nn.Module):
       (same for the MLP), and the attention is DiT's plain self-attention: no time term and no relative
       position bias (DiT has none; the latent model's tokens carry the sin-cos position embedding, the U-Net's
       the convolutions' position information). The owning model zero-initialises `adaLN_modulation` (adaLN-Zero).
+    * "adaln-relpos": the same adaLN-Zero block with DiffiT's relative position bias B kept in the attention, so
+      that against "tmsa" one thing changes (where the time token enters), where "adaln" changes two.
     * "bias" (Table 6 F, "relative position bias"): the time token only changes B of Eq. 6, as B + B(x_t) with
       B(x_t) = reshape(W_b x_t) a full [(2ws-1)^2, heads] table per image (`TMSA.bias_time`). The paper gives no
       formula; this reading is the one under which the time token can act at all: a per-head constant added to
@@ -457,7 +468,7 @@ class DiffiTTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.mlp_time = nn.Linear(time_dim, dim) if time_conditioning == "mlp" else None
-        adaln = time_conditioning == "adaln"
+        adaln = time_conditioning in ADALN_CONDITIONINGS
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 6 * dim)) if adaln else None
 
     def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .conditionings import ADALN_CONDITIONINGS, NO_POSITION_BIAS
+
 
 def _linear(fan_in: int, fan_out: int) -> int:
     return fan_in * fan_out + fan_out
@@ -23,14 +25,16 @@ def _transformer_block(dim: int, heads: int, window: int, time_dim: int, mlp_rat
     affine), and the one time-token projection of `conditioning`."""
     hidden = int(dim * mlp_ratio)
     table = (2 * window - 1) ** 2 * heads
-    attention = _linear(dim, 3 * dim) + _linear(dim, dim) + (0 if conditioning == "adaln" else table)
-    time_outputs = {"tmsa": 3 * dim, "adaln": 6 * dim, "bias": table, "mlp": dim, "decoupled": 2 * dim}
+    attention = _linear(dim, 3 * dim) + _linear(dim, dim) + (0 if conditioning in NO_POSITION_BIAS else table)
+    adaln = 6 * dim  # shift, scale, gate for attention and MLP
+    time_outputs = {"tmsa": 3 * dim, "adaln": adaln, "adaln-relpos": adaln, "bias": table, "mlp": dim}
+    time_outputs["decoupled"] = 2 * dim
     return attention + _linear(time_dim, time_outputs[conditioning]) + _linear(dim, hidden) + _linear(hidden, dim)
 
 
 def _index_bytes(window: int, conditioning: str) -> int:
     """The int64 relative-position index buffer of one TMSA layer: [window^2, window^2] (none under adaLN)."""
-    return 0 if conditioning == "adaln" else window**4 * 8
+    return 0 if conditioning in NO_POSITION_BIAS else window**4 * 8
 
 
 def _latent_size(k: dict[str, Any]) -> tuple[int, int]:
@@ -44,7 +48,7 @@ def _latent_size(k: dict[str, Any]) -> tuple[int, int]:
     params += (k["num_classes"] + 1) * t if k["num_classes"] > 0 else 0  # label table with the null row
     params += k["depth"] * _transformer_block(h, k["num_heads"], grid, t, k["mlp_ratio"], conditioning)
     params += _linear(h, p * p * out)  # final layer
-    params += _linear(t, 2 * h) if conditioning == "adaln" else 0  # DiT's final adaLN (shift, scale)
+    params += _linear(t, 2 * h) if conditioning in ADALN_CONDITIONINGS else 0  # DiT's final adaLN (shift, scale)
     buffers = k["depth"] * _index_bytes(grid, conditioning) + (128 * 4 if k["time_embedding"] == "fourier" else 0)
     return params, buffers
 
@@ -62,6 +66,7 @@ def _unet_size(k: dict[str, Any]) -> tuple[int, int]:
 
     params = _linear(channels[0], time_dim) + _linear(time_dim, time_dim)  # time MLP on channels[0] features
     params += (k["num_classes"] + 1) * time_dim if k["num_classes"] > 0 else 0
+    params += k.get("augment_dim", 0) * time_dim  # augmentation-label embedding (no bias)
     params += _conv3x3(cin, channels[0])  # input conv
     for stage in range(len(channels)):
         params += _conv3x3(channels[stage - 1], channels[stage]) if stage else 0  # downsample

@@ -65,6 +65,7 @@ PIPELINE_SAMPLING_FIELDS = {
     "S_max": ("float_or_inf", 0.0, 1e6),
     "S_noise": ("float", 0.0, 100.0),
     "sigma_data": DIFFUSION_FIELDS["sigma_data"],
+    "precond": DIFFUSION_FIELDS["precond"],
     "generator_device": ("optional_str", 0, 64),
     "pixels": SAMPLING_FIELDS["pixels"],
 }

@@ -238,7 +238,7 @@ class DiffiTPipeline(DiffusionPipeline):
         "diffusion" entry and resolution)."""
         extra = getattr(transformer, "pretrained_extra", None) or {}
         diffusion = extra.get("diffusion")
-        if diffusion is None and model_family(transformer.model_config["name"]) == "image":
+        if diffusion is None and model_family(transformer.model_config["name"]) in ("image", "songunet"):
             diffusion = {"type": "edm"}
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         config = paper_sampling_config(diffusion, int(transformer.input_size) * factor, int(transformer.num_classes))

@@ -11,8 +11,9 @@ Model kinds
   Heun solver through `ADMDenoiser`, sigma range clipped to the chain's [sigma_1..sigma_T] and EDM's
   [0.002, 80]).
 * kind="edm": `model` is the raw image-space network `model(c_in x, c_noise, class_labels)`; `sample` wraps it
-  in `EDMPrecond(model, sigma_data)`. An `EDMPrecond` instance is also accepted and used as it is. Sampler:
-  "edm-heun" only.
+  in the config's preconditioning (`make_precond(config.precond, model, sigma_data)`: EDM's, or VP / VE, whose
+  sigma range clips the Heun grid as EDM's generate.py does). A `diffit.edm.Precond` instance (`EDMPrecond`,
+  `VPPrecond`, `VEPrecond`) is also accepted and used as it is. Sampler: "edm-heun" only.
 * kind="flow": `model` predicts the velocity of the linear path `model(x_t, t, class_labels=...)`, t in [0, 1]
   with t = 1 the noise (`diffit.flow`). Samplers: "euler", "heun" (on linspace(1, 0, steps + 1), no correction on
   the last step) and "euler-maruyama" (REPA's SDE sampler), integrated in float64.
@@ -51,7 +52,7 @@ import torch
 from torch import nn
 
 from .diffusion import create_diffusion, randn_per_sample
-from .edm import ADMDenoiser, EDMPrecond, edm_heun_sampler
+from .edm import ADMDenoiser, Precond, edm_heun_sampler, make_precond
 from .flow import flow_sample
 from .guidance import (
     AutoGuidance,
@@ -239,13 +240,13 @@ def sample_with_stats(
         raise ValueError("guidance scale != 1 needs class_labels")
     initial_noise = randn_per_sample(generators, shape, device=device)
     network = model
-    if config.kind == "edm" and not isinstance(model, EDMPrecond):
-        network = EDMPrecond(model, sigma_data=config.sigma_data)
+    if config.kind == "edm" and not isinstance(model, Precond):
+        network = make_precond(config.precond, model, sigma_data=config.sigma_data)
     counted = CountingModel(network, synchronize=device.type == "cuda")
     guide_counted = None
     if guide is not None:
-        wrap = config.kind == "edm" and not isinstance(guide, EDMPrecond)  # preconditioned like the main network
-        guide_network = EDMPrecond(guide, sigma_data=config.sigma_data) if wrap else guide
+        wrap = config.kind == "edm" and not isinstance(guide, Precond)  # preconditioned like the main network
+        guide_network = make_precond(config.precond, guide, sigma_data=config.sigma_data) if wrap else guide
         guide_counted = CountingModel(guide_network, synchronize=device.type == "cuda")
 
     guide_mode = eval_mode(guide) if guide is not None else contextlib.nullcontext()

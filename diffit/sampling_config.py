@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .edm import PRECONDITIONINGS
 from .flow import FLOW_SAMPLERS
 from .guidance import SCHEDULES, GuidanceConfig, guidance_channels
 
@@ -113,12 +114,14 @@ class SamplingConfig:
 
     sampler: "ddpm" | "ddim" | "edm-heun". steps: respaced chain length (ddpm / ddim) or Heun steps.
     guidance: classifier-free guidance (`GuidanceConfig`; None = off). kind: "adm" (latent eps/Sigma network) or
-    "edm" (image-space network, wrapped in `EDMPrecond`). eta: DDIM noise. diffusion_steps / noise_schedule:
+    "edm" (image-space network, wrapped in a preconditioning). eta: DDIM noise. diffusion_steps / noise_schedule:
     the ADM training chain. learn_sigma: None = the model's attribute. clip_denoised: clamp x_0 predictions to
     [-1, 1] (image space; keep False for latents). sigma_min / sigma_max / rho: EDM Heun's grid. S_churn / S_min /
     S_max / S_noise: EDM's stochastic sampler (churn strength, the sigma range it applies to, noise inflation).
-    sigma_data: EDM preconditioning. generator_device: "cpu" (seeds reproducible on any device) or None (the
-    sampling device). pixels: how samples become uint8 images ("round" | "truncate", see `to_uint8`).
+    sigma_data: EDM preconditioning. precond: the preconditioning of a kind="edm" network ("edm" | "vp" | "ve",
+    `diffit.edm.make_precond`; the Heun grid is clipped to its sigma range). generator_device: "cpu" (seeds
+    reproducible on any device) or None (the sampling device). pixels: how samples become uint8 images ("round" |
+    "truncate", see `to_uint8`).
     """
 
     sampler: str = "ddpm"
@@ -138,6 +141,7 @@ class SamplingConfig:
     S_max: float = float("inf")
     S_noise: float = 1.0
     sigma_data: float = 0.5
+    precond: str = "edm"
     generator_device: str | None = "cpu"
     pixels: str = "round"
 
@@ -149,6 +153,10 @@ class SamplingConfig:
             raise ValueError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "edm" and self.sampler != "edm-heun":
             raise ValueError(f"kind='edm' models are sampled with sampler='edm-heun', got {self.sampler!r}")
+        if self.precond not in PRECONDITIONINGS:
+            raise ValueError(f"unknown preconditioning {self.precond!r}; expected one of {PRECONDITIONINGS}")
+        if self.precond != "edm" and self.kind != "edm":
+            raise ValueError(f"precond={self.precond!r} preconditions kind='edm' networks only, got kind={self.kind!r}")
         if (self.kind == "flow") != (self.sampler in FLOW_SAMPLERS):
             raise ValueError(
                 f"flow models (kind='flow') are sampled with {', '.join(FLOW_SAMPLERS)} and those samplers sample "
@@ -225,10 +233,11 @@ def paper_sampling_config(diffusion: dict | None, resolution: int, num_classes: 
     """The paper's sampling settings for an exported model (the defaults `diffit-pipe evaluate` resolves).
 
     `diffusion` is the export's "diffusion" entry ({"type": "adm", "diffusion_steps", "noise_schedule"} or
-    {"type": "edm", "sigma_data"}; None = ADM's linear 1000-step chain). ADM models: DDPM with 250 steps; guidance
-    4.6 with the power-cosine schedule for class-conditional models at 256 px, 1.49 constant at 512 px, none
-    otherwise. EDM models: EDM-Heun with 18 steps up to 32 px, 40 above, unguided. Flow models (beyond the
-    paper): Heun with `FLOW_DEFAULT_STEPS` steps, unguided.
+    {"type": "edm", "sigma_data", "precond"}, an export without "precond" meaning "edm"; None = ADM's linear
+    1000-step chain). ADM models: DDPM with 250 steps; guidance 4.6 with the power-cosine schedule for
+    class-conditional models at 256 px, 1.49 constant at 512 px, none otherwise. EDM models: EDM-Heun with 18
+    steps up to 32 px, 40 above, unguided. Flow models (beyond the paper): Heun with `FLOW_DEFAULT_STEPS` steps,
+    unguided.
     """
     diffusion = diffusion or {"type": "adm"}
     if diffusion.get("type") == "flow":  # no paper setting: Heun on 50 steps (99 network calls), unguided
@@ -239,6 +248,7 @@ def paper_sampling_config(diffusion: dict | None, resolution: int, num_classes: 
             steps=18 if resolution <= 32 else 40,
             kind="edm",
             sigma_data=float(diffusion.get("sigma_data", 0.5)),
+            precond=str(diffusion.get("precond", "edm")),
         )
     guidance = GuidanceConfig()
     if num_classes and resolution == 256:

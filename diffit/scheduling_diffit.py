@@ -102,7 +102,8 @@ def scheduler_for(config: SamplingConfig, scheduler_class: type | None = None, *
     kind "adm": `scheduler_class` (default `DPMSolverMultistepScheduler`) on the model's training chain; "flow":
     `FlowMatchEulerDiscreteScheduler` (shift 1 unless `shift=` is given); "edm": `EDMEulerScheduler` (or
     `scheduler_class=EDMDPMSolverMultistepScheduler`) with the config's sigma_data and EDM's sigma_min, sigma_max
-    and rho. `overrides` are further constructor arguments (e.g. `shift=3.0`, `solver_order=3`).
+    and rho (a VP / VE-preconditioned model: ValueError, no diffusers scheduler computes those). `overrides` are
+    further constructor arguments (e.g. `shift=3.0`, `solver_order=3`).
     """
     if config.kind == "adm":
         scheduler_class = scheduler_class or diffusers.DPMSolverMultistepScheduler
@@ -110,6 +111,8 @@ def scheduler_for(config: SamplingConfig, scheduler_class: type | None = None, *
     if config.kind == "flow":
         scheduler_class = scheduler_class or diffusers.FlowMatchEulerDiscreteScheduler
         return scheduler_class(**overrides)
+    if config.precond != "edm":
+        raise ValueError(f"no diffusers scheduler drives a {config.precond.upper()}-preconditioned model")
     scheduler_class = scheduler_class or diffusers.EDMEulerScheduler
     edm = {"sigma_data": config.sigma_data, "sigma_min": config.sigma_min, "sigma_max": config.sigma_max}
     return scheduler_class(**{**edm, "rho": config.rho, **overrides})

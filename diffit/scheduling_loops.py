@@ -119,8 +119,15 @@ def _check_flow_scheduler(scheduler, name: str, model: str, family: str) -> None
 
 def _check_edm_scheduler(scheduler, config: SamplingConfig, name: str, model: str, family: str) -> None:
     """An EDM model: EDMEulerScheduler / EDMDPMSolverMultistepScheduler preconditioning as the export's
-    EDMPrecond (epsilon prediction, the export's sigma_data)."""
+    EDMPrecond (epsilon prediction, the export's sigma_data); a VP / VE-preconditioned model has other c_in and
+    c_noise than these schedulers give, so none of them drives it."""
     sigma_data = float(config.sigma_data)
+    if family == "edm" and config.precond != "edm":
+        raise ValueError(
+            f"pipe.scheduler is a {name}, but this {model} is trained with EDM's {config.precond.upper()} "
+            "preconditioning, which diffusers' EDM schedulers do not compute (their c_in and c_noise are EDM's): "
+            "pipe.scheduler = DiffiTScheduler() for the project's EDM-Heun"
+        )
     if family != "edm":
         raise ValueError(
             f"pipe.scheduler is a {name}, but this {model} is an image-space EDM model: of diffusers' schedulers "

@@ -343,8 +343,10 @@ class SongUNet(nn.Module, DiffiTModelHubMixin):
     """DDPM++ / NCSN++ U-Net, EDM's `SongUNet` (module doc); `tmsa=True` gives the TMSA form of DiffiT's Table 5.
 
     Arguments are EDM's (same names, same defaults) plus `tmsa`. `label_dim` 0 = unconditional (class labels
-    ignored), else `class_labels` are [N, label_dim] one-hot (zeros for the unconditional branch of guidance);
-    `label_dropout` zeroes the class vector of a random fraction of the batch in training mode.
+    ignored), else `class_labels` are [N, label_dim] one-hot (zeros for the unconditional branch of guidance), or
+    [N] label indices as the other networks here take them (`num_classes` = label_dim, the null class label_dim
+    -> the zero vector, `class_vectors`); `label_dropout` zeroes the class vector of a random fraction of the batch
+    in training mode.
     """
 
     diffit_family = "songunet"
@@ -474,6 +476,25 @@ class SongUNet(nn.Module, DiffiTModelHubMixin):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model (label_dim; 0 = unconditional), as samplers and the trainer read it."""
+        return self.label_dim
+
+    @property
+    def null_class(self) -> int | None:
+        """The label index of the unconditional branch (label_dim, whose class vector is all zeros, as EDM's
+        label dropout makes it); None for an unconditional model."""
+        return self.label_dim if self.label_dim else None
+
+    def class_vectors(self, class_labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """[N] label indices -> [N, label_dim] one-hot vectors in `dtype` (the null class label_dim -> zeros), so
+        that classifier-free guidance and the trainer's label dropout reach EDM's network as EDM presents them;
+        one-hot vectors (floating point) and None pass unchanged."""
+        if class_labels is None or class_labels.is_floating_point() or self.map_label is None:
+            return class_labels
+        return F.one_hot(class_labels.long(), self.label_dim + 1)[:, : self.label_dim].to(dtype)
+
     def embedding(
         self,
         noise_labels: torch.Tensor,
@@ -508,7 +529,7 @@ class SongUNet(nn.Module, DiffiTModelHubMixin):
                 f"class-conditional model (label_dim={self.label_dim}): pass class_labels [N, {self.label_dim}] "
                 "(one-hot; zeros for the unconditional branch)"
             )
-        emb = self.embedding(noise_labels, class_labels, augment_labels)
+        emb = self.embedding(noise_labels, self.class_vectors(class_labels, x.dtype), augment_labels)
 
         # Encoder.
         skips = []

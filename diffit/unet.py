@@ -201,6 +201,7 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         num_groups: int = 32,
         dropout: float = 0.0,
         time_conditioning: str = "tmsa",
+        augment_dim: int = 0,
     ):
         super().__init__()
         channels, blocks_per_stage = list(channels), list(blocks_per_stage)
@@ -223,6 +224,13 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         # model_channels, emb_channels = 4 * model_channels).
         self.time_embed = TimestepEmbedder(self.time_dim, frequency_size=channels[0], embedding=time_embedding)
         self.label_embed = LabelEmbedder(num_classes, self.time_dim) if num_classes > 0 else None
+        # EDM's non-leaky augmentation (`diffit.augment.AugmentPipe`, the paper's "data augmentation strategies of
+        # EDM"): the network is told which augmentation it sees, so that sampling (no labels) draws clean images.
+        # As EDM's SongUNet `map_augment` (Linear without bias), added where this model adds its class embedding.
+        if augment_dim < 0:
+            raise ValueError(f"augment_dim must be >= 0 (0 = no augmentation labels), got {augment_dim}")
+        self.augment_dim = augment_dim
+        self.augment_embed = nn.Linear(augment_dim, self.time_dim, bias=False) if augment_dim else None
 
         def res_blocks(stage: int) -> list[DiffiTResBlock]:
             return [
@@ -340,9 +348,25 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         nn.init.zeros_(self.head.conv.weight)
         nn.init.zeros_(self.head.conv.bias)
 
-    def time_token(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """x_t of the paper: embedding of the noise label, plus the class embedding for conditional models."""
+    def time_token(
+        self,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_t of the paper: embedding of the noise label, plus the class embedding for conditional models, plus the
+        augmentation embedding when the model has one and augment labels are given (training; none at sampling,
+        as EDM)."""
         token = self.time_embed(noise_labels)
+        if augment_labels is not None:
+            if self.augment_embed is None:
+                raise ValueError("augment_labels given to a model built with augment_dim=0")
+            if augment_labels.shape != (noise_labels.shape[0], self.augment_dim):
+                raise ValueError(
+                    f"augment_labels must have shape [{noise_labels.shape[0]}, {self.augment_dim}], "
+                    f"got {list(augment_labels.shape)}"
+                )
+            token = token + self.augment_embed(augment_labels.to(token.dtype))
         if self.label_embed is not None:
             if class_labels is None:
                 raise ValueError(
@@ -367,7 +391,11 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         return h
 
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         expected = (self.in_channels, self.img_resolution, self.img_resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -378,7 +406,7 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
             raise ValueError(
                 f"noise_labels must have shape [{x.shape[0]}] (or be a scalar), got {list(noise_labels.shape)}"
             )
-        time_token = self.time_token(noise_labels, class_labels)
+        time_token = self.time_token(noise_labels, class_labels, augment_labels)
 
         h = self.input_conv(x)
         skips = []

@@ -18,7 +18,7 @@ from pipeline.core.shards import json_bytes
 
 # The members of a sample (see docs/architecture.md, "Data formats"), by name everywhere they are read or written.
 MEAN_MEMBER, STD_MEMBER, IMAGE_MEMBER, LABEL_MEMBER, META_MEMBER = "mean.npy", "std.npy", "png", "cls", "json"
-LATENT_MEMBERS = (MEAN_MEMBER, STD_MEMBER, LABEL_MEMBER, META_MEMBER)
+LATENT_MEMBERS = (MEAN_MEMBER, STD_MEMBER, LABEL_MEMBER, META_MEMBER)  # plus IMAGE_MEMBER with `encode --keep-images`
 IMAGE_MEMBERS = (IMAGE_MEMBER, LABEL_MEMBER, META_MEMBER)
 
 
@@ -38,15 +38,27 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def latent_sample(key: str, mean: np.ndarray, std: np.ndarray, label: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """The members of one latent sample (mean / std float16 [2, C, h, w], unscaled)."""
-    return {
+def latent_sample(
+    key: str,
+    mean: np.ndarray,
+    std: np.ndarray,
+    label: int,
+    meta: dict[str, Any],
+    pixels: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The members of one latent sample (mean / std float16 [2, C, h, w], unscaled); with `pixels` (`encode
+    --keep-images`) also the crop the latents encode as a PNG member, unflipped (index 1 of mean / std is its
+    horizontal flip), for REPA's targets."""
+    sample = {
         "__key__": key,
         MEAN_MEMBER: npy_bytes(mean.astype(np.float16)),
         STD_MEMBER: npy_bytes(std.astype(np.float16)),
         "cls": str(int(label)).encode("ascii"),
         "json": json_bytes(meta),
     }
+    if pixels is not None:
+        sample[IMAGE_MEMBER] = png_bytes(pixels)
+    return sample
 
 
 def image_sample(key: str, pixels: np.ndarray, label: int, meta: dict[str, Any]) -> dict[str, Any]:

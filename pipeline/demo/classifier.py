@@ -6,10 +6,10 @@ trains this classifier (about 100k parameters, a minute at most on a CPU) on the
 accuracy on held-out *real* images is reported next to it: a consistency of 0.9 means little unless the
 classifier itself is right on ~all real images.
 
-The network is four 3x3 conv stages (GroupNorm, SiLU, 2x2 max-pool after the first three), global average
-pooling and a linear head. GroupNorm instead of BatchNorm makes a prediction independent of the other images in
-its batch and identical in training and evaluation mode. Inputs of another size are resized (bilinear,
-antialiased) to the resolution the classifier was trained at.
+The network (`SmallCNN`: four 3x3 conv stages with GroupNorm, SiLU, 2x2 max-pool after the first three, global
+average pooling and a linear head), its configuration and `load_classifier` live in `pipeline.core.small_cnn`,
+where the trainer loads it too (REPA's targets at demo scale); they are re-exported here. Inputs of another size
+are resized (bilinear, antialiased) to the resolution the classifier was trained at.
 
 Saved as a directory: `model.safetensors` + `config.json` (architecture, class names, training report), written
 into a temporary directory that replaces the final one when complete (`staging.staged_directory`).
@@ -21,77 +21,29 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.atomic import write_text_atomic
-from pipeline.core.errors import InputError
+from pipeline.core.small_cnn import (  # the network and its file (the trainer loads it too: REPA's targets)
+    CONFIG_NAME,
+    MODEL_TYPE,
+    WEIGHTS_NAME,
+    ClassifierConfig,
+    ClassifierError,
+    SmallCNN,
+)
+from pipeline.core.small_cnn import load_classifier as load_classifier  # re-exported: the demo's own door to it
+from pipeline.core.small_cnn import luminance as luminance
 from pipeline.demo.labelled_images import LabelledImages, load_labelled_images
 from pipeline.demo.staging import staged_directory
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-MODEL_TYPE = "diffit-pipe-class-consistency-cnn"
-
-
-class ClassifierError(InputError):
-    """Unusable classifier input: unlabelled data, missing or damaged classifier directory, bad image arrays."""
-
-
-@dataclass
-class ClassifierConfig:
-    """Architecture of the classifier and what it was trained on."""
-
-    num_classes: int
-    resolution: int = 32
-    channels: tuple[int, ...] = (32, 64, 64, 64)
-    groups: int = 8
-    class_names: list[str] = field(default_factory=list)
-    # Judge luminance only: every input is converted to grey first, so the class must be told from shape and
-    # texture, not colour (the demo's "shape consistency").
-    grayscale: bool = False
-
-
-class SmallCNN(nn.Module):
-    """Conv stages (conv3x3 -> GroupNorm -> SiLU, max-pool between stages) -> global average pool -> linear."""
-
-    def __init__(self, config: ClassifierConfig):
-        super().__init__()
-        self.config = config
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for stage, channels in enumerate(config.channels):
-            layers += [nn.Conv2d(in_channels, channels, 3, padding=1), nn.GroupNorm(config.groups, channels), nn.SiLU()]
-            if stage < len(config.channels) - 1:
-                layers.append(nn.MaxPool2d(2))
-            in_channels = channels
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(in_channels, config.num_classes)
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The head's input [N, channels[-1]]: the global average of the last conv stage (FD_demo's features)."""
-        if self.config.grayscale:
-            images = luminance(images)
-        return self.features(images).mean(dim=(2, 3))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits [N, num_classes] of images [N, 3, H, W] in [-1, 1]."""
-        return self.head(self.embed(images))
-
-
-def luminance(images: torch.Tensor) -> torch.Tensor:
-    """Rec. 601 luma of RGB images [N, 3, H, W], repeated on the three channels."""
-    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
@@ -225,38 +177,6 @@ def save_classifier(model: SmallCNN, out_path: str | os.PathLike, report: dict[s
         config = {"model_type": MODEL_TYPE, **asdict(model.config), "report": report or {}}
         write_text_atomic(temp / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return out
-
-
-def load_classifier(path: str | os.PathLike) -> SmallCNN:
-    """Load a classifier saved by `save_classifier` / `train_classifier` (safetensors, no pickle)."""
-    from safetensors.torch import load_file
-
-    directory = Path(path).expanduser()
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ClassifierError(f"{directory} is not a saved classifier (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        stored = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ClassifierError(f"cannot read {config_path}: {error}") from error
-    if stored.get("model_type") != MODEL_TYPE:
-        raise ClassifierError(f"{config_path} describes {stored.get('model_type')!r}, not a {MODEL_TYPE}")
-    config = ClassifierConfig(
-        num_classes=int(stored["num_classes"]),
-        resolution=int(stored["resolution"]),
-        channels=tuple(int(c) for c in stored["channels"]),
-        groups=int(stored["groups"]),
-        class_names=list(stored.get("class_names", [])),
-        grayscale=bool(stored.get("grayscale", False)),
-    )
-    model = SmallCNN(config)
-    try:
-        state = load_file(str(weights_path))
-        model.load_state_dict(state)
-    except Exception as error:  # safetensors header errors, missing / unexpected keys, shape mismatches
-        raise ClassifierError(f"cannot load weights {weights_path}: {error}") from error
-    model.eval()
-    return model
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.core.latent_stats import STATS_KEY, ChannelMoments, merge_shards
 from pipeline.core.manifest import FORMAT_VERSION, MANIFEST_NAME
-from pipeline.core.shard_members import IMAGE_MEMBERS, LATENT_MEMBERS
+from pipeline.core.shard_members import IMAGE_MEMBER, IMAGE_MEMBERS, LATENT_MEMBERS
 from pipeline.core.shards import FAILURES_NAME, shard_name, sidecar_name, write_json_to, write_lines_to
 from pipeline.core.storage import Location
 from pipeline.core.storage_io import is_url
@@ -95,6 +95,7 @@ class EncodeOptions:
     command: str = ""
     overwrite: bool = False  # replace a different dataset in `out` (see the module docstring)
     verify: bool = False  # re-hash finished shards on resume instead of trusting their sealed sidecars
+    keep_images: bool = False  # latents: also store each crop as a PNG member (REPA's targets, `pipeline.train.repa`)
 
     @property
     def remote(self) -> bool:
@@ -147,7 +148,7 @@ class EncodeResult:
 
 def _settings_for_fingerprint(cfg: EncodeOptions, vae_spec: VAESpec | None) -> dict[str, Any]:
     """Job settings that change shard bytes (the batch size and worker count do not)."""
-    return {
+    settings = {
         "format_version": FORMAT_VERSION,
         "kind": cfg.kind,
         "resolution": cfg.resolution,
@@ -155,6 +156,9 @@ def _settings_for_fingerprint(cfg: EncodeOptions, vae_spec: VAESpec | None) -> d
         "vae_hash": vae_spec.path_hash if vae_spec else None,
         "dtype": cfg.dtype if vae_spec else None,
     }
+    if cfg.keep_images:  # only then: the fingerprints of datasets without images stay what they were
+        settings["keep_images"] = True
+    return settings
 
 
 def check_config(cfg: EncodeOptions) -> None:
@@ -180,6 +184,8 @@ def check_config(cfg: EncodeOptions) -> None:
         raise JobError(f"--max-pixels must be positive, got {cfg.max_pixels}")
     if cfg.dtype not in ("fp32", "fp16", "bf16"):
         raise JobError(f"--dtype must be fp32, fp16 or bf16, got {cfg.dtype!r}")
+    if cfg.keep_images and cfg.kind != "latents":
+        raise JobError("--keep-images keeps the crops beside their latents; the shards of `pack` are images already")
 
 
 def torch_threads_per_worker(cfg: EncodeOptions, remote: bool = False) -> int | None:
@@ -226,6 +232,7 @@ def plan_job(cfg: EncodeOptions, remote: bool = False) -> JobPlan:
         device=cfg.device,
         torch_threads=torch_threads_per_worker(cfg, remote),
         progress_topic=topic,
+        keep_images=cfg.keep_images,
     )
     tasks, items = [], 0
     with _walk_progress(cfg.progress) as walked:
@@ -284,6 +291,7 @@ def dataset_identity(plan: JobPlan) -> dict[str, Any]:
         "resolution": cfg.resolution,
         "transform": transform_spec(cfg.resolution, cfg.max_pixels),
         "vae": [plan.vae_spec.path_hash, cfg.dtype] if plan.vae_spec else None,
+        "keep_images": cfg.kind == "latents" and cfg.keep_images,
     }
 
 
@@ -491,7 +499,7 @@ def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple
         "failure_rate": round(len(failures) / seen, 6) if seen else 0.0,
         "shard_size": cfg.shard_size,
         "shards": entries,
-        "members": list(LATENT_MEMBERS if cfg.kind == "latents" else IMAGE_MEMBERS),
+        "members": _members(cfg),
         "source": source.describe(plan.items),
         "transform": transform_spec(cfg.resolution, cfg.max_pixels),
         "failures_file": FAILURES_NAME,
@@ -507,6 +515,9 @@ def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple
         manifest["latent_shape"] = [2, vae_spec.latent_channels, latent_size, latent_size]
         manifest["latent_dtype"] = "float16"
         manifest["flip"] = "index 0 = image, index 1 = horizontally flipped image"
+        if cfg.keep_images:
+            manifest["image_format"] = "png"  # the `png` member: the crop of index 0, unflipped
+            manifest["image_shape"] = [cfg.resolution, cfg.resolution, 3]
         manifest["vae"] = vae_spec.manifest_entry(cfg.dtype)
         if stats is not None:  # per-channel mean / std of the original views' posterior means, all shards merged
             manifest[STATS_KEY] = stats
@@ -514,6 +525,14 @@ def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple
         manifest["image_format"] = "png"
         manifest["image_shape"] = [cfg.resolution, cfg.resolution, 3]
     return manifest, failures
+
+
+def _members(cfg: EncodeOptions) -> list[str]:
+    """The members of every sample, as the manifest lists them (the trainer reads the PNG of latent samples from
+    here: REPA's targets)."""
+    if cfg.kind != "latents":
+        return list(IMAGE_MEMBERS)
+    return [*LATENT_MEMBERS, IMAGE_MEMBER] if cfg.keep_images else list(LATENT_MEMBERS)
 
 
 def command_line() -> str:

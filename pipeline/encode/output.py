@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import MANIFEST_NAME
+from pipeline.core.shard_members import IMAGE_MEMBER
 from pipeline.core.shards import FAILURES_NAME, SHARD_NAME_PATTERN, SIDECAR_NAME_PATTERN, shard_name
 from pipeline.core.storage import Location
 from pipeline.core.storage_io import StorageError
@@ -94,6 +95,7 @@ def _manifest_conflict(out: Location, identity: dict[str, Any]) -> str | None:
         "resolution": manifest.get("resolution"),
         "transform": manifest.get("transform"),
         "vae": [vae.get("path_hash"), vae.get("dtype")] if isinstance(vae, dict) else None,
+        "keep_images": manifest.get("kind") == "latents" and IMAGE_MEMBER in (manifest.get("members") or []),
     }
     differing = [key for key in identity if recorded[key] != identity[key]]
     if not differing:

@@ -96,6 +96,7 @@ class ShardTask:
     device: str
     torch_threads: int | None
     progress_topic: str | None
+    keep_images: bool = False  # latents: also store each crop as a PNG member (`encode --keep-images`)
 
     @property
     def count(self) -> int:

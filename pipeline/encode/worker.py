@@ -253,8 +253,11 @@ def write_batch(writer, vae, ready: list, failures: list, task: ShardTask) -> No
 
     mean, std = encode_pixels(vae, np.stack([pixels for _, pixels, _ in ready]))
     mean16, std16 = mean.astype(np.float16), std.astype(np.float16)
-    for j, (item, _, meta) in enumerate(ready):
+    for j, (item, pixels, meta) in enumerate(ready):
         if not (np.isfinite(mean16[j]).all() and np.isfinite(std16[j]).all()):
             failures.append(_failure(item, task.root, "VAE output is not finite in float16 (NaN or overflow)"))
             continue
-        writer.write(latent_sample(item.key, mean16[j], std16[j], item.label, meta))
+        # With --keep-images the crop the VAE encoded goes with its latents (their index 1 is its flip).
+        writer.write(
+            latent_sample(item.key, mean16[j], std16[j], item.label, meta, pixels if task.keep_images else None)
+        )

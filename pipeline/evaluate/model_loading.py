@@ -27,7 +27,7 @@ class LoadedModel:
     model: torch.nn.Module
     config: dict[str, Any]
     kind: str  # "adm" | "edm" | "flow"
-    family: str  # "latent" | "image"
+    family: str  # "latent" | "image" | "songunet" (EDM's DDPM++ / NCSN++, image space)
     sample_shape: tuple[int, int, int]  # what the sampler produces per sample (C, H, W)
     resolution: tuple[int, int]  # decoded image size (H, W)
     vae: Any = None
@@ -96,10 +96,10 @@ def load_model(model_dir: Path, vae_override: Path | None = None, device: str | 
             f"got {diffusion!r}"
         )
     family = model_family(config["model"]["name"])
-    if family not in ("latent", "image"):
+    if family == "songunet" and diffusion["type"] != "edm":
         raise EvaluateInputError(
-            f"{model_dir / 'config.json'}: {config['model']['name']} is EDM's {family} network, which evaluate does "
-            "not sample yet (it takes DiffiT latent and image models)"
+            f"{model_dir / 'config.json'}: {config['model']['name']} is EDM's network, sampled with EDM's "
+            f"preconditioning (diffusion type 'edm'), got {diffusion['type']!r}"
         )
     channels, size = int(model.in_channels), int(model.input_size)
     identity = {

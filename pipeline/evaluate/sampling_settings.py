@@ -90,6 +90,7 @@ def resolve_sampling(
         diffusion_steps=int(diffusion.get("diffusion_steps", 1000)),
         noise_schedule=diffusion.get("noise_schedule", "linear"),
         sigma_data=float(diffusion.get("sigma_data", 0.5)),
+        precond=str(diffusion.get("precond", "edm")),  # exports written before VP / VE: EDM's
         guidance=GuidanceConfig(),
     )
     config = model.with_settings(**{**default, **given})

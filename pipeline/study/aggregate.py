@@ -17,15 +17,16 @@ from typing import Any
 
 from pipeline.core.errors import JobFailedError
 from pipeline.study.demo_metrics import FD_DEMO
-from pipeline.study.runner import curve_eval_dir, read_result, read_samples
-from pipeline.study.spec import Study, training_config
+from pipeline.study.guidance_selection import leave_one_seed_out, sweep_summary
+from pipeline.study.runner import curve_eval_dir, curve_evaluations, read_result, read_samples
+from pipeline.study.spec import Study, StudyError, training_config
 from pipeline.study.stats import interval, paired_difference
-from pipeline.study.verdicts import METHOD, comparisons, power_lines, verdicts
+from pipeline.study.verdicts import METHOD, claim_pairs, comparisons, power_lines, verdicts
 
 STUDY_JSON = "study.json"
 GRIDS_DIR = "grids"
 GRID_SAMPLES = 20  # the first samples of each variant's evaluation with the first seed: equal seeds across variants
-FORMAT_VERSION = 3  # 3: comparisons (p, Holm), verdicts of the paper's claims
+FORMAT_VERSION = 4  # 3: comparisons (p, Holm), verdicts of the paper's claims; 4: each comparison's baseline
 # Metrics where lower is better (the page says which way is better; verdicts read "better" with it): FD_demo and
 # evaluate's keys for FID, sFID and KID.
 LOWER_IS_BETTER = (
@@ -39,13 +40,18 @@ LOWER_IS_BETTER = (
 )
 
 
+# The guidance scale of a variant under a guidance sweep: chosen per seed (study.json's `guidance_selection`).
+SELECTED = "chosen per seed (guidance_selection)"
+
+
 class StudyIncompleteError(JobFailedError):
     """The study cannot be aggregated: some evaluations have no result yet."""
 
 
-def collect_results(study: Study, out: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """variant -> seed -> result.json of every evaluation; an error listing the missing ones."""
-    results: dict[str, dict[int, dict[str, Any]]] = {}
+def collect_evaluations(study: Study, out: Path) -> dict[str, dict[float | None, dict[int, dict[str, Any]]]]:
+    """variant -> guidance scale of the sweep (None without one) -> seed -> result.json of every evaluation; an
+    error listing the missing ones."""
+    found: dict[str, dict[float | None, dict[int, dict[str, Any]]]] = {}
     missing = []
     for unit in study.units():
         for evaluation in unit.evaluations:
@@ -53,13 +59,50 @@ def collect_results(study: Study, out: Path) -> dict[str, dict[int, dict[str, An
             if result is None:
                 missing.append(evaluation.out_dir)
             else:
-                results.setdefault(evaluation.variant, {})[evaluation.seed] = result
+                by_scale = found.setdefault(evaluation.variant, {})
+                by_scale.setdefault(evaluation.guidance_scale, {})[evaluation.seed] = result
     if missing:
         raise StudyIncompleteError(
             f"{out}: {len(missing)} evaluation(s) have no result yet ({', '.join(missing[:4])}"
             f"{', ...' if len(missing) > 4 else ''}): run the study (or its missing array elements) first"
         )
-    return results
+    return found
+
+
+def selection_values(study: Study, found: dict) -> dict[str, dict[float, dict[int, float]]]:
+    """variant -> scale -> seed -> the value of the sweep's selection metric (an error when it was not measured)."""
+    metric = study.guidance_selection["metric"]
+    values: dict[str, dict[float, dict[int, float]]] = {}
+    for variant, by_scale in found.items():
+        for scale, by_seed in by_scale.items():
+            for seed, result in by_seed.items():
+                value = result["metrics"].get(metric)
+                if not isinstance(value, (int, float)):
+                    raise StudyError(
+                        f"{study.path}: guidance_selection.metric {metric!r} was not measured (the evaluations "
+                        f"have {', '.join(sorted(result['metrics'])) or 'no metrics'})"
+                    )
+                values.setdefault(variant, {}).setdefault(scale, {})[seed] = float(value)
+    return values
+
+
+def collect_results(study: Study, out: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> result.json of its evaluation; with a guidance sweep, the evaluation at the scale chosen
+    for that seed on the other seeds (`pipeline.study.guidance_selection`). An error listing missing results."""
+    found = collect_evaluations(study, out)
+    if study.guidance_selection is None:
+        return {variant: by_scale[None] for variant, by_scale in found.items()}
+    lower = study.guidance_selection["metric"] in LOWER_IS_BETTER
+    chosen = {v: leave_one_seed_out(by_scale, lower) for v, by_scale in selection_values(study, found).items()}
+    return {v: {seed: found[v][scale][seed] for seed, scale in chosen[v].items()} for v in found}
+
+
+def guidance_sweep(study: Study, out: Path) -> dict[str, Any] | None:
+    """study.json's `guidance_selection`: the sweep per variant and scale and the scales chosen (None without)."""
+    if study.guidance_selection is None:
+        return None
+    values = selection_values(study, collect_evaluations(study, out))
+    return sweep_summary(study.guidance_selection, values, study.guidance_selection["metric"] in LOWER_IS_BETTER)
 
 
 def metric_table(study: Study, results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -147,7 +190,7 @@ def sample_curves(study: Study, out: Path, results: dict[str, dict[int, dict[str
     curves: dict[str, dict[str, dict[str, list]]] = {}
     missing = []
     for unit in study.units():
-        for evaluation in unit.evaluations:
+        for evaluation in curve_evaluations(study, unit):
             points = {}
             for step in steps:
                 result = read_result(out / curve_eval_dir(evaluation, step))
@@ -155,7 +198,7 @@ def sample_curves(study: Study, out: Path, results: dict[str, dict[int, dict[str
                     missing.append(curve_eval_dir(evaluation, step))
                 else:
                     points[step] = result["metrics"]
-            final = results[evaluation.variant][evaluation.seed].get("curve_point")
+            final = (read_result(out / evaluation.out_dir) or {}).get("curve_point")
             if final is not None:
                 points[final["step"]] = final["metrics"]
             for step, metrics in points.items():
@@ -181,7 +224,8 @@ def seed_power(study: Study, out: Path) -> list[str]:
     """`study --plan`'s lines on seeds (`verdicts.power_lines`): from the file's `power`, and from the finished
     evaluations in `out` when every one is there (a pilot)."""
     try:
-        family = comparisons(metric_table(study, collect_results(study, out)), study.baseline)
+        table = metric_table(study, collect_results(study, out))
+        family = comparisons(table, study.baseline, claim_pairs(study.paper, study.baseline))
     except StudyIncompleteError:
         family = None
     return power_lines(study.power, family, len(study.variants))
@@ -232,7 +276,7 @@ def cost(study: Study, out: Path, results: dict[str, dict[int, dict[str, Any]]])
             "diffusion": (export.get("diffusion") or {}).get("type"),
             "params": stats["params"],
             "gflops": stats["gflops"],
-            "guidance_scale": sampling.get("guidance_scale"),
+            "guidance_scale": SELECTED if study.guidance_selection else sampling.get("guidance_scale"),
             "sampler": sampling.get("sampler"),
             "sampling_steps": sampling.get("steps"),
             "network_evaluations": _network_evaluations(sampling),
@@ -274,7 +318,8 @@ def budget(study: Study) -> dict[str, Any]:
         "sampler": shared([s.get("sampler") for s in sampling]),
         "sampling_steps": shared([s.get("steps") for s in sampling]),
         "network_evaluations": shared([_network_evaluations(s) for s in sampling]),
-        "guidance_scale": evaluate.get("guidance_scale"),  # study-wide (a variant's own: `cost`)
+        # study-wide (a variant's own: `cost`)
+        "guidance_scale": SELECTED if study.guidance_selection else evaluate.get("guidance_scale"),
         "num_samples": evaluate.get("num_samples", 50_000),
     }
 
@@ -283,7 +328,7 @@ def aggregate(study: Study, out: Path) -> dict[str, Any]:
     """The contents of `study.json` (see the module docstring); an error when runs are missing."""
     results = collect_results(study, out)
     table = metric_table(study, results)
-    family = comparisons(table, study.baseline)
+    family = comparisons(table, study.baseline, claim_pairs(study.paper, study.baseline))
     details = {}
     for by_seed in results.values():
         for result in by_seed.values():
@@ -311,6 +356,7 @@ def aggregate(study: Study, out: Path) -> dict[str, Any]:
         "curves": _merge(training_curves(study, out), sample_curves(study, out, results)),
         "curve": {**study.curve, "steps": study.curve_steps()} if study.curve else None,
         "cost": cost(study, out, results),
+        **({"guidance_selection": guidance_sweep(study, out)} if study.guidance_selection else {}),
     }
 
 
@@ -324,7 +370,7 @@ def write_grids(study: Study, out: Path) -> dict[str, Path]:
     from pipeline.core.grids import image_grid, labelled_tiles, write_png
 
     seed = study.seeds[0]
-    directories = {e.variant: e.out_dir for u in study.units() for e in u.evaluations if e.seed == seed}
+    directories = {e.variant: e.out_dir for u in study.units() for e in curve_evaluations(study, u) if e.seed == seed}
     grids = {}
     for variant in study.variants:
         images, labels = read_samples(out / directories[variant.name], GRID_SAMPLES)

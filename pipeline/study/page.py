@@ -16,6 +16,7 @@ STUDY_HTML = "study.html"
 SECTIONS = (
     ("verdicts", "Verdicts"),
     ("table", "Results"),
+    ("guidance", "Guidance selection"),
     ("curves", "Curves"),
     ("samples", "Samples"),
     ("variants", "Variants"),
@@ -50,7 +51,11 @@ def _interval(entry: dict[str, Any] | None) -> str:
 def table_section(study: dict[str, Any]) -> str:
     """The metric table: mean ± 95% interval per variant, paired difference to the baseline."""
     rows = []
-    adjusted = {(c["metric"], c["variant"]): c["p_holm"] for c in study.get("comparisons", [])}
+    adjusted = {
+        (c["metric"], c["variant"]): c["p_holm"]
+        for c in study.get("comparisons", [])
+        if c.get("baseline", study["baseline"]) == study["baseline"]
+    }
     for row in study["table"]:
         values = ", ".join(f"{esc(s)}: {esc(v)}" for s, v in row["values"].items())
         direction = "lower is better" if row["metric"] in study["lower_is_better"] else ""
@@ -82,7 +87,7 @@ def verdicts_section(study: dict[str, Any]) -> str:
         [
             esc(v["source"]),
             f"<code>{esc(v['metric'])}</code>",
-            esc(v["variant"]),
+            f"{esc(v['variant'])} vs {esc(v.get('baseline', study['baseline']))}",
             f"{esc(v['paper'])} ({esc(_percent(v['paper_relative_change']))})",
             f"{esc(v.get('measured'))} ({esc(_percent(v.get('relative_change')))})",
             esc(v.get("p_holm")),
@@ -96,6 +101,36 @@ def verdicts_section(study: dict[str, Any]) -> str:
     method = f"<p class='meta'>{esc(study.get('verdict_method', ''))}</p>"
     body = _table(header, rows) + method if rows else '<p class="absent">the study file carries no claims</p>'
     return _section("verdicts", body)
+
+
+def guidance_section(study: dict[str, Any]) -> str:
+    """With a guidance sweep: the selection metric per variant and scale, and the scale each seed was read at."""
+    selection = study.get("guidance_selection")
+    if not selection:
+        return _section("guidance", '<p class="absent">no guidance sweep: every variant at the budget\'s scale</p>')
+    scales = [f"{scale:g}" for scale in selection["scales"]]
+    header = ["variant", *(f"scale {s}" for s in scales), "scale per seed (chosen on the others)", "best in sample"]
+    rows = [
+        [
+            esc(variant),
+            *(_mean_and_half_width(entry["by_scale"][s]) for s in scales),
+            esc(", ".join(f"{seed}: {scale:g}" for seed, scale in entry["chosen_scale"].items())),
+            esc(entry["best_in_sample"]),
+        ]
+        for variant, entry in selection["per_variant"].items()
+    ]
+    better = "lower" if selection["lower_is_better"] else "higher"
+    note = (
+        f"<p class='meta'>{esc(selection['metric'])} ({better} is better), mean ± 95% half-width over seeds; "
+        f"rule {esc(selection['rule'])}: each seed's values in the results are read at the scale best on the "
+        "variant's other seeds</p>"
+    )
+    return _section("guidance", _table(header, rows) + note)
+
+
+def _mean_and_half_width(entry: dict[str, Any]) -> str:
+    half_width = entry["half_width"]
+    return f"{esc(entry['mean'])} ± {esc(half_width)}" if half_width is not None else esc(entry["mean"])
 
 
 def _percent(value: float | None) -> str | None:
@@ -186,7 +221,7 @@ def document(study: dict[str, Any], grids: dict[str, Path] | None = None) -> str
         f"<code>{esc(study['base'])}</code>, baseline <b>{esc(study['baseline'])}</b>, scale "
         f"{esc(study['scale'] or 'unspecified')}</p><nav>{nav}</nav>"
     )
-    sections = [head, verdicts_section(study), table_section(study), curves_section(study)]
+    sections = [head, verdicts_section(study), table_section(study), guidance_section(study), curves_section(study)]
     sections += [samples_section(study, grids or {})]
     sections += [variants_section(study), cost_section(study), budget_section(study)]
     return (

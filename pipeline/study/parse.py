@@ -17,6 +17,7 @@ import yaml
 from pipeline.core.errors import brief, one_line
 from pipeline.core.yamlfile import SettingError, parse_setting, read_yaml_file
 from pipeline.study.checks import check_evaluate_settings, check_sampling_budget, check_training_configs
+from pipeline.study.guidance_selection import parse_guidance_selection
 from pipeline.study.spec import (
     BUDGET_KEYS,
     CURVE_KEYS,
@@ -195,6 +196,14 @@ def parse_study(mapping: dict, path: Path) -> Study:
 
     problems = claim_problems(mapping.get("paper"), names, baseline) + power_problems(mapping.get("power"))
     _need(not problems, path, problems[0] if problems else "")
+    selection = parse_guidance_selection(mapping.get("guidance_selection"), path, evaluate, variants, list(seeds))
+    if selection is not None:
+        evaluations = len(variants) * len(seeds) * len(selection["scales"])
+        _need(
+            evaluations <= MAX_EVALUATIONS,
+            path,
+            f"guidance_selection: {evaluations} evaluations (variants x seeds x scales); at most {MAX_EVALUATIONS}",
+        )
     study = Study(
         path=path,
         name=name,
@@ -211,6 +220,7 @@ def parse_study(mapping: dict, path: Path) -> Study:
         demo_metrics=demo_metrics,
         curve=curve,
         power=mapping.get("power"),
+        guidance_selection=selection,
     )
     check_evaluate_settings(study)
     check_sampling_budget(study)

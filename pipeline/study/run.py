@@ -47,7 +47,9 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> Path
             log(f"inputs not found yet (needed to run): {'; '.join(missing)}")
         check_directory(study, out, require_inputs=False)
         for unit in units:
-            names = ", ".join(e.variant for e in unit.evaluations)
+            names = ", ".join(dict.fromkeys(e.variant for e in unit.evaluations))
+            if study.guidance_selection:
+                names += f" at guidance scales {', '.join(f'{g:g}' for g in study.guidance_selection['scales'])}"
             log(f"{unit.index}: {unit.run_dir} [{unit_state(study, unit, out)}] variants {names}")
         for line in seed_power(study, out):
             log(line)

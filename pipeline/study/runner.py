@@ -179,6 +179,11 @@ def curve_model_dir(unit: Unit, step: int) -> str:
     return f"curve-models/{unit.train_name}/seed-{unit.seed}/step-{step:07d}"
 
 
+def curve_evaluations(study: Study, unit: Unit) -> list[Evaluation]:
+    """The unit's evaluations that have curve points (with a guidance sweep: those at the shown scale)."""
+    return [evaluation for evaluation in unit.evaluations if study.shown(evaluation)]
+
+
 def curve_eval_dir(evaluation: Evaluation, step: int) -> str:
     """Where one evaluation's curve point at `step` is evaluated."""
     return f"curve-evals/{evaluation.variant}/seed-{evaluation.seed}/step-{step:07d}"
@@ -187,18 +192,18 @@ def curve_eval_dir(evaluation: Evaluation, step: int) -> str:
 def unit_state(study: Study, unit: Unit, out: Path) -> str:
     """'done' (every evaluation and curve point has its result), 'trained' (the export is complete) or 'todo'."""
     steps = study.curve_steps()
-    if all(
-        read_result(out / e.out_dir) is not None and all(read_result(out / curve_eval_dir(e, s)) for s in steps)
-        for e in unit.evaluations
-    ):
+    # The evaluations' results first: a result that is no result is an error before anything else is said.
+    evaluated = all(read_result(out / e.out_dir) is not None for e in unit.evaluations)
+    points = [curve_eval_dir(e, step) for e in curve_evaluations(study, unit) for step in steps]
+    if evaluated and all(read_result(out / point) for point in points):
         return "done"
     max_steps = training_config(study, unit).train.max_steps
     return "trained" if export_complete(out / unit.model_dir, max_steps) else "todo"
 
 
-def evaluate_options(study: Study, variant_name: str, seed: int, model_dir: Path, out_dir: Path):
-    """The `EvaluateOptions` of one evaluation: the study's settings, the variant's, this seed."""
-    return options_of_settings(study.evaluate_settings(study.variant(variant_name)), seed, model_dir, out_dir)
+def evaluate_options(study: Study, evaluation: Evaluation, model_dir: Path, out_dir: Path):
+    """The `EvaluateOptions` of one evaluation: the study's settings, the variant's, the sweep's scale, its seed."""
+    return options_of_settings(study.evaluation_settings(evaluation), evaluation.seed, model_dir, out_dir)
 
 
 def guide_model_dir(unit: Unit, step: int) -> str:
@@ -263,14 +268,14 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
         if read_result(eval_dir) is not None:
             continue
         logger.info("study %s: evaluating %s", study.name, evaluation.out_dir)
-        options = evaluate_options(study, evaluation.variant, evaluation.seed, out / unit.model_dir, eval_dir)
+        options = evaluate_options(study, evaluation, out / unit.model_dir, eval_dir)
         record = run_evaluate(with_guide(study, unit, out, evaluation.variant, options))
         timings = record.get("timings_s") or {}
         images, labels = read_samples(eval_dir)
         values, details = demo_metrics(study.demo_metrics, images, labels)
         metrics = {**values, **(record.get("metrics") or {})}
         curve_point = None
-        if study.curve:
+        if study.curve and study.shown(evaluation):
             count = int(study.curve["num_samples"])
             point, _ = demo_metrics(study.demo_metrics, images[:count], labels[:count])
             step = training_config(study, unit).train.max_steps
@@ -285,6 +290,7 @@ def evaluate_unit(study: Study, unit: Unit, out: Path) -> None:
             "details": details,
             "num_samples": int(len(images)),
             "sampling": record.get("sampling"),  # the resolved settings (guidance scale, sampler, steps)
+            **({"guidance_scale": evaluation.guidance_scale} if evaluation.guidance_scale is not None else {}),
             # Measured, so not the same in two runs: the aggregate keeps it apart (`study.json` "cost").
             "evaluate_seconds": timings.get("preflight_and_sampling"),
         }
@@ -301,14 +307,14 @@ def curve_unit(study: Study, unit: Unit, out: Path) -> None:
 
     count = int(study.curve.get("num_samples") or 0)
     for step in study.curve_steps():
-        pending = [e for e in unit.evaluations if read_result(out / curve_eval_dir(e, step)) is None]
+        pending = [e for e in curve_evaluations(study, unit) if read_result(out / curve_eval_dir(e, step)) is None]
         if not pending:
             continue
         model_dir = export_milestone(unit, out, step, curve_model_dir(unit, step))
         for evaluation in pending:
             eval_dir = out / curve_eval_dir(evaluation, step)
             logger.info("study %s: curve point %s", study.name, eval_dir.relative_to(out))
-            options = evaluate_options(study, evaluation.variant, evaluation.seed, model_dir, eval_dir)
+            options = evaluate_options(study, evaluation, model_dir, eval_dir)
             options = dataclasses.replace(options, num_samples=count, metrics=())
             run_evaluate(with_guide(study, unit, out, evaluation.variant, options))
             images, labels = read_samples(eval_dir)

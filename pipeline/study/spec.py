@@ -15,6 +15,8 @@ A study is a base preset plus axes of overrides (variants) times seeds, at one b
     evaluate: {num_samples: 256, steps: 18, metrics: []}   # `diffit-pipe evaluate` settings of every run
     demo_metrics: {reference: PATH, classifier: PATH, shape_classifier: PATH}   # FD_demo, consistencies
     curve: {num_samples: 200}           # the demo metrics of every milestone checkpoint (checkpoint.keep_every)
+    guidance_selection: {scales: [1, 2, 4], metric: FD_demo}   # each variant at its own best scale
+                                        # (chosen on held-out seeds: `pipeline.study.guidance_selection`)
 
 An override key is a training-config key (`SECTION.FIELD`, `model.kwargs.NAME`, checked like `train --set`) or
 `evaluate.FIELD` (an evaluate setting such as `evaluate.guidance_scale`). Variants that differ only in evaluate
@@ -51,7 +53,7 @@ class StudyError(InputError):
 
 
 TOP_LEVEL_KEYS = ("name", "description", "scale", "paper", "base", "data", "set", "seeds", "axes", "baseline")
-TOP_LEVEL_KEYS += ("evaluate", "demo_metrics", "curve", "power")
+TOP_LEVEL_KEYS += ("evaluate", "demo_metrics", "curve", "power", "guidance_selection")
 REQUIRED_KEYS = ("name", "base", "seeds", "axes")
 # What variants may not change: every run of a study has the same budget.
 BUDGET_KEYS = (
@@ -128,11 +130,12 @@ class Variant:
 
 @dataclass
 class Evaluation:
-    """One (variant, seed) evaluation of a unit's model."""
+    """One (variant, seed) evaluation of a unit's model; one per scale with a `guidance_selection`."""
 
     variant: str
     seed: int
     out_dir: str  # relative to the study directory
+    guidance_scale: float | None = None  # the sweep's scale (None: the variant's own settings)
 
 
 @dataclass
@@ -171,6 +174,8 @@ class Study:
     demo_metrics: dict[str, Any]
     curve: dict[str, Any] = field(default_factory=dict)
     power: dict[str, Any] | None = None  # {metric, expected_sd, difference}: seeds by power (`study --plan`)
+    # {scales, metric, rule}: every variant at its own best guidance scale (`pipeline.study.guidance_selection`)
+    guidance_selection: dict[str, Any] | None = None
     # Each training set-up's `Config`, read from the preset once per process (`training_config`).
     configs: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -192,12 +197,32 @@ class Study:
                     overrides.append(override_text("train.seed", seed))
                     run_dir = f"runs/{variant.train_name}/seed-{seed}"
                     units[key] = Unit(len(units), variant.train_name, seed, run_dir, overrides)
-                units[key].evaluations.append(Evaluation(variant.name, seed, f"evals/{variant.name}/seed-{seed}"))
+                units[key].evaluations += self._evaluations(variant.name, seed)
         return list(units.values())
+
+    def _evaluations(self, variant: str, seed: int) -> list[Evaluation]:
+        if self.guidance_selection is None:
+            return [Evaluation(variant, seed, f"evals/{variant}/seed-{seed}")]
+        return [  # one directory per scale of the sweep: guidance-2, guidance-1.5
+            Evaluation(variant, seed, f"evals/{variant}/guidance-{scale:g}/seed-{seed}", scale)
+            for scale in self.guidance_selection["scales"]
+        ]
 
     def evaluate_settings(self, variant: Variant) -> dict[str, Any]:
         """The evaluate settings of one variant: the study's, then the variant's."""
         return {**self.evaluate, **variant.evaluate}
+
+    def evaluation_settings(self, evaluation: Evaluation) -> dict[str, Any]:
+        """The evaluate settings of one evaluation: its variant's, at the sweep's scale when it has one."""
+        settings = self.evaluate_settings(self.variant(evaluation.variant))
+        if evaluation.guidance_scale is not None:
+            settings["guidance_scale"] = evaluation.guidance_scale
+        return settings
+
+    def shown(self, evaluation: Evaluation) -> bool:
+        """Whether the curve and the sample grid use this evaluation: all of them, or with a guidance sweep the
+        ones at the study's `evaluate.guidance_scale`."""
+        return evaluation.guidance_scale is None or evaluation.guidance_scale == float(self.evaluate["guidance_scale"])
 
     def describe(self) -> dict[str, Any]:
         """What identifies the study's results (written as plan.json; a rerun must match it)."""
@@ -211,8 +236,10 @@ class Study:
             "baseline": self.baseline,
             "evaluate": self.evaluate,
             "curve": self.curve,
-            "units": [asdict(u) for u in self.units()],
+            "units": [_unit_record(u) for u in self.units()],
             "inputs": self.inputs(),
+            # Only when given, so that plan.json of a study without a sweep reads as it always has.
+            **({"guidance_selection": self.guidance_selection} if self.guidance_selection else {}),
         }
 
     def inputs(self) -> dict[str, Any]:
@@ -257,6 +284,16 @@ class Study:
         config = training_config(self, self.units()[0])
         every = config.checkpoint.keep_every
         return list(range(every, config.train.max_steps, every))
+
+
+def _unit_record(unit: Unit) -> dict[str, Any]:
+    """A unit as plan.json records it; an evaluation's `guidance_scale` only when it has one (plan.json of a study
+    without a sweep stays what it was, so such studies resume)."""
+    record = asdict(unit)
+    for evaluation in record["evaluations"]:
+        if evaluation["guidance_scale"] is None:
+            del evaluation["guidance_scale"]
+    return record
 
 
 def override_text(key: str, value: Any) -> str:

@@ -9,10 +9,13 @@ A study file may carry the paper's claims (`paper.claims`), each naming the metr
           values: {tmsa: 1.95, bias: 3.97, mlp: 3.81, decoupled: 2.28}   # the paper's numbers, where it gives them
           worse: [adaln]                  # variants the paper finds worse than the baseline without a number
           better: []                      # ... or better
+          baseline: tmsa                  # optional: the claim's own reference variant (default: the study's)
 
 The family: every comparison of a variant with the baseline, for every metric of the table (the paired
-differences of `stats.paired_difference`). Each has the paired t-test's p-value; Holm's step-down adjustment over
-the whole family (`stats.holm`) controls the chance of any false "resolved" at 5%. A claim's verdict per variant:
+differences of `stats.paired_difference`), and the comparisons a claim with its own `baseline` asks for (Table 5:
+VE with TMSA against VE, VP with TMSA against VP, in one study). Each has the paired t-test's p-value; Holm's
+step-down adjustment over the whole family (`stats.holm`) controls the chance of any false "resolved" at 5%. A
+claim's verdict per variant:
 
 - `reproduced`: the Holm-adjusted p < 0.05 and the measured difference has the paper's sign (in the metric's
   "better" direction);
@@ -29,10 +32,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.study.stats import CONFIDENCE, holm, paired_t_test, seeds_for_power
+from pipeline.study.stats import CONFIDENCE, holm, interval, paired_t_test, seeds_for_power
 
 ALPHA = 1 - CONFIDENCE
-CLAIM_KEYS = ("source", "metric", "values", "worse", "better")
+CLAIM_KEYS = ("source", "metric", "values", "worse", "better", "baseline")
 VERDICTS = ("reproduced", "opposite", "not resolved", "not measured")
 METHOD = (
     "paired t-test per (variant, metric) against the baseline over the seeds both have; Holm's step-down "
@@ -60,36 +63,69 @@ def claim_problems(paper: Any, variants: list[str], baseline: str) -> list[str]:
             problems.append(f"{where}: 'metric' must name a metric of the study's table")
         values = claim.get("values") or {}
         named = list(values) + list(claim.get("worse") or []) + list(claim.get("better") or [])
+        reference = claim.get("baseline", baseline)
+        if reference not in variants:
+            problems.append(
+                f"{where}: baseline {str(reference)[:40]!r} is not a variant; variants: {', '.join(variants)}"
+            )
+            continue
         if not isinstance(values, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()
         ):
             problems.append(f"{where}: 'values' must map variants to the paper's numbers")
-        elif values and baseline not in values:
-            problems.append(f"{where}: 'values' must include the baseline {baseline!r} (a difference needs it)")
+        elif values and reference not in values:
+            problems.append(f"{where}: 'values' must include the baseline {reference!r} (a difference needs it)")
         for name in named:
             if name not in variants:
                 problems.append(f"{where}: {str(name)[:40]!r} is not a variant; variants: {', '.join(variants)}")
     return problems
 
 
-def comparisons(table: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """Every (metric, variant) comparison with the baseline: mean difference, p-value and Holm-adjusted p."""
-    family = []
-    for row in table:
-        difference = row.get("difference_to_baseline")
-        if row["variant"] == baseline or difference is None:
+def claim_pairs(paper: Any, baseline: str) -> list[tuple[str, str]]:
+    """(variant, reference) of every claim with its own `baseline` other than the study's."""
+    pairs: list[tuple[str, str]] = []
+    if not isinstance(paper, dict) or not paper.get("claims"):
+        return pairs
+    for claim in paper["claims"]:
+        reference = claim.get("baseline", baseline)
+        if reference == baseline:
             continue
-        baseline_row = next(r for r in table if r["metric"] == row["metric"] and r["variant"] == baseline)
-        paired = [row["values"][str(s)] - baseline_row["values"][str(s)] for s in difference["seeds"]]
+        named = list(claim.get("values") or {}) + list(claim.get("worse") or []) + list(claim.get("better") or [])
+        pairs += [
+            (variant, reference) for variant in named if variant != reference and (variant, reference) not in pairs
+        ]
+    return pairs
+
+
+def comparisons(
+    table: list[dict[str, Any]], baseline: str, pairs: list[tuple[str, str]] | tuple = ()
+) -> list[dict[str, Any]]:
+    """Every (metric, variant) comparison with the baseline, and every (metric, variant, reference) of `pairs`:
+    mean difference, p-value and Holm-adjusted p (Holm over all of them)."""
+    rows = {(row["metric"], row["variant"]): row for row in table}
+    wanted = [(row["metric"], row["variant"], baseline) for row in table if row["variant"] != baseline]
+    metrics = list(dict.fromkeys(row["metric"] for row in table))
+    wanted += [(metric, variant, reference) for metric in metrics for variant, reference in pairs]
+    family = []
+    for metric, variant, reference in wanted:
+        row, reference_row = rows.get((metric, variant)), rows.get((metric, reference))
+        if row is None or reference_row is None:
+            continue
+        seeds = sorted(set(row["values"]) & set(reference_row["values"]), key=int)
+        if not seeds:
+            continue
+        paired = [row["values"][s] - reference_row["values"][s] for s in seeds]
+        difference = interval(paired)
         family.append(
             {
-                "metric": row["metric"],
-                "variant": row["variant"],
+                "metric": metric,
+                "variant": variant,
+                "baseline": reference,
                 "n": difference["n"],
                 "mean_difference": difference["mean"],
                 "std_difference": difference["std"],
                 "p": paired_t_test(paired),
-                "relative_change": _relative(row["mean"], baseline_row["mean"]),
+                "relative_change": _relative(row["mean"], reference_row["mean"]),
             }
         )
     for entry, adjusted in zip(family, holm([entry["p"] for entry in family])):
@@ -119,19 +155,28 @@ def verdicts(
         metric = claim["metric"]
         sign = -1.0 if metric in lower_is_better else 1.0  # "better" = lower for a distance
         values = claim.get("values") or {}
-        expected = {v: _direction(sign * (x - values[baseline])) for v, x in values.items()}
+        reference = claim.get("baseline", baseline)
+        expected = {v: _direction(sign * (x - values[reference])) for v, x in values.items()}
         expected.update({v: "worse" for v in claim.get("worse") or []})
         expected.update({v: "better" for v in claim.get("better") or []})
         for variant, paper_direction in expected.items():
-            if variant == baseline:
+            if variant == reference:
                 continue
-            entry = next((e for e in family if e["metric"] == metric and e["variant"] == variant), None)
+            entry = next(
+                (
+                    e
+                    for e in family
+                    if (e["metric"], e["variant"], e.get("baseline", baseline)) == (metric, variant, reference)
+                ),
+                None,
+            )
             record = {
                 "source": claim.get("source"),
                 "metric": metric,
                 "variant": variant,
+                "baseline": reference,
                 "paper": paper_direction,
-                "paper_relative_change": _relative(values.get(variant), values.get(baseline)),
+                "paper_relative_change": _relative(values.get(variant), values.get(reference)),
             }
             if entry is None:
                 found.append({**record, "verdict": "not measured"})

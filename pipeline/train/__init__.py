@@ -2,6 +2,7 @@
 
 `config` holds the dataclasses every setting lives in, `data` streams shards into batches, `checks` checks a
 run's inputs before anything starts, `setup` builds what the loop works with, `objective` is the loss, lr and EMA,
+`repa` REPA's alignment term (block-k hook, frozen encoder, projector),
 `progress` / `samples` / `fid` (FID during training) report, `loop` runs training, `checkpoint` saves and
 restores runs, `export` writes the EMA weights as a model directory, `released` imports NVlabs' released weights
 as one (`import_nvlabs`).

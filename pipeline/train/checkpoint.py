@@ -5,6 +5,8 @@ Layout of a run directory::
     RUN/checkpoints/step-0001000/     accelerator.save_state (model.safetensors, optimizer.bin, scaler.pt,
                                       random_states_<rank>.pkl) + ema.safetensors + train_state.json + config.yaml
                                       + files.json (size and sha256 of every other file; written last)
+                                      REPA runs: + model_1.safetensors (the projector, Accelerate's second model)
+                                      + ema_repa_projector.safetensors (its EMA; never exported)
     RUN/checkpoints/latest            one line: the name of the newest complete checkpoint
 
 A checkpoint is written into `.tmp-step-XXXXXXX` and published with `pipeline.core.atomic.replace_directory`
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"
 EMA_WEIGHTS = "ema.safetensors"
+PROJECTOR_EMA_WEIGHTS = "ema_repa_projector.safetensors"  # REPA's projector's EMA (`pipeline.train.repa`)
 TRAIN_STATE = "train_state.json"
 CONFIG_COPY = "config.yaml"
 FILE_HASHES = "files.json"
@@ -264,9 +267,10 @@ def save_checkpoint(
     config_text: str,
     keep: int,
     keep_every: int = 0,
+    projector_ema: nn.Module | None = None,
 ) -> Path:
     """Write checkpoint `step` (all ranks call this), point `latest` at it, delete the ones beyond `keep` that are
-    not milestones (multiples of `keep_every`)."""
+    not milestones (multiples of `keep_every`). `projector_ema`: REPA's projector's EMA, saved beside the model's."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -280,6 +284,8 @@ def save_checkpoint(
 
     def publish() -> None:
         save_ema(ema_model, tmp / EMA_WEIGHTS)
+        if projector_ema is not None:
+            save_ema(projector_ema, tmp / PROJECTOR_EMA_WEIGHTS)
         write_text_atomic(tmp / CONFIG_COPY, config_text)
         write_json_atomic(tmp / TRAIN_STATE, train_state)
         write_file_hashes(tmp)  # last: it covers every other file, every rank's RNG state included
@@ -362,10 +368,13 @@ def rotate_checkpoints(run_dir: Path, keep: int, step: int | None = None, keep_e
     return removed
 
 
-def load_checkpoint(accelerator, checkpoint_dir: Path, ema_model: nn.Module) -> dict[str, Any]:
-    """Restore model, optimizer, scaler and per-rank RNG (accelerate, weights_only) and the EMA; return the
-    train state. The checkpoint's files were verified when it was chosen (`resolve_checkpoint`); a file that
-    still cannot be loaded, or an RNG state accelerate did not restore, is a CheckpointError naming it."""
+def load_checkpoint(
+    accelerator, checkpoint_dir: Path, ema_model: nn.Module, projector_ema: nn.Module | None = None
+) -> dict[str, Any]:
+    """Restore model (and REPA's projector), optimizer, scaler and per-rank RNG (accelerate, weights_only) and the
+    EMA (and the projector's, `projector_ema`); return the train state. The checkpoint's files were verified when it
+    was chosen (`resolve_checkpoint`); a file that still cannot be loaded, or an RNG state accelerate did not
+    restore, is a CheckpointError naming it."""
     checkpoint_dir = Path(checkpoint_dir)
     if not is_complete(checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir}: not a complete checkpoint")
@@ -383,6 +392,8 @@ def load_checkpoint(accelerator, checkpoint_dir: Path, ema_model: nn.Module) -> 
         raise CheckpointError(f"{checkpoint_dir}: cannot be loaded: {weights_only_load_problem(error)}") from None
     check_rng_restored(rng_state, rng_file)
     load_ema(ema_model, checkpoint_dir / EMA_WEIGHTS)
+    if projector_ema is not None:
+        load_ema(projector_ema, checkpoint_dir / PROJECTOR_EMA_WEIGHTS)
     return train_state
 
 

@@ -34,6 +34,7 @@ from pipeline.train.config import (
     load_config,
     one_line,
 )
+from pipeline.train.repa import check_repa_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def check_run(args: TrainOptions) -> CheckedRun:
         data_dir = resume_state["dataset"]["path"]
     info = check_dataset(config, data_dir)
     check_model_builds(config.model.name, model_kwargs(config, info))
+    check_repa_inputs(config, info)  # REPA: its encoder file is there, latent shards hold the images
     if resume_state is not None and resume_state["dataset"]["manifest_hash"] != info.manifest_hash:
         raise TrainError(
             f"--data {data_dir}: manifest hash {info.manifest_hash[:12]} differs from the one this run "
@@ -324,23 +326,46 @@ def _check_shards(data_dir: Location, manifest: dict[str, Any], where: str) -> t
 
 
 def configured_model_kwargs(config: Config) -> dict[str, Any]:
-    """The `create_model` keywords the configuration sets: `model.kwargs`, learn_sigma (latent models) and the
-    input size (`model.input_size`, the latent grid or the image resolution)."""
+    """The `create_model` keywords the configuration sets: `model.kwargs`, learn_sigma (latent models), the input
+    size (`model.input_size`, the latent grid or the image resolution) and the augment labels of EDM's
+    augmentation (`augment_dim`: EDM's networks always; the DiffiT U-Net when it augments, so that runs without
+    augmentation keep the model keywords they always had)."""
     from diffit.models import model_family
 
     family = model_family(config.model.name)
     kwargs = dict(config.model.kwargs)
     if family == "latent":
         kwargs["learn_sigma"] = config.diffusion.learn_sigma
+    if family == "songunet" or (family == "image" and (config.data.augment > 0 or "augment_dim" in kwargs)):
+        kwargs["augment_dim"] = augment_dim(config)
     if config.model.input_size is not None:
-        kwargs["img_resolution" if family == "image" else "input_size"] = config.model.input_size
+        kwargs["input_size" if family == "latent" else "img_resolution"] = config.model.input_size
     return kwargs
+
+
+def augment_dim(config: Config) -> int:
+    """The augment labels an EDM network of this run reads: the 9 of EDM's augmentation with `data.augment` > 0,
+    else none (as EDM's train.py; a network with augment inputs that never sees labels would hold parameters no
+    step trains). A `model.kwargs.augment_dim` that says otherwise is a ConfigError."""
+    from diffit.augment import edm_augment_pipe
+
+    wanted = edm_augment_pipe(config.data.augment).label_dim if config.data.augment > 0 else 0
+    given = config.model.kwargs.get("augment_dim", wanted)
+    if given != wanted:
+        raise ConfigError(
+            f"model.kwargs.augment_dim {given!r} contradicts data.augment {config.data.augment} (which gives "
+            f"augment_dim {wanted}): leave model.kwargs.augment_dim out, the trainer sets it from data.augment"
+        )
+    return wanted
 
 
 def model_kwargs(config: Config, info: DatasetInfo) -> dict[str, Any]:
     """The `create_model` keywords of the run: the configured ones and the number of classes resolved against
-    the dataset."""
-    return {**configured_model_kwargs(config), "num_classes": info.num_classes}
+    the dataset (EDM's SongUNet calls it label_dim: the size of its one-hot class vector)."""
+    from diffit.models import model_family
+
+    classes = "label_dim" if model_family(config.model.name) == "songunet" else "num_classes"
+    return {**configured_model_kwargs(config), classes: info.num_classes}
 
 
 def check_model_builds(name: str, kwargs: dict[str, Any]) -> None:

@@ -63,6 +63,12 @@ class DiffusionConfig:
     noise_schedule: Literal["linear", "cosine"] = "linear"
     diffusion_steps: int = 1000
     learn_sigma: bool = True
+    # edm: the preconditioning and loss (NVlabs/edm training/networks.py, loss.py; `diffit.edm`). "edm": EDM's own
+    # (sigma_data, P_mean, P_std below); "vp" / "ve": Song et al.'s variance-preserving / -exploding SDEs in EDM's
+    # form (DDPM++ / NCSN++ baselines, the DiffiT paper's Table 5), with EDM's fixed constants (VP: beta_d 19.9,
+    # beta_min 0.1, M 1000, t in [1e-5, 1]; VE: sigma in [0.02, 100]). Exported with the model: sampling wraps the
+    # network in the same preconditioning and clips the Heun grid to its sigma range.
+    precond: Literal["edm", "vp", "ve"] = "edm"
     sigma_data: float = 0.5
     P_mean: float = -1.2
     P_std: float = 1.2
@@ -90,8 +96,16 @@ class DataConfig:
     # scaling_factor * (z - shift_factor) (SD, SD3, FLUX); "channel": (z - mean_c) / std_c with the dataset's
     # per-channel statistics of the posterior means (the manifest's latent_stats; EDM2, LightningDiT).
     latent_norm: Literal["scalar", "channel"] = "scalar"
-    # Probability of replacing a class label by the null class (classifier-free guidance training).
+    # Probability of replacing a class label by the null class (classifier-free guidance training; EDM's SongUNet
+    # sees the null class as the all-zero class vector, as its own label dropout makes it).
     label_dropout: float = 0.1
+    # EDM's augmentation probability (train.py --augment; CIFAR-10: 0.12, FFHQ-64: 0.15), 0 = off. Images only (the
+    # DiffiT U-Net and EDM's DDPM++ / NCSN++), EDM training only: each batch goes through
+    # `diffit.augment.edm_augment_pipe(augment)` (x-flip, y-flip, scale, rotation, anisotropy, translation) before
+    # the loss, and the network is built with
+    # augment_dim 9 and told what was applied; sampling passes no augment labels (no augmentation). Independent of
+    # `hflip`, which flips the data (EDM's --xflip).
+    augment: float = 0.0
     # A shard whose sha256 differs from the manifest's (or that is not a readable tar): "error" stops the run
     # naming it; "skip" leaves it out, with a warning and a `skipped_shards` count in RUN/metrics.jsonl.
     on_corrupt_shard: Literal["error", "skip"] = "error"
@@ -214,6 +228,34 @@ class EvalConfig:
 
 
 @dataclass
+class RepaConfig:
+    """REPA (Yu et al. 2024, `pipeline.train.repa`): align the tokens after one block of the model, through a trained
+    projector, to a frozen encoder's per-patch features of the batch's images. REPA's SiT-XL/2 setting: weight 0.5,
+    depth 8, projector_dim 2048, encoder dinov2-vitb14. Latent models need shards that hold each sample's image
+    (`diffit-pipe encode --keep-images`); image-space DiffiT U-Nets use the batch itself."""
+
+    # lambda: each micro-batch trains the objective's loss + weight * repa_loss (-mean cosine similarity of the
+    # projected tokens and the encoder's); 0 = off. RUN/metrics.jsonl logs `repa_loss` beside `loss` (the
+    # objective's loss alone, as REPA logs its denoising loss).
+    weight: float = 0.0
+    # k, 1-based (REPA's encoder_depth): the block whose output tokens are aligned. Latent DiffiT: block k of
+    # `model.blocks`; DiffiT U-Net: the k-th DiffiT ResBlock in forward order (encoder stages, then decoder stages),
+    # its feature map read as tokens. Must lie within the model's blocks.
+    depth: int = 8
+    # Width of REPA's 3-layer MLP projector (hidden -> projector_dim -> projector_dim -> encoder width, SiLU).
+    projector_dim: int = 2048
+    # The frozen encoder: DINOv2 ViT-S/B/L/G-14 (patch tokens after the final norm; input size = the model's token
+    # grid x 14 px, e.g. REPA's 224 px for 16 x 16 tokens), or `demo-classifier` (the demo's classifier: its last
+    # feature map, for demo-scale runs).
+    encoder: Literal["dinov2-vits14", "dinov2-vitb14", "dinov2-vitl14", "dinov2-vitg14", "demo-classifier"] = (
+        "dinov2-vitb14"
+    )
+    # DINOv2: `dinov2_vit?14_pretrain.pth` or timm's model.safetensors; demo-classifier: the classifier's directory.
+    # Nothing is downloaded. May change on resume (another machine's path to the same file).
+    encoder_weights: str | None = None
+
+
+@dataclass
 class Config:
     """The whole training configuration."""
 
@@ -226,10 +268,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
 
 # Sections whose change would make a resumed run a different experiment (checked by the trainer on resume).
-FROZEN_ON_RESUME = ("model", "diffusion", "data", "optim", "ema")
+FROZEN_ON_RESUME = ("model", "diffusion", "data", "optim", "ema", "repa")
 # ... except these performance settings, which do not change what is learned (another machine may need them).
 # `data.on_corrupt_shard` too: a run stopped by a damaged shard may be continued with `skip`.
 FREE_ON_RESUME = (
@@ -240,6 +283,7 @@ FREE_ON_RESUME = (
     "model.channels_last",
     "model.gradient_checkpointing",
     "optim.fused",
+    "repa.encoder_weights",
 )
 
 # Seeds (train.seed, sample.seed, eval.seed) are in [0, 2**32 - 1]: numpy's seeding refuses negative ones, and
@@ -478,11 +522,8 @@ def validate(config: Config, source: str = "<config>") -> None:
         f"model.name {config.model.name!r} is not a known model; known: {', '.join(MODEL_CONFIGS)}",
     )
     family = model_family(config.model.name)
-    need(
-        family in ("latent", "image"),
-        f"model.name {config.model.name!r} is EDM's {family} network (diffit.songunet), which the trainer does not "
-        "drive yet (augment labels, VP / VE preconditioning); train a DiffiT latent or image model",
-    )
+    _check_edm_settings(config, family, need)
+    _check_repa(config, need)
     # The paper trains latent models with ADM (learned sigma) and image-space models with EDM. Latent models may
     # also use EDM preconditioning: at low SNR it predicts the clean signal instead of the noise, which small
     # models learn far more easily (the demo's default). Image-space models have no learned-sigma output for ADM.
@@ -497,6 +538,65 @@ def validate(config: Config, source: str = "<config>") -> None:
             f"model.kwargs.learn_sigma={config.model.kwargs['learn_sigma']} contradicts diffusion.learn_sigma="
             f"{config.diffusion.learn_sigma}: set only diffusion.learn_sigma",
         )
+
+
+def _check_repa(config: Config, need) -> None:
+    """`repa.*`: ranges, a model with DiffiT blocks, block k among them, an encoder file named, no augmentation (the
+    model would see augmented images while its targets come from the data's). Whether the file exists and the
+    shards hold images is checked when a run starts (`pipeline.train.repa.check_repa_inputs`)."""
+    repa = config.repa
+    need(math.isfinite(repa.weight) and repa.weight >= 0, f"repa.weight must be >= 0 (0 = off), got {repa.weight}")
+    need(repa.depth >= 1, f"repa.depth must be >= 1 (1-based block number, REPA's encoder_depth), got {repa.depth}")
+    need(repa.projector_dim >= 1, f"repa.projector_dim must be >= 1, got {repa.projector_dim}")
+    if repa.weight == 0:
+        return
+    from pipeline.train.repa import RepaError, block_count
+
+    try:
+        blocks = block_count(config.model.name, config.model.kwargs)
+    except RepaError as error:
+        need(False, str(error))
+    need(
+        repa.depth <= blocks,
+        f"repa.depth {repa.depth} is beyond the {blocks} blocks of {config.model.name}; choose 1..{blocks}",
+    )
+    need(
+        repa.encoder_weights is not None,
+        f"repa.encoder_weights: repa.weight {repa.weight} needs the {repa.encoder} weights file (nothing is "
+        "downloaded); set repa.encoder_weights: PATH",
+    )
+    need(
+        config.data.augment == 0,
+        f"data.augment {config.data.augment} with repa.weight {repa.weight}: the network would see augmented images "
+        "while REPA's targets are the encoder's features of the data's; train REPA without EDM's augmentation",
+    )
+
+
+def _check_edm_settings(config: Config, family: str, need) -> None:
+    """`diffusion.precond` and `data.augment` are EDM's training settings; EDM's networks (family songunet) train
+    with EDM's loss only."""
+    diffusion, augment = config.diffusion, config.data.augment
+    need(
+        diffusion.precond == "edm" or diffusion.type == "edm",
+        f"diffusion.precond {diffusion.precond!r} is a preconditioning of EDM training (diffusion.type 'edm'), "
+        f"not of diffusion.type {diffusion.type!r}",
+    )
+    need(
+        family != "songunet" or diffusion.type == "edm",
+        f"model.name {config.model.name!r} is EDM's DDPM++ / NCSN++ network (diffit.songunet), trained with "
+        f"diffusion.type 'edm' (diffusion.precond edm | vp | ve); got diffusion.type {diffusion.type!r}",
+    )
+    need(0.0 <= augment <= 1.0, f"data.augment must be in [0, 1] (EDM's --augment probability), got {augment}")
+    need(
+        augment == 0 or family in ("songunet", "image"),
+        f"data.augment {augment}: EDM's augmentation augments images for a network that takes its augment labels "
+        f"(the DiffiT U-Net, EDM's DDPM++ / NCSN++); model.name {config.model.name!r} is a DiffiT {family} model",
+    )
+    need(
+        augment == 0 or diffusion.type == "edm",
+        f"data.augment {augment}: EDM's augmentation is part of EDM training (diffusion.type 'edm'), not of "
+        f"diffusion.type {diffusion.type!r}",
+    )
 
 
 def _check_eval(config: Config, need) -> None:

@@ -27,7 +27,8 @@ samples is decoded, the next one read in a background thread. A damaged shard st
 
 Samples are decoded by `pipeline.train.sample_decoding` (latents: a posterior draw of the original or flipped
 view; images: randomly flipped, scaled to [-1, 1]).
-Batches are `(x float32 [B, C, H, W], class_labels long [B])` with -1 for unlabelled samples.
+Batches are `(x float32 [B, C, H, W], class_labels long [B])` with -1 for unlabelled samples; a latent stream with
+`images` (REPA) adds each sample's image, `(x, class_labels, images uint8 [B, 3, R, R])`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class StreamSpec:
     skip_batches: int = 0  # deterministic: batches this process consumed before resuming
     sha256: tuple[str, ...] | None = None  # each shard's expected sha256 (the manifest's); None: not checked
     on_corrupt: str = "error"  # a damaged shard: "error" stops the stream, "skip" leaves it out (logged)
+    images: bool = False  # latents: also each sample's `png` (flipped with its view): batches (x, labels, images)
 
 
 def shards_for(
@@ -157,6 +159,8 @@ class ShardStream(IterableDataset):
         super().__init__()
         if spec.kind not in ("latents", "images"):
             raise DataFormatError(f"unknown shard kind {spec.kind!r}")
+        if spec.images and spec.kind != "latents":
+            raise DataFormatError("only a latent stream carries images beside x (an image stream's x is the image)")
         if spec.on_corrupt not in ON_CORRUPT:
             raise DataFormatError(f"data.on_corrupt_shard must be one of {ON_CORRUPT}, got {spec.on_corrupt!r}")
         if spec.sha256 is not None and len(spec.sha256) != len(spec.urls):

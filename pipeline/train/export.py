@@ -5,7 +5,7 @@ extended by what sampling and evaluation need, so `diffit.load_pretrained(OUT)` 
 
     {"model": {"name", "kwargs"},
      "diffusion": {"type": "adm", "noise_schedule", "diffusion_steps", "learn_sigma"}
-                | {"type": "edm", "sigma_data", "P_mean", "P_std"}
+                | {"type": "edm", "sigma_data", "P_mean", "P_std", "precond", "augment"}
                 | {"type": "flow", "time_sampling", "logit_mean", "logit_std", "time_shift"},
      "vae": {...the dataset manifest's vae entry (latent models only)...},
      "latent_norm": {"kind": "scalar", "scaling_factor", "shift_factor"} | {"kind": "channel", "mean", "std"}
@@ -37,8 +37,10 @@ from pipeline.train.config import load_config
 logger = logging.getLogger(__name__)
 
 
-def diffusion_entry(diffusion: dict[str, Any]) -> dict[str, Any]:
-    """The `diffusion` block of an exported config, from the resolved training config's `diffusion` section."""
+def diffusion_entry(diffusion: dict[str, Any], augment: float = 0.0) -> dict[str, Any]:
+    """The `diffusion` block of an exported config, from the resolved training config's `diffusion` section (and
+    `data.augment`, EDM's augmentation probability, recorded with EDM's other training settings). "precond" is
+    what sampling rebuilds the denoiser with; a train state written before it existed was EDM's."""
     if diffusion["type"] == "adm":
         return {
             "type": "adm",
@@ -54,6 +56,8 @@ def diffusion_entry(diffusion: dict[str, Any]) -> dict[str, Any]:
         "sigma_data": diffusion["sigma_data"],
         "P_mean": diffusion["P_mean"],
         "P_std": diffusion["P_std"],
+        "precond": diffusion.get("precond", "edm"),
+        "augment": float(augment),
     }
 
 
@@ -78,7 +82,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path) -> Path:
     model = create_model(state["model"]["name"], **state["model"]["kwargs"])
     load_ema(model, checkpoint / EMA_WEIGHTS)
     extra: dict[str, Any] = {
-        "diffusion": diffusion_entry({**state["diffusion"], "type": config.diffusion.type}),
+        "diffusion": diffusion_entry({**state["diffusion"], "type": config.diffusion.type}, config.data.augment),
         "dataset": state["dataset"],
         "train": {
             "step": state["step"],

@@ -165,11 +165,11 @@ def train_steps(training: Training, progress: Progress, stop: StopAgreement) -> 
     while training.step < config.train.max_steps:
         # Fetch the micro-batches; forward and backward with gradient accumulation.
         step_start = time.perf_counter()
-        loss, waited = forward_backward(training)
+        loss, waited, repa_loss = forward_backward(training)
 
         # Clip the gradients. Off CUDA, stop on a non-finite loss or gradient norm before the optimizer step.
-        grad_norm = accelerator.clip_grad_norm_(training.model.parameters(), clip)
-        progress.step_values(loss, grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(training.parameters(), clip)
+        progress.step_values(loss, grad_norm, repa_loss)
         if training.check_every_step:
             check_finite(training, progress, inside_step=True)
 
@@ -209,25 +209,44 @@ def train_steps(training: Training, progress: Progress, stop: StopAgreement) -> 
     return False
 
 
-def forward_backward(training: Training) -> tuple[Any, float]:
+def forward_backward(training: Training) -> tuple[Any, float, Any]:
     """One optimizer step's micro-batches: forward, backward of loss / accumulation (gradients are synchronised
-    between processes on the last micro-batch only). Returns the loss averaged over micro-batches and processes
-    (a tensor, on the device), and the seconds spent waiting for data."""
+    between processes on the last micro-batch only). With REPA the loss backpropagated is the objective's loss +
+    repa.weight * repa_loss (`pipeline.train.repa`). Returns the objective's loss averaged over micro-batches and
+    processes (a tensor, on the device), the seconds spent waiting for data, and REPA's loss averaged the same way
+    (None without REPA)."""
     import torch
 
-    accelerator, accumulation = training.accelerator, training.layout.accumulation
+    accelerator, accumulation, repa = training.accelerator, training.layout.accumulation, training.repa
     waited = 0.0
     micro_losses = []
     for micro in range(accumulation):
-        x, labels, wait = next(training.batches)
+        x, labels, wait, images = next(training.batches)
         waited += wait
-        sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(training.model)
-        with sync:
+        with _sync_on_last(training, micro == accumulation - 1):
             with accelerator.autocast():
-                loss = training.objective(training.network, x, labels)
-            accelerator.backward(loss / accumulation)
-        micro_losses.append(loss.detach().float())
-    return accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean"), waited
+                if repa is None:
+                    loss = total = training.objective(training.network, x, labels)
+                else:
+                    loss, alignment = repa(training.objective, training.network, x, labels, images)
+                    total = loss + repa.weight * alignment
+            accelerator.backward(total / accumulation)
+        micro_losses.append(
+            loss.detach().float() if repa is None else torch.stack([loss.float(), alignment.float()]).detach()
+        )
+    means = accelerator.reduce(torch.stack(micro_losses).mean(dim=0), reduction="mean")  # one reduction
+    return (means, waited, None) if repa is None else (means[0], waited, means[1])
+
+
+def _sync_on_last(training: Training, last: bool):
+    """No gradient synchronisation between processes before the last micro-batch (the model's and REPA's
+    projector's, each a DDP module of its own on several processes)."""
+    stack = contextlib.ExitStack()
+    if not last:
+        stack.enter_context(training.accelerator.no_sync(training.model))
+        if training.repa is not None:
+            stack.enter_context(training.accelerator.no_sync(training.repa.projector))
+    return stack
 
 
 def check_finite(training: Training, progress: Progress, inside_step: bool = False) -> None:
@@ -263,6 +282,8 @@ def optimizer_step(training: Training) -> float:
     training.optimizer.zero_grad(set_to_none=True)
     decay = ema_decay(config, training.images_seen, config.train.global_batch_size)
     update_ema(training.ema, training.accelerator.unwrap_model(training.model), decay)
+    if training.repa is not None:  # REPA's EMA holds its projectors too (train.py: update_ema(ema, model))
+        update_ema(training.repa.ema_projector, training.accelerator.unwrap_model(training.repa.projector), decay)
     return lr
 
 
@@ -316,6 +337,7 @@ def checkpoint(training: Training) -> None:
         training.config_text,
         config.checkpoint.keep,
         config.checkpoint.keep_every,
+        projector_ema=training.repa.ema_projector if training.repa is not None else None,
     )
 
 

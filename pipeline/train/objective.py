@@ -1,7 +1,8 @@
 """What one optimizer step computes: the training loss, the learning-rate schedule and the EMA update.
 
 `Objective` is the loss of one micro-batch: the ADM hybrid loss with learned Sigma for latent models (DiT),
-the EDM loss with EDM preconditioning for image-space models. `learning_rate` ramps up and decays the base lr
+EDM's loss with its EDM / VP / VE preconditioning (`diffusion.precond`) and optional augmentation
+(`data.augment`) for image-space models, or the flow-matching loss. `learning_rate` ramps up and decays the base lr
 by images seen (EDM's lr_rampup), `ema_decay` is DiT's fixed decay or EDM's half-life in images, and
 `update_ema` moves the fp32 EMA copy towards the model.
 """
@@ -52,13 +53,28 @@ def update_ema(ema_model, model, decay: float) -> None:
             ema_buffer.copy_(model_buffers[name])
 
 
+def augment_outside_autocast(pipe):
+    """`pipe(images)` with autocast off: the step runs under bf16 autocast on GPUs, which would resample the images
+    (convolutions, grid_sample) in bf16; EDM augments in float32."""
+    import torch
+
+    def augment(images):
+        with torch.autocast(images.device.type, enabled=False):
+            return pipe(images)
+
+    return augment
+
+
 class Objective:
-    """The training loss of one micro-batch: ADM hybrid loss (latent), EDM loss (image space), or the flow-matching
-    velocity loss (either; per-sample mean squared error, averaged over the batch as SiT / REPA)."""
+    """The training loss of one micro-batch: ADM hybrid loss (latent), EDM's loss (image space; the preconditioning
+    and loss of `diffusion.precond`, the images augmented as EDM's train.py does when `data.augment` > 0, the
+    network told which augmentation by its augment labels), or the flow-matching velocity loss (either;
+    per-sample mean squared error, averaged over the batch as SiT / REPA)."""
 
     def __init__(self, config: Config, null_class: int | None, device=None):
         self.config = config
         self.null_class = null_class
+        self.augment_pipe = None  # EDM's augmentation (edm only, `data.augment` > 0)
         if config.diffusion.type == "adm":
             from diffit.diffusion import create_diffusion
 
@@ -73,11 +89,13 @@ class Objective:
 
                 device_tables(self.diffusion, device)  # no host-to-device copy of a table at every step
         elif config.diffusion.type == "edm":
-            from diffit.edm import EDMLoss
+            from diffit.augment import edm_augment_pipe
+            from diffit.edm import make_loss
 
-            self.edm_loss = EDMLoss(
-                P_mean=config.diffusion.P_mean, P_std=config.diffusion.P_std, sigma_data=config.diffusion.sigma_data
-            )
+            d = config.diffusion
+            self.edm_loss = make_loss(d.precond, P_mean=d.P_mean, P_std=d.P_std, sigma_data=d.sigma_data)
+            if config.data.augment > 0:
+                self.augment_pipe = augment_outside_autocast(edm_augment_pipe(config.data.augment))
 
     def labels(self, class_labels):
         """Class labels for the network: None (unconditional) or with CFG label dropout to the null class."""
@@ -101,8 +119,8 @@ class Objective:
             d = self.config.diffusion
             t = sample_times(x.shape[0], d.time_sampling, d.logit_mean, d.logit_std, d.time_shift, device=x.device)
             return velocity_loss(network, x, t.to(x.dtype), torch.randn_like(x), class_labels=labels).mean()
-        from diffit.edm import EDMPrecond
+        from diffit.edm import make_precond
 
-        precond = EDMPrecond(network, sigma_data=self.config.diffusion.sigma_data)
+        precond = make_precond(self.config.diffusion.precond, network, sigma_data=self.config.diffusion.sigma_data)
         # EDM's reduction: sum over pixels, mean over the batch (training/training_loop.py).
-        return self.edm_loss(precond, x, labels).sum() / x.shape[0]
+        return self.edm_loss(precond, x, labels, augment_pipe=self.augment_pipe).sum() / x.shape[0]

@@ -3,7 +3,8 @@
 Every `train.log_every` steps (and at the last step, and at a stop) one record -- mean loss and grad-norm over the
 steps since the previous record, the lr of the last step, images/s and seconds per thousand images, the fraction
 of step time spent waiting for data, images seen; on CUDA also peak memory and MFU
-(`pipeline.train.performance`) -- goes to the trackers and, on the main process, to `RUN/metrics.jsonl`.
+(`pipeline.train.performance`), and with REPA the mean `repa_loss` beside `loss` (the objective's loss) -- goes
+to the trackers and, on the main process, to `RUN/metrics.jsonl`.
 The loss and gradient norm of each step stay on the device until a record (or a finiteness check) reads them:
 one transfer per record instead of a host synchronisation per step.
 """
@@ -68,8 +69,10 @@ class LogWindow:
         self.start = start
         self.losses: list = []  # per step, on the device
         self.grad_norms: list = []
+        self.repa_losses: list = []  # per step, on the device (REPA runs only)
         self.read_losses: list[float] = []  # the leading steps' values, read to the host
         self.read_norms: list[float] = []
+        self.read_repa: list[float] = []
         self.checked = 0  # leading steps already checked finite
         self.seconds = 0.0
         self.waited = 0.0
@@ -78,14 +81,17 @@ class LogWindow:
     def steps(self) -> int:
         return len(self.losses)
 
-    def add(self, loss, grad_norm) -> None:
-        """One step's loss and gradient norm (tensors, or None for a norm the accelerator did not compute)."""
+    def add(self, loss, grad_norm, repa_loss=None) -> None:
+        """One step's loss and gradient norm (tensors, or None for a norm the accelerator did not compute), and
+        REPA's loss (a tensor in REPA runs, None otherwise)."""
         import torch
 
         loss = loss.detach().float().reshape(())
         self.losses.append(loss)
         norm = torch.full_like(loss, math.nan) if grad_norm is None else grad_norm.detach().float().reshape(())
         self.grad_norms.append(norm.to(loss.device))
+        if repa_loss is not None:
+            self.repa_losses.append(repa_loss.detach().float().reshape(()).to(loss.device))
 
     def add_time(self, seconds: float, waited: float) -> None:
         self.seconds += seconds
@@ -101,11 +107,13 @@ class LogWindow:
         if count == 0:
             return
         began = time.perf_counter()
-        values = torch.stack(self.losses[-count:] + self.grad_norms[-count:]).tolist()
+        repa = self.repa_losses[-count:] if self.repa_losses else []
+        values = torch.stack(self.losses[-count:] + self.grad_norms[-count:] + repa).tolist()
         if timed:
             self.seconds += time.perf_counter() - began
         self.read_losses += values[:count]
-        self.read_norms += values[count:]
+        self.read_norms += values[count : 2 * count]
+        self.read_repa += values[2 * count :]
 
     def first_non_finite(self, check_grad_norm: bool, timed: bool = True) -> tuple[int, float, float] | None:
         """(step, loss, grad-norm) of the first step since the last check whose loss -- or, with
@@ -113,8 +121,9 @@ class LogWindow:
         self.read(timed)
         for index in range(self.checked, self.steps):
             loss, norm = self.read_losses[index], self.read_norms[index]
-            if not math.isfinite(loss) or (check_grad_norm and not math.isfinite(norm)):
-                return self.start + index + 1, loss, norm
+            repa = self.read_repa[index] if self.read_repa else 0.0
+            if not math.isfinite(loss + repa) or (check_grad_norm and not math.isfinite(norm)):
+                return self.start + index + 1, loss if math.isfinite(repa) else loss + repa, norm
         self.checked = self.steps
         return None
 
@@ -122,7 +131,7 @@ class LogWindow:
         """The metrics record of this window, ending at `step`."""
         self.read()
         images = self.steps * global_batch_size
-        return {
+        record = {
             "step": step,
             "loss": sum(self.read_losses) / self.steps,
             "lr": lr,
@@ -132,6 +141,9 @@ class LogWindow:
             "data_wait_fraction": self.waited / self.seconds,
             "images_seen": images_seen,
         }
+        if self.read_repa:
+            record["repa_loss"] = sum(self.read_repa) / self.steps
+        return record
 
 
 class Progress:
@@ -146,9 +158,9 @@ class Progress:
         self.window = LogWindow(initial)
         self.last_loss: float | None = None  # the loss of the last step recorded
 
-    def step_values(self, loss, grad_norm) -> None:
-        """This step's loss and gradient norm (device tensors; nothing is read here)."""
-        self.window.add(loss, grad_norm)
+    def step_values(self, loss, grad_norm, repa_loss=None) -> None:
+        """This step's loss, gradient norm and REPA loss (device tensors, or None; nothing is read here)."""
+        self.window.add(loss, grad_norm, repa_loss)
 
     def step_done(self, seconds: float, waited: float) -> None:
         """Count one optimizer step: its duration and the time spent waiting for data."""
@@ -167,6 +179,7 @@ class Progress:
         peak memory and MFU)."""
         shown = {
             "loss": f"{record['loss']:.4f}",
+            **({"repa": f"{record['repa_loss']:.3f}"} if "repa_loss" in record else {}),
             "ips": f"{record['images_per_s']:.1f}",
             "s/kimg": f"{record['sec_per_kimg']:.2f}",
             "wait": f"{record['data_wait_fraction']:.0%}",

@@ -6,6 +6,9 @@ Latent samples hold the VAE posterior `mean.npy` / `std.npy` (float16 [2, C, h, 
 unscaled); a training latent is `LatentNorm.normalize(mean + std * eps)` of the original or the flipped view
 (`diffit.latent_norm`: `scaling_factor * (z - shift_factor)`, or per-channel `(z - mean_c) / std_c`).
 Image samples hold `png` (RGB uint8); they are flipped at random and scaled to [-1, 1].
+A latent stream with `images` (REPA's targets, `pipeline.train.repa`) also decodes each latent sample's `png`, the
+crop its latents encode (`encode --keep-images`), flipped when the flipped latent view is taken, and batches are
+then (x, labels, images uint8 [B, 3, R, R]).
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ def _load_npy(sample: dict, name: str) -> np.ndarray:
         raise DataFormatError(f"{_where(sample)}: '{name}' is not a valid .npy array ({error})") from None
 
 
-def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-    """One training latent: the norm's normalize(mean + std * eps) of the original or flipped view."""
+def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple:
+    """One training latent: the norm's normalize(mean + std * eps) of the original or flipped view, and its label;
+    with `spec.images` also the sample's image, CHW uint8, flipped with the view (view 1 is the flipped crop)."""
     mean, std = _load_npy(sample, MEAN_MEMBER), _load_npy(sample, STD_MEMBER)
     if mean.shape != std.shape or mean.ndim != 4 or mean.shape[0] != 2:
         raise DataFormatError(f"{_where(sample)}: mean/std must both be [2, C, h, w], got {mean.shape} and {std.shape}")
@@ -66,7 +70,12 @@ def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> t
         latent = _latent_norm(spec).normalize(z)
     except ValueError as error:  # a channel norm for another number of channels than the sample holds
         raise DataFormatError(f"{_where(sample)}: {error}") from None
-    return latent, _decode_label(sample, spec)
+    if not spec.images:
+        return latent, _decode_label(sample, spec)
+    pixels = _png_pixels(sample, spec, "latent sample has no 'png' member (encode it with --keep-images)")
+    if view == 1:
+        pixels = pixels[:, ::-1]
+    return latent, _decode_label(sample, spec), torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 def _latent_norm(spec: StreamSpec):
@@ -76,13 +85,14 @@ def _latent_norm(spec: StreamSpec):
     return spec.latent_norm if spec.latent_norm is not None else LatentNorm.scalar(spec.scaling_factor)
 
 
-def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-    """One training image in [-1, 1], CHW, randomly flipped."""
+def _png_pixels(sample: dict, spec: StreamSpec, missing: str) -> np.ndarray:
+    """The sample's `png` member as RGB uint8 [R, R, 3], of the manifest's resolution; DataFormatError (`missing`
+    when there is none)."""
     from PIL import Image
 
     raw = sample.get(IMAGE_MEMBER)
     if raw is None:
-        raise DataFormatError(f"{_where(sample)}: sample has no 'png' member (is this an image shard?)")
+        raise DataFormatError(f"{_where(sample)}: {missing}")
     try:
         with Image.open(io.BytesIO(raw)) as image:
             pixels = np.array(image.convert("RGB"), dtype=np.uint8)
@@ -93,13 +103,20 @@ def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tu
             f"{_where(sample)}: image is {pixels.shape[1]}x{pixels.shape[0]}, the manifest "
             f"says {spec.resolution}x{spec.resolution}"
         )
+    return pixels
+
+
+def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """One training image in [-1, 1], CHW, randomly flipped."""
+    pixels = _png_pixels(sample, spec, "sample has no 'png' member (is this an image shard?)")
     if spec.hflip and rng.integers(2):
         pixels = pixels[:, ::-1]
     image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
     return image, _decode_label(sample, spec)
 
 
-def collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (x, label) pairs into a batch."""
-    xs, labels = zip(*samples)
-    return torch.stack(xs), torch.tensor(labels, dtype=torch.long)
+def collate(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """Stack (x, label) pairs into a batch (x, labels); (x, label, image) triples into (x, labels, images)."""
+    columns = list(zip(*samples))
+    batch = (torch.stack(columns[0]), torch.tensor(columns[1], dtype=torch.long))
+    return batch if len(columns) == 2 else (*batch, torch.stack(columns[2]))

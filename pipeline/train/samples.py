@@ -47,8 +47,8 @@ def latent_visualisation(latents):
 
 def sampling_config(config: Config, conditional: bool, settings: dict[str, Any] | None = None):
     """The `diffit.sampling_config.SamplingConfig` the run samples with: the run's diffusion (kind, chain,
-    sigma_data) and `settings` by name (default: the `sample` section's, `sampling_settings`); guidance for
-    class-conditional models only."""
+    sigma_data, preconditioning) and `settings` by name (default: the `sample` section's, `sampling_settings`);
+    guidance for class-conditional models only."""
     import dataclasses
 
     from diffit.sampling_config import SamplingConfig
@@ -60,6 +60,7 @@ def sampling_config(config: Config, conditional: bool, settings: dict[str, Any] 
         diffusion_steps=config.diffusion.diffusion_steps,
         noise_schedule=config.diffusion.noise_schedule,
         sigma_data=config.diffusion.sigma_data,
+        precond=config.diffusion.precond,
     )
     sampling = model.with_settings(**settings)
     return sampling if conditional else dataclasses.replace(sampling, guidance=None)

@@ -75,6 +75,7 @@ class Training:
     null_class: int | None  # the CFG null label (None: unconditional model)
     step: int
     images_seen: int
+    repa: Any = None  # `pipeline.train.repa.RepaAlignment` when repa.weight > 0 (encoder, projector and its EMA)
     network: Any = None  # what the forward pass calls: `model`, or torch.compile(model)
     objective: Objective | None = None
     batches: Iterator | None = None  # (x, class_labels, seconds waited), on the device
@@ -87,6 +88,14 @@ class Training:
     # Check the loss before every optimizer step (reading it from the device): everywhere but CUDA, where it is
     # checked at the next log / sample / checkpoint / stop step instead (see `pipeline.train.loop`).
     check_every_step: bool = True
+
+    def parameters(self) -> list:
+        """What the optimizer trains: the model's parameters, then REPA's projector's (gradient clipping covers both,
+        as REPA's, whose projectors are part of its model)."""
+        params = list(self.model.parameters())
+        if self.repa is not None:
+            params += list(self.repa.projector.parameters())
+        return params
 
     def train_state(self) -> dict[str, Any]:
         """What a checkpoint records besides the tensors: position, layout, model, data and diffusion."""
@@ -131,7 +140,7 @@ def set_up(args: TrainOptions) -> Training:
         layout.mixed_precision,
         len(checked.info.urls),
     )
-    model, ema, optimizer, resolved_model, null_class = build_model(config, checked.info, accelerator)
+    model, ema, optimizer, resolved_model, null_class, repa = build_model(config, checked.info, accelerator)
     return Training(
         config=config,
         run_dir=run_dir,
@@ -147,6 +156,7 @@ def set_up(args: TrainOptions) -> Training:
         null_class=null_class,
         step=checked.step,
         images_seen=checked.images_seen,
+        repa=repa,
     )
 
 
@@ -193,19 +203,25 @@ def write_run_files(run_dir: Path, config_text: str, checked: CheckedRun, layout
 
 def build_model(config: Config, info: DatasetInfo, accelerator):
     """Model (same initial weights on every rank), fp32 EMA copy, optimizer, prepared by Accelerate; then the
-    per-rank training seed. Returns (model, ema, optimizer, resolved model config, CFG null class)."""
+    per-rank training seed. With REPA also its encoder, projector (trained by the same optimizer, prepared too) and
+    the projector's EMA (`pipeline.train.repa`). Returns (model, ema, optimizer, resolved model config, CFG null
+    class, RepaAlignment or None)."""
     import torch
 
     from diffit.models import create_model
+    from pipeline.train.repa import build_repa
 
     # Same initial weights on every rank (DDP also broadcasts rank 0's), then per-rank training randomness.
     torch.manual_seed(config.train.seed)
     model = create_model(config.model.name, **model_kwargs(config, info))
+    repa = build_repa(config, model)  # after the model: its initial weights are those of a run without REPA
     if config.model.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing"):
             raise ConfigError(f"model.gradient_checkpointing: {config.model.name} does not support it")
         model.gradient_checkpointing = True
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+    if repa is not None:
+        repa.attach()  # the hook on block k: on the trained model only, not on its EMA copy
     null_class = model.num_classes if model.num_classes > 0 else None
     resolved_model = dict(model.model_config)
     # On the device before the optimizer is built: whether it can be fused depends on where the parameters are.
@@ -213,6 +229,9 @@ def build_model(config: Config, info: DatasetInfo, accelerator):
     if config.model.channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
+    if repa is not None:
+        repa.projector.to(accelerator.device)
+        params += list(repa.projector.parameters())
     optimizer_cls = torch.optim.AdamW if config.optim.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(
         params,
@@ -222,10 +241,16 @@ def build_model(config: Config, info: DatasetInfo, accelerator):
         weight_decay=config.optim.weight_decay,
         fused=use_fused(config.optim.fused, params),
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if repa is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        # Accelerate saves the projector as a second model (model_1.safetensors) and restores it on resume.
+        model, repa.projector, optimizer = accelerator.prepare(model, repa.projector, optimizer)
+        repa.ema_projector.to(accelerator.device)
+        repa.encoder.to(accelerator.device)
     ema.to(accelerator.device)
     torch.manual_seed(config.train.seed * 1_000_003 + accelerator.process_index + 1)
-    return model, ema, optimizer, resolved_model, null_class
+    return model, ema, optimizer, resolved_model, null_class, repa
 
 
 def prepare_loop(training: Training) -> None:
@@ -299,6 +324,7 @@ def open_stream(training: Training) -> tuple[Iterator, Any]:
         resampled=config.data.resampled,
         shuffle_buffer=config.data.shuffle_buffer,
         hflip=config.data.hflip,
+        images=training.repa is not None and info.kind == "latents",  # REPA's targets need the images
         scaling_factor=info.scaling_factor,
         latent_norm=info.latent_norm,
         resolution=int(info.manifest["resolution"]),
@@ -317,23 +343,25 @@ def open_stream(training: Training) -> tuple[Iterator, Any]:
     return batches, loader.dataset
 
 
-def _timed_batches(iterator: Iterator, device, channels_last: bool = False) -> Iterator[tuple[Any, Any, float]]:
-    """(x, class_labels, seconds waited for the batch) on `device`: the loader pins its batches on CUDA, so the
-    copies do not block."""
+def _timed_batches(iterator: Iterator, device, channels_last: bool = False) -> Iterator[tuple[Any, Any, float, Any]]:
+    """(x, class_labels, seconds waited for the batch, images or None) on `device`: the loader pins its batches on
+    CUDA, so the copies do not block. `images`: the uint8 images of a latent stream that carries them (REPA)."""
     import torch
 
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     while True:
         start = time.perf_counter()
-        x, labels = next(iterator)
+        batch = next(iterator)
         waited = time.perf_counter() - start
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
-        yield x, labels.to(device, non_blocking=True), waited
+        x = batch[0].to(device, non_blocking=True, memory_format=memory_format)
+        images = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
+        yield x, batch[1].to(device, non_blocking=True), waited, images
 
 
 def restore_checkpoint(training: Training) -> None:
     """Model, optimizer, scaler, this rank's RNG state and the EMA from the resumed checkpoint."""
-    train_state = load_checkpoint(training.accelerator, training.checkpoint, training.ema)
+    projector_ema = training.repa.ema_projector if training.repa is not None else None
+    train_state = load_checkpoint(training.accelerator, training.checkpoint, training.ema, projector_ema)
     layout = training.layout
     saved_layout = (
         train_state.get("world_size"),

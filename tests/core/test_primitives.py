@@ -197,7 +197,7 @@ def test_image_grid_refuses_non_uint8_input():
 # ---------------------------------------------------------------------------------------------------------------
 # Layering: diffit never imports pipeline, pipeline never imports cli, stages use each other's exports only
 
-STAGES = ("encode", "train", "evaluate", "demo", "report", "study")
+STAGES = ("encode", "train", "evaluate", "demo", "report", "study", "attention_maps")
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -264,6 +264,7 @@ DOORS = {
     "report": ("run_report", "ReportOptions"),
     "demo": ("run_demo", "DemoOptions"),
     "study": ("run_study", "StudyOptions"),
+    "attention_maps": ("run_attention_maps", "AttentionMapsOptions"),
 }
 
 

@@ -62,6 +62,7 @@ COMMANDS = {
     "demo",
     "report",
     "study",
+    "attention-maps",
 }
 PLACEHOLDER = re.compile(r"\b(TODO|TBD|FIXME)\b|not implemented", re.IGNORECASE)
 

@@ -6,7 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from diffit.edm import ADMDenoiser, EDMLoss, EDMPrecond, edm_heun_sampler, edm_sigma_steps, preconditioning_coefficients
+from diffit.edm import (
+    ADMDenoiser,
+    EDMLoss,
+    EDMPrecond,
+    VEPrecond,
+    VPPrecond,
+    edm_heun_sampler,
+    edm_sigma_steps,
+    make_loss,
+    make_precond,
+    preconditioning_coefficients,
+    vp_sigma,
+    vp_sigma_inv,
+)
 
 
 class ConstantNet(torch.nn.Module):
@@ -292,3 +305,199 @@ def test_heun_churn_outside_s_min_s_max_is_deterministic():
         generators=[torch.Generator().manual_seed(s) for s in (1, 2)],
     )
     torch.testing.assert_close(windowed, plain, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VP / VE preconditionings and the three losses (NVlabs/edm training/networks.py, training/loss.py)
+
+
+class AugmentRecordingNet(torch.nn.Module):
+    """F = 1; records the augment labels it was given (None when the keyword was not passed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.augment_labels = []
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        self.augment_labels.append(augment_labels)
+        return torch.ones_like(x)
+
+
+# Hand-computed, beta_d = 19.9, beta_min = 0.1:
+#   sigma(1)   = sqrt(e^(9.95 + 0.1) - 1) = sqrt(23154.78) = 152.16697
+#   sigma(0.5) = sqrt(e^(2.4875 + 0.05) - 1) = sqrt(11.6482) = 3.41292
+#   sigma(1e-5) = sqrt(e^(9.95e-10 + 1e-6) - 1) = 1.0004976e-3
+#   t(1) = (sqrt(0.01 + 39.8 ln 2) - 0.1) / 19.9 = (5.253316 - 0.1) / 19.9 = 0.2589603
+def test_vp_sigma_and_its_inverse_hand_values():
+    t = torch.tensor([1.0, 0.5, 1e-5], dtype=torch.float64)
+    torch.testing.assert_close(
+        vp_sigma(t), torch.tensor([152.16697028, 3.41291831, 1.00049763e-3], dtype=torch.float64), rtol=1e-8, atol=0
+    )
+    assert vp_sigma_inv(torch.tensor(1.0, dtype=torch.float64)).item() == pytest.approx(0.25896026243, abs=1e-10)
+    assert vp_sigma_inv(torch.tensor(0.0, dtype=torch.float64)).item() == 0.0
+    sigmas = torch.logspace(-3, 2, 13, dtype=torch.float64)
+    torch.testing.assert_close(vp_sigma(vp_sigma_inv(sigmas)), sigmas, rtol=1e-9, atol=0)
+
+
+def test_vp_precond_is_edms_vp_precond():
+    net = ConstantNet()
+    precond = VPPrecond(net)
+    # EDM: sigma_min = sigma(epsilon_t), sigma_max = sigma(1).
+    assert precond.sigma_min == pytest.approx(1.0004976266e-3, rel=1e-9)
+    assert precond.sigma_max == pytest.approx(152.1669702839, rel=1e-12)
+    sigma = torch.tensor([1.0, 3.41291830906912], dtype=torch.float64)
+    x = torch.full((2, 3, 2, 2), 2.0, dtype=torch.float64)
+    denoised = precond(x, sigma)
+    # c_skip = 1, c_out = -sigma, F = 1: D = x - sigma.
+    torch.testing.assert_close(denoised, x - sigma.reshape(-1, 1, 1, 1))
+    # c_in = 1 / sqrt(sigma^2 + 1): 1 / sqrt(2) at sigma = 1; c_noise = (M - 1) t(sigma) = 999 * 0.2589603, 999 * 0.5.
+    assert net.inputs[0][0].unique().item() == pytest.approx(2.0 / math.sqrt(2.0), abs=1e-12)
+    torch.testing.assert_close(
+        net.noise_labels[0], torch.tensor([258.70130217, 499.5], dtype=torch.float64), rtol=1e-9, atol=0
+    )
+
+
+def test_ve_precond_is_edms_ve_precond():
+    net = ConstantNet()
+    precond = VEPrecond(net)
+    assert (precond.sigma_min, precond.sigma_max) == (0.02, 100.0)
+    sigma = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    x = torch.full((2, 1, 2, 2), 3.0, dtype=torch.float64)
+    # c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2): D = x + sigma, the network sees x itself.
+    torch.testing.assert_close(precond(x, sigma), x + sigma.reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(net.inputs[0], x)
+    torch.testing.assert_close(net.noise_labels[0], torch.tensor([0.0, math.log(0.25)], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["edm", "vp", "ve"])
+def test_every_precond_forwards_augment_labels_only_when_given(name):
+    net = AugmentRecordingNet()
+    precond = make_precond(name, net)
+    x = torch.zeros(2, 1, 2, 2)
+    labels = torch.arange(18.0).reshape(2, 9)
+    precond(x, 1.0, None, augment_labels=labels)
+    precond(x, 1.0)
+    assert net.augment_labels[0] is labels and net.augment_labels[1] is None
+    # A network without the keyword (every DiffiT network) still works when none is given.
+    assert make_precond(name, lambda x, c, y=None: torch.zeros_like(x))(x, 1.0).shape == x.shape
+
+
+def test_make_precond_and_make_loss_by_name():
+    net = ConstantNet()
+    edm_precond = make_precond("edm", net, sigma_data=0.6)
+    assert type(edm_precond) is EDMPrecond and edm_precond.sigma_data == 0.6
+    assert type(make_precond("vp", net)) is VPPrecond and type(make_precond("ve", net)) is VEPrecond
+    edm = make_loss("edm", P_mean=-1.0, P_std=1.5, sigma_data=0.6)
+    assert type(edm) is EDMLoss and (edm.P_mean, edm.P_std, edm.sigma_data) == (-1.0, 1.5, 0.6)
+    vp, ve = make_loss("vp"), make_loss("ve")
+    assert (vp.beta_d, vp.beta_min, vp.epsilon_t) == (19.9, 0.1, 1e-5) and (ve.sigma_min, ve.sigma_max) == (0.02, 100.0)
+    for make in (lambda: make_precond("vpsde", net), lambda: make_loss("vpsde")):
+        with pytest.raises(ValueError, match="unknown preconditioning 'vpsde'; expected one of edm, vp, ve"):
+            make()
+
+
+def _tiny_network():
+    """A deterministic raw network F: a seeded 1x1 convolution scaled by the noise label (float64)."""
+    conv = torch.nn.Conv2d(2, 2, 1).double()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in (conv.weight, conv.bias):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
+    return lambda x, noise_labels, class_labels=None, augment_labels=None: conv(x) * noise_labels.reshape(-1, 1, 1, 1)
+
+
+def _edm_loss_formula(name: str, precond, images: torch.Tensor, seed: int) -> torch.Tensor:
+    """NVlabs/edm training/loss.py written out for one name, the random draws replayed from `seed` in its order
+    (sigma's draw of [N, 1, 1, 1], then the noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = [images.shape[0], 1, 1, 1]
+    if name == "vp":
+        rnd_uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
+        t = 1 + rnd_uniform * (1e-5 - 1)
+        sigma = ((0.5 * 19.9 * t**2 + 0.1 * t).exp() - 1).sqrt()
+        weight = 1 / sigma**2
+    elif name == "ve":
+        rnd_uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
+        sigma = 0.02 * ((100 / 0.02) ** rnd_uniform)
+        weight = 1 / sigma**2
+    else:
+        rnd_normal = torch.randn(shape, generator=generator, dtype=torch.float64)
+        sigma = (rnd_normal * 1.2 - 1.2).exp()
+        weight = (sigma**2 + 0.5**2) / (sigma * 0.5) ** 2
+    n = torch.randn(images.shape, generator=generator, dtype=torch.float64) * sigma
+    D_yn = precond(images + n, sigma.flatten(), None)
+    return weight * ((D_yn - images) ** 2)
+
+
+@pytest.mark.parametrize("name", ["edm", "vp", "ve"])
+def test_losses_are_edms_formulas_on_a_tiny_network(name):
+    images = torch.randn(6, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    precond = make_precond(name, _tiny_network())
+    loss = make_loss(name)(precond, images, generator=torch.Generator().manual_seed(7))
+    assert loss.shape == images.shape
+    torch.testing.assert_close(loss, _edm_loss_formula(name, precond, images, 7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_vp_and_ve_losses_draw_sigma_over_the_trained_range(name):
+    seen = []
+    record = lambda x, sigma, class_labels=None: (seen.append(sigma), torch.zeros_like(x))[1]
+    loss = make_loss(name)(record, torch.ones(20000, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    sigma = seen[0].double()
+    # D = 0, y = 1: the loss is the weight 1 / sigma^2 itself.
+    torch.testing.assert_close(loss.flatten().double(), 1 / sigma**2, rtol=1e-6, atol=0)
+    precond = make_precond(name, ConstantNet())
+    assert sigma.min() >= precond.sigma_min * (1 - 1e-6) and sigma.max() <= precond.sigma_max * (1 + 1e-6)
+    if name == "ve":  # log-uniform: ln sigma uniform on [ln 0.02, ln 100], mean ln(0.02 * 100) / 2 = ln(2) / 2
+        assert sigma.log().mean().item() == pytest.approx(math.log(2.0) / 2, abs=0.05)
+    else:  # t = t(sigma) uniform on [1e-5, 1]: mean 0.5
+        assert vp_sigma_inv(sigma).mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["edm", "vp", "ve"])
+def test_losses_augment_between_the_sigma_and_noise_draws_and_pass_the_labels(name):
+    """EDM's order under one global seed: sigma, `augment_pipe(images)` (its own draws), the noise of the augmented
+    images; the target is the augmented image and the network gets the augment labels."""
+    from diffit.augment import edm_augment_pipe
+
+    images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    pipe = edm_augment_pipe(0.5)
+    calls = []
+
+    def precond(x, sigma, class_labels=None, augment_labels=None):
+        calls.append(augment_labels)
+        return torch.zeros_like(x)
+
+    torch.manual_seed(11)
+    loss = make_loss(name)(precond, images, augment_pipe=pipe)
+    after_loss = torch.randn(1)
+    # EDM's loss.py line by line, under the same seed (D = 0, so the loss is weight * y^2).
+    torch.manual_seed(11)
+    if name == "edm":
+        sigma = (torch.randn([4, 1, 1, 1]) * 1.2 - 1.2).exp()
+        weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    elif name == "vp":
+        sigma = vp_sigma(1 + torch.rand([4, 1, 1, 1]) * (1e-5 - 1))
+        weight = 1 / sigma**2
+    else:
+        sigma = 0.02 * ((100 / 0.02) ** torch.rand([4, 1, 1, 1]))
+        weight = 1 / sigma**2
+    y, augment_labels = pipe(images)
+    torch.randn_like(y)  # the noise n
+    after_replay = torch.randn(1)
+    assert not torch.equal(y, images) and augment_labels.shape == (4, 9)
+    torch.testing.assert_close(loss, weight * y**2, rtol=0, atol=0)
+    torch.testing.assert_close(calls[0], augment_labels, rtol=0, atol=0)
+    assert torch.equal(after_loss, after_replay)  # the same draws, in the same order
+
+
+def test_an_exports_precond_is_checked_against_the_preconditionings():
+    from diffit.config_check import DIFFUSION_FIELDS, InvalidModelFileError, check_model_config
+    from diffit.edm import PRECONDITIONINGS
+
+    assert DIFFUSION_FIELDS["precond"] == ("choice", *PRECONDITIONINGS)  # config_check imports no torch: pinned here
+    config = {"model": {"name": "DiffiT-UNet-Tiny"}, "diffusion": {"type": "edm", "precond": "ve", "augment": 0.12}}
+    check_model_config(config)
+    for bad, problem in (({"precond": "vpsde"}, "diffusion.precond must be one of"), ({"augment": 2.0}, "augment")):
+        with pytest.raises(InvalidModelFileError, match=problem):
+            check_model_config({**config, "diffusion": {**config["diffusion"], **bad}})

@@ -548,3 +548,74 @@ def test_paper_sampling_config_per_model_kind():
     cifar = paper_sampling_config({"type": "edm", "sigma_data": 0.5}, 32, 0)
     ffhq = paper_sampling_config({"type": "edm", "sigma_data": 0.5}, 64, 0)
     assert (cifar.sampler, cifar.steps, cifar.kind, ffhq.steps) == ("edm-heun", 18, "edm", 40)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VP / VE-preconditioned networks (diffit.edm.VPPrecond / VEPrecond): the config's precond, EDM's sigma clipping
+
+
+class ZeroNet(torch.nn.Module):
+    """Raw network F = 0."""
+
+    def forward(self, x, noise_labels, class_labels=None):
+        return torch.zeros_like(x)
+
+
+class ScaledConv(torch.nn.Module):
+    """A seeded 1x1 convolution scaled by tanh(c_noise / 500): a raw network whose output depends on c_noise."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 2, 1)
+
+    def forward(self, x, noise_labels, class_labels=None):
+        return self.conv(x) * torch.tanh(noise_labels / 500).reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "precond, config_range, clipped",
+    [
+        # EDM's generate.py: sigma_min = max(config, net.sigma_min), sigma_max = min(config, net.sigma_max).
+        ("ve", (0.002, 80.0), (0.02, 80.0)),  # VE's [0.02, 100]
+        ("vp", (5e-4, 200.0), (1.0004976266e-3, 152.1669702839)),  # VP's [sigma(1e-5), sigma(1)]
+        ("edm", (0.002, 80.0), (0.002, 80.0)),  # no bounds of its own
+    ],
+)
+def test_heun_grid_is_clipped_to_the_preconds_sigma_range(precond, config_range, clipped):
+    from diffit.edm import make_precond
+
+    denoiser, seen = make_precond(precond, ZeroNet()), []
+    forward = denoiser.forward
+    denoiser.forward = lambda x, sigma, *args: (seen.append(sigma[0].item()), forward(x, sigma, *args))[1]
+    sigma_min, sigma_max = config_range
+    sample(denoiser, (1, 2, 2), None, [0], kind="edm", sampler="edm-heun", steps=4,
+           sigma_min=sigma_min, sigma_max=sigma_max)  # fmt: skip
+    # 4 Heun steps: 7 calls, the first at the grid's top, the last Euler step at its bottom.
+    assert len(seen) == 7
+    assert seen[0] == pytest.approx(clipped[1], rel=1e-6) and seen[-1] == pytest.approx(clipped[0], rel=1e-6)
+
+
+def test_sampling_config_precond_is_checked_and_read_from_the_export_entry():
+    from diffit.sampling_config import SamplingConfig, paper_sampling_config
+
+    assert paper_sampling_config({"type": "edm", "sigma_data": 0.5}, 32, 0).precond == "edm"  # older exports
+    assert paper_sampling_config({"type": "edm", "sigma_data": 0.5, "precond": "ve"}, 32, 0).precond == "ve"
+    with pytest.raises(ValueError, match="unknown preconditioning 'vpsde'"):
+        SamplingConfig(kind="edm", sampler="edm-heun", precond="vpsde").check()
+    with pytest.raises(ValueError, match="precond='vp' preconditions kind='edm' networks only, got kind='adm'"):
+        SamplingConfig(kind="adm", precond="vp").check()
+    assert SamplingConfig.from_dict(SamplingConfig(kind="edm", precond="vp").to_dict()).precond == "vp"
+
+
+@pytest.mark.parametrize("precond", ["vp", "ve"])
+def test_a_raw_network_is_sampled_through_the_configs_precond(precond):
+    from diffit.edm import make_precond
+
+    net = ScaledConv()
+    settings = dict(kind="edm", sampler="edm-heun", steps=5)
+    with torch.no_grad():
+        by_name = sample(net, (2, 3, 3), None, [1, 2], precond=precond, **settings)
+        wrapped = sample(make_precond(precond, net), (2, 3, 3), None, [1, 2], **settings)
+        edm = sample(net, (2, 3, 3), None, [1, 2], **settings)
+    assert torch.equal(by_name, wrapped) and not torch.allclose(by_name, edm)

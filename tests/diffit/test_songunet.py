@@ -255,3 +255,30 @@ def test_a_conditional_model_needs_class_labels(reference):
     model = SongUNet(**small_kwargs(reference))
     with pytest.raises(ValueError, match="class-conditional model"):
         model(torch.randn(1, 3, 16, 16), torch.zeros(1), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label indices (the convention of the samplers and the trainer) -> EDM's one-hot class vectors
+
+
+@pytest.mark.parametrize("name", ["ddpmpp", "ncsnpp"])
+def test_label_indices_give_edms_outputs_of_their_one_hot_vectors(reference, name):
+    meta, state, (x, noise_labels, one_hot, augment_labels), outputs = reference_case(reference, name)
+    model = SongUNet(**meta["kwargs"])
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    indices = one_hot.argmax(dim=1)
+    assert indices.tolist() == [0, 3, 1] and model.num_classes == 4 and model.null_class == 4
+    run = lambda labels: model(x, noise_labels, labels, augment_labels)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(run(indices), outputs["out_eval"], **TOLERANCE)
+        assert torch.equal(run(indices), run(one_hot))
+        # The null class (index label_dim, what guidance and the trainer's label dropout use) is the zero vector.
+        assert torch.equal(run(torch.tensor([4, 3, 4])), run(one_hot * torch.tensor([[0.0], [1.0], [0.0]])))
+    expected = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(model.class_vectors(torch.tensor([2, 4]), torch.float32), expected)
+
+
+def test_an_unconditional_model_has_no_classes(reference):
+    model = SongUNet(**small_kwargs(reference, "skip"))
+    assert model.num_classes == 0 and model.null_class is None

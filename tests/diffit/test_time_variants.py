@@ -30,7 +30,7 @@ from diffit.layers import (
 )
 from diffit.models import count_parameters, create_model
 
-VARIANTS = ("tmsa", "adaln", "bias", "mlp", "decoupled")
+VARIANTS = ("tmsa", "adaln", "adaln-relpos", "bias", "mlp", "decoupled")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,14 +49,16 @@ def test_the_variants_are_the_papers_five_and_the_schema_lists_the_same():
 # ---------------------------------------------------------------------------------------------------------------
 
 PINNED_COUNTS = {
-    "DiffiT-XL/2": {"tmsa": 561_330_144, "adaln": 675_129_632, "bias": 946_155_424, "mlp": 486_947_808,
-                    "decoupled": 524_138_976},
-    "DiffiT-Tiny/2": {"tmsa": 150_116, "adaln": 183_200, "bias": 137_896, "mlp": 133_476, "decoupled": 141_796},
-    "DiffiT-CIFAR10": {"tmsa": 16_836_011, "adaln": 19_985_923, "bias": 14_689_619, "mlp": 14_734_763,
-                       "decoupled": 15_785_387},
-    "DiffiT-FFHQ64": {"tmsa": 25_212_979, "adaln": 29_536_003, "bias": 26_419_555, "mlp": 22_323_763,
-                      "decoupled": 23_768_371},
-    "DiffiT-UNet-Tiny": {"tmsa": 286_057, "adaln": 335_299, "bias": 274_447, "mlp": 253_033, "decoupled": 269_545},
+    "DiffiT-XL/2": {"tmsa": 561_330_144, "adaln": 675_129_632, "adaln-relpos": 675_560_160,
+                    "bias": 946_155_424, "mlp": 486_947_808, "decoupled": 524_138_976},
+    "DiffiT-Tiny/2": {"tmsa": 150_116, "adaln": 183_200, "adaln-relpos": 183_396,
+                      "bias": 137_896, "mlp": 133_476, "decoupled": 141_796},
+    "DiffiT-CIFAR10": {"tmsa": 16_836_011, "adaln": 19_985_923, "adaln-relpos": 19_987_883,
+                       "bias": 14_689_619, "mlp": 14_734_763, "decoupled": 15_785_387},
+    "DiffiT-FFHQ64": {"tmsa": 25_212_979, "adaln": 29_536_003, "adaln-relpos": 29_546_803,
+                      "bias": 26_419_555, "mlp": 22_323_763, "decoupled": 23_768_371},
+    "DiffiT-UNet-Tiny": {"tmsa": 286_057, "adaln": 335_299, "adaln-relpos": 335_593,
+                         "bias": 274_447, "mlp": 253_033, "decoupled": 269_545},
 }  # fmt: skip
 
 
@@ -71,6 +73,18 @@ def test_every_variant_has_its_pinned_parameter_count(name, variant):
     model = meta_model(name, time_conditioning=variant)
     assert count_parameters(model) == PINNED_COUNTS[name][variant]
     assert implied_size(name, {"time_conditioning": variant})[0] == PINNED_COUNTS[name][variant]
+
+
+def test_adaln_relpos_is_adaln_plus_the_relative_position_bias_tables_by_hand():
+    # The one difference between the two adaLN forms: each attention keeps its [(2w - 1)^2, heads] table.
+    # XL/2: 28 global 16x16 blocks with 16 heads; Tiny/2: 1 block of 4 heads over the 4x4 grid of 8 / 2.
+    assert PINNED_COUNTS["DiffiT-XL/2"]["adaln-relpos"] - PINNED_COUNTS["DiffiT-XL/2"]["adaln"] == 28 * 31**2 * 16
+    tiny = meta_model("DiffiT-Tiny/2", time_conditioning="adaln-relpos")
+    depth, heads, grid = len(tiny.blocks), tiny.blocks[0].attn.num_heads, tiny.grid_size
+    extra = PINNED_COUNTS["DiffiT-Tiny/2"]["adaln-relpos"] - PINNED_COUNTS["DiffiT-Tiny/2"]["adaln"]
+    assert extra == depth * (2 * grid - 1) ** 2 * heads == 196
+    plain = meta_model("DiffiT-Tiny/2", time_conditioning="adaln").blocks[0].attn
+    assert plain.relative_position_bias is None and tiny.blocks[0].attn.relative_position_bias is not None
 
 
 def test_dit_xl2_is_675_129_632_parameters_by_dits_own_arithmetic():
@@ -358,7 +372,7 @@ def block_reference(block: DiffiTTransformerBlock, x, time_token):
         out = explicit_attention(q, k, v, bias)
         return attn.proj(out.transpose(1, 2).reshape(b, n, dim))
 
-    if variant == "adaln":
+    if variant in ("adaln", "adaln-relpos"):
         s1, c1, g1, s2, c2, g2 = block.adaLN_modulation(time_token).chunk(6, dim=-1)
         x = x + g1[:, None] * attention(layer_norm(x) * (1 + c1[:, None]) + s1[:, None])
         return x + g2[:, None] * block.mlp(layer_norm(x) * (1 + c2[:, None]) + s2[:, None])
@@ -386,6 +400,7 @@ def test_each_variant_block_is_its_documented_formula(variant):
 TIME_MODULE = {
     "tmsa": "attn.qkv_time",
     "adaln": "adaLN_modulation.1",
+    "adaln-relpos": "adaLN_modulation.1",
     "bias": "attn.bias_time",
     "mlp": "mlp_time",
     "decoupled": "attn.kv_time",
@@ -511,7 +526,7 @@ def test_every_variant_keeps_the_shape_contract_and_trains_every_parameter(famil
 
 
 @pytest.mark.parametrize("family", ["latent", "image"])
-@pytest.mark.parametrize("variant", ["adaln", "bias", "mlp", "decoupled"])
+@pytest.mark.parametrize("variant", ["adaln", "adaln-relpos", "bias", "mlp", "decoupled"])
 def test_every_variant_saves_and_loads_like_any_model(tmp_path, family, variant):
     model = tiny(family, variant).eval()
     diffit.save_pretrained(model, tmp_path / "m")
@@ -552,7 +567,10 @@ def test_an_image_variant_export_loads_and_samples_in_diffit_pipeline(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "problem"),
     [
-        ({"time_conditioning": "film"}, "model.kwargs.time_conditioning must be one of ['tmsa', 'adaln', 'bias'"),
+        (
+            {"time_conditioning": "film"},
+            "model.kwargs.time_conditioning must be one of ['tmsa', 'adaln', 'adaln-relpos', 'bias'",
+        ),
         ({"time_conditioning": None}, "model.kwargs.time_conditioning must be one of"),
         ({"time_dim": 0}, "model.kwargs.time_dim must be in [1, 65536], got 0"),
         ({"time_dim": 8.0}, "model.kwargs.time_dim must be an integer, got 8.0"),

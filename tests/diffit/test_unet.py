@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffit.config_check import implied_size
 from diffit.models import count_parameters, create_model, resolve_model_kwargs
 from diffit.unet import DiffiTResBlock, DiffiTUNet, group_count
 
@@ -305,3 +306,28 @@ def test_bad_inputs_are_rejected():
         model(torch.randn(1, 3, 8, 8), torch.zeros(1))
     with pytest.raises(ValueError, match="noise_labels"):
         model(torch.randn(2, 3, 16, 16), torch.zeros(3))
+
+
+def test_augment_labels_enter_the_time_token_through_a_bias_free_linear_and_only_when_given():
+    """EDM's augmentation conditioning on the DiffiT U-Net (`augment_dim`): x_t + W_a a, as SongUNet's map_augment
+    (no bias, so zero labels = no augmentation); without labels (sampling) the output is the plain model's."""
+    torch.manual_seed(0)
+    model = create_model("DiffiT-UNet-Tiny", augment_dim=9).eval()
+    plain = create_model("DiffiT-UNet-Tiny").eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("augment_embed")})
+    torch.nn.init.normal_(model.head.conv.weight, std=0.1)
+    plain.head.conv.weight.data.copy_(model.head.conv.weight.data)
+    assert count_parameters(model) - count_parameters(plain) == 9 * model.time_dim
+    assert implied_size("DiffiT-UNet-Tiny", {"augment_dim": 9})[0] == count_parameters(model)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.1, -0.4])
+    labels = torch.randn(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), plain(x, t), rtol=0, atol=0)
+        torch.testing.assert_close(model(x, t, augment_labels=torch.zeros(2, 9)), plain(x, t), rtol=0, atol=0)
+        token = model.time_token(t, None, labels)
+        torch.testing.assert_close(token, plain.time_token(t, None) + labels @ model.augment_embed.weight.T)
+        assert not torch.allclose(model(x, t, augment_labels=labels), plain(x, t))
+    with pytest.raises(ValueError, match=r"augment_labels must have shape \[2, 9\]"):
+        model(x, t, augment_labels=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="augment_dim=0"):
+        plain(x, t, augment_labels=labels)

@@ -143,6 +143,51 @@ def test_verdicts_follow_the_holm_adjusted_paired_comparisons():
     assert len(found) == 4
 
 
+def test_a_claim_with_its_own_baseline_is_judged_against_it_inside_the_studys_holm_family():
+    """Table 5 in one study: VE+TMSA against VE and VP+TMSA against VP (the study's baseline is vp). The claim's
+    pair joins the family (Holm over 3 + 1 comparisons), its difference is paired seed by seed against ve, and the
+    paper's relative change is taken against the claim's baseline."""
+    from pipeline.study.verdicts import claim_pairs, claim_problems, comparisons, verdicts
+
+    vp = [3.0, 3.2, 3.1, 2.9]
+    ve = [3.8, 3.7, 3.9, 3.6]
+    table = [
+        _row("FD_demo", "vp", vp, None),
+        _row("FD_demo", "vp-tmsa", [2.7, 2.95, 2.8, 2.7], vp),
+        _row("FD_demo", "ve", ve, vp),
+        _row("FD_demo", "ve-tmsa", [3.5, 3.45, 3.65, 3.3], vp),
+    ]
+    paper = {
+        "claims": [
+            {"source": "Table 5 VE", "metric": "FD_demo", "values": {"ve": 3.77, "ve-tmsa": 3.49}, "baseline": "ve"},
+            {"source": "Table 5 VP", "metric": "FD_demo", "values": {"vp": 3.01, "vp-tmsa": 2.76}},
+        ]
+    }
+    assert claim_problems(paper, ["vp", "vp-tmsa", "ve", "ve-tmsa"], "vp") == []
+    assert claim_pairs(paper, "vp") == [("ve-tmsa", "ve")]
+    family = comparisons(table, "vp", claim_pairs(paper, "vp"))
+    assert [(e["variant"], e["baseline"]) for e in family] == [
+        ("vp-tmsa", "vp"), ("ve", "vp"), ("ve-tmsa", "vp"), ("ve-tmsa", "ve")
+    ]  # fmt: skip
+    pair = family[-1]
+    differences = [3.5 - 3.8, 3.45 - 3.7, 3.65 - 3.9, 3.3 - 3.6]
+    assert pair["mean_difference"] == pytest.approx(sum(differences) / 4) and pair["n"] == 4
+    # Holm over the four, by hand: the k-th smallest p times (4 - k), running maximum, capped at 1.
+    ranked = sorted(e["p"] for e in family)
+    holm_by_hand = [min(1.0, max((4 - j) * ranked[j] for j in range(k + 1))) for k in range(4)]
+    assert pair["p_holm"] == pytest.approx(holm_by_hand[ranked.index(pair["p"])])
+    found = {v["source"]: v for v in verdicts(paper, family, "vp", ("FD_demo",))}
+    assert found["Table 5 VE"]["baseline"] == "ve" and found["Table 5 VE"]["mean_difference"] == pair["mean_difference"]
+    assert found["Table 5 VE"]["paper_relative_change"] == pytest.approx((3.49 - 3.77) / 3.77)
+    assert found["Table 5 VE"]["verdict"] == "reproduced" and found["Table 5 VP"]["baseline"] == "vp"
+    bad = {"claims": [{"source": "x", "metric": "FD_demo", "values": {"ve-tmsa": 3.49}, "baseline": "ve"}]}
+    assert claim_problems(bad, ["vp", "ve", "ve-tmsa"], "vp") == [
+        "paper.claims[0]: 'values' must include the baseline 've' (a difference needs it)"
+    ]
+    unknown = {"claims": [{"source": "x", "metric": "FD_demo", "worse": ["ve"], "baseline": "ncsn"}]}
+    assert "baseline 'ncsn' is not a variant" in claim_problems(unknown, ["vp", "ve"], "vp")[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The study file
 
@@ -499,10 +544,13 @@ SHIPPED = sorted((REPO / "manifests" / "studies").glob("*.yaml"))
 
 def test_the_shipped_studies_cover_every_ablation_at_both_scales():
     names = {path.stem for path in SHIPPED}
-    for ablation in ("time_conditioning", "time_embedding", "window_size", "guidance_scale"):
+    for ablation in ("time_conditioning", "time_embedding", "window_size", "guidance_scale", "token_dims"):
         assert f"{ablation}_demo" in names
         assert any(name.startswith(ablation) and not name.endswith("_demo") for name in names), ablation
     assert "time_conditioning_imagenet256" in names and "time_conditioning_cifar10" in names
+    # The FFHQ-64 rows of Tables 3, 7, 8 and Fig. 8; Fig. 7a at 512 px.
+    ffhq = {"token_dims_ffhq64", "time_token_ffhq64", "time_embedding_ffhq64", "window_size_ffhq64"}
+    assert ffhq <= names and {"token_dims_cifar10", "guidance_scale_imagenet512"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -626,11 +674,12 @@ def test_a_variants_evaluate_setting_wins_over_the_study_wide_one(tiny, tmp_path
     from pipeline.study.runner import evaluate_options
 
     study = load_study(_cfg_study(tiny))
+    (unit,) = study.units()
     scales = {
-        variant.name: evaluate_options(study, variant.name, 0, tmp_path / "m", tmp_path / "e").sampling[
+        evaluation.variant: evaluate_options(study, evaluation, tmp_path / "m", tmp_path / "e").sampling[
             "guidance_scale"
         ]
-        for variant in study.variants
+        for evaluation in unit.evaluations
     }
     assert scales == {"s1": 1.0, "s3": 3.0, "study_wide": 2.0}
 

@@ -70,10 +70,15 @@ def write_latent_dataset(
     scaling_factor: float = 0.18215,
     nan_at: int | None = None,
     vae_path: str | None = None,
+    images: bool = False,
 ) -> Path:
     """A latent dataset: `num_samples` posteriors (mean ~ N(0, 1/scaling^2), so scaled latents are ~unit),
-    labels i % num_classes (or -1 when num_classes is 0). `nan_at` puts a NaN into that sample's mean."""
+    labels i % num_classes (or -1 when num_classes is 0). `nan_at` puts a NaN into that sample's mean. `images`:
+    each sample also holds a random RGB image of the manifest's resolution as its `png` member (`encode
+    --keep-images`; index 1 of its latents is a flip, as for a real crop)."""
     rng = np.random.default_rng(seed)
+    image_rng = np.random.default_rng(seed + 1)  # its own stream: the latents do not depend on `images`
+    resolution = latent_size * 8
     samples = []
     for i in range(num_samples):
         base = rng.standard_normal((channels, latent_size, latent_size)) / scaling_factor
@@ -84,11 +89,12 @@ def write_latent_dataset(
             mean[1, 0, 0, 0] = np.nan
         sample_std = np.full_like(mean, std / scaling_factor)
         label = i % num_classes if num_classes > 0 else -1
-        samples.append(latent_sample(f"{i:08d}", mean, sample_std, label, {"path": f"image-{i}.png"}))
+        pixels = image_rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8) if images else None
+        samples.append(latent_sample(f"{i:08d}", mean, sample_std, label, {"path": f"image-{i}.png"}, pixels))
     label_map = {f"n{c:08d}": c for c in range(num_classes)}
     manifest = {
         "kind": "latents",
-        "resolution": latent_size * 8,
+        "resolution": resolution,
         "num_classes": num_classes,
         "label_map": label_map,
         "latent_channels": channels,
@@ -107,6 +113,8 @@ def write_latent_dataset(
         },
         "transform": {"crop": "center"},
     }
+    if images:  # as `encode --keep-images` lists them (other fixture manifests keep their bytes, and hashes)
+        manifest["members"] = ["mean.npy", "std.npy", "cls", "json", "png"]
     return _write_dataset(Path(out_dir), samples, num_shards, manifest)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -350,11 +351,87 @@ def test_update_ema_is_the_closed_form_lerp():
     assert math.isclose(float(ema[1].num_batches_tracked), float(model[1].num_batches_tracked))
 
 
-def test_edms_songunet_is_refused_by_the_trainer_until_it_drives_it(tmp_path):
-    """DDPM++ / NCSN++ (diffit.songunet) build and load, but the trainer does not pass augment labels nor VP / VE
-    preconditioning yet: one ConfigError at load, not a failure at the first step."""
+def songunet_config(**sections) -> dict:
+    """A small DDPM++ (EDM's SongUNet) config for EDM training on 8 px images."""
     from tests.support.train_fixtures import tiny_image_config
 
-    config = tiny_image_config(model={"name": "DDPM++-CIFAR10"})
-    with pytest.raises(ConfigError, match="is EDM's songunet network"):
-        load_config(write_yaml(tmp_path / "c.yaml", config))
+    small = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4]}
+    return tiny_image_config(model={"name": "DDPM++-CIFAR10", "input_size": 8, "kwargs": small}, **sections)
+
+
+@pytest.mark.parametrize("precond", ["edm", "vp", "ve"])
+def test_edms_songunet_trains_with_edm_and_each_precond_and_augment(precond):
+    from pipeline.train.checks import configured_model_kwargs
+
+    config = config_from_dict(songunet_config(diffusion={"precond": precond}, data={"augment": 0.12}))
+    assert (config.diffusion.precond, config.data.augment) == (precond, 0.12)
+    # EDM's augmentation gives the network its 9 augment labels; without it, none (EDM's train.py).
+    assert configured_model_kwargs(config)["augment_dim"] == 9
+    assert configured_model_kwargs(config)["img_resolution"] == 8
+    assert configured_model_kwargs(config_from_dict(songunet_config()))["augment_dim"] == 0
+    defaults = Config()
+    assert (defaults.diffusion.precond, defaults.data.augment) == ("edm", 0.0)
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        (
+            {"diffusion": {"type": "flow", "learn_sigma": False}, "sample": {"sampler": "heun"}},
+            "model.name 'DDPM++-CIFAR10' is EDM's DDPM++ / NCSN++ network (diffit.songunet), trained with "
+            "diffusion.type 'edm' (diffusion.precond edm | vp | ve); got diffusion.type 'flow'",
+        ),
+        ({"data": {"augment": 1.5}}, "data.augment must be in [0, 1] (EDM's --augment probability), got 1.5"),
+        ({"data": {"augment": -0.1}}, "data.augment must be in [0, 1] (EDM's --augment probability), got -0.1"),
+    ],
+)
+def test_songunet_settings_edm_does_not_have_are_refused_at_load(tmp_path, sections, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write_yaml(tmp_path / "c.yaml", songunet_config(**sections)))
+
+
+def test_precond_and_augment_belong_to_edm_training():
+    from tests.support.train_fixtures import tiny_image_config, tiny_latent_config
+
+    refusals = [
+        (
+            tiny_latent_config(diffusion={"precond": "vp"}),
+            "diffusion.precond 'vp' is a preconditioning of EDM training (diffusion.type 'edm'), not of "
+            "diffusion.type 'adm'",
+        ),
+        (
+            tiny_latent_config(
+                diffusion={"type": "edm", "learn_sigma": False}, data={"augment": 0.12}, sample={"sampler": "edm-heun"}
+            ),
+            "data.augment 0.12: EDM's augmentation augments images for a network that takes its augment labels "
+            "(the DiffiT U-Net, EDM's DDPM++ / NCSN++); model.name 'DiffiT-Tiny/2' is a DiffiT latent model",
+        ),
+        (
+            tiny_image_config(diffusion={"type": "flow"}, data={"augment": 0.12}, sample={"sampler": "heun"}),
+            "data.augment 0.12: EDM's augmentation is part of EDM training (diffusion.type 'edm'), not of "
+            "diffusion.type 'flow'",
+        ),
+        (
+            tiny_image_config(diffusion={"precond": "vpsde"}),
+            "diffusion.precond: 'vpsde' is not one of 'edm', 'vp', 've'",
+        ),
+    ]
+    for mapping, message in refusals:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_from_dict(mapping)
+    # DiffiT's own image and latent models may use VP / VE with EDM training (the network just sees other c_noise).
+    assert config_from_dict(tiny_image_config(diffusion={"precond": "ve"})).diffusion.precond == "ve"
+    # The DiffiT U-Net takes EDM's augment labels (the paper's image models trained with EDM's augmentation).
+    assert config_from_dict(tiny_image_config(data={"augment": 0.12})).data.augment == 0.12
+
+
+def test_an_augment_dim_that_contradicts_data_augment_is_refused():
+    from pipeline.train.checks import configured_model_kwargs
+
+    config = config_from_dict(songunet_config(data={"augment": 0.12}))
+    config.model.kwargs["augment_dim"] = 0
+    message = "model.kwargs.augment_dim 0 contradicts data.augment 0.12 (which gives augment_dim 9): leave"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        configured_model_kwargs(config)
+    config.model.kwargs["augment_dim"] = 9  # agreeing is fine
+    assert configured_model_kwargs(config)["augment_dim"] == 9
