@@ -257,6 +257,8 @@ def _run_shards(
         progress=False,
         command=f"diffit-pipe demo ({kind} {resolution}px)",
         overwrite=True,  # the demo owns its work directory: a re-run with other settings rebuilds the shards
+        # Each latent sample keeps its crop (a small PNG): REPA's targets (`repa_demo.yaml`) need the images.
+        keep_images=kind == "latents",
     )
     if vae is not None:
         config.vae = vae

@@ -118,6 +118,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert manifest["num_classes"] == settings["classes"]
     latents = json.loads((Path(summary["paths"]["latent_shards"]) / "manifest.json").read_text())
     assert latents["vae"]["path"] == summary["paths"]["vae"]
+    assert "png" in latents["members"]  # each latent keeps its crop: REPA's targets (manifests/studies/repa_demo.yaml)
     assert (Path(summary["paths"]["vae"]) / "config.json").is_file()
 
     # train + export: both runs reached their step budget, with checkpoints, tensorboard logs and exports
