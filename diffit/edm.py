@@ -18,6 +18,7 @@ preconditionings also take `augment_labels=` (training with augmentation; sampli
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 
@@ -53,7 +54,7 @@ def preconditioning_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
 PRECONDITIONINGS = ("edm", "vp", "ve")
 
 
-class Precond(nn.Module):
+class Precond(nn.Module, abc.ABC):
     """D(x; sigma) = c_skip x + c_out net(c_in x, c_noise, class_labels[, augment_labels]) around a raw network:
     the common form of NVlabs/edm's VPPrecond / VEPrecond / EDMPrecond, whose `coefficients` differ.
 
@@ -78,9 +79,9 @@ class Precond(nn.Module):
         """Label index of the unconditional ("null") class, None for unconditional networks."""
         return getattr(self.net, "null_class", self.num_classes if self.num_classes else None)
 
+    @abc.abstractmethod
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(c_skip, c_out, c_in, c_noise) for sigma [N, 1, ..., 1]."""
-        raise NotImplementedError
+        """(c_skip, c_out, c_in, c_noise) for sigma [N, 1, ..., 1] (EDM / VP / VE: each preconditioning's own)."""
 
     def forward(
         self,
@@ -198,7 +199,7 @@ def _draw(kind: str, shape: list[int], like: torch.Tensor, generator: torch.Gene
     return draw(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
 
 
-class DenoisingLoss:
+class DenoisingLoss(abc.ABC):
     """NVlabs/edm's training-loss structure (`training/loss.py`): per image a noise level sigma, then EDM's
     augmentation of the images (when `augment_pipe` is given), then the noise; the per-element loss
     weight(sigma) ||D(y + n; sigma) - y||^2 with y the (augmented) images and n ~ N(0, sigma^2). Subclasses give
@@ -208,11 +209,13 @@ class DenoisingLoss:
     noise come from `generator` when given.
     """
 
+    @abc.abstractmethod
     def sample_sigma(self, shape: list[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The training noise levels of one batch (EDM: log-normal; VP: sigma(t), t ~ U(eps_t, 1); VE: log-uniform)."""
 
+    @abc.abstractmethod
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss weight lambda(sigma) of each noise level."""
 
     def __call__(
         self,
