@@ -55,7 +55,9 @@ def render(run: RunFiles) -> str:
         page.header(run, created, __version__),
         page.curves_section(run, curves),
         page.samples_section(run, grids),
-        page.fid_section(run, charts.fid_png(run.records), charts.fid_keys(run.records), charts.fid_notes(run.records)),
+        page.fid_section(
+            run, charts.fid_pngs(run.records), charts.fid_keys(run.records), charts.fid_notes(run.records)
+        ),
         page.evaluation_section(run),
         page.lineage_section(run),
         page.skipped_section(run),

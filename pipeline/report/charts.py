@@ -42,7 +42,9 @@ CURVES = (
     Curve("data_wait_fraction", "Data wait", "% of step time waiting for data", percent=True),
     Curve("grad_norm", "Gradient norm", "grad-norm (before clipping)"),
 )
-FID_PREFIX = "fid_"
+# Metrics during training (`pipeline.train.fid`): the prefix of their keys (`fid_5k`, `fd_dinov2_5k`) and their
+# name on the page. Plumbing-only values are logged under `plumbing_only_*` keys, which no prefix here matches.
+TRAINING_METRICS = {"fid_": "FID", "fd_dinov2_": "FD_DINOv2"}
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -51,19 +53,18 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [step for step, _ in points], [value for _, value in points]
 
 
-def fid_keys(records: list[dict[str, Any]]) -> list[str]:
-    """The `fid_*` keys (FID during training, e.g. `fid_5k`) that hold a number in some record, sorted."""
-    return sorted(
-        {key for record in records for key in record if key.startswith(FID_PREFIX) and is_number(record[key])}
-    )
+def fid_keys(records: list[dict[str, Any]], prefixes: tuple[str, ...] = tuple(TRAINING_METRICS)) -> list[str]:
+    """The keys of metrics during training (`fid_5k`, `fd_dinov2_5k`) that hold a number in some record, sorted."""
+    return sorted({key for record in records for key in record if key.startswith(prefixes) and is_number(record[key])})
 
 
 def fid_notes(records: list[dict[str, Any]]) -> list[str]:
-    """Text the `fid_*` keys hold instead of numbers (e.g. a plumbing-only label), each once, in order."""
+    """Text the keys of metrics during training hold instead of numbers (e.g. a plumbing-only label), each once, in
+    order."""
     notes = []
     for record in records:
         for key, value in record.items():
-            if key.startswith(FID_PREFIX) and isinstance(value, str) and f"{key}: {value}" not in notes:
+            if key.startswith(tuple(TRAINING_METRICS)) and isinstance(value, str) and f"{key}: {value}" not in notes:
                 notes.append(f"{key}: {value}")
     return notes
 
@@ -113,12 +114,17 @@ def curve_png(records: list[dict[str, Any]], curve: Curve) -> bytes | None:
     return line_chart(curve.title, curve.ylabel, {curve.key: (steps, values)}, log_y)
 
 
-def fid_png(records: list[dict[str, Any]]) -> bytes | None:
-    """FID against the step, one line per `fid_*` key; None when no record holds one."""
-    keys = fid_keys(records)
-    if not keys:
-        return None
-    return line_chart("FID during training", "FID (lower is better)", {key: series(records, key) for key in keys})
+def fid_pngs(records: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
+    """(title, PNG) of one chart per metric during training (FID, FD_DINOv2: their scales differ), a line per key."""
+    charts = []
+    for prefix, metric in TRAINING_METRICS.items():
+        keys = fid_keys(records, (prefix,))
+        if keys:
+            title = f"{metric} during training"
+            charts.append(
+                (title, line_chart(title, f"{metric} (lower is better)", {k: series(records, k) for k in keys}))
+            )
+    return charts
 
 
 def evenly_spaced(count: int, keep: int) -> list[int]:

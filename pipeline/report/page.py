@@ -184,15 +184,16 @@ def samples_section(run: RunFiles, grids: list[tuple[int, bytes | None, str | No
     return section("samples", f'{text}<div class="grids">{"".join(figures)}</div>')
 
 
-def fid_section(run: RunFiles, png: bytes | None, keys: list[str], notes: list[str]) -> str:
-    """FID against the step, from the `fid_*` keys of the metrics records (FID during training), and the text
-    those keys hold instead of numbers (`notes`: e.g. that the values are plumbing-only)."""
+def fid_section(run: RunFiles, pngs: list[tuple[str, bytes]], keys: list[str], notes: list[str]) -> str:
+    """FID (and FD_DINOv2) against the step, from the `fid_*` (`fd_dinov2_*`) keys of the metrics records (metrics
+    during training), and the text those keys hold instead of numbers (`notes`: e.g. that the values are
+    plumbing-only)."""
     labels = "".join(f'<p class="bad">{esc(note)}</p>' for note in notes)
-    if png is None:
+    if not pngs:
         return section("fid", absent("fid_* values in metrics.jsonl (FID during training was not run)") + labels)
     rows = [[record["step"], key, record[key]] for record in run.records for key in keys if key in record]
-    chart = f'<div class="charts"><img src="{data_uri(png)}" alt="FID during training"></div>'
-    return section("fid", chart + labels + table(["step", "key", "value"], rows))
+    images = "".join(f'<img src="{data_uri(png)}" alt="{esc(title)}">' for title, png in pngs)
+    return section("fid", f'<div class="charts">{images}</div>' + labels + table(["step", "key", "value"], rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -154,13 +154,13 @@ def read_training_records(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 def curve_keys(record: dict[str, Any]) -> list[str]:
-    """The training metrics a study plots: the loss and every numeric FID-during-training key."""
+    """The training metrics a study plots: the loss and every numeric key of FID / FD_DINOv2 during training."""
     return [
         key
         for key, value in record.items()
         if isinstance(value, (int, float))
         and not isinstance(value, bool)
-        and (key == "loss" or key.startswith("fid_") or key.startswith("plumbing_only_fid_"))
+        and (key == "loss" or key.removeprefix("plumbing_only_").startswith(("fid_", "fd_dinov2_")))
     ]
 
 

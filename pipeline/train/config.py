@@ -198,17 +198,23 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """FID of the EMA model during training (`pipeline.train.fid`), logged as `fid_{N}k` in RUN/metrics.jsonl.
+    """FID (and FD_DINOv2) of the EMA model during training (`pipeline.train.fid`), logged as `fid_{N}k` (and
+    `fd_dinov2_{N}k`) in RUN/metrics.jsonl.
 
     Every `every` steps (0: never) `num_samples` images are sampled on all processes with the evaluate stage's
-    per-sample seeds and labels (the same images for any number of processes), their Inception features are
-    scored against the cached features / statistics of `reference` (any reference `diffit-pipe evaluate`
-    takes). Non-official Inception weights log `plumbing_only_fid_{N}k` instead.
+    per-sample seeds and labels (the same images for any number of processes); `metrics` (the evaluate stage's
+    names: `fid`, `fd_dinov2`) are computed from those images: their Inception / DINOv2 ViT-L/14 features are
+    scored against the cached features / stored statistics of `reference` (any reference `diffit-pipe evaluate`
+    takes). Non-official Inception weights log `plumbing_only_fid_{N}k`, DINOv2 weights not recognised as the
+    published ViT-L/14 `plumbing_only_fd_dinov2_{N}k` instead.
     """
 
     every: int = 0
     num_samples: int = 5000
+    metrics: list[str] = field(default_factory=lambda: ["fid"])
     reference: str | None = None
+    # fd_dinov2: DINOv2 ViT-L/14 weights (`dinov2_vitl14_pretrain.pth`), as `diffit-pipe evaluate --dinov2-weights`.
+    dinov2_weights: str | None = None
     # None: torch-fidelity's cache location (as `diffit-pipe evaluate`).
     inception_weights: str | None = None
     feature_layer: str = "2048"
@@ -251,8 +257,16 @@ class RepaConfig:
         "dinov2-vitb14"
     )
     # DINOv2: `dinov2_vit?14_pretrain.pth` or timm's model.safetensors; demo-classifier: the classifier's directory.
-    # Nothing is downloaded. May change on resume (another machine's path to the same file).
+    # Nothing is downloaded. May change on resume (another machine's path to the same file). With stored targets it
+    # is not loaded, only hashed: its sha256 must be the one the dataset's targets were computed with.
     encoder_weights: str | None = None
+    # Where the targets come from (latent models): `online` runs the encoder on each batch's images (the shards hold
+    # the crops: `encode --keep-images`); `stored` reads the encoder's tokens of the crop or its flip, whichever
+    # view the sample takes, from the shards (`encode --encoder-targets ENCODER --encoder-weights PATH`) and never
+    # loads the encoder. The same targets to float16 precision. Default online: measured in docs/benchmarks.md
+    # ("REPA's targets: stored or online"), storing DINOv2-B/14's tokens costs ~0.8 MB per sample (~1 TB for
+    # ImageNet) to save a few percent of a DiffiT-XL/2 step.
+    targets: Literal["online", "stored"] = "online"
 
 
 @dataclass
@@ -550,6 +564,7 @@ def _check_repa(config: Config, need) -> None:
     need(repa.projector_dim >= 1, f"repa.projector_dim must be >= 1, got {repa.projector_dim}")
     if repa.weight == 0:
         return
+    from diffit.models import model_family
     from pipeline.train.repa import RepaError, block_count
 
     try:
@@ -569,6 +584,11 @@ def _check_repa(config: Config, need) -> None:
         config.data.augment == 0,
         f"data.augment {config.data.augment} with repa.weight {repa.weight}: the network would see augmented images "
         "while REPA's targets are the encoder's features of the data's; train REPA without EDM's augmentation",
+    )
+    need(
+        repa.targets == "online" or model_family(config.model.name) == "latent",
+        f"repa.targets stored: targets are stored in latent shards (`encode --encoder-targets`); {config.model.name} "
+        "trains on images, whose targets are computed from the batch itself (repa.targets: online)",
     )
 
 
@@ -599,6 +619,10 @@ def _check_edm_settings(config: Config, family: str, need) -> None:
     )
 
 
+# The metrics `eval` computes during training (the evaluate stage's names for them).
+TRAINING_METRICS = ("fid", "fd_dinov2")
+
+
 def _check_eval(config: Config, need) -> None:
     """`eval.*`: counts, and a reference and the sampler a diffusion type can use when FID is on."""
     ev = config.eval
@@ -609,6 +633,15 @@ def _check_eval(config: Config, need) -> None:
     need(ev.batch_size >= 1 and ev.feature_batch_size >= 1, "eval.batch_size and eval.feature_batch_size must be >= 1")
     need(ev.steps is None or ev.steps >= 1, f"eval.steps must be >= 1, got {ev.steps}")
     need(ev.reference is not None, "eval.reference: FID during training (eval.every > 0) needs a reference")
+    need(
+        bool(ev.metrics) and set(ev.metrics) <= set(TRAINING_METRICS) and len(set(ev.metrics)) == len(ev.metrics),
+        f"eval.metrics must be a non-empty list of distinct names from {list(TRAINING_METRICS)}, got {ev.metrics}",
+    )
+    need(
+        "fd_dinov2" not in ev.metrics or ev.dinov2_weights is not None,
+        "eval.dinov2_weights: fd_dinov2 during training needs the DINOv2 ViT-L/14 weights file "
+        "(dinov2_vitl14_pretrain.pth; nothing is downloaded)",
+    )
     sampler = ev.sampler or config.sample.sampler
     need(
         sampler in samplers_for(config.diffusion.type),

@@ -1,20 +1,24 @@
-"""FID of the EMA model during training (`eval.every` > 0), logged as `fid_{N}k` with the step.
+"""FID and FD_DINOv2 of the EMA model during training (`eval.every` > 0), logged as `fid_{N}k` / `fd_dinov2_{N}k`
+with the step.
 
 Every `eval.every` steps all processes sample their contiguous share of the sample indices 0..N-1 from the EMA
 model, with the evaluate stage's per-sample noise seeds and class labels (`sample_noise_seeds` /
 `sample_class_labels` of (`eval.seed`, index)), so the N images are the same for any number of processes and
 are the images `diffit-pipe evaluate --seed S --num-samples N` draws from the exported EMA. Latent samples are
 decoded through the dataset's VAE (`vae.decode(latent_norm.denormalize(latents))`, as the evaluate stage decodes), the
-images converted to uint8 as the evaluate stage stores them, and each process computes its images' Inception
-features. The features are gathered (`accelerator.gather`) in index order; the main process computes their mean
-and covariance and the Fréchet distance to the reference's statistics -- stored ones, or those of its
-features, which the evaluate stage caches on disk (`.fidelity-cache` beside the reference) and this module keeps
-in memory after the first evaluation.
+images converted to uint8 as the evaluate stage stores them, and each process computes its images' features for
+each of `eval.metrics` (Inception's for `fid`; DINOv2 ViT-L/14 CLS for `fd_dinov2`, as `pipeline.evaluate.dinov2`
+computes them: one set of samples serves both). The features are gathered (`accelerator.gather`) in index order;
+the main process computes their mean and covariance and the Fréchet distance to the reference's statistics --
+stored ones, or those of its features, which the evaluate stage caches on disk (`.fidelity-cache` beside the
+reference) and this module keeps in memory after the first evaluation (for FD_DINOv2 the reference's stored
+`mu_dinov2` / `sigma_dinov2` when it has them, as `diffit-pipe evaluate`).
 
-Key: `fid_{N/1000:g}k` (5000 samples: `fid_5k`, 50: `fid_0.05k`). With Inception weights that are not the
-official torch-fidelity file the value goes under `plumbing_only_fid_{N/1000:g}k` instead, never under a
-`fid_*` key (the run report plots numeric `fid_*` keys as FID), and `fid_note` holds the plumbing-only label
-(the report lists text `fid_*` values as notes).
+Keys: `fid_{N/1000:g}k` (5000 samples: `fid_5k`, 50: `fid_0.05k`) and `fd_dinov2_{N/1000:g}k`. With Inception
+weights that are not the official torch-fidelity file (DINOv2 weights not recognised as the published ViT-L/14) the
+value goes under `plumbing_only_fid_{N/1000:g}k` (`plumbing_only_fd_dinov2_...`) instead, never under a `fid_*` /
+`fd_dinov2_*` key (the run report plots those numeric keys as the metric), and `fid_note` (`fd_dinov2_note`) holds
+the plumbing-only label (the report lists text values of those keys as notes).
 
 The sampling runs inside `torch.random.fork_rng`, so the training RNG stream is the same with and without it.
 """
@@ -32,13 +36,18 @@ from pipeline.train.config import Config
 logger = logging.getLogger(__name__)
 
 PLUMBING_PREFIX = "plumbing_only_"
-NOTE_KEY = "fid_note"
+
+
+def metric_key(metric: str, num_samples: int, official: bool) -> str:
+    """`fid_5k` for FID on 5000 samples (`fid_0.05k` for 50), `fd_dinov2_5k` for FD_DINOv2; prefixed with
+    `plumbing_only_` for weights that are not the official / published ones."""
+    key = f"{metric}_{num_samples / 1000:g}k"
+    return key if official else PLUMBING_PREFIX + key
 
 
 def fid_key(num_samples: int, official: bool) -> str:
     """`fid_5k` for 5000 samples (`fid_0.05k` for 50); `plumbing_only_fid_5k` for non-official weights."""
-    key = f"fid_{num_samples / 1000:g}k"
-    return key if official else PLUMBING_PREFIX + key
+    return metric_key("fid", num_samples, official)
 
 
 def index_share(num_samples: int, rank: int, world_size: int) -> range:
@@ -63,14 +72,115 @@ def eval_sampling_config(config: Config, conditional: bool):
     return sampling_config(config, conditional, {**sampling_settings(config.sample), **chosen})
 
 
-class FidEvaluator:
-    """FID of the EMA model against `eval.reference`; built on every process (all take part in `evaluate`).
+class InceptionFID:
+    """FID: Inception features of the samples against the reference's (cached) Inception statistics."""
 
-    The Inception weights and the reference are checked when it is built, before the first training step.
+    name = "fid"
+
+    def __init__(self, config: Config, cuda: bool):
+        from pipeline.evaluate import FeatureConfig, resolve_inception_weights
+
+        ev = config.eval
+        weights = resolve_inception_weights(ev.inception_weights)
+        self.features_config = FeatureConfig(
+            weights=weights,
+            layer_fid=ev.feature_layer,
+            batch_size=ev.feature_batch_size,
+            cuda=cuda,
+            num_workers=0,
+            progress=False,
+        )
+        self.layer = ev.feature_layer
+        self.key = metric_key("fid", ev.num_samples, weights.official)
+        self.label = weights.label
+        self.extractor = None
+        self.statistics = None  # (mu, sigma) of the reference, main process, after the first evaluation
+
+    @property
+    def device(self):
+        return self.features_config.device
+
+    def features(self, images):
+        from pipeline.evaluate import ArrayDataset, create_feature_extractor, extract_features
+
+        if self.extractor is None:
+            self.extractor = create_feature_extractor(self.features_config, [self.layer])
+        dataset = ArrayDataset(images, "training samples")
+        return extract_features(dataset, self.extractor, self.features_config)[self.layer]
+
+    def reference_statistics(self, reference, cache_dir: Path, dim: int):
+        from pipeline.evaluate import gather_reference_inputs
+
+        if self.statistics is None:
+            inputs = gather_reference_inputs(
+                reference,
+                ["fid"],
+                {"fid": self.layer},
+                self.features_config,
+                cache_dir,
+                self.extractor,
+                {self.layer: dim},
+            )
+            self.statistics = inputs.statistics["fid"]
+        return self.statistics
+
+
+class DINOv2FD:
+    """FD_DINOv2: DINOv2 ViT-L/14 CLS features of the samples against the reference's (stored or cached) ones,
+    exactly as `diffit-pipe evaluate --metrics fd_dinov2` (`pipeline.evaluate.fd_dinov2`)."""
+
+    name = "fd_dinov2"
+
+    def __init__(self, config: Config, cuda: bool):
+        from pipeline.evaluate.dinov2 import DINOv2Config, resolve_dinov2_weights
+
+        ev = config.eval
+        weights = resolve_dinov2_weights(ev.dinov2_weights)
+        self.features_config = DINOv2Config(
+            weights=weights, batch_size=ev.feature_batch_size, cuda=cuda, progress=False
+        )
+        self.key = metric_key("fd_dinov2", ev.num_samples, weights.recognised)
+        self.label = weights.label
+        self.extractor = None
+        self.statistics = None
+
+    @property
+    def device(self):
+        return self.features_config.device
+
+    def features(self, images):
+        from pipeline.evaluate import ArrayDataset
+        from pipeline.evaluate.dinov2 import DINOV2_LAYER, create_dinov2_extractor
+        from pipeline.evaluate.features import extract_all
+
+        if self.extractor is None:
+            self.extractor = create_dinov2_extractor(self.features_config)
+        dataset = ArrayDataset(images, "training samples")
+        batch = self.features_config.batch_size
+        return extract_all(dataset, self.extractor, batch, 0, "DINOv2 features", progress=False)[DINOV2_LAYER]
+
+    def reference_statistics(self, reference, cache_dir: Path, dim: int):
+        from pipeline.evaluate.fd_dinov2 import reference_dinov2_statistics
+
+        if self.statistics is None:
+            self.statistics, _, _ = reference_dinov2_statistics(
+                reference, self.features_config, cache_dir, self.extractor
+            )
+        return self.statistics
+
+
+TRAINING_METRIC_CLASSES = {"fid": InceptionFID, "fd_dinov2": DINOv2FD}
+
+
+class FidEvaluator:
+    """The `eval` section's metrics (FID, FD_DINOv2) of the EMA model against `eval.reference`, from one set of
+    samples; built on every process (all take part in `evaluate`).
+
+    The weights and the reference are checked when it is built, before the first training step.
     """
 
     def __init__(self, config: Config, info: DatasetInfo, accelerator):
-        from pipeline.evaluate import FeatureConfig, open_reference, resolve_inception_weights
+        from pipeline.evaluate import open_reference
         from pipeline.train.checks import TrainError
 
         ev = config.eval
@@ -79,19 +189,9 @@ class FidEvaluator:
             raise TrainError(
                 f"eval.num_samples {ev.num_samples} is fewer than the {accelerator.num_processes} processes"
             )
-        weights = resolve_inception_weights(ev.inception_weights)
-        self.features = FeatureConfig(
-            weights=weights,
-            layer_fid=ev.feature_layer,
-            batch_size=ev.feature_batch_size,
-            cuda=accelerator.device.type == "cuda",
-            num_workers=0,
-            progress=False,
-        )
-        self.key = fid_key(ev.num_samples, weights.official)
+        cuda = accelerator.device.type == "cuda"
+        self.metrics = [TRAINING_METRIC_CLASSES[name](config, cuda) for name in ev.metrics]
         self.reference = open_reference(ev.reference)
-        self.reference_statistics = None  # (mu, sigma), main process, after the first evaluation
-        self.extractor = None
         self.vae = None
         if info.kind == "latents":
             self.vae = self._load_vae(info, accelerator.device)
@@ -99,7 +199,7 @@ class FidEvaluator:
     @staticmethod
     def _load_vae(info: DatasetInfo, device):
         """The dataset's VAE in fp32 on the training device (the one VAE loader, as the sample grids load it); a
-        VAE that does not load is an error here, before training, since FID needs images."""
+        VAE that does not load is an error here, before training, since the metrics need images."""
         from pipeline.train.checks import TrainError
         from pipeline.train.samples import load_dataset_vae
 
@@ -109,46 +209,35 @@ class FidEvaluator:
             raise TrainError(f"eval.every > 0: FID needs the dataset's VAE, which does not load ({error})") from error
 
     def evaluate(self, ema_model, step: int) -> dict[str, Any]:
-        """Sample, score and return the record to log ({key: FID, ...}, plus the label when plumbing-only);
-        every process calls it and gets the same record's keys (the value on the main process)."""
+        """Sample, score and return the record to log ({key: value, ...} per metric, plus the label when
+        plumbing-only); every process calls it and gets the same record's keys (the values on the main process)."""
+        import numpy as np
         import torch
 
         started = time.perf_counter()
         was_training = ema_model.training
         ema_model.eval()
-        # Nothing here may draw from the training RNG streams (the Inception network is built here, the first
-        # time, and a reference's features may be extracted).
-        with torch.random.fork_rng(devices=rng_devices(self.accelerator.device)), torch.no_grad():
-            gathered = self._gather(self._features_of_share(ema_model))
-            value = self._frechet(gathered) if self.accelerator.is_main_process else None
-        ema_model.train(was_training)
-        record: dict[str, Any] = {}
-        if self.accelerator.is_main_process:
-            record[self.key] = value
-            if self.key.startswith(PLUMBING_PREFIX):
-                record[NOTE_KEY] = self.features.weights.label
-            # Not under a `fid_*` key: the run report plots every numeric one as FID.
-            # Not under a `fid_*` key: the run report plots every numeric one as FID.
-            record["eval_seconds"] = time.perf_counter() - started
-            logger.info("step %d: %s = %.4f (%.1f s)", step, self.key, record[self.key], record["eval_seconds"])
-        return record
-
-    def _features_of_share(self, ema_model):
-        """Inception features [n, dim] of this process's share of the sample indices, in index order."""
-        import numpy as np
-
-        from pipeline.evaluate import ArrayDataset, create_feature_extractor, extract_features
-
         ev = self.config.eval
         share = index_share(ev.num_samples, self.accelerator.process_index, self.accelerator.num_processes)
-        indices = np.arange(share.start, share.stop)
-        if self.extractor is None:
-            self.extractor = create_feature_extractor(self.features, [ev.feature_layer])
-        images = self._images(ema_model, indices)
-        self._check_resolution(images.shape[1:3])
-        return extract_features(ArrayDataset(images, "training samples"), self.extractor, self.features)[
-            ev.feature_layer
-        ]
+        record: dict[str, Any] = {}
+        # Nothing here may draw from the training RNG streams (the feature networks are built here, the first
+        # time, and a reference's features may be extracted).
+        with torch.random.fork_rng(devices=rng_devices(self.accelerator.device)), torch.no_grad():
+            images = self._images(ema_model, np.arange(share.start, share.stop))
+            self._check_resolution(images.shape[1:3])
+            for metric in self.metrics:
+                gathered = self._gather(metric.features(images))
+                if self.accelerator.is_main_process:
+                    record[metric.key] = self._frechet(metric, gathered)
+                    if metric.key.startswith(PLUMBING_PREFIX):
+                        record[f"{metric.name}_note"] = metric.label
+        ema_model.train(was_training)
+        if self.accelerator.is_main_process:
+            # Not under a `fid_*` / `fd_dinov2_*` key: the run report plots every numeric one as the metric.
+            record["eval_seconds"] = time.perf_counter() - started
+            values = ", ".join(f"{metric.key} = {record[metric.key]:.4f}" for metric in self.metrics)
+            logger.info("step %d: %s (%.1f s)", step, values, record["eval_seconds"])
+        return record
 
     def _check_resolution(self, size) -> None:
         """The reference's images must be of the samples' size (as `diffit-pipe evaluate` requires)."""
@@ -204,22 +293,12 @@ class FidEvaluator:
         gathered = accelerator.gather(padded).reshape(accelerator.num_processes, longest, -1)
         return torch.cat([gathered[rank, :count] for rank, count in enumerate(shares)]).cpu()
 
-    def _frechet(self, features) -> float:
-        """FID of the gathered features against the reference (statistics computed once, from the cache)."""
-        from pipeline.evaluate import feature_statistics, frechet_distance
-
-        if self.reference_statistics is None:
-            self.reference_statistics = self._reference_statistics(int(features.shape[1]))
-        mu, sigma = feature_statistics(features, self.features.device)
-        return float(frechet_distance(mu, sigma, *self.reference_statistics))
-
-    def _reference_statistics(self, dim: int):
-        from pipeline.evaluate import gather_reference_inputs, reference_cache_dir
+    def _frechet(self, metric, features) -> float:
+        """The metric's Fréchet distance of the gathered features to the reference's statistics (computed once)."""
+        from pipeline.evaluate import feature_statistics, frechet_distance, reference_cache_dir
 
         ev = self.config.eval
         cache_dir = reference_cache_dir(self.reference, Path(ev.cache_dir) if ev.cache_dir else None)
-        layer = ev.feature_layer
-        inputs = gather_reference_inputs(
-            self.reference, ["fid"], {"fid": layer}, self.features, cache_dir, self.extractor, {layer: dim}
-        )
-        return inputs.statistics["fid"]
+        reference = metric.reference_statistics(self.reference, cache_dir, int(features.shape[1]))
+        mu, sigma = feature_statistics(features, metric.device)
+        return float(frechet_distance(mu, sigma, *reference))

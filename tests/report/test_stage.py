@@ -28,8 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SECTION_TITLES = ("Training curves", "Samples over training", "FID during training", "Evaluation", "Lineage")
 LINEAGE_TITLES = ("Dataset manifest", "Run config", "Checkpoints", "Export", "Metrics")
 CURVE_TITLES = ("Loss", "Learning rate", "Images per second", "Data wait", "Gradient norm")
-# FID during training, as the trainer logs it: `fid_{N}k` keys in metrics.jsonl records.
-FID_RECORDS = ({"step": 4, "fid_5k": 301.5}, {"step": 8, "fid_5k": 250.25})
+# FID and FD_DINOv2 during training, as the trainer logs them: `fid_{N}k` / `fd_dinov2_{N}k` keys in metrics.jsonl.
+FID_RECORDS = (
+    {"step": 4, "fid_5k": 301.5, "fd_dinov2_5k": 812.0},
+    {"step": 8, "fid_5k": 250.25, "fd_dinov2_5k": 640.5},
+)
 BROWSER_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -148,14 +151,16 @@ def test_report_of_a_tiny_run_names_every_section_and_links_the_lineage_by_hash(
     assert f"<tr><th>last loss</th><td>{last['loss']:.6g}</td></tr>" in page
     assert_self_contained(page)
 
-    # Five curves and the FID chart drawn by matplotlib (560 x 320 px), the two sample grids (4 samples of 16 px).
+    # Five curves, the FID and FD_DINOv2 charts (matplotlib, 560 x 320 px), the two sample grids (4 samples of 16 px).
     images = dict(images_of(page))
-    assert set(images) == {*CURVE_TITLES, "FID during training", "samples at step 4", "samples at step 8"}
-    for title in (*CURVE_TITLES, "FID during training"):
+    metric_charts = ("FID during training", "FD_DINOv2 during training")  # one chart each: their scales differ
+    assert set(images) == {*CURVE_TITLES, *metric_charts, "samples at step 4", "samples at step 8"}
+    for title in (*CURVE_TITLES, *metric_charts):
         assert png_size(images[title]) == (560, 320), title
     for step in (4, 8):
         assert images[f"samples at step {step}"] == reencoded(tiny_run / "run" / "samples" / f"step-{step:07d}.png")
-    assert "<td>301.5</td>" in page and "<td>250.25</td>" in page  # the FID table
+    assert "<td>301.5</td>" in page and "<td>250.25</td>" in page  # the table of metrics during training
+    assert "<td>812</td>" in page and "<td>640.5</td>" in page
 
     # The lineage: every hash, and every link checked.
     run_dir = tiny_run / "run"

@@ -1,5 +1,6 @@
-"""FID during training (`eval.every`): logged at the right steps, equal to what `diffit-pipe evaluate` computes
-on the exported EMA with the same seeds / reference / feature layer, and without shifting the training RNG."""
+"""FID and FD_DINOv2 during training (`eval.every`, `eval.metrics`): logged at the right steps, equal to what
+`diffit-pipe evaluate` computes on the exported EMA with the same seeds / reference / feature layer / DINOv2 weights,
+and without shifting the training RNG."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import pytest
 
 from pipeline.train import TrainOptions, export_checkpoint, run_train
 from pipeline.train.config import ConfigError, config_from_dict
-from pipeline.train.fid import fid_key, index_share
+from pipeline.train.fid import fid_key, index_share, metric_key
 from tests.support.eval_fixtures import smooth_images, write_npz_reference
 from tests.support.train_fixtures import read_metrics, tiny_image_config, write_config, write_image_dataset
 
 NUM_SAMPLES = 6
 KEY = "plumbing_only_fid_0.006k"  # random Inception weights: never under a `fid_*` key
+DINOV2_KEY = "plumbing_only_fd_dinov2_0.006k"  # random DINOv2 weights: never under a `fd_dinov2_*` key
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,15 +41,19 @@ def _train(tmp_path: Path, name: str, config: dict, data: Path) -> Path:
     return run_dir
 
 
-def test_fid_during_training_matches_the_evaluate_stage(tmp_path, inception_weights):
+def test_fid_and_fd_dinov2_during_training_match_the_evaluate_stage(tmp_path, inception_weights):
     from pipeline.evaluate import PLUMBING_ONLY_LABEL, EvaluateOptions, run_evaluate
+    from tests.support.encoder_fixtures import save_official, tiny_timm_dinov2
 
     data = write_image_dataset(tmp_path / "data", num_samples=4, num_shards=1, resolution=8)
     reference = write_npz_reference(tmp_path / "ref.npz", smooth_images(5, size=8))
+    dinov2 = save_official(tiny_timm_dinov2(embed_dim=16, depth=1, grid=4, seed=7), tmp_path / "tiny-dinov2.pth")
     eval_section = {
         "every": 2,
         "num_samples": NUM_SAMPLES,
+        "metrics": ["fid", "fd_dinov2"],
         "reference": str(reference),
+        "dinov2_weights": str(dinov2),
         "inception_weights": str(inception_weights),
         "feature_layer": "64",
         "batch_size": 4,  # two sampler calls, the second one short
@@ -62,9 +68,15 @@ def test_fid_during_training_matches_the_evaluate_stage(tmp_path, inception_weig
     assert [r["step"] for r in fid_records] == [2, 4]
     assert all(math.isfinite(r[KEY]) and r[KEY] > 0 for r in fid_records)
     assert all(r["fid_note"] == PLUMBING_ONLY_LABEL for r in fid_records)
-    assert not any(k.startswith("fid_") and not isinstance(v, str) for r in records for k, v in r.items())
-    # The EMA changed between the evaluations, so did its FID.
+    assert not any(
+        k.startswith(("fid_", "fd_dinov2_")) and not isinstance(v, str) for r in records for k, v in r.items()
+    )
+    # FD_DINOv2 from the same samples, in the same records, labelled as the tiny random weights' plumbing.
+    assert [r["step"] for r in records if DINOV2_KEY in r] == [2, 4]
+    assert all(r["fd_dinov2_note"].startswith("plumbing-only (DINOv2 weights tiny-dinov2.pth") for r in fid_records)
+    # The EMA changed between the evaluations, so did its FID and FD_DINOv2.
     assert fid_records[0][KEY] != fid_records[1][KEY]
+    assert fid_records[0][DINOV2_KEY] != fid_records[1][DINOV2_KEY]
 
     # The training RNG is not shifted: the losses with and without the evaluations are identical.
     losses = [r["loss"] for r in records if "loss" in r]
@@ -81,7 +93,8 @@ def test_fid_during_training_matches_the_evaluate_stage(tmp_path, inception_weig
         seed=3,
         reference=reference,
         inception_weights=inception_weights,
-        metrics=("fid",),
+        metrics=("fid", "fd_dinov2"),
+        dinov2_weights=dinov2,
         feature_layer="64",
         feature_batch_size=NUM_SAMPLES,
         feature_workers=0,
@@ -89,6 +102,7 @@ def test_fid_during_training_matches_the_evaluate_stage(tmp_path, inception_weig
     )
     record = run_evaluate(options)
     assert record["plumbing_only_metrics"]["fid"] == pytest.approx(fid_records[1][KEY], rel=1e-6)
+    assert record["plumbing_only_metrics"]["fd_dinov2"] == pytest.approx(fid_records[1][DINOV2_KEY], rel=1e-6)
 
 
 def test_fid_keys_and_index_shares():
@@ -96,6 +110,8 @@ def test_fid_keys_and_index_shares():
     assert fid_key(50_000, official=True) == "fid_50k"
     assert fid_key(50, official=True) == "fid_0.05k"
     assert fid_key(5000, official=False) == "plumbing_only_fid_5k"
+    assert metric_key("fd_dinov2", 5000, official=True) == "fd_dinov2_5k"
+    assert metric_key("fd_dinov2", 50, official=False) == "plumbing_only_fd_dinov2_0.05k"
     # Contiguous shares covering 0..N-1 exactly once, in rank order, for any number of processes.
     for count, world in ((10, 3), (2, 4), (7, 1)):
         shares = [index_share(count, rank, world) for rank in range(world)]
@@ -111,6 +127,10 @@ def test_eval_settings_are_checked():
         config_from_dict({**base, "eval": {"every": 2, "num_samples": 1, "reference": "r.npz"}})
     with pytest.raises(ConfigError, match="eval.sampler 'ddim' does not fit diffusion.type 'edm'"):
         config_from_dict({**base, "eval": {"every": 2, "reference": "r.npz", "sampler": "ddim"}})
+    with pytest.raises(ConfigError, match="eval.metrics must be a non-empty list of distinct names"):
+        config_from_dict({**base, "eval": {"every": 2, "reference": "r.npz", "metrics": ["fid", "is"]}})
+    with pytest.raises(ConfigError, match="eval.dinov2_weights: fd_dinov2 during training needs"):
+        config_from_dict({**base, "eval": {"every": 2, "reference": "r.npz", "metrics": ["fd_dinov2"]}})
     assert config_from_dict(base).eval.every == 0
 
 
