@@ -43,8 +43,12 @@ def unit_command(study_file: Path, out: Path, settings: list[str], index: int) -
     return command + ["--run-index", str(index)]
 
 
-def run_parallel(study_file: Path, out: Path, settings: list[str], units: list[Unit], jobs: int, log=print) -> None:
-    """Run `units`, `jobs` at a time, each in its own process with its own slot (see the module docstring)."""
+def run_parallel(
+    study_file: Path, out: Path, settings: list[str], units: list[Unit], jobs: int, total: int, log=print
+) -> None:
+    """Run `units`, `jobs` at a time, each in its own process with its own slot (see the module docstring). `units`
+    are the ones still to run (a resumed study skips finished ones); `total` is the study's unit count, so that the
+    log numbers a unit as the study does ("run 11/18", never "11/10")."""
     import torch
 
     environments = slot_environments(jobs, torch.cuda.device_count(), os.cpu_count() or 1)
@@ -58,7 +62,7 @@ def run_parallel(study_file: Path, out: Path, settings: list[str], units: list[U
         log_path = out / LOGS_DIR / f"run-{unit.index}.log"
         try:
             slot_text = " ".join(f"{k}={v}" for k, v in slot.items())
-            log(f"[study] run {unit.index + 1}/{len(units)} {unit.run_dir}: started ({slot_text}, log {log_path})")
+            log(f"[study] run {unit.index + 1}/{total} {unit.run_dir}: started ({slot_text}, log {log_path})")
             with open(log_path, "ab") as stream:
                 code = subprocess.call(
                     unit_command(study_file, out, settings, unit.index),
@@ -66,7 +70,7 @@ def run_parallel(study_file: Path, out: Path, settings: list[str], units: list[U
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **slot},
                 )
-            log(f"[study] run {unit.index + 1}/{len(units)} {unit.run_dir}: exit {code}")
+            log(f"[study] run {unit.index + 1}/{total} {unit.run_dir}: exit {code}")
             return unit, code, log_path
         finally:
             free.put(slot)

@@ -71,7 +71,7 @@ def run_study(options: StudyOptions, log: Callable[[str], None] = print) -> Path
             from pipeline.study.parallel import run_parallel
 
             pending = [unit for unit in units if unit_state(study, unit, out) != "done"]
-            run_parallel(options.study_file, out, list(options.settings), pending, options.jobs, log=log)
+            run_parallel(options.study_file, out, list(options.settings), pending, options.jobs, len(units), log=log)
         elif not options.aggregate_only:
             run_all(study, out, log=log)
         result = aggregate(study, out)

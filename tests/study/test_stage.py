@@ -720,22 +720,28 @@ def test_jobs_count_a_unit_killed_by_a_signal_as_failed(tiny, tmp_path, monkeypa
     from pipeline.study import parallel
 
     study = load_study(tiny / "study.yaml")
-    units = study.units()[:2]
-    done = tmp_path / "unit-0-ran"
+    units = study.units()[1:3]  # a resumed study: unit 0 finished before
+    done = tmp_path / "unit-1-ran"
     commands = {
-        0: [sys.executable, "-c", f"open({str(done)!r}, 'w').close()"],
-        1: [
+        1: [sys.executable, "-c", f"open({str(done)!r}, 'w').close()"],
+        2: [
             sys.executable,
             "-c",
             "import os, signal; print('dying', flush=True); os.kill(os.getpid(), signal.SIGKILL)",
         ],
     }
     monkeypatch.setattr(parallel, "unit_command", lambda _file, _out, _settings, index: commands[index])
+    lines = []
     with pytest.raises(JobFailedError) as failed:
-        parallel.run_parallel(tiny / "study.yaml", tmp_path, [], units, jobs=2, log=lambda _line: None)
-    log = tmp_path / "logs" / "run-1.log"
-    assert str(failed.value) == f"1 of 2 study run(s) failed: runs/positional/seed-1 exit -9 (log {log})"
+        parallel.run_parallel(tiny / "study.yaml", tmp_path, [], units, jobs=2, total=4, log=lines.append)
+    log = tmp_path / "logs" / "run-2.log"
+    assert str(failed.value) == f"1 of 2 study run(s) failed: {units[1].run_dir} exit -9 (log {log})"
     assert done.is_file() and log.read_text() == "dying\n"
+    # Numbered out of the study's units, not out of the ones left to run.
+    assert sorted(line.split(":")[0] for line in lines if line.endswith(("exit 0", "exit -9"))) == [
+        f"[study] run 2/4 {units[0].run_dir}",
+        f"[study] run 3/4 {units[1].run_dir}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
