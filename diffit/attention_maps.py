@@ -17,7 +17,9 @@ Geometry (`attention_sites`): blocks are numbered in forward order. Latent Diffi
 grid, so a map is the whole grid. The image U-Net attends within local windows (`window_partition`), so a map is the
 window that holds the query, at that block's resolution. The query is given on the model's finest token grid (the
 patch tokens of a latent model, the pixels of an image model) and follows the block's resolution: stage i of the
-U-Net (feature maps 2^i times smaller) takes token (row // 2^i, col // 2^i). Default: the grid's centre token.
+U-Net (feature maps 2^i times smaller) takes token (row // 2^i, col // 2^i); the ViT encoder of Table 4 A attends
+over its whole patch grid (token (row // p, col // p)). Time-free attention ("added-per-stage") is drawn the same
+way: its maps change over time only through the features. Default: the grid's centre token.
 
 The network input (`noised_input`) follows the model's own time variable: the ADM timestep t (integer, 0 .. T-1)
 for "adm" exports, EDM's sigma for "edm" exports (the network sees c_in x and c_noise of the export's
@@ -105,16 +107,9 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
             grid = int(model.grid_size)
             sites.append(AttentionSite(index, f"blocks.{index}.attn", block.attn, grid, grid, 1))
         return sites
-    stages = [(f"encoder.{i}", i, stage) for i, stage in enumerate(model.encoder)]
-    deepest = len(model.encoder) - 1  # decoder stages run from the deepest skip resolution up (see DiffiTUNet)
-    stages += [(f"decoder.{j}", deepest - 1 - j, stage) for j, stage in enumerate(model.decoder)]
-    for prefix, level, stage in stages:
-        for position, block in enumerate(stage.blocks):
-            size = int(model.img_resolution) // 2**level
-            name = f"{prefix}.blocks.{position}.transformer.attn"
-            sites.append(
-                AttentionSite(len(sites), name, block.transformer.attn, size, int(block.window_size), 2**level)
-            )
+    for site in model.block_sites():  # every layout of Table 4: ResBlocks on windows, ViT blocks on the whole grid
+        name = f"{site.name}.transformer.attn"
+        sites.append(AttentionSite(len(sites), name, site.block.transformer.attn, site.side, site.window, site.stride))
     return sites
 
 

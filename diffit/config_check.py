@@ -30,8 +30,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .conditionings import TIME_CONDITIONINGS
+from .conditionings import STAGE_CONDITIONINGS, TIME_CONDITIONINGS
 from .model_size import FAMILY_SIZES
+from .unet_layout import DECODERS, ENCODERS, layout_problem
 
 DEFAULT_MAX_PARAMETERS = 4_000_000_000
 MAX_PARAMETERS_ENV = "DIFFIT_MAX_PARAMETERS"
@@ -111,6 +112,12 @@ IMAGE_FIELDS = {
     "num_groups": ("int", 1, MAX_WIDTH),
     "dropout": ("float", 0.0, 1.0),
     "augment_dim": ("int", 0, MAX_IN_CHANNELS),  # EDM's augmentation labels (9 with `data.augment`)
+    # Table 4's encoder / decoder designs (`diffit.unet_layout`; cross-field rules in `_check_structure`)
+    "decoder_time_conditioning": ("choice", None, *TIME_CONDITIONINGS),  # None: the encoder's time_conditioning
+    "encoder": ("choice", *ENCODERS),
+    "decoder": ("choice", *DECODERS),
+    "patch_size": ("int", 1, MAX_RESOLUTION),  # encoder "vit" only
+    "mla_channels": ("optional_int", 2, MAX_WIDTH),  # decoder "setr-mla" only; None: channels[0]
 }
 # EDM's SongUNet (`diffit.songunet`, the DDPM++ / NCSN++ baselines): its constructor arguments.
 SONGUNET_FIELDS = {
@@ -230,6 +237,11 @@ def _check_fields(where: str, values: Any, fields: dict[str, tuple], check_field
 def _check_structure(family: str, kwargs: dict[str, Any]) -> None:
     """Cross-field rules that decide sizes (the constructors check the rest, on the meta device)."""
     if family == "latent":
+        if kwargs["time_conditioning"] in STAGE_CONDITIONINGS:
+            raise ValueError(
+                f"time_conditioning {kwargs['time_conditioning']!r} adds the time at the start of each stage of the "
+                "DiffiT U-Net; the latent DiffiT has no stages (use 'tmsa' or another block conditioning)"
+            )
         if kwargs["input_size"] % kwargs["patch_size"]:
             raise ValueError(f"input_size {kwargs['input_size']} is not divisible by patch_size {kwargs['patch_size']}")
         if kwargs["hidden_size"] % kwargs["num_heads"]:
@@ -249,6 +261,21 @@ def _check_structure(family: str, kwargs: dict[str, Any]) -> None:
         raise ValueError(f"channels {channels} and blocks_per_stage {blocks} must have one entry per stage")
     if sum(blocks) > MAX_DEPTH:
         raise ValueError(f"blocks_per_stage {blocks} holds {sum(blocks)} ResBlocks (at most {MAX_DEPTH})")
+    problem = layout_problem(
+        kwargs["img_resolution"],
+        channels,
+        blocks,
+        encoder=kwargs["encoder"],
+        decoder=kwargs["decoder"],
+        patch_size=kwargs["patch_size"],
+        decoder_time_conditioning=kwargs["decoder_time_conditioning"],
+        mla_channels=kwargs["mla_channels"],
+        max_attention_tokens=MAX_ATTENTION_TOKENS,
+    )
+    if problem:
+        raise ValueError(problem)
+    if kwargs["encoder"] == "vit":
+        return  # global attention over the patch grid, checked above; window_size is unused
     if min(kwargs["window_size"], kwargs["img_resolution"]) ** 2 > MAX_ATTENTION_TOKENS:
         raise ValueError(
             f"window_size {kwargs['window_size']} gives more than {MAX_ATTENTION_TOKENS} tokens in one attention window"
@@ -318,6 +345,11 @@ _CONSTRUCTOR_DEFAULTS = {
         "num_groups": 32,
         "dropout": 0.0,
         "augment_dim": 0,
+        "decoder_time_conditioning": None,
+        "encoder": "multi-resolution",
+        "decoder": "multi-resolution",
+        "patch_size": 2,
+        "mla_channels": None,
     },
     "songunet": {  # SongUNet's signature (the named configurations set every field)
         "label_dim": 0,

@@ -28,6 +28,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .conditionings import STAGE_CONDITIONINGS
 from .hub import DiffiTModelHubMixin
 from .layers import (
     ADALN_CONDITIONINGS,
@@ -110,6 +111,11 @@ class LatentDiffiT(nn.Module, DiffiTModelHubMixin):
         self.grid_size = input_size // patch_size
         if time_conditioning not in TIME_CONDITIONINGS:  # also where no block would check it (no blocks)
             raise ValueError(f"unknown time_conditioning {time_conditioning!r}; expected one of {TIME_CONDITIONINGS}")
+        if time_conditioning in STAGE_CONDITIONINGS:
+            raise ValueError(
+                f"time_conditioning {time_conditioning!r} adds the time at the start of each stage of the DiffiT "
+                "U-Net; the latent DiffiT has no stages (use 'tmsa' or another block conditioning)"
+            )
         self.time_conditioning = time_conditioning
         time_dim = hidden_size if time_dim is None else time_dim
 

@@ -307,7 +307,7 @@ class TMSA(nn.Module):
     `time_conditioning` (see `DiffiTTransformerBlock`) decides what the time token does here: "tmsa" the q/k/v
     term above; "bias" a time-dependent bias table (`bias_time`) added to B; "decoupled" a separate key/value
     token (`kv_time`); "mlp" nothing (the block uses it); "adaln" nothing, and no B either (DiT's plain
-    self-attention); "adaln-relpos" nothing, B kept.
+    self-attention); "adaln-relpos" and "added-per-stage" nothing, B kept.
     """
 
     def __init__(
@@ -451,6 +451,9 @@ class DiffiTTransformerBlock(nn.Module):
       own projection since time_dim may differ from dim) that every spatial query attends to with zero
       position bias. The time token is no query: x_t reaches every block unchanged (Sec. 3.2), so its own
       output would be discarded.
+    * "added-per-stage" (Table 4 A-D): the block ignores the time token -- TMSA without its time term, windows and
+      relative position bias kept, so that against "tmsa" only where the time enters changes; the DiffiT U-Net
+      adds it once per stage (`diffit.unet.StageTimeFiLM`).
     """
 
     def __init__(

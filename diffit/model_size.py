@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .conditionings import ADALN_CONDITIONINGS, NO_POSITION_BIAS
+from .unet_layout import decoder_conditioning, encoder_levels, is_stage_conditioning
 
 
 def _linear(fan_in: int, fan_out: int) -> int:
@@ -29,6 +30,7 @@ def _transformer_block(dim: int, heads: int, window: int, time_dim: int, mlp_rat
     adaln = 6 * dim  # shift, scale, gate for attention and MLP
     time_outputs = {"tmsa": 3 * dim, "adaln": adaln, "adaln-relpos": adaln, "bias": table, "mlp": dim}
     time_outputs["decoupled"] = 2 * dim
+    time_outputs["added-per-stage"] = 0  # time-free attention: the U-Net's stages take the time (`_unet_size`)
     return attention + _linear(time_dim, time_outputs[conditioning]) + _linear(dim, hidden) + _linear(hidden, dim)
 
 
@@ -54,33 +56,55 @@ def _latent_size(k: dict[str, Any]) -> tuple[int, int]:
 
 
 def _unet_size(k: dict[str, Any]) -> tuple[int, int]:
+    """`diffit.unet.DiffiTUNet`, every layout of `diffit.unet_layout` (Table 4 A-E)."""
     channels, blocks, cin = list(k["channels"]), list(k["blocks_per_stage"]), k["in_channels"]
     time_dim, conditioning = k.get("time_dim") or 4 * channels[0], k["time_conditioning"]
-    windows = [min(k["window_size"], k["img_resolution"] // 2**stage) for stage in range(len(channels))]
+    encoder, decoder = k.get("encoder", "multi-resolution"), k.get("decoder", "multi-resolution")
+    decoder_time = decoder_conditioning(conditioning, k.get("decoder_time_conditioning"))
+    patch = k.get("patch_size", 2)
+    levels = encoder_levels(k["img_resolution"], channels, blocks, k["window_size"], encoder, patch)
 
-    def res_block(stage: int) -> int:
-        width = channels[stage]
-        block = 2 * width + _conv3x3(width, width)  # GroupNorm (scale, shift) + 3x3 conv
-        transformer = _transformer_block(width, k["num_heads"], windows[stage], time_dim, k["mlp_ratio"], conditioning)
-        return block + transformer
+    def transformer(width: int, window: int, stage_conditioning: str) -> int:
+        return _transformer_block(width, k["num_heads"], window, time_dim, k["mlp_ratio"], stage_conditioning)
+
+    def res_block(width: int, window: int, stage_conditioning: str) -> int:
+        return 2 * width + _conv3x3(width, width) + transformer(width, window, stage_conditioning)  # GN + conv
+
+    def film(width: int, stage_conditioning: str) -> int:  # "added-per-stage": Linear(time_dim, 2 width)
+        return _linear(time_dim, 2 * width) if is_stage_conditioning(stage_conditioning) else 0
 
     params = _linear(channels[0], time_dim) + _linear(time_dim, time_dim)  # time MLP on channels[0] features
     params += (k["num_classes"] + 1) * time_dim if k["num_classes"] > 0 else 0
     params += k.get("augment_dim", 0) * time_dim  # augmentation-label embedding (no bias)
-    params += _conv3x3(cin, channels[0])  # input conv
-    for stage in range(len(channels)):
-        params += _conv3x3(channels[stage - 1], channels[stage]) if stage else 0  # downsample
-        params += blocks[stage] * res_block(stage)
-    for stage in range(len(channels) - 1):  # decoder: upsample conv, skip fusion conv, ResBlocks
-        params += _conv3x3(channels[stage + 1], channels[stage + 1])
-        params += _conv3x3(channels[stage + 1] + channels[stage], channels[stage])
-        params += blocks[stage] * res_block(stage)
-    params += 2 * channels[0] + _conv3x3(channels[0], cin)  # head: GroupNorm + conv
-    # One index buffer per ResBlock: the encoder's stages and the decoder's (all but the deepest).
-    index = sum(blocks[s] * _index_bytes(windows[s], conditioning) for s in range(len(channels)))
-    index += sum(blocks[s] * _index_bytes(windows[s], conditioning) for s in range(len(channels) - 1))
+    buffers = 0
+    if encoder == "vit":
+        params += cin * channels[0] * patch * patch + channels[0]  # patch embedding
+        buffers += levels[0].side ** 2 * channels[0] * 4  # fixed float32 sin-cos position embedding
+        for level in levels:
+            params += film(level.width, conditioning)
+            params += level.blocks * transformer(level.width, level.window, conditioning)
+    else:
+        params += _conv3x3(cin, channels[0])  # input conv
+        for stage, level in enumerate(levels):
+            params += _conv3x3(channels[stage - 1], level.width) if stage else 0  # downsample
+            params += film(level.width, conditioning)
+            params += level.blocks * res_block(level.width, level.window, conditioning)
+    # One index buffer per block: the encoder's stages (and the U decoder's, all but the deepest, below).
+    buffers += sum(level.blocks * _index_bytes(level.window, conditioning) for level in levels)
+    if decoder == "setr-mla":
+        mla = k.get("mla_channels") or channels[0]
+        for level in levels:  # 1x1 reduction, two 3x3 convs with their GroupNorms
+            params += _linear(level.width, mla) + _conv3x3(mla, mla) + 2 * mla + _conv3x3(mla, mla // 2) + mla
+        params += _conv3x3(len(levels) * (mla // 2), cin)  # the head on the concatenated streams
+    else:
+        for level, deeper in zip(levels[:-1], levels[1:]):  # upsample conv, skip fusion conv, FiLM, ResBlocks
+            params += _conv3x3(deeper.width, deeper.width) + _conv3x3(deeper.width + level.width, level.width)
+            params += film(level.width, decoder_time)
+            params += level.blocks * res_block(level.width, level.window, decoder_time)
+            buffers += level.blocks * _index_bytes(level.window, decoder_time)
+        params += 2 * channels[0] + _conv3x3(channels[0], cin)  # head: GroupNorm + conv
     fourier = channels[0] // 2 * 4 if k["time_embedding"] == "fourier" else 0
-    return params, index + fourier
+    return params, buffers + fourier
 
 
 def _songunet_size(k: dict[str, Any]) -> tuple[int, int]:

@@ -30,9 +30,29 @@ ResBlock's transformer; see `diffit.layers.DiffiTTransformerBlock`: "tmsa", "ada
 "mlp" = Table 6 G, "decoupled" = Table 7), `time_embedding` (Table 8), `window_size` (Fig. 8) and `time_dim`
 (the time-token width of Table 3). With "adaln" only the transformer blocks change (DiT's adaLN-Zero block,
 modulation zero-initialised); the U-Net keeps its own output head, DiT has no counterpart of it.
+
+Table 4's encoder / decoder designs (configs A-E) are constructor arguments of this one class, so that C, D and E
+differ by flags only (`diffit.unet_layout` holds the layouts, as data shared with `diffit.model_size` and
+`diffit.config_check`):
+
+    A  encoder="vit", decoder="setr-mla", time_conditioning="added-per-stage"     ViT encoder + SETR-MLA
+    B  decoder="setr-mla", time_conditioning="added-per-stage"                    multi-resolution + SETR-MLA
+    C  time_conditioning="added-per-stage"                                        multi-resolution U, both sides
+    D  decoder_time_conditioning="added-per-stage"                                DiffiT (TMSA) encoder only
+    E  the defaults                                                               DiffiT, unchanged
+
+"added-per-stage" is our reading of the paper's "the projected temporal component is adaptively scaled and simply
+added to the spatial component in each stage": the blocks attend without the time token (TMSA minus its time term;
+the windows and the relative position bias stay, so C -> D changes only where the time enters), and at the start of
+each stage -- after its downsampler, or the decoder's skip-fusion conv -- a FiLM (`StageTimeFiLM`):
+(scale, shift) = Linear(x_t).chunk(2), h <- h * (1 + scale) + shift per channel, the Linear zero-initialised so
+each stage starts as the identity. The defaults build exactly the model above (same state-dict keys, shapes and
+initial values under one seed).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +65,11 @@ from .layers import (
     DiffiTTransformerBlock,
     LabelEmbedder,
     TimestepEmbedder,
+    get_2d_sincos_pos_embed,
     window_partition,
     window_reverse,
 )
+from .unet_layout import Level, decoder_conditioning, encoder_levels, is_stage_conditioning, layout_problem
 
 
 def group_count(channels: int, num_groups: int = 32, min_channels_per_group: int = 4) -> int:
@@ -107,6 +129,41 @@ class DiffiTResBlock(nn.Module):
         return x + self.dropout(self.windowed_transformer(x_hat, time_token))
 
 
+class ViTBlock(nn.Module):
+    """ViT encoder block (Table 4 A): the DiffiT transformer block over the whole token grid (global attention,
+    one window), on a feature map [N, C, H, W] read as H * W tokens, so that the stage machinery (FiLM, levels,
+    SETR-MLA, REPA's map taps) is the multi-resolution encoder's. No conv and no residual dropout: ViT's block is
+    the transformer block alone."""
+
+    def __init__(
+        self, channels: int, num_heads: int, grid: int, time_dim: int, mlp_ratio: float, time_conditioning: str
+    ):
+        super().__init__()
+        self.window_size = grid  # global attention: the window is the grid (as `DiffiTResBlock.window_size`)
+        self.transformer = DiffiTTransformerBlock(channels, num_heads, grid, time_dim, mlp_ratio, time_conditioning)
+
+    def forward(self, x: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tokens = self.transformer(x.flatten(2).transpose(1, 2), time_token)
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class StageTimeFiLM(nn.Module):
+    """Time conditioning "added-per-stage": h <- h * (1 + scale) + shift per channel, (scale, shift) =
+    Linear(x_t).chunk(2). Our reading of Table 4's "the projected temporal component is adaptively scaled and
+    simply added to the spatial component in each stage" (the paper gives no formula): "projected" is the Linear,
+    "adaptively scaled" the time-dependent scale, "added" the shift. Zero-initialised by the owning model, so a
+    stage starts as the identity (as adaLN-Zero)."""
+
+    def __init__(self, time_dim: int, channels: int):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 2 * channels)
+
+    def forward(self, h: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(time_token).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        return h * (1 + scale) + shift
+
+
 class Downsample(nn.Module):
     """Stride-2 3x3 convolution (DDPM / ADM "conv resample"); also changes the width to the next stage's."""
 
@@ -131,12 +188,13 @@ class Upsample(nn.Module):
 
 
 class EncoderStage(nn.Module):
-    """Optional downsampler, then ResBlocks at one resolution."""
+    """Optional downsampler, the stage's time FiLM ("added-per-stage" only), then blocks at one resolution."""
 
-    def __init__(self, downsample: nn.Module | None, blocks: list[DiffiTResBlock]):
+    def __init__(self, downsample: nn.Module | None, blocks: list[nn.Module], time_film: StageTimeFiLM | None = None):
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.ModuleList(blocks)
+        self.time_film = time_film
 
 
 class DecoderStage(nn.Module):
@@ -147,11 +205,14 @@ class DecoderStage(nn.Module):
     conv -- the paper's "convolutional layer at the beginning of each path to match the number of feature
     maps" -- learns how to weigh the two instead of fixing their sum."""
 
-    def __init__(self, upsample: Upsample, fuse: nn.Conv2d, blocks: list[DiffiTResBlock]):
+    def __init__(
+        self, upsample: Upsample, fuse: nn.Conv2d, blocks: list[DiffiTResBlock], time_film: StageTimeFiLM | None = None
+    ):
         super().__init__()
         self.upsample = upsample
         self.fuse = fuse
         self.blocks = nn.ModuleList(blocks)
+        self.time_film = time_film  # "added-per-stage": after the fusion conv
 
 
 class OutputHead(nn.Module):
@@ -165,6 +226,75 @@ class OutputHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.act(self.norm(x)))
+
+
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Bilinear resize of a feature map to side x side (no-op at that size already)."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+
+class MlaStream(nn.Module):
+    """One SETR-MLA stream: two 3x3 convs (M -> M, M -> M/2), each followed by GroupNorm + Swish (SETR's
+    conv-BN-ReLU `ConvModule`s, with this model's norm and activation)."""
+
+    def __init__(self, channels: int, num_groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.norm1 = normalization(channels, num_groups)
+        self.conv2 = nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1)
+        self.norm2 = normalization(channels // 2, num_groups)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm2(self.conv2(self.act(self.norm1(self.conv1(x))))))
+
+
+class SetrMlaDecoder(nn.Module):
+    """SETR's Multi-Level feature Aggregation decoder (Zheng et al. 2021, Fig. 1c; Table 4 A, B).
+
+    From the encoder's K level outputs f_0 .. f_{K-1} (full resolution first): r_i = Conv1x1(f_i) to M channels;
+    top-down aggregation from the deepest level, a_{K-1} = r_{K-1}, a_i = r_i + resize(a_{i+1}) to level i's size
+    (bilinear; SETR's ViT levels all have one size, the multi-resolution encoder's halve); each a_i through its
+    `MlaStream` (M -> M/2), bilinearly upsampled to the image resolution; the K streams concatenated and a 3x3 conv
+    to the image channels (`head`, zero-initialised by the model like the U decoder's output conv). No skip
+    connections and no transformer blocks: the time enters the encoder only.
+    """
+
+    def __init__(
+        self, level_channels: list[int], mla_channels: int, out_channels: int, img_resolution: int, num_groups: int
+    ):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.reduce = nn.ModuleList(nn.Conv2d(width, mla_channels, kernel_size=1) for width in level_channels)
+        self.streams = nn.ModuleList(MlaStream(mla_channels, num_groups) for _ in level_channels)
+        self.head = nn.Conv2d(len(level_channels) * (mla_channels // 2), out_channels, kernel_size=3, padding=1)
+
+    def aggregate(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[a_0, .., a_{K-1}]: the 1x1-reduced levels summed top-down (from the deepest)."""
+        reduced = [conv(level) for conv, level in zip(self.reduce, levels)]
+        aggregated = [reduced[-1]]
+        for r in reversed(reduced[:-1]):
+            aggregated.insert(0, r + resize(aggregated[0], r.shape[-1]))
+        return aggregated
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        streams = [resize(stream(a), self.img_resolution) for stream, a in zip(self.streams, self.aggregate(levels))]
+        return self.head(torch.cat(streams, dim=1))
+
+
+@dataclass(frozen=True)
+class BlockSite:
+    """A block of the U-Net in forward order: its module path and module, its width, the side of its feature map,
+    its attention window and how many pixels one position of its map covers (`DiffiTUNet.block_sites`)."""
+
+    name: str
+    block: nn.Module
+    width: int
+    side: int
+    window: int
+    stride: int
 
 
 class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
@@ -181,7 +311,13 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
     DDPM / DDPM++ convention); `time_embedding` is "positional" (paper Sec. 3.2) or "fourier" (Table 8);
     `num_groups` caps the GroupNorm groups (see `group_count`); `dropout` is residual-branch dropout;
     `time_conditioning` is where the time token enters each transformer block ("tmsa", the paper's; the
-    ablations "adaln", "bias", "mlp", "decoupled": see `diffit.layers.DiffiTTransformerBlock`).
+    ablations "adaln", "bias", "mlp", "decoupled", and "added-per-stage": see `diffit.layers.DiffiTTransformerBlock`
+    and `StageTimeFiLM`).
+
+    Table 4's designs (module docstring; `diffit.unet_layout`): `decoder_time_conditioning` is the U decoder's
+    (None: `time_conditioning`); `encoder` "multi-resolution" | "vit" (then `channels=[width]`,
+    `blocks_per_stage=[depth]`, `patch_size`, global attention; `window_size` is unused); `decoder`
+    "multi-resolution" | "setr-mla" (`SetrMlaDecoder`, `mla_channels` M per stream, default `channels[0]`).
     """
 
     diffit_family = "image"
@@ -202,11 +338,29 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         dropout: float = 0.0,
         time_conditioning: str = "tmsa",
         augment_dim: int = 0,
+        decoder_time_conditioning: str | None = None,
+        encoder: str = "multi-resolution",
+        decoder: str = "multi-resolution",
+        patch_size: int = 2,
+        mla_channels: int | None = None,
     ):
         super().__init__()
         channels, blocks_per_stage = list(channels), list(blocks_per_stage)
-        stage_windows = self._check_config(
-            img_resolution, channels, blocks_per_stage, window_size, num_heads, num_classes
+        self._check_config(img_resolution, channels, blocks_per_stage, window_size, num_heads, num_classes, encoder)
+        problem = layout_problem(
+            img_resolution,
+            channels,
+            blocks_per_stage,
+            encoder=encoder,
+            decoder=decoder,
+            patch_size=patch_size,
+            decoder_time_conditioning=decoder_time_conditioning,
+            mla_channels=mla_channels,
+        )
+        if problem:
+            raise ValueError(problem)
+        self.levels: list[Level] = encoder_levels(
+            img_resolution, channels, blocks_per_stage, window_size, encoder, patch_size
         )
         self.img_resolution = img_resolution
         self.input_size = img_resolution
@@ -214,11 +368,13 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         self.num_classes = num_classes
         self.learn_sigma = False
         self.channels = channels
-        self.stage_windows = stage_windows
+        self.stage_windows = [level.window for level in self.levels]
         self.time_dim = time_dim if time_dim is not None else 4 * channels[0]
         if time_conditioning not in TIME_CONDITIONINGS:  # also where no block would check it (no blocks)
             raise ValueError(f"unknown time_conditioning {time_conditioning!r}; expected one of {TIME_CONDITIONINGS}")
         self.time_conditioning = time_conditioning
+        self.decoder_time_conditioning = decoder_conditioning(time_conditioning, decoder_time_conditioning)
+        self.encoder_type, self.decoder_type = encoder, decoder
 
         # Sinusoid width = channels[0] and token width = 4 * channels[0], as DDPM++ in EDM (noise_channels =
         # model_channels, emb_channels = 4 * model_channels).
@@ -231,40 +387,88 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
             raise ValueError(f"augment_dim must be >= 0 (0 = no augmentation labels), got {augment_dim}")
         self.augment_dim = augment_dim
         self.augment_embed = nn.Linear(augment_dim, self.time_dim, bias=False) if augment_dim else None
+        # What every transformer-carrying block shares (read by the builders below).
+        self.num_heads, self.mlp_ratio, self.num_groups, self.dropout = num_heads, mlp_ratio, num_groups, dropout
+        if encoder == "vit":
+            self._build_vit_encoder(in_channels, patch_size)
+        else:
+            self._build_multi_resolution_encoder(in_channels)
+        if decoder == "setr-mla":
+            widths = [level.width for level in self.levels]
+            self.decoder = SetrMlaDecoder(widths, mla_channels or channels[0], in_channels, img_resolution, num_groups)
+            self.head = None  # the decoder's own `head` conv is the output layer
+        else:
+            self._build_u_decoder()
+            self.head = OutputHead(channels[0], in_channels, num_groups)
+        # Recompute ResBlock activations in the backward pass to save memory; set by the trainer.
+        self.gradient_checkpointing = False
+        self.initialize_weights()
 
-        def res_blocks(stage: int) -> list[DiffiTResBlock]:
-            return [
-                DiffiTResBlock(
-                    channels[stage],
-                    num_heads,
-                    stage_windows[stage],
-                    self.time_dim,
-                    mlp_ratio,
-                    num_groups,
-                    dropout,
-                    time_conditioning,
-                )
-                for _ in range(blocks_per_stage[stage])
-            ]
+    # -- construction ------------------------------------------------------------------------------------------
 
+    def _time_film(self, conditioning: str, width: int) -> StageTimeFiLM | None:
+        return StageTimeFiLM(self.time_dim, width) if is_stage_conditioning(conditioning) else None
+
+    def _res_blocks(self, level: Level, conditioning: str) -> list[DiffiTResBlock]:
+        return [
+            DiffiTResBlock(
+                level.width,
+                self.num_heads,
+                level.window,
+                self.time_dim,
+                self.mlp_ratio,
+                self.num_groups,
+                self.dropout,
+                conditioning,
+            )
+            for _ in range(level.blocks)
+        ]
+
+    def _vit_blocks(self, level: Level) -> list[ViTBlock]:
+        return [
+            ViTBlock(level.width, self.num_heads, level.side, self.time_dim, self.mlp_ratio, self.time_conditioning)
+            for _ in range(level.blocks)
+        ]
+
+    def _build_multi_resolution_encoder(self, in_channels: int) -> None:
+        """DiffiT's encoder: input conv, then per stage a stride-2 conv (not at stage 0) and ResBlocks."""
+        channels, conditioning = self.channels, self.time_conditioning
         self.input_conv = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
         self.encoder = nn.ModuleList(
-            EncoderStage(Downsample(channels[i - 1], channels[i]) if i > 0 else None, res_blocks(i))
-            for i in range(len(channels))
+            EncoderStage(
+                Downsample(channels[i - 1], channels[i]) if i > 0 else None,
+                self._res_blocks(level, conditioning),
+                self._time_film(conditioning, level.width),
+            )
+            for i, level in enumerate(self.levels)
         )
-        # Decoder stages from the deepest skip resolution up to full resolution.
+
+    def _build_vit_encoder(self, in_channels: int, patch_size: int) -> None:
+        """ViT's encoder: p x p patch embedding + fixed sin-cos position embedding, then the transformer blocks in
+        `VIT_LEVELS` groups of depth / 4 ("stages" without downsampling; each group's output is one SETR level)."""
+        width, grid = self.channels[0], self.levels[0].side
+        self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        # Fixed, derived from the configuration: a non-persistent buffer (not in checkpoints), [1, C, grid, grid].
+        pos_embed = get_2d_sincos_pos_embed(width, grid).t().reshape(1, width, grid, grid)
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
+        self.encoder = nn.ModuleList(
+            EncoderStage(None, self._vit_blocks(level), self._time_film(self.time_conditioning, width))
+            for level in self.levels
+        )
+
+    def _build_u_decoder(self) -> None:
+        """Decoder stages from the deepest skip resolution up to full resolution: upsampler, skip fusion conv, the
+        stage's FiLM ("added-per-stage"), ResBlocks."""
+        channels, conditioning = self.channels, self.decoder_time_conditioning
         self.decoder = nn.ModuleList(
             DecoderStage(
                 Upsample(channels[i + 1]),
                 nn.Conv2d(channels[i + 1] + channels[i], channels[i], kernel_size=3, padding=1),
-                res_blocks(i),
+                self._res_blocks(self.levels[i], conditioning),
+                self._time_film(conditioning, channels[i]),
             )
             for i in reversed(range(len(channels) - 1))
         )
-        self.head = OutputHead(channels[0], in_channels, num_groups)
-        # Recompute ResBlock activations in the backward pass to save memory; set by the trainer.
-        self.gradient_checkpointing = False
-        self.initialize_weights()
 
     @staticmethod
     def _check_config(
@@ -274,8 +478,10 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
         window_size: int,
         num_heads: int,
         num_classes: int,
-    ) -> list[int]:
-        """Validate the configuration; return the effective attention window of each stage."""
+        encoder: str = "multi-resolution",
+    ) -> None:
+        """Validate the stage lists, window and widths (`diffit.unet_layout.layout_problem` checks the encoder /
+        decoder choice)."""
         if not channels or len(channels) != len(blocks_per_stage):
             raise ValueError(
                 f"channels {channels} and blocks_per_stage {blocks_per_stage} must be non-empty lists "
@@ -287,14 +493,15 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
             raise ValueError(f"window_size must be >= 1, got {window_size}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        for width in channels:
+            if width % num_heads:
+                raise ValueError(f"stage width {width} is not divisible by num_heads {num_heads}")
+        if encoder == "vit":
+            return  # one resolution, global attention: `layout_problem` checks the patch grid
         if img_resolution % 2 ** (len(channels) - 1):
             raise ValueError(
                 f"img_resolution {img_resolution} cannot be halved {len(channels) - 1} times for {len(channels)} stages"
             )
-        for width in channels:
-            if width % num_heads:
-                raise ValueError(f"stage width {width} is not divisible by num_heads {num_heads}")
-        windows = []
         for stage in range(len(channels)):
             resolution = img_resolution // 2**stage
             window = min(window_size, resolution)  # a map smaller than the window is one window
@@ -303,8 +510,24 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
                     f"stage {stage} feature map {resolution}x{resolution} is not divisible by the "
                     f"attention window {window}"
                 )
-            windows.append(window)
-        return windows
+
+    def block_sites(self) -> list[BlockSite]:
+        """Every transformer-carrying block in the order the forward pass runs them (encoder stages, then the U
+        decoder's stages from the deepest skip resolution up; SETR-MLA has no blocks), with its geometry: what
+        REPA's taps (`pipeline.train.repa.tap_points`) and attention maps (`diffit.attention_maps`) read."""
+        sites = []
+
+        def add(prefix: str, stage: nn.Module, level: Level) -> None:
+            for position, block in enumerate(stage.blocks):
+                name = f"{prefix}.blocks.{position}"
+                sites.append(BlockSite(name, block, level.width, level.side, level.window, level.stride))
+
+        for index, stage in enumerate(self.encoder):
+            add(f"encoder.{index}", stage, self.levels[index])
+        if self.decoder_type == "multi-resolution":
+            for position, (stage, level) in enumerate(zip(self.decoder, reversed(self.levels[:-1]))):
+                add(f"decoder.{position}", stage, level)
+        return sites
 
     @property
     def null_class(self) -> int:
@@ -328,6 +551,9 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
           the second update on, once the head weights are.
         * adaLN modulation (`time_conditioning="adaln"`): zero, DiT's adaLN-Zero (each transformer branch
           starts as zero, so each ResBlock as the identity).
+        * Stage FiLM (`time_conditioning="added-per-stage"`): zero, so each stage starts as the identity; the
+          SETR-MLA decoder's output conv is zero like the U decoder's head, for the same reason.
+        * ViT position embedding: fixed sin-cos (a buffer, not learned), as DiT.
         """
 
         def basic_init(module: nn.Module) -> None:
@@ -345,8 +571,13 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
             if isinstance(module, DiffiTTransformerBlock) and module.adaLN_modulation is not None:
                 nn.init.zeros_(module.adaLN_modulation[-1].weight)
                 nn.init.zeros_(module.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.head.conv.weight)
-        nn.init.zeros_(self.head.conv.bias)
+        for module in self.modules():  # "added-per-stage": each stage starts as the identity
+            if isinstance(module, StageTimeFiLM):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
+        output = self.decoder.head if self.head is None else self.head.conv
+        nn.init.zeros_(output.weight)
+        nn.init.zeros_(output.bias)
 
     def time_token(
         self,
@@ -407,17 +638,40 @@ class DiffiTUNet(nn.Module, DiffiTModelHubMixin):
                 f"noise_labels must have shape [{x.shape[0]}] (or be a scalar), got {list(noise_labels.shape)}"
             )
         time_token = self.time_token(noise_labels, class_labels, augment_labels)
+        levels = self.encode(x, time_token)
+        if self.decoder_type == "setr-mla":
+            return self.decoder(levels)
+        return self.decode_u(levels, time_token)
 
-        h = self.input_conv(x)
-        skips = []
+    def _enter_stage(self, stage: nn.Module, h: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
+        """Where a stage with "added-per-stage" takes the time (its FiLM); the identity otherwise."""
+        return h if stage.time_film is None else stage.time_film(h, time_token)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The image as the first stage's feature map: the input conv, or ViT's patches plus position embedding."""
+        if self.encoder_type == "vit":
+            return self.patch_embed(x) + self.pos_embed.to(x.dtype)
+        return self.input_conv(x)
+
+    def encode(self, x: torch.Tensor, time_token: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's level outputs, one per stage (full resolution first; ViT: one per group of depth/4)."""
+        h = self.embed(x)
+        levels = []
         for stage in self.encoder:
             if stage.downsample is not None:
                 h = stage.downsample(h)
+            h = self._enter_stage(stage, h, time_token)
             h = self._run_blocks(stage.blocks, h, time_token)
-            skips.append(h)
-        skips.pop()  # the deepest stage's output is the decoder's input, not a skip
+            levels.append(h)
+        return levels
+
+    def decode_u(self, levels: list[torch.Tensor], time_token: torch.Tensor) -> torch.Tensor:
+        """The U decoder: from the deepest level up, upsample, fuse the skip (the level of that resolution), blocks;
+        then the output head."""
+        h, skips = levels[-1], levels[:-1]  # the deepest stage's output is the decoder's input, not a skip
         for stage in self.decoder:
             h = stage.upsample(h)
             h = stage.fuse(torch.cat([h, skips.pop()], dim=1))
+            h = self._enter_stage(stage, h, time_token)
             h = self._run_blocks(stage.blocks, h, time_token)
         return self.head(h)

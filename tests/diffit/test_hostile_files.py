@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import diffit
+from diffit.conditionings import LATENT_TIME_CONDITIONINGS
 from diffit.config_check import (
     DEFAULT_MAX_PARAMETERS,
     MAX_PARAMETERS_ENV,
@@ -45,8 +46,8 @@ VARIANTS = [(name, {}) for name in MODEL_CONFIGS] + [
     ("DiffiT-CIFAR10", {"blocks_per_stage": [4, 4, 4], "window_size": 8, "num_groups": 8}),
     ("DiffiT-UNet-Tiny", {"channels": [32, 64, 64], "blocks_per_stage": [0, 2, 1], "in_channels": 1}),
     # The time-conditioning variants (diffit.layers.DiffiTTransformerBlock), with the time-token width and window.
-    *[("DiffiT-Tiny/2", {"time_conditioning": c, "time_dim": 48, "num_classes": 3}) for c in TIME_CONDITIONINGS],
-    *[("DiffiT-XL/2", {"time_conditioning": c}) for c in TIME_CONDITIONINGS],
+    *[("DiffiT-Tiny/2", {"time_conditioning": c, "time_dim": 48, "num_classes": 3}) for c in LATENT_TIME_CONDITIONINGS],
+    *[("DiffiT-XL/2", {"time_conditioning": c}) for c in LATENT_TIME_CONDITIONINGS],
     *[("DiffiT-UNet-Tiny", {"time_conditioning": c, "time_dim": 40, "window_size": 2}) for c in TIME_CONDITIONINGS],
     ("DiffiT-FFHQ64", {"time_conditioning": "adaln", "window_size": 4, "time_embedding": "fourier"}),
 ]

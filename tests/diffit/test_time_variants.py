@@ -30,7 +30,9 @@ from diffit.layers import (
 )
 from diffit.models import count_parameters, create_model
 
-VARIANTS = ("tmsa", "adaln", "adaln-relpos", "bias", "mlp", "decoupled")
+VARIANTS = ("tmsa", "adaln", "adaln-relpos", "bias", "mlp", "decoupled")  # where x_t enters a block
+# Where x_t enters the U-Net's stages instead (Table 4; the latent model has none): tests/diffit/test_architectures.py
+STAGE_VARIANTS = ("added-per-stage",)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,9 +41,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_the_variants_are_the_papers_five_and_the_schema_lists_the_same():
     from diffit import config_check
 
-    assert TIME_CONDITIONINGS == VARIANTS == config_check.TIME_CONDITIONINGS
-    assert config_check.LATENT_FIELDS["time_conditioning"][1:] == VARIANTS
-    assert config_check.IMAGE_FIELDS["time_conditioning"][1:] == VARIANTS
+    assert TIME_CONDITIONINGS == VARIANTS + STAGE_VARIANTS == config_check.TIME_CONDITIONINGS
+    # the latent schema lists them all; its cross-field rule refuses the stage variants (test_architectures.py)
+    assert config_check.LATENT_FIELDS["time_conditioning"][1:] == VARIANTS + STAGE_VARIANTS
+    assert config_check.IMAGE_FIELDS["time_conditioning"][1:] == VARIANTS + STAGE_VARIANTS
 
 
 # ---------------------------------------------------------------------------------------------------------------
