@@ -58,6 +58,11 @@ BENCHMARKS = {
         "sampling / feature extraction images/s",
         "<= 10% of wall time outside network forwards",
     ),
+    "encoder_targets": (
+        ["bench/encoder_targets.py"],
+        "REPA's targets stored in the shards vs computed online: bytes, loader, encoder cost",
+        "picks repa.targets' default (docs: REPA's targets: stored or online)",
+    ),
     "demo": (
         ["bench/demo.py"],
         "the embedded default run: time per step, class / shape consistency",

@@ -68,6 +68,20 @@ KEEP_IMAGES_HELP = (
     "latent view it picks), for REPA training (`repa.weight` > 0), whose frozen encoder reads the images. About "
     "R x R x 3 bytes more per sample before compression."
 )
+ENCODER_TARGETS_HELP = (
+    "Also store REPA's targets in the shards (`repa.targets: stored`): the patch tokens of this frozen encoder "
+    "(repa.encoder's names: dinov2-vits14, dinov2-vitb14, dinov2-vitl14, dinov2-vitg14, demo-classifier) of each "
+    "crop and of its flip, float16 [2, N, D] (`repa.npy`). The trainer then never runs the encoder; DINOv2-B/14 "
+    "adds ~0.8 MB per sample (docs/benchmarks.md compares it with --keep-images and online targets)."
+)
+ENCODER_WEIGHTS_HELP = (
+    "The --encoder-targets weights: dinov2_vit?14_pretrain.pth or timm's model.safetensors, or the demo "
+    "classifier's directory (nothing is downloaded); its sha256 is recorded, and training checks it."
+)
+TOKEN_GRID_HELP = (
+    "The model token grid (side) the DINOv2 targets are for: latent size / the model's patch size; DINOv2's input "
+    "is N x 14 px (default latent size / 2, the /2 models: 224 px at 256 px). Training checks it against the model."
+)
 DRY_RUN_HELP = (
     "Print items, classes, shards, estimated bytes and time (from a few batches encoded in memory), and what OUT "
     "already holds; write nothing (OUT is not created)."
@@ -182,6 +196,11 @@ def encode(
     overwrite: Overwrite = False,
     verify: Verify = False,
     keep_images: Annotated[bool, typer.Option("--keep-images", help=KEEP_IMAGES_HELP)] = False,
+    encoder_targets: Annotated[
+        str | None, typer.Option("--encoder-targets", metavar="ENCODER", help=ENCODER_TARGETS_HELP)
+    ] = None,
+    encoder_weights: Annotated[str | None, typer.Option("--encoder-weights", help=ENCODER_WEIGHTS_HELP)] = None,
+    token_grid: Annotated[int | None, typer.Option("--token-grid", help=TOKEN_GRID_HELP)] = None,
     dry_run: DryRun = False,
     progress: Progress = True,
     verbose: Verbose = False,
@@ -194,7 +213,8 @@ def encode(
     (recorded in the manifest). Bad images are listed in failures.jsonl and never stop the job. Re-running the
     same command resumes: finished shards whose sealed sidecar matches are kept without re-reading them (--verify
     re-hashes them); a different dataset in OUT is only replaced with --overwrite. --keep-images also stores each
-    crop as a PNG member (REPA training, `repa.weight` > 0, reads it).
+    crop as a PNG member (REPA training, `repa.weight` > 0, reads it); --encoder-targets ENCODER --encoder-weights
+    PATH stores REPA's targets themselves (`repa.targets: stored`).
 
     OUT may be an object-store URL (s3://bucket/prefix with s3fs, gs://... with gcsfs; credentials from the usual
     environment, e.g. AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): each shard is uploaded in one

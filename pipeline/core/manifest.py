@@ -18,6 +18,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.latent_stats import MAX_LATENT_CHANNELS, STATS_KEY, manifest_stats_problems
 from pipeline.core.shards import SIDECAR_NAME_PATTERN, _is_count, is_shard_name
 from pipeline.core.storage import Location
+from pipeline.core.stored_targets import REPA_TARGETS_KEY, targets_entry_problems
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -122,6 +123,8 @@ def _shape_problems(manifest: dict[str, Any]) -> list[str]:
     if STATS_KEY in manifest:  # per-channel statistics of the posterior means (`pipeline.core.latent_stats`)
         known = channels if _is_int(channels) else None
         problems += manifest_stats_problems(manifest[STATS_KEY], known, MAX_LATENT_CHANNELS)
+    if REPA_TARGETS_KEY in manifest:  # REPA's stored targets (`pipeline.core.stored_targets`)
+        problems += targets_entry_problems(manifest[REPA_TARGETS_KEY])
     factor = manifest.get("vae", {}).get("downsample_factor") if isinstance(manifest.get("vae"), dict) else None
     if _is_int(factor) and _is_int(size) and factor > 0 and size * factor != resolution:
         problems.append(f"latent_size {size} x vae.downsample_factor {factor} != resolution {resolution}")

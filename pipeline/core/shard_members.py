@@ -1,5 +1,5 @@
 """The members of a dataset sample, encoded and decoded: their names (`MEAN_MEMBER`, `STD_MEMBER`, `IMAGE_MEMBER`,
-`LABEL_MEMBER`, `META_MEMBER`), the member dicts of a latent or an image sample as writers store them
+`REPA_MEMBER`, `LABEL_MEMBER`, `META_MEMBER`), the member dicts of a latent or an image sample as writers store them
 (`latent_sample`, `image_sample`: `.npy` and PNG bytes), and the bounded decoding readers use (`load_npy_bytes`
 refuses a header claiming more data than the member holds, `decode_sample` images over Pillow's pixel limit). The
 shard files that hold them are `pipeline.core.shards`.
@@ -19,6 +19,9 @@ from pipeline.core.shards import json_bytes
 # The members of a sample (see docs/architecture.md, "Data formats"), by name everywhere they are read or written.
 MEAN_MEMBER, STD_MEMBER, IMAGE_MEMBER, LABEL_MEMBER, META_MEMBER = "mean.npy", "std.npy", "png", "cls", "json"
 LATENT_MEMBERS = (MEAN_MEMBER, STD_MEMBER, LABEL_MEMBER, META_MEMBER)  # plus IMAGE_MEMBER with `encode --keep-images`
+# REPA's stored targets (`encode --encoder-targets`): float16 [2, N, D], the encoder's patch tokens of the crop and
+# of its flip (`pipeline.core.stored_targets`).
+REPA_MEMBER = "repa.npy"
 IMAGE_MEMBERS = (IMAGE_MEMBER, LABEL_MEMBER, META_MEMBER)
 
 
@@ -45,10 +48,12 @@ def latent_sample(
     label: int,
     meta: dict[str, Any],
     pixels: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The members of one latent sample (mean / std float16 [2, C, h, w], unscaled); with `pixels` (`encode
     --keep-images`) also the crop the latents encode as a PNG member, unflipped (index 1 of mean / std is its
-    horizontal flip), for REPA's targets."""
+    horizontal flip), for REPA's targets; with `targets` (`encode --encoder-targets`) REPA's targets themselves,
+    float16 [2, N, D] (index 1: of the flip)."""
     sample = {
         "__key__": key,
         MEAN_MEMBER: npy_bytes(mean.astype(np.float16)),
@@ -58,6 +63,8 @@ def latent_sample(
     }
     if pixels is not None:
         sample[IMAGE_MEMBER] = png_bytes(pixels)
+    if targets is not None:
+        sample[REPA_MEMBER] = npy_bytes(targets.astype(np.float16))
     return sample
 
 

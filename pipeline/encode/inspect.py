@@ -23,6 +23,7 @@ from pipeline.core.manifest import ManifestError, load_manifest, shard_urls
 from pipeline.core.shard_members import decode_sample
 from pipeline.core.shards import FAILURES_NAME, iter_samples
 from pipeline.core.storage import Location
+from pipeline.core.stored_targets import REPA_TARGETS_KEY
 
 PREVIEW_PADDING = 2  # white pixels between (and around) the preview's images
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -85,6 +86,7 @@ def summarize(directory: str | os.PathLike) -> dict[str, Any]:
         "bytes": sum(entry["bytes"] for entry in manifest["shards"]),
         "failure_reasons": [(reason, count, examples[reason]) for reason, count in reasons.most_common()],
         "vae": manifest.get("vae"),
+        "repa_targets": manifest.get(REPA_TARGETS_KEY),
         "sample_shape": manifest.get("latent_shape") or manifest.get("image_shape"),
         "source": source.get("root") if isinstance(source := manifest.get("source"), dict) else None,
         "created": manifest.get("created"),
@@ -124,6 +126,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"vae        {vae.get('id')} ({identity}), scaling_factor {vae.get('scaling_factor')}, "
             f"dtype {vae.get('dtype')}, stored {vae.get('convention')}"
+        )
+    targets = summary.get("repa_targets")
+    if isinstance(targets, dict):  # REPA's stored targets (`encode --encoder-targets`)
+        lines.append(
+            f"repa       {targets.get('encoder')} targets (weights sha256 {str(targets.get('weights_sha256'))[:16]}), "
+            f"{targets.get('dtype')} {targets.get('shape')} per sample, for a {targets.get('input_grid')} token grid"
         )
     if summary["failure_reasons"]:
         lines.append(

@@ -13,7 +13,7 @@ may already hold, and what needs `overwrite`, is `pipeline.encode.output`.
 A worker that dies takes its task with it; the scheduler runs the task again elsewhere (`retries` covers
 exceptions inside a task too). Shards whose task still fails are reported by name and the job ends without a
 manifest; re-running redoes just them. On a running cluster (`scheduler`, `scheduler_file`) the source, the
-output and the VAE directory must be visible at the same paths on every worker.
+output, the VAE directory (and `--encoder-weights`) must be visible at the same paths on every worker.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from typing import Any
 from pipeline import __version__
 from pipeline.core.latent_stats import STATS_KEY, ChannelMoments, merge_shards
 from pipeline.core.manifest import FORMAT_VERSION, MANIFEST_NAME
-from pipeline.core.shard_members import IMAGE_MEMBER, IMAGE_MEMBERS, LATENT_MEMBERS
+from pipeline.core.shard_members import IMAGE_MEMBER, IMAGE_MEMBERS, LATENT_MEMBERS, REPA_MEMBER
 from pipeline.core.shards import FAILURES_NAME, shard_name, sidecar_name, write_json_to, write_lines_to
 from pipeline.core.storage import Location
 from pipeline.core.storage_io import is_url
+from pipeline.core.stored_targets import REPA_TARGETS_KEY
 from pipeline.core.vae import DEFAULT_VAE, VAESpec, resolve_vae
 from pipeline.encode.member_index import IndexCache
 from pipeline.encode.output import (
@@ -56,6 +57,7 @@ from pipeline.encode.plan import (
     trusted_shards,
 )
 from pipeline.encode.sources import SourceScan, open_source
+from pipeline.encode.targets import TargetsSpec, resolve_targets, targets_problem
 from pipeline.encode.transforms import (
     DEFAULT_MAX_PIXELS,
     transform_spec,
@@ -96,6 +98,11 @@ class EncodeOptions:
     overwrite: bool = False  # replace a different dataset in `out` (see the module docstring)
     verify: bool = False  # re-hash finished shards on resume instead of trusting their sealed sidecars
     keep_images: bool = False  # latents: also store each crop as a PNG member (REPA's targets, `pipeline.train.repa`)
+    # latents: also store REPA's targets, the tokens of this encoder (`repa.encoder`'s names) of each crop and its
+    # flip (`pipeline.encode.targets`); its weights file / directory; the model token grid they are sized for.
+    encoder_targets: str | None = None
+    encoder_weights: str | None = None
+    token_grid: int | None = None
 
     @property
     def remote(self) -> bool:
@@ -114,6 +121,7 @@ class JobPlan:
     tasks: list[ShardTask]
     items: int
     topic: str
+    targets: TargetsSpec | None = None  # REPA's stored targets (`--encoder-targets`)
 
 
 @dataclass
@@ -146,7 +154,9 @@ class EncodeResult:
 # Driver side: planning
 
 
-def _settings_for_fingerprint(cfg: EncodeOptions, vae_spec: VAESpec | None) -> dict[str, Any]:
+def _settings_for_fingerprint(
+    cfg: EncodeOptions, vae_spec: VAESpec | None, targets: TargetsSpec | None = None
+) -> dict[str, Any]:
     """Job settings that change shard bytes (the batch size and worker count do not)."""
     settings = {
         "format_version": FORMAT_VERSION,
@@ -158,6 +168,8 @@ def _settings_for_fingerprint(cfg: EncodeOptions, vae_spec: VAESpec | None) -> d
     }
     if cfg.keep_images:  # only then: the fingerprints of datasets without images stay what they were
         settings["keep_images"] = True
+    if targets is not None:  # likewise: only a job that stores REPA's targets has them in its fingerprints
+        settings["encoder_targets"] = targets.identity()
     return settings
 
 
@@ -186,6 +198,9 @@ def check_config(cfg: EncodeOptions) -> None:
         raise JobError(f"--dtype must be fp32, fp16 or bf16, got {cfg.dtype!r}")
     if cfg.keep_images and cfg.kind != "latents":
         raise JobError("--keep-images keeps the crops beside their latents; the shards of `pack` are images already")
+    problem = targets_problem(cfg.encoder_targets, cfg.encoder_weights, cfg.token_grid, cfg.kind)
+    if problem:
+        raise JobError(problem)
 
 
 def torch_threads_per_worker(cfg: EncodeOptions, remote: bool = False) -> int | None:
@@ -206,6 +221,7 @@ def plan_job(cfg: EncodeOptions, remote: bool = False) -> JobPlan:
     `remote`: the tasks will run on a cluster this job did not start (a client was passed in)."""
     check_config(cfg)
     vae_spec = _resolve_job_vae(cfg) if cfg.kind == "latents" else None  # a bad --vae fails before any work
+    targets = _resolve_job_targets(cfg, vae_spec)  # likewise a bad --encoder-weights
     out = _output_path(cfg.out, _local_root(cfg.source))
     # An archive's member index is kept in OUT: a resumed run plans from it without reading the archive again.
     source = open_source(cfg.source, cfg.limit, cfg.source_format, cfg.labels, IndexCache(out, cfg.cache_index))
@@ -216,7 +232,7 @@ def plan_job(cfg: EncodeOptions, remote: bool = False) -> JobPlan:
             source.packed_manifest["resolution"],
         )
     topic = f"diffit-pipe-progress-{uuid.uuid4().hex[:8]}"
-    settings = _settings_for_fingerprint(cfg, vae_spec)
+    settings = _settings_for_fingerprint(cfg, vae_spec, targets)
     template = ShardTask(
         index=0,
         block=ItemBlock(0, 0, b""),
@@ -233,6 +249,7 @@ def plan_job(cfg: EncodeOptions, remote: bool = False) -> JobPlan:
         torch_threads=torch_threads_per_worker(cfg, remote),
         progress_topic=topic,
         keep_images=cfg.keep_images,
+        targets=targets,
     )
     tasks, items = [], 0
     with _walk_progress(cfg.progress) as walked:
@@ -241,7 +258,7 @@ def plan_job(cfg: EncodeOptions, remote: bool = False) -> JobPlan:
             tasks.append(replace(template, index=index, block=ItemBlock.pack(shard_items), fingerprint=fingerprint))
             items += len(shard_items)
             walked.update(len(shard_items))
-    return JobPlan(cfg, vae_spec, source, out, tasks, items, topic)
+    return JobPlan(cfg, vae_spec, source, out, tasks, items, topic, targets)
 
 
 def _walk_progress(enabled: bool):
@@ -292,7 +309,17 @@ def dataset_identity(plan: JobPlan) -> dict[str, Any]:
         "transform": transform_spec(cfg.resolution, cfg.max_pixels),
         "vae": [plan.vae_spec.path_hash, cfg.dtype] if plan.vae_spec else None,
         "keep_images": cfg.kind == "latents" and cfg.keep_images,
+        "encoder_targets": plan.targets.identity() if plan.targets is not None else None,
     }
+
+
+def _resolve_job_targets(cfg: EncodeOptions, vae_spec: VAESpec | None) -> TargetsSpec | None:
+    """The checked `--encoder-targets` of a latent job (None without it), for its latent size."""
+    if vae_spec is None:
+        return None
+    return resolve_targets(
+        cfg.encoder_targets, cfg.encoder_weights, cfg.token_grid, cfg.resolution // vae_spec.downsample_factor
+    )
 
 
 def _resolve_job_vae(cfg: EncodeOptions) -> VAESpec:
@@ -518,6 +545,8 @@ def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple
         if cfg.keep_images:
             manifest["image_format"] = "png"  # the `png` member: the crop of index 0, unflipped
             manifest["image_shape"] = [cfg.resolution, cfg.resolution, 3]
+        if plan.targets is not None:  # the `repa.npy` member: REPA's targets of the crop and its flip
+            manifest[REPA_TARGETS_KEY] = plan.targets.manifest_entry()
         manifest["vae"] = vae_spec.manifest_entry(cfg.dtype)
         if stats is not None:  # per-channel mean / std of the original views' posterior means, all shards merged
             manifest[STATS_KEY] = stats
@@ -528,11 +557,12 @@ def _build_manifest(plan: JobPlan, sidecars: dict[int, dict[str, Any]]) -> tuple
 
 
 def _members(cfg: EncodeOptions) -> list[str]:
-    """The members of every sample, as the manifest lists them (the trainer reads the PNG of latent samples from
-    here: REPA's targets)."""
+    """The members of every sample, as the manifest lists them (the trainer reads from here whether latent samples
+    hold their PNG or stored targets: REPA's targets online or stored)."""
     if cfg.kind != "latents":
         return list(IMAGE_MEMBERS)
-    return [*LATENT_MEMBERS, IMAGE_MEMBER] if cfg.keep_images else list(LATENT_MEMBERS)
+    members = [*LATENT_MEMBERS, IMAGE_MEMBER] if cfg.keep_images else list(LATENT_MEMBERS)
+    return [*members, REPA_MEMBER] if cfg.encoder_targets is not None else members
 
 
 def command_line() -> str:

@@ -22,6 +22,7 @@ from pipeline.core.shard_members import IMAGE_MEMBER
 from pipeline.core.shards import FAILURES_NAME, SHARD_NAME_PATTERN, SIDECAR_NAME_PATTERN, shard_name
 from pipeline.core.storage import Location
 from pipeline.core.storage_io import StorageError
+from pipeline.core.stored_targets import REPA_TARGETS_KEY
 from pipeline.encode.plan import (
     ShardTask,
 )
@@ -79,6 +80,13 @@ def same_dataset(previous: dict[str, Any], manifest: dict[str, Any]) -> bool:
     }
 
 
+def _recorded_targets(entry: Any) -> dict[str, Any] | None:
+    """The identity of the stored targets a manifest records (`TargetsSpec.identity`), None without them."""
+    if not isinstance(entry, dict):
+        return None
+    return {key: entry.get(key) for key in ("encoder", "weights_sha256", "input_grid")}
+
+
 def _manifest_conflict(out: Location, identity: dict[str, Any]) -> str | None:
     """Why the manifest in `out` describes another dataset than `identity` (kind, source, resolution,
     transform, VAE of this job), or None when there is none or it is this job's."""
@@ -96,6 +104,7 @@ def _manifest_conflict(out: Location, identity: dict[str, Any]) -> str | None:
         "transform": manifest.get("transform"),
         "vae": [vae.get("path_hash"), vae.get("dtype")] if isinstance(vae, dict) else None,
         "keep_images": manifest.get("kind") == "latents" and IMAGE_MEMBER in (manifest.get("members") or []),
+        "encoder_targets": _recorded_targets(manifest.get(REPA_TARGETS_KEY)),
     }
     differing = [key for key in identity if recorded[key] != identity[key]]
     if not differing:

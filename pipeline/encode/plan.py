@@ -97,6 +97,7 @@ class ShardTask:
     torch_threads: int | None
     progress_topic: str | None
     keep_images: bool = False  # latents: also store each crop as a PNG member (`encode --keep-images`)
+    targets: Any = None  # latents: a `pipeline.encode.targets.TargetsSpec` (`encode --encoder-targets`), or None
 
     @property
     def count(self) -> int:

@@ -42,6 +42,7 @@ from pipeline.encode.plan import (
 )
 from pipeline.encode.source_items import item_location
 from pipeline.encode.sources import SourceItem, read_item_bytes
+from pipeline.encode.targets import encode_targets
 from pipeline.encode.transforms import (
     ImageDecodeError,
     compose_crop_box,
@@ -251,13 +252,38 @@ def write_batch(writer, vae, ready: list, failures: list, task: ShardTask) -> No
         return
     from pipeline.core.vae import encode_pixels
 
-    mean, std = encode_pixels(vae, np.stack([pixels for _, pixels, _ in ready]))
+    crops = np.stack([pixels for _, pixels, _ in ready])
+    mean, std = encode_pixels(vae, crops)
     mean16, std16 = mean.astype(np.float16), std.astype(np.float16)
+    targets16 = _batch_targets(task, crops)
     for j, (item, pixels, meta) in enumerate(ready):
         if not (np.isfinite(mean16[j]).all() and np.isfinite(std16[j]).all()):
             failures.append(_failure(item, task.root, "VAE output is not finite in float16 (NaN or overflow)"))
             continue
-        # With --keep-images the crop the VAE encoded goes with its latents (their index 1 is its flip).
+        if targets16 is not None and not np.isfinite(targets16[j]).all():
+            failures.append(_failure(item, task.root, "encoder targets are not finite in float16 (NaN or overflow)"))
+            continue
+        # With --keep-images the crop the VAE encoded goes with its latents (their index 1 is its flip); with
+        # --encoder-targets the encoder's tokens of the crop and of its flip, in that order.
         writer.write(
-            latent_sample(item.key, mean16[j], std16[j], item.label, meta, pixels if task.keep_images else None)
+            latent_sample(
+                item.key,
+                mean16[j],
+                std16[j],
+                item.label,
+                meta,
+                pixels if task.keep_images else None,
+                targets16[j] if targets16 is not None else None,
+            )
         )
+
+
+def _batch_targets(task: ShardTask, crops: np.ndarray) -> np.ndarray | None:
+    """REPA's targets of a batch of crops, float16 [B, 2, N, D] (`--encoder-targets`; None without), on the
+    worker's device (the VAE's)."""
+    if task.targets is None:
+        return None
+    from pipeline.core.vae import pick_device
+
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused per item by the caller
+        return encode_targets(task.targets, crops, pick_device(task.device)).astype(np.float16)

@@ -20,6 +20,8 @@ Other stages use what this package exports, never its modules' internals.
 
 from pipeline.evaluate.adm import feature_statistics, frechet_distance
 from pipeline.evaluate.datasets import ArrayDataset
+from pipeline.evaluate.dinov2 import DINOv2Config, create_dinov2_extractor, resolve_dinov2_weights
+from pipeline.evaluate.fd_dinov2 import reference_dinov2_statistics, sample_dinov2_features
 from pipeline.evaluate.generation import to_uint8_images
 from pipeline.evaluate.inception import (
     PLUMBING_ONLY_LABEL,
@@ -45,7 +47,12 @@ from pipeline.evaluate.sample_store import (
 __all__ = [
     "PLUMBING_ONLY_LABEL",
     "ArrayDataset",
+    "DINOv2Config",
     "FeatureConfig",
+    "create_dinov2_extractor",
+    "reference_dinov2_statistics",
+    "resolve_dinov2_weights",
+    "sample_dinov2_features",
     "create_feature_extractor",
     "extract_features",
     "feature_statistics",

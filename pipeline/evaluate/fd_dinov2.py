@@ -50,6 +50,14 @@ def reference_dinov2_statistics(reference, config: DINOv2Config, cache_dir: Path
     return stats[DINOV2_LAYER], source, cache
 
 
+def sample_dinov2_features(samples: Dataset, extractor, config: DINOv2Config) -> torch.Tensor:
+    """DINOv2 CLS features [n, D] of `samples` (uint8 CHW images), refused when any is not finite."""
+    workers = config.num_workers if getattr(samples, "supports_workers", True) else 0
+    features = extract_all(samples, extractor, config.batch_size, workers, "DINOv2 sample features", config.progress)
+    _require_finite(features[DINOV2_LAYER], "the samples", config)
+    return features[DINOV2_LAYER]
+
+
 def compute_fd_dinov2(samples: Dataset, reference, config: DINOv2Config, cache_dir: Path) -> dict[str, Any]:
     """FD_DINOv2 of `samples` against `reference`: {"value", "source", "statistics_cache", "timings_s"}."""
     timings = {}
@@ -57,11 +65,7 @@ def compute_fd_dinov2(samples: Dataset, reference, config: DINOv2Config, cache_d
     extractor = create_dinov2_extractor(config)
     timings["load_dinov2"] = time.perf_counter() - started
     started = time.perf_counter()
-    workers = config.num_workers if getattr(samples, "supports_workers", True) else 0
-    features = extract_all(samples, extractor, config.batch_size, workers, "DINOv2 sample features", config.progress)
-    sample_features = features[DINOV2_LAYER]
-    _require_finite(sample_features, "the samples", config)
-    mu, sigma = feature_statistics(sample_features, config.device)
+    mu, sigma = feature_statistics(sample_dinov2_features(samples, extractor, config), config.device)
     timings["dinov2_sample_features"] = time.perf_counter() - started
     started = time.perf_counter()
     (ref_mu, ref_sigma), source, cache = reference_dinov2_statistics(reference, config, cache_dir, extractor)
@@ -72,4 +76,4 @@ def compute_fd_dinov2(samples: Dataset, reference, config: DINOv2Config, cache_d
     return {"value": float(value), "source": source, "statistics_cache": cache, "timings_s": timings}
 
 
-__all__ = ["compute_fd_dinov2", "reference_dinov2_statistics"]
+__all__ = ["compute_fd_dinov2", "reference_dinov2_statistics", "sample_dinov2_features"]

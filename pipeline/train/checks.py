@@ -131,7 +131,8 @@ def check_run(args: TrainOptions) -> CheckedRun:
         data_dir = resume_state["dataset"]["path"]
     info = check_dataset(config, data_dir)
     check_model_builds(config.model.name, model_kwargs(config, info))
-    check_repa_inputs(config, info)  # REPA: its encoder file is there, latent shards hold the images
+    # REPA: its encoder file is there, latent shards hold the images (online) or this run's targets (stored)
+    check_repa_inputs(config, info, model_kwargs(config, info))
     if resume_state is not None and resume_state["dataset"]["manifest_hash"] != info.manifest_hash:
         raise TrainError(
             f"--data {data_dir}: manifest hash {info.manifest_hash[:12]} differs from the one this run "

@@ -28,7 +28,8 @@ samples is decoded, the next one read in a background thread. A damaged shard st
 Samples are decoded by `pipeline.train.sample_decoding` (latents: a posterior draw of the original or flipped
 view; images: randomly flipped, scaled to [-1, 1]).
 Batches are `(x float32 [B, C, H, W], class_labels long [B])` with -1 for unlabelled samples; a latent stream with
-`images` (REPA) adds each sample's image, `(x, class_labels, images uint8 [B, 3, R, R])`.
+`images` (REPA) adds each sample's image, `(x, class_labels, images uint8 [B, 3, R, R])`; one with `targets`
+(REPA, stored targets) adds each sample's stored targets of its view, `(x, class_labels, targets float16 [B, N, D])`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class StreamSpec:
     sha256: tuple[str, ...] | None = None  # each shard's expected sha256 (the manifest's); None: not checked
     on_corrupt: str = "error"  # a damaged shard: "error" stops the stream, "skip" leaves it out (logged)
     images: bool = False  # latents: also each sample's `png` (flipped with its view): batches (x, labels, images)
+    # latents: also each sample's stored REPA targets of its view, every member checked to be float16 of this
+    # [2, N, D] shape: batches (x, labels, targets float16 [B, N, D]). None: not read.
+    targets: tuple[int, int, int] | None = None
 
 
 def shards_for(
@@ -161,6 +165,8 @@ class ShardStream(IterableDataset):
             raise DataFormatError(f"unknown shard kind {spec.kind!r}")
         if spec.images and spec.kind != "latents":
             raise DataFormatError("only a latent stream carries images beside x (an image stream's x is the image)")
+        if spec.targets is not None and (spec.kind != "latents" or spec.images):
+            raise DataFormatError("stored REPA targets come with latents, instead of the images (not beside them)")
         if spec.on_corrupt not in ON_CORRUPT:
             raise DataFormatError(f"data.on_corrupt_shard must be one of {ON_CORRUPT}, got {spec.on_corrupt!r}")
         if spec.sha256 is not None and len(spec.sha256) != len(spec.urls):

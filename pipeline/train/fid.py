@@ -132,7 +132,7 @@ class DINOv2FD:
     name = "fd_dinov2"
 
     def __init__(self, config: Config, cuda: bool):
-        from pipeline.evaluate.dinov2 import DINOv2Config, resolve_dinov2_weights
+        from pipeline.evaluate import DINOv2Config, resolve_dinov2_weights
 
         ev = config.eval
         weights = resolve_dinov2_weights(ev.dinov2_weights)
@@ -149,18 +149,14 @@ class DINOv2FD:
         return self.features_config.device
 
     def features(self, images):
-        from pipeline.evaluate import ArrayDataset
-        from pipeline.evaluate.dinov2 import DINOV2_LAYER, create_dinov2_extractor
-        from pipeline.evaluate.features import extract_all
+        from pipeline.evaluate import ArrayDataset, create_dinov2_extractor, sample_dinov2_features
 
         if self.extractor is None:
             self.extractor = create_dinov2_extractor(self.features_config)
-        dataset = ArrayDataset(images, "training samples")
-        batch = self.features_config.batch_size
-        return extract_all(dataset, self.extractor, batch, 0, "DINOv2 features", progress=False)[DINOV2_LAYER]
+        return sample_dinov2_features(ArrayDataset(images, "training samples"), self.extractor, self.features_config)
 
     def reference_statistics(self, reference, cache_dir: Path, dim: int):
-        from pipeline.evaluate.fd_dinov2 import reference_dinov2_statistics
+        from pipeline.evaluate import reference_dinov2_statistics
 
         if self.statistics is None:
             self.statistics, _, _ = reference_dinov2_statistics(

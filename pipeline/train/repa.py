@@ -21,9 +21,16 @@ With `repa.weight` λ > 0 every micro-batch's loss is
   preprocessing `diffit.repa.encoder_input`, input size = token grid x 14 px so that its patch grid equals the
   model's, REPA's 224 px for 16 x 16 tokens; position embeddings resampled once by timm's rule, as REPA's
   `load_encoders`), or the demo's classifier (`pipeline.core.small_cnn.ClassifierPatchEncoder`). A grid that still
-  differs is matched on the encoder side (`diffit.repa.match_token_grid`). Latent runs read each sample's image from
-  the shards (`diffit-pipe encode --keep-images`; flipped with the latent view the sample takes); image runs use
-  the batch itself.
+  differs is matched on the encoder side (`diffit.repa.match_token_grid`). The encoders are
+  `pipeline.core.target_encoders`. `repa.targets` says where the targets come from:
+  - `online` (default): latent runs read each sample's image from the shards (`diffit-pipe encode --keep-images`;
+    flipped with the latent view the sample takes) and run the encoder on the batch; image runs use the batch
+    itself.
+  - `stored`: latent runs read the targets from the shards (`diffit-pipe encode --encoder-targets ENCODER
+    --encoder-weights PATH`: the same encoder module run on each crop and its flip at encode time, float16), the
+    view that matches the sample's latent view; the encoder is never loaded. At the start the manifest's encoder,
+    weights sha256 and token grid must equal the run's (`check_stored_targets`). docs/benchmarks.md ("REPA's
+    targets: stored or online") measured both and explains the default.
 
 The RNG: the projector is drawn right after the model (so the model's initial weights are those of a run without
 REPA), the encoder is loaded without drawing from the global streams, and neither the encoder nor the loss draws
@@ -37,26 +44,24 @@ import copy
 import inspect
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffit.repa import build_projector, encoder_input, match_token_grid, repa_loss
+from diffit.repa import build_projector, match_token_grid, repa_loss
 from pipeline.core.errors import InputError
+from pipeline.core.target_encoders import (
+    DEMO_CLASSIFIER,
+    DINOV2_ENCODERS,
+    ENCODERS,
+    existing_weights,
+    input_grid,
+    load_target_encoder,
+    weights_sha256,
+)
 
 logger = logging.getLogger(__name__)
-
-# `repa.encoder` -> the published DINOv2 backbone (`pipeline.core.encoders.DINOV2_MODELS`).
-DINOV2_ENCODERS = {
-    "dinov2-vits14": "dinov2_vits14",
-    "dinov2-vitb14": "dinov2_vitb14",
-    "dinov2-vitl14": "dinov2_vitl14",
-    "dinov2-vitg14": "dinov2_vitg14",
-}
-DEMO_CLASSIFIER = "demo-classifier"
-ENCODERS = (*DINOV2_ENCODERS, DEMO_CLASSIFIER)
 
 
 class RepaError(InputError):
@@ -97,24 +102,15 @@ def tap_points(model: nn.Module) -> list[TapPoint]:
     if family == "latent":
         grid = (model.grid_size, model.grid_size)
         return [TapPoint(block, model.pos_embed.shape[-1], grid, "tokens") for block in model.blocks]
-    if family == "image":
-        points = []
-        for stage_index, stage in enumerate(model.encoder):
-            side = model.img_resolution // 2**stage_index
-            width = model.channels[stage_index]
-            points += [TapPoint(block, width, (side, side), "map") for block in stage.blocks]
-        decoder_stages = reversed(range(len(model.channels) - 1))  # as DiffiTUNet builds its decoder
-        for stage_index, stage in zip(decoder_stages, model.decoder):
-            side = model.img_resolution // 2**stage_index
-            width = model.channels[stage_index]
-            points += [TapPoint(block, width, (side, side), "map") for block in stage.blocks]
-        return points
+    if family == "image":  # every layout of Table 4 (ViT encoder, SETR-MLA decoder): the model lists its blocks
+        return [TapPoint(site.block, site.width, (site.side, site.side), "map") for site in model.block_sites()]
     raise _no_blocks(getattr(model, "model_config", {}).get("name", type(model).__name__), family)
 
 
 def block_count(name: str, kwargs: dict[str, Any]) -> int:
     """How many blocks `tap_points` finds in model `name` built with `kwargs` (read off the keywords, nothing is
-    built): the latent model's depth; the U-Net's encoder ResBlocks plus those of every decoder stage."""
+    built): the latent model's depth; the U-Net's encoder blocks plus those of every U decoder stage (SETR-MLA has
+    none)."""
     from diffit.models import model_class, model_family, resolve_model_kwargs
 
     family = model_family(name)
@@ -125,6 +121,8 @@ def block_count(name: str, kwargs: dict[str, Any]) -> int:
     if family == "latent":
         return int(resolved.get("depth", defaults["depth"]))
     per_stage = list(resolved.get("blocks_per_stage", defaults["blocks_per_stage"]))
+    if resolved.get("decoder", defaults["decoder"]) == "setr-mla":  # no decoder blocks (ViT: depth in one entry)
+        return sum(per_stage)
     return sum(per_stage) + sum(per_stage[:-1])
 
 
@@ -170,93 +168,23 @@ class BlockTap:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The frozen encoders
+# The frozen encoder, or the targets stored with the data
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class DINOv2Targets(nn.Module):
-    """DINOv2's normed patch tokens of [B, 3, H, W] images with values in [0, 255], preprocessed as REPA does."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.grid = encoder.grid
-        self.embed_dim = encoder.embed_dim
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.patch_tokens(encoder_input(pixels, self.encoder.img_size))
-
-
-class ClassifierTargets(nn.Module):
-    """The demo classifier's last feature map as tokens, of [B, 3, H, W] images with values in [0, 255]."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.grid = encoder.grid
-        self.embed_dim = encoder.embed_dim
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.patch_tokens(pixels.float() / 127.5 - 1.0)
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    return module.eval().requires_grad_(False)
-
-
-def load_target_encoder(encoder: str, weights: str | None, grid: tuple[int, int]) -> nn.Module:
-    """The frozen target encoder `repa.encoder` of the file / directory `weights`, for a model token grid `grid`
-    (DINOv2 is built for the input size whose patch grid is `grid`). One RepaError / EncoderWeightsError line
-    naming the file when it is missing or unusable. Draws nothing from the global RNG streams."""
-    with torch.random.fork_rng(devices=[]):  # timm initialises the ViT at random before the weights are loaded
-        if encoder == DEMO_CLASSIFIER:
-            from pipeline.core.small_cnn import ClassifierError, ClassifierPatchEncoder, load_classifier
-
-            try:
-                classifier = load_classifier(_existing(encoder, weights))
-            except ClassifierError as error:
-                raise RepaError(f"repa.encoder_weights: {error}") from None
-            return _frozen(ClassifierTargets(ClassifierPatchEncoder(classifier)))
-        from pipeline.core.encoders import dinov2_from_state_dict, dinov2_spec, read_state_dict
-
-        path = _existing(encoder, weights)
-        state = read_state_dict(path)
-        spec = dinov2_spec(state, path)
-        wanted = DINOV2_ENCODERS[encoder]
-        if spec.name is not None and spec.name != wanted:
-            raise RepaError(f"repa.encoder is {encoder} but {path} holds {spec.name}; name the encoder it holds")
-        if spec.name is None:
-            logger.warning("repa: %s is not a published DINOv2 backbone (%s)", path, spec.describe())
-        size = (grid[0] * spec.patch_size, grid[1] * spec.patch_size)
-        # REPA's `load_encoders` resamples the hub model's position embeddings once with timm's rule.
-        return _frozen(DINOv2Targets(dinov2_from_state_dict(state, size, "timm", path)))
-
-
-def _existing(encoder: str, weights: str | None) -> str:
-    """`repa.encoder_weights`, or one RepaError naming the file (or directory) to place there."""
-    if encoder == DEMO_CLASSIFIER:
-        if weights is None or not Path(weights).expanduser().is_dir():
-            where = f"{weights} does not exist" if weights is not None else "not set"
-            raise RepaError(
-                f"repa.encoder_weights: {where}; demo-classifier needs the directory of a classifier saved by "
-                "`diffit-pipe demo` (config.json + model.safetensors)"
-            )
-        return str(Path(weights).expanduser())
-    if weights is None or not Path(weights).expanduser().is_file():
-        from pipeline.core.encoders import missing_weights_message
-
-        raise RepaError(f"repa.encoder_weights: {missing_weights_message(weights, DINOV2_ENCODERS[encoder])}")
-    return str(Path(weights).expanduser())
-
-
-def check_repa_inputs(config, info) -> None:
-    """Before Accelerate starts: the encoder file is there, and a latent dataset holds each sample's image."""
+def check_repa_inputs(config, info, model_kwargs: dict[str, Any] | None = None) -> None:
+    """Before Accelerate starts: the encoder file is there; online, a latent dataset holds each sample's image;
+    stored (`repa.targets: stored`), the dataset holds targets of this run's encoder, weights and token grid
+    (`model_kwargs`: the run's `create_model` keywords, to read block k's grid off the meta device)."""
     from pipeline.core.shard_members import IMAGE_MEMBER
 
     repa = config.repa
     if repa.weight == 0:
         return
-    _existing(repa.encoder, repa.encoder_weights)
+    existing_weights(repa.encoder, repa.encoder_weights)
+    if repa.targets == "stored":
+        check_stored_targets(config, info, model_kwargs or {})
+        return
     if info.kind == "latents" and IMAGE_MEMBER not in (info.manifest.get("members") or []):
         raise RepaError(
             f"{info.manifest_path}: repa.weight {repa.weight} aligns the model to {repa.encoder} features of each "
@@ -266,21 +194,83 @@ def check_repa_inputs(config, info) -> None:
         )
 
 
+def check_stored_targets(config, info, model_kwargs: dict[str, Any]) -> None:
+    """The dataset's stored targets are those this run would compute online: the same encoder, the same weights
+    (sha256) and, for DINOv2, the input size of block k's token grid. One RepaError line naming the manifest and
+    the setting otherwise."""
+    from pipeline.core.shard_members import REPA_MEMBER
+    from pipeline.core.stored_targets import REPA_TARGETS_KEY
+
+    repa, where = config.repa, info.manifest_path
+    entry = info.manifest.get(REPA_TARGETS_KEY)
+    if info.kind != "latents" or entry is None or REPA_MEMBER not in (info.manifest.get("members") or []):
+        raise RepaError(
+            f"{where}: repa.targets is stored but this dataset holds no stored encoder targets; encode it again with "
+            f"them (`diffit-pipe encode SOURCE NEW_OUT --encoder-targets {repa.encoder} --encoder-weights PATH` "
+            "with the same other options), or set repa.targets: online"
+        )
+    if entry["encoder"] != repa.encoder:
+        raise RepaError(
+            f"{where}: the stored targets are {entry['encoder']}'s, repa.encoder is {repa.encoder}; set repa.encoder: "
+            f"{entry['encoder']} (and its weights), or set repa.targets: online"
+        )
+    digest = weights_sha256(repa.encoder, repa.encoder_weights)
+    if digest != entry["weights_sha256"]:
+        raise RepaError(
+            f"{where}: the stored targets were computed with other {repa.encoder} weights (sha256 "
+            f"{entry['weights_sha256'][:12]}) than repa.encoder_weights {repa.encoder_weights} ({digest[:12]}); name "
+            "the weights the dataset was encoded with, or set repa.targets: online"
+        )
+    wanted = input_grid(repa.encoder, model_token_grid(config, model_kwargs))
+    recorded = tuple(entry["input_grid"]) if entry["input_grid"] is not None else None
+    if recorded != wanted:
+        raise RepaError(
+            f"{where}: the stored targets were computed for a {_grid_text(recorded)} token grid, but block "
+            f"{repa.depth} of {config.model.name} has {_grid_text(wanted)} tokens; encode with --token-grid "
+            f"{wanted[0]} (latent size / the model's patch size), or set repa.targets: online"
+        )
+
+
+def _grid_text(grid: tuple[int, int] | None) -> str:
+    return "any" if grid is None else f"{grid[0]} x {grid[1]}"
+
+
+def model_token_grid(config, model_kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The token grid of block `repa.depth` of the run's model, read off a model built on the meta device."""
+    from diffit.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(config.model.name, **model_kwargs)
+    return tap_points(model)[config.repa.depth - 1].grid
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The alignment term of a training step
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class RepaAlignment:
-    """The encoder, the projector (and its EMA) and the hook on block k of one run; `__call__` evaluates the
-    objective and the alignment loss of one micro-batch."""
+def _frozen(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
 
-    def __init__(self, weight: float, point: TapPoint, projector: nn.Module, encoder: nn.Module):
+
+class RepaAlignment:
+    """The encoder (None with stored targets), the projector (and its EMA) and the hook on block k of one run;
+    `__call__` evaluates the objective and the alignment loss of one micro-batch."""
+
+    def __init__(
+        self,
+        weight: float,
+        point: TapPoint,
+        projector: nn.Module,
+        encoder: nn.Module | None,
+        stored_grid: tuple[int, int] | None = None,
+    ):
         self.weight = weight
         self.point = point
         self.projector = projector  # replaced by the prepared (possibly DDP-wrapped) one in `build_model`
         self.ema_projector = _frozen(copy.deepcopy(projector).float())
-        self.encoder = encoder
+        self.encoder = encoder  # None: the batches carry the targets (`repa.targets: stored`)
+        self.stored_grid = stored_grid  # the grid of the stored tokens (the manifest's `repa_targets.grid`)
         self.tap: BlockTap | None = None
 
     def attach(self) -> None:
@@ -295,29 +285,52 @@ class RepaAlignment:
             return images
         return (x.float() + 1.0) * 127.5
 
-    def targets(self, x: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
-        """The encoder's tokens of the batch's images on the model's token grid, without gradients."""
+    def targets(self, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's tokens of the batch's images on the model's token grid, without gradients. `source`: the
+        stream's images (online; None for image runs), or the stored tokens of the views the batch took (stored:
+        float16 [B, N, D], converted to float32 as the encoder's output is)."""
+        if self.encoder is None:
+            return match_token_grid(source.float(), self.point.grid, self.stored_grid)
         with torch.no_grad():
-            tokens = self.encoder(self.pixels(x, images))
+            tokens = self.encoder(self.pixels(x, source))
         return match_token_grid(tokens, self.point.grid, self.encoder.grid)
 
-    def __call__(self, objective, network, x, labels, images) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, objective, network, x, labels, source) -> tuple[torch.Tensor, torch.Tensor]:
         """(the objective's loss, repa_loss) of one micro-batch; the step trains loss + weight * repa_loss."""
-        target = self.targets(x, images)
+        target = self.targets(x, source)
         with self.tap.capture():
             loss = objective(network, x, labels)
         projected = self.projector(self.tap.tokens())
         return loss, repa_loss(target, projected)
 
 
-def build_repa(config, model: nn.Module) -> RepaAlignment | None:
+def stored_targets_shape(alignment: RepaAlignment | None, manifest: dict[str, Any]) -> tuple[int, int, int] | None:
+    """The [2, N, D] shape of each sample's stored targets when the run reads them (`repa.targets: stored`), else
+    None: what the data stream checks every member against."""
+    from pipeline.core.stored_targets import REPA_TARGETS_KEY, targets_shape
+
+    if alignment is None or alignment.encoder is not None:
+        return None
+    return targets_shape(manifest[REPA_TARGETS_KEY])
+
+
+def build_repa(config, model: nn.Module, manifest: dict[str, Any] | None = None) -> RepaAlignment | None:
     """The run's REPA parts for `model` (fresh, unwrapped) when `repa.weight` > 0, else None. Call it right after the
-    model is built: the encoder is loaded without drawing from the global RNG, then the projector is drawn from it
-    (the same on every rank)."""
+    model is built: the encoder is loaded without drawing from the global RNG (with `repa.targets: stored` it is
+    not loaded at all: the width and grid of the targets are the dataset `manifest`'s), then the projector is drawn
+    from it (the same on every rank, and the same online and stored)."""
+    from pipeline.core.stored_targets import REPA_TARGETS_KEY
+
     repa = config.repa
     if repa.weight == 0:
         return None
     point = tap_points(model)[repa.depth - 1]
+    if repa.targets == "stored":
+        entry = (manifest or {}).get(REPA_TARGETS_KEY)
+        if entry is None:
+            raise RepaError("repa.targets is stored but the dataset's manifest records no stored targets")
+        projector = build_projector(point.hidden_size, repa.projector_dim, int(entry["shape"][2]))
+        return RepaAlignment(repa.weight, point, projector, None, tuple(entry["grid"]))
     encoder = load_target_encoder(repa.encoder, repa.encoder_weights, point.grid)
     projector = build_projector(point.hidden_size, repa.projector_dim, encoder.embed_dim)
     return RepaAlignment(repa.weight, point, projector, encoder)
@@ -334,6 +347,9 @@ __all__ = [
     "block_count",
     "build_repa",
     "check_repa_inputs",
+    "check_stored_targets",
     "load_target_encoder",
+    "model_token_grid",
+    "stored_targets_shape",
     "tap_points",
 ]

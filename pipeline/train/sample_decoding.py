@@ -8,7 +8,10 @@ unscaled); a training latent is `LatentNorm.normalize(mean + std * eps)` of the 
 Image samples hold `png` (RGB uint8); they are flipped at random and scaled to [-1, 1].
 A latent stream with `images` (REPA's targets, `pipeline.train.repa`) also decodes each latent sample's `png`, the
 crop its latents encode (`encode --keep-images`), flipped when the flipped latent view is taken, and batches are
-then (x, labels, images uint8 [B, 3, R, R]).
+then (x, labels, images uint8 [B, 3, R, R]). A latent stream with `targets` (REPA's stored targets, `encode
+--encoder-targets`) decodes each sample's `repa.npy` instead (float16 [2, N, D], bounded like the latents and
+checked against the manifest's shape and dtype), takes the row of the latent view the sample takes, and batches
+are (x, labels, targets float16 [B, N, D]).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.core.shard_members import IMAGE_MEMBER, MEAN_MEMBER, STD_MEMBER, load_npy_bytes
+from pipeline.core.shard_members import IMAGE_MEMBER, MEAN_MEMBER, REPA_MEMBER, STD_MEMBER, load_npy_bytes
 from pipeline.train.shard_reading import DataFormatError
 
 if TYPE_CHECKING:
@@ -70,12 +73,27 @@ def decode_latent(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> t
         latent = _latent_norm(spec).normalize(z)
     except ValueError as error:  # a channel norm for another number of channels than the sample holds
         raise DataFormatError(f"{_where(sample)}: {error}") from None
+    if spec.targets is not None:
+        return latent, _decode_label(sample, spec), _stored_targets(sample, spec, view)
     if not spec.images:
         return latent, _decode_label(sample, spec)
     pixels = _png_pixels(sample, spec, "latent sample has no 'png' member (encode it with --keep-images)")
     if view == 1:
         pixels = pixels[:, ::-1]
     return latent, _decode_label(sample, spec), torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+
+
+def _stored_targets(sample: dict, spec: StreamSpec, view: int) -> torch.Tensor:
+    """Row `view` of the sample's stored REPA targets (float16 [N, D]: row 1 is of the flipped crop, as the
+    latents' view 1); DataFormatError naming the shard and key for a member that is not the manifest's float16
+    [2, N, D] (its size was bounded by the `.npy` read: a header claiming more than the member holds is refused)."""
+    targets = _load_npy(sample, REPA_MEMBER)
+    if targets.dtype != np.float16 or targets.shape != tuple(spec.targets):
+        raise DataFormatError(
+            f"{_where(sample)}: '{REPA_MEMBER}' is {targets.dtype} {list(targets.shape)}, the manifest's "
+            f"repa_targets say float16 {list(spec.targets)}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(targets[view]))
 
 
 def _latent_norm(spec: StreamSpec):
@@ -116,7 +134,8 @@ def decode_image(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> tu
 
 
 def collate(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
-    """Stack (x, label) pairs into a batch (x, labels); (x, label, image) triples into (x, labels, images)."""
+    """Stack (x, label) pairs into a batch (x, labels); (x, label, image or targets) triples into (x, labels,
+    images or targets)."""
     columns = list(zip(*samples))
     batch = (torch.stack(columns[0]), torch.tensor(columns[1], dtype=torch.long))
     return batch if len(columns) == 2 else (*batch, torch.stack(columns[2]))

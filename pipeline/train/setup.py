@@ -214,7 +214,8 @@ def build_model(config: Config, info: DatasetInfo, accelerator):
     # Same initial weights on every rank (DDP also broadcasts rank 0's), then per-rank training randomness.
     torch.manual_seed(config.train.seed)
     model = create_model(config.model.name, **model_kwargs(config, info))
-    repa = build_repa(config, model)  # after the model: its initial weights are those of a run without REPA
+    # After the model: its initial weights are those of a run without REPA.
+    repa = build_repa(config, model, info.manifest)
     if config.model.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing"):
             raise ConfigError(f"model.gradient_checkpointing: {config.model.name} does not support it")
@@ -247,7 +248,8 @@ def build_model(config: Config, info: DatasetInfo, accelerator):
         # Accelerate saves the projector as a second model (model_1.safetensors) and restores it on resume.
         model, repa.projector, optimizer = accelerator.prepare(model, repa.projector, optimizer)
         repa.ema_projector.to(accelerator.device)
-        repa.encoder.to(accelerator.device)
+        if repa.encoder is not None:  # None: the batches carry stored targets
+            repa.encoder.to(accelerator.device)
     ema.to(accelerator.device)
     torch.manual_seed(config.train.seed * 1_000_003 + accelerator.process_index + 1)
     return model, ema, optimizer, resolved_model, null_class, repa
@@ -313,6 +315,7 @@ def open_stream(training: Training) -> tuple[Iterator, Any]:
     against the manifest's sha256 as it is read), recorded in RUN/shards-rank<R>.json. Returns the batches
     -- (x, class_labels, seconds waited) on the device -- and the ShardStream behind them."""
     from pipeline.train.data import StreamSpec, infinite, make_loader, process_shards
+    from pipeline.train.repa import stored_targets_shape
 
     config, info, layout = training.config, training.info, training.layout
     spec = StreamSpec(
@@ -324,7 +327,9 @@ def open_stream(training: Training) -> tuple[Iterator, Any]:
         resampled=config.data.resampled,
         shuffle_buffer=config.data.shuffle_buffer,
         hflip=config.data.hflip,
-        images=training.repa is not None and info.kind == "latents",  # REPA's targets need the images
+        # REPA on latents: each sample's image for the encoder (online), or its stored targets.
+        images=training.repa is not None and info.kind == "latents" and training.repa.encoder is not None,
+        targets=stored_targets_shape(training.repa, info.manifest),
         scaling_factor=info.scaling_factor,
         latent_norm=info.latent_norm,
         resolution=int(info.manifest["resolution"]),
@@ -344,8 +349,9 @@ def open_stream(training: Training) -> tuple[Iterator, Any]:
 
 
 def _timed_batches(iterator: Iterator, device, channels_last: bool = False) -> Iterator[tuple[Any, Any, float, Any]]:
-    """(x, class_labels, seconds waited for the batch, images or None) on `device`: the loader pins its batches on
-    CUDA, so the copies do not block. `images`: the uint8 images of a latent stream that carries them (REPA)."""
+    """(x, class_labels, seconds waited for the batch, REPA's source or None) on `device`: the loader pins its
+    batches on CUDA, so the copies do not block. REPA's source: the uint8 images of a latent stream that carries
+    them (online targets), or the float16 stored targets of the views the batch took (`repa.targets: stored`)."""
     import torch
 
     memory_format = torch.channels_last if channels_last else torch.preserve_format

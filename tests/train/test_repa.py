@@ -296,6 +296,7 @@ def test_block_k_is_aligned_under_every_objective_and_time_conditioning(kind, cl
     """For each objective and each time conditioning: the objective's loss is the one it has without REPA (same
     seed), and REPA's loss reaches exactly the blocks up to k and the projector -- not the blocks after k, not the
     output layer. The image U-Net's block k is its k-th ResBlock, a feature map read as tokens."""
+    from diffit.conditionings import LATENT_TIME_CONDITIONINGS
     from diffit.layers import TIME_CONDITIONINGS
     from diffit.models import create_model
     from pipeline.train.checks import configured_model_kwargs
@@ -310,7 +311,7 @@ def test_block_k_is_aligned_under_every_objective_and_time_conditioning(kind, cl
         sample={"sampler": sampler},
         repa=repa_section(classifier_dir, encoder="demo-classifier", depth=2),
     )
-    for conditioning in TIME_CONDITIONINGS:
+    for conditioning in TIME_CONDITIONINGS if image else LATENT_TIME_CONDITIONINGS:  # the latent has no stages
         if image:
             mapping = tiny_image_config(model={"kwargs": {"time_conditioning": conditioning}}, **sections)
         else:
