@@ -48,30 +48,30 @@ class TargetEncoderError(InputError):
     """A target encoder cannot be loaded: no file, a file of another encoder, a damaged file."""
 
 
-class DINOv2Targets(nn.Module):
-    """DINOv2's normed patch tokens of [B, 3, H, W] images with values in [0, 255], preprocessed as REPA does."""
+class PatchTokenTargets(nn.Module):
+    """A frozen encoder's patch tokens [B, N, D] of [B, 3, H, W] images with values in [0, 255], preprocessed as that
+    encoder expects (`preprocess`): DINOv2 REPA's way (`dinov2_input`), the demo classifier to [-1, 1]
+    (`classifier_input`)."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, preprocess):
         super().__init__()
         self.encoder = encoder
+        self.preprocess = preprocess
         self.grid = encoder.grid
         self.embed_dim = encoder.embed_dim
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.patch_tokens(encoder_input(pixels, self.encoder.img_size))
+        return self.encoder.patch_tokens(self.preprocess(pixels, self.encoder))
 
 
-class ClassifierTargets(nn.Module):
-    """The demo classifier's last feature map as tokens, of [B, 3, H, W] images with values in [0, 255]."""
+def dinov2_input(pixels: torch.Tensor, encoder) -> torch.Tensor:
+    """REPA's DINOv2 preprocessing at the encoder's input size (`diffit.repa.encoder_input`)."""
+    return encoder_input(pixels, encoder.img_size)
 
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.grid = encoder.grid
-        self.embed_dim = encoder.embed_dim
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.patch_tokens(pixels.float() / 127.5 - 1.0)
+def classifier_input(pixels: torch.Tensor, encoder) -> torch.Tensor:
+    """The demo classifier's input range, [-1, 1]."""
+    return pixels.float() / 127.5 - 1.0
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -100,7 +100,7 @@ def load_target_encoder(
                 classifier = load_classifier(existing_weights(encoder, weights, settings[1]))
             except ClassifierError as error:
                 raise TargetEncoderError(f"{settings[1]}: {error}") from None
-            return _frozen(ClassifierTargets(ClassifierPatchEncoder(classifier)))
+            return _frozen(PatchTokenTargets(ClassifierPatchEncoder(classifier), classifier_input))
         from pipeline.core.encoders import dinov2_from_state_dict, dinov2_spec, read_state_dict
 
         path = existing_weights(encoder, weights, settings[1])
@@ -115,7 +115,7 @@ def load_target_encoder(
             logger.warning("repa: %s is not a published DINOv2 backbone (%s)", path, spec.describe())
         size = (grid[0] * spec.patch_size, grid[1] * spec.patch_size)
         # REPA's `load_encoders` resamples the hub model's position embeddings once with timm's rule.
-        return _frozen(DINOv2Targets(dinov2_from_state_dict(state, size, "timm", path)))
+        return _frozen(PatchTokenTargets(dinov2_from_state_dict(state, size, "timm", path), dinov2_input))
 
 
 def existing_weights(encoder: str, weights: str | None, setting: str = TRAIN_SETTINGS[1]) -> str:
@@ -169,8 +169,7 @@ __all__ = [
     "ENCODERS",
     "ENCODE_SETTINGS",
     "TRAIN_SETTINGS",
-    "ClassifierTargets",
-    "DINOv2Targets",
+    "PatchTokenTargets",
     "TargetEncoderError",
     "existing_weights",
     "input_grid",

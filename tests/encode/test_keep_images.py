@@ -17,7 +17,7 @@ from pipeline.core.manifest import load_manifest, shard_urls
 from pipeline.core.shard_members import decode_sample
 from pipeline.encode.job import EncodeOptions, JobError, run_encode
 from pipeline.encode.transforms import prepare_image
-from tests.support.encode_fixtures import TEST_MAX_PIXELS, make_image_tree, save_tiny_vae
+from tests.support.encode_fixtures import make_image_tree, save_tiny_vae, small_encode_options
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +28,7 @@ def data(tmp_path_factory):
 
 
 def options(data, out: Path, **overrides) -> EncodeOptions:
-    settings = dict(
-        source=str(data.src),
-        out=str(out),
-        resolution=32,
-        vae=data.vae,
-        shard_size=6,
-        batch_size=4,
-        workers=0,
-        max_pixels=TEST_MAX_PIXELS,
-        progress=False,
-        limit=14,
-    )
-    return EncodeOptions(**{**settings, **overrides})
+    return small_encode_options(data.src, data.vae, out, **overrides)
 
 
 def samples_of(out: Path) -> dict[str, dict]:

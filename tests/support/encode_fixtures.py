@@ -43,6 +43,26 @@ def save_tiny_vae(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def small_encode_options(source: Path, vae: str, out: Path, **overrides):
+    """`EncodeOptions` of a small in-process latent encode of the image tree `source` (32 px, shards of 6, the first
+    14 images), with `overrides`."""
+    from pipeline.encode.job import EncodeOptions
+
+    settings = dict(
+        source=str(source),
+        out=str(out),
+        resolution=32,
+        vae=vae,
+        shard_size=6,
+        batch_size=4,
+        workers=0,
+        max_pixels=TEST_MAX_PIXELS,
+        progress=False,
+        limit=14,
+    )
+    return EncodeOptions(**{**settings, **overrides})
+
+
 def _picture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A smooth colour gradient plus noise: compresses like a photo, different for every call."""
     y, x = np.mgrid[0:height, 0:width]

@@ -275,9 +275,31 @@ def assert_same_weights(ours: Path, theirs: Path) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def latent_stream_spec(data: Path, **overrides):
+    """The trainer's `StreamSpec` over every non-empty shard of the latent dataset `data` in order (not resampled,
+    batches of 8, flips on; scaling factor and classes from its manifest), with `overrides`."""
+    from pipeline.core.manifest import load_manifest, shard_urls
+    from pipeline.train.data import StreamSpec
+
+    manifest = load_manifest(data)
+    base = dict(
+        urls=tuple(shard_urls(data, manifest)),
+        kind="latents",
+        batch_size=8,
+        resampled=False,
+        hflip=True,
+        scaling_factor=manifest["vae"]["scaling_factor"],
+        num_classes=manifest["num_classes"],
+        resolution=manifest["resolution"],
+        sha256=tuple(entry["sha256"] for entry in manifest["shards"] if entry["count"] > 0),
+    )
+    return StreamSpec(**{**base, **overrides})
+
+
 __all__ = [
     "assert_same_weights",
     "kill_tree",
+    "latent_stream_spec",
     "read_safetensors",
     "read_metrics",
     "run_train_subprocess",

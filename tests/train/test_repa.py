@@ -25,6 +25,7 @@ from pipeline.train.config import ConfigError, config_from_dict, load_config
 from tests.support.encoder_fixtures import save_official, tiny_timm_dinov2
 from tests.support.train_fixtures import (
     assert_same_weights,
+    latent_stream_spec,
     read_metrics,
     read_safetensors,
     run_train_subprocess,
@@ -451,25 +452,6 @@ def test_a_repa_run_starts_from_the_weights_of_the_same_run_without_it(tmp_path,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def latent_stream(data: Path, **overrides):
-    from pipeline.train.data import StreamSpec
-
-    manifest = load_manifest(data)
-    base = dict(
-        urls=tuple(shard_urls(data, manifest)),
-        kind="latents",
-        batch_size=8,
-        resampled=False,
-        hflip=True,
-        images=True,
-        scaling_factor=SCALE,
-        num_classes=10,
-        resolution=manifest["resolution"],
-        sha256=tuple(entry["sha256"] for entry in manifest["shards"] if entry["count"] > 0),
-    )
-    return StreamSpec(**{**base, **overrides})
-
-
 def stored_samples(data: Path) -> list[dict]:
     from pipeline.core.shard_members import decode_sample
     from pipeline.core.shards import iter_samples
@@ -488,7 +470,7 @@ def test_targets_follow_the_flipped_latent_view(tmp_path, dinov2_file):
     from pipeline.train.repa import build_repa
 
     data = write_latent_dataset(tmp_path / "data", num_samples=8, num_shards=1, std=1e-4, images=True)
-    x, labels, images = next(iter(make_loader(latent_stream(data), 0)))
+    x, labels, images = next(iter(make_loader(latent_stream_spec(data, images=True), 0)))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 64, 64) and x.shape == (8, 4, 8, 8)
     samples = stored_samples(data)
     views = []
@@ -540,7 +522,7 @@ def test_a_damaged_image_member_is_caught_like_a_damaged_latent(tmp_path):
         damage(data / "shard-000001.tar")
         batches = []
         with pytest.raises(CorruptShardError) as caught:
-            for batch in infinite(make_loader(latent_stream(data, batch_size=2, hflip=False), 0)):
+            for batch in infinite(make_loader(latent_stream_spec(data, images=True, batch_size=2, hflip=False), 0)):
                 batches.append(batch)
         assert len(batches) == 2  # shard 0's two batches; nothing of shard 1
         messages[name] = re.sub(r"[0-9a-f]{64}", "HASH", str(caught.value).replace(str(data), "DATA"))

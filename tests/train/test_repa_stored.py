@@ -24,7 +24,13 @@ from pipeline.core.manifest import load_manifest, shard_urls
 from pipeline.train import TrainOptions, run_train
 from pipeline.train.config import ConfigError, config_from_dict
 from tests.support.encoder_fixtures import save_official, tiny_timm_dinov2
-from tests.support.train_fixtures import read_metrics, tiny_latent_config, write_config, write_latent_dataset
+from tests.support.train_fixtures import (
+    latent_stream_spec,
+    read_metrics,
+    tiny_latent_config,
+    write_config,
+    write_latent_dataset,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,24 +74,6 @@ def repa_config(weights: Path, targets: str = "stored", steps: int = 2, **repa) 
     )
 
 
-def stream(data: Path, **overrides):
-    from pipeline.train.data import StreamSpec
-
-    manifest = load_manifest(data)
-    base = dict(
-        urls=tuple(shard_urls(data, manifest)),
-        kind="latents",
-        batch_size=8,
-        resampled=False,
-        hflip=True,
-        scaling_factor=manifest["vae"]["scaling_factor"],
-        num_classes=manifest["num_classes"],
-        resolution=manifest["resolution"],
-        sha256=tuple(entry["sha256"] for entry in manifest["shards"] if entry["count"] > 0),
-    )
-    return StreamSpec(**{**base, **overrides})
-
-
 def first_batch(spec):
     from pipeline.train.data import make_loader
 
@@ -101,8 +89,8 @@ def test_stored_targets_follow_the_view_and_equal_the_online_targets_of_the_same
     from pipeline.core.shards import iter_samples
     from pipeline.train.repa import build_repa
 
-    x, labels, images = first_batch(stream(encoded.data, images=True))
-    x_stored, labels_stored, tokens = first_batch(stream(encoded.data, targets=SHAPE))
+    x, labels, images = first_batch(latent_stream_spec(encoded.data, images=True))
+    x_stored, labels_stored, tokens = first_batch(latent_stream_spec(encoded.data, targets=SHAPE))
     assert torch.equal(x, x_stored) and torch.equal(labels, labels_stored)
     assert tokens.dtype == torch.float16 and tokens.shape == (8, 4, 32)
     raw = [decode_sample(s) for url in shard_urls(encoded.data, load_manifest(encoded.data)) for s in iter_samples(url)]
@@ -183,7 +171,7 @@ def test_a_damaged_targets_member_is_caught_like_a_damaged_latent(encoded, tmp_p
         shutil.copytree(encoded.data, data)
         damage(data / "shard-000001.tar")
         with pytest.raises(CorruptShardError) as caught:
-            read_all(stream(data, batch_size=4, hflip=False, targets=SHAPE))
+            read_all(latent_stream_spec(data, batch_size=4, hflip=False, targets=SHAPE))
         messages[name] = re.sub(r"[0-9a-f]{64}", "HASH", str(caught.value).replace(str(data), "DATA"))
     assert messages["targets"] == messages["latent"]
     assert "DATA/shard-000001.tar: sha256 HASH does not match the manifest's HASH" in messages["targets"]
@@ -224,7 +212,7 @@ def test_a_crafted_targets_member_is_refused_naming_the_shard(encoded, tmp_path,
     _rewrite_member(data / "shard-000001.tar", "repa.npy", payload)
     _record_size_and_hash(data, "shard-000001.tar")
     with pytest.raises(DataFormatError) as caught:
-        read_all(stream(data, batch_size=4, hflip=False, targets=SHAPE))
+        read_all(latent_stream_spec(data, batch_size=4, hflip=False, targets=SHAPE))
     assert f"{data}/shard-000001.tar:" in str(caught.value) and message in str(caught.value)
     assert "\n" not in str(caught.value)
 
