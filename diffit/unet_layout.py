@@ -89,6 +89,10 @@ def layout_problem(
         return f"unknown decoder {decoder!r}; expected one of {DECODERS}"
     if decoder_time_conditioning is not None and decoder_time_conditioning not in TIME_CONDITIONINGS:
         return f"unknown decoder_time_conditioning {decoder_time_conditioning!r}; expected one of {TIME_CONDITIONINGS}"
+    if patch_size < 1:
+        return f"patch_size must be >= 1, got {patch_size}"
+    if mla_channels is not None and mla_channels < 2:
+        return f"mla_channels must be >= 2 (SETR-MLA halves it; None: channels[0]), got {mla_channels}"
     if decoder == "setr-mla" and decoder_time_conditioning is not None:
         return (
             "decoder_time_conditioning applies to the U decoder's transformer blocks; decoder 'setr-mla' has none "
@@ -104,6 +108,11 @@ def layout_problem(
         return "encoder 'vit' is isotropic (one resolution, no skips for a U decoder): it needs decoder 'setr-mla'"
     if len(channels) != 1:
         return f"encoder 'vit' has one width: channels must have one entry (the ViT width), got {channels}"
+    if channels[0] % 4:
+        return (
+            f"encoder 'vit' width {channels[0]} must be a multiple of 4: its 2-D sin-cos position embedding gives a "
+            "quarter of the channels to each of sin / cos of each axis"
+        )
     depth = blocks_per_stage[0]
     if depth < VIT_LEVELS or depth % VIT_LEVELS:
         return (

@@ -16,6 +16,7 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,7 +100,9 @@ def resolve_targets(
         )
     digest = weights_sha256(encoder, weights, ENCODE_SETTINGS[1])
     module = load_target_encoder(encoder, weights, (side, side), ENCODE_SETTINGS)
-    spec = TargetsSpec(encoder, str(weights), digest, (side, side), tuple(module.grid), int(module.embed_dim))
+    # Absolute, as the source, OUT and --vae: the workers of a running cluster start in other directories.
+    path = str(Path(weights).resolve())
+    spec = TargetsSpec(encoder, path, digest, (side, side), tuple(module.grid), int(module.embed_dim))
     logger.info("REPA targets: %s, %s x %s tokens of %d channels per view", encoder, *spec.grid, spec.embed_dim)
     return spec
 

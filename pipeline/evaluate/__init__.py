@@ -34,7 +34,7 @@ from pipeline.evaluate.metrics import gather_reference_inputs
 from pipeline.evaluate.options import EvaluateInputError, EvaluateOptions, check_options, check_sampling_settings
 from pipeline.evaluate.reference.batch import ReferenceOptions, build_reference
 from pipeline.evaluate.reference.cache import reference_cache_dir
-from pipeline.evaluate.reference.formats import open_reference
+from pipeline.evaluate.reference.formats import check_reference, open_reference
 from pipeline.evaluate.run import METRICS_FILE, run_evaluate, sample_grid
 from pipeline.evaluate.sample_seeds import sample_class_labels, sample_noise_seeds
 from pipeline.evaluate.sample_store import (
@@ -49,6 +49,7 @@ __all__ = [
     "ArrayDataset",
     "DINOv2Config",
     "FeatureConfig",
+    "check_reference",
     "create_dinov2_extractor",
     "reference_dinov2_statistics",
     "resolve_dinov2_weights",

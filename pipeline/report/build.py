@@ -56,7 +56,11 @@ def render(run: RunFiles) -> str:
         page.curves_section(run, curves),
         page.samples_section(run, grids),
         page.fid_section(
-            run, charts.fid_pngs(run.records), charts.fid_keys(run.records), charts.fid_notes(run.records)
+            run,
+            charts.fid_pngs(run.records),
+            charts.fid_keys(run.records),
+            charts.plumbing_keys(run.records),
+            charts.fid_notes(run.records),
         ),
         page.evaluation_section(run),
         page.lineage_section(run),

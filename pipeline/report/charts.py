@@ -45,6 +45,7 @@ CURVES = (
 # Metrics during training (`pipeline.train.fid`): the prefix of their keys (`fid_5k`, `fd_dinov2_5k`) and their
 # name on the page. Plumbing-only values are logged under `plumbing_only_*` keys, which no prefix here matches.
 TRAINING_METRICS = {"fid_": "FID", "fd_dinov2_": "FD_DINOv2"}
+PLUMBING_PREFIX = "plumbing_only_"
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -55,6 +56,13 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
 
 def fid_keys(records: list[dict[str, Any]], prefixes: tuple[str, ...] = tuple(TRAINING_METRICS)) -> list[str]:
     """The keys of metrics during training (`fid_5k`, `fd_dinov2_5k`) that hold a number in some record, sorted."""
+    return sorted({key for record in records for key in record if key.startswith(prefixes) and is_number(record[key])})
+
+
+def plumbing_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The `plumbing_only_fid_*` / `plumbing_only_fd_dinov2_*` keys holding a number: listed, never plotted as the
+    metric (random or unrecognised weights)."""
+    prefixes = tuple(PLUMBING_PREFIX + prefix for prefix in TRAINING_METRICS)
     return sorted({key for record in records for key in record if key.startswith(prefixes) and is_number(record[key])})
 
 

@@ -184,16 +184,20 @@ def samples_section(run: RunFiles, grids: list[tuple[int, bytes | None, str | No
     return section("samples", f'{text}<div class="grids">{"".join(figures)}</div>')
 
 
-def fid_section(run: RunFiles, pngs: list[tuple[str, bytes]], keys: list[str], notes: list[str]) -> str:
+def fid_section(
+    run: RunFiles, pngs: list[tuple[str, bytes]], keys: list[str], plumbing: list[str], notes: list[str]
+) -> str:
     """FID (and FD_DINOv2) against the step, from the `fid_*` (`fd_dinov2_*`) keys of the metrics records (metrics
-    during training), and the text those keys hold instead of numbers (`notes`: e.g. that the values are
-    plumbing-only)."""
+    during training), the plumbing-only values (`plumbing`: listed, not plotted) and the text those keys hold
+    instead of numbers (`notes`: e.g. that the values are plumbing-only)."""
     labels = "".join(f'<p class="bad">{esc(note)}</p>' for note in notes)
-    if not pngs:
-        return section("fid", absent("fid_* values in metrics.jsonl (FID during training was not run)") + labels)
-    rows = [[record["step"], key, record[key]] for record in run.records for key in keys if key in record]
+    rows = [[record["step"], key, record[key]] for record in run.records for key in keys + plumbing if key in record]
+    if not rows:
+        what = "fid_* / fd_dinov2_* values in metrics.jsonl (FID during training was not run)"
+        return section("fid", absent(what) + labels)
     images = "".join(f'<img src="{data_uri(png)}" alt="{esc(title)}">' for title, png in pngs)
-    return section("fid", f'<div class="charts">{images}</div>' + labels + table(["step", "key", "value"], rows))
+    charts = f'<div class="charts">{images}</div>' if images else ""
+    return section("fid", charts + labels + table(["step", "key", "value"], rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------

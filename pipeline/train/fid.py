@@ -172,11 +172,14 @@ class FidEvaluator:
     """The `eval` section's metrics (FID, FD_DINOv2) of the EMA model against `eval.reference`, from one set of
     samples; built on every process (all take part in `evaluate`).
 
-    The weights and the reference are checked when it is built, before the first training step.
+    The weights and the reference are checked when it is built, before the first training step: the reference
+    must serve every metric (images, or the stored statistics of each) at the dataset's image resolution, as
+    `diffit-pipe evaluate` requires, so that a run never trains up to its first evaluation to fail there.
     """
 
     def __init__(self, config: Config, info: DatasetInfo, accelerator):
-        from pipeline.evaluate import open_reference
+        from pipeline.core.errors import InputError
+        from pipeline.evaluate import check_reference, open_reference
         from pipeline.train.checks import TrainError
 
         ev = config.eval
@@ -188,6 +191,11 @@ class FidEvaluator:
         cuda = accelerator.device.type == "cuda"
         self.metrics = [TRAINING_METRIC_CLASSES[name](config, cuda) for name in ev.metrics]
         self.reference = open_reference(ev.reference)
+        resolution = int(info.manifest["resolution"])  # the samples' size: the images, or what the VAE decodes
+        try:
+            check_reference(self.reference, (resolution, resolution), ev.metrics)
+        except InputError as error:
+            raise TrainError(f"eval.reference: {error}") from None
         self.vae = None
         if info.kind == "latents":
             self.vae = self._load_vae(info, accelerator.device)
@@ -220,7 +228,6 @@ class FidEvaluator:
         # time, and a reference's features may be extracted).
         with torch.random.fork_rng(devices=rng_devices(self.accelerator.device)), torch.no_grad():
             images = self._images(ema_model, np.arange(share.start, share.stop))
-            self._check_resolution(images.shape[1:3])
             for metric in self.metrics:
                 gathered = self._gather(metric.features(images))
                 if self.accelerator.is_main_process:
@@ -234,17 +241,6 @@ class FidEvaluator:
             values = ", ".join(f"{metric.key} = {record[metric.key]:.4f}" for metric in self.metrics)
             logger.info("step %d: %s (%.1f s)", step, values, record["eval_seconds"])
         return record
-
-    def _check_resolution(self, size) -> None:
-        """The reference's images must be of the samples' size (as `diffit-pipe evaluate` requires)."""
-        from pipeline.train.checks import TrainError
-
-        expected = self.reference.resolution
-        if expected is not None and tuple(expected) != tuple(size):
-            raise TrainError(
-                f"eval.reference {self.reference.path}: reference images are {expected[0]}x{expected[1]}, the "
-                f"model generates {size[0]}x{size[1]} (wrong reference resolution)"
-            )
 
     def _images(self, ema_model, indices):
         """uint8 [n, H, W, 3] images of sample `indices`, drawn and converted as the evaluate stage does."""

@@ -291,7 +291,9 @@ class RepaAlignment:
         float16 [B, N, D], converted to float32 as the encoder's output is)."""
         if self.encoder is None:
             return match_token_grid(source.float(), self.point.grid, self.stored_grid)
-        with torch.no_grad():
+        # In float32 even inside the step's mixed-precision autocast: REPA runs its encoders outside it, and the
+        # stored targets (encode, float32 then float16) then equal these to float16 precision under bf16 too.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             tokens = self.encoder(self.pixels(x, source))
         return match_token_grid(tokens, self.point.grid, self.encoder.grid)
 

@@ -313,6 +313,13 @@ def test_the_constructors_refuse_what_does_not_fit():
         create_model("DiffiT-Tiny/2", time_conditioning="added-per-stage")
     with pytest.raises(ValueError, match="setr-mla' has none"):
         create_model(BASE, decoder="setr-mla", decoder_time_conditioning="tmsa")
+    # What the file schema refuses, the constructor refuses too (a trained model must load back from its export).
+    with pytest.raises(ValueError, match="patch_size must be >= 1, got 0"):
+        create_model(BASE, patch_size=0)
+    with pytest.raises(ValueError, match="mla_channels must be >= 2"):
+        create_model(BASE, decoder="setr-mla", mla_channels=0)
+    with pytest.raises(ValueError, match="width 6 must be a multiple of 4"):
+        create_model(BASE, **{**ROWS["A"], "channels": [6], "num_heads": 2})
 
 
 def image_config(**kwargs) -> dict:
@@ -333,6 +340,7 @@ def image_config(**kwargs) -> dict:
         (image_config(decoder="setr-mla", decoder_time_conditioning="tmsa"), "decoder 'setr-mla' has none"),
         (image_config(mla_channels=16), "decoder 'multi-resolution' has none"),
         (image_config(decoder="setr-mla", mla_channels=15), "M must be even"),
+        (image_config(**{**ROWS["A"], "channels": [6], "num_heads": 2}), "width 6 must be a multiple of 4"),
         (image_config(encoder="swin"), r"model.kwargs.encoder must be one of \['multi-resolution', 'vit'\]"),
         (image_config(decoder_time_conditioning="film"), "model.kwargs.decoder_time_conditioning must be one of"),
         (

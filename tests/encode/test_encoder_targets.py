@@ -119,6 +119,16 @@ def test_targets_are_the_encoder_tokens_of_each_crop_and_its_flip_beside_unchang
         assert entry["sha256"] == shards.sha256_file(tmp_path / "stored" / entry["name"])
 
 
+def test_a_relative_weights_path_reaches_the_workers_absolute(data, monkeypatch):
+    """The workers of a running Dask cluster start in their own directories: the weights path they get is absolute,
+    as the source, OUT and --vae are (a relative one failed every shard there with 'does not exist')."""
+    from pipeline.encode.targets import resolve_targets
+
+    monkeypatch.chdir(data.dinov2.parent)
+    spec = resolve_targets("dinov2-vitb14", data.dinov2.name, None, latent_size=8)
+    assert spec.weights == str(data.dinov2.resolve())
+
+
 def test_the_demo_classifier_targets_are_its_own_grid_for_any_model(data, tmp_path):
     from pipeline.core.small_cnn import ClassifierPatchEncoder, load_classifier
 

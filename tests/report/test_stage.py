@@ -268,7 +268,7 @@ def test_an_empty_run_dir_gives_a_page_of_not_present(tmp_path):
     assert absent == [
         f"{run_dir / 'metrics.jsonl'} (no metrics records)",
         f"{run_dir / 'samples'}/step-*.png (sample.every was 0?)",
-        "fid_* values in metrics.jsonl (FID during training was not run)",
+        "fid_* / fd_dinov2_* values in metrics.jsonl (FID during training was not run)",
         "evaluation metrics (pass --eval DIR, or keep them as RUN/eval*)",
         "the dataset (RUN/run.json and the checkpoints name none)",
         str(run_dir / "config.yaml"),
@@ -458,3 +458,24 @@ def reencoded_pixel(png: bytes) -> tuple[int, int, int]:
 
     with Image.open(io.BytesIO(png)) as image:
         return image.convert("RGB").getpixel((0, 0))
+
+
+def test_plumbing_only_values_are_listed_not_plotted_and_not_called_absent():
+    """Metrics during training with random or unrecognised weights: the values are listed under their
+    `plumbing_only_*` key beside the label, never drawn as FID / FD_DINOv2, and the section does not say the
+    metrics were not run."""
+    from types import SimpleNamespace
+
+    from pipeline.report import charts, page
+
+    label = "plumbing-only (DINOv2 weights tiny.pth not the published ViT-L/14)"
+    records = [
+        {"step": 2, "plumbing_only_fd_dinov2_0.006k": 12.5, "fd_dinov2_note": label},
+        {"step": 4, "plumbing_only_fd_dinov2_0.006k": 11.25, "fd_dinov2_note": label},
+    ]
+    run = SimpleNamespace(records=records)
+    pngs, keys, plumbing = charts.fid_pngs(records), charts.fid_keys(records), charts.plumbing_keys(records)
+    assert pngs == [] and keys == [] and plumbing == ["plumbing_only_fd_dinov2_0.006k"]
+    html = page.fid_section(run, pngs, keys, plumbing, charts.fid_notes(records))
+    assert "<img" not in html and "not present" not in html
+    assert "<td>12.5</td>" in html and "<td>11.25</td>" in html and f"fd_dinov2_note: {label}" in html

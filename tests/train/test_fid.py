@@ -134,6 +134,29 @@ def test_eval_settings_are_checked():
     assert config_from_dict(base).eval.every == 0
 
 
+def test_a_reference_that_cannot_serve_a_metric_is_refused_before_the_first_step(tmp_path):
+    """FD_DINOv2 against a statistics file holding FID's mu / sigma only, or a reference of another resolution:
+    refused when the evaluator is built, as `diffit-pipe evaluate` refuses it, not at the first evaluation after
+    `eval.every` steps of training (which died there, before that step's checkpoint)."""
+    import numpy as np
+
+    from pipeline.train.checks import TrainError
+    from tests.support.encoder_fixtures import save_official, tiny_timm_dinov2
+
+    data = write_image_dataset(tmp_path / "data", num_samples=4, num_shards=1, resolution=8)
+    dinov2 = save_official(tiny_timm_dinov2(embed_dim=16, depth=1, grid=4, seed=7), tmp_path / "tiny-dinov2.pth")
+    statistics = tmp_path / "fid-stats.npz"
+    np.savez(statistics, mu=np.zeros(64), sigma=np.eye(64))
+    eval_section = {"every": 2, "num_samples": 4, "metrics": ["fd_dinov2"], "dinov2_weights": str(dinov2)}
+    with pytest.raises(TrainError, match=r"eval.reference: .*fid-stats.npz: no mu_dinov2/sigma_dinov2 statistics"):
+        _train(tmp_path, "stats", _config({**eval_section, "reference": str(statistics)}), data)
+    assert not [r for r in read_metrics(tmp_path / "stats") if "loss" in r]  # no step was trained
+
+    wrong_size = write_npz_reference(tmp_path / "ref16.npz", smooth_images(4, size=16))
+    with pytest.raises(TrainError, match=r"reference images are 16x16, the model generates 8x8"):
+        _train(tmp_path, "size", _config({**eval_section, "reference": str(wrong_size)}), data)
+
+
 @pytest.mark.slow
 def test_two_processes_gather_the_features_of_every_sample(tmp_path, inception_weights):
     # Two gloo processes with uneven shares (3 + 2 samples), a latent model decoded through the dataset's VAE:
