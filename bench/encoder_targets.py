@@ -41,6 +41,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/train_step.py: the loader timing
+
+from train_step import time_loader  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_GRID = 16  # ImageNet-256: 32 x 32 latents, a /2 model's 16 x 16 tokens; DINOv2 at 224 px
@@ -153,24 +156,6 @@ def loader_spec(data: Path, **overrides):
     return replace(base, **overrides)
 
 
-def loader_rate(spec, batches: int, warmup: int = 4) -> tuple[float, float]:
-    """(samples/s, CPU microseconds of this process per sample) of the trainer's loader, in-process (no DataLoader
-    worker: the decode cost itself; the CPU time counts the read-ahead thread too and is what other load on the
-    machine disturbs least)."""
-    from pipeline.train.data import infinite, make_loader
-
-    stream = infinite(make_loader(spec, 0))
-    for _ in range(warmup):
-        next(stream)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-        next(stream)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    stream.close()
-    samples = batches * spec.batch_size
-    return samples / seconds, cpu / samples * 1e6
-
-
 def encoder_cost(encoder: str, weights: Path, grid: int, batch: int, repeats: int) -> dict:
     """The trainer's target encoder for a `grid` x `grid` token grid: ms per image (median of `repeats` batches of
     uint8 images, fp32, no gradients) and forward GFLOPs per image (multiply-add = 1 FLOP)."""
@@ -277,7 +262,7 @@ def main() -> None:
         for index in range(args.rounds):
             order = list(specs) if index % 2 == 0 else list(reversed(specs))
             for name in order:
-                rates[name].append(loader_rate(replace(specs[name], start_step=index), args.batches))
+                rates[name].append(time_loader(replace(specs[name], start_step=index), 0, 4, args.batches))
         repeats = 2 if args.quick else 5
         costs = {
             "DINOv2-B/14, 8 x 8 tokens (this dataset)": encoder_cost("dinov2-vitb14", dinov2, 8, 8, repeats),

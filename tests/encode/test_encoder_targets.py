@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from pipeline.core import shards
-from pipeline.core.manifest import load_manifest, shard_urls
-from pipeline.core.shard_members import decode_sample
+from pipeline.core.manifest import load_manifest
 from pipeline.encode.job import EncodeOptions, JobError, run_encode
 from pipeline.encode.transforms import prepare_image
-from tests.support.encode_fixtures import make_image_tree, save_tiny_vae, small_encode_options
+from tests.support.encode_fixtures import make_image_tree, samples_of, save_tiny_vae, shard_bytes, small_encode_options
 from tests.support.encoder_fixtures import save_official, tiny_timm_dinov2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,18 +52,6 @@ def options(data, out: Path, **overrides) -> EncodeOptions:
 def with_targets(data, out: Path, **overrides) -> EncodeOptions:
     targets = {"encoder_targets": "dinov2-vitb14", "encoder_weights": str(data.dinov2)}
     return options(data, out, **{**targets, **overrides})
-
-
-def samples_of(out: Path) -> dict[str, dict]:
-    return {
-        sample["__key__"]: sample
-        for url in shard_urls(out, load_manifest(out))
-        for sample in map(decode_sample, shards.iter_samples(url))
-    }
-
-
-def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
 
 
 def crop_of(data, sample: dict) -> np.ndarray:

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 from pipeline.core import shards
-from pipeline.core.manifest import load_manifest, shard_urls
-from pipeline.core.shard_members import decode_sample
+from pipeline.core.manifest import load_manifest
 from pipeline.encode.job import EncodeOptions, JobError, run_encode
 from pipeline.encode.transforms import prepare_image
-from tests.support.encode_fixtures import make_image_tree, save_tiny_vae, small_encode_options
+from tests.support.encode_fixtures import make_image_tree, samples_of, save_tiny_vae, shard_bytes, small_encode_options
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +28,6 @@ def data(tmp_path_factory):
 
 def options(data, out: Path, **overrides) -> EncodeOptions:
     return small_encode_options(data.src, data.vae, out, **overrides)
-
-
-def samples_of(out: Path) -> dict[str, dict]:
-    return {
-        sample["__key__"]: sample
-        for url in shard_urls(out, load_manifest(out))
-        for sample in map(decode_sample, shards.iter_samples(url))
-    }
-
-
-def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
 
 
 def test_keep_images_stores_each_crop_beside_its_unchanged_latents(data, tmp_path):

@@ -63,6 +63,24 @@ def small_encode_options(source: Path, vae: str, out: Path, **overrides):
     return EncodeOptions(**{**settings, **overrides})
 
 
+def samples_of(out: Path) -> dict[str, dict]:
+    """Every sample of the dataset `out`, decoded, by key."""
+    from pipeline.core import shards
+    from pipeline.core.manifest import load_manifest, shard_urls
+    from pipeline.core.shard_members import decode_sample
+
+    return {
+        sample["__key__"]: sample
+        for url in shard_urls(out, load_manifest(out))
+        for sample in map(decode_sample, shards.iter_samples(url))
+    }
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    """The bytes of every shard of `out`, by file name."""
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
+
+
 def _picture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A smooth colour gradient plus noise: compresses like a photo, different for every call."""
     y, x = np.mgrid[0:height, 0:width]
