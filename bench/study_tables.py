@@ -133,9 +133,22 @@ def study_table(study: dict) -> str:
     return "\n".join(lines + curve_rows(study))
 
 
+# The study.json format these tables read (`pipeline.study.aggregate.FORMAT_VERSION`): comparisons with their
+# baselines, verdicts, the guidance scale in the budget.
+READS_FORMAT = 4
+
+
 def read_study(argument: str) -> dict:
     path = Path(argument)
-    return json.loads((path / "study.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+    path = path / "study.json" if path.is_dir() else path
+    study = json.loads(path.read_text(encoding="utf-8"))
+    version = study.get("format_version") if isinstance(study, dict) else None
+    if not isinstance(version, int) or version < READS_FORMAT:
+        raise SystemExit(
+            f"error: {path}: study.json format {version}, these tables need format >= {READS_FORMAT}; rewrite it with "
+            "`diffit-pipe study STUDY_FILE --out DIR --aggregate-only` (the runs are reused)"
+        )
+    return study
 
 
 def main(arguments: list[str]) -> None:
