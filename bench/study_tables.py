@@ -43,10 +43,13 @@ def resolved(comparison: dict | None, lower_is_better: bool) -> str:
 
 def header(study: dict) -> str:
     budget = study["budget"]
+    sampler = f"{budget['sampler']} {budget['sampling_steps']}"
+    if budget["sampler"] == budget["sampling_steps"] == "per variant":
+        sampler = "sampler and steps per variant"
     return (
         f"**{study['name']}** (baseline `{study['baseline']}`, seeds {study['seeds']}, {budget['max_steps']} steps x "
-        f"{budget['global_batch_size']}, {budget['num_samples']} samples, {budget['sampler']} "
-        f"{budget['sampling_steps']}, guidance {budget['guidance_scale']})"
+        f"{budget['global_batch_size']}, {budget['num_samples']} samples, {sampler}, guidance "
+        f"{budget['guidance_scale']})"
     )
 
 
