@@ -81,6 +81,18 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
 
 
+def damage_first_member(shard: Path, suffix: str) -> None:
+    """One byte in the middle of the shard's first member named `*suffix` inverted, in place: same size, a valid
+    tar (a damaged latent, image or targets member)."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
+    raw = bytearray(shard.read_bytes())
+    raw[member.offset_data + member.size // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
 def _picture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A smooth colour gradient plus noise: compresses like a photo, different for every call."""
     y, x = np.mgrid[0:height, 0:width]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 from pipeline.core.manifest import load_manifest, shard_urls
 from pipeline.train import TrainOptions, run_train
 from pipeline.train.config import ConfigError, config_from_dict, load_config
+from tests.support.encode_fixtures import damage_first_member
 from tests.support.encoder_fixtures import save_official, tiny_timm_dinov2
 from tests.support.train_fixtures import (
     assert_same_weights,
@@ -500,15 +500,6 @@ def test_targets_follow_the_flipped_latent_view(tmp_path, dinov2_file):
         assert not torch.allclose(of_flipped, of_original, atol=1e-3)
 
 
-def damage_first_png(shard: Path) -> None:
-    """One byte in the middle of the shard's first PNG member inverted, in place: same size, a valid tar."""
-    with tarfile.open(shard) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
-    raw = bytearray(shard.read_bytes())
-    raw[member.offset_data + member.size // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))
-
-
 def test_a_damaged_image_member_is_caught_like_a_damaged_latent(tmp_path):
     """The shard's sha256 no longer matches the manifest's: the same CorruptShardError line as for a latent
     overwritten in place, before any of the shard's samples is used."""
@@ -517,7 +508,7 @@ def test_a_damaged_image_member_is_caught_like_a_damaged_latent(tmp_path):
     from tests.train.test_integrity import overwrite_latents
 
     messages = {}
-    for damage, name in ((damage_first_png, "image"), (overwrite_latents, "latent")):
+    for damage, name in ((lambda shard: damage_first_member(shard, ".png"), "image"), (overwrite_latents, "latent")):
         data = write_latent_dataset(tmp_path / name, num_samples=8, num_shards=2, images=True)
         damage(data / "shard-000001.tar")
         batches = []

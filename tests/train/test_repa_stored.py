@@ -12,7 +12,6 @@ import io
 import json
 import re
 import shutil
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ import torch
 from pipeline.core.manifest import load_manifest, shard_urls
 from pipeline.train import TrainOptions, run_train
 from pipeline.train.config import ConfigError, config_from_dict
+from tests.support.encode_fixtures import damage_first_member, small_encode_options
 from tests.support.encoder_fixtures import save_official, tiny_timm_dinov2
 from tests.support.train_fixtures import (
     latent_stream_spec,
@@ -39,22 +39,18 @@ SHAPE = (2, 4, 32)  # [views, 2 x 2 tokens, the tiny DINOv2's 32 channels]
 
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory) -> SimpleNamespace:
-    from pipeline.encode.job import EncodeOptions, run_encode
-    from tests.support.encode_fixtures import TEST_MAX_PIXELS, make_image_tree, save_tiny_vae
+    from pipeline.encode.job import run_encode
+    from tests.support.encode_fixtures import make_image_tree, save_tiny_vae
 
     root = tmp_path_factory.mktemp("repa-stored")
     make_image_tree(root / "src", per_class=4)
     dinov2 = save_official(tiny_timm_dinov2(), root / "dinov2" / "tiny_dinov2.pth")
-    options = EncodeOptions(
-        source=str(root / "src"),
-        out=str(root / "data"),
-        resolution=32,
-        vae=str(save_tiny_vae(root / "vae")),
+    options = small_encode_options(
+        root / "src",
+        str(save_tiny_vae(root / "vae")),
+        root / "data",
         shard_size=8,
         batch_size=8,
-        workers=0,
-        max_pixels=TEST_MAX_PIXELS,
-        progress=False,
         limit=16,
         keep_images=True,
         encoder_targets="dinov2-vitb14",
@@ -142,15 +138,6 @@ def test_a_short_run_trains_the_same_stored_as_online_without_loading_the_encode
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def damage_first_targets(shard: Path) -> None:
-    """One byte in the middle of the shard's first `repa.npy` inverted, in place: same size, a valid tar."""
-    with tarfile.open(shard) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("repa.npy"))
-    raw = bytearray(shard.read_bytes())
-    raw[member.offset_data + member.size // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))
-
-
 def read_all(spec) -> list:
     from pipeline.train.data import infinite, make_loader
 
@@ -169,7 +156,10 @@ def test_a_damaged_targets_member_is_caught_like_a_damaged_latent(encoded, tmp_p
     from tests.train.test_integrity import overwrite_latents
 
     messages = {}
-    for damage, name in ((damage_first_targets, "targets"), (overwrite_latents, "latent")):
+    for damage, name in (
+        (lambda shard: damage_first_member(shard, "repa.npy"), "targets"),
+        (overwrite_latents, "latent"),
+    ):
         data = tmp_path / name
         shutil.copytree(encoded.data, data)
         damage(data / "shard-000001.tar")
